@@ -1,0 +1,29 @@
+# Quick start: `make run` (set up, then the default MNIST distillation) and `make test`.
+# Every target sets up what it needs first; setup skips what is already there.
+KD_RUN := target/release/kd-run
+
+.PHONY: setup build run test bench check clean-runs
+
+setup:
+	scripts/setup.sh
+
+build: setup
+	cargo build --release -p kd-run
+
+run: build
+	$(KD_RUN) run experiments/mnist.toml
+
+test: setup
+	cargo test --release --workspace
+
+bench: build
+	$(KD_RUN) bench
+
+# What to run before a commit: formatting, lints, tests.
+check: setup
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo test --release --workspace
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,366 @@
+//! The multilayer perceptron used for every model of the paper.
+
+use crate::{Error, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Prefix of the checkpoint entries that hold the configuration rather than weights.
+pub const CONFIG_PREFIX: &str = "__config__.";
+const SIZES_KEY: &str = "__config__.sizes";
+const DROPOUT_KEY: &str = "__config__.dropout";
+const MAX_NORM_KEY: &str = "__config__.max_norm";
+
+/// Shape and regularization of an [`Mlp`].
+///
+/// `sizes` lists every layer's width, input first and classes last, e.g. `[784, 1200, 1200, 10]`.
+/// Dropout rates are probabilities of dropping a unit in `[0, 1)`; `max_norm = Some(c)` bounds
+/// the L2 norm of each unit's incoming weight vector by `c` (see [`Mlp::apply_max_norm`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpConfig {
+    /// Layer widths: input, hidden layers, classes.
+    pub sizes: Vec<i64>,
+    /// Dropout probability on the input units (training only).
+    pub input_dropout: f64,
+    /// Dropout probability on every hidden layer's units (training only).
+    pub hidden_dropout: f64,
+    /// Max-norm bound on each unit's incoming weights, if any.
+    pub max_norm: Option<f64>,
+}
+
+impl Default for MlpConfig {
+    /// The paper's unregularized MNIST student, 784-800-800-10.
+    fn default() -> Self {
+        Self::mnist_student()
+    }
+}
+
+impl MlpConfig {
+    /// A plain ReLU network with no dropout and no weight constraint.
+    pub fn plain(sizes: impl Into<Vec<i64>>) -> Self {
+        MlpConfig { sizes: sizes.into(), input_dropout: 0.0, hidden_dropout: 0.0, max_norm: None }
+    }
+
+    /// The paper's MNIST teacher: 784-1200-1200-10 with 20% input dropout, 50% hidden dropout
+    /// and max-norm 3.5 (the recipe of Hinton et al. 2012, arXiv 1207.0580; the paper does not
+    /// give the values).
+    pub fn mnist_teacher() -> Self {
+        MlpConfig { sizes: vec![784, 1200, 1200, 10], input_dropout: 0.2, hidden_dropout: 0.5, max_norm: Some(3.5) }
+    }
+
+    /// The paper's MNIST student: 784-800-800-10, no regularization.
+    pub fn mnist_student() -> Self {
+        Self::plain([784, 800, 800, 10])
+    }
+
+    /// The paper's acoustic model: 26 frames x 40 filterbanks in, 8 hidden layers of 2560 ReLU,
+    /// a softmax over 14,000 tied HMM states (about 85M parameters).
+    pub fn acoustic_dnn() -> Self {
+        let mut sizes = vec![26 * 40];
+        sizes.extend([2560; 8]);
+        sizes.push(14_000);
+        Self::plain(sizes)
+    }
+
+    /// Number of input features.
+    pub fn input_dim(&self) -> i64 {
+        self.sizes.first().copied().unwrap_or(0)
+    }
+
+    /// Number of classes (width of the output layer).
+    pub fn num_classes(&self) -> i64 {
+        self.sizes.last().copied().unwrap_or(0)
+    }
+
+    /// Number of trainable parameters: `sum_l (n_{l-1} + 1) n_l`.
+    pub fn num_params(&self) -> i64 {
+        self.sizes.windows(2).map(|w| (w[0] + 1) * w[1]).sum()
+    }
+
+    /// Checks the sizes and rates, naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        if self.sizes.len() < 2 {
+            return Err(Error::Config(format!(
+                "sizes must list at least an input and an output width, got {:?}",
+                self.sizes
+            )));
+        }
+        if let Some(bad) = self.sizes.iter().find(|&&s| s <= 0) {
+            return Err(Error::Config(format!("every layer width must be positive, got {bad} in {:?}", self.sizes)));
+        }
+        for (name, p) in [("input_dropout", self.input_dropout), ("hidden_dropout", self.hidden_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::Config(format!("{name} must be in [0, 1), got {p}")));
+            }
+        }
+        if let Some(c) = self.max_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::Config(format!("max_norm must be positive, got {c}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `784-1200-1200-10` style description.
+    pub fn describe(&self) -> String {
+        self.sizes.iter().map(i64::to_string).collect::<Vec<_>>().join("-")
+    }
+}
+
+/// A ReLU multilayer perceptron with dropout and a max-norm constraint.
+///
+/// Layers live under named sub-paths `hidden1`, `hidden2`, ..., `output`, so checkpoint keys
+/// (`hidden1.weight`, `output.bias`, ...) never depend on construction order.
+#[derive(Debug)]
+pub struct Mlp {
+    hidden: Vec<nn::Linear>,
+    output: nn::Linear,
+    config: MlpConfig,
+}
+
+impl Mlp {
+    /// Builds the network under `vs` with PyTorch's default initialization of linear layers.
+    pub fn new(vs: &nn::Path, config: MlpConfig) -> Result<Self> {
+        config.validate()?;
+        let n = config.sizes.len();
+        let hidden = (1..n - 1)
+            .map(|l| nn::linear(vs / format!("hidden{l}"), config.sizes[l - 1], config.sizes[l], Default::default()))
+            .collect();
+        let output = nn::linear(vs / "output", config.sizes[n - 2], config.sizes[n - 1], Default::default());
+        Ok(Mlp { hidden, output, config })
+    }
+
+    /// The configuration this network was built from.
+    pub fn config(&self) -> &MlpConfig {
+        &self.config
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> i64 {
+        self.config.num_params()
+    }
+
+    fn layers(&self) -> impl Iterator<Item = &nn::Linear> {
+        self.hidden.iter().chain(std::iter::once(&self.output))
+    }
+
+    /// Projects each unit's incoming weight vector onto the ball of radius `c`:
+    /// `W[j, :] <- W[j, :] * min(1, c / ||W[j, :]||_2)`, for every layer. Call it after each
+    /// optimizer step; it does nothing when the config has no `max_norm`.
+    pub fn apply_max_norm(&self) {
+        if let Some(c) = self.config.max_norm {
+            tch::no_grad(|| {
+                for layer in self.layers() {
+                    let mut w = layer.ws.shallow_clone();
+                    let _ = w.renorm_(2.0, 0, c);
+                }
+            });
+        }
+    }
+
+    /// The weights plus the configuration as named tensors, ready for `Tensor::write_safetensors`.
+    pub fn to_tensors(&self, vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let c = &self.config;
+        named.push((SIZES_KEY.into(), Tensor::from_slice(&c.sizes)));
+        named.push((DROPOUT_KEY.into(), Tensor::from_slice(&[c.input_dropout, c.hidden_dropout])));
+        named.push((MAX_NORM_KEY.into(), Tensor::from_slice(&[c.max_norm.unwrap_or(0.0)])));
+        named
+    }
+
+    /// Reads the configuration stored by [`Mlp::to_tensors`].
+    pub fn config_from_tensors(named: &[(String, Tensor)]) -> Result<MlpConfig> {
+        let get = |key: &str| {
+            named
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Checkpoint(format!("no `{key}` entry: not a kd-models MLP checkpoint")))
+        };
+        let sizes = Vec::<i64>::try_from(get(SIZES_KEY)?.to_kind(Kind::Int64))?;
+        let dropout = Vec::<f64>::try_from(get(DROPOUT_KEY)?.to_kind(Kind::Double))?;
+        let max_norm = Vec::<f64>::try_from(get(MAX_NORM_KEY)?.to_kind(Kind::Double))?;
+        let (&[input_dropout, hidden_dropout], &[max_norm]) = (dropout.as_slice(), max_norm.as_slice()) else {
+            return Err(Error::Checkpoint(format!(
+                "malformed config entries: dropout {dropout:?}, max_norm {max_norm:?}"
+            )));
+        };
+        let config = MlpConfig { sizes, input_dropout, hidden_dropout, max_norm: (max_norm > 0.0).then_some(max_norm) };
+        config.validate().map_err(|e| Error::Checkpoint(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Builds a network from a checkpoint made by [`Mlp::to_tensors`], on `device`.
+    ///
+    /// Fails, listing them, if any weight is missing, has the wrong shape, or if the checkpoint
+    /// holds entries the network does not have: a model is never left half-initialized.
+    pub fn from_tensors(named: &[(String, Tensor)], device: Device) -> Result<(nn::VarStore, Mlp)> {
+        let config = Self::config_from_tensors(named)?;
+        let vs = nn::VarStore::new(device);
+        let net = Mlp::new(&vs.root(), config)?;
+        load_into(&vs, named)?;
+        Ok((vs, net))
+    }
+}
+
+/// Copies `named` into the variables of `vs`, failing on missing, unexpected or misshapen entries.
+fn load_into(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
+    let mut vars = vs.variables();
+    let mut problems = Vec::new();
+    tch::no_grad(|| {
+        for (name, value) in named.iter().filter(|(k, _)| !k.starts_with(CONFIG_PREFIX)) {
+            match vars.remove(name) {
+                None => problems.push(format!("unexpected entry `{name}`")),
+                Some(mut var) if var.size() == value.size() => var.copy_(value),
+                Some(var) => problems.push(format!(
+                    "`{name}` has shape {:?} in the checkpoint but {:?} in the model",
+                    value.size(),
+                    var.size()
+                )),
+            }
+        }
+    });
+    let mut missing: Vec<_> = vars.keys().map(|k| format!("missing entry `{k}`")).collect();
+    missing.sort();
+    problems.extend(missing);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Checkpoint(problems.join("; ")))
+    }
+}
+
+impl nn::ModuleT for Mlp {
+    /// Logits `[batch, classes]` for inputs `[batch, input_dim]`; dropout only when `train`.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let c = &self.config;
+        let mut h = if train && c.input_dropout > 0.0 { xs.dropout(c.input_dropout, true) } else { xs.shallow_clone() };
+        for layer in &self.hidden {
+            // In place is safe: a linear layer's backward needs its input, not its output.
+            let mut z = h.apply(layer);
+            let _ = z.relu_();
+            h = if train && c.hidden_dropout > 0.0 { z.dropout(c.hidden_dropout, true) } else { z };
+        }
+        h.apply(&self.output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::ModuleT;
+
+    #[test]
+    fn preset_parameter_counts() {
+        // (784*1200 + 1200) + (1200*1200 + 1200) + (1200*10 + 10)
+        assert_eq!(MlpConfig::mnist_teacher().num_params(), 2_395_210);
+        // (784*800 + 800) + (800*800 + 800) + (800*10 + 10)
+        assert_eq!(MlpConfig::mnist_student().num_params(), 1_276_810);
+        // (1040*2560 + 2560) + 7 (2560*2560 + 2560) + (2560*14000 + 14000)
+        assert_eq!(MlpConfig::acoustic_dnn().num_params(), 84_412_080);
+        assert_eq!(MlpConfig::acoustic_dnn().sizes.len(), 10);
+    }
+
+    #[test]
+    fn built_network_has_the_counted_parameters_and_named_layers() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Mlp::new(&vs.root(), MlpConfig::mnist_teacher()).unwrap();
+        let counted: i64 = vs.trainable_variables().iter().map(Tensor::numel).sum::<usize>() as i64;
+        assert_eq!(counted, net.num_params());
+        let mut names: Vec<_> = vs.variables().into_keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["hidden1.bias", "hidden1.weight", "hidden2.bias", "hidden2.weight", "output.bias", "output.weight"]
+        );
+        assert_eq!(vs.variables()["hidden2.weight"].size(), [1200, 1200]);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_naming_the_field() {
+        let cases: [(MlpConfig, &str); 5] = [
+            (MlpConfig::plain([784]), "at least an input and an output"),
+            (MlpConfig::plain([784, 0, 10]), "positive"),
+            (MlpConfig { input_dropout: 1.0, ..MlpConfig::mnist_student() }, "input_dropout"),
+            (MlpConfig { hidden_dropout: -0.1, ..MlpConfig::mnist_student() }, "hidden_dropout"),
+            (MlpConfig { max_norm: Some(0.0), ..MlpConfig::mnist_student() }, "max_norm"),
+        ];
+        for (config, expected) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{config:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn dropout_is_active_only_in_training() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = MlpConfig { input_dropout: 0.5, hidden_dropout: 0.5, ..MlpConfig::plain([20, 30, 5]) };
+        let net = Mlp::new(&vs.root(), config).unwrap();
+        let x = Tensor::ones([8, 20], (Kind::Float, Device::Cpu));
+        let eval1 = net.forward_t(&x, false);
+        let eval2 = net.forward_t(&x, false);
+        assert!(eval1.equal(&eval2), "evaluation must be deterministic");
+        let train = net.forward_t(&x, true);
+        assert!(!train.allclose(&eval1, 1e-6, 1e-6, false), "training forward must apply dropout");
+    }
+
+    #[test]
+    fn max_norm_bounds_every_row_and_leaves_small_rows_alone() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = MlpConfig { max_norm: Some(1.0), ..MlpConfig::plain([4, 3, 2]) };
+        let net = Mlp::new(&vs.root(), config).unwrap();
+        let mut w = vs.variables()["hidden1.weight"].shallow_clone();
+        let rows = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0, 0.1, 0.2, 0.2, 0.4, 0.0, 0.0, 0.0, 2.0]).view([3, 4]);
+        tch::no_grad(|| w.copy_(&rows));
+        net.apply_max_norm();
+        let norms = Vec::<f32>::try_from(w.norm_scalaropt_dim(2, [1], false)).unwrap();
+        // Row 0 has norm 5 -> scaled to 1; row 1 has norm 0.5 -> untouched; row 2 has norm 2 -> 1.
+        assert!((norms[0] - 1.0).abs() < 1e-5 && (norms[1] - 0.5).abs() < 1e-6 && (norms[2] - 1.0).abs() < 1e-5);
+        let row0 = Vec::<f32>::try_from(w.get(0)).unwrap();
+        assert!((row0[0] - 0.6).abs() < 1e-5 && (row0[1] - 0.8).abs() < 1e-5, "direction kept: {row0:?}");
+        let out_norms =
+            Vec::<f32>::try_from(vs.variables()["output.weight"].norm_scalaropt_dim(2, [1], false)).unwrap();
+        assert!(out_norms.iter().all(|&n| n <= 1.0 + 1e-5));
+    }
+
+    #[test]
+    fn checkpoint_round_trip_restores_config_and_outputs() {
+        tch::no_grad(|| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let config = MlpConfig {
+                input_dropout: 0.2,
+                hidden_dropout: 0.5,
+                max_norm: Some(3.5),
+                ..MlpConfig::plain([6, 5, 4, 3])
+            };
+            let net = Mlp::new(&vs.root(), config.clone()).unwrap();
+            let named = net.to_tensors(&vs);
+            let (_vs2, net2) = Mlp::from_tensors(&named, Device::Cpu).unwrap();
+            assert_eq!(net2.config(), &config);
+            let x = Tensor::from_slice(&[0.5f32; 12]).view([2, 6]);
+            assert!(net.forward_t(&x, false).equal(&net2.forward_t(&x, false)));
+        });
+    }
+
+    #[test]
+    fn loading_reports_missing_unexpected_and_misshapen_entries() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Mlp::new(&vs.root(), MlpConfig::plain([6, 5, 3])).unwrap();
+        let mut named = net.to_tensors(&vs);
+        named.retain(|(k, _)| k != "output.bias");
+        named.push(("extra.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
+        for (k, t) in named.iter_mut() {
+            if k == "hidden1.weight" {
+                *t = Tensor::zeros([5, 7], (Kind::Float, Device::Cpu));
+            }
+        }
+        let err = Mlp::from_tensors(&named, Device::Cpu).unwrap_err().to_string();
+        for expected in
+            ["missing entry `output.bias`", "unexpected entry `extra.weight`", "`hidden1.weight` has shape [5, 7]"]
+        {
+            assert!(err.contains(expected), "{err}");
+        }
+        let no_config: Vec<_> =
+            net.to_tensors(&vs).into_iter().filter(|(k, _)| !k.starts_with(CONFIG_PREFIX)).collect();
+        assert!(Mlp::from_tensors(&no_config, Device::Cpu).unwrap_err().to_string().contains("not a kd-models MLP"));
+    }
+}

@@ -1,0 +1,854 @@
+//! Experiment files: parsing, validation with file/line errors, `--set` overrides, resolution of
+//! defaults into a fully explicit [`Experiment`] (what `config.toml` of a run records).
+//!
+//! Validation happens while deserializing: range-checked newtypes ([`Positive`], [`Rate`], ...)
+//! reject a bad value with the TOML parser's own line and column, and `deny_unknown_fields`
+//! rejects misspelled keys the same way. Checks across fields (a stage's kind versus its keys,
+//! references to earlier stages) point at the stage's `name` line.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+macro_rules! checked_number {
+    ($(#[$doc:meta])* $name:ident, $ty:ty, $ok:expr, $expected:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+        pub struct $name(pub $ty);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let v = <$ty>::deserialize(d)?;
+                let ok: fn($ty) -> bool = $ok;
+                if ok(v) {
+                    Ok($name(v))
+                } else {
+                    Err(serde::de::Error::custom(format!(concat!("expected ", $expected, ", got {}"), v)))
+                }
+            }
+        }
+    };
+}
+
+checked_number!(
+    /// A finite number > 0 (temperatures, learning rates, max-norm bounds).
+    Positive, f64, |v| v.is_finite() && v > 0.0, "a number > 0");
+checked_number!(
+    /// A finite number >= 0 (loss weights, weight decay).
+    NonNegative, f64, |v| v.is_finite() && v >= 0.0, "a number >= 0");
+checked_number!(
+    /// A probability in [0, 1) (dropout rates, momentum).
+    Rate, f64, |v| (0.0..1.0).contains(&v), "a number in [0, 1)");
+checked_number!(
+    /// A positive integer (epochs, batch sizes, layer widths).
+    Count, i64, |v| v > 0, "an integer > 0");
+
+/// A non-empty list of layer widths.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Widths(pub Vec<i64>);
+impl<'de> Deserialize<'de> for Widths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Vec::<Count>::deserialize(d)?;
+        if v.is_empty() {
+            return Err(serde::de::Error::custom("expected a non-empty list of hidden layer widths, got []"));
+        }
+        Ok(Widths(v.into_iter().map(|c| c.0).collect()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExperiment {
+    name: Spanned<String>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    device: Option<Spanned<String>>,
+    #[serde(default)]
+    threads: Option<Count>,
+    data: RawData,
+    #[serde(default)]
+    defaults: RawTraining,
+    #[serde(default)]
+    stages: Vec<RawStage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    dir: PathBuf,
+    #[serde(default)]
+    validation: usize,
+    #[serde(default)]
+    train_limit: Option<Count>,
+    #[serde(default)]
+    test_limit: Option<Count>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawTraining {
+    epochs: Option<Count>,
+    batch_size: Option<Count>,
+    optimizer: Option<RawOptimizer>,
+    schedule: Option<RawSchedule>,
+    jitter: Option<u32>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawOptimizer {
+    kind: OptimizerKind,
+    lr: Positive,
+    momentum: Option<Rate>,
+    momentum_start: Option<Rate>,
+    momentum_ramp_epochs: Option<u32>,
+    nesterov: Option<bool>,
+    weight_decay: Option<NonNegative>,
+    beta1: Option<Rate>,
+    beta2: Option<Rate>,
+    eps: Option<Positive>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    kind: ScheduleKind,
+    gamma: Option<Positive>,
+    every: Option<Count>,
+    min_lr: Option<NonNegative>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    hidden: Widths,
+    #[serde(default)]
+    input_dropout: Option<Rate>,
+    #[serde(default)]
+    hidden_dropout: Option<Rate>,
+    #[serde(default)]
+    max_norm: Option<Positive>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: Spanned<String>,
+    kind: StageKind,
+    model: Option<RawModel>,
+    seed: Option<u64>,
+    // The training keys, as in [defaults] (not `#[serde(flatten)]`: it would lose line numbers).
+    epochs: Option<Count>,
+    batch_size: Option<Count>,
+    optimizer: Option<RawOptimizer>,
+    schedule: Option<RawSchedule>,
+    jitter: Option<u32>,
+    teacher: Option<Spanned<String>>,
+    teacher_checkpoint: Option<PathBuf>,
+    checkpoint: Option<PathBuf>,
+    temperature: Option<Positive>,
+    hard_weight: Option<NonNegative>,
+    soft_weight: Option<NonNegative>,
+    objective: Option<Objective>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved experiment: every setting explicit. Serialized as the run's `config.toml`.
+
+/// What a stage does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// Train a model on hard labels.
+    Train,
+    /// Train a student on a teacher's soft targets (plus an optional hard term).
+    Distill,
+    /// Evaluate an existing model (an earlier stage's or a checkpoint file) on the test set.
+    Evaluate,
+}
+
+/// The optimizer family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// SGD with (optionally Nesterov) momentum.
+    Sgd,
+    /// Adam.
+    Adam,
+}
+
+/// The learning-rate schedule family, evaluated once per epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// `lr`
+    Constant,
+    /// `lr * gamma^epoch`
+    Exponential,
+    /// `lr * gamma^floor(epoch / every)`
+    Step,
+    /// `min_lr + (lr - min_lr) (1 + cos(pi epoch / epochs)) / 2`
+    Cosine,
+}
+
+/// What the student of a distill stage matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy with the teacher's softmax at temperature T, times T^2, plus the hard term.
+    #[default]
+    Soft,
+    /// Squared error between logits (Caruana et al.), plus the hard term.
+    Logits,
+}
+
+/// A fully resolved experiment.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Experiment {
+    /// Name; the run writes under `OUT/<name>/`.
+    pub name: String,
+    /// Base seed; each stage derives its own from it and its name unless it sets `seed`.
+    pub seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Intra-op threads of libtorch on CPU; 0 leaves libtorch's default.
+    pub threads: i64,
+    /// The dataset.
+    pub data: DataSpec,
+    /// The stages, run in order.
+    pub stages: Vec<Stage>,
+}
+
+/// Where the data comes from and how it is split.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DataSpec {
+    /// Folder with the four IDX files.
+    pub dir: PathBuf,
+    /// The last `validation` training examples are held out as the validation split.
+    pub validation: usize,
+    /// Use only the first N training examples (before the validation split is carved), if set.
+    pub train_limit: Option<i64>,
+    /// Use only the first N test examples, if set.
+    pub test_limit: Option<i64>,
+}
+
+/// One named stage.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stage {
+    /// Unique name; checkpoints and CSV rows carry it.
+    pub name: String,
+    /// What it does.
+    #[serde(flatten)]
+    pub job: Job,
+}
+
+/// A stage's job and its settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Job {
+    /// Train on hard labels.
+    Train {
+        /// Architecture.
+        model: ModelSpec,
+        /// Loop settings.
+        training: Training,
+    },
+    /// Distill from a teacher.
+    Distill {
+        /// Student architecture.
+        model: ModelSpec,
+        /// Loop settings.
+        training: Training,
+        /// Loss settings and the teacher.
+        distill: DistillSpec,
+    },
+    /// Evaluate a model on the test set.
+    Evaluate {
+        /// The model.
+        source: ModelSource,
+    },
+}
+
+/// Hidden widths and regularization; input and output sizes come from the data.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelSpec {
+    /// Hidden layer widths.
+    pub hidden: Vec<i64>,
+    /// Dropout on inputs.
+    pub input_dropout: f64,
+    /// Dropout on hidden units.
+    pub hidden_dropout: f64,
+    /// Max-norm bound, if any.
+    pub max_norm: Option<f64>,
+}
+
+/// A training loop's settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Training {
+    /// Passes over the training (or transfer) set.
+    pub epochs: i64,
+    /// Examples per step; the last batch of an epoch may be smaller.
+    pub batch_size: i64,
+    /// Random translations of up to this many pixels in each direction (0 = none).
+    pub jitter: u32,
+    /// Seed of initialization, shuffling, dropout and jitter.
+    pub seed: u64,
+    /// Optimizer.
+    pub optimizer: OptimizerSpec,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleSpec,
+}
+
+/// Optimizer settings (fields that do not apply to the kind keep their defaults).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OptimizerSpec {
+    /// SGD or Adam.
+    pub kind: OptimizerKind,
+    /// Base learning rate.
+    pub lr: f64,
+    /// SGD: final momentum.
+    pub momentum: f64,
+    /// SGD: momentum at epoch 0, rising linearly to `momentum` over `momentum_ramp_epochs`.
+    pub momentum_start: f64,
+    /// SGD: length of the momentum ramp in epochs (0 = no ramp).
+    pub momentum_ramp_epochs: u32,
+    /// SGD: Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    /// Adam: first-moment decay.
+    pub beta1: f64,
+    /// Adam: second-moment decay.
+    pub beta2: f64,
+    /// Adam: denominator epsilon.
+    pub eps: f64,
+}
+
+/// Learning-rate schedule settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScheduleSpec {
+    /// Family.
+    pub kind: ScheduleKind,
+    /// Decay factor (exponential, step).
+    pub gamma: f64,
+    /// Step length in epochs (step).
+    pub every: i64,
+    /// Final learning rate (cosine).
+    pub min_lr: f64,
+}
+
+/// Distillation loss settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DistillSpec {
+    /// The teacher.
+    pub teacher: ModelSource,
+    /// Soft targets or logit matching.
+    pub objective: Objective,
+    /// Temperature of the soft targets (unused by logit matching).
+    pub temperature: f64,
+    /// Weight of the hard-label cross-entropy at T = 1.
+    pub hard_weight: f64,
+    /// Weight of the soft term (which already carries T^2).
+    pub soft_weight: f64,
+}
+
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSource {
+    /// The final checkpoint of an earlier stage of this run.
+    Stage(String),
+    /// A checkpoint file (made by an earlier run).
+    Checkpoint(PathBuf),
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Reads, overrides, validates and resolves an experiment file.
+///
+/// Relative paths in the file (`data.dir`, checkpoints) are taken relative to the current
+/// directory, like the path of the file itself.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let origin = path.display().to_string();
+    // The file as written first, so that its errors carry its own line numbers.
+    let raw: RawExperiment = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let (raw, text, origin) = if overrides.is_empty() {
+        (raw, text, origin)
+    } else {
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        for o in overrides {
+            apply_override(&mut doc, o).with_context(|| format!("--set {o}"))?;
+        }
+        let text = toml::to_string(&doc)?;
+        let origin = format!("{origin} after --set {}", overrides.join(" "));
+        let raw = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        (raw, text, origin)
+    };
+    resolve(raw, &text).map_err(|e| anyhow::anyhow!("{origin}:{e}"))
+}
+
+/// Applies `key=value`, where key is a dotted path (`seed`, `data.train_limit`,
+/// `defaults.epochs`, `stages.<stage name>.temperature`) and value a TOML value (a bare word is
+/// taken as a string).
+fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let Some((key, value)) = assignment.split_once('=') else {
+        bail!("expected KEY=VALUE");
+    };
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").expect("parsed table has key v"),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, path) = parts.split_last().expect("split yields at least one part");
+    let mut table = doc;
+    let mut i = 0;
+    while i < path.len() {
+        let part = path[i];
+        if part == "stages" {
+            let name = path.get(i + 1).with_context(|| "expected stages.<stage name>.<key>")?;
+            let stages = table.get_mut("stages").and_then(|s| s.as_array_mut()).context("the file has no stages")?;
+            let stage = stages
+                .iter_mut()
+                .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+                .with_context(|| format!("no stage named `{name}`"))?;
+            table = stage.as_table_mut().context("a stage is not a table")?;
+            i += 2;
+        } else {
+            let entry = table.entry(part).or_insert_with(|| toml::Value::Table(Default::default()));
+            table = entry.as_table_mut().with_context(|| format!("`{part}` is not a table"))?;
+            i += 1;
+        }
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Fails with `LINE: stage `NAME`: MESSAGE` (the caller prefixes the file name).
+macro_rules! stage_bail {
+    ($text:expr, $stage:expr, $($arg:tt)*) => {
+        bail!("{}: stage `{}`: {}", line_of($text, $stage.name.span().start), $stage.name.get_ref(), format!($($arg)*))
+    };
+}
+
+fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
+    let device = match raw.device {
+        None => "auto".to_string(),
+        Some(d) => {
+            let v = d.get_ref();
+            let ok = v == "auto"
+                || v == "cpu"
+                || v == "cuda"
+                || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            if !ok {
+                bail!(
+                    "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
+                    line_of(text, d.span().start)
+                );
+            }
+            v.clone()
+        }
+    };
+    if raw.stages.is_empty() {
+        bail!("{}: the experiment has no [[stages]]", line_of(text, raw.name.span().start));
+    }
+    let data = DataSpec {
+        dir: raw.data.dir,
+        validation: raw.data.validation,
+        train_limit: raw.data.train_limit.map(|c| c.0),
+        test_limit: raw.data.test_limit.map(|c| c.0),
+    };
+    let mut stages: Vec<Stage> = Vec::new();
+    for s in raw.stages {
+        let name = s.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            stage_bail!(text, s, "a stage name uses only letters, digits, `_` and `-`");
+        }
+        if stages.iter().any(|t| t.name == name) {
+            stage_bail!(text, s, "two stages have this name");
+        }
+        let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
+        let not_for = |present: &[(&str, bool)]| present.iter().find(|(_, p)| *p).map(|(k, _)| k.to_string());
+        let distill_keys = [
+            ("teacher", s.teacher.is_some()),
+            ("teacher_checkpoint", s.teacher_checkpoint.is_some()),
+            ("temperature", s.temperature.is_some()),
+            ("hard_weight", s.hard_weight.is_some()),
+            ("soft_weight", s.soft_weight.is_some()),
+            ("objective", s.objective.is_some()),
+        ];
+        let job = match s.kind {
+            StageKind::Train | StageKind::Distill => {
+                if let Some(k) = not_for(&[("checkpoint", s.checkpoint.is_some())]) {
+                    stage_bail!(
+                        text,
+                        s,
+                        "`{k}` belongs to evaluate stages; a distill stage names `teacher` or `teacher_checkpoint`"
+                    );
+                }
+                let Some(model) = &s.model else {
+                    stage_bail!(text, s, "a {:?} stage needs `model = {{ hidden = [...] }}`", s.kind);
+                };
+                let model = ModelSpec {
+                    hidden: model.hidden.0.clone(),
+                    input_dropout: model.input_dropout.map_or(0.0, |r| r.0),
+                    hidden_dropout: model.hidden_dropout.map_or(0.0, |r| r.0),
+                    max_norm: model.max_norm.map(|p| p.0),
+                };
+                let training = resolve_training(&raw.defaults, &s.training(), seed)
+                    .map_err(|e| anyhow::anyhow!("{}: stage `{name}`: {e}", line_of(text, s.name.span().start)))?;
+                if s.kind == StageKind::Train {
+                    if let Some(k) = not_for(&distill_keys) {
+                        stage_bail!(text, s, "`{k}` only applies to distill stages");
+                    }
+                    Job::Train { model, training }
+                } else {
+                    let teacher = resolve_source(
+                        text,
+                        &s,
+                        s.teacher.as_ref(),
+                        s.teacher_checkpoint.as_ref(),
+                        &stages,
+                        "teacher",
+                    )?;
+                    let hard_weight = s.hard_weight.map_or(0.0, |w| w.0);
+                    let soft_weight = s.soft_weight.map_or(1.0, |w| w.0);
+                    if hard_weight == 0.0 && soft_weight == 0.0 {
+                        stage_bail!(text, s, "hard_weight and soft_weight are both 0: nothing to train on");
+                    }
+                    let objective = s.objective.unwrap_or_default();
+                    let temperature = match (objective, s.temperature) {
+                        (Objective::Soft, Some(t)) => t.0,
+                        (Objective::Soft, None) => stage_bail!(text, s, "a distill stage needs `temperature`"),
+                        (Objective::Logits, Some(_)) => {
+                            stage_bail!(text, s, "`temperature` does not apply to objective = \"logits\"")
+                        }
+                        (Objective::Logits, None) => 1.0,
+                    };
+                    Job::Distill {
+                        model,
+                        training,
+                        distill: DistillSpec { teacher, objective, temperature, hard_weight, soft_weight },
+                    }
+                }
+            }
+            StageKind::Evaluate => {
+                let training_keys = [
+                    ("model", s.model.is_some()),
+                    ("epochs", s.epochs.is_some()),
+                    ("batch_size", s.batch_size.is_some()),
+                    ("optimizer", s.optimizer.is_some()),
+                    ("schedule", s.schedule.is_some()),
+                    ("jitter", s.jitter.is_some()),
+                    ("seed", s.seed.is_some()),
+                ];
+                if let Some(k) = not_for(&training_keys).or_else(|| not_for(&distill_keys[2..])) {
+                    stage_bail!(text, s, "`{k}` does not apply to evaluate stages");
+                }
+                let source = resolve_source(text, &s, s.teacher.as_ref(), s.checkpoint.as_ref(), &stages, "model")?;
+                Job::Evaluate { source }
+            }
+        };
+        stages.push(Stage { name, job });
+    }
+    Ok(Experiment {
+        name: raw.name.into_inner(),
+        seed: raw.seed,
+        device,
+        threads: raw.threads.map_or(0, |c| c.0),
+        data,
+        stages,
+    })
+}
+
+impl RawStage {
+    fn training(&self) -> RawTraining {
+        RawTraining {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer.clone(),
+            schedule: self.schedule.clone(),
+            jitter: self.jitter,
+        }
+    }
+}
+
+fn resolve_source(
+    text: &str,
+    s: &RawStage,
+    stage: Option<&Spanned<String>>,
+    file: Option<&PathBuf>,
+    earlier: &[Stage],
+    what: &str,
+) -> Result<ModelSource> {
+    let file_key = if s.kind == StageKind::Evaluate { "checkpoint" } else { "teacher_checkpoint" };
+    let stage_key = "teacher";
+    match (stage, file) {
+        (Some(_), Some(_)) => stage_bail!(text, s, "give either `{stage_key}` or `{file_key}`, not both"),
+        (None, None) => stage_bail!(
+            text,
+            s,
+            "the {what} is missing: `{stage_key} = \"<earlier stage>\"` or `{file_key} = \"<file>.safetensors\"`"
+        ),
+        (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
+        (Some(name), None) => {
+            let found = earlier.iter().find(|t| &t.name == name.get_ref());
+            match found.map(|t| &t.job) {
+                Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
+                Some(Job::Evaluate { .. }) => bail!(
+                    "{}: stage `{}`: `{}` is an evaluate stage and trains no model",
+                    line_of(text, name.span().start),
+                    s.name.get_ref(),
+                    name.get_ref()
+                ),
+                None => bail!(
+                    "{}: stage `{}`: no earlier stage is named `{}` (stages defined before this one: {})",
+                    line_of(text, name.span().start),
+                    s.name.get_ref(),
+                    name.get_ref(),
+                    earlier.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+    }
+}
+
+fn resolve_training(defaults: &RawTraining, stage: &RawTraining, seed: u64) -> Result<Training> {
+    let epochs = stage.epochs.or(defaults.epochs).context("`epochs` is not set (in the stage or in [defaults])")?;
+    let batch_size = stage.batch_size.or(defaults.batch_size).context("`batch_size` is not set")?;
+    let o = stage.optimizer.as_ref().or(defaults.optimizer.as_ref()).context("`optimizer` is not set")?;
+    let sgd_only = [
+        ("momentum", o.momentum.is_some()),
+        ("momentum_start", o.momentum_start.is_some()),
+        ("momentum_ramp_epochs", o.momentum_ramp_epochs.is_some()),
+        ("nesterov", o.nesterov.is_some()),
+    ];
+    let adam_only = [("beta1", o.beta1.is_some()), ("beta2", o.beta2.is_some()), ("eps", o.eps.is_some())];
+    let wrong = match o.kind {
+        OptimizerKind::Sgd => adam_only.iter().find(|(_, p)| *p),
+        OptimizerKind::Adam => sgd_only.iter().find(|(_, p)| *p),
+    };
+    if let Some((k, _)) = wrong {
+        bail!("optimizer key `{k}` does not apply to kind = {:?}", o.kind);
+    }
+    let momentum = o.momentum.map_or(0.0, |r| r.0);
+    let optimizer = OptimizerSpec {
+        kind: o.kind,
+        lr: o.lr.0,
+        momentum,
+        momentum_start: o.momentum_start.map_or(momentum, |r| r.0),
+        momentum_ramp_epochs: o.momentum_ramp_epochs.unwrap_or(0),
+        nesterov: o.nesterov.unwrap_or(false),
+        weight_decay: o.weight_decay.map_or(0.0, |w| w.0),
+        beta1: o.beta1.map_or(0.9, |r| r.0),
+        beta2: o.beta2.map_or(0.999, |r| r.0),
+        eps: o.eps.map_or(1e-8, |p| p.0),
+    };
+    if optimizer.nesterov && optimizer.momentum == 0.0 {
+        bail!("nesterov = true needs momentum > 0");
+    }
+    let schedule = match stage.schedule.as_ref().or(defaults.schedule.as_ref()) {
+        None => ScheduleSpec { kind: ScheduleKind::Constant, gamma: 1.0, every: 1, min_lr: 0.0 },
+        Some(s) => {
+            let needs = match s.kind {
+                ScheduleKind::Constant => vec![],
+                ScheduleKind::Exponential => vec![("gamma", s.gamma.is_some())],
+                ScheduleKind::Step => vec![("gamma", s.gamma.is_some()), ("every", s.every.is_some())],
+                ScheduleKind::Cosine => vec![],
+            };
+            if let Some((k, _)) = needs.iter().find(|(_, p)| !*p) {
+                bail!("schedule kind = {:?} needs `{k}`", s.kind);
+            }
+            ScheduleSpec {
+                kind: s.kind,
+                gamma: s.gamma.map_or(1.0, |g| g.0),
+                every: s.every.map_or(1, |c| c.0),
+                min_lr: s.min_lr.map_or(0.0, |m| m.0),
+            }
+        }
+    };
+    let jitter = stage.jitter.or(defaults.jitter).unwrap_or(0);
+    Ok(Training { epochs: epochs.0, batch_size: batch_size.0, jitter, seed, optimizer, schedule })
+}
+
+/// A stage's seed from the experiment's seed and the stage's name (FNV-1a), so that reordering
+/// or adding stages does not change the others.
+fn derive_seed(base: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325 ^ base;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % (1 << 31)
+}
+
+impl Training {
+    /// Learning rate of `epoch` (0-based): a pure function of the schedule.
+    pub fn lr(&self, epoch: i64) -> f64 {
+        let (lr, s) = (self.optimizer.lr, &self.schedule);
+        match s.kind {
+            ScheduleKind::Constant => lr,
+            ScheduleKind::Exponential => lr * s.gamma.powi(epoch as i32),
+            ScheduleKind::Step => lr * s.gamma.powi((epoch / s.every) as i32),
+            ScheduleKind::Cosine => {
+                let progress = epoch as f64 / self.epochs.max(1) as f64;
+                s.min_lr + (lr - s.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+
+    /// SGD momentum of `epoch`: rises linearly from `momentum_start` to `momentum` over
+    /// `momentum_ramp_epochs`, then stays.
+    pub fn momentum(&self, epoch: i64) -> f64 {
+        let o = &self.optimizer;
+        if o.momentum_ramp_epochs == 0 {
+            return o.momentum;
+        }
+        let f = (epoch as f64 / f64::from(o.momentum_ramp_epochs)).min(1.0);
+        o.momentum_start + (o.momentum - o.momentum_start) * f
+    }
+}
+
+impl Experiment {
+    /// The resolved configuration as TOML, as written to the run's `config.toml`.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+seed = 3
+[data]
+dir = "data/mnist"
+validation = 100
+[defaults]
+epochs = 2
+batch_size = 10
+optimizer = { kind = "sgd", lr = 0.1, momentum = 0.9, momentum_start = 0.5, momentum_ramp_epochs = 4 }
+schedule = { kind = "exponential", gamma = 0.5 }
+
+[[stages]]
+name = "teacher"
+kind = "train"
+model = { hidden = [8, 8], input_dropout = 0.2, hidden_dropout = 0.5, max_norm = 3.5 }
+jitter = 2
+
+[[stages]]
+name = "student"
+kind = "distill"
+teacher = "teacher"
+model = { hidden = [4] }
+temperature = 20
+epochs = 5
+"#;
+
+    fn parse(text: &str) -> Result<Experiment> {
+        parse_with(text, &[])
+    }
+
+    fn parse_with(text: &str, overrides: &[&str]) -> Result<Experiment> {
+        let dir = std::env::temp_dir().join(format!("kd-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{:x}.toml", derive_seed(0, text)));
+        std::fs::write(&path, text)?;
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let out = load(&path, &overrides);
+        let _ = std::fs::remove_file(&path);
+        out
+    }
+
+    #[test]
+    fn resolves_defaults_and_stage_settings() {
+        let e = parse(GOOD).unwrap();
+        assert_eq!(e.device, "auto");
+        let Job::Train { model, training } = &e.stages[0].job else { panic!("train stage") };
+        assert_eq!(model.hidden, [8, 8]);
+        assert_eq!((training.epochs, training.jitter, model.max_norm), (2, 2, Some(3.5)));
+        let Job::Distill { training, distill, .. } = &e.stages[1].job else { panic!("distill stage") };
+        assert_eq!(training.epochs, 5, "stage value overrides [defaults]");
+        assert_eq!(training.jitter, 0, "transfer set without translations by default");
+        assert_eq!(distill.teacher, ModelSource::Stage("teacher".into()));
+        assert_eq!((distill.temperature, distill.hard_weight, distill.soft_weight), (20.0, 0.0, 1.0));
+        let seed = |s: &Stage| match &s.job {
+            Job::Train { training, .. } | Job::Distill { training, .. } => training.seed,
+            Job::Evaluate { .. } => unreachable!(),
+        };
+        assert_ne!(seed(&e.stages[0]), seed(&e.stages[1]), "stages derive distinct seeds");
+        // The resolved config serializes (it becomes the run's config.toml).
+        assert!(e.to_toml().unwrap().contains("temperature = 20.0"));
+    }
+
+    #[test]
+    fn schedules_are_pure_functions_of_the_epoch() {
+        let e = parse(GOOD).unwrap();
+        let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+        assert_eq!([training.lr(0), training.lr(1), training.lr(3)], [0.1, 0.05, 0.0125]);
+        assert_eq!([training.momentum(0), training.momentum(2), training.momentum(9)], [0.5, 0.7, 0.9]);
+    }
+
+    #[test]
+    fn overrides_change_values_and_are_validated() {
+        let e = parse_with(GOOD, &["seed=7", "stages.student.temperature=4", "defaults.epochs=1"]).unwrap();
+        assert_eq!(e.seed, 7);
+        let Job::Distill { distill, .. } = &e.stages[1].job else { panic!() };
+        assert_eq!(distill.temperature, 4.0);
+        let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+        assert_eq!(training.epochs, 1);
+        let err = parse_with(GOOD, &["stages.student.temperature=-1"]).unwrap_err().to_string();
+        assert!(err.contains("after --set") && err.contains("expected a number > 0, got -1"), "{err}");
+        let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
+        assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
+    }
+
+    /// (edit of GOOD: from, to; text on the line the error must name; text the error must contain)
+    #[test]
+    fn bad_files_are_rejected_with_line_and_key() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("temperature = 20", "temperature = 0", "temperature", "expected a number > 0, got 0"),
+            ("temperature = 20", "temperature = -2.5", "temperature", "expected a number > 0"),
+            ("temperature = 20", "temperature = \"hot\"", "temperature", "invalid type: string"),
+            ("temperature = 20", "temprature = 20", "temprature", "unknown field `temprature`"),
+            ("input_dropout = 0.2", "input_dropout = 1.0", "input_dropout", "expected a number in [0, 1)"),
+            ("hidden = [4]", "hidden = []", "hidden = []", "non-empty list"),
+            ("hidden = [4]", "hidden = [4, 0]", "hidden = [4, 0]", "expected an integer > 0, got 0"),
+            ("temperature = 20", "temperature = 20\nhard_weight = -1", "hard_weight", "expected a number >= 0"),
+            ("teacher = \"teacher\"", "teacher = \"techer\"", "techer", "no earlier stage is named `techer`"),
+            (
+                "name = \"student\"",
+                "name = \"teacher\"",
+                "name = \"teacher\"\nkind = \"distill",
+                "two stages have this name",
+            ),
+            ("jitter = 2", "jitter = 2\ntemperature = 3", "name = \"teacher\"", "only applies to distill stages"),
+            ("temperature = 20\n", "", "name = \"student\"", "needs `temperature`"),
+            ("seed = 3", "seed = 3\ndevice = \"gpu\"", "device", "device: expected"),
+            ("lr = 0.1", "lr = 0.1, beta1 = 0.9", "name = \"teacher\"", "optimizer key `beta1` does not apply"),
+            ("kind = \"train\"", "kind = \"fit\"", "kind = \"fit\"", "unknown variant `fit`"),
+        ];
+        for (from, to, marker, message) in cases {
+            assert!(GOOD.contains(from), "bad test case: {from}");
+            let text = GOOD.replacen(from, to, 1);
+            let line = line_of(&text, text.find(marker).expect("marker in the edited file"));
+            let err = parse(&text).unwrap_err().to_string();
+            let at_line = format!(".toml:{line}:");
+            assert!(
+                err.contains(message) && (err.contains(&format!("line {line},")) || err.contains(&at_line)),
+                "{to:?}: expected line {line} and {message:?} in:\n{err}"
+            );
+            assert!(err.contains(".toml"), "error names the file: {err}");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `kd-run`: runs knowledge-distillation experiments described by TOML files.
+//!
+//! `main` only calls `try_main`; an error is reported as one line on stderr with exit code 2
+//! for a bad experiment file or command line, 1 for a failure while running.
+
+mod bench;
+mod config;
+mod data;
+mod idx;
+mod logging;
+mod optim;
+mod output;
+mod progress;
+mod run;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kd-run", version, about = "Runs knowledge-distillation experiments described by TOML files")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment; an interrupted run with the same configuration resumes where it stopped.
+    Run {
+        /// The experiment file.
+        experiment: PathBuf,
+        /// Folder under which the run directory `<experiment name>/` is written.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Override a setting: `seed=3`, `defaults.epochs=2`, `stages.<stage>.temperature=8`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Discard an earlier run in the same directory instead of resuming it.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Check an experiment file without running it; prints the resolved configuration.
+    Validate {
+        /// The experiment file.
+        experiment: PathBuf,
+        /// Override a setting, as for `run`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Report the libtorch build and whether CUDA is available.
+    Info,
+    /// Time training steps against the PyTorch eager reference, alternating, and print ratios.
+    Bench(bench::BenchArgs),
+}
+
+/// An error together with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, error: e.into() }
+    }
+}
+
+fn config_error(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+fn main() -> ExitCode {
+    logging::init();
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn try_main() -> Result<(), Failure> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { experiment, out, overrides, fresh } => {
+            let exp = config::load(&experiment, &overrides).map_err(config_error)?;
+            let dir = run::run(&exp, &out, fresh)?;
+            let summary: Vec<output::SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
+            print_summary(&summary);
+            println!("results in {}", dir.display());
+        }
+        Command::Validate { experiment, overrides } => {
+            let exp = config::load(&experiment, &overrides).map_err(config_error)?;
+            print!("{}", exp.to_toml()?);
+            eprintln!("{}: ok ({} stages)", experiment.display(), exp.stages.len());
+        }
+        Command::Info => {
+            println!("kd-run {}", env!("CARGO_PKG_VERSION"));
+            println!("cuda available: {}", tch::Cuda::is_available());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!("cpu threads: {}", tch::get_num_threads());
+        }
+        Command::Bench(args) => bench::bench(&args)?,
+    }
+    Ok(())
+}
+
+fn print_summary(rows: &[output::SummaryRow]) {
+    println!("{:<24} {:<26} {:>10} {:>12} {:>10}", "stage", "model", "parameters", "test errors", "seconds");
+    for r in rows {
+        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.stage, r.model, r.parameters, r.test_errors, r.seconds);
+    }
+}

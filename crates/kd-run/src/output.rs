@@ -1,0 +1,135 @@
+//! Files a run writes: atomic writes, checkpoints, and the CSV tables.
+
+use anyhow::{Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`, so
+/// a reader (or a run killed half-way) sees either the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Saves named tensors as safetensors, atomically.
+pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    let tmp = tmp_path(path);
+    // safetensors wants contiguous CPU tensors.
+    let cpu: Vec<(String, Tensor)> =
+        named.iter().map(|(k, t)| (k.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// Loads a safetensors file on the CPU.
+pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.exists() {
+        anyhow::bail!("checkpoint {} does not exist", path.display());
+    }
+    Tensor::read_safetensors(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+/// One row of `metrics.csv`: a stage's epoch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MetricsRow {
+    /// Stage name.
+    pub stage: String,
+    /// 1-based epoch.
+    pub epoch: i64,
+    /// Learning rate of the epoch.
+    pub lr: f64,
+    /// Mean training objective over the epoch (as optimized: dropout on, distillation terms).
+    pub train_loss: f64,
+    /// Accuracy of the training-mode predictions during the epoch.
+    pub train_accuracy: f64,
+    /// Hard-label cross-entropy on the validation split, if there is one.
+    pub val_loss: Option<f64>,
+    /// Accuracy on the validation split.
+    pub val_accuracy: Option<f64>,
+    /// Test errors, on the epochs where the test set was evaluated (the last).
+    pub test_errors: Option<i64>,
+    /// Wall seconds of the epoch, evaluation included.
+    pub seconds: f64,
+}
+
+/// One row of `summary.csv`: a trained or evaluated model.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SummaryRow {
+    /// Stage name.
+    pub stage: String,
+    /// Stage kind (train, distill, evaluate).
+    pub kind: String,
+    /// Architecture, e.g. `mlp 784-800-800-10`.
+    pub model: String,
+    /// Trainable parameters.
+    pub parameters: i64,
+    /// Errors on the validation split, if there is one.
+    pub val_errors: Option<i64>,
+    /// Errors on the test set.
+    pub test_errors: i64,
+    /// Test accuracy.
+    pub test_accuracy: f64,
+    /// Wall seconds of the stage.
+    pub seconds: f64,
+}
+
+/// Writes rows as CSV with a header, atomically.
+pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r)?;
+    }
+    write_atomic(path, &w.into_inner().context("csv buffer")?)
+}
+
+/// Reads the rows of a CSV written by [`write_csv`]; a missing file is an empty table.
+pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let mut r = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    r.deserialize().collect::<Result<Vec<T>, _>>().with_context(|| format!("malformed {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("kd-output-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.csv");
+        let rows = vec![SummaryRow {
+            stage: "s".into(),
+            kind: "train".into(),
+            model: "mlp 2-2".into(),
+            parameters: 6,
+            val_errors: None,
+            test_errors: 3,
+            test_accuracy: 0.7,
+            seconds: 1.5,
+        }];
+        write_csv(&path, &rows).unwrap();
+        write_csv(&path, &rows).unwrap();
+        assert_eq!(read_csv::<SummaryRow>(&path).unwrap(), rows);
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["a.csv"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,61 @@
+//! Training progress: a bar with epoch, loss and ETA on a terminal; one log line per epoch always.
+
+use crate::output::MetricsRow;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use tracing::info;
+
+/// Progress of one stage.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    stage: String,
+    epochs: u64,
+    steps_per_epoch: u64,
+}
+
+impl Progress {
+    /// Starts the display for `epochs` epochs, `first_epoch` of which are already done.
+    pub fn new(stage: &str, epochs: u64, steps_per_epoch: u64, first_epoch: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(epochs * steps_per_epoch);
+            let style = ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {percent:>3}% {elapsed}<{eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(stage.to_string());
+            bar.set_position(first_epoch * steps_per_epoch);
+            bar.set_message(format!("epoch {}/{epochs}", first_epoch + 1));
+            crate::logging::set_bar(Some(bar.clone()));
+            bar
+        });
+        Progress { bar, stage: stage.to_string(), epochs, steps_per_epoch }
+    }
+
+    /// After `step` steps of 0-based `epoch`; `loss` is the running mean when it was read.
+    pub fn step(&self, epoch: u64, step: u64, loss: Option<f64>) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(epoch * self.steps_per_epoch + step);
+            if let Some(loss) = loss {
+                bar.set_message(format!("epoch {}/{} loss {loss:.4}", epoch + 1, self.epochs));
+            }
+        }
+    }
+
+    /// Logs the finished epoch's line.
+    pub fn epoch_done(&self, row: &MetricsRow) {
+        let val = row.val_accuracy.map_or(String::new(), |a| format!(" val_acc {:.4}", a));
+        let test = row.test_errors.map_or(String::new(), |e| format!(" test_errors {e}"));
+        info!(
+            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s)",
+            self.stage, row.epoch, self.epochs, row.lr, row.train_loss, row.train_accuracy, row.seconds
+        );
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+            crate::logging::set_bar(None);
+        }
+    }
+}

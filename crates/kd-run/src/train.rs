@@ -1,0 +1,178 @@
+//! The training step and epoch loop shared by `kd-run run` and `kd-run bench`.
+
+use crate::config::{DistillSpec, Objective, Training};
+use crate::data::{self, Split};
+use crate::optim::Optimizer;
+use anyhow::Result;
+use kd_core::{LossWeights, SoftTargets};
+use kd_models::Mlp;
+use tch::{nn::ModuleT, Kind, Tensor};
+
+/// What the student is trained to match.
+pub enum Supervision<'a> {
+    /// The labels (cross-entropy at T = 1).
+    Hard,
+    /// A teacher, through `spec` (soft targets at T or logits, plus the weighted hard term).
+    Distill { spec: &'a DistillSpec, teacher: TeacherSignal<'a> },
+}
+
+/// Where a teacher's outputs come from.
+pub enum TeacherSignal<'a> {
+    /// Precomputed once over the whole transfer set, indexed like it: probabilities at T for
+    /// the soft objective, logits for logit matching.
+    Cached(Tensor),
+    /// Run on each (jittered) batch in evaluation mode.
+    Live(&'a Mlp),
+}
+
+/// What the teacher provides for the transfer set: probabilities at T (soft objective) or
+/// logits (logit matching), computed once in evaluation mode without gradients.
+pub fn teacher_outputs(teacher: &Mlp, spec: &DistillSpec, images: &Tensor, batch: i64) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let n = images.size()[0];
+    let chunks: Vec<Tensor> = (0..n)
+        .step_by(batch as usize)
+        .map(|s| teacher.forward_t(&images.narrow(0, s, batch.min(n - s)), false))
+        .collect();
+    let logits = Tensor::cat(&chunks, 0);
+    Ok(match spec.objective {
+        Objective::Soft => kd_core::softmax_t(&logits, spec.temperature)?,
+        Objective::Logits => logits,
+    })
+}
+
+impl Supervision<'_> {
+    /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
+    /// signal (`teacher_out`, rows aligned with the batch).
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Supervision::Hard => Ok(kd_core::hard_target_loss(logits, labels)?),
+            Supervision::Distill { spec, teacher } => {
+                let t = teacher_out.expect("distillation needs the teacher's outputs");
+                let weights = LossWeights::new(spec.hard_weight, spec.soft_weight)?;
+                match spec.objective {
+                    Objective::Soft => {
+                        let targets = match teacher {
+                            TeacherSignal::Cached(_) => SoftTargets::Probs(t),
+                            TeacherSignal::Live(_) => SoftTargets::Logits(t),
+                        };
+                        Ok(kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?.total)
+                    }
+                    Objective::Logits => {
+                        let mut total = kd_core::logit_matching_loss(logits, t)? * weights.soft;
+                        if weights.hard > 0.0 {
+                            total += kd_core::hard_target_loss(logits, labels)? * weights.hard;
+                        }
+                        Ok(total)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A network with its optimizer.
+pub struct Trainer<'a> {
+    /// The network being trained.
+    pub net: &'a Mlp,
+    params: Vec<Tensor>,
+    /// Its optimizer.
+    pub opt: Optimizer,
+}
+
+impl<'a> Trainer<'a> {
+    /// Wraps `net`, whose trainable parameters are `params`, with `opt`.
+    pub fn new(net: &'a Mlp, params: Vec<Tensor>, opt: Optimizer) -> Self {
+        Trainer { net, params, opt }
+    }
+
+    /// One optimization step: forward in training mode, `loss`, gradients, update, max-norm.
+    /// Returns the logits and the loss, detached; nothing here waits for the device.
+    pub fn step(&mut self, x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
+        let logits = self.net.forward_t(x, true);
+        let loss = loss(&logits)?;
+        let grads = Tensor::run_backward(&[&loss], &self.params, false, false);
+        self.opt.step(&grads);
+        self.net.apply_max_norm();
+        Ok((logits.detach(), loss.detach()))
+    }
+}
+
+/// Sums over an epoch, kept on the device until the epoch ends.
+pub struct EpochTotals {
+    /// Mean objective.
+    pub loss: f64,
+    /// Training-mode accuracy.
+    pub accuracy: f64,
+}
+
+/// Image geometry for jitter.
+#[derive(Clone, Copy)]
+pub struct Geometry {
+    /// Height.
+    pub rows: i64,
+    /// Width.
+    pub cols: i64,
+}
+
+/// One pass over `train` in a random order. `on_step(done, running_loss)` is called after each
+/// step; `running_loss` is `Some` every `report_every` steps only (reading it syncs the device).
+pub fn train_epoch(
+    trainer: &mut Trainer,
+    train: &Split,
+    supervision: &Supervision,
+    training: &Training,
+    geometry: Geometry,
+    report_every: usize,
+    mut on_step: impl FnMut(usize, Option<f64>),
+) -> Result<EpochTotals> {
+    let device = train.images.device();
+    let n = train.len();
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+    let mut correct = Tensor::zeros([], (Kind::Int64, device));
+    let mut seen = 0i64;
+    for (i, idx) in data::batches(n, training.batch_size, device).enumerate() {
+        let x = train.images.index_select(0, &idx);
+        let x = data::jitter(&x, geometry.rows, geometry.cols, i64::from(training.jitter));
+        let y = train.labels.index_select(0, &idx);
+        let teacher_out = match supervision {
+            Supervision::Hard => None,
+            Supervision::Distill { teacher: TeacherSignal::Cached(all), .. } => Some(all.index_select(0, &idx)),
+            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => {
+                Some(tch::no_grad(|| t.forward_t(&x, false)))
+            }
+        };
+        let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
+        let b = idx.size()[0];
+        seen += b;
+        loss_sum += loss * b as f64;
+        correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
+        let report = (report_every > 0 && (i + 1) % report_every == 0)
+            .then(|| f64::try_from(&loss_sum).unwrap_or(f64::NAN) / seen as f64);
+        on_step(i + 1, report);
+    }
+    Ok(EpochTotals {
+        loss: f64::try_from(&loss_sum)? / seen as f64,
+        accuracy: i64::try_from(&correct)? as f64 / seen as f64,
+    })
+}
+
+/// Hard-label cross-entropy and errors of `net` on `split`, in evaluation mode.
+pub fn evaluate(net: &Mlp, split: &Split, batch: i64) -> Result<(f64, i64)> {
+    let _guard = tch::no_grad_guard();
+    let n = split.len();
+    let device = split.images.device();
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    let mut errors = Tensor::zeros([], (Kind::Int64, device));
+    for s in (0..n).step_by(batch as usize) {
+        let len = batch.min(n - s);
+        let logits = net.forward_t(&split.images.narrow(0, s, len), false);
+        let y = split.labels.narrow(0, s, len);
+        loss_sum += kd_core::hard_target_loss(&logits, &y)?.to_kind(Kind::Double) * len as f64;
+        errors += logits.argmax(1, false).ne_tensor(&y).sum(Kind::Int64);
+    }
+    Ok((f64::try_from(&loss_sum)? / n as f64, i64::try_from(&errors)?))
+}
+
+/// Batch size used for evaluation and teacher passes (no gradients, so larger than training).
+pub const EVAL_BATCH: i64 = 1000;

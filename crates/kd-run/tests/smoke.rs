@@ -1,0 +1,204 @@
+//! End to end: `kd-run run experiments/smoke.toml` writes every output with consistent contents,
+//! resumes, and rejects a malformed experiment with the file and line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kd_run(args: &[&str]) -> Output {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_kd-run")).args(args).current_dir(root()).output().expect("kd-run starts");
+    if !out.status.success() && std::env::var_os("KD_TEST_VERBOSE").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kd-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    r.deserialize().map(|row| row.expect("well-formed row")).collect()
+}
+
+#[test]
+fn smoke_experiment_writes_consistent_outputs_and_resumes() {
+    let out = fresh_dir("smoke");
+    let result = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success(), "kd-run failed:\n{}", String::from_utf8_lossy(&result.stderr));
+    let dir = out.join("smoke");
+
+    // summary.csv: one row per model, in stage order, with counts that fit the data.
+    let summary = csv_rows(&dir.join("summary.csv"));
+    let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
+    assert_eq!(stages, ["teacher", "student", "distilled", "eval_teacher"]);
+    let params: Vec<i64> = summary.iter().map(|r| r["parameters"].parse().unwrap()).collect();
+    assert_eq!(params, [118_282, 26_506, 26_506, 118_282], "784-128-128-10 and 784-32-32-10");
+    for r in &summary {
+        let errors: i64 = r["test_errors"].parse().unwrap();
+        let accuracy: f64 = r["test_accuracy"].parse().unwrap();
+        assert!((0..2000).contains(&errors), "{r:?}");
+        assert!((accuracy - (1.0 - errors as f64 / 2000.0)).abs() < 1e-9, "accuracy agrees with errors: {r:?}");
+        assert!(accuracy > 0.3, "every model learned something (10% is chance): {r:?}");
+        assert!(stdout.contains(&r["stage"]), "the summary is printed");
+    }
+    assert_eq!(
+        summary[0]["test_errors"], summary[3]["test_errors"],
+        "evaluating the teacher's checkpoint reproduces its errors"
+    );
+    assert_eq!(summary[0]["val_errors"], summary[3]["val_errors"]);
+
+    // metrics.csv: one row per stage and epoch; test errors on the last epoch only.
+    let metrics = csv_rows(&dir.join("metrics.csv"));
+    let epochs: Vec<(String, String)> = metrics.iter().map(|r| (r["stage"].clone(), r["epoch"].clone())).collect();
+    let expected: Vec<(String, String)> = [
+        ("teacher", 1),
+        ("teacher", 2),
+        ("teacher", 3),
+        ("student", 1),
+        ("student", 2),
+        ("distilled", 1),
+        ("distilled", 2),
+    ]
+    .iter()
+    .map(|(s, e)| (s.to_string(), e.to_string()))
+    .collect();
+    assert_eq!(epochs, expected);
+    for r in &metrics {
+        let last = (r["stage"] == "teacher" && r["epoch"] == "3") || r["epoch"] == "2" && r["stage"] != "teacher";
+        assert_eq!(!r["test_errors"].is_empty(), last, "{r:?}");
+        let val: f64 = r["val_accuracy"].parse().unwrap();
+        assert!((0.0..=1.0).contains(&val));
+    }
+    let last_teacher = metrics.iter().find(|r| r["stage"] == "teacher" && r["epoch"] == "3").unwrap();
+    assert_eq!(last_teacher["test_errors"], summary[0]["test_errors"]);
+    let lrs: Vec<f64> = metrics.iter().filter(|r| r["stage"] == "teacher").map(|r| r["lr"].parse().unwrap()).collect();
+    assert!((lrs[1] - 0.08).abs() < 1e-12 && (lrs[2] - 0.064).abs() < 1e-12, "exponential schedule: {lrs:?}");
+
+    // config.toml is the resolved experiment; checkpoints load without it.
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(config.contains("temperature = 20.0") && config.contains("jitter = 2"), "{config}");
+    for (stage, sizes) in [("teacher", vec![784i64, 128, 128, 10]), ("distilled", vec![784, 32, 32, 10])] {
+        let named =
+            tch::Tensor::read_safetensors(dir.join("checkpoints").join(format!("{stage}.safetensors"))).unwrap();
+        let (_vs, net) = kd_models::Mlp::from_tensors(&named, tch::Device::Cpu).unwrap();
+        assert_eq!(net.config().sizes, sizes);
+    }
+    assert!(std::fs::read_to_string(dir.join("run.log")).unwrap().contains("stage `distilled`"));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("resume") || n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Running again resumes: every stage is done, nothing changes.
+    let before = std::fs::read(dir.join("summary.csv")).unwrap();
+    let again = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already done"));
+    assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), before);
+
+    // A different configuration in the same directory is refused, not mixed in.
+    let other = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "seed=2"]);
+    assert_eq!(other.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("different configuration"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn a_run_killed_mid_stage_resumes_to_the_same_result() {
+    // Uninterrupted reference.
+    let args = |out: &Path| -> Vec<String> {
+        ["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "stages.teacher.epochs=6"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let reference = fresh_dir("resume-ref");
+    let a: Vec<String> = args(&reference);
+    assert!(kd_run(&a.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+
+    // The same run, killed as soon as the teacher's first resume checkpoint exists, then rerun.
+    let interrupted = fresh_dir("resume-cut");
+    let b = args(&interrupted);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(&b)
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let resume = interrupted.join("smoke/checkpoints/teacher.resume.safetensors");
+    let started = std::time::Instant::now();
+    while !resume.exists() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let finished = interrupted.join("smoke/summary.csv").exists();
+    let rerun = kd_run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(rerun.status.success());
+    if !finished {
+        assert!(String::from_utf8_lossy(&rerun.stderr).contains("resuming"));
+    }
+    for file in ["summary.csv"] {
+        let strip_seconds = |p: PathBuf| -> Vec<Vec<String>> {
+            csv_rows(&p)
+                .into_iter()
+                .map(|r| vec![r["stage"].clone(), r["test_errors"].clone(), r["val_errors"].clone()])
+                .collect()
+        };
+        assert_eq!(
+            strip_seconds(reference.join("smoke").join(file)),
+            strip_seconds(interrupted.join("smoke").join(file))
+        );
+    }
+    let ckpt = |d: &Path| std::fs::read(d.join("smoke/checkpoints/teacher.safetensors")).unwrap();
+    assert_eq!(ckpt(&reference), ckpt(&interrupted), "resumed teacher has the same weights, bit for bit");
+    let _ = std::fs::remove_dir_all(&reference);
+    let _ = std::fs::remove_dir_all(&interrupted);
+}
+
+#[test]
+fn malformed_experiment_is_rejected_with_file_and_line() {
+    let dir = fresh_dir("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(root().join("experiments/smoke.toml")).unwrap();
+    let cases = [
+        ("temperature = 20", "temperature = -3", "expected a number > 0"),
+        ("hidden_dropout = 0.5", "hidden_dropout = 1.5", "expected a number in [0, 1)"),
+        ("epochs = 3", "epochz = 3", "unknown field `epochz`"),
+        ("hard_weight = 0.0", "hard_weight = -0.5", "expected a number >= 0"),
+        ("hidden = [32, 32] }\ntemperature", "hidden = [] }\ntemperature", "non-empty list"),
+    ];
+    for (i, (from, to, message)) in cases.iter().enumerate() {
+        assert!(text.contains(from), "{from}");
+        let bad = text.replacen(from, to, 1);
+        let line = bad[..bad.find(to).unwrap()].lines().count() + 1;
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, &bad).unwrap();
+        for cmd in ["validate", "run"] {
+            let out = kd_run(
+                &[cmd, path.to_str().unwrap(), "--out", dir.to_str().unwrap()][..if cmd == "run" { 4 } else { 2 }],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {to}: {stderr}");
+            assert!(
+                stderr.contains(&format!("bad{i}.toml")) && stderr.contains(&format!("line {line},")),
+                "{to}: {stderr}"
+            );
+            assert!(stderr.contains(message) && !stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    assert!(!dir.join("smoke").exists(), "nothing ran");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
