@@ -94,6 +94,8 @@ impl Workload {
                     temperature: TEMPERATURE,
                     hard_weight: 0.0,
                     soft_weight: 1.0,
+                    transfer_exclude: vec![],
+                    transfer_only: vec![],
                 }),
             ),
         };

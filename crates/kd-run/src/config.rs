@@ -43,6 +43,10 @@ checked_number!(
     /// A positive integer (epochs, batch sizes, layer widths).
     Count, i64, |v| v > 0, "an integer > 0");
 
+checked_number!(
+    /// A class id (>= 0; checked against the data's classes when the run starts).
+    ClassId, i64, |v| v >= 0, "a class id >= 0");
+
 /// A non-empty list of layer widths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Widths(pub Vec<i64>);
@@ -63,6 +67,8 @@ impl<'de> Deserialize<'de> for Widths {
 #[serde(deny_unknown_fields)]
 struct RawExperiment {
     name: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
     #[serde(default)]
     seed: u64,
     #[serde(default)]
@@ -122,7 +128,7 @@ struct RawSchedule {
     min_lr: Option<NonNegative>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
     hidden: Widths,
@@ -134,7 +140,7 @@ struct RawModel {
     max_norm: Option<Positive>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawStage {
     name: Spanned<String>,
@@ -149,11 +155,52 @@ struct RawStage {
     jitter: Option<u32>,
     teacher: Option<Spanned<String>>,
     teacher_checkpoint: Option<PathBuf>,
-    checkpoint: Option<PathBuf>,
     temperature: Option<Positive>,
     hard_weight: Option<NonNegative>,
     soft_weight: Option<NonNegative>,
     objective: Option<Objective>,
+    transfer_exclude: Option<Vec<ClassId>>,
+    transfer_only: Option<Vec<ClassId>>,
+    from: Option<Spanned<String>>,
+    checkpoint: Option<PathBuf>,
+    classes: Option<Vec<ClassId>>,
+    shifts: Option<RawShifts>,
+    fixed_shift: Option<f64>,
+    sweep: Option<RawSweep>,
+    paper: Option<PaperFigures>,
+}
+
+/// Candidate bias shifts: `min, min + step, ..., max`.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawShifts {
+    min: f64,
+    max: f64,
+    step: Positive,
+}
+
+/// Values a stage is repeated over; each combination becomes a stage named
+/// `<name>-T<temperature>-h<widths>-s<seed>` (only the swept parts appear).
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSweep {
+    temperature: Option<Vec<Positive>>,
+    hidden: Option<Vec<Widths>>,
+    seed: Option<Vec<u64>>,
+}
+
+/// The paper's figures for a stage's model, shown beside ours in reports.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PaperFigures {
+    /// Test errors (of 10,000).
+    pub test_errors: Option<f64>,
+    /// Test error rate in percent.
+    pub test_error_percent: Option<f64>,
+    /// Test errors on the stage's classes of interest (the omitted class, say).
+    pub class_errors: Option<f64>,
+    /// The bias shift the paper used.
+    pub shift: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,6 +216,8 @@ pub enum StageKind {
     Distill,
     /// Evaluate an existing model (an earlier stage's or a checkpoint file) on the test set.
     Evaluate,
+    /// Add a constant to the output biases of some classes, chosen on the validation split.
+    BiasShift,
 }
 
 /// The optimizer family.
@@ -211,6 +260,8 @@ pub enum Objective {
 pub struct Experiment {
     /// Name; the run writes under `OUT/<name>/`.
     pub name: String,
+    /// What the experiment reproduces (shown in reports).
+    pub description: String,
     /// Base seed; each stage derives its own from it and its name unless it sets `seed`.
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -241,6 +292,9 @@ pub struct DataSpec {
 pub struct Stage {
     /// Unique name; checkpoints and CSV rows carry it.
     pub name: String,
+    /// The paper's figures for this stage's model, if it reports any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paper: Option<PaperFigures>,
     /// What it does.
     #[serde(flatten)]
     pub job: Job,
@@ -270,6 +324,22 @@ pub enum Job {
     Evaluate {
         /// The model.
         source: ModelSource,
+    },
+    /// Shift the output biases of `classes` by the candidate with the fewest validation errors
+    /// (ties go to the smallest shift in magnitude), and by `fixed` if given.
+    BiasShift {
+        /// The model.
+        source: ModelSource,
+        /// Classes whose biases move together.
+        classes: Vec<i64>,
+        /// Candidates `min, min + step, ..., max`.
+        min: f64,
+        /// Last candidate.
+        max: f64,
+        /// Candidate spacing.
+        step: f64,
+        /// A fixed shift reported as well (the paper's value, say).
+        fixed: Option<f64>,
     },
 }
 
@@ -354,6 +424,10 @@ pub struct DistillSpec {
     pub hard_weight: f64,
     /// Weight of the soft term (which already carries T^2).
     pub soft_weight: f64,
+    /// Classes left out of the transfer set.
+    pub transfer_exclude: Vec<i64>,
+    /// If non-empty, the only classes kept in the transfer set.
+    pub transfer_only: Vec<i64>,
 }
 
 /// Where a model comes from.
@@ -467,106 +541,88 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         test_limit: raw.data.test_limit.map(|c| c.0),
     };
     let mut stages: Vec<Stage> = Vec::new();
-    for s in raw.stages {
+    for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
         let name = s.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            stage_bail!(text, s, "a stage name uses only letters, digits, `_` and `-`");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            stage_bail!(text, s, "a stage name uses only letters, digits, `_`, `-` and `.`");
         }
         if stages.iter().any(|t| t.name == name) {
             stage_bail!(text, s, "two stages have this name");
         }
-        let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
-        let not_for = |present: &[(&str, bool)]| present.iter().find(|(_, p)| *p).map(|(k, _)| k.to_string());
-        let distill_keys = [
-            ("teacher", s.teacher.is_some()),
-            ("teacher_checkpoint", s.teacher_checkpoint.is_some()),
-            ("temperature", s.temperature.is_some()),
-            ("hard_weight", s.hard_weight.is_some()),
-            ("soft_weight", s.soft_weight.is_some()),
-            ("objective", s.objective.is_some()),
-        ];
-        let job = match s.kind {
-            StageKind::Train | StageKind::Distill => {
-                if let Some(k) = not_for(&[("checkpoint", s.checkpoint.is_some())]) {
-                    stage_bail!(
-                        text,
-                        s,
-                        "`{k}` belongs to evaluate stages; a distill stage names `teacher` or `teacher_checkpoint`"
-                    );
-                }
-                let Some(model) = &s.model else {
-                    stage_bail!(text, s, "a {:?} stage needs `model = {{ hidden = [...] }}`", s.kind);
-                };
-                let model = ModelSpec {
-                    hidden: model.hidden.0.clone(),
-                    input_dropout: model.input_dropout.map_or(0.0, |r| r.0),
-                    hidden_dropout: model.hidden_dropout.map_or(0.0, |r| r.0),
-                    max_norm: model.max_norm.map(|p| p.0),
-                };
-                let training = resolve_training(&raw.defaults, &s.training(), seed)
-                    .map_err(|e| anyhow::anyhow!("{}: stage `{name}`: {e}", line_of(text, s.name.span().start)))?;
-                if s.kind == StageKind::Train {
-                    if let Some(k) = not_for(&distill_keys) {
-                        stage_bail!(text, s, "`{k}` only applies to distill stages");
-                    }
-                    Job::Train { model, training }
-                } else {
-                    let teacher = resolve_source(
-                        text,
-                        &s,
-                        s.teacher.as_ref(),
-                        s.teacher_checkpoint.as_ref(),
-                        &stages,
-                        "teacher",
-                    )?;
-                    let hard_weight = s.hard_weight.map_or(0.0, |w| w.0);
-                    let soft_weight = s.soft_weight.map_or(1.0, |w| w.0);
-                    if hard_weight == 0.0 && soft_weight == 0.0 {
-                        stage_bail!(text, s, "hard_weight and soft_weight are both 0: nothing to train on");
-                    }
-                    let objective = s.objective.unwrap_or_default();
-                    let temperature = match (objective, s.temperature) {
-                        (Objective::Soft, Some(t)) => t.0,
-                        (Objective::Soft, None) => stage_bail!(text, s, "a distill stage needs `temperature`"),
-                        (Objective::Logits, Some(_)) => {
-                            stage_bail!(text, s, "`temperature` does not apply to objective = \"logits\"")
-                        }
-                        (Objective::Logits, None) => 1.0,
-                    };
-                    Job::Distill {
-                        model,
-                        training,
-                        distill: DistillSpec { teacher, objective, temperature, hard_weight, soft_weight },
-                    }
-                }
-            }
-            StageKind::Evaluate => {
-                let training_keys = [
-                    ("model", s.model.is_some()),
-                    ("epochs", s.epochs.is_some()),
-                    ("batch_size", s.batch_size.is_some()),
-                    ("optimizer", s.optimizer.is_some()),
-                    ("schedule", s.schedule.is_some()),
-                    ("jitter", s.jitter.is_some()),
-                    ("seed", s.seed.is_some()),
-                ];
-                if let Some(k) = not_for(&training_keys).or_else(|| not_for(&distill_keys[2..])) {
-                    stage_bail!(text, s, "`{k}` does not apply to evaluate stages");
-                }
-                let source = resolve_source(text, &s, s.teacher.as_ref(), s.checkpoint.as_ref(), &stages, "model")?;
-                Job::Evaluate { source }
-            }
+        let allowed: &[&str] = match s.kind {
+            StageKind::Train => &TRAIN_KEYS,
+            StageKind::Distill => &DISTILL_KEYS,
+            StageKind::Evaluate => &["from", "checkpoint"],
+            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift"],
         };
-        stages.push(Stage { name, job });
+        if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
+            stage_bail!(
+                text,
+                s,
+                "`{k}` does not apply to a {} stage (its keys: {})",
+                s.kind.as_str(),
+                allowed.join(", ")
+            );
+        }
+        let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
+        let job = match s.kind {
+            StageKind::Train => {
+                Job::Train { model: resolve_model(text, &s)?, training: stage_training(text, &raw.defaults, &s, seed)? }
+            }
+            StageKind::Distill => Job::Distill {
+                model: resolve_model(text, &s)?,
+                training: stage_training(text, &raw.defaults, &s, seed)?,
+                distill: resolve_distill(text, &s, &stages)?,
+            },
+            StageKind::Evaluate => {
+                Job::Evaluate { source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)? }
+            }
+            StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation)?,
+        };
+        stages.push(Stage { name, paper: s.paper.clone(), job });
     }
     Ok(Experiment {
         name: raw.name.into_inner(),
+        description: raw.description.unwrap_or_default(),
         seed: raw.seed,
         device,
         threads: raw.threads.map_or(0, |c| c.0),
         data,
         stages,
     })
+}
+
+const TRAIN_KEYS: [&str; 9] =
+    ["model", "seed", "epochs", "batch_size", "optimizer", "schedule", "jitter", "sweep", "paper"];
+const DISTILL_KEYS: [&str; 17] = [
+    "model",
+    "seed",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "schedule",
+    "jitter",
+    "sweep",
+    "paper",
+    "teacher",
+    "teacher_checkpoint",
+    "temperature",
+    "hard_weight",
+    "soft_weight",
+    "objective",
+    "transfer_exclude",
+    "transfer_only",
+];
+
+impl StageKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Train => "train",
+            StageKind::Distill => "distill",
+            StageKind::Evaluate => "evaluate",
+            StageKind::BiasShift => "bias_shift",
+        }
+    }
 }
 
 impl RawStage {
@@ -579,6 +635,147 @@ impl RawStage {
             jitter: self.jitter,
         }
     }
+
+    /// The optional keys this stage sets.
+    fn present_keys(&self) -> Vec<&'static str> {
+        [
+            ("model", self.model.is_some()),
+            ("seed", self.seed.is_some()),
+            ("epochs", self.epochs.is_some()),
+            ("batch_size", self.batch_size.is_some()),
+            ("optimizer", self.optimizer.is_some()),
+            ("schedule", self.schedule.is_some()),
+            ("jitter", self.jitter.is_some()),
+            ("teacher", self.teacher.is_some()),
+            ("teacher_checkpoint", self.teacher_checkpoint.is_some()),
+            ("temperature", self.temperature.is_some()),
+            ("hard_weight", self.hard_weight.is_some()),
+            ("soft_weight", self.soft_weight.is_some()),
+            ("objective", self.objective.is_some()),
+            ("transfer_exclude", self.transfer_exclude.is_some()),
+            ("transfer_only", self.transfer_only.is_some()),
+            ("from", self.from.is_some()),
+            ("checkpoint", self.checkpoint.is_some()),
+            ("classes", self.classes.is_some()),
+            ("shifts", self.shifts.is_some()),
+            ("fixed_shift", self.fixed_shift.is_some()),
+            ("sweep", self.sweep.is_some()),
+            ("paper", self.paper.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, present)| present.then_some(k))
+        .collect()
+    }
+}
+
+/// One stage per combination of the swept values (the stage itself when it sweeps nothing).
+fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
+    let Some(sweep) = stage.sweep.clone() else { return Ok(vec![stage]) };
+    let temperatures: Vec<Option<Positive>> =
+        sweep.temperature.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+    let hiddens: Vec<Option<Widths>> = sweep.hidden.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+    let seeds: Vec<Option<u64>> = sweep.seed.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+    if temperatures.is_empty() || hiddens.is_empty() || seeds.is_empty() {
+        stage_bail!(text, stage, "a sweep list is empty");
+    }
+    let mut out = Vec::new();
+    for t in &temperatures {
+        for h in &hiddens {
+            for seed in &seeds {
+                let mut s = stage.clone();
+                let mut name = s.name.get_ref().clone();
+                if let Some(t) = t {
+                    s.temperature = Some(*t);
+                    name.push_str(&format!("-T{}", t.0));
+                }
+                if let Some(h) = h {
+                    let Some(model) = s.model.as_mut() else {
+                        stage_bail!(text, stage, "sweeping `hidden` needs a `model` table to vary");
+                    };
+                    model.hidden = h.clone();
+                    name.push_str(&format!("-h{}", h.0.iter().map(i64::to_string).collect::<Vec<_>>().join("x")));
+                }
+                if let Some(seed) = seed {
+                    s.seed = Some(*seed);
+                    name.push_str(&format!("-s{seed}"));
+                }
+                s.name = Spanned::new(s.name.span(), name);
+                s.sweep = None;
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_model(text: &str, s: &RawStage) -> Result<ModelSpec> {
+    let Some(model) = &s.model else {
+        stage_bail!(text, s, "a {} stage needs `model = {{ hidden = [...] }}`", s.kind.as_str());
+    };
+    Ok(ModelSpec {
+        hidden: model.hidden.0.clone(),
+        input_dropout: model.input_dropout.map_or(0.0, |r| r.0),
+        hidden_dropout: model.hidden_dropout.map_or(0.0, |r| r.0),
+        max_norm: model.max_norm.map(|p| p.0),
+    })
+}
+
+fn stage_training(text: &str, defaults: &RawTraining, s: &RawStage, seed: u64) -> Result<Training> {
+    resolve_training(defaults, &s.training(), seed)
+        .map_err(|e| anyhow::anyhow!("{}: stage `{}`: {e}", line_of(text, s.name.span().start), s.name.get_ref()))
+}
+
+fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<DistillSpec> {
+    if s.teacher.is_some() && s.teacher_checkpoint.is_some() {
+        stage_bail!(text, s, "give either `teacher` or `teacher_checkpoint`, not both");
+    }
+    let teacher = resolve_source(text, s, s.teacher.as_ref(), s.teacher_checkpoint.as_ref(), earlier)?;
+    let hard_weight = s.hard_weight.map_or(0.0, |w| w.0);
+    let soft_weight = s.soft_weight.map_or(1.0, |w| w.0);
+    if hard_weight == 0.0 && soft_weight == 0.0 {
+        stage_bail!(text, s, "hard_weight and soft_weight are both 0: nothing to train on");
+    }
+    let objective = s.objective.unwrap_or_default();
+    let temperature = match (objective, s.temperature) {
+        (Objective::Soft, Some(t)) => t.0,
+        (Objective::Soft, None) => stage_bail!(text, s, "a distill stage needs `temperature`"),
+        (Objective::Logits, Some(_)) => stage_bail!(text, s, "`temperature` does not apply to objective = \"logits\""),
+        (Objective::Logits, None) => 1.0,
+    };
+    let classes = |v: &Option<Vec<ClassId>>| v.iter().flatten().map(|c| c.0).collect::<Vec<_>>();
+    let (transfer_exclude, transfer_only) = (classes(&s.transfer_exclude), classes(&s.transfer_only));
+    if !transfer_exclude.is_empty() && !transfer_only.is_empty() {
+        stage_bail!(text, s, "give either `transfer_exclude` or `transfer_only`, not both");
+    }
+    if s.transfer_only.as_ref().is_some_and(Vec::is_empty) {
+        stage_bail!(text, s, "`transfer_only = []` leaves an empty transfer set");
+    }
+    Ok(DistillSpec { teacher, objective, temperature, hard_weight, soft_weight, transfer_exclude, transfer_only })
+}
+
+fn resolve_bias_shift(text: &str, s: &RawStage, earlier: &[Stage], validation: usize) -> Result<Job> {
+    let source = resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?;
+    let classes: Vec<i64> = s.classes.iter().flatten().map(|c| c.0).collect();
+    if classes.is_empty() {
+        stage_bail!(text, s, "a bias_shift stage needs `classes = [...]`, the classes whose biases move");
+    }
+    let Some(shifts) = &s.shifts else {
+        stage_bail!(
+            text,
+            s,
+            "a bias_shift stage needs `shifts = {{ min = ..., max = ..., step = ... }}`, the candidates"
+        );
+    };
+    if !(shifts.min.is_finite() && shifts.max.is_finite() && shifts.min <= shifts.max) {
+        stage_bail!(text, s, "shifts: expected finite min <= max, got min = {}, max = {}", shifts.min, shifts.max);
+    }
+    if validation == 0 {
+        stage_bail!(text, s, "the shift is chosen on the validation split: set `data.validation` > 0");
+    }
+    if s.fixed_shift.is_some_and(|f| !f.is_finite()) {
+        stage_bail!(text, s, "fixed_shift must be finite");
+    }
+    Ok(Job::BiasShift { source, classes, min: shifts.min, max: shifts.max, step: shifts.step.0, fixed: s.fixed_shift })
 }
 
 fn resolve_source(
@@ -587,37 +784,33 @@ fn resolve_source(
     stage: Option<&Spanned<String>>,
     file: Option<&PathBuf>,
     earlier: &[Stage],
-    what: &str,
 ) -> Result<ModelSource> {
-    let file_key = if s.kind == StageKind::Evaluate { "checkpoint" } else { "teacher_checkpoint" };
-    let stage_key = "teacher";
+    let (stage_key, file_key) =
+        if s.kind == StageKind::Distill { ("teacher", "teacher_checkpoint") } else { ("from", "checkpoint") };
     match (stage, file) {
         (Some(_), Some(_)) => stage_bail!(text, s, "give either `{stage_key}` or `{file_key}`, not both"),
         (None, None) => stage_bail!(
             text,
             s,
-            "the {what} is missing: `{stage_key} = \"<earlier stage>\"` or `{file_key} = \"<file>.safetensors\"`"
+            "the model is missing: `{stage_key} = \"<earlier stage>\"` or `{file_key} = \"<file>.safetensors\"`"
         ),
         (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
-        (Some(name), None) => {
-            let found = earlier.iter().find(|t| &t.name == name.get_ref());
-            match found.map(|t| &t.job) {
-                Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
-                Some(Job::Evaluate { .. }) => bail!(
-                    "{}: stage `{}`: `{}` is an evaluate stage and trains no model",
-                    line_of(text, name.span().start),
-                    s.name.get_ref(),
-                    name.get_ref()
-                ),
-                None => bail!(
-                    "{}: stage `{}`: no earlier stage is named `{}` (stages defined before this one: {})",
-                    line_of(text, name.span().start),
-                    s.name.get_ref(),
-                    name.get_ref(),
-                    earlier.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            }
-        }
+        (Some(name), None) => match earlier.iter().find(|t| &t.name == name.get_ref()).map(|t| &t.job) {
+            Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
+            Some(Job::Evaluate { .. } | Job::BiasShift { .. }) => bail!(
+                "{}: stage `{}`: `{}` trains no model (it is an evaluation)",
+                line_of(text, name.span().start),
+                s.name.get_ref(),
+                name.get_ref()
+            ),
+            None => bail!(
+                "{}: stage `{}`: no earlier stage is named `{}` (stages defined before this one: {})",
+                line_of(text, name.span().start),
+                s.name.get_ref(),
+                name.get_ref(),
+                earlier.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        },
     }
 }
 
@@ -762,7 +955,9 @@ epochs = 5
     fn parse_with(text: &str, overrides: &[&str]) -> Result<Experiment> {
         let dir = std::env::temp_dir().join(format!("kd-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{:x}.toml", derive_seed(0, text)));
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{call}.toml"));
         std::fs::write(&path, text)?;
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         let out = load(&path, &overrides);
@@ -784,11 +979,40 @@ epochs = 5
         assert_eq!((distill.temperature, distill.hard_weight, distill.soft_weight), (20.0, 0.0, 1.0));
         let seed = |s: &Stage| match &s.job {
             Job::Train { training, .. } | Job::Distill { training, .. } => training.seed,
-            Job::Evaluate { .. } => unreachable!(),
+            Job::Evaluate { .. } | Job::BiasShift { .. } => unreachable!(),
         };
         assert_ne!(seed(&e.stages[0]), seed(&e.stages[1]), "stages derive distinct seeds");
         // The resolved config serializes (it becomes the run's config.toml).
         assert!(e.to_toml().unwrap().contains("temperature = 20.0"));
+    }
+
+    #[test]
+    fn sweeps_expand_into_named_stages() {
+        let text = GOOD.replace("temperature = 20\n", "sweep = { temperature = [2.5, 8], hidden = [[4], [3, 3]] }\n");
+        let e = parse(&text).unwrap();
+        let names: Vec<&str> = e.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["teacher", "student-T2.5-h4", "student-T2.5-h3x3", "student-T8-h4", "student-T8-h3x3"]);
+        let Job::Distill { model, distill, .. } = &e.stages[2].job else { panic!() };
+        assert_eq!((model.hidden.as_slice(), distill.temperature), ([3, 3].as_slice(), 2.5));
+    }
+
+    #[test]
+    fn bias_shift_and_transfer_filters_resolve() {
+        let text = format!(
+            "{}transfer_exclude = [3]\npaper = {{ test_errors = 206, class_errors = 133 }}\n\n[[stages]]\nname = \"shift\"\nkind = \"bias_shift\"\nfrom = \"student\"\nclasses = [3]\nshifts = {{ min = 0, max = 5, step = 0.5 }}\nfixed_shift = 3.5\n",
+            GOOD
+        );
+        let e = parse(&text).unwrap();
+        let Job::Distill { distill, .. } = &e.stages[1].job else { panic!() };
+        assert_eq!((distill.transfer_exclude.as_slice(), distill.transfer_only.len()), ([3].as_slice(), 0));
+        assert_eq!(e.stages[1].paper.as_ref().and_then(|p| p.class_errors), Some(133.0));
+        let Job::BiasShift { source, classes, min, max, step, fixed } = &e.stages[2].job else { panic!() };
+        assert_eq!(source, &ModelSource::Stage("student".into()));
+        assert_eq!((classes.as_slice(), *min, *max, *step, *fixed), ([3].as_slice(), 0.0, 5.0, 0.5, Some(3.5)));
+        let err = parse(&text.replace("validation = 100", "validation = 0")).unwrap_err().to_string();
+        assert!(err.contains("chosen on the validation split"), "{err}");
+        let err = parse(&text.replace("from = \"student\"", "from = \"shift\"")).unwrap_err().to_string();
+        assert!(err.contains("no earlier stage is named `shift`"), "{err}");
     }
 
     #[test]
@@ -832,7 +1056,30 @@ epochs = 5
                 "name = \"teacher\"\nkind = \"distill",
                 "two stages have this name",
             ),
-            ("jitter = 2", "jitter = 2\ntemperature = 3", "name = \"teacher\"", "only applies to distill stages"),
+            (
+                "jitter = 2",
+                "jitter = 2\ntemperature = 3",
+                "name = \"teacher\"",
+                "`temperature` does not apply to a train stage",
+            ),
+            (
+                "teacher = \"teacher\"",
+                "teacher = \"teacher\"\ntransfer_only = []",
+                "name = \"student\"",
+                "empty transfer set",
+            ),
+            (
+                "teacher = \"teacher\"",
+                "teacher = \"teacher\"\ntransfer_only = [7]\ntransfer_exclude = [3]",
+                "name = \"student\"",
+                "not both",
+            ),
+            (
+                "teacher = \"teacher\"",
+                "teacher = \"teacher\"\ntransfer_exclude = [-3]",
+                "transfer_exclude",
+                "a class id >= 0",
+            ),
             ("temperature = 20\n", "", "name = \"student\"", "needs `temperature`"),
             ("seed = 3", "seed = 3\ndevice = \"gpu\"", "device", "device: expected"),
             ("lr = 0.1", "lr = 0.1, beta1 = 0.9", "name = \"teacher\"", "optimizer key `beta1` does not apply"),

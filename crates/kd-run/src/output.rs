@@ -84,8 +84,36 @@ pub struct SummaryRow {
     pub test_errors: i64,
     /// Test accuracy.
     pub test_accuracy: f64,
+    /// The bias shift applied (bias_shift stages).
+    pub shift: Option<f64>,
     /// Wall seconds of the stage.
     pub seconds: f64,
+}
+
+/// One row of `class_errors.csv`: a model's errors on one class of one split.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClassErrorsRow {
+    /// Stage name.
+    pub stage: String,
+    /// `validation` or `test`.
+    pub split: String,
+    /// True class.
+    pub class: i64,
+    /// Examples of that class in the split.
+    pub examples: i64,
+    /// Of which misclassified.
+    pub errors: i64,
+}
+
+/// One row of `bias_shifts.csv`: the validation errors of one candidate shift.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShiftRow {
+    /// Stage name.
+    pub stage: String,
+    /// Candidate shift.
+    pub shift: f64,
+    /// Validation errors with it.
+    pub val_errors: i64,
 }
 
 /// Writes rows as CSV with a header, atomically.
@@ -123,6 +151,7 @@ mod tests {
             val_errors: None,
             test_errors: 3,
             test_accuracy: 0.7,
+            shift: Some(-7.5),
             seconds: 1.5,
         }];
         write_csv(&path, &rows).unwrap();

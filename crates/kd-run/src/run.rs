@@ -1,22 +1,25 @@
 //! `kd-run run`: executes an experiment's stages, writes the run directory, resumes killed runs.
 //!
-//! Layout of `OUT/<name>/`: `config.toml` (the resolved experiment), `metrics.csv` (a row per
-//! stage and epoch), `summary.csv` (a row per model), `checkpoints/<stage>.safetensors`, and
-//! `run.log`. While a stage trains, `checkpoints/<stage>.resume.safetensors` holds the weights and
-//! optimizer state after its last finished epoch; each epoch reseeds libtorch from the stage seed
-//! and the epoch, so a resumed run continues exactly as the uninterrupted one would have.
+//! Layout of `OUT/<name>/`: `config.toml` (the resolved experiment), `command.txt` (the
+//! command line), `metrics.csv` (a row per stage and epoch), `summary.csv` (a row per model),
+//! `class_errors.csv` (per model, split and class), `bias_shifts.csv` (validation errors of
+//! each candidate shift), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
+//! trains, `checkpoints/<stage>.resume.safetensors` holds the weights and optimizer state after
+//! its last finished epoch; each epoch reseeds libtorch from the stage seed and the epoch, so a
+//! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
+//! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{Experiment, Job, ModelSource, ModelSpec, Training};
-use crate::data::{self, Dataset};
+use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Training};
+use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
-use crate::output::{self, MetricsRow, SummaryRow};
+use crate::output::{self, ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
 use crate::progress::Progress;
-use crate::train::{self, Geometry, Supervision, TeacherSignal, Trainer, EVAL_BATCH};
+use crate::train::{self, Evaluation, Geometry, Supervision, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device};
+use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
 /// Picks the device named by an experiment's `device` setting.
@@ -38,23 +41,64 @@ pub fn select_device(name: &str) -> Result<Device> {
     })
 }
 
-/// State of one run directory.
-struct Run {
+/// What a run reads: where it writes, its device, its data.
+struct Run<'a> {
+    exp: &'a Experiment,
     dir: PathBuf,
+    cache: PathBuf,
     device: Device,
     data: Dataset,
+}
+
+/// The CSV tables of a run, rewritten (atomically) whenever they change.
+#[derive(Default)]
+struct Tables {
     metrics: Vec<MetricsRow>,
     summary: Vec<SummaryRow>,
+    class_errors: Vec<ClassErrorsRow>,
+    shifts: Vec<ShiftRow>,
+}
+
+const METRICS: &str = "metrics.csv";
+const SUMMARY: &str = "summary.csv";
+const CLASS_ERRORS: &str = "class_errors.csv";
+const SHIFTS: &str = "bias_shifts.csv";
+
+impl Tables {
+    fn read(dir: &Path) -> Result<Self> {
+        Ok(Tables {
+            metrics: output::read_csv(&dir.join(METRICS))?,
+            summary: output::read_csv(&dir.join(SUMMARY))?,
+            class_errors: output::read_csv(&dir.join(CLASS_ERRORS))?,
+            shifts: output::read_csv(&dir.join(SHIFTS))?,
+        })
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        output::write_csv(&dir.join(METRICS), &self.metrics)?;
+        output::write_csv(&dir.join(SUMMARY), &self.summary)?;
+        output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
+        output::write_csv(&dir.join(SHIFTS), &self.shifts)
+    }
+
+    /// Forgets what an unfinished stage recorded beyond `epoch`.
+    fn forget(&mut self, stage: &str, epoch: i64) {
+        let other = |s: &str| s != stage && !s.starts_with(&format!("{stage}-fixed"));
+        self.metrics.retain(|r| r.stage != stage || r.epoch <= epoch);
+        self.summary.retain(|r| other(&r.stage));
+        self.class_errors.retain(|r| other(&r.stage));
+        self.shifts.retain(|r| r.stage != stage);
+    }
 }
 
 /// Runs `exp` under `out/<name>`, resuming what an earlier identical run left unfinished.
-/// `fresh` discards an earlier run's files instead.
-pub fn run(exp: &Experiment, out: &Path, fresh: bool) -> Result<PathBuf> {
+/// `fresh` discards an earlier run's files instead; `command` is recorded in `command.txt`.
+pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<PathBuf> {
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
     if fresh && dir.exists() {
-        for name in ["config.toml", "metrics.csv", "summary.csv", "checkpoints"] {
+        for name in ["config.toml", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, "checkpoints"] {
             let p = dir.join(name);
             if p.is_dir() {
                 std::fs::remove_dir_all(&p)?;
@@ -74,8 +118,11 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool) -> Result<PathBuf> {
         info!("resuming the run in {}", dir.display());
     }
     std::fs::create_dir_all(dir.join("checkpoints")).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cache = out.join(".cache");
+    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
     crate::logging::log_to_file(&dir.join("run.log"))?;
     output::write_atomic(&config_path, config.as_bytes())?;
+    output::write_atomic(&dir.join("command.txt"), format!("{command}\n").as_bytes())?;
 
     if exp.threads > 0 {
         tch::set_num_threads(exp.threads as i32);
@@ -96,44 +143,51 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool) -> Result<PathBuf> {
         data.validation.as_ref().map_or(0, |v| v.len()),
         data.test.len()
     );
-    let mut run = Run {
-        metrics: output::read_csv(&dir.join("metrics.csv"))?,
-        summary: output::read_csv(&dir.join("summary.csv"))?,
-        dir: dir.clone(),
-        device,
-        data,
-    };
+    let run = Run { exp, dir: dir.clone(), cache, device, data };
+    let mut tables = Tables::read(&dir)?;
     for stage in &exp.stages {
-        let done = run.summary.iter().any(|r| r.stage == stage.name)
-            && (matches!(stage.job, Job::Evaluate { .. }) || run.checkpoint(&stage.name).exists());
+        let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
+        let done =
+            tables.summary.iter().any(|r| r.stage == stage.name) && (!trains || run.checkpoint(&stage.name).exists());
         if done {
             info!("stage `{}`: already done, skipped", stage.name);
             continue;
         }
-        run.summary.retain(|r| r.stage != stage.name);
         let started = Instant::now();
-        let (net, kind) = match &stage.job {
-            Job::Train { model, training } => (run.train(&stage.name, model, training, None)?, "train"),
+        let name = stage.name.as_str();
+        match &stage.job {
+            Job::Train { model, training } => {
+                let (_vs, net) = run.train(&mut tables, name, model, training, &run.data.train, &Supervision::Hard)?;
+                run.record(&mut tables, name, "train", &net, started, None)?;
+            }
             Job::Distill { model, training, distill } => {
                 let (_teacher_vs, teacher) = run.load_model(&distill.teacher)?;
-                let transfer = &run.data.train;
-                // Without jitter the transfer set is fixed: the teacher runs once over it.
+                let transfer = run.transfer_set(name, distill)?;
+                // Without jitter the transfer set is fixed: the teacher's outputs are computed
+                // (or read from the cache) once.
                 let signal = if training.jitter == 0 {
-                    TeacherSignal::Cached(train::teacher_outputs(&teacher, distill, &transfer.images, EVAL_BATCH)?)
+                    let logits = run.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
+                    TeacherSignal::Cached(train::teacher_signal(&logits, distill)?)
                 } else {
                     TeacherSignal::Live(&teacher)
                 };
                 let supervision = Supervision::Distill { spec: distill, teacher: signal };
-                (run.train(&stage.name, model, training, Some(&supervision))?, "distill")
+                let (_vs, net) = run.train(&mut tables, name, model, training, &transfer, &supervision)?;
+                run.record(&mut tables, name, "distill", &net, started, None)?;
             }
-            Job::Evaluate { source } => (run.load_model(source)?, "evaluate"),
-        };
-        run.finish_stage(&stage.name, kind, &net.1, started.elapsed().as_secs_f64())?;
+            Job::Evaluate { source } => {
+                let (_vs, net) = run.load_model(source)?;
+                run.record(&mut tables, name, "evaluate", &net, started, None)?;
+            }
+            Job::BiasShift { source, classes, min, max, step, fixed } => {
+                run.bias_shift(&mut tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
+            }
+        }
     }
     Ok(dir)
 }
 
-impl Run {
+impl Run<'_> {
     fn checkpoint(&self, stage: &str) -> PathBuf {
         self.dir.join("checkpoints").join(format!("{stage}.safetensors"))
     }
@@ -142,11 +196,15 @@ impl Run {
         self.dir.join("checkpoints").join(format!("{stage}.resume.safetensors"))
     }
 
-    fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
-        let path = match source {
+    fn source_path(&self, source: &ModelSource) -> PathBuf {
+        match source {
             ModelSource::Stage(name) => self.checkpoint(name),
             ModelSource::Checkpoint(path) => path.clone(),
-        };
+        }
+    }
+
+    fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
+        let path = self.source_path(source);
         let named = output::load_tensors(&path)?;
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
@@ -162,13 +220,87 @@ impl Run {
         Ok((vs, net))
     }
 
+    fn check_classes(&self, stage: &str, classes: &[i64]) -> Result<()> {
+        match classes.iter().find(|&&c| c >= self.data.num_classes) {
+            Some(c) => {
+                bail!("stage `{stage}`: class {c} does not exist (the data has {} classes)", self.data.num_classes)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The training split without the classes a distill stage leaves out of its transfer set.
+    fn transfer_set(&self, stage: &str, spec: &DistillSpec) -> Result<Split> {
+        let train = &self.data.train;
+        if spec.transfer_exclude.is_empty() && spec.transfer_only.is_empty() {
+            return Ok(Split { images: train.images.shallow_clone(), labels: train.labels.shallow_clone() });
+        }
+        self.check_classes(stage, &spec.transfer_exclude)?;
+        self.check_classes(stage, &spec.transfer_only)?;
+        let listed = |classes: &[i64]| {
+            let classes = Tensor::from_slice(classes).to(self.device);
+            train.labels.unsqueeze(1).eq_tensor(&classes.unsqueeze(0)).any_dim(1, false)
+        };
+        let keep = if spec.transfer_only.is_empty() {
+            listed(&spec.transfer_exclude).logical_not()
+        } else {
+            listed(&spec.transfer_only)
+        };
+        let idx = keep.nonzero().squeeze_dim(1);
+        let subset = Split { images: train.images.index_select(0, &idx), labels: train.labels.index_select(0, &idx) };
+        info!("stage `{stage}`: transfer set of {} examples (of {})", subset.len(), train.len());
+        if subset.len() == 0 {
+            bail!("stage `{stage}`: the transfer set is empty");
+        }
+        Ok(subset)
+    }
+
+    /// The teacher's logits over the transfer set, from the cache when an identical teacher
+    /// checkpoint already ran over the same set.
+    fn teacher_logits(
+        &self,
+        source: &ModelSource,
+        teacher: &Mlp,
+        transfer: &Split,
+        spec: &DistillSpec,
+    ) -> Result<Tensor> {
+        let checkpoint = std::fs::read(self.source_path(source))?;
+        let d = &self.exp.data;
+        let identity = format!(
+            "{}|{:?}|{}|{:?}|{:?}|{:?}",
+            d.dir.canonicalize().unwrap_or_else(|_| d.dir.clone()).display(),
+            d.train_limit,
+            d.validation,
+            spec.transfer_exclude,
+            spec.transfer_only,
+            transfer.len()
+        );
+        let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
+        let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
+        if path.exists() {
+            let cached = output::load_tensors(&path)?;
+            if let Some((_, logits)) = cached.into_iter().find(|(k, _)| k == "logits") {
+                if logits.size()[0] == transfer.len() {
+                    info!("teacher logits over the transfer set read from {}", path.display());
+                    return Ok(logits.to(self.device));
+                }
+            }
+        }
+        let logits = train::logits(teacher, &transfer.images, EVAL_BATCH);
+        output::save_tensors(&path, &[("logits".to_string(), logits.shallow_clone())])?;
+        info!("teacher logits over the transfer set cached in {}", path.display());
+        Ok(logits)
+    }
+
     /// Trains a new network for a stage (or resumes it); returns it after the last epoch.
     fn train(
-        &mut self,
+        &self,
+        tables: &mut Tables,
         stage: &str,
         spec: &ModelSpec,
         training: &Training,
-        supervision: Option<&Supervision>,
+        split: &Split,
+        supervision: &Supervision,
     ) -> Result<(nn::VarStore, Mlp)> {
         let mut sizes = vec![self.data.rows * self.data.cols];
         sizes.extend(&spec.hidden);
@@ -193,21 +325,20 @@ impl Run {
             let (model_part, rest): (Vec<_>, Vec<_>) =
                 named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && k != EPOCH_KEY);
             let (saved_vs, _) = Mlp::from_tensors(&model_part, self.device)?;
+            let saved = saved_vs.variables();
             tch::no_grad(|| -> Result<()> {
                 for (name, mut var) in vs.variables() {
-                    var.copy_(saved_vs.variables().get(&name).context("resume checkpoint lacks a weight")?);
+                    var.copy_(saved.get(&name).context("resume checkpoint lacks a weight")?);
                 }
                 Ok(())
             })?;
             opt.load_state(&rest)?;
             info!("stage `{stage}`: resuming after epoch {first_epoch} from {}", resume_path.display());
         }
-        self.metrics.retain(|r| r.stage != stage || r.epoch <= first_epoch);
+        tables.forget(stage, first_epoch);
 
-        let hard = Supervision::Hard;
-        let supervision = supervision.unwrap_or(&hard);
         let geometry = Geometry { rows: self.data.rows, cols: self.data.cols };
-        let steps_per_epoch = (self.data.train.len() + training.batch_size - 1) / training.batch_size;
+        let steps_per_epoch = (split.len() + training.batch_size - 1) / training.batch_size;
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(
             "stage `{stage}`: {} ({} parameters), {} epochs of {} steps",
@@ -224,75 +355,155 @@ impl Run {
             let lr = training.lr(epoch);
             trainer.opt.set_lr(lr);
             trainer.opt.set_momentum(training.momentum(epoch));
-            let totals = train::train_epoch(
-                &mut trainer,
-                &self.data.train,
-                supervision,
-                training,
-                geometry,
-                50,
-                |step, loss| progress.step(epoch as u64, step as u64, loss),
-            )?;
+            let totals = train::train_epoch(&mut trainer, split, supervision, training, geometry, 50, |step, loss| {
+                progress.step(epoch as u64, step as u64, loss)
+            })?;
             let val = match &self.data.validation {
-                Some(v) => Some(train::evaluate(&net, v, EVAL_BATCH)?),
+                Some(v) => Some(train::evaluate(&net, v, self.data.num_classes)?),
                 None => None,
             };
             let last = epoch + 1 == training.epochs;
-            let test_errors = if last { Some(train::evaluate(&net, &self.data.test, EVAL_BATCH)?.1) } else { None };
+            let test_errors =
+                if last { Some(train::evaluate(&net, &self.data.test, self.data.num_classes)?.errors) } else { None };
             let row = MetricsRow {
                 stage: stage.to_string(),
                 epoch: epoch + 1,
                 lr,
                 train_loss: totals.loss,
                 train_accuracy: totals.accuracy,
-                val_loss: val.map(|v| v.0),
-                val_accuracy: val
-                    .map(|v| 1.0 - v.1 as f64 / self.data.validation.as_ref().map_or(1, |s| s.len()) as f64),
+                val_loss: val.as_ref().map(|v| v.loss),
+                val_accuracy: val.as_ref().map(Evaluation::accuracy),
                 test_errors,
                 seconds: started.elapsed().as_secs_f64(),
             };
             progress.epoch_done(&row);
-            self.metrics.push(row);
-            let mut state = net.to_tensors(&vs);
-            state.extend(trainer.opt.state());
-            state.push((EPOCH_KEY.to_string(), tch::Tensor::from_slice(&[epoch + 1])));
+            tables.metrics.push(row);
             if !last {
+                let mut state = net.to_tensors(&vs);
+                state.extend(trainer.opt.state());
+                state.push((EPOCH_KEY.to_string(), Tensor::from_slice(&[epoch + 1])));
                 output::save_tensors(&resume_path, &state)?;
             }
-            output::write_csv(&self.dir.join("metrics.csv"), &self.metrics)?;
+            tables.write(&self.dir)?;
         }
         progress.finish();
+        drop(trainer);
         output::save_tensors(&self.checkpoint(stage), &net.to_tensors(&vs))?;
         if resume_path.exists() {
             std::fs::remove_file(&resume_path)?;
         }
-        drop(trainer);
         Ok((vs, net))
     }
 
-    fn finish_stage(&mut self, stage: &str, kind: &str, net: &Mlp, seconds: f64) -> Result<()> {
-        let val_errors = match &self.data.validation {
-            Some(v) => Some(train::evaluate(net, v, EVAL_BATCH)?.1),
+    /// Evaluates `net` on the validation and test splits and records its summary and per-class rows.
+    fn record(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        net: &Mlp,
+        started: Instant,
+        shift: Option<f64>,
+    ) -> Result<()> {
+        let classes = self.data.num_classes;
+        let val = match &self.data.validation {
+            Some(v) => Some(train::evaluate(net, v, classes)?),
             None => None,
         };
-        let (_, test_errors) = train::evaluate(net, &self.data.test, EVAL_BATCH)?;
-        let n = self.data.test.len();
+        let test = train::evaluate(net, &self.data.test, classes)?;
         info!(
-            "stage `{stage}`: {test_errors} test errors of {n} ({:.2}% accuracy)",
-            100.0 * (1.0 - test_errors as f64 / n as f64)
+            "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
+            test.errors,
+            test.examples,
+            100.0 * test.accuracy()
         );
-        self.summary.push(SummaryRow {
+        for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
+            let Some(e) = e else { continue };
+            for c in 0..classes as usize {
+                tables.class_errors.push(ClassErrorsRow {
+                    stage: stage.to_string(),
+                    split: split.to_string(),
+                    class: c as i64,
+                    examples: e.class_examples[c],
+                    errors: e.class_errors[c],
+                });
+            }
+        }
+        tables.summary.push(SummaryRow {
             stage: stage.to_string(),
             kind: kind.to_string(),
             model: format!("mlp {}", net.config().describe()),
             parameters: net.num_params(),
-            val_errors,
-            test_errors,
-            test_accuracy: 1.0 - test_errors as f64 / n as f64,
-            seconds,
+            val_errors: val.as_ref().map(|v| v.errors),
+            test_errors: test.errors,
+            test_accuracy: test.accuracy(),
+            shift,
+            seconds: started.elapsed().as_secs_f64(),
         });
-        output::write_csv(&self.dir.join("summary.csv"), &self.summary)
+        tables.write(&self.dir)
     }
+
+    /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
+    /// fewest validation errors (ties: the smallest in magnitude), and records the model with
+    /// it, and with `fixed` as `<stage>-fixed`.
+    #[allow(clippy::too_many_arguments)]
+    fn bias_shift(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        source: &ModelSource,
+        classes: &[i64],
+        (min, max, step): (f64, f64, f64),
+        fixed: Option<f64>,
+        started: Instant,
+    ) -> Result<()> {
+        self.check_classes(stage, classes)?;
+        tables.forget(stage, 0);
+        let (vs, net) = self.load_model(source)?;
+        let mut bias = vs.variables().remove("output.bias").context("the model has no output.bias")?;
+        let original = bias.detach().copy();
+        let mut mask = Tensor::zeros([self.data.num_classes], (Kind::Float, self.device));
+        let _ = mask.index_fill_(0, &Tensor::from_slice(classes).to(self.device), 1.0);
+        let validation = self.data.validation.as_ref().context("bias shifts are chosen on the validation split")?;
+        let mut set = |shift: f64| tch::no_grad(|| bias.copy_(&(&original + &mask * shift)));
+        let steps = ((max - min) / step + 1e-9).floor() as i64;
+        let mut best: Option<(i64, f64)> = None;
+        for i in 0..=steps {
+            let shift = min + i as f64 * step;
+            set(shift);
+            let errors = train::evaluate(&net, validation, self.data.num_classes)?.errors;
+            tables.shifts.push(ShiftRow { stage: stage.to_string(), shift, val_errors: errors });
+            let better = match best {
+                None => true,
+                Some((e, s)) => errors < e || (errors == e && shift.abs() < s.abs()),
+            };
+            if better {
+                best = Some((errors, shift));
+            }
+        }
+        let (_, chosen) = best.context("no candidate shift")?;
+        info!("stage `{stage}`: shift {chosen:+} on classes {classes:?} (fewest validation errors)");
+        set(chosen);
+        self.record(tables, stage, "bias_shift", &net, started, Some(chosen))?;
+        if let Some(f) = fixed {
+            set(f);
+            self.record(tables, &format!("{stage}-fixed"), "bias_shift", &net, started, Some(f))?;
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a over several byte strings (a cache key, not a cryptographic hash).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h = h.wrapping_mul(0x100000001b3) ^ 0xff;
+    }
+    h
 }
 
 const EPOCH_KEY: &str = "__progress__.epoch";

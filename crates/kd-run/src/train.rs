@@ -25,19 +25,21 @@ pub enum TeacherSignal<'a> {
     Live(&'a Mlp),
 }
 
-/// What the teacher provides for the transfer set: probabilities at T (soft objective) or
-/// logits (logit matching), computed once in evaluation mode without gradients.
-pub fn teacher_outputs(teacher: &Mlp, spec: &DistillSpec, images: &Tensor, batch: i64) -> Result<Tensor> {
+/// Logits of `net` in evaluation mode, without gradients, over `images` in chunks of `batch`.
+pub fn logits(net: &Mlp, images: &Tensor, batch: i64) -> Tensor {
     let _guard = tch::no_grad_guard();
     let n = images.size()[0];
-    let chunks: Vec<Tensor> = (0..n)
-        .step_by(batch as usize)
-        .map(|s| teacher.forward_t(&images.narrow(0, s, batch.min(n - s)), false))
-        .collect();
-    let logits = Tensor::cat(&chunks, 0);
+    let chunks: Vec<Tensor> =
+        (0..n).step_by(batch as usize).map(|s| net.forward_t(&images.narrow(0, s, batch.min(n - s)), false)).collect();
+    Tensor::cat(&chunks, 0)
+}
+
+/// What a cached teacher provides to the loss: probabilities at T for the soft objective,
+/// the logits themselves for logit matching.
+pub fn teacher_signal(logits: &Tensor, spec: &DistillSpec) -> Result<Tensor> {
     Ok(match spec.objective {
-        Objective::Soft => kd_core::softmax_t(&logits, spec.temperature)?,
-        Objective::Logits => logits,
+        Objective::Soft => kd_core::softmax_t(logits, spec.temperature)?,
+        Objective::Logits => logits.shallow_clone(),
     })
 }
 
@@ -157,21 +159,51 @@ pub fn train_epoch(
     })
 }
 
-/// Hard-label cross-entropy and errors of `net` on `split`, in evaluation mode.
-pub fn evaluate(net: &Mlp, split: &Split, batch: i64) -> Result<(f64, i64)> {
+/// How a model does on a split.
+pub struct Evaluation {
+    /// Mean hard-label cross-entropy.
+    pub loss: f64,
+    /// Misclassified examples.
+    pub errors: i64,
+    /// Examples.
+    pub examples: i64,
+    /// Misclassified examples per true class.
+    pub class_errors: Vec<i64>,
+    /// Examples per true class.
+    pub class_examples: Vec<i64>,
+}
+
+impl Evaluation {
+    /// `1 - errors / examples`.
+    pub fn accuracy(&self) -> f64 {
+        1.0 - self.errors as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// Evaluates `net` on `split` in evaluation mode (one device sync at the end).
+pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
     let n = split.len();
     let device = split.images.device();
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-    let mut errors = Tensor::zeros([], (Kind::Int64, device));
-    for s in (0..n).step_by(batch as usize) {
-        let len = batch.min(n - s);
+    let mut class_errors = Tensor::zeros([num_classes], (Kind::Int64, device));
+    for s in (0..n).step_by(EVAL_BATCH as usize) {
+        let len = EVAL_BATCH.min(n - s);
         let logits = net.forward_t(&split.images.narrow(0, s, len), false);
         let y = split.labels.narrow(0, s, len);
         loss_sum += kd_core::hard_target_loss(&logits, &y)?.to_kind(Kind::Double) * len as f64;
-        errors += logits.argmax(1, false).ne_tensor(&y).sum(Kind::Int64);
+        let wrong = logits.argmax(1, false).ne_tensor(&y);
+        class_errors += y.masked_select(&wrong).bincount::<Tensor>(None, num_classes);
     }
-    Ok((f64::try_from(&loss_sum)? / n as f64, i64::try_from(&errors)?))
+    let class_examples = Vec::<i64>::try_from(split.labels.bincount::<Tensor>(None, num_classes))?;
+    let class_errors = Vec::<i64>::try_from(class_errors)?;
+    Ok(Evaluation {
+        loss: f64::try_from(&loss_sum)? / n.max(1) as f64,
+        errors: class_errors.iter().sum(),
+        examples: n,
+        class_errors,
+        class_examples,
+    })
 }
 
 /// Batch size used for evaluation and teacher passes (no gradients, so larger than training).

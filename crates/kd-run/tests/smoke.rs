@@ -39,15 +39,18 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     // summary.csv: one row per model, in stage order, with counts that fit the data.
     let summary = csv_rows(&dir.join("summary.csv"));
     let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
-    assert_eq!(stages, ["teacher", "student", "distilled", "eval_teacher"]);
+    assert_eq!(
+        stages,
+        ["teacher", "student", "distilled", "eval_teacher", "distilled_no3", "no3_shift", "no3_shift-fixed"]
+    );
     let params: Vec<i64> = summary.iter().map(|r| r["parameters"].parse().unwrap()).collect();
-    assert_eq!(params, [118_282, 26_506, 26_506, 118_282], "784-128-128-10 and 784-32-32-10");
+    assert_eq!(params, [118_282, 26_506, 26_506, 118_282, 26_506, 26_506, 26_506], "784-128-128-10 and 784-32-32-10");
     for r in &summary {
         let errors: i64 = r["test_errors"].parse().unwrap();
         let accuracy: f64 = r["test_accuracy"].parse().unwrap();
         assert!((0..2000).contains(&errors), "{r:?}");
         assert!((accuracy - (1.0 - errors as f64 / 2000.0)).abs() < 1e-9, "accuracy agrees with errors: {r:?}");
-        assert!(accuracy > 0.3, "every model learned something (10% is chance): {r:?}");
+        assert!(accuracy > 0.25, "every model learned something (10% is chance): {r:?}");
         assert!(stdout.contains(&r["stage"]), "the summary is printed");
     }
     assert_eq!(
@@ -67,6 +70,8 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         ("student", 2),
         ("distilled", 1),
         ("distilled", 2),
+        ("distilled_no3", 1),
+        ("distilled_no3", 2),
     ]
     .iter()
     .map(|(s, e)| (s.to_string(), e.to_string()))
@@ -83,6 +88,37 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     let lrs: Vec<f64> = metrics.iter().filter(|r| r["stage"] == "teacher").map(|r| r["lr"].parse().unwrap()).collect();
     assert!((lrs[1] - 0.08).abs() < 1e-12 && (lrs[2] - 0.064).abs() < 1e-12, "exponential schedule: {lrs:?}");
 
+    // The transfer set without 3s: the log states its size, which the labels file confirms
+    // (training split = the first 2,500 images: train_limit 3,000 minus 500 for validation).
+    let labels = std::fs::read(root().join("data/mnist/train-labels-idx1-ubyte")).unwrap();
+    let threes = labels[8..8 + 2500].iter().filter(|&&l| l == 3).count();
+    let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
+    assert!(log.contains(&format!("transfer set of {} examples (of 2500)", 2500 - threes)), "{threes} threes");
+
+    // class_errors.csv: per model, split and class; the class rows add up to the summary.
+    let class_rows = csv_rows(&dir.join("class_errors.csv"));
+    for r in &summary {
+        let rows: Vec<_> = class_rows.iter().filter(|c| c["stage"] == r["stage"] && c["split"] == "test").collect();
+        assert_eq!(rows.len(), 10);
+        let total: i64 = rows.iter().map(|c| c["errors"].parse::<i64>().unwrap()).sum();
+        let examples: i64 = rows.iter().map(|c| c["examples"].parse::<i64>().unwrap()).sum();
+        assert_eq!((total.to_string(), examples), (r["test_errors"].clone(), 2000), "{}", r["stage"]);
+    }
+
+    // The bias shift is the candidate with the fewest validation errors; the fixed one is 3.5.
+    let shifts = csv_rows(&dir.join("bias_shifts.csv"));
+    assert_eq!(shifts.len(), 9, "0, 0.5, ..., 4");
+    let best = shifts.iter().map(|r| r["val_errors"].parse::<i64>().unwrap()).min().unwrap();
+    let chosen = &summary[5];
+    assert_eq!(chosen["val_errors"].parse::<i64>().unwrap(), best);
+    let chosen_shift: f64 = chosen["shift"].parse().unwrap();
+    let at_chosen = shifts.iter().find(|r| r["shift"].parse::<f64>().unwrap() == chosen_shift).unwrap();
+    assert_eq!(at_chosen["val_errors"].parse::<i64>().unwrap(), best);
+    assert_eq!(summary[6]["shift"], "3.5");
+    if chosen_shift == 0.0 {
+        assert_eq!(chosen["test_errors"], summary[4]["test_errors"], "a zero shift changes nothing");
+    }
+
     // config.toml is the resolved experiment; checkpoints load without it.
     let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     assert!(config.contains("temperature = 20.0") && config.contains("jitter = 2"), "{config}");
@@ -92,7 +128,9 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         let (_vs, net) = kd_models::Mlp::from_tensors(&named, tch::Device::Cpu).unwrap();
         assert_eq!(net.config().sizes, sizes);
     }
-    assert!(std::fs::read_to_string(dir.join("run.log")).unwrap().contains("stage `distilled`"));
+    assert!(log.contains("stage `distilled`"));
+    let command = std::fs::read_to_string(dir.join("command.txt")).unwrap();
+    assert!(command.starts_with("kd-run run experiments/smoke.toml --out"), "{command}");
     let leftovers: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -118,7 +156,7 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
 fn a_run_killed_mid_stage_resumes_to_the_same_result() {
     // Uninterrupted reference.
     let args = |out: &Path| -> Vec<String> {
-        ["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "stages.teacher.epochs=6"]
+        ["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "stages.teacher.epochs=8"]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -144,24 +182,17 @@ fn a_run_killed_mid_stage_resumes_to_the_same_result() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let finished = interrupted.join("smoke/summary.csv").exists();
+    assert!(!interrupted.join("smoke/summary.csv").exists(), "killed before the teacher finished");
     let rerun = kd_run(&b.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(rerun.status.success());
-    if !finished {
-        assert!(String::from_utf8_lossy(&rerun.stderr).contains("resuming"));
-    }
-    for file in ["summary.csv"] {
-        let strip_seconds = |p: PathBuf| -> Vec<Vec<String>> {
-            csv_rows(&p)
-                .into_iter()
-                .map(|r| vec![r["stage"].clone(), r["test_errors"].clone(), r["val_errors"].clone()])
-                .collect()
-        };
-        assert_eq!(
-            strip_seconds(reference.join("smoke").join(file)),
-            strip_seconds(interrupted.join("smoke").join(file))
-        );
-    }
+    assert!(String::from_utf8_lossy(&rerun.stderr).contains("stage `teacher`: resuming after epoch"));
+    let results = |p: PathBuf| -> Vec<Vec<String>> {
+        csv_rows(&p)
+            .into_iter()
+            .map(|r| vec![r["stage"].clone(), r["test_errors"].clone(), r["val_errors"].clone()])
+            .collect()
+    };
+    assert_eq!(results(reference.join("smoke/summary.csv")), results(interrupted.join("smoke/summary.csv")));
     let ckpt = |d: &Path| std::fs::read(d.join("smoke/checkpoints/teacher.safetensors")).unwrap();
     assert_eq!(ckpt(&reference), ckpt(&interrupted), "resumed teacher has the same weights, bit for bit");
     let _ = std::fs::remove_dir_all(&reference);
@@ -183,7 +214,7 @@ fn malformed_experiment_is_rejected_with_file_and_line() {
     for (i, (from, to, message)) in cases.iter().enumerate() {
         assert!(text.contains(from), "{from}");
         let bad = text.replacen(from, to, 1);
-        let line = bad[..bad.find(to).unwrap()].lines().count() + 1;
+        let line = bad[..bad.find(to).unwrap()].matches('\n').count() + 1;
         let path = dir.join(format!("bad{i}.toml"));
         std::fs::write(&path, &bad).unwrap();
         for cmd in ["validate", "run"] {

@@ -1,0 +1,438 @@
+//! `kd-run report`: a Markdown report with plots, built only from run directories' files.
+//!
+//! For every run: its description, the command that produced it, and a table of its models
+//! with the paper's figures (from the experiment file's `paper` entries) beside ours. Runs whose
+//! names differ only by a `_s<seed>` suffix are one experiment repeated over seeds: their table
+//! gives each seed's count, the mean and the standard deviation. Stages made by a temperature
+//! sweep (`<name>-T<t>-h<widths>`) also get a table of test errors by temperature and student
+//! size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
+//! into a training-curves plot.
+
+use crate::output::{self, ClassErrorsRow, MetricsRow, SummaryRow};
+use crate::plot::{self, Chart, Series};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Options of `kd-run report`.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The Markdown file to write; plots go to a folder beside it named after it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Title of the report.
+    #[arg(long, default_value = "Results")]
+    title: String,
+    /// Run directories (`runs/<name>`), in the order of the report.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+}
+
+/// What a run directory holds.
+struct RunFiles {
+    name: String,
+    description: String,
+    command: String,
+    stages: Vec<toml::Table>,
+    summary: Vec<SummaryRow>,
+    class_errors: Vec<ClassErrorsRow>,
+    metrics: Vec<MetricsRow>,
+}
+
+impl RunFiles {
+    fn read(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{} is not a run directory (no config.toml)", dir.display()))?;
+        let config: toml::Table =
+            toml::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
+        let get_str = |k: &str| config.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let stages = config
+            .get("stages")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|s| s.as_table().cloned()).collect())
+            .unwrap_or_default();
+        let summary: Vec<SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
+        if summary.is_empty() {
+            bail!("{} has no finished model yet (summary.csv is empty or missing)", dir.display());
+        }
+        Ok(RunFiles {
+            name: get_str("name"),
+            description: get_str("description"),
+            command: std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim().to_string(),
+            stages,
+            summary,
+            class_errors: output::read_csv(&dir.join("class_errors.csv"))?,
+            metrics: output::read_csv(&dir.join("metrics.csv"))?,
+        })
+    }
+
+    fn stage(&self, name: &str) -> Option<&toml::Table> {
+        self.stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+    }
+
+    /// Test errors of `stage` on `classes`.
+    fn class_errors(&self, stage: &str, classes: &[i64]) -> i64 {
+        self.class_errors
+            .iter()
+            .filter(|r| r.stage == stage && r.split == "test" && classes.contains(&r.class))
+            .map(|r| r.errors)
+            .sum()
+    }
+}
+
+/// The classes a stage's row should report errors on: those left out of its transfer set, or
+/// whose biases it shifts (also for the `-fixed` row of a shift stage).
+fn focus_classes(stage: &toml::Table) -> Vec<i64> {
+    let ints = |v: Option<&toml::Value>| -> Vec<i64> {
+        v.and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_integer()).collect()).unwrap_or_default()
+    };
+    let distill = stage.get("distill").and_then(|d| d.as_table());
+    let excluded = ints(distill.and_then(|d| d.get("transfer_exclude")));
+    if !excluded.is_empty() {
+        return excluded;
+    }
+    ints(stage.get("classes"))
+}
+
+fn num(v: Option<&toml::Value>) -> Option<f64> {
+    v.and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+}
+
+/// One-line description of how a stage's model was made.
+fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
+    let kind = stage.get("kind").and_then(|k| k.as_str()).unwrap_or(&row.kind);
+    let model = stage.get("model").and_then(|m| m.as_table());
+    let training = stage.get("training").and_then(|t| t.as_table());
+    let mut parts = Vec::new();
+    if let Some(m) = model {
+        let (pi, ph) = (num(m.get("input_dropout")).unwrap_or(0.0), num(m.get("hidden_dropout")).unwrap_or(0.0));
+        if pi > 0.0 || ph > 0.0 {
+            parts.push(format!("dropout {pi}/{ph}"));
+        }
+        if let Some(c) = num(m.get("max_norm")) {
+            parts.push(format!("max-norm {c}"));
+        }
+    }
+    if let Some(t) = training {
+        if let Some(j) = num(t.get("jitter")).filter(|&j| j > 0.0) {
+            parts.push(format!("jitter {j} px"));
+        }
+        if let Some(e) = num(t.get("epochs")) {
+            parts.push(format!("{e} epochs"));
+        }
+    }
+    if let Some(d) = stage.get("distill").and_then(|d| d.as_table()) {
+        let objective = d.get("objective").and_then(|o| o.as_str()).unwrap_or("soft");
+        if objective == "logits" {
+            parts.push("logit matching".into());
+        } else {
+            parts.push(format!("T = {}", num(d.get("temperature")).unwrap_or(1.0)));
+        }
+        parts.push(format!(
+            "weights soft {} / hard {}",
+            num(d.get("soft_weight")).unwrap_or(1.0),
+            num(d.get("hard_weight")).unwrap_or(0.0)
+        ));
+        let teacher = d.get("teacher").map(|t| t.to_string().replace(['{', '}', '"'], "").trim().to_string());
+        if let Some(t) = teacher {
+            parts.push(format!("teacher {t}"));
+        }
+        let list = |k: &str| {
+            d.get(k)
+                .and_then(|v| v.as_array())
+                .filter(|a| !a.is_empty())
+                .map(|a| toml::Value::Array(a.clone()).to_string())
+        };
+        if let Some(l) = list("transfer_exclude") {
+            parts.push(format!("transfer set without classes {l}"));
+        }
+        if let Some(l) = list("transfer_only") {
+            parts.push(format!("transfer set of classes {l} only"));
+        }
+    }
+    if kind == "bias_shift" {
+        let classes = stage.get("classes").map(|c| c.to_string()).unwrap_or_default();
+        let how = if row.stage.ends_with("-fixed") { "fixed" } else { "chosen on the validation split" };
+        parts.push(format!("bias of classes {classes} shifted by {:+} ({how})", row.shift.unwrap_or(0.0)));
+    }
+    if kind == "train" && stage.get("model").is_some() && parts.iter().all(|p| p.ends_with("epochs")) {
+        parts.insert(0, "hard targets, no regularization".into());
+    }
+    parts.join(", ")
+}
+
+/// The paper's figures of a stage as text.
+fn paper(stage: &toml::Table, classes: &[i64]) -> String {
+    let Some(p) = stage.get("paper").and_then(|p| p.as_table()) else { return "–".into() };
+    let mut out = Vec::new();
+    if let Some(e) = num(p.get("test_errors")) {
+        out.push(format!("{e}"));
+    }
+    if let Some(e) = num(p.get("test_error_percent")) {
+        out.push(format!("{e}%"));
+    }
+    if let Some(e) = num(p.get("class_errors")) {
+        out.push(format!("({e} on {})", class_list(classes)));
+    }
+    if let Some(s) = num(p.get("shift")) {
+        out.push(format!("at shift {s:+}"));
+    }
+    if out.is_empty() {
+        "–".into()
+    } else {
+        out.join(" ")
+    }
+}
+
+fn class_list(classes: &[i64]) -> String {
+    classes.iter().map(|c| format!("{c}s")).collect::<Vec<_>>().join(" and ")
+}
+
+/// Ours, as text: test errors, their rate when the paper gives one, and errors on the focus classes.
+fn ours(run: &RunFiles, row: &SummaryRow, stage: &toml::Table, classes: &[i64]) -> String {
+    let mut s = format!("{}", row.test_errors);
+    let percent = stage.get("paper").and_then(|p| p.get("test_error_percent")).is_some();
+    if percent {
+        s = format!("{s} ({:.1}%)", 100.0 * (1.0 - row.test_accuracy));
+    }
+    if !classes.is_empty() {
+        s.push_str(&format!(" ({} on {})", run.class_errors(&row.stage, classes), class_list(classes)));
+    }
+    s
+}
+
+/// Splits `name-T<t>-h<widths>` into (base, T, widths).
+fn sweep_point(stage: &str) -> Option<(String, f64, String)> {
+    let (rest, widths) = stage.rsplit_once("-h")?;
+    let (base, t) = rest.rsplit_once("-T")?;
+    Some((base.to_string(), t.parse().ok()?, widths.to_string()))
+}
+
+fn group_key(name: &str) -> String {
+    match name.rsplit_once("_s") {
+        Some((base, seed)) if !seed.is_empty() && seed.chars().all(|c| c.is_ascii_digit()) => base.to_string(),
+        _ => name.to_string(),
+    }
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Writes the report.
+pub fn report(args: &ReportArgs) -> Result<()> {
+    let runs: Vec<RunFiles> = args.runs.iter().map(|d| RunFiles::read(d)).collect::<Result<_>>()?;
+    let plots_dir = args.out.with_extension("");
+    std::fs::create_dir_all(&plots_dir).with_context(|| format!("cannot create {}", plots_dir.display()))?;
+    let rel = |p: &Path| -> String {
+        let base = args.out.parent().unwrap_or(Path::new(""));
+        p.strip_prefix(base).unwrap_or(p).display().to_string()
+    };
+    let mut md = String::new();
+    let command: Vec<String> = std::iter::once("kd-run report".to_string())
+        .chain(std::env::args().skip(2).map(|a| if a.contains(' ') { format!("'{a}'") } else { a }))
+        .collect();
+    writeln!(md, "# {}\n", args.title)?;
+    writeln!(
+        md,
+        "Generated by `{}` from the runs' CSV files; every number below comes from those files. \
+         Test errors are counted on the 10,000 MNIST test images; nothing was selected on them.\n",
+        command.join(" ")
+    )?;
+
+    let mut groups: Vec<(String, Vec<&RunFiles>)> = Vec::new();
+    for run in &runs {
+        let key = group_key(&run.name);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(run),
+            None => groups.push((key, vec![run])),
+        }
+    }
+    for (key, group) in &groups {
+        let first = group[0];
+        writeln!(md, "## {key}\n")?;
+        if !first.description.is_empty() {
+            writeln!(md, "{}\n", first.description)?;
+        }
+        writeln!(md, "Produced by:\n\n```sh")?;
+        for run in group {
+            writeln!(md, "{}", run.command)?;
+        }
+        writeln!(md, "```\n")?;
+        if group.len() > 1 {
+            seeds_table(&mut md, group)?;
+        } else {
+            runs_table(&mut md, first)?;
+        }
+        for run in group.iter().take(1) {
+            sweep_section(&mut md, run, &plots_dir, &rel)?;
+        }
+        curves_plot(&mut md, first, &plots_dir, &rel)?;
+    }
+    output::write_atomic(&args.out, md.as_bytes())?;
+    eprintln!("wrote {} and its plots in {}", args.out.display(), plots_dir.display());
+    Ok(())
+}
+
+fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
+    writeln!(md, "| stage | model | setup | test errors (ours) | paper | validation errors |")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for row in run.summary.iter().filter(|r| sweep_point(&r.stage).is_none()) {
+        let stage = run.stage(row.stage.trim_end_matches("-fixed")).cloned().unwrap_or_default();
+        let classes = focus_classes(&stage);
+        let paper_text = if row.stage.ends_with("-fixed") || row.kind != "bias_shift" {
+            paper(&stage, &classes)
+        } else {
+            "–".into()
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.stage,
+            row.model,
+            setup(&stage, row),
+            ours(run, row, &stage, &classes),
+            paper_text,
+            row.val_errors.map_or("–".into(), |v| v.to_string())
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
+    writeln!(md, "| stage | model | setup | test errors per seed | mean ± sd | paper |")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for row in &group[0].summary {
+        let stage = group[0].stage(&row.stage).cloned().unwrap_or_default();
+        let counts: Vec<f64> = group
+            .iter()
+            .filter_map(|r| r.summary.iter().find(|s| s.stage == row.stage))
+            .map(|s| s.test_errors as f64)
+            .collect();
+        let (mean, sd) = mean_sd(&counts);
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {mean:.1} ± {sd:.1} (n = {}) | {} |",
+            row.stage,
+            row.model,
+            setup(&stage, row),
+            counts.iter().map(|c| format!("{c}")).collect::<Vec<_>>().join(", "),
+            counts.len(),
+            paper(&stage, &focus_classes(&stage))
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
+    // base -> widths -> T -> errors
+    let mut sweeps: BTreeMap<String, BTreeMap<String, Vec<(f64, i64)>>> = BTreeMap::new();
+    for row in &run.summary {
+        if let Some((base, t, widths)) = sweep_point(&row.stage) {
+            sweeps.entry(base).or_default().entry(widths).or_default().push((t, row.test_errors));
+        }
+    }
+    for (base, by_size) in &sweeps {
+        let mut temps: Vec<f64> = by_size.values().flatten().map(|(t, _)| *t).collect();
+        temps.sort_by(f64::total_cmp);
+        temps.dedup();
+        writeln!(md, "Test errors of `{base}` by temperature (rows) and hidden layers (columns):\n")?;
+        writeln!(md, "| T | {} |", by_size.keys().cloned().collect::<Vec<_>>().join(" | "))?;
+        writeln!(md, "|---|{}", "---|".repeat(by_size.len()))?;
+        for t in &temps {
+            let cells: Vec<String> = by_size
+                .values()
+                .map(|pts| pts.iter().find(|(pt, _)| pt == t).map_or("–".into(), |(_, e)| e.to_string()))
+                .collect();
+            writeln!(md, "| {t} | {} |", cells.join(" | "))?;
+        }
+        let series: Vec<Series> = by_size
+            .iter()
+            .map(|(w, pts)| {
+                let mut points: Vec<(f64, f64)> = pts.iter().map(|(t, e)| (*t, *e as f64)).collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { name: format!("hidden {w}"), points }
+            })
+            .collect();
+        let path = plots.join(format!("{base}-temperature.svg"));
+        let chart = Chart {
+            title: &format!("{base}: test errors vs temperature"),
+            x_label: "temperature T",
+            y_label: "test errors",
+            log_x: true,
+            log_y: true,
+        };
+        plot::line_chart(&path, &chart, &series)?;
+        writeln!(md, "\n![{base}: test errors vs temperature]({})\n", rel(&path))?;
+    }
+    Ok(())
+}
+
+fn curves_plot(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
+    let mut by_stage: Vec<(String, Vec<&MetricsRow>)> = Vec::new();
+    for m in &run.metrics {
+        match by_stage.iter_mut().find(|(s, _)| *s == m.stage) {
+            Some((_, v)) => v.push(m),
+            None => by_stage.push((m.stage.clone(), vec![m])),
+        }
+    }
+    if by_stage.is_empty() || by_stage.len() > 8 {
+        return Ok(());
+    }
+    let validation = by_stage.iter().all(|(_, rows)| rows.iter().all(|r| r.val_accuracy.is_some()));
+    let series: Vec<Series> = by_stage
+        .iter()
+        .map(|(stage, rows)| Series {
+            name: stage.clone(),
+            points: rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.epoch as f64,
+                        if validation {
+                            100.0 * (1.0 - r.val_accuracy.unwrap_or(0.0))
+                        } else {
+                            100.0 * (1.0 - r.train_accuracy)
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    let what = if validation { "validation error (%)" } else { "training error during the epoch (%)" };
+    let path = plots.join(format!("{}-curves.svg", run.name));
+    let chart = Chart {
+        title: &format!("{}: {what} per epoch", run.name),
+        x_label: "epoch",
+        y_label: what,
+        log_x: false,
+        log_y: true,
+    };
+    plot::line_chart(&path, &chart, &series)?;
+    writeln!(md, "![{}: training curves]({})\n", run.name, rel(&path))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_parsed_into_sweep_points_and_seed_groups() {
+        assert_eq!(sweep_point("student-T2.5-h30x30"), Some(("student".into(), 2.5, "30x30".into())));
+        assert_eq!(sweep_point("student-T20-h800x800"), Some(("student".into(), 20.0, "800x800".into())));
+        assert_eq!(sweep_point("student_hard"), None);
+        assert_eq!(group_key("mnist_headline_s3"), "mnist_headline");
+        assert_eq!(group_key("mnist_s"), "mnist_s");
+        assert_eq!(group_key("mnist"), "mnist");
+        let (m, sd) = mean_sd(&[70.0, 74.0, 78.0]);
+        assert!((m - 74.0).abs() < 1e-12 && (sd - 4.0).abs() < 1e-12);
+    }
+}
