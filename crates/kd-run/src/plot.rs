@@ -26,14 +26,12 @@ const PALETTE: [RGBColor; 8] = [
 ];
 
 /// One named curve of (x, y) points.
-#[cfg_attr(not(test), allow(dead_code))]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
 }
 
 /// Chart settings.
-#[cfg_attr(not(test), allow(dead_code))]
 pub struct Chart<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
@@ -45,7 +43,6 @@ pub struct Chart<'a> {
 /// Renders `series` as an SVG line chart with markers, axes with ticks, axis labels, title and a legend, to `path`,
 /// atomically (write to a temporary file beside it, then rename). Errors (anyhow) name the path; empty series list,
 /// series with no points, or non-finite / non-positive-on-log-axis values are errors, not panics.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     let svg = render(chart, series).with_context(|| format!("cannot draw chart {}", path.display()))?;
     write_atomically(path, svg.as_bytes()).with_context(|| format!("cannot write chart {}", path.display()))
@@ -341,9 +338,11 @@ mod tests {
         svg.split("<text").skip(1).map(|t| t[t.find('>').unwrap() + 1..t.find("</text>").unwrap()].trim()).collect()
     }
 
+    /// Asserts that no temporary file is left in `dir`, then removes it.
     fn no_temp_files(dir: &Path) {
         let names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "temporary file left: {names:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
