@@ -145,15 +145,23 @@ impl Mlp {
     /// Projects each unit's incoming weight vector onto the ball of radius `c`:
     /// `W[j, :] <- W[j, :] * min(1, c / ||W[j, :]||_2)`, for every layer. Call it after each
     /// optimizer step; it does nothing when the config has no `max_norm`.
+    ///
+    /// On the CPU, where reading a value costs no device synchronization, a layer whose rows
+    /// are all inside the ball is left untouched, which saves a write pass over its weights.
     pub fn apply_max_norm(&self) {
-        if let Some(c) = self.config.max_norm {
-            tch::no_grad(|| {
-                for layer in self.layers() {
-                    let mut w = layer.ws.shallow_clone();
-                    let _ = w.renorm_(2.0, 0, c);
+        let Some(c) = self.config.max_norm else { return };
+        tch::no_grad(|| {
+            for layer in self.layers() {
+                let mut w = layer.ws.shallow_clone();
+                if w.device() == Device::Cpu {
+                    let largest = w.norm_scalaropt_dim(2, [1], false).max();
+                    if f64::try_from(&largest).is_ok_and(|n| n <= c) {
+                        continue;
+                    }
                 }
-            });
-        }
+                let _ = w.renorm_(2.0, 0, c);
+            }
+        });
     }
 
     /// The weights plus the configuration as named tensors, ready for `Tensor::write_safetensors`.

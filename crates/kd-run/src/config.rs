@@ -552,8 +552,8 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         let allowed: &[&str] = match s.kind {
             StageKind::Train => &TRAIN_KEYS,
             StageKind::Distill => &DISTILL_KEYS,
-            StageKind::Evaluate => &["from", "checkpoint"],
-            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift"],
+            StageKind::Evaluate => &["from", "checkpoint", "paper"],
+            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
         };
         if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
             stage_bail!(

@@ -19,6 +19,8 @@ pub struct Optimizer {
     second: Vec<Tensor>,
     /// `-lr` as a 0-dim tensor on the parameters' device.
     neg_lr: Tensor,
+    /// The SGD momentum as a 0-dim tensor on the parameters' device.
+    momentum_t: Tensor,
     lr: f64,
     momentum: f64,
     steps: i64,
@@ -36,10 +38,12 @@ impl Optimizer {
         };
         let second = if spec.kind == OptimizerKind::Adam { zeros(&params) } else { vec![] };
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-
+        let kind = params.first().map_or(Kind::Float, Tensor::kind);
+        let scalar = |v: f64| Tensor::from(v).to_kind(kind).to(device);
         Optimizer {
             spec: spec.clone(),
-            neg_lr: Tensor::from(-spec.lr).to_kind(params.first().map_or(Kind::Float, Tensor::kind)).to(device),
+            neg_lr: scalar(-spec.lr),
+            momentum_t: scalar(spec.momentum),
             lr: spec.lr,
             momentum: spec.momentum,
             params,
@@ -59,30 +63,38 @@ impl Optimizer {
 
     /// Sets the SGD momentum used by the following steps.
     pub fn set_momentum(&mut self, momentum: f64) {
-        self.momentum = momentum;
+        if momentum != self.momentum {
+            self.momentum = momentum;
+            let _ = self.momentum_t.fill_(momentum);
+        }
     }
 
-    /// Applies one update from `grads` (one per parameter, same order). Runs without autograd.
-    pub fn step(&mut self, grads: &[Tensor]) {
+    /// Applies one update from `grads` (one per parameter, same order), which it consumes: a
+    /// gradient's storage becomes the new momentum buffer. Runs without autograd.
+    pub fn step(&mut self, grads: Vec<Tensor>) {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
         let wd = self.spec.weight_decay;
         for (i, (p, g)) in self.params.iter().zip(grads).enumerate() {
             let mut p = p.shallow_clone();
-            let mut g = if wd > 0.0 { g + p.multiply_scalar(wd) } else { g.shallow_clone() };
+            let mut g = if wd > 0.0 { g + p.multiply_scalar(wd) } else { g };
             match self.spec.kind {
                 OptimizerKind::Sgd => {
                     if self.first.is_empty() {
                         let _ = p.addcmul_(&g, &self.neg_lr);
                         continue;
                     }
-                    let buf = &mut self.first[i];
-                    let _ = buf.g_mul_scalar_(self.momentum).g_add_(&g);
                     if self.spec.nesterov {
+                        let buf = &mut self.first[i];
+                        let _ = buf.g_mul_scalar_(self.momentum).g_add_(&g);
                         let _ = g.g_add_(&buf.multiply_scalar(self.momentum));
                         let _ = p.addcmul_(&g, &self.neg_lr);
                     } else {
-                        let _ = p.addcmul_(buf, &self.neg_lr);
+                        // buf <- momentum * buf + g, computed in the gradient's own storage, which
+                        // becomes the buffer: one pass over the parameters instead of two.
+                        let _ = g.addcmul_(&self.first[i], &self.momentum_t);
+                        self.first[i] = g;
+                        let _ = p.addcmul_(&self.first[i], &self.neg_lr);
                     }
                 }
                 OptimizerKind::Adam => {
@@ -163,7 +175,7 @@ mod tests {
         for _ in 0..3 {
             let loss = (&p * &p * &c).sum(Kind::Double);
             let grads = Tensor::run_backward(&[loss], &[&p], false, false);
-            opt.step(&grads);
+            opt.step(grads);
         }
         Vec::<f64>::try_from(p.detach()).unwrap()
     }
@@ -218,18 +230,29 @@ mod tests {
     }
 
     #[test]
+    fn momentum_changes_take_effect() {
+        let s = spec(OptimizerKind::Sgd, 0.9, false, 0.0);
+        let p = Tensor::from_slice(&[1.0f64]).set_requires_grad(true);
+        let mut opt = Optimizer::new(&s, vec![p.shallow_clone()]);
+        opt.step(vec![Tensor::from_slice(&[1.0f64])]); // buf = 1, p = 1 - 0.1
+        opt.set_momentum(0.5);
+        opt.step(vec![Tensor::from_slice(&[1.0f64])]); // buf = 0.5 * 1 + 1, p = 0.9 - 0.15
+        assert!((f64::try_from(p.detach()).unwrap() - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
     fn state_round_trip_continues_identically() {
         let s = spec(OptimizerKind::Adam, 0.0, false, 0.0);
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut a = Optimizer::new(&s, vec![p.shallow_clone()]);
-        a.step(&[Tensor::from_slice(&[0.5f32, 0.25])]);
+        a.step(vec![Tensor::from_slice(&[0.5f32, 0.25])]);
         let saved: Vec<(String, Tensor)> = a.state().into_iter().map(|(k, t)| (k, t.copy())).collect();
         let q = p.detach().copy().set_requires_grad(true);
         let mut b = Optimizer::new(&s, vec![q.shallow_clone()]);
         b.load_state(&saved).unwrap();
         let g = Tensor::from_slice(&[-1.0f32, 2.0]);
-        a.step(&[g.copy()]);
-        b.step(&[g]);
+        a.step(vec![g.copy()]);
+        b.step(vec![g]);
         assert!(p.detach().equal(&q.detach()));
         assert!(b.load_state(&saved[..1]).unwrap_err().to_string().contains("lacks optimizer state"));
     }

@@ -15,8 +15,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()
     };
-    write().with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    let result = write().with_context(|| format!("cannot write {}", tmp.display())).and_then(|()| rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn rename(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -31,9 +38,17 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     // safetensors wants contiguous CPU tensors.
     let cpu: Vec<(String, Tensor)> =
         named.iter().map(|(k, t)| (k.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    let result = Tensor::write_safetensors(&cpu, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| {
+            let synced = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+            synced.with_context(|| format!("cannot sync {}", tmp.display()))
+        })
+        .and_then(|()| rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Loads a safetensors file on the CPU.

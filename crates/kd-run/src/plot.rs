@@ -45,7 +45,7 @@ pub struct Chart<'a> {
 /// series with no points, or non-finite / non-positive-on-log-axis values are errors, not panics.
 pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     let svg = render(chart, series).with_context(|| format!("cannot draw chart {}", path.display()))?;
-    write_atomically(path, svg.as_bytes()).with_context(|| format!("cannot write chart {}", path.display()))
+    crate::output::write_atomic(path, svg.as_bytes()).with_context(|| format!("cannot write chart {}", path.display()))
 }
 
 /// One axis: the plotted range and ticks, both in plot space (log10 of the data on a log axis).
@@ -268,19 +268,6 @@ fn render(chart: &Chart, series: &[Series]) -> Result<String> {
         root.present()?;
     }
     Ok(svg)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().context("the path has no file name")?;
-    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let result = std::fs::write(&tmp, bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {}", tmp.display())));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

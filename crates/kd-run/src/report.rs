@@ -413,7 +413,7 @@ fn curves_plot(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path
         x_label: "epoch",
         y_label: what,
         log_x: false,
-        log_y: true,
+        log_y: false,
     };
     plot::line_chart(&path, &chart, &series)?;
     writeln!(md, "![{}: training curves]({})\n", run.name, rel(&path))?;

@@ -94,7 +94,7 @@ impl<'a> Trainer<'a> {
         let logits = self.net.forward_t(x, true);
         let loss = loss(&logits)?;
         let grads = Tensor::run_backward(&[&loss], &self.params, false, false);
-        self.opt.step(&grads);
+        self.opt.step(grads);
         self.net.apply_max_norm();
         Ok((logits.detach(), loss.detach()))
     }
