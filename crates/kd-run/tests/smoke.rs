@@ -138,6 +138,24 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
+    // The report is built from these files: every model's row carries its test errors.
+    let md_path = out.join("report.md");
+    let report = kd_run(&["report", "--out", md_path.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    for r in &summary {
+        let row = md.lines().find(|l| l.starts_with(&format!("| {} |", r["stage"]))).expect("a row per model");
+        assert!(row.contains(&format!("| {}", r["test_errors"])), "{row}");
+    }
+    let no3_on_threes: i64 = class_rows
+        .iter()
+        .filter(|c| c["stage"] == "distilled_no3" && c["split"] == "test" && c["class"] == "3")
+        .map(|c| c["errors"].parse::<i64>().unwrap())
+        .sum();
+    assert!(md.contains(&format!("{} ({no3_on_threes} on 3s)", summary[4]["test_errors"])), "{md}");
+    assert!(md.contains("kd-run run experiments/smoke.toml"), "the command is shown");
+    assert!(out.join("report/smoke-curves.svg").exists());
+
     // Running again resumes: every stage is done, nothing changes.
     let before = std::fs::read(dir.join("summary.csv")).unwrap();
     let again = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()]);
