@@ -2,12 +2,15 @@
 
 use crate::output::MetricsRow;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::Cell;
 use std::io::IsTerminal;
 use tracing::info;
 
 /// Progress of one stage.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// (epoch, running loss) shown in the message, to redraw it only when it changes.
+    shown: Cell<(u64, Option<f64>)>,
     stage: String,
     epochs: u64,
     steps_per_epoch: u64,
@@ -28,21 +31,27 @@ impl Progress {
             crate::logging::set_bar(Some(bar.clone()));
             bar
         });
-        Progress { bar, stage: stage.to_string(), epochs, steps_per_epoch }
+        Progress { bar, shown: Cell::new((first_epoch, None)), stage: stage.to_string(), epochs, steps_per_epoch }
     }
 
     /// After `step` steps of 0-based `epoch`; `loss` is the running mean when it was read.
     pub fn step(&self, epoch: u64, step: u64, loss: Option<f64>) {
         if let Some(bar) = &self.bar {
             bar.set_position(epoch * self.steps_per_epoch + step);
-            if let Some(loss) = loss {
-                bar.set_message(format!("epoch {}/{} loss {loss:.4}", epoch + 1, self.epochs));
+            let (shown_epoch, shown_loss) = self.shown.get();
+            if loss.is_some() || epoch != shown_epoch {
+                let loss = loss.or(shown_loss);
+                self.shown.set((epoch, loss));
+                let loss = loss.map_or(String::new(), |l| format!(" loss {l:.4}"));
+                bar.set_message(format!("epoch {}/{}{loss}", epoch + 1, self.epochs));
             }
         }
     }
 
     /// Logs the finished epoch's line.
     pub fn epoch_done(&self, row: &MetricsRow) {
+        // The next epoch's message starts from this epoch's mean loss.
+        self.shown.set((row.epoch as u64 - 1, Some(row.train_loss)));
         let val = row.val_accuracy.map_or(String::new(), |a| format!(" val_acc {:.4}", a));
         let test = row.test_errors.map_or(String::new(), |e| format!(" test_errors {e}"));
         info!(
