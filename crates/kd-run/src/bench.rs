@@ -72,7 +72,7 @@ fn sgd() -> Training {
 }
 
 struct Workload {
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
     net: Mlp,
     training: Training,
     distill: Option<DistillSpec>,
@@ -82,7 +82,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(name: &str, examples: i64) -> Self {
+    fn new(name: &str, examples: i64) -> Result<Self> {
         tch::manual_seed(0);
         let (config, distill) = match name {
             "teacher" => (MlpConfig::mnist_teacher(), None),
@@ -100,7 +100,7 @@ impl Workload {
             ),
         };
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = Mlp::new(&vs.root(), config).expect("preset configs are valid");
+        let net = Mlp::new(&vs.root(), config)?;
         let training = sgd();
         let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
         let data = Split {
@@ -109,13 +109,13 @@ impl Workload {
         };
         let soft_targets =
             (Tensor::randn([examples, 10], (Kind::Float, Device::Cpu)) * 3.0 / TEMPERATURE).softmax(1, Kind::Float);
-        Workload { _vs: vs, net, training, distill, soft_targets, data, trainer_state: Some(opt) }
+        Ok(Workload { vs, net, training, distill, soft_targets, data, trainer_state: Some(opt) })
     }
 
     /// Runs one pass of `steps` steps and returns examples per second.
     fn measure(&mut self) -> Result<f64> {
         let opt = self.trainer_state.take().context("optimizer")?;
-        let mut trainer = Trainer::new(&self.net, self._vs.trainable_variables(), opt);
+        let mut trainer = Trainer::new(&self.net, self.vs.trainable_variables(), opt);
         let supervision = match &self.distill {
             None => Supervision::Hard,
             Some(spec) => {
@@ -201,7 +201,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     );
     let mut results = Vec::new();
     for name in WORKLOADS {
-        let mut ours = Workload::new(name, args.steps * BATCH);
+        let mut ours = Workload::new(name, args.steps * BATCH)?;
         let (mut rust, mut torch) = (Vec::new(), Vec::new());
         for round in 0..=args.rounds {
             // Alternate which side goes first; round 0 warms both up and is not counted.

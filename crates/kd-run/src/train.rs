@@ -3,7 +3,7 @@
 use crate::config::{DistillSpec, Objective, Training};
 use crate::data::{self, Split};
 use crate::optim::Optimizer;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kd_core::{LossWeights, SoftTargets};
 use kd_models::Mlp;
 use tch::{nn::ModuleT, Kind, Tensor};
@@ -50,7 +50,7 @@ impl Supervision<'_> {
         match self {
             Supervision::Hard => Ok(kd_core::hard_target_loss(logits, labels)?),
             Supervision::Distill { spec, teacher } => {
-                let t = teacher_out.expect("distillation needs the teacher's outputs");
+                let t = teacher_out.context("distillation needs the teacher's outputs for the batch")?;
                 let weights = LossWeights::new(spec.hard_weight, spec.soft_weight)?;
                 match spec.objective {
                     Objective::Soft => {
