@@ -168,6 +168,7 @@ pub fn load_image_set(dir: &Path, prefix: &str, num_classes: u8) -> Result<Image
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TempDir;
 
     /// IDX file contents with the given type byte, dims and data.
     fn idx_bytes(kind: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -177,24 +178,6 @@ mod tests {
         }
         bytes.extend_from_slice(data);
         bytes
-    }
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let path = std::env::temp_dir().join(format!("kd-run-idx-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            Self(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 
     fn write_set(dir: &Path, images: &[u8], labels: &[u8]) {
@@ -253,7 +236,7 @@ mod tests {
 
     #[test]
     fn read_idx_names_the_file() {
-        let tmp = TempDir::new("read");
+        let tmp = TempDir::new("idx-read");
         let path = tmp.0.join("short-idx1-ubyte");
         std::fs::write(&path, idx_bytes(0x08, &[4], &[1, 2])).expect("write");
         let msg = format!("{:#}", read_idx(&path, 1).expect_err("truncated"));
@@ -264,7 +247,7 @@ mod tests {
 
     #[test]
     fn loads_a_tiny_set() {
-        let tmp = TempDir::new("tiny");
+        let tmp = TempDir::new("idx-tiny");
         let pixels = [0, 255, 51, 102, 0, 0, 1, 2, 3, 4, 5, 6];
         write_set(&tmp.0, &idx_bytes(0x08, &[2, 2, 3], &pixels), &idx_bytes(0x08, &[2], &[1, 0]));
         let set = load_image_set(&tmp.0, "t", 10).expect("valid set");
@@ -338,7 +321,7 @@ mod tests {
 
     #[test]
     fn missing_files_say_how_to_get_them() {
-        let tmp = TempDir::new("missing");
+        let tmp = TempDir::new("idx-missing");
         let msg = match load_image_set(&tmp.0, "train", 10) {
             Ok(_) => panic!("loaded from an empty dir"),
             Err(e) => format!("{e:#}"),

@@ -7,13 +7,17 @@ mod bench;
 mod config;
 mod data;
 mod idx;
+mod kaldi;
 mod logging;
+mod npy;
 mod optim;
 mod output;
 mod plot;
 mod progress;
 mod report;
 mod run;
+#[cfg(test)]
+mod testutil;
 mod train;
 
 use anyhow::Result;
