@@ -16,6 +16,7 @@ mod plot;
 mod progress;
 mod report;
 mod run;
+mod speech;
 #[cfg(test)]
 mod testutil;
 mod train;
