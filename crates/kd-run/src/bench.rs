@@ -103,10 +103,10 @@ impl Workload {
         let net = Mlp::new(&vs.root(), config)?;
         let training = sgd();
         let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
-        let data = Split {
-            images: Tensor::rand([examples, 784], (Kind::Float, Device::Cpu)),
-            labels: Tensor::randint(10, [examples], (Kind::Int64, Device::Cpu)),
-        };
+        let data = Split::new(
+            Tensor::rand([examples, 784], (Kind::Float, Device::Cpu)),
+            Tensor::randint(10, [examples], (Kind::Int64, Device::Cpu)),
+        );
         let soft_targets =
             (Tensor::randn([examples, 10], (Kind::Float, Device::Cpu)) * 3.0 / TEMPERATURE).softmax(1, Kind::Float);
         Ok(Workload { vs, net, training, distill, soft_targets, data, trainer_state: Some(opt) })
@@ -123,7 +123,7 @@ impl Workload {
             }
         };
         let started = Instant::now();
-        let geometry = Geometry { rows: 28, cols: 28 };
+        let geometry: Geometry = Some((28, 28));
         train::train_epoch(&mut trainer, &self.data, &supervision, &self.training, geometry, 0, |_, _| {})?;
         let seconds = started.elapsed().as_secs_f64();
         self.trainer_state = Some(trainer.opt);

@@ -85,7 +85,14 @@ struct RawExperiment {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawData {
-    dir: PathBuf,
+    #[serde(default)]
+    kind: Option<Spanned<DataKind>>,
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    speech: Option<crate::speech::CorpusConfig>,
+    #[serde(default)]
+    context: Option<[u32; 2]>,
     #[serde(default)]
     validation: usize,
     #[serde(default)]
@@ -206,6 +213,17 @@ pub struct PaperFigures {
 // ---------------------------------------------------------------------------------------------
 // The resolved experiment: every setting explicit. Serialized as the run's `config.toml`.
 
+/// Which dataset a run reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    /// The four MNIST IDX files in `dir`.
+    #[default]
+    Mnist,
+    /// The synthetic tied-state speech corpus of `[data.speech]`.
+    Speech,
+}
+
 /// What a stage does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,14 +295,27 @@ pub struct Experiment {
 /// Where the data comes from and how it is split.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DataSpec {
-    /// Folder with the four IDX files.
-    pub dir: PathBuf,
+    /// Folder with the four IDX files (MNIST).
+    pub dir: Option<PathBuf>,
+    /// The synthetic speech corpus, when the data is speech.
+    pub speech: Option<SpeechSpec>,
     /// The last `validation` training examples are held out as the validation split.
     pub validation: usize,
     /// Use only the first N training examples (before the validation split is carved), if set.
     pub train_limit: Option<i64>,
     /// Use only the first N test examples, if set.
     pub test_limit: Option<i64>,
+}
+
+/// The synthetic speech corpus and the context window of each frame.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SpeechSpec {
+    /// Frames of left context (the paper: 20).
+    pub left: i64,
+    /// Frames of right context (the paper: 5).
+    pub right: i64,
+    /// The generator's settings.
+    pub corpus: crate::speech::CorpusConfig,
 }
 
 /// One named stage.
@@ -534,8 +565,37 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     if raw.stages.is_empty() {
         bail!("{}: the experiment has no [[stages]]", line_of(text, raw.name.span().start));
     }
+    let data_line = line_of(text, raw.name.span().start);
+    let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    let speech = match kind {
+        DataKind::Mnist => {
+            if raw.data.speech.is_some() || raw.data.context.is_some() {
+                bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
+            }
+            if raw.data.dir.is_none() {
+                bail!("{data_line}: data: `dir`, the folder with the MNIST IDX files, is missing");
+            }
+            None
+        }
+        DataKind::Speech => {
+            let corpus = raw.data.speech.clone().unwrap_or_default();
+            corpus.validate().map_err(|e| anyhow::anyhow!("{data_line}: data.speech: {e:#}"))?;
+            if raw.data.dir.is_some()
+                || raw.data.validation > 0
+                || raw.data.train_limit.is_some()
+                || raw.data.test_limit.is_some()
+            {
+                bail!(
+                    "{data_line}: data: a speech corpus splits by speaker (training, development = validation, test); `dir`, `validation`, `train_limit` and `test_limit` do not apply"
+                );
+            }
+            let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            Some(SpeechSpec { left: i64::from(left), right: i64::from(right), corpus })
+        }
+    };
     let data = DataSpec {
         dir: raw.data.dir,
+        speech,
         validation: raw.data.validation,
         train_limit: raw.data.train_limit.map(|c| c.0),
         test_limit: raw.data.test_limit.map(|c| c.0),
@@ -577,7 +637,9 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             StageKind::Evaluate => {
                 Job::Evaluate { source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)? }
             }
-            StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation)?,
+            StageKind::BiasShift => {
+                resolve_bias_shift(text, &s, &stages, data.validation + usize::from(data.speech.is_some()))?
+            }
         };
         stages.push(Stage { name, paper: s.paper.clone(), job });
     }
@@ -1013,6 +1075,28 @@ epochs = 5
         assert!(err.contains("chosen on the validation split"), "{err}");
         let err = parse(&text.replace("from = \"student\"", "from = \"shift\"")).unwrap_err().to_string();
         assert!(err.contains("no earlier stage is named `shift`"), "{err}");
+    }
+
+    #[test]
+    fn speech_data_resolves_and_rejects_image_keys() {
+        let speech = GOOD
+            .replace(
+                "dir = \"data/mnist\"\nvalidation = 100",
+                "kind = \"speech\"\ncontext = [3, 1]\nspeech = { states = 120, noise = 0.3 }",
+            )
+            .replace("jitter = 2\n", "");
+        let e = parse(&speech).unwrap();
+        let s = e.data.speech.as_ref().expect("speech data");
+        assert_eq!((s.left, s.right, s.corpus.states, s.corpus.noise), (3, 1, 120, 0.3));
+        assert_eq!(s.corpus.phones, crate::speech::CorpusConfig::default().phones, "other keys keep defaults");
+        let err = parse(&speech.replace("kind = \"speech\"", "kind = \"speech\"\ndir = \"x\"")).unwrap_err();
+        assert!(err.to_string().contains("splits by speaker"), "{err}");
+        let err = parse(&speech.replace("noise = 0.3", "noize = 0.3")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `noize`"), "{err}");
+        let err = parse(&speech.replace("states = 120", "states = 2")).unwrap_err();
+        assert!(err.to_string().contains("data.speech") && err.to_string().contains("states"), "{err}");
+        let err = parse(&GOOD.replace("dir = \"data/mnist\"\n", "")).unwrap_err();
+        assert!(err.to_string().contains("`dir`"), "{err}");
     }
 
     #[test]

@@ -1,56 +1,132 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::DataSpec;
+use crate::config::{DataSpec, SpeechSpec};
 use crate::idx;
+use crate::speech;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Examples and labels of one split, on the device.
 pub struct Split {
-    /// `[n, rows * cols]` float pixels in [0, 1].
+    /// `[n, features]`: flattened images in [0, 1], or speech frames.
     pub images: Tensor,
     /// `[n]` int64 class ids.
     pub labels: Tensor,
+    /// For speech: each example is a window of frames around it, built per batch.
+    pub windows: Option<Windows>,
+}
+
+/// Context windows over the frames of a speech split, normalized with training statistics.
+pub struct Windows {
+    /// The frames with their utterance boundaries.
+    pub frames: speech::FrameSet,
+    /// Frames of left context.
+    pub left: i64,
+    /// Frames of right context.
+    pub right: i64,
+    /// `[1, (left + 1 + right) * D]` mean and standard deviation of the training frames, tiled.
+    pub mean: Tensor,
+    /// See `mean`.
+    pub std: Tensor,
 }
 
 impl Split {
+    /// A split of plain examples.
+    pub fn new(images: Tensor, labels: Tensor) -> Self {
+        Split { images, labels, windows: None }
+    }
+
     /// Number of examples.
     pub fn len(&self) -> i64 {
         self.labels.size()[0]
     }
 
+    /// The same split, sharing its tensors.
+    pub fn view(&self) -> Split {
+        let windows = self.windows.as_ref().map(|w| Windows {
+            frames: speech::FrameSet {
+                features: w.frames.features.shallow_clone(),
+                labels: w.frames.labels.shallow_clone(),
+                utt_start: w.frames.utt_start.shallow_clone(),
+                utt_end: w.frames.utt_end.shallow_clone(),
+            },
+            left: w.left,
+            right: w.right,
+            mean: w.mean.shallow_clone(),
+            std: w.std.shallow_clone(),
+        });
+        Split { images: self.images.shallow_clone(), labels: self.labels.shallow_clone(), windows }
+    }
+
+    /// Width of one input.
+    pub fn input_dim(&self) -> i64 {
+        let d = self.images.size()[1];
+        self.windows.as_ref().map_or(d, |w| d * (w.left + 1 + w.right))
+    }
+
+    /// The inputs of examples `idx` (int64 on the device).
+    pub fn inputs(&self, idx: &Tensor) -> Tensor {
+        match &self.windows {
+            None => self.images.index_select(0, idx),
+            Some(w) => (speech::context_windows(&w.frames, idx, w.left, w.right) - &w.mean) / &w.std,
+        }
+    }
+
+    /// The inputs of examples `start .. start + len`.
+    pub fn range(&self, start: i64, len: i64) -> Tensor {
+        match &self.windows {
+            None => self.images.narrow(0, start, len),
+            Some(_) => self.inputs(&Tensor::arange_start(start, start + len, (Kind::Int64, self.labels.device()))),
+        }
+    }
+
+    /// The examples `idx` as a split of their own (plain examples only: a window needs its
+    /// neighbours).
+    pub fn subset(&self, idx: &Tensor) -> Result<Split> {
+        if self.windows.is_some() {
+            bail!("selecting classes of a transfer set is not supported for speech frames yet");
+        }
+        Ok(Split::new(self.images.index_select(0, idx), self.labels.index_select(0, idx)))
+    }
+
     fn narrow(&self, start: i64, len: i64) -> Split {
-        Split { images: self.images.narrow(0, start, len), labels: self.labels.narrow(0, start, len) }
+        Split::new(self.images.narrow(0, start, len), self.labels.narrow(0, start, len))
     }
 }
 
-/// Training, validation and test splits of an image-classification dataset.
+/// Training, validation and test splits of a classification dataset.
 pub struct Dataset {
-    /// Training examples (the training file minus the validation split).
+    /// Training examples (the training file minus the validation split; training speakers).
     pub train: Split,
-    /// The last `validation` examples of the training file, if any.
+    /// The last `validation` examples of the training file (development speakers), if any.
     pub validation: Option<Split>,
-    /// The test file.
+    /// The test examples.
     pub test: Split,
-    /// Image height.
-    pub rows: i64,
-    /// Image width.
-    pub cols: i64,
+    /// Image height and width, for jitter (None for speech).
+    pub geometry: Option<(i64, i64)>,
     /// Number of classes.
     pub num_classes: i64,
 }
 
 const NUM_CLASSES: u8 = 10;
 
-/// Loads the IDX files named by `spec` onto `device` and carves the validation split.
+/// Loads the dataset named by `spec` onto `device` and carves the validation split.
 pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
-    let train = idx::load_image_set(&spec.dir, "train", NUM_CLASSES)?;
-    let test = idx::load_image_set(&spec.dir, "t10k", NUM_CLASSES)?;
+    match &spec.speech {
+        Some(speech) => load_speech(speech, device),
+        None => load_images(spec, device),
+    }
+}
+
+fn load_images(spec: &DataSpec, device: Device) -> Result<Dataset> {
+    let dir = spec.dir.as_deref().unwrap_or(std::path::Path::new("data/mnist"));
+    let train = idx::load_image_set(dir, "train", NUM_CLASSES)?;
+    let test = idx::load_image_set(dir, "t10k", NUM_CLASSES)?;
     let (rows, cols) = (train.rows as i64, train.cols as i64);
     let to_split = |set: idx::ImageSet, limit: Option<i64>| {
         let n = set.labels.size()[0];
         let n = limit.map_or(n, |l| l.min(n));
-        Split { images: set.images.narrow(0, 0, n).to(device), labels: set.labels.narrow(0, 0, n).to(device) }
+        Split::new(set.images.narrow(0, 0, n).to(device), set.labels.narrow(0, 0, n).to(device))
     };
     let all = to_split(train, spec.train_limit);
     let test = to_split(test, spec.test_limit);
@@ -60,7 +136,34 @@ pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
         bail!("data.validation = {v} leaves no training examples (the training set has {n})");
     }
     let (train, validation) = if v == 0 { (all, None) } else { (all.narrow(0, n - v), Some(all.narrow(n - v, v))) };
-    Ok(Dataset { train, validation, test, rows, cols, num_classes: i64::from(NUM_CLASSES) })
+    Ok(Dataset { train, validation, test, geometry: Some((rows, cols)), num_classes: i64::from(NUM_CLASSES) })
+}
+
+/// Generates the synthetic speech corpus: training, development (validation) and test
+/// speakers, frames normalized with the training frames' statistics.
+fn load_speech(spec: &SpeechSpec, device: Device) -> Result<Dataset> {
+    let model = speech::CorpusModel::new(&spec.corpus)?;
+    let (train, dev, test) = speech::split_speakers(&spec.corpus);
+    let frames = |speakers: &[usize]| -> Result<speech::FrameSet> {
+        let utts: Vec<speech::Utterance> = speakers.iter().flat_map(|&s| model.generate_speaker(s)).collect();
+        speech::FrameSet::from_utterances(&utts, spec.corpus.feature_dim, device)
+    };
+    let train = frames(&train)?;
+    let (mean, std) = speech::normalization(&train);
+    let width = spec.left + 1 + spec.right;
+    let (mean, std) = (mean.repeat([width]).view([1, -1]), std.clamp_min(1e-6).repeat([width]).view([1, -1]));
+    let split = |set: speech::FrameSet| Split {
+        images: set.features.shallow_clone(),
+        labels: set.labels.shallow_clone(),
+        windows: Some(Windows { frames: set, left: spec.left, right: spec.right, mean: mean.copy(), std: std.copy() }),
+    };
+    Ok(Dataset {
+        train: split(train),
+        validation: Some(split(frames(&dev)?)),
+        test: split(frames(&test)?),
+        geometry: None,
+        num_classes: spec.corpus.states as i64,
+    })
 }
 
 /// A fresh random order of `n` examples cut into batches of `batch_size` (the last may be

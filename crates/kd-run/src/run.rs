@@ -137,11 +137,16 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<P
     );
     let data = data::load(&exp.data, device)?;
     info!(
-        "data {}: {} training, {} validation, {} test examples",
-        exp.data.dir.display(),
+        "data {}: {} training, {} validation, {} test examples, {} classes",
+        match (&exp.data.dir, &exp.data.speech) {
+            (_, Some(s)) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
+            (Some(dir), None) => dir.display().to_string(),
+            (None, None) => String::new(),
+        },
         data.train.len(),
         data.validation.as_ref().map_or(0, |v| v.len()),
-        data.test.len()
+        data.test.len(),
+        data.num_classes
     );
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
@@ -208,7 +213,7 @@ impl Run<'_> {
         let named = output::load_tensors(&path)?;
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
-        let want = self.data.train.images.size()[1];
+        let want = self.data.train.input_dim();
         if net.config().input_dim() != want || net.config().num_classes() != self.data.num_classes {
             bail!(
                 "{} is a {} network; the data has {want} inputs and {} classes",
@@ -233,7 +238,7 @@ impl Run<'_> {
     fn transfer_set(&self, stage: &str, spec: &DistillSpec) -> Result<Split> {
         let train = &self.data.train;
         if spec.transfer_exclude.is_empty() && spec.transfer_only.is_empty() {
-            return Ok(Split { images: train.images.shallow_clone(), labels: train.labels.shallow_clone() });
+            return Ok(train.view());
         }
         self.check_classes(stage, &spec.transfer_exclude)?;
         self.check_classes(stage, &spec.transfer_only)?;
@@ -247,7 +252,7 @@ impl Run<'_> {
             listed(&spec.transfer_only)
         };
         let idx = keep.nonzero().squeeze_dim(1);
-        let subset = Split { images: train.images.index_select(0, &idx), labels: train.labels.index_select(0, &idx) };
+        let subset = train.subset(&idx)?;
         info!("stage `{stage}`: transfer set of {} examples (of {})", subset.len(), train.len());
         if subset.len() == 0 {
             bail!("stage `{stage}`: the transfer set is empty");
@@ -266,15 +271,8 @@ impl Run<'_> {
     ) -> Result<Tensor> {
         let checkpoint = std::fs::read(self.source_path(source))?;
         let d = &self.exp.data;
-        let identity = format!(
-            "{}|{:?}|{}|{:?}|{:?}|{:?}",
-            d.dir.canonicalize().unwrap_or_else(|_| d.dir.clone()).display(),
-            d.train_limit,
-            d.validation,
-            spec.transfer_exclude,
-            spec.transfer_only,
-            transfer.len()
-        );
+        // The data settings (folder, limits, split, corpus), the class filters and the size.
+        let identity = format!("{d:?}|{:?}|{:?}|{}", spec.transfer_exclude, spec.transfer_only, transfer.len());
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
         if path.exists() {
@@ -286,7 +284,7 @@ impl Run<'_> {
                 }
             }
         }
-        let logits = train::logits(teacher, &transfer.images, EVAL_BATCH);
+        let logits = train::logits(teacher, transfer, EVAL_BATCH);
         output::save_tensors(&path, &[("logits".to_string(), logits.shallow_clone())])?;
         info!("teacher logits over the transfer set cached in {}", path.display());
         Ok(logits)
@@ -302,7 +300,7 @@ impl Run<'_> {
         split: &Split,
         supervision: &Supervision,
     ) -> Result<(nn::VarStore, Mlp)> {
-        let mut sizes = vec![self.data.rows * self.data.cols];
+        let mut sizes = vec![self.data.train.input_dim()];
         sizes.extend(&spec.hidden);
         sizes.push(self.data.num_classes);
         let config = MlpConfig {
@@ -337,7 +335,10 @@ impl Run<'_> {
         }
         tables.forget(stage, first_epoch);
 
-        let geometry = Geometry { rows: self.data.rows, cols: self.data.cols };
+        let geometry: Geometry = self.data.geometry;
+        if geometry.is_none() && training.jitter > 0 {
+            bail!("stage `{stage}`: jitter translates images; this data is not images");
+        }
         let steps_per_epoch = (split.len() + training.batch_size - 1) / training.batch_size;
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(

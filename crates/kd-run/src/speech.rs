@@ -76,8 +76,10 @@ const PHONETIC_FEATURES: usize = 6;
 const MAX_STATE_FRAMES: usize = 60;
 const NO_STATE: u32 = u32::MAX;
 
-/// Settings of the synthetic corpus.
-#[derive(Debug, Clone, PartialEq)]
+/// Settings of the synthetic corpus (an experiment file's `[data.speech]` table; keys left out
+/// keep their defaults).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CorpusConfig {
     pub seed: u64,
     /// Phones, silence included (phone 0).

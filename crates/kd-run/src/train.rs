@@ -25,12 +25,12 @@ pub enum TeacherSignal<'a> {
     Live(&'a Mlp),
 }
 
-/// Logits of `net` in evaluation mode, without gradients, over `images` in chunks of `batch`.
-pub fn logits(net: &Mlp, images: &Tensor, batch: i64) -> Tensor {
+/// Logits of `net` in evaluation mode, without gradients, over `split` in chunks of `batch`.
+pub fn logits(net: &Mlp, split: &Split, batch: i64) -> Tensor {
     let _guard = tch::no_grad_guard();
-    let n = images.size()[0];
+    let n = split.len();
     let chunks: Vec<Tensor> =
-        (0..n).step_by(batch as usize).map(|s| net.forward_t(&images.narrow(0, s, batch.min(n - s)), false)).collect();
+        (0..n).step_by(batch as usize).map(|s| net.forward_t(&split.range(s, batch.min(n - s)), false)).collect();
     Tensor::cat(&chunks, 0)
 }
 
@@ -108,14 +108,8 @@ pub struct EpochTotals {
     pub accuracy: f64,
 }
 
-/// Image geometry for jitter.
-#[derive(Clone, Copy)]
-pub struct Geometry {
-    /// Height.
-    pub rows: i64,
-    /// Width.
-    pub cols: i64,
-}
+/// Image geometry for jitter: (rows, cols), None for inputs that are not images.
+pub type Geometry = Option<(i64, i64)>;
 
 /// One pass over `train` in a random order. `on_step(done, running_loss)` is called after each
 /// step; `running_loss` is `Some` every `report_every` steps only (reading it syncs the device).
@@ -128,14 +122,17 @@ pub fn train_epoch(
     report_every: usize,
     mut on_step: impl FnMut(usize, Option<f64>),
 ) -> Result<EpochTotals> {
-    let device = train.images.device();
+    let device = train.labels.device();
     let n = train.len();
     let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut seen = 0i64;
     for (i, idx) in data::batches(n, training.batch_size, device).enumerate() {
-        let x = train.images.index_select(0, &idx);
-        let x = data::jitter(&x, geometry.rows, geometry.cols, i64::from(training.jitter));
+        let x = train.inputs(&idx);
+        let x = match geometry {
+            Some((rows, cols)) if training.jitter > 0 => data::jitter(&x, rows, cols, i64::from(training.jitter)),
+            _ => x,
+        };
         let y = train.labels.index_select(0, &idx);
         let teacher_out = match supervision {
             Supervision::Hard => None,
@@ -184,12 +181,12 @@ impl Evaluation {
 pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
     let n = split.len();
-    let device = split.images.device();
+    let device = split.labels.device();
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut class_errors = Tensor::zeros([num_classes], (Kind::Int64, device));
     for s in (0..n).step_by(EVAL_BATCH as usize) {
         let len = EVAL_BATCH.min(n - s);
-        let logits = net.forward_t(&split.images.narrow(0, s, len), false);
+        let logits = net.forward_t(&split.range(s, len), false);
         let y = split.labels.narrow(0, s, len);
         loss_sum += kd_core::hard_target_loss(&logits, &y)?.to_kind(Kind::Double) * len as f64;
         let wrong = logits.argmax(1, false).ne_tensor(&y);

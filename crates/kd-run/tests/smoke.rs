@@ -251,3 +251,42 @@ fn malformed_experiment_is_rejected_with_file_and_line() {
     assert!(!dir.join("smoke").exists(), "nothing ran");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
+    let out = fresh_dir("speech");
+    let result = kd_run(&["run", "experiments/speech_tiny.toml", "--out", out.to_str().unwrap()]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let dir = out.join("speech_tiny");
+    let summary = csv_rows(&dir.join("summary.csv"));
+    let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
+    assert_eq!(stages, ["baseline", "distilled"]);
+    for r in &summary {
+        // 26 frames x 40 channels in, 60 tied states out: (1040 + 1) 128 + (128 + 1) 128 + (128 + 1) 60.
+        assert_eq!(r["parameters"], "157500");
+        assert_eq!(r["model"], "mlp 1040-128-128-60");
+        let accuracy: f64 = r["test_accuracy"].parse().unwrap();
+        assert!(accuracy > 5.0 / 60.0, "far above chance (1/60): {r:?}");
+        assert!(!r["val_errors"].is_empty(), "development speakers form the validation split");
+    }
+    // Every test frame is counted once: per-class examples add up to the same total for both.
+    let class_rows = csv_rows(&dir.join("class_errors.csv"));
+    let total = |stage: &str| -> i64 {
+        class_rows
+            .iter()
+            .filter(|c| c["stage"] == stage && c["split"] == "test")
+            .map(|c| c["examples"].parse::<i64>().unwrap())
+            .sum()
+    };
+    assert_eq!(class_rows.iter().filter(|c| c["stage"] == "baseline" && c["split"] == "test").count(), 60);
+    assert!(total("baseline") > 0 && total("baseline") == total("distilled"));
+    // The same corpus settings give the same data: a second run in another folder agrees exactly.
+    let again = fresh_dir("speech-again");
+    assert!(kd_run(&["run", "experiments/speech_tiny.toml", "--out", again.to_str().unwrap()]).status.success());
+    let errors = |d: &Path| {
+        csv_rows(&d.join("speech_tiny/summary.csv")).iter().map(|r| r["test_errors"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(errors(&out), errors(&again));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&again);
+}
