@@ -82,8 +82,11 @@ fn config_error(error: anyhow::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
-    // Before libtorch starts its worker threads, which inherit the setting.
-    flush_denormals();
+    // Before libtorch starts its worker threads, which inherit the setting. KD_KEEP_SUBNORMALS=1
+    // keeps the CPU's default, to measure what flushing is worth (docs/benchmarks.md).
+    if std::env::var_os("KD_KEEP_SUBNORMALS").is_none() {
+        flush_denormals();
+    }
     logging::init();
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
