@@ -641,6 +641,18 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 resolve_bias_shift(text, &s, &stages, data.validation + usize::from(data.speech.is_some()))?
             }
         };
+        if data.speech.is_some() {
+            let jitter =
+                matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.jitter > 0);
+            let filtered = matches!(&job, Job::Distill { distill, .. }
+                if !distill.transfer_exclude.is_empty() || !distill.transfer_only.is_empty());
+            if jitter {
+                stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
+            }
+            if filtered {
+                stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
+            }
+        }
         stages.push(Stage { name, paper: s.paper.clone(), job });
     }
     Ok(Experiment {
@@ -1095,6 +1107,8 @@ epochs = 5
         assert!(err.to_string().contains("unknown field `noize`"), "{err}");
         let err = parse(&speech.replace("states = 120", "states = 2")).unwrap_err();
         assert!(err.to_string().contains("data.speech") && err.to_string().contains("states"), "{err}");
+        let err = parse(&format!("{speech}jitter = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("not images"), "{err}");
         let err = parse(&GOOD.replace("dir = \"data/mnist\"\n", "")).unwrap_err();
         assert!(err.to_string().contains("`dir`"), "{err}");
     }
