@@ -133,9 +133,9 @@ fn try_main() -> Result<(), Failure> {
 ///
 /// Training makes them: a momentum buffer whose gradient is exactly zero (a border pixel of
 /// MNIST, a dead ReLU unit) decays geometrically through the subnormal range, where x86
-/// arithmetic is tens of times slower. Measured on the MNIST teacher, a quarter of a million
-/// subnormal momentum entries after 8 epochs slowed an epoch by half. Flushing them changes
-/// values below 1.2e-38 only.
+/// arithmetic is tens of times slower; `experiments/bench/subnormals.toml` with and without
+/// `KD_KEEP_SUBNORMALS=1` measures the cost (docs/benchmarks.md). Flushing them changes values
+/// below 1.2e-38 only.
 fn flush_denormals() {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: stmxcsr/ldmxcsr read and write this thread's SSE control register only; setting
