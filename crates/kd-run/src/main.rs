@@ -48,6 +48,10 @@ enum Command {
         /// Discard an earlier run in the same directory instead of resuming it.
         #[arg(long)]
         fresh: bool,
+        /// Run only this stage (repeatable); the stages it reads must have run already. Lets a
+        /// scheduler spread one experiment's independent stages over machines.
+        #[arg(long = "only", value_name = "STAGE")]
+        only: Vec<String>,
     },
     /// Check an experiment file without running it; prints the resolved configuration.
     Validate {
@@ -100,12 +104,20 @@ fn main() -> ExitCode {
 fn try_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { experiment, out, overrides, fresh } => {
+        Command::Run { experiment, out, overrides, fresh, only } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
+            if let Some(unknown) = only.iter().find(|o| !exp.stages.iter().any(|s| &s.name == *o)) {
+                let names: Vec<&str> = exp.stages.iter().map(|s| s.name.as_str()).collect();
+                return Err(config_error(anyhow::anyhow!(
+                    "--only {unknown}: {} has no such stage (its stages: {})",
+                    experiment.display(),
+                    names.join(", ")
+                )));
+            }
             let command: Vec<String> = std::iter::once("kd-run".to_string())
                 .chain(std::env::args().skip(1).map(|a| if a.contains(' ') { format!("'{a}'") } else { a }))
                 .collect();
-            let dir = run::run(&exp, &out, fresh, &command.join(" "))?;
+            let dir = run::run(&exp, &out, fresh, &only, &command.join(" "))?;
             let summary: Vec<output::SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
             print_summary(&summary);
             println!("results in {}", dir.display());

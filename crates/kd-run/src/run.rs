@@ -92,8 +92,9 @@ impl Tables {
 }
 
 /// Runs `exp` under `out/<name>`, resuming what an earlier identical run left unfinished.
-/// `fresh` discards an earlier run's files instead; `command` is recorded in `command.txt`.
-pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<PathBuf> {
+/// `fresh` discards an earlier run's files instead; a non-empty `only` runs those stages alone;
+/// `command` is recorded in `command.txt`.
+pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: &str) -> Result<PathBuf> {
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
@@ -107,13 +108,16 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<P
             }
         }
     }
+    let mut changed = Vec::new();
     if config_path.exists() {
         let old = std::fs::read_to_string(&config_path)?;
         if old != config {
-            bail!(
-                "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
-                dir.display()
-            );
+            changed = changed_stages(exp, &old, &config).with_context(|| {
+                format!(
+                    "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
+                    dir.display()
+                )
+            })?;
         }
         info!("resuming the run in {}", dir.display());
     }
@@ -150,12 +154,27 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<P
     );
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
+    for stage in &changed {
+        info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
+        tables.forget(stage, 0);
+        for path in [run.checkpoint(stage), run.resume_checkpoint(stage)] {
+            if path.exists() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    if !changed.is_empty() {
+        tables.write(&dir)?;
+    }
     for stage in &exp.stages {
         let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
         let done =
             tables.summary.iter().any(|r| r.stage == stage.name) && (!trains || run.checkpoint(&stage.name).exists());
         if done {
             info!("stage `{}`: already done, skipped", stage.name);
+            continue;
+        }
+        if !only.is_empty() && !only.contains(&stage.name) {
             continue;
         }
         let started = Instant::now();
@@ -192,6 +211,40 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, command: &str) -> Result<P
     Ok(dir)
 }
 
+/// The stages whose settings in the resolved configuration `new` differ from those of an earlier
+/// run's `old` one (the reference numbers under `paper` aside), together with every stage that
+/// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
+/// changed, or when `old` cannot be read.
+fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
+    let old: toml::Table = old.parse().context("the earlier run's config.toml is not valid TOML")?;
+    let new: toml::Table = new.parse().context("the resolved configuration is not valid TOML")?;
+    for key in ["seed", "data"] {
+        if old.get(key) != new.get(key) {
+            bail!("its `{key}` differs, and every stage depends on it");
+        }
+    }
+    let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
+        let stages = table.get("stages")?.as_array()?;
+        let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
+        stage.as_table_mut()?.remove("paper");
+        Some(stage)
+    };
+    let mut changed: Vec<String> = Vec::new();
+    for stage in &exp.stages {
+        let source = match &stage.job {
+            Job::Train { .. } => None,
+            Job::Distill { distill, .. } => Some(&distill.teacher),
+            Job::Evaluate { source } | Job::BiasShift { source, .. } => Some(source),
+        };
+        let reads_changed = matches!(source, Some(ModelSource::Stage(s)) if changed.contains(s));
+        let differs = stage_settings(&old, &stage.name).is_none_or(|o| Some(o) != stage_settings(&new, &stage.name));
+        if reads_changed || differs {
+            changed.push(stage.name.clone());
+        }
+    }
+    Ok(changed)
+}
+
 impl Run<'_> {
     fn checkpoint(&self, stage: &str) -> PathBuf {
         self.dir.join("checkpoints").join(format!("{stage}.safetensors"))
@@ -210,6 +263,11 @@ impl Run<'_> {
 
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
         let path = self.source_path(source);
+        if let ModelSource::Stage(stage) = source {
+            if !path.exists() {
+                bail!("stage `{stage}` has not run yet: run it first (or add `--only {stage}`)");
+            }
+        }
         let named = output::load_tensors(&path)?;
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;

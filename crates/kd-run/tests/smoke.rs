@@ -163,6 +163,32 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already done"));
     assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), before);
 
+    // A stage whose settings changed runs again, with the stages that read its model; the
+    // others keep their results.
+    let changed = kd_run(&[
+        "run",
+        "experiments/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "stages.distilled_no3.temperature=4",
+    ]);
+    assert!(changed.status.success(), "{}", String::from_utf8_lossy(&changed.stderr));
+    let log = String::from_utf8_lossy(&changed.stderr);
+    for (stage, reruns) in [("teacher", false), ("distilled", false), ("distilled_no3", true), ("no3_shift", true)] {
+        assert_eq!(log.contains(&format!("stage `{stage}`: its settings differ")), reruns, "{stage}: {log}");
+    }
+    let after = csv_rows(&dir.join("summary.csv"));
+    for (old, new) in summary.iter().zip(&after) {
+        assert_eq!(old["stage"], new["stage"], "stages keep their order");
+        if !old["stage"].starts_with("distilled_no3") && !old["stage"].starts_with("no3_shift") {
+            assert_eq!(old, new, "an unchanged stage keeps its row");
+        }
+    }
+    assert_eq!(after.len(), summary.len());
+    let no3_epochs = csv_rows(&dir.join("metrics.csv")).iter().filter(|r| r["stage"] == "distilled_no3").count();
+    assert_eq!(no3_epochs, 2, "the rerun stage's old epochs are gone");
+
     // A different configuration in the same directory is refused, not mixed in.
     let other = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "seed=2"]);
     assert_eq!(other.status.code(), Some(1));
@@ -289,4 +315,31 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     assert_eq!(errors(&out), errors(&again));
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&again);
+}
+
+#[test]
+fn only_runs_the_named_stages_once_what_they_read_has_run() {
+    let out = fresh_dir("only");
+    let run = |stages: &[&str]| {
+        let mut args = vec!["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()];
+        for s in stages {
+            args.extend(["--only", s]);
+        }
+        kd_run(&args)
+    };
+    let unknown = run(&["teacherr"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("--only teacherr: experiments/smoke.toml has no such stage")
+    );
+
+    let early = run(&["distilled"]);
+    assert_eq!(early.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("stage `teacher` has not run yet"));
+
+    assert!(run(&["teacher"]).status.success());
+    assert!(run(&["distilled", "eval_teacher"]).status.success());
+    let stages: Vec<String> = csv_rows(&out.join("smoke/summary.csv")).iter().map(|r| r["stage"].clone()).collect();
+    assert_eq!(stages, ["teacher", "distilled", "eval_teacher"]);
+    std::fs::remove_dir_all(&out).unwrap();
 }
