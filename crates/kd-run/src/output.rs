@@ -103,6 +103,10 @@ pub struct SummaryRow {
     pub shift: Option<f64>,
     /// Wall seconds of the stage.
     pub seconds: f64,
+    /// Where the stage ran: `cpu (<threads> threads)` or `cuda:<index>` (empty in runs made
+    /// before this column existed).
+    #[serde(default)]
+    pub device: String,
 }
 
 /// One row of `class_errors.csv`: a model's errors on one class of one split.
@@ -168,12 +172,21 @@ mod tests {
             test_accuracy: 0.7,
             shift: Some(-7.5),
             seconds: 1.5,
+            device: "cpu (2 threads)".into(),
         }];
         write_csv(&path, &rows).unwrap();
         write_csv(&path, &rows).unwrap();
         assert_eq!(read_csv::<SummaryRow>(&path).unwrap(), rows);
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["a.csv"]);
+        // A summary written before the device column existed still reads.
+        let old = dir.join("old.csv");
+        std::fs::write(
+            &old,
+            "stage,kind,model,parameters,val_errors,test_errors,test_accuracy,shift,seconds\ns,train,m,6,,3,0.7,,1.5\n",
+        )
+        .unwrap();
+        assert_eq!(read_csv::<SummaryRow>(&old).unwrap()[0].device, "");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

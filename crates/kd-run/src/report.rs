@@ -35,6 +35,8 @@ struct RunFiles {
     description: String,
     command: String,
     stages: Vec<toml::Table>,
+    /// The device named in `run.log`, for summary rows written before they named theirs.
+    logged_device: Option<String>,
     summary: Vec<SummaryRow>,
     class_errors: Vec<ClassErrorsRow>,
     metrics: Vec<MetricsRow>,
@@ -62,10 +64,34 @@ impl RunFiles {
             description: get_str("description"),
             command: std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim().to_string(),
             stages,
+            logged_device: std::fs::read_to_string(dir.join("run.log")).ok().and_then(|log| logged_device(&log)),
             summary,
             class_errors: output::read_csv(&dir.join("class_errors.csv"))?,
             metrics: output::read_csv(&dir.join("metrics.csv"))?,
         })
+    }
+
+    /// Where the run's stages ran and how long it took, as one sentence.
+    fn where_and_how_long(&self) -> String {
+        let mut by_device: Vec<(String, Vec<&str>)> = Vec::new();
+        for row in &self.summary {
+            let device = if row.device.is_empty() {
+                self.logged_device.clone().unwrap_or_else(|| "an unrecorded device".into())
+            } else {
+                row.device.clone()
+            };
+            match by_device.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, stages)) => stages.push(&row.stage),
+                None => by_device.push((device, vec![&row.stage])),
+            }
+        }
+        let seconds: f64 = self.summary.iter().map(|r| r.seconds).sum();
+        let places = if by_device.len() == 1 {
+            format!("on {}", by_device[0].0)
+        } else {
+            by_device.iter().map(|(d, s)| format!("{} on {d}", s.join(", "))).collect::<Vec<_>>().join("; ")
+        };
+        format!("`{}`: {:.1} min of stage time, {places}.", self.name, seconds / 60.0)
     }
 
     /// Size of the test set, from the per-class counts of the first model.
@@ -86,6 +112,16 @@ impl RunFiles {
             .map(|r| r.errors)
             .sum()
     }
+}
+
+/// The device in `run.log`'s line `experiment `<name>`: device <Cpu|Cuda(i)> (...`.
+fn logged_device(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("`: device "))?;
+    let device = line.split("`: device ").nth(1)?.split(' ').next()?;
+    Some(match device.strip_prefix("Cuda(").and_then(|d| d.strip_suffix(')')) {
+        Some(i) => format!("cuda:{i}"),
+        None => "cpu".to_string(),
+    })
 }
 
 /// The classes a stage's row should report errors on: those left out of its transfer set, or
@@ -281,6 +317,10 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             writeln!(md, "{}", run.command)?;
         }
         writeln!(md, "```\n")?;
+        for run in group {
+            writeln!(md, "{}  ", run.where_and_how_long())?;
+        }
+        writeln!(md)?;
         if group.len() > 1 {
             seeds_table(&mut md, group)?;
         } else {
@@ -459,5 +499,40 @@ mod tests {
         assert_eq!(group_key("mnist"), "mnist");
         let (m, sd) = mean_sd(&[70.0, 74.0, 78.0]);
         assert!((m - 74.0).abs() < 1e-12 && (sd - 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_device_comes_from_the_rows_or_else_from_the_log() {
+        let log = "2026-11-27T21:24:32Z  INFO experiment `mnist_headline_s1`: device Cuda(0) (CUDA available: true, 1 device(s)), 16 CPU threads";
+        assert_eq!(logged_device(log).as_deref(), Some("cuda:0"));
+        assert_eq!(logged_device("x INFO experiment `a`: device Cpu (CUDA available: false").as_deref(), Some("cpu"));
+        assert_eq!(logged_device("nothing here"), None);
+        let row = |stage: &str, device: &str, seconds: f64| SummaryRow {
+            stage: stage.into(),
+            kind: "train".into(),
+            model: "mlp 2-2".into(),
+            parameters: 6,
+            val_errors: None,
+            test_errors: 1,
+            test_accuracy: 0.9,
+            shift: None,
+            seconds,
+            device: device.into(),
+        };
+        let run = RunFiles {
+            name: "r".into(),
+            description: String::new(),
+            command: String::new(),
+            stages: vec![],
+            logged_device: Some("cuda:0".into()),
+            summary: vec![
+                row("teacher", "", 90.0),
+                row("a", "cpu (2 threads)", 20.0),
+                row("b", "cpu (2 threads)", 10.0),
+            ],
+            class_errors: vec![],
+            metrics: vec![],
+        };
+        assert_eq!(run.where_and_how_long(), "`r`: 2.0 min of stage time, teacher on cuda:0; a, b on cpu (2 threads).");
     }
 }

@@ -245,6 +245,14 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
     Ok(changed)
 }
 
+/// How `summary.csv` names a device.
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => format!("cpu ({} threads)", tch::get_num_threads()),
+    }
+}
+
 impl Run<'_> {
     fn checkpoint(&self, stage: &str) -> PathBuf {
         self.dir.join("checkpoints").join(format!("{stage}.safetensors"))
@@ -498,6 +506,7 @@ impl Run<'_> {
             test_accuracy: test.accuracy(),
             shift,
             seconds: started.elapsed().as_secs_f64(),
+            device: device_name(self.device),
         });
         tables.write(&self.dir)
     }
