@@ -173,6 +173,7 @@ struct RawStage {
     classes: Option<Vec<ClassId>>,
     shifts: Option<RawShifts>,
     fixed_shift: Option<f64>,
+    members: Option<Vec<Spanned<String>>>,
     sweep: Option<RawSweep>,
     paper: Option<PaperFigures>,
 }
@@ -236,6 +237,8 @@ pub enum StageKind {
     Evaluate,
     /// Add a constant to the output biases of some classes, chosen on the validation split.
     BiasShift,
+    /// Combine earlier stages' models by averaging their probabilities.
+    Ensemble,
 }
 
 /// The optimizer family.
@@ -372,6 +375,12 @@ pub enum Job {
         /// A fixed shift reported as well (the paper's value, say).
         fixed: Option<f64>,
     },
+    /// Evaluate the mean of several models' probabilities; a distill stage can name it as its
+    /// teacher.
+    Ensemble {
+        /// The members (earlier stages of this run).
+        members: Vec<ModelSource>,
+    },
 }
 
 /// Hidden widths and regularization; input and output sizes come from the data.
@@ -467,8 +476,34 @@ pub struct DistillSpec {
 pub enum ModelSource {
     /// The final checkpoint of an earlier stage of this run.
     Stage(String),
+    /// An ensemble stage of this run, with its members: at temperature T its distribution is
+    /// the mean of the members' softmax(z / T).
+    Ensemble {
+        /// The ensemble stage.
+        stage: String,
+        /// Its members.
+        members: Vec<ModelSource>,
+    },
     /// A checkpoint file (made by an earlier run).
     Checkpoint(PathBuf),
+}
+
+impl ModelSource {
+    /// The source of an ensemble stage `stage` with these members.
+    pub fn ensemble(stage: &str, members: &[ModelSource]) -> Self {
+        ModelSource::Ensemble { stage: stage.to_string(), members: members.to_vec() }
+    }
+
+    /// The stages of this run whose models it reads.
+    pub fn stages(&self) -> Vec<&str> {
+        match self {
+            ModelSource::Stage(s) => vec![s.as_str()],
+            ModelSource::Checkpoint(_) => vec![],
+            ModelSource::Ensemble { stage, members } => {
+                std::iter::once(stage.as_str()).chain(members.iter().flat_map(ModelSource::stages)).collect()
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,6 +649,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             StageKind::Distill => &DISTILL_KEYS,
             StageKind::Evaluate => &["from", "checkpoint", "paper"],
             StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
+            StageKind::Ensemble => &["members", "paper"],
         };
         if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
             stage_bail!(
@@ -640,6 +676,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             StageKind::BiasShift => {
                 resolve_bias_shift(text, &s, &stages, data.validation + usize::from(data.speech.is_some()))?
             }
+            StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
         };
         if data.speech.is_some() {
             let jitter =
@@ -695,6 +732,7 @@ impl StageKind {
             StageKind::Distill => "distill",
             StageKind::Evaluate => "evaluate",
             StageKind::BiasShift => "bias_shift",
+            StageKind::Ensemble => "ensemble",
         }
     }
 }
@@ -733,6 +771,7 @@ impl RawStage {
             ("classes", self.classes.is_some()),
             ("shifts", self.shifts.is_some()),
             ("fixed_shift", self.fixed_shift.is_some()),
+            ("members", self.members.is_some()),
             ("sweep", self.sweep.is_some()),
             ("paper", self.paper.is_some()),
         ]
@@ -816,6 +855,9 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
         (Objective::Logits, Some(_)) => stage_bail!(text, s, "`temperature` does not apply to objective = \"logits\""),
         (Objective::Logits, None) => 1.0,
     };
+    if objective == Objective::Logits && matches!(teacher, ModelSource::Ensemble { .. }) {
+        stage_bail!(text, s, "logit matching needs one teacher network, not an ensemble");
+    }
     let classes = |v: &Option<Vec<ClassId>>| v.iter().flatten().map(|c| c.0).collect::<Vec<_>>();
     let (transfer_exclude, transfer_only) = (classes(&s.transfer_exclude), classes(&s.transfer_only));
     if !transfer_exclude.is_empty() && !transfer_only.is_empty() {
@@ -825,6 +867,39 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
         stage_bail!(text, s, "`transfer_only = []` leaves an empty transfer set");
     }
     Ok(DistillSpec { teacher, objective, temperature, hard_weight, soft_weight, transfer_exclude, transfer_only })
+}
+
+/// The members of an ensemble stage: each entry names an earlier stage that trains a model, or
+/// the base name of a sweep (`member` for `member-s1`, `member-s2`, ...).
+fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<ModelSource>> {
+    let entries = s.members.as_deref().unwrap_or_default();
+    let mut members: Vec<ModelSource> = Vec::new();
+    for entry in entries {
+        let at =
+            |msg: String| anyhow::anyhow!("{}: stage `{}`: {msg}", line_of(text, entry.span().start), s.name.get_ref());
+        let want = entry.get_ref();
+        let prefix = format!("{want}-");
+        let exact: Vec<&Stage> = earlier.iter().filter(|t| &t.name == want).collect();
+        let matched =
+            if exact.is_empty() { earlier.iter().filter(|t| t.name.starts_with(&prefix)).collect() } else { exact };
+        if matched.is_empty() {
+            return Err(at(format!("member `{want}` is no earlier stage (nor the base name of a sweep)")));
+        }
+        for t in matched {
+            if !matches!(t.job, Job::Train { .. } | Job::Distill { .. }) {
+                return Err(at(format!("member `{}` trains no model", t.name)));
+            }
+            let source = ModelSource::Stage(t.name.clone());
+            if members.contains(&source) {
+                return Err(at(format!("member `{}` is listed twice", t.name)));
+            }
+            members.push(source);
+        }
+    }
+    if members.len() < 2 {
+        stage_bail!(text, s, "an ensemble needs `members = [...]` naming at least two models");
+    }
+    Ok(members)
 }
 
 fn resolve_bias_shift(text: &str, s: &RawStage, earlier: &[Stage], validation: usize) -> Result<Job> {
@@ -871,6 +946,15 @@ fn resolve_source(
         (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
         (Some(name), None) => match earlier.iter().find(|t| &t.name == name.get_ref()).map(|t| &t.job) {
             Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
+            Some(Job::Ensemble { members }) if s.kind == StageKind::Distill => {
+                Ok(ModelSource::Ensemble { stage: name.get_ref().clone(), members: members.clone() })
+            }
+            Some(Job::Ensemble { .. }) => bail!(
+                "{}: stage `{}`: `{}` is an ensemble, which has no single output layer; name one of its members",
+                line_of(text, name.span().start),
+                s.name.get_ref(),
+                name.get_ref()
+            ),
             Some(Job::Evaluate { .. } | Job::BiasShift { .. }) => bail!(
                 "{}: stage `{}`: `{}` trains no model (it is an evaluation)",
                 line_of(text, name.span().start),
@@ -1053,7 +1137,7 @@ epochs = 5
         assert_eq!((distill.temperature, distill.hard_weight, distill.soft_weight), (20.0, 0.0, 1.0));
         let seed = |s: &Stage| match &s.job {
             Job::Train { training, .. } | Job::Distill { training, .. } => training.seed,
-            Job::Evaluate { .. } | Job::BiasShift { .. } => unreachable!(),
+            Job::Evaluate { .. } | Job::BiasShift { .. } | Job::Ensemble { .. } => unreachable!(),
         };
         assert_ne!(seed(&e.stages[0]), seed(&e.stages[1]), "stages derive distinct seeds");
         // The resolved config serializes (it becomes the run's config.toml).
@@ -1068,6 +1152,37 @@ epochs = 5
         assert_eq!(names, ["teacher", "student-T2.5-h4", "student-T2.5-h3x3", "student-T8-h4", "student-T8-h3x3"]);
         let Job::Distill { model, distill, .. } = &e.stages[2].job else { panic!() };
         assert_eq!((model.hidden.as_slice(), distill.temperature), ([3, 3].as_slice(), 2.5));
+    }
+
+    #[test]
+    fn ensembles_resolve_their_members_and_serve_as_teachers() {
+        let text = GOOD.replace(
+            "jitter = 2\n",
+            "jitter = 2\nsweep = { seed = [1, 2, 3] }\n\n[[stages]]\nname = \"ens\"\nkind = \"ensemble\"\nmembers = [\"teacher\"]\n",
+        );
+        let text = text.replace("teacher = \"teacher\"", "teacher = \"ens\"");
+        let e = parse(&text).unwrap();
+        let members: Vec<ModelSource> =
+            ["teacher-s1", "teacher-s2", "teacher-s3"].iter().map(|s| ModelSource::Stage(s.to_string())).collect();
+        assert_eq!(e.stages[3].job, Job::Ensemble { members: members.clone() }, "a sweep's base name lists its stages");
+        let Job::Distill { distill, .. } = &e.stages[4].job else { panic!() };
+        assert_eq!(distill.teacher, ModelSource::ensemble("ens", &members));
+        assert_eq!(distill.teacher.stages(), ["ens", "teacher-s1", "teacher-s2", "teacher-s3"]);
+        assert!(e.to_toml().is_ok());
+
+        let members_line = |m: &str| text.replace("members = [\"teacher\"]", m);
+        for (bad, msg) in [
+            (members_line("members = [\"teacher-s1\"]"), "at least two models"),
+            (members_line("members = [\"nobody\", \"teacher\"]"), "member `nobody` is no earlier stage"),
+            (members_line("members = [\"teacher\", \"teacher-s2\"]"), "member `teacher-s2` is listed twice"),
+            (members_line("members = [\"teacher\"]\nepochs = 3"), "`epochs` does not apply to a ensemble stage"),
+            (text.replace("temperature = 20\n", "objective = \"logits\"\n"), "logit matching needs one teacher"),
+        ] {
+            let err = format!("{:#}", parse(&bad).unwrap_err());
+            assert!(err.contains(msg), "{msg}: {err}");
+        }
+        let evaluate = format!("{text}\n[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"ens\"\n");
+        assert!(format!("{:#}", parse(&evaluate).unwrap_err()).contains("`ens` is an ensemble"));
     }
 
     #[test]

@@ -193,6 +193,10 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
             parts.push(format!("transfer set of classes {l} only"));
         }
     }
+    if kind == "ensemble" {
+        let members = member_names(stage);
+        parts.push(format!("mean of the probabilities of {}: {}", members.len(), members.join(", ")));
+    }
     if kind == "evaluate" {
         parts.push(format!("evaluation of {}", stage.get("source").and_then(source).unwrap_or_default()));
     }
@@ -207,11 +211,74 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
     parts.join(", ")
 }
 
-/// `stage `x`` or `checkpoint path` from a recorded model source.
+/// The member stages of an ensemble stage.
+fn member_names(stage: &toml::Table) -> Vec<String> {
+    let members = stage.get("members").and_then(|m| m.as_array()).map(Vec::as_slice).unwrap_or_default();
+    members.iter().filter_map(|m| m.get("stage").and_then(|s| s.as_str()).map(str::to_string)).collect()
+}
+
+/// The paper's Table 1 for each ensemble of a run: test accuracy of a single model (the mean
+/// over the members, each one baseline model with its own seed), of the ensemble, and of every
+/// student distilled from it, with the share of the ensemble's gain over the single model that
+/// the student keeps.
+fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
+    let accuracy = |stage: &str| run.summary.iter().find(|r| r.stage == stage).map(|r| r.test_accuracy);
+    for row in run.summary.iter().filter(|r| r.kind == "ensemble") {
+        let Some(stage) = run.stage(&row.stage) else { continue };
+        let members = member_names(stage);
+        let Some(accs) = members.iter().map(|m| accuracy(m)).collect::<Option<Vec<f64>>>() else { continue };
+        if accs.is_empty() {
+            continue;
+        }
+        let (base, _) = mean_sd(&accs);
+        let (lo, hi) = accs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &a| (lo.min(a), hi.max(a)));
+        let gain = row.test_accuracy - base;
+        let kept = |acc: f64| {
+            if gain > 0.0 {
+                format!("{:.0}%", 100.0 * (acc - base) / gain)
+            } else {
+                "– (no gain)".into()
+            }
+        };
+        writeln!(md, "Ensemble `{}` and what distillation keeps of its gain (the paper's Table 1):\n", row.stage)?;
+        writeln!(md, "| model | test accuracy | share of the ensemble's gain over a single model |")?;
+        writeln!(md, "|---|---|---|")?;
+        writeln!(
+            md,
+            "| single model (mean of the {} members; {:.2}% to {:.2}%) | {:.2}% | 0% |",
+            members.len(),
+            100.0 * lo,
+            100.0 * hi,
+            100.0 * base
+        )?;
+        writeln!(md, "| `{}` ({} members) | {:.2}% | 100% |", row.stage, members.len(), 100.0 * row.test_accuracy)?;
+        let students = run.summary.iter().filter(|r| {
+            let teacher = run.stage(&r.stage).and_then(|s| s.get("distill")).and_then(|d| d.get("teacher"));
+            teacher.and_then(|t| t.get("ensemble")).and_then(|e| e.get("stage")).and_then(|s| s.as_str())
+                == Some(row.stage.as_str())
+        });
+        for student in students {
+            writeln!(
+                md,
+                "| `{}` (distilled) | {:.2}% | {} |",
+                student.stage,
+                100.0 * student.test_accuracy,
+                kept(student.test_accuracy)
+            )?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
+}
+
+/// `stage `x``, `ensemble `x`` or `checkpoint path` from a recorded model source.
 fn source(v: &toml::Value) -> Option<String> {
     let t = v.as_table()?;
     if let Some(s) = t.get("stage").and_then(|s| s.as_str()) {
         return Some(format!("stage `{s}`"));
+    }
+    if let Some(s) = t.get("ensemble").and_then(|e| e.get("stage")).and_then(|s| s.as_str()) {
+        return Some(format!("ensemble `{s}`"));
     }
     t.get("checkpoint").and_then(|c| c.as_str()).map(|c| format!("checkpoint `{c}`"))
 }
@@ -328,6 +395,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         }
         for run in group.iter().take(1) {
             sweep_section(&mut md, run, &plots_dir, &rel)?;
+            ensemble_section(&mut md, run)?;
         }
         curves_plot(&mut md, first, &plots_dir, &rel)?;
     }

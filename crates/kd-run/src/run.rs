@@ -14,12 +14,12 @@ use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
 use crate::output::{self, ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
 use crate::progress::Progress;
-use crate::train::{self, Evaluation, Geometry, Supervision, TeacherSignal, Trainer, EVAL_BATCH};
+use crate::train::{self, Evaluation, Geometry, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
 /// Picks the device named by an experiment's `device` setting.
@@ -185,7 +185,7 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                 run.record(&mut tables, name, "train", &net, started, None)?;
             }
             Job::Distill { model, training, distill } => {
-                let (_teacher_vs, teacher) = run.load_model(&distill.teacher)?;
+                let (_teacher_vs, teacher) = run.load_teacher(&distill.teacher, distill.temperature)?;
                 let transfer = run.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
                 // (or read from the cache) once.
@@ -205,6 +205,19 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
             }
             Job::BiasShift { source, classes, min, max, step, fixed } => {
                 run.bias_shift(&mut tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
+            }
+            Job::Ensemble { members } => {
+                let (_vs, ensemble) = run.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
+                let first = ensemble.members[0].config().describe();
+                let same = ensemble.members.iter().all(|m| m.config().describe() == first);
+                let model = format!(
+                    "ensemble of {} x mlp {}",
+                    ensemble.members.len(),
+                    if same { first } else { "(mixed)".into() }
+                );
+                let parameters = ensemble.members.iter().map(Mlp::num_params).sum();
+                let logits = |x: &Tensor| ensemble.logits(x);
+                run.record_with(&mut tables, name, "ensemble", (model, parameters), &logits, started, None)?;
             }
         }
     }
@@ -235,8 +248,9 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
             Job::Train { .. } => None,
             Job::Distill { distill, .. } => Some(&distill.teacher),
             Job::Evaluate { source } | Job::BiasShift { source, .. } => Some(source),
+            Job::Ensemble { members } => Some(&ModelSource::ensemble(&stage.name, members)),
         };
-        let reads_changed = matches!(source, Some(ModelSource::Stage(s)) if changed.contains(s));
+        let reads_changed = source.is_some_and(|s| s.stages().iter().any(|s| changed.iter().any(|c| c == s)));
         let differs = stage_settings(&old, &stage.name).is_none_or(|o| Some(o) != stage_settings(&new, &stage.name));
         if reads_changed || differs {
             changed.push(stage.name.clone());
@@ -262,15 +276,28 @@ impl Run<'_> {
         self.dir.join("checkpoints").join(format!("{stage}.resume.safetensors"))
     }
 
-    fn source_path(&self, source: &ModelSource) -> PathBuf {
+    /// The checkpoint file of a single model (an ensemble has one per member).
+    fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
         match source {
-            ModelSource::Stage(name) => self.checkpoint(name),
-            ModelSource::Checkpoint(path) => path.clone(),
+            ModelSource::Stage(name) => Ok(self.checkpoint(name)),
+            ModelSource::Checkpoint(path) => Ok(path.clone()),
+            ModelSource::Ensemble { stage, .. } => bail!("`{stage}` is an ensemble, not one checkpoint"),
         }
     }
 
+    /// A teacher: one network, or an ensemble's members, averaged at `temperature`.
+    fn load_teacher(&self, source: &ModelSource, temperature: f64) -> Result<(Vec<nn::VarStore>, Teacher)> {
+        let sources = match source {
+            ModelSource::Ensemble { members, .. } => members.as_slice(),
+            single => std::slice::from_ref(single),
+        };
+        let (stores, members) =
+            sources.iter().map(|s| self.load_model(s)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        Ok((stores, Teacher { members, temperature }))
+    }
+
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
-        let path = self.source_path(source);
+        let path = self.source_path(source)?;
         if let ModelSource::Stage(stage) = source {
             if !path.exists() {
                 bail!("stage `{stage}` has not run yet: run it first (or add `--only {stage}`)");
@@ -326,16 +353,37 @@ impl Run<'_> {
         Ok(subset)
     }
 
-    /// The teacher's logits over the transfer set, from the cache when an identical teacher
-    /// checkpoint already ran over the same set.
+    /// The teacher's logits over the transfer set (for an ensemble, the combination of
+    /// [`Teacher::logits`]), each network's from the cache when an identical checkpoint already
+    /// ran over the same set.
     fn teacher_logits(
+        &self,
+        source: &ModelSource,
+        teacher: &Teacher,
+        transfer: &Split,
+        spec: &DistillSpec,
+    ) -> Result<Tensor> {
+        let sources = match source {
+            ModelSource::Ensemble { members, .. } => members.as_slice(),
+            single => std::slice::from_ref(single),
+        };
+        let members = sources
+            .iter()
+            .zip(&teacher.members)
+            .map(|(s, net)| self.network_logits(s, net, transfer, spec))
+            .collect::<Result<Vec<_>>>()?;
+        train::combine_logits(&members, teacher.temperature)
+    }
+
+    /// One network's logits over the transfer set, cached on disk by checkpoint and set.
+    fn network_logits(
         &self,
         source: &ModelSource,
         teacher: &Mlp,
         transfer: &Split,
         spec: &DistillSpec,
     ) -> Result<Tensor> {
-        let checkpoint = std::fs::read(self.source_path(source))?;
+        let checkpoint = std::fs::read(self.source_path(source)?)?;
         let d = &self.exp.data;
         // The data settings (folder, limits, split, corpus), the class filters and the size.
         let identity = format!("{d:?}|{:?}|{:?}|{}", spec.transfer_exclude, spec.transfer_only, transfer.len());
@@ -472,12 +520,28 @@ impl Run<'_> {
         started: Instant,
         shift: Option<f64>,
     ) -> Result<()> {
+        let model = (format!("mlp {}", net.config().describe()), net.num_params());
+        self.record_with(tables, stage, kind, model, &|x| Ok(net.forward_t(x, false)), started, shift)
+    }
+
+    /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn record_with(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        (model, parameters): (String, i64),
+        logits: &dyn Fn(&Tensor) -> Result<Tensor>,
+        started: Instant,
+        shift: Option<f64>,
+    ) -> Result<()> {
         let classes = self.data.num_classes;
         let val = match &self.data.validation {
-            Some(v) => Some(train::evaluate(net, v, classes)?),
+            Some(v) => Some(train::evaluate_with(logits, v, classes)?),
             None => None,
         };
-        let test = train::evaluate(net, &self.data.test, classes)?;
+        let test = train::evaluate_with(logits, &self.data.test, classes)?;
         info!(
             "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
             test.errors,
@@ -499,8 +563,8 @@ impl Run<'_> {
         tables.summary.push(SummaryRow {
             stage: stage.to_string(),
             kind: kind.to_string(),
-            model: format!("mlp {}", net.config().describe()),
-            parameters: net.num_params(),
+            model,
+            parameters,
             val_errors: val.as_ref().map(|v| v.errors),
             test_errors: test.errors,
             test_accuracy: test.accuracy(),

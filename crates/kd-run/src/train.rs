@@ -22,7 +22,43 @@ pub enum TeacherSignal<'a> {
     /// the soft objective, logits for logit matching.
     Cached(Tensor),
     /// Run on each (jittered) batch in evaluation mode.
-    Live(&'a Mlp),
+    Live(&'a Teacher),
+}
+
+/// A teacher: one network, or an ensemble whose distribution at temperature T is the mean of
+/// its members' `softmax(z_m / T)`.
+pub struct Teacher {
+    /// The networks (one for a single teacher).
+    pub members: Vec<Mlp>,
+    /// The temperature at which members are averaged.
+    pub temperature: f64,
+}
+
+impl Teacher {
+    /// Logits whose softmax at the teacher's temperature T is its distribution at T, in
+    /// evaluation mode: a single network's own logits; for an ensemble
+    /// `T * log(mean_m softmax(z_m / T))`.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let members: Vec<Tensor> = self.members.iter().map(|m| m.forward_t(x, false)).collect();
+        combine_logits(&members, self.temperature)
+    }
+}
+
+/// What [`Teacher::logits`] computes from the members' logits: the logits themselves for one
+/// member, else `T * (logsumexp_m log_softmax(z_m / T) - ln M)`, which softmaxes at T to the
+/// mean of the members' distributions at T.
+pub fn combine_logits(members: &[Tensor], temperature: f64) -> Result<Tensor> {
+    match members {
+        [] => anyhow::bail!("a teacher needs at least one network"),
+        [one] => Ok(one.shallow_clone()),
+        _ => {
+            let log_probs: Vec<Tensor> =
+                members.iter().map(|z| kd_core::log_softmax_t(z, temperature)).collect::<Result<_, _>>()?;
+            let stacked = Tensor::stack(&log_probs, 0);
+            Ok((stacked.logsumexp([0], false) - (members.len() as f64).ln()) * temperature)
+        }
+    }
 }
 
 /// Logits of `net` in evaluation mode, without gradients, over `split` in chunks of `batch`.
@@ -137,9 +173,7 @@ pub fn train_epoch(
         let teacher_out = match supervision {
             Supervision::Hard => None,
             Supervision::Distill { teacher: TeacherSignal::Cached(all), .. } => Some(all.index_select(0, &idx)),
-            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => {
-                Some(tch::no_grad(|| t.forward_t(&x, false)))
-            }
+            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => Some(t.logits(&x)?),
         };
         let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
         let b = idx.size()[0];
@@ -179,6 +213,16 @@ impl Evaluation {
 
 /// Evaluates `net` on `split` in evaluation mode (one device sync at the end).
 pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation> {
+    evaluate_with(&|x| Ok(net.forward_t(x, false)), split, num_classes)
+}
+
+/// Evaluates a model given as `logits(x)` (log-probabilities up to a constant per row) on
+/// `split`, without gradients (one device sync at the end).
+pub fn evaluate_with(
+    logits: &dyn Fn(&Tensor) -> Result<Tensor>,
+    split: &Split,
+    num_classes: i64,
+) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
     let n = split.len();
     let device = split.labels.device();
@@ -186,7 +230,7 @@ pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation
     let mut class_errors = Tensor::zeros([num_classes], (Kind::Int64, device));
     for s in (0..n).step_by(EVAL_BATCH as usize) {
         let len = EVAL_BATCH.min(n - s);
-        let logits = net.forward_t(&split.range(s, len), false);
+        let logits = logits(&split.range(s, len))?;
         let y = split.labels.narrow(0, s, len);
         loss_sum += kd_core::hard_target_loss(&logits, &y)?.to_kind(Kind::Double) * len as f64;
         let wrong = logits.argmax(1, false).ne_tensor(&y);
@@ -205,3 +249,26 @@ pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation
 
 /// Batch size used for evaluation and teacher passes (no gradients, so larger than training).
 pub const EVAL_BATCH: i64 = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kd_core::{ensemble_probs, EnsembleRule};
+
+    #[test]
+    fn combined_logits_soften_to_the_mean_of_the_members_distributions() {
+        tch::manual_seed(7);
+        let members: Vec<Tensor> =
+            (0..3).map(|_| Tensor::randn([5, 4], (Kind::Double, tch::Device::Cpu)) * 6.0).collect();
+        for t in [1.0, 2.5, 20.0] {
+            let combined = combine_logits(&members, t).unwrap();
+            let ours = kd_core::softmax_t(&combined, t).unwrap();
+            let reference = ensemble_probs(&members, t, EnsembleRule::ArithmeticMean).unwrap();
+            let gap = f64::try_from((ours - reference).abs().max()).unwrap();
+            assert!(gap < 1e-12, "T = {t}: {gap}");
+        }
+        let one = combine_logits(&members[..1], 3.0).unwrap();
+        assert!(one.equal(&members[0]), "a single teacher's logits pass through");
+        assert!(combine_logits(&[], 1.0).is_err());
+    }
+}

@@ -286,8 +286,11 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     let dir = out.join("speech_tiny");
     let summary = csv_rows(&dir.join("summary.csv"));
     let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
-    assert_eq!(stages, ["baseline", "distilled"]);
-    for r in &summary {
+    assert_eq!(stages, ["baseline", "member-s2", "member-s3", "ensemble", "distilled"]);
+    let ensemble = &summary[3];
+    assert_eq!((ensemble["kind"].as_str(), ensemble["parameters"].as_str()), ("ensemble", "472500"));
+    assert_eq!(ensemble["model"], "ensemble of 3 x mlp 1040-128-128-60");
+    for r in summary.iter().filter(|r| r["kind"] != "ensemble") {
         // 26 frames x 40 channels in, 60 tied states out: (1040 + 1) 128 + (128 + 1) 128 + (128 + 1) 60.
         assert_eq!(r["parameters"], "157500");
         assert_eq!(r["model"], "mlp 1040-128-128-60");
@@ -306,6 +309,19 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     };
     assert_eq!(class_rows.iter().filter(|c| c["stage"] == "baseline" && c["split"] == "test").count(), 60);
     assert!(total("baseline") > 0 && total("baseline") == total("distilled"));
+    // The report's Table 1: the distilled model's share of the ensemble's gain over the mean
+    // single member, from the accuracies in summary.csv.
+    let md_path = out.join("speech.md");
+    let report = kd_run(&["report", "--out", md_path.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let acc = |stage: &str| -> f64 {
+        summary.iter().find(|r| r["stage"] == stage).unwrap()["test_accuracy"].parse().unwrap()
+    };
+    let single = (acc("baseline") + acc("member-s2") + acc("member-s3")) / 3.0;
+    let kept = 100.0 * (acc("distilled") - single) / (acc("ensemble") - single);
+    let row = format!("| `distilled` (distilled) | {:.2}% | {kept:.0}% |", 100.0 * acc("distilled"));
+    assert!(md.contains(&row), "{row}\n{md}");
     // The same corpus settings give the same data: a second run in another folder agrees exactly.
     let again = fresh_dir("speech-again");
     assert!(kd_run(&["run", "experiments/speech_tiny.toml", "--out", again.to_str().unwrap()]).status.success());
