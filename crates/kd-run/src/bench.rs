@@ -68,6 +68,8 @@ fn sgd() -> Training {
             eps: 1e-8,
         },
         schedule: ScheduleSpec { kind: ScheduleKind::Constant, gamma: 1.0, every: 1, min_lr: 0.0 },
+        train_fraction: 1.0,
+        patience: None,
     }
 }
 
@@ -124,7 +126,7 @@ impl Workload {
         };
         let started = Instant::now();
         let geometry: Geometry = Some((28, 28));
-        train::train_epoch(&mut trainer, &self.data, &supervision, &self.training, geometry, 0, |_, _| {})?;
+        train::train_epoch(&mut trainer, &self.data, None, &supervision, &self.training, geometry, 0, |_, _| {})?;
         let seconds = started.elapsed().as_secs_f64();
         self.trainer_state = Some(trainer.opt);
         Ok(self.data.len() as f64 / seconds)

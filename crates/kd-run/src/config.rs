@@ -40,6 +40,9 @@ checked_number!(
     /// A probability in [0, 1) (dropout rates, momentum).
     Rate, f64, |v| (0.0..1.0).contains(&v), "a number in [0, 1)");
 checked_number!(
+    /// A share in (0, 1] (the fraction of the training split a stage trains on).
+    Share, f64, |v| v > 0.0 && v <= 1.0, "a number in (0, 1]");
+checked_number!(
     /// A positive integer (epochs, batch sizes, layer widths).
     Count, i64, |v| v > 0, "an integer > 0");
 
@@ -109,6 +112,15 @@ struct RawTraining {
     optimizer: Option<RawOptimizer>,
     schedule: Option<RawSchedule>,
     jitter: Option<u32>,
+    train_fraction: Option<Share>,
+    early_stopping: Option<RawEarlyStopping>,
+}
+
+/// Stop when the validation errors have not improved for `patience` epochs; keep the best.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawEarlyStopping {
+    patience: Count,
 }
 
 #[derive(Deserialize, Clone)]
@@ -160,6 +172,8 @@ struct RawStage {
     optimizer: Option<RawOptimizer>,
     schedule: Option<RawSchedule>,
     jitter: Option<u32>,
+    train_fraction: Option<Share>,
+    early_stopping: Option<RawEarlyStopping>,
     teacher: Option<Spanned<String>>,
     teacher_checkpoint: Option<PathBuf>,
     temperature: Option<Positive>,
@@ -405,6 +419,14 @@ pub struct Training {
     pub batch_size: i64,
     /// Random translations of up to this many pixels in each direction (0 = none).
     pub jitter: u32,
+    /// The share of the training split (or transfer set) the stage trains on: a random subset,
+    /// the same for every stage of the run with the same share.
+    #[serde(skip_serializing_if = "is_one")]
+    pub train_fraction: f64,
+    /// Stop after this many epochs without fewer validation errors, and keep the best epoch's
+    /// weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patience: Option<i64>,
     /// Seed of initialization, shuffling, dropout and jitter.
     pub seed: u64,
     /// Optimizer.
@@ -678,6 +700,11 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             }
             StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
         };
+        let early =
+            matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.patience.is_some());
+        if early && data.validation == 0 && data.speech.is_none() {
+            stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
+        }
         if data.speech.is_some() {
             let jitter =
                 matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.jitter > 0);
@@ -703,9 +730,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     })
 }
 
-const TRAIN_KEYS: [&str; 9] =
-    ["model", "seed", "epochs", "batch_size", "optimizer", "schedule", "jitter", "sweep", "paper"];
-const DISTILL_KEYS: [&str; 17] = [
+const TRAIN_KEYS: [&str; 11] = [
     "model",
     "seed",
     "epochs",
@@ -713,6 +738,21 @@ const DISTILL_KEYS: [&str; 17] = [
     "optimizer",
     "schedule",
     "jitter",
+    "train_fraction",
+    "early_stopping",
+    "sweep",
+    "paper",
+];
+const DISTILL_KEYS: [&str; 19] = [
+    "model",
+    "seed",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "schedule",
+    "jitter",
+    "train_fraction",
+    "early_stopping",
     "sweep",
     "paper",
     "teacher",
@@ -745,6 +785,8 @@ impl RawStage {
             optimizer: self.optimizer.clone(),
             schedule: self.schedule.clone(),
             jitter: self.jitter,
+            train_fraction: self.train_fraction,
+            early_stopping: self.early_stopping,
         }
     }
 
@@ -758,6 +800,8 @@ impl RawStage {
             ("optimizer", self.optimizer.is_some()),
             ("schedule", self.schedule.is_some()),
             ("jitter", self.jitter.is_some()),
+            ("train_fraction", self.train_fraction.is_some()),
+            ("early_stopping", self.early_stopping.is_some()),
             ("teacher", self.teacher.is_some()),
             ("teacher_checkpoint", self.teacher_checkpoint.is_some()),
             ("temperature", self.temperature.is_some()),
@@ -1027,7 +1071,22 @@ fn resolve_training(defaults: &RawTraining, stage: &RawTraining, seed: u64) -> R
         }
     };
     let jitter = stage.jitter.or(defaults.jitter).unwrap_or(0);
-    Ok(Training { epochs: epochs.0, batch_size: batch_size.0, jitter, seed, optimizer, schedule })
+    let train_fraction = stage.train_fraction.or(defaults.train_fraction).map_or(1.0, |s| s.0);
+    let patience = stage.early_stopping.or(defaults.early_stopping).map(|e| e.patience.0);
+    Ok(Training {
+        epochs: epochs.0,
+        batch_size: batch_size.0,
+        jitter,
+        seed,
+        optimizer,
+        schedule,
+        train_fraction,
+        patience,
+    })
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 /// A stage's seed from the experiment's seed and the stage's name (FNV-1a), so that reordering
@@ -1183,6 +1242,34 @@ epochs = 5
         }
         let evaluate = format!("{text}\n[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"ens\"\n");
         assert!(format!("{:#}", parse(&evaluate).unwrap_err()).contains("`ens` is an ensemble"));
+    }
+
+    #[test]
+    fn train_fraction_and_early_stopping_resolve_and_serialize_only_when_set() {
+        let text =
+            GOOD.replace("epochs = 5\n", "epochs = 5\ntrain_fraction = 0.03\nearly_stopping = { patience = 4 }\n");
+        let e = parse(&text).unwrap();
+        let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+        assert_eq!((training.train_fraction, training.patience), (1.0, None));
+        let Job::Distill { training, .. } = &e.stages[1].job else { panic!() };
+        assert_eq!((training.train_fraction, training.patience), (0.03, Some(4)));
+        let toml = e.to_toml().unwrap();
+        assert_eq!(toml.matches("train_fraction = 0.03").count(), 1, "{toml}");
+        assert_eq!(toml.matches("patience = 4").count(), 1);
+        assert_eq!(toml.matches("train_fraction").count(), 1, "defaults are not written (old runs stay comparable)");
+        for (bad, msg) in [
+            (GOOD.replace("epochs = 5\n", "train_fraction = 0\n"), "expected a number in (0, 1]"),
+            (GOOD.replace("epochs = 5\n", "train_fraction = 1.5\n"), "expected a number in (0, 1]"),
+            (GOOD.replace("epochs = 5\n", "early_stopping = { patience = 0 }\n"), "expected an integer > 0"),
+            (
+                GOOD.replace("validation = 100", "validation = 0")
+                    .replace("epochs = 5\n", "early_stopping = { patience = 2 }\n"),
+                "early stopping watches the validation split",
+            ),
+        ] {
+            let err = format!("{:#}", parse(&bad).unwrap_err());
+            assert!(err.contains(msg), "{msg}: {err}");
+        }
     }
 
     #[test]

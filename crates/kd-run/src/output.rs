@@ -107,6 +107,10 @@ pub struct SummaryRow {
     /// before this column existed).
     #[serde(default)]
     pub device: String,
+    /// Accuracy on the examples the stage trained on, in evaluation mode (train and distill
+    /// stages).
+    #[serde(default)]
+    pub train_accuracy: Option<f64>,
 }
 
 /// One row of `class_errors.csv`: a model's errors on one class of one split.
@@ -173,6 +177,7 @@ mod tests {
             shift: Some(-7.5),
             seconds: 1.5,
             device: "cpu (2 threads)".into(),
+            train_accuracy: Some(0.75),
         }];
         write_csv(&path, &rows).unwrap();
         write_csv(&path, &rows).unwrap();

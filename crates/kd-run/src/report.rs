@@ -271,6 +271,61 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
     Ok(())
 }
 
+/// The paper's Table 5 for a run whose stages train on a fraction of the data: training and
+/// test accuracy of each such stage, beside the model trained on all the data that taught the
+/// soft-target ones.
+fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
+    let fraction = |stage: &str| {
+        run.stage(stage).and_then(|s| s.get("training")).and_then(|t| num(t.get("train_fraction"))).unwrap_or(1.0)
+    };
+    let partial: Vec<&SummaryRow> = run.summary.iter().filter(|r| fraction(&r.stage) < 1.0).collect();
+    if partial.is_empty() {
+        return Ok(());
+    }
+    let teacher_of = |stage: &str| -> Option<String> {
+        let t = run.stage(stage)?.get("distill")?.get("teacher")?;
+        t.get("stage").and_then(|s| s.as_str()).map(str::to_string)
+    };
+    let mut rows: Vec<&SummaryRow> = Vec::new();
+    for r in &partial {
+        if let Some(t) = teacher_of(&r.stage).and_then(|t| run.summary.iter().find(|s| s.stage == t)) {
+            if !rows.iter().any(|x| x.stage == t.stage) {
+                rows.push(t);
+            }
+        }
+    }
+    rows.extend(partial);
+    writeln!(md, "Training on a fraction of the training data (the paper's Table 5):\n")?;
+    writeln!(md, "| model | training data | targets | accuracy on its training examples | test accuracy |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for r in rows {
+        let stage = run.stage(&r.stage).cloned().unwrap_or_default();
+        let mut targets = match stage.get("distill").and_then(|d| d.as_table()) {
+            Some(d) => format!(
+                "soft targets of `{}` at T = {} (weights soft {} / hard {})",
+                teacher_of(&r.stage).unwrap_or_else(|| "a checkpoint".into()),
+                num(d.get("temperature")).unwrap_or(1.0),
+                num(d.get("soft_weight")).unwrap_or(1.0),
+                num(d.get("hard_weight")).unwrap_or(0.0)
+            ),
+            None => "hard targets".into(),
+        };
+        if let Some(p) = stage.get("training").and_then(|t| num(t.get("patience"))) {
+            targets.push_str(&format!(", early stopping (patience {p})"));
+        }
+        writeln!(
+            md,
+            "| `{}` | {}% | {targets} | {} | {:.2}% |",
+            r.stage,
+            100.0 * fraction(&r.stage),
+            r.train_accuracy.map_or("–".into(), |a| format!("{:.2}%", 100.0 * a)),
+            100.0 * r.test_accuracy
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
 /// `stage `x``, `ensemble `x`` or `checkpoint path` from a recorded model source.
 fn source(v: &toml::Value) -> Option<String> {
     let t = v.as_table()?;
@@ -396,6 +451,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         for run in group.iter().take(1) {
             sweep_section(&mut md, run, &plots_dir, &rel)?;
             ensemble_section(&mut md, run)?;
+            fraction_section(&mut md, run)?;
         }
         curves_plot(&mut md, first, &plots_dir, &rel)?;
     }
@@ -586,6 +642,7 @@ mod tests {
             shift: None,
             seconds,
             device: device.into(),
+            train_accuracy: None,
         };
         let run = RunFiles {
             name: "r".into(),

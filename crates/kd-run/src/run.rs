@@ -181,8 +181,9 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
         let name = stage.name.as_str();
         match &stage.job {
             Job::Train { model, training } => {
-                let (_vs, net) = run.train(&mut tables, name, model, training, &run.data.train, &Supervision::Hard)?;
-                run.record(&mut tables, name, "train", &net, started, None)?;
+                let (_vs, net, fit) =
+                    run.train(&mut tables, name, model, training, &run.data.train, &Supervision::Hard)?;
+                run.record_trained(&mut tables, name, "train", &net, fit, started)?;
             }
             Job::Distill { model, training, distill } => {
                 let (_teacher_vs, teacher) = run.load_teacher(&distill.teacher, distill.temperature)?;
@@ -196,8 +197,8 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                     TeacherSignal::Live(&teacher)
                 };
                 let supervision = Supervision::Distill { spec: distill, teacher: signal };
-                let (_vs, net) = run.train(&mut tables, name, model, training, &transfer, &supervision)?;
-                run.record(&mut tables, name, "distill", &net, started, None)?;
+                let (_vs, net, fit) = run.train(&mut tables, name, model, training, &transfer, &supervision)?;
+                run.record_trained(&mut tables, name, "distill", &net, fit, started)?;
             }
             Job::Evaluate { source } => {
                 let (_vs, net) = run.load_model(source)?;
@@ -404,7 +405,19 @@ impl Run<'_> {
         Ok(logits)
     }
 
-    /// Trains a new network for a stage (or resumes it); returns it after the last epoch.
+    /// The examples a stage with `training.train_fraction < 1` trains on: a sorted random subset
+    /// of `n`, drawn from the experiment's seed and the fraction alone, so that every stage
+    /// with the same fraction (hard targets, soft targets) sees the same examples.
+    fn fraction_examples(&self, n: i64, fraction: f64) -> Tensor {
+        let k = ((fraction * n as f64).ceil() as i64).clamp(1, n);
+        tch::manual_seed((self.exp.seed as i64).wrapping_mul(1_000_003) ^ (fraction.to_bits() as i64 & 0x7fff_ffff));
+        let (sorted, _) = Tensor::randperm(n, (Kind::Int64, self.device)).narrow(0, 0, k).sort(0, false);
+        sorted
+    }
+
+    /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
+    /// early stopping, the best epoch's weights) and its accuracy on the examples it trained on,
+    /// in evaluation mode.
     fn train(
         &self,
         tables: &mut Tables,
@@ -413,7 +426,7 @@ impl Run<'_> {
         training: &Training,
         split: &Split,
         supervision: &Supervision,
-    ) -> Result<(nn::VarStore, Mlp)> {
+    ) -> Result<(nn::VarStore, Mlp, f64)> {
         let mut sizes = vec![self.data.train.input_dim()];
         sizes.extend(&spec.hidden);
         sizes.push(self.data.num_classes);
@@ -429,13 +442,20 @@ impl Run<'_> {
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
 
         let mut first_epoch = 0;
+        // Early stopping: (fewest validation errors, epoch) so far.
+        let mut best: Option<(i64, i64)> = None;
+        let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
         let resume_path = self.resume_checkpoint(stage);
         if resume_path.exists() {
             let named = output::load_tensors(&resume_path)?;
             let epoch = named.iter().find(|(k, _)| k == EPOCH_KEY).context("resume checkpoint without epoch")?;
             first_epoch = i64::try_from(&epoch.1)?;
+            if let Some((_, b)) = named.iter().find(|(k, _)| k == BEST_KEY) {
+                let b = Vec::<i64>::try_from(b)?;
+                best = Some((b[0], b[1]));
+            }
             let (model_part, rest): (Vec<_>, Vec<_>) =
-                named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && k != EPOCH_KEY);
+                named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && !k.starts_with(PROGRESS_PREFIX));
             let (saved_vs, _) = Mlp::from_tensors(&model_part, self.device)?;
             let saved = saved_vs.variables();
             tch::no_grad(|| -> Result<()> {
@@ -453,7 +473,17 @@ impl Run<'_> {
         if geometry.is_none() && training.jitter > 0 {
             bail!("stage `{stage}`: jitter translates images; this data is not images");
         }
-        let steps_per_epoch = (split.len() + training.batch_size - 1) / training.batch_size;
+        let examples =
+            (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
+        let n = examples.as_ref().map_or(split.len(), |e| e.size()[0]);
+        if examples.is_some() {
+            info!(
+                "stage `{stage}`: trains on {n} of {} examples (train_fraction {})",
+                split.len(),
+                training.train_fraction
+            );
+        }
+        let steps_per_epoch = (n + training.batch_size - 1) / training.batch_size;
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(
             "stage `{stage}`: {} ({} parameters), {} epochs of {} steps",
@@ -470,14 +500,32 @@ impl Run<'_> {
             let lr = training.lr(epoch);
             trainer.opt.set_lr(lr);
             trainer.opt.set_momentum(training.momentum(epoch));
-            let totals = train::train_epoch(&mut trainer, split, supervision, training, geometry, 50, |step, loss| {
-                progress.step(epoch as u64, step as u64, loss)
-            })?;
+            let totals = train::train_epoch(
+                &mut trainer,
+                split,
+                examples.as_ref(),
+                supervision,
+                training,
+                geometry,
+                50,
+                |step, loss| progress.step(epoch as u64, step as u64, loss),
+            )?;
             let val = match &self.data.validation {
                 Some(v) => Some(train::evaluate(&net, v, self.data.num_classes)?),
                 None => None,
             };
-            let last = epoch + 1 == training.epochs;
+            let mut last = epoch + 1 == training.epochs;
+            if let (Some(patience), Some(v)) = (training.patience, &val) {
+                if best.is_none_or(|(errors, _)| v.errors < errors) {
+                    best = Some((v.errors, epoch + 1));
+                    output::save_tensors(&best_path, &net.to_tensors(&vs))?;
+                }
+                let since = epoch + 1 - best.map_or(0, |(_, e)| e);
+                if since >= patience && !last {
+                    info!("stage `{stage}`: no fewer validation errors for {since} epochs; stopping early");
+                    last = true;
+                }
+            }
             let test_errors =
                 if last { Some(train::evaluate(&net, &self.data.test, self.data.num_classes)?.errors) } else { None };
             let row = MetricsRow {
@@ -497,17 +545,56 @@ impl Run<'_> {
                 let mut state = net.to_tensors(&vs);
                 state.extend(trainer.opt.state());
                 state.push((EPOCH_KEY.to_string(), Tensor::from_slice(&[epoch + 1])));
+                if let Some((errors, at)) = best {
+                    state.push((BEST_KEY.to_string(), Tensor::from_slice(&[errors, at])));
+                }
                 output::save_tensors(&resume_path, &state)?;
             }
             tables.write(&self.dir)?;
+            if last {
+                break;
+            }
         }
         progress.finish();
         drop(trainer);
-        output::save_tensors(&self.checkpoint(stage), &net.to_tensors(&vs))?;
-        if resume_path.exists() {
-            std::fs::remove_file(&resume_path)?;
+        if let Some((errors, at)) = best {
+            info!("stage `{stage}`: keeps epoch {at} ({errors} validation errors)");
+            let saved = output::load_tensors(&best_path)?;
+            let (saved_vs, _) = Mlp::from_tensors(&saved, self.device)?;
+            let saved = saved_vs.variables();
+            tch::no_grad(|| -> Result<()> {
+                for (name, mut var) in vs.variables() {
+                    var.copy_(saved.get(&name).context("best checkpoint lacks a weight")?);
+                }
+                Ok(())
+            })?;
         }
-        Ok((vs, net))
+        output::save_tensors(&self.checkpoint(stage), &net.to_tensors(&vs))?;
+        for path in [&resume_path, &best_path] {
+            if path.exists() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let fit =
+            train::evaluate_with(&|x| Ok(net.forward_t(x, false)), split, examples.as_ref(), self.data.num_classes)?;
+        Ok((vs, net, fit.accuracy()))
+    }
+
+    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples.
+    fn record_trained(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        net: &Mlp,
+        fit: f64,
+        started: Instant,
+    ) -> Result<()> {
+        self.record(tables, stage, kind, net, started, None)?;
+        if let Some(row) = tables.summary.last_mut() {
+            row.train_accuracy = Some(fit);
+        }
+        tables.write(&self.dir)
     }
 
     /// Evaluates `net` on the validation and test splits and records its summary and per-class rows.
@@ -538,10 +625,10 @@ impl Run<'_> {
     ) -> Result<()> {
         let classes = self.data.num_classes;
         let val = match &self.data.validation {
-            Some(v) => Some(train::evaluate_with(logits, v, classes)?),
+            Some(v) => Some(train::evaluate_with(logits, v, None, classes)?),
             None => None,
         };
-        let test = train::evaluate_with(logits, &self.data.test, classes)?;
+        let test = train::evaluate_with(logits, &self.data.test, None, classes)?;
         info!(
             "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
             test.errors,
@@ -571,6 +658,7 @@ impl Run<'_> {
             shift,
             seconds: started.elapsed().as_secs_f64(),
             device: device_name(self.device),
+            train_accuracy: None,
         });
         tables.write(&self.dir)
     }
@@ -638,4 +726,6 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+const PROGRESS_PREFIX: &str = "__progress__.";
 const EPOCH_KEY: &str = "__progress__.epoch";
+const BEST_KEY: &str = "__progress__.best";

@@ -147,11 +147,12 @@ pub struct EpochTotals {
 /// Image geometry for jitter: (rows, cols), None for inputs that are not images.
 pub type Geometry = Option<(i64, i64)>;
 
-/// One pass over `train` in a random order. `on_step(done, running_loss)` is called after each
+/// One pass over `train` (only its `examples`, when given) in a random order. `on_step(done, running_loss)` is called after each
 /// step; `running_loss` is `Some` every `report_every` steps only (reading it syncs the device).
 pub fn train_epoch(
     trainer: &mut Trainer,
     train: &Split,
+    examples: Option<&Tensor>,
     supervision: &Supervision,
     training: &Training,
     geometry: Geometry,
@@ -159,11 +160,12 @@ pub fn train_epoch(
     mut on_step: impl FnMut(usize, Option<f64>),
 ) -> Result<EpochTotals> {
     let device = train.labels.device();
-    let n = train.len();
+    let n = examples.map_or(train.len(), |e| e.size()[0]);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut seen = 0i64;
-    for (i, idx) in data::batches(n, training.batch_size, device).enumerate() {
+    for (i, positions) in data::batches(n, training.batch_size, device).enumerate() {
+        let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
         let x = train.inputs(&idx);
         let x = match geometry {
             Some((rows, cols)) if training.jitter > 0 => data::jitter(&x, rows, cols, i64::from(training.jitter)),
@@ -213,30 +215,36 @@ impl Evaluation {
 
 /// Evaluates `net` on `split` in evaluation mode (one device sync at the end).
 pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation> {
-    evaluate_with(&|x| Ok(net.forward_t(x, false)), split, num_classes)
+    evaluate_with(&|x| Ok(net.forward_t(x, false)), split, None, num_classes)
 }
 
 /// Evaluates a model given as `logits(x)` (log-probabilities up to a constant per row) on
-/// `split`, without gradients (one device sync at the end).
+/// `split` (only its `examples`, when given), without gradients (one device sync at the end).
 pub fn evaluate_with(
     logits: &dyn Fn(&Tensor) -> Result<Tensor>,
     split: &Split,
+    examples: Option<&Tensor>,
     num_classes: i64,
 ) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
-    let n = split.len();
+    let n = examples.map_or(split.len(), |e| e.size()[0]);
+    let labels = examples.map_or_else(|| split.labels.shallow_clone(), |e| split.labels.index_select(0, e));
     let device = split.labels.device();
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut class_errors = Tensor::zeros([num_classes], (Kind::Int64, device));
     for s in (0..n).step_by(EVAL_BATCH as usize) {
         let len = EVAL_BATCH.min(n - s);
-        let logits = logits(&split.range(s, len))?;
-        let y = split.labels.narrow(0, s, len);
+        let x = match examples {
+            Some(e) => split.inputs(&e.narrow(0, s, len)),
+            None => split.range(s, len),
+        };
+        let logits = logits(&x)?;
+        let y = labels.narrow(0, s, len);
         loss_sum += kd_core::hard_target_loss(&logits, &y)?.to_kind(Kind::Double) * len as f64;
         let wrong = logits.argmax(1, false).ne_tensor(&y);
         class_errors += y.masked_select(&wrong).bincount::<Tensor>(None, num_classes);
     }
-    let class_examples = Vec::<i64>::try_from(split.labels.bincount::<Tensor>(None, num_classes))?;
+    let class_examples = Vec::<i64>::try_from(labels.bincount::<Tensor>(None, num_classes))?;
     let class_errors = Vec::<i64>::try_from(class_errors)?;
     Ok(Evaluation {
         loss: f64::try_from(&loss_sum)? / n.max(1) as f64,

@@ -286,7 +286,27 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     let dir = out.join("speech_tiny");
     let summary = csv_rows(&dir.join("summary.csv"));
     let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
-    assert_eq!(stages, ["baseline", "member-s2", "member-s3", "ensemble", "distilled"]);
+    assert_eq!(stages, ["baseline", "member-s2", "member-s3", "ensemble", "distilled", "small_hard", "small_soft"]);
+    // Early stopping keeps the epoch with the fewest validation errors and stops `patience`
+    // epochs after it (or at the last epoch).
+    let dev_frames: f64 = {
+        let r = &summary[0];
+        let acc: f64 =
+            csv_rows(&dir.join("metrics.csv")).iter().find(|m| m["stage"] == "baseline" && m["epoch"] == "3").unwrap()
+                ["val_accuracy"]
+                .parse()
+                .unwrap();
+        r["val_errors"].parse::<f64>().unwrap() / (1.0 - acc)
+    };
+    let small: Vec<i64> = csv_rows(&dir.join("metrics.csv"))
+        .iter()
+        .filter(|m| m["stage"] == "small_hard")
+        .map(|m| ((1.0 - m["val_accuracy"].parse::<f64>().unwrap()) * dev_frames).round() as i64)
+        .collect();
+    let (best_at, best) = small.iter().enumerate().min_by_key(|&(i, e)| (*e, i)).unwrap();
+    assert_eq!(summary[5]["val_errors"].parse::<i64>().unwrap(), *best, "the best epoch is kept: {small:?}");
+    assert!(small.len() == 20 || small.len() == best_at + 1 + 2, "stops 2 epochs after the best: {small:?}");
+    assert!(summary.iter().all(|r| r["train_accuracy"].is_empty() == (r["kind"] == "ensemble")));
     let ensemble = &summary[3];
     assert_eq!((ensemble["kind"].as_str(), ensemble["parameters"].as_str()), ("ensemble", "472500"));
     assert_eq!(ensemble["model"], "ensemble of 3 x mlp 1040-128-128-60");
@@ -321,6 +341,14 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     let single = (acc("baseline") + acc("member-s2") + acc("member-s3")) / 3.0;
     let kept = 100.0 * (acc("distilled") - single) / (acc("ensemble") - single);
     let row = format!("| `distilled` (distilled) | {:.2}% | {kept:.0}% |", 100.0 * acc("distilled"));
+    assert!(md.contains(&row), "{row}\n{md}");
+    let soft = &summary[6];
+    let train_acc: f64 = soft["train_accuracy"].parse().unwrap();
+    let row = format!(
+        "| `small_soft` | 10% | soft targets of `baseline` at T = 2 (weights soft 0.5 / hard 0.5) | {:.2}% | {:.2}% |",
+        100.0 * train_acc,
+        100.0 * acc("small_soft")
+    );
     assert!(md.contains(&row), "{row}\n{md}");
     // The same corpus settings give the same data: a second run in another folder agrees exactly.
     let again = fresh_dir("speech-again");
