@@ -2,7 +2,7 @@
 # Every target sets up what it needs first; setup skips what is already there.
 KD_RUN := target/release/kd-run
 
-.PHONY: setup build run test bench check clean-runs
+.PHONY: setup build run test bench check mnist-section clean-runs
 
 setup:
 	scripts/setup.sh
@@ -18,6 +18,11 @@ test: setup
 
 bench: build
 	$(KD_RUN) bench
+
+# The paper's whole MNIST section and docs/results/mnist.md (hours on a CPU; see
+# experiments/mnist/README.md).
+mnist-section: build
+	scripts/mnist_section.sh
 
 # What to run before a commit: formatting, lints, tests.
 check: setup

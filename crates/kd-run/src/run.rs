@@ -502,8 +502,7 @@ impl Run<'_> {
             trainer.opt.set_momentum(training.momentum(epoch));
             let totals = train::train_epoch(
                 &mut trainer,
-                split,
-                examples.as_ref(),
+                (split, examples.as_ref()),
                 supervision,
                 training,
                 geometry,

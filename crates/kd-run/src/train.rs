@@ -151,8 +151,7 @@ pub type Geometry = Option<(i64, i64)>;
 /// step; `running_loss` is `Some` every `report_every` steps only (reading it syncs the device).
 pub fn train_epoch(
     trainer: &mut Trainer,
-    train: &Split,
-    examples: Option<&Tensor>,
+    (train, examples): (&Split, Option<&Tensor>),
     supervision: &Supervision,
     training: &Training,
     geometry: Geometry,
