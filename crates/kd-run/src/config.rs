@@ -510,6 +510,18 @@ pub enum ModelSource {
     Checkpoint(PathBuf),
 }
 
+impl Job {
+    /// The stages of this run whose models the job reads.
+    pub fn reads(&self) -> Vec<&str> {
+        match self {
+            Job::Train { .. } => vec![],
+            Job::Distill { distill, .. } => distill.teacher.stages(),
+            Job::Evaluate { source } | Job::BiasShift { source, .. } => source.stages(),
+            Job::Ensemble { members } => members.iter().flat_map(ModelSource::stages).collect(),
+        }
+    }
+}
+
 impl ModelSource {
     /// The source of an ensemble stage `stage` with these members.
     pub fn ensemble(stage: &str, members: &[ModelSource]) -> Self {

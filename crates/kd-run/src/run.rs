@@ -81,12 +81,17 @@ impl Tables {
         output::write_csv(&dir.join(SHIFTS), &self.shifts)
     }
 
-    /// Forgets what an unfinished stage recorded beyond `epoch`.
-    fn forget(&mut self, stage: &str, epoch: i64) {
+    /// Forgets a stage's results (its summary and per-class rows), not its epochs.
+    fn forget_results(&mut self, stage: &str) {
         let other = |s: &str| s != stage && !s.starts_with(&format!("{stage}-fixed"));
-        self.metrics.retain(|r| r.stage != stage || r.epoch <= epoch);
         self.summary.retain(|r| other(&r.stage));
         self.class_errors.retain(|r| other(&r.stage));
+    }
+
+    /// Forgets what an unfinished stage recorded beyond `epoch`.
+    fn forget(&mut self, stage: &str, epoch: i64) {
+        self.metrics.retain(|r| r.stage != stage || r.epoch <= epoch);
+        self.forget_results(stage);
         self.shifts.retain(|r| r.stage != stage);
     }
 }
@@ -166,10 +171,16 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     if !changed.is_empty() {
         tables.write(&dir)?;
     }
+    // A stage is done once its results are recorded, if a later stage reads its model its
+    // checkpoint exists, and no stage it reads ran again.
+    let read: Vec<&str> = exp.stages.iter().flat_map(|s| s.job.reads()).collect();
+    let mut ran: Vec<&str> = Vec::new();
     for stage in &exp.stages {
         let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
-        let done =
-            tables.summary.iter().any(|r| r.stage == stage.name) && (!trains || run.checkpoint(&stage.name).exists());
+        let needed = trains && read.contains(&stage.name.as_str());
+        let done = tables.summary.iter().any(|r| r.stage == stage.name)
+            && (!needed || run.checkpoint(&stage.name).exists())
+            && !stage.job.reads().iter().any(|s| ran.iter().any(|r| r == s));
         if done {
             info!("stage `{}`: already done, skipped", stage.name);
             continue;
@@ -177,6 +188,8 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
         if !only.is_empty() && !only.contains(&stage.name) {
             continue;
         }
+        tables.forget_results(&stage.name);
+        ran.push(&stage.name);
         let started = Instant::now();
         let name = stage.name.as_str();
         match &stage.job {
@@ -245,13 +258,7 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
     };
     let mut changed: Vec<String> = Vec::new();
     for stage in &exp.stages {
-        let source = match &stage.job {
-            Job::Train { .. } => None,
-            Job::Distill { distill, .. } => Some(&distill.teacher),
-            Job::Evaluate { source } | Job::BiasShift { source, .. } => Some(source),
-            Job::Ensemble { members } => Some(&ModelSource::ensemble(&stage.name, members)),
-        };
-        let reads_changed = source.is_some_and(|s| s.stages().iter().any(|s| changed.iter().any(|c| c == s)));
+        let reads_changed = stage.job.reads().iter().any(|s| changed.iter().any(|c| c == s));
         let differs = stage_settings(&old, &stage.name).is_none_or(|o| Some(o) != stage_settings(&new, &stage.name));
         if reads_changed || differs {
             changed.push(stage.name.clone());

@@ -163,6 +163,17 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already done"));
     assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), before);
 
+    // A model no stage reads needs no checkpoint to count as done; one that is read does.
+    std::fs::remove_file(dir.join("checkpoints/student.safetensors")).unwrap();
+    std::fs::remove_file(dir.join("checkpoints/distilled_no3.safetensors")).unwrap();
+    let again = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(log.contains("stage `student`: already done"), "{log}");
+    assert!(!log.contains("stage `distilled_no3`: already done"), "no3_shift reads it: {log}");
+    assert!(!log.contains("stage `no3_shift`: already done"), "what it reads ran again: {log}");
+    assert_eq!(csv_rows(&dir.join("summary.csv")).len(), summary.len(), "no duplicate rows");
+    assert!(dir.join("checkpoints/distilled_no3.safetensors").exists());
+
     // A stage whose settings changed runs again, with the stages that read its model; the
     // others keep their results.
     let changed = kd_run(&[
