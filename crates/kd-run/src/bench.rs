@@ -98,6 +98,7 @@ impl Workload {
                     soft_weight: 1.0,
                     transfer_exclude: vec![],
                     transfer_only: vec![],
+                    top_k: None,
                 }),
             ),
         };

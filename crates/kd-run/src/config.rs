@@ -176,6 +176,7 @@ struct RawStage {
     early_stopping: Option<RawEarlyStopping>,
     teacher: Option<Spanned<String>>,
     teacher_checkpoint: Option<PathBuf>,
+    teacher_top_k: Option<Count>,
     temperature: Option<Positive>,
     hard_weight: Option<NonNegative>,
     soft_weight: Option<NonNegative>,
@@ -490,6 +491,10 @@ pub struct DistillSpec {
     pub transfer_exclude: Vec<i64>,
     /// If non-empty, the only classes kept in the transfer set.
     pub transfer_only: Vec<i64>,
+    /// Keep only the teacher's `k` most probable classes per example (renormalized at T):
+    /// soft targets in `k` instead of all the classes' numbers, in memory and in the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
 }
 
 /// Where a model comes from.
@@ -714,6 +719,13 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         };
         let early =
             matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.patience.is_some());
+        if matches!(&job, Job::Distill { training, distill, .. } if distill.top_k.is_some() && training.jitter > 0) {
+            stage_bail!(
+                text,
+                s,
+                "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
+            );
+        }
         if early && data.validation == 0 && data.speech.is_none() {
             stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
         }
@@ -755,7 +767,7 @@ const TRAIN_KEYS: [&str; 11] = [
     "sweep",
     "paper",
 ];
-const DISTILL_KEYS: [&str; 19] = [
+const DISTILL_KEYS: [&str; 20] = [
     "model",
     "seed",
     "epochs",
@@ -769,6 +781,7 @@ const DISTILL_KEYS: [&str; 19] = [
     "paper",
     "teacher",
     "teacher_checkpoint",
+    "teacher_top_k",
     "temperature",
     "hard_weight",
     "soft_weight",
@@ -816,6 +829,7 @@ impl RawStage {
             ("early_stopping", self.early_stopping.is_some()),
             ("teacher", self.teacher.is_some()),
             ("teacher_checkpoint", self.teacher_checkpoint.is_some()),
+            ("teacher_top_k", self.teacher_top_k.is_some()),
             ("temperature", self.temperature.is_some()),
             ("hard_weight", self.hard_weight.is_some()),
             ("soft_weight", self.soft_weight.is_some()),
@@ -914,6 +928,10 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
     if objective == Objective::Logits && matches!(teacher, ModelSource::Ensemble { .. }) {
         stage_bail!(text, s, "logit matching needs one teacher network, not an ensemble");
     }
+    let top_k = s.teacher_top_k.map(|k| k.0);
+    if top_k.is_some() && objective == Objective::Logits {
+        stage_bail!(text, s, "`teacher_top_k` keeps soft targets; logit matching needs every logit");
+    }
     let classes = |v: &Option<Vec<ClassId>>| v.iter().flatten().map(|c| c.0).collect::<Vec<_>>();
     let (transfer_exclude, transfer_only) = (classes(&s.transfer_exclude), classes(&s.transfer_only));
     if !transfer_exclude.is_empty() && !transfer_only.is_empty() {
@@ -922,7 +940,16 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
     if s.transfer_only.as_ref().is_some_and(Vec::is_empty) {
         stage_bail!(text, s, "`transfer_only = []` leaves an empty transfer set");
     }
-    Ok(DistillSpec { teacher, objective, temperature, hard_weight, soft_weight, transfer_exclude, transfer_only })
+    Ok(DistillSpec {
+        teacher,
+        objective,
+        temperature,
+        hard_weight,
+        soft_weight,
+        transfer_exclude,
+        transfer_only,
+        top_k,
+    })
 }
 
 /// The members of an ensemble stage: each entry names an earlier stage that trains a model, or

@@ -203,7 +203,11 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                 let transfer = run.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
                 // (or read from the cache) once.
-                let signal = if training.jitter == 0 {
+                let signal = if let Some(k) = distill.top_k {
+                    run.check_top_k(name, k)?;
+                    let (probs, classes) = run.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
+                    TeacherSignal::TopK { probs, classes, num_classes: run.data.num_classes }
+                } else if training.jitter == 0 {
                     let logits = run.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
                     TeacherSignal::Cached(train::teacher_signal(&logits, distill)?)
                 } else {
@@ -381,6 +385,68 @@ impl Run<'_> {
             .map(|(s, net)| self.network_logits(s, net, transfer, spec))
             .collect::<Result<Vec<_>>>()?;
         train::combine_logits(&members, teacher.temperature)
+    }
+
+    fn check_top_k(&self, stage: &str, k: i64) -> Result<()> {
+        if k >= self.data.num_classes {
+            bail!("stage `{stage}`: teacher_top_k = {k} keeps every class (the data has {})", self.data.num_classes);
+        }
+        Ok(())
+    }
+
+    /// The teacher's top-`k` soft targets over the transfer set (see [`train::top_k_targets`]),
+    /// computed chunk by chunk so that no full `[n, classes]` matrix is ever held, and cached on
+    /// disk keyed by every member's checkpoint, the set, T and k.
+    fn teacher_top_k(
+        &self,
+        source: &ModelSource,
+        teacher: &Teacher,
+        transfer: &Split,
+        spec: &DistillSpec,
+        k: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let sources = match source {
+            ModelSource::Ensemble { members, .. } => members.as_slice(),
+            single => std::slice::from_ref(single),
+        };
+        let mut parts: Vec<Vec<u8>> =
+            sources.iter().map(|s| Ok(std::fs::read(self.source_path(s)?)?)).collect::<Result<_>>()?;
+        let d = &self.exp.data;
+        let identity = format!(
+            "top-k|{d:?}|{:?}|{:?}|{}|T{}|k{k}",
+            spec.transfer_exclude,
+            spec.transfer_only,
+            transfer.len(),
+            spec.temperature
+        );
+        parts.push(identity.into_bytes());
+        let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
+        if path.exists() {
+            let cached = output::load_tensors(&path)?;
+            let get = |name: &str| cached.iter().find(|(n, _)| n == name).map(|(_, t)| t.to(self.device));
+            if let (Some(p), Some(c)) = (get("probs"), get("classes")) {
+                if p.size() == [transfer.len(), k] {
+                    info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
+                    return Ok((p, c));
+                }
+            }
+        }
+        let (mut probs, mut classes) = (Vec::new(), Vec::new());
+        let n = transfer.len();
+        for start in (0..n).step_by(EVAL_BATCH as usize) {
+            let logits = teacher.logits(&transfer.range(start, EVAL_BATCH.min(n - start)))?;
+            let (p, c) = train::top_k_targets(&logits, k, spec.temperature)?;
+            probs.push(p);
+            classes.push(c);
+        }
+        let (probs, classes) = (Tensor::cat(&probs, 0), Tensor::cat(&classes, 0));
+        output::save_tensors(
+            &path,
+            &[("probs".into(), probs.shallow_clone()), ("classes".into(), classes.shallow_clone())],
+        )?;
+        info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
+        Ok((probs, classes))
     }
 
     /// One network's logits over the transfer set, cached on disk by checkpoint and set.

@@ -23,6 +23,16 @@ pub enum TeacherSignal<'a> {
     Cached(Tensor),
     /// Run on each (jittered) batch in evaluation mode.
     Live(&'a Teacher),
+    /// The teacher's `k` most probable classes per example of the transfer set, with their
+    /// probabilities at T renormalized over them; expanded to full rows per batch.
+    TopK {
+        /// `[n, k]` probabilities.
+        probs: Tensor,
+        /// `[n, k]` class ids.
+        classes: Tensor,
+        /// Number of classes.
+        num_classes: i64,
+    },
 }
 
 /// A teacher: one network, or an ensemble whose distribution at temperature T is the mean of
@@ -70,6 +80,13 @@ pub fn logits(net: &Mlp, split: &Split, batch: i64) -> Tensor {
     Tensor::cat(&chunks, 0)
 }
 
+/// The `k` largest of each row of a teacher's `logits` as probabilities at `temperature`,
+/// renormalized over those `k`, with their class ids: `(probs, classes)`, each `[n, k]`.
+pub fn top_k_targets(logits: &Tensor, k: i64, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let (values, classes) = logits.topk(k, 1, true, true);
+    Ok((kd_core::softmax_t(&values, temperature)?, classes))
+}
+
 /// What a cached teacher provides to the loss: probabilities at T for the soft objective,
 /// the logits themselves for logit matching.
 pub fn teacher_signal(logits: &Tensor, spec: &DistillSpec) -> Result<Tensor> {
@@ -91,7 +108,7 @@ impl Supervision<'_> {
                 match spec.objective {
                     Objective::Soft => {
                         let targets = match teacher {
-                            TeacherSignal::Cached(_) => SoftTargets::Probs(t),
+                            TeacherSignal::Cached(_) | TeacherSignal::TopK { .. } => SoftTargets::Probs(t),
                             TeacherSignal::Live(_) => SoftTargets::Logits(t),
                         };
                         Ok(kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?.total)
@@ -175,6 +192,11 @@ pub fn train_epoch(
             Supervision::Hard => None,
             Supervision::Distill { teacher: TeacherSignal::Cached(all), .. } => Some(all.index_select(0, &idx)),
             Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => Some(t.logits(&x)?),
+            Supervision::Distill { teacher: TeacherSignal::TopK { probs, classes, num_classes }, .. } => {
+                let p = probs.index_select(0, &idx);
+                let full = Tensor::zeros([p.size()[0], *num_classes], (p.kind(), p.device()));
+                Some(full.scatter(1, &classes.index_select(0, &idx), &p))
+            }
         };
         let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
         let b = idx.size()[0];
@@ -277,5 +299,24 @@ mod tests {
         let one = combine_logits(&members[..1], 3.0).unwrap();
         assert!(one.equal(&members[0]), "a single teacher's logits pass through");
         assert!(combine_logits(&[], 1.0).is_err());
+    }
+
+    #[test]
+    fn top_k_targets_are_the_softened_distribution_renormalized_over_the_k_largest() {
+        let logits = Tensor::from_slice(&[2.0f64, -1.0, 0.5, 3.0, 0.0]).view([1, 5]);
+        let t = 2.0;
+        let (probs, classes) = top_k_targets(&logits, 3, t).unwrap();
+        assert_eq!(Vec::<i64>::try_from(classes.view([-1])).unwrap(), [3, 0, 2]);
+        let e = |z: f64| (z / t).exp();
+        let norm = e(3.0) + e(2.0) + e(0.5);
+        let want = [e(3.0) / norm, e(2.0) / norm, e(0.5) / norm];
+        let got = Vec::<f64>::try_from(probs.view([-1])).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+        // k = all classes: the full softened distribution, sorted.
+        let (all, _) = top_k_targets(&logits, 5, t).unwrap();
+        let full = kd_core::softmax_t(&logits, t).unwrap().sort(1, true).0;
+        assert!(f64::try_from((all - full).abs().max()).unwrap() < 1e-12);
     }
 }

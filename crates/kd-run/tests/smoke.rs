@@ -297,7 +297,16 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     let dir = out.join("speech_tiny");
     let summary = csv_rows(&dir.join("summary.csv"));
     let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
-    assert_eq!(stages, ["baseline", "member-s2", "member-s3", "ensemble", "distilled", "small_hard", "small_soft"]);
+    assert_eq!(
+        stages,
+        ["baseline", "member-s2", "member-s3", "ensemble", "distilled", "distilled_top5", "small_hard", "small_soft"]
+    );
+    let top5: Vec<_> = std::fs::read_dir(out.join(".cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("teacher-top5-"))
+        .collect();
+    assert_eq!(top5.len(), 1, "the top-5 soft targets are cached once: {top5:?}");
     // Early stopping keeps the epoch with the fewest validation errors and stops `patience`
     // epochs after it (or at the last epoch).
     let dev_frames: f64 = {
@@ -315,7 +324,7 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
         .map(|m| ((1.0 - m["val_accuracy"].parse::<f64>().unwrap()) * dev_frames).round() as i64)
         .collect();
     let (best_at, best) = small.iter().enumerate().min_by_key(|&(i, e)| (*e, i)).unwrap();
-    assert_eq!(summary[5]["val_errors"].parse::<i64>().unwrap(), *best, "the best epoch is kept: {small:?}");
+    assert_eq!(summary[6]["val_errors"].parse::<i64>().unwrap(), *best, "the best epoch is kept: {small:?}");
     assert!(small.len() == 20 || small.len() == best_at + 1 + 2, "stops 2 epochs after the best: {small:?}");
     assert!(summary.iter().all(|r| r["train_accuracy"].is_empty() == (r["kind"] == "ensemble")));
     let ensemble = &summary[3];
@@ -353,7 +362,7 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
     let kept = 100.0 * (acc("distilled") - single) / (acc("ensemble") - single);
     let row = format!("| `distilled` (distilled) | {:.2}% | {kept:.0}% |", 100.0 * acc("distilled"));
     assert!(md.contains(&row), "{row}\n{md}");
-    let soft = &summary[6];
+    let soft = &summary[7];
     let train_acc: f64 = soft["train_accuracy"].parse().unwrap();
     let row = format!(
         "| `small_soft` | 10% | soft targets of `baseline` at T = 2 (weights soft 0.5 / hard 0.5) | {:.2}% | {:.2}% |",
