@@ -159,6 +159,20 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     );
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
+    // Results of stages the file no longer has.
+    let mut stale: Vec<String> = tables
+        .summary
+        .iter()
+        .map(|r| r.stage.clone())
+        .chain(tables.metrics.iter().map(|r| r.stage.clone()))
+        .filter(|r| !exp.stages.iter().any(|s| *r == s.name || r.strip_suffix("-fixed") == Some(s.name.as_str())))
+        .collect();
+    stale.sort();
+    stale.dedup();
+    for stage in &stale {
+        info!("stage `{stage}` is no longer in the experiment: its results are dropped");
+        tables.forget(stage, 0);
+    }
     for stage in &changed {
         info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
         tables.forget(stage, 0);
@@ -168,7 +182,7 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
             }
         }
     }
-    if !changed.is_empty() {
+    if !changed.is_empty() || !stale.is_empty() {
         tables.write(&dir)?;
     }
     // A stage is done once its results are recorded, if a later stage reads its model its

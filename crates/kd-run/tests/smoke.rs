@@ -200,6 +200,17 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     let no3_epochs = csv_rows(&dir.join("metrics.csv")).iter().filter(|r| r["stage"] == "distilled_no3").count();
     assert_eq!(no3_epochs, 2, "the rerun stage's old epochs are gone");
 
+    // A stage removed from the file takes its results with it.
+    let text = std::fs::read_to_string(root().join("experiments/smoke.toml")).unwrap();
+    let cut = text.find("[[stages]]\nname = \"distilled_no3\"").expect("the smoke file has distilled_no3");
+    let shorter = out.join("shorter.toml");
+    std::fs::write(&shorter, &text[..cut]).unwrap();
+    let fewer = kd_run(&["run", shorter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(fewer.status.success(), "{}", String::from_utf8_lossy(&fewer.stderr));
+    let kept: Vec<String> = csv_rows(&dir.join("summary.csv")).iter().map(|r| r["stage"].clone()).collect();
+    assert_eq!(kept, ["teacher", "student", "distilled", "eval_teacher"]);
+    assert!(csv_rows(&dir.join("metrics.csv")).iter().all(|r| r["stage"] != "distilled_no3"));
+
     // A different configuration in the same directory is refused, not mixed in.
     let other = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--set", "seed=2"]);
     assert_eq!(other.status.code(), Some(1));
