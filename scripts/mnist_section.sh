@@ -11,7 +11,7 @@ start=$(date +%s)
 for seed in 1 2 3; do
     "$KD_RUN" run experiments/mnist/headline.toml --set seed=$seed --set name=mnist_headline_s$seed "$@"
 done
-for file in variants omitted3 only78 temperature; do
+for file in omitted3 only78 variants temperature; do
     "$KD_RUN" run experiments/mnist/$file.toml "$@"
 done
 "$KD_RUN" report --title "MNIST (section 3 of the paper)" --out docs/results/mnist.md \

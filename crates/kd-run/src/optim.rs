@@ -101,12 +101,17 @@ impl Optimizer {
                     let (b1, b2, eps) = (self.spec.beta1, self.spec.beta2, self.spec.eps);
                     let t = self.steps as i32;
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                    // Every intermediate lives in the gradient's storage (no allocation per step):
+                    // m <- lerp(m, g, 1 - b1); v <- lerp(v, g^2, 1 - b2);
+                    // p <- p + m / ((sqrt(v) / sqrt(bc2) + eps) * (-bc1 / lr)).
                     let m = &mut self.first[i];
                     let _ = m.lerp_(&g, 1.0 - b1);
+                    let _ = g.square_();
                     let v = &mut self.second[i];
-                    let _ = v.g_mul_scalar_(b2).addcmul_(&g, &g.multiply_scalar(1.0 - b2));
-                    let denom = (v.sqrt() / bc2.sqrt()).g_add_scalar(eps);
-                    let _ = p.addcdiv_(&m.multiply_scalar(-self.lr / bc1), &denom);
+                    let _ = v.lerp_(&g, 1.0 - b2);
+                    let _ = g.copy_(v);
+                    let _ = g.sqrt_().g_mul_scalar_(1.0 / bc2.sqrt()).g_add_scalar_(eps).g_mul_scalar_(-bc1 / self.lr);
+                    let _ = p.addcdiv_(&self.first[i], &g);
                 }
             }
         }
