@@ -114,6 +114,7 @@ pub struct Mlp {
     hidden: Vec<nn::Linear>,
     output: nn::Linear,
     config: MlpConfig,
+    compute: Kind,
 }
 
 impl Mlp {
@@ -125,7 +126,37 @@ impl Mlp {
             .map(|l| nn::linear(vs / format!("hidden{l}"), config.sizes[l - 1], config.sizes[l], Default::default()))
             .collect();
         let output = nn::linear(vs / "output", config.sizes[n - 2], config.sizes[n - 1], Default::default());
-        Ok(Mlp { hidden, output, config })
+        Ok(Mlp { hidden, output, config, compute: Kind::Float })
+    }
+
+    /// Runs the forward pass in `kind` (e.g. `Kind::BFloat16`) while the weights stay in their
+    /// own kind (f32 master weights): inputs and weights are cast at each layer, gradients flow
+    /// back through the casts to the f32 weights, and the logits come back as f32.
+    ///
+    /// ```
+    /// use kd_models::{Mlp, MlpConfig};
+    /// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let net = Mlp::new(&vs.root(), MlpConfig::plain([4, 8, 3]))?.with_compute_kind(Kind::BFloat16);
+    /// let logits = net.forward_t(&Tensor::ones([2, 4], (Kind::Float, Device::Cpu)), false);
+    /// assert_eq!(logits.kind(), Kind::Float);
+    /// # Ok::<(), kd_models::Error>(())
+    /// ```
+    pub fn with_compute_kind(mut self, kind: Kind) -> Self {
+        self.compute = kind;
+        self
+    }
+
+    /// The kind the forward pass computes in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+
+    /// Multiply-adds of one forward pass per example: the sum of the layers' fan-in x fan-out.
+    /// A training step costs about three times that in multiply-adds (forward, and the two
+    /// products of the backward pass), so `6 * forward_macs` floating-point operations.
+    pub fn forward_macs(&self) -> i64 {
+        self.config.sizes.windows(2).map(|w| w[0] * w[1]).sum()
     }
 
     /// The configuration this network was built from.
@@ -241,14 +272,28 @@ impl nn::ModuleT for Mlp {
     /// Logits `[batch, classes]` for inputs `[batch, input_dim]`; dropout only when `train`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let c = &self.config;
-        let mut h = if train && c.input_dropout > 0.0 { xs.dropout(c.input_dropout, true) } else { xs.shallow_clone() };
+        let k = self.compute;
+        let linear = |h: &Tensor, layer: &nn::Linear| -> Tensor {
+            if k == layer.ws.kind() {
+                h.apply(layer)
+            } else {
+                h.linear(&layer.ws.to_kind(k), layer.bs.as_ref().map(|b| b.to_kind(k)))
+            }
+        };
+        let xs = if xs.kind() == k { xs.shallow_clone() } else { xs.to_kind(k) };
+        let mut h = if train && c.input_dropout > 0.0 { xs.dropout(c.input_dropout, true) } else { xs };
         for layer in &self.hidden {
             // In place is safe: a linear layer's backward needs its input, not its output.
-            let mut z = h.apply(layer);
+            let mut z = linear(&h, layer);
             let _ = z.relu_();
             h = if train && c.hidden_dropout > 0.0 { z.dropout(c.hidden_dropout, true) } else { z };
         }
-        h.apply(&self.output)
+        let logits = linear(&h, &self.output);
+        if logits.kind() == Kind::Float {
+            logits
+        } else {
+            logits.to_kind(Kind::Float)
+        }
     }
 }
 
@@ -256,6 +301,29 @@ impl nn::ModuleT for Mlp {
 mod tests {
     use super::*;
     use tch::nn::ModuleT;
+
+    #[test]
+    fn bf16_compute_tracks_f32_and_trains_the_f32_weights() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Mlp::new(&vs.root(), MlpConfig::plain([20, 64, 64, 5])).unwrap();
+        let x = Tensor::randn([16, 20], (Kind::Float, Device::Cpu));
+        let exact = net.forward_t(&x, false);
+        let net = net.with_compute_kind(Kind::BFloat16);
+        let low = net.forward_t(&x, false);
+        assert_eq!(low.kind(), Kind::Float);
+        let gap = f64::try_from((&low - &exact).abs().max()).unwrap();
+        let scale = f64::try_from(exact.abs().max()).unwrap();
+        assert!(gap > 0.0 && gap < 0.03 * scale, "bf16 rounds, but stays close: {gap} vs {scale}");
+        low.sum(Kind::Float).backward();
+        for (name, w) in vs.variables() {
+            assert_eq!(w.kind(), Kind::Float, "{name} stays f32");
+            assert_eq!(w.grad().kind(), Kind::Float, "{name} gets an f32 gradient");
+            assert!(f64::try_from(w.grad().abs().sum(Kind::Float)).unwrap() > 0.0, "{name}");
+        }
+        // (20*64) + (64*64) + (64*5) multiply-adds per example.
+        assert_eq!(net.forward_macs(), 1280 + 4096 + 320);
+    }
 
     #[test]
     fn preset_parameter_counts() {

@@ -78,6 +78,10 @@ struct RawExperiment {
     device: Option<Spanned<String>>,
     #[serde(default)]
     threads: Option<Count>,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    peak_tflops: Option<Positive>,
     data: RawData,
     #[serde(default)]
     defaults: RawTraining,
@@ -229,6 +233,31 @@ pub struct PaperFigures {
 // ---------------------------------------------------------------------------------------------
 // The resolved experiment: every setting explicit. Serialized as the run's `config.toml`.
 
+/// The kind training computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// 32-bit floats throughout.
+    #[default]
+    F32,
+    /// bfloat16 matrix products with f32 master weights, losses and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The tensor kind of the matrix products.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Precision::F32 => tch::Kind::Float,
+            Precision::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
 /// Which dataset a run reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -304,6 +333,12 @@ pub struct Experiment {
     pub device: String,
     /// Intra-op threads of libtorch on CPU; 0 leaves libtorch's default.
     pub threads: i64,
+    /// The kind forward and backward passes compute in; weights stay f32.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+    /// The device's peak TFLOP/s at `precision`, to log the share of it training reaches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_tflops: Option<f64>,
     /// The dataset.
     pub data: DataSpec,
     /// The stages, run in order.
@@ -749,6 +784,8 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         seed: raw.seed,
         device,
         threads: raw.threads.map_or(0, |c| c.0),
+        precision: raw.precision,
+        peak_tflops: raw.peak_tflops.map(|p| p.0),
         data,
         stages,
     })
@@ -1309,6 +1346,19 @@ epochs = 5
             let err = format!("{:#}", parse(&bad).unwrap_err());
             assert!(err.contains(msg), "{msg}: {err}");
         }
+    }
+
+    #[test]
+    fn precision_and_peak_are_read_and_written_only_when_set() {
+        let e = parse(GOOD).unwrap();
+        assert_eq!((e.precision, e.peak_tflops), (Precision::F32, None));
+        assert!(!e.to_toml().unwrap().contains("precision"));
+        let e = parse(&GOOD.replace("seed = 3\n", "seed = 3\nprecision = \"bf16\"\npeak_tflops = 790\n")).unwrap();
+        assert_eq!((e.precision, e.peak_tflops), (Precision::Bf16, Some(790.0)));
+        assert_eq!(e.precision.kind(), tch::Kind::BFloat16);
+        assert!(e.to_toml().unwrap().contains("precision = \"bf16\""));
+        let err = format!("{:#}", parse(&GOOD.replace("seed = 3\n", "seed = 3\nprecision = \"fp8\"\n")).unwrap_err());
+        assert!(err.contains("unknown variant `fp8`"), "{err}");
     }
 
     #[test]

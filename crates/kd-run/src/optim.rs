@@ -109,7 +109,7 @@ impl Optimizer {
                     let _ = g.square_();
                     let v = &mut self.second[i];
                     let _ = v.lerp_(&g, 1.0 - b2);
-                    let _ = g.copy_(v);
+                    g.copy_(v);
                     let _ = g.sqrt_().g_mul_scalar_(1.0 / bc2.sqrt()).g_add_scalar_(eps).g_mul_scalar_(-bc1 / self.lr);
                     let _ = p.addcdiv_(&self.first[i], &g);
                 }

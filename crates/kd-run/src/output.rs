@@ -80,6 +80,13 @@ pub struct MetricsRow {
     pub test_errors: Option<i64>,
     /// Wall seconds of the epoch, evaluation included.
     pub seconds: f64,
+    /// Training examples per second over the epoch's steps (evaluation excluded).
+    #[serde(default)]
+    pub examples_per_second: Option<f64>,
+    /// Floating-point operations per second of the steps, in TFLOP/s: 6 multiply-add-halves per
+    /// weight and example for the student (forward and backward), 2 for a live teacher.
+    #[serde(default)]
+    pub tflops: Option<f64>,
 }
 
 /// One row of `summary.csv`: a trained or evaluated model.

@@ -49,13 +49,20 @@ impl Progress {
     }
 
     /// Logs the finished epoch's line.
-    pub fn epoch_done(&self, row: &MetricsRow) {
+    pub fn epoch_done(&self, row: &MetricsRow, peak_tflops: Option<f64>) {
         // The next epoch's message starts from this epoch's mean loss.
         self.shown.set((row.epoch as u64 - 1, Some(row.train_loss)));
         let val = row.val_accuracy.map_or(String::new(), |a| format!(" val_acc {:.4}", a));
         let test = row.test_errors.map_or(String::new(), |e| format!(" test_errors {e}"));
+        let speed = match (row.examples_per_second, row.tflops) {
+            (Some(n), Some(t)) => {
+                let share = peak_tflops.map_or(String::new(), |p| format!(", {:.1}% of peak", 100.0 * t / p));
+                format!(", {n:.0} ex/s, {t:.3} TFLOP/s{share}")
+            }
+            _ => String::new(),
+        };
         info!(
-            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s)",
+            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s{speed})",
             self.stage, row.epoch, self.epochs, row.lr, row.train_loss, row.train_accuracy, row.seconds
         );
     }

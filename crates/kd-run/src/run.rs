@@ -341,7 +341,7 @@ impl Run<'_> {
                 self.data.num_classes
             );
         }
-        Ok((vs, net))
+        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
     }
 
     fn check_classes(&self, stage: &str, classes: &[i64]) -> Result<()> {
@@ -525,7 +525,7 @@ impl Run<'_> {
         };
         tch::manual_seed(training.seed as i64);
         let vs = nn::VarStore::new(self.device);
-        let net = Mlp::new(&vs.root(), config)?;
+        let net = Mlp::new(&vs.root(), config)?.with_compute_kind(self.exp.precision.kind());
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
 
         let mut first_epoch = 0;
@@ -579,6 +579,7 @@ impl Run<'_> {
             training.epochs,
             steps_per_epoch
         );
+        let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
         let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
         for epoch in first_epoch..training.epochs {
             let started = Instant::now();
@@ -587,6 +588,7 @@ impl Run<'_> {
             let lr = training.lr(epoch);
             trainer.opt.set_lr(lr);
             trainer.opt.set_momentum(training.momentum(epoch));
+            let steps_started = Instant::now();
             let totals = train::train_epoch(
                 &mut trainer,
                 (split, examples.as_ref()),
@@ -596,6 +598,7 @@ impl Run<'_> {
                 50,
                 |step, loss| progress.step(epoch as u64, step as u64, loss),
             )?;
+            let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
             let val = match &self.data.validation {
                 Some(v) => Some(train::evaluate(&net, v, self.data.num_classes)?),
                 None => None,
@@ -624,8 +627,10 @@ impl Run<'_> {
                 val_accuracy: val.as_ref().map(Evaluation::accuracy),
                 test_errors,
                 seconds: started.elapsed().as_secs_f64(),
+                examples_per_second: Some(per_second),
+                tflops: Some(per_second * flops_per_example / 1e12),
             };
-            progress.epoch_done(&row);
+            progress.epoch_done(&row, self.exp.peak_tflops);
             tables.metrics.push(row);
             if !last {
                 let mut state = net.to_tensors(&vs);

@@ -97,6 +97,16 @@ pub fn teacher_signal(logits: &Tensor, spec: &DistillSpec) -> Result<Tensor> {
 }
 
 impl Supervision<'_> {
+    /// Multiply-adds per example of the teacher networks run on every batch (0 unless live).
+    pub fn live_teacher_macs(&self) -> i64 {
+        match self {
+            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => {
+                t.members.iter().map(Mlp::forward_macs).sum()
+            }
+            _ => 0,
+        }
+    }
+
     /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
     /// signal (`teacher_out`, rows aligned with the batch).
     pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&Tensor>) -> Result<Tensor> {
