@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The fixed GPU check (docs/speech.md): on a machine with one GPU and PyTorch 2.11's libtorch,
+# with a kd-run release binary built elsewhere (scripts/gpu_prepare.sh puts one in dist/).
+# Writes its runs and report under OUT (default runs-gpu). Extra arguments go to every
+# `kd-run run` (e.g. smaller `--set` sizes for a dry run on a CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KD_RUN=${KD_RUN:-dist/kd-run}
+OUT=${OUT:-runs-gpu}
+TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+if [ -d "$TORCH_LIB" ]; then export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$KD_RUN" info
+start=$(date +%s)
+"$KD_RUN" run experiments/speech/gpu.toml --out "$OUT" --set peak_tflops=790 "$@"
+# The same baseline for one epoch in f32, to compare the throughput of the two precisions.
+"$KD_RUN" run experiments/speech/gpu.toml --out "$OUT" --set precision=f32 --set name=speech_gpu_f32 \
+    --set stages.baseline.epochs=1 --only baseline "$@"
+"$KD_RUN" report --title "Speech on one GPU" --out "$OUT/speech_gpu.md" "$OUT/speech_gpu" "$OUT/speech_gpu_f32"
+echo "wall time of the GPU check: $(( $(date +%s) - start )) s"
