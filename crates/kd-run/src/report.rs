@@ -203,7 +203,8 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
     if kind == "bias_shift" {
         let classes = stage.get("classes").map(|c| c.to_string()).unwrap_or_default();
         let how = if row.stage.ends_with("-fixed") { "fixed" } else { "chosen on the validation split" };
-        parts.push(format!("bias of classes {classes} shifted by {:+} ({how})", row.shift.unwrap_or(0.0)));
+        let shift = (row.shift.unwrap_or(0.0) * 1e6).round() / 1e6;
+        parts.push(format!("bias of classes {classes} shifted by {shift:+} ({how})"));
     }
     if kind == "train" && stage.get("model").is_some() && parts.iter().all(|p| p.ends_with("epochs")) {
         parts.insert(0, "hard targets, no regularization".into());

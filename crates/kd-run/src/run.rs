@@ -780,7 +780,8 @@ impl Run<'_> {
         let steps = ((max - min) / step + 1e-9).floor() as i64;
         let mut best: Option<(i64, f64)> = None;
         for i in 0..=steps {
-            let shift = min + i as f64 * step;
+            // Rounded so that 0.1 steps read 2.4, not 2.4000000000000004.
+            let shift = ((min + i as f64 * step) * 1e9).round() / 1e9;
             set(shift);
             let errors = train::evaluate(&net, validation, self.data.num_classes)?.errors;
             tables.shifts.push(ShiftRow { stage: stage.to_string(), shift, val_errors: errors });
