@@ -289,7 +289,10 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
 fn device_name(device: Device) -> String {
     match device {
         Device::Cuda(i) => format!("cuda:{i}"),
-        _ => format!("cpu ({} threads)", tch::get_num_threads()),
+        _ => match tch::get_num_threads() {
+            1 => "cpu (1 thread)".to_string(),
+            n => format!("cpu ({n} threads)"),
+        },
     }
 }
 
