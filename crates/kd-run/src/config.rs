@@ -99,6 +99,10 @@ struct RawData {
     #[serde(default)]
     speech: Option<crate::speech::CorpusConfig>,
     #[serde(default)]
+    files: Option<RawFiles>,
+    #[serde(default)]
+    classes: Option<Count>,
+    #[serde(default)]
     context: Option<[u32; 2]>,
     #[serde(default)]
     validation: usize,
@@ -106,6 +110,15 @@ struct RawData {
     train_limit: Option<Count>,
     #[serde(default)]
     test_limit: Option<Count>,
+}
+
+/// A user's own frames and labels, per split.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    train: FileSet,
+    validation: FileSet,
+    test: FileSet,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -267,6 +280,8 @@ pub enum DataKind {
     Mnist,
     /// The synthetic tied-state speech corpus of `[data.speech]`.
     Speech,
+    /// Frames and labels from the user's files (`[data.files]`): Kaldi archives or NumPy.
+    Files,
 }
 
 /// What a stage does.
@@ -358,6 +373,45 @@ pub struct DataSpec {
     pub train_limit: Option<i64>,
     /// Use only the first N test examples, if set.
     pub test_limit: Option<i64>,
+    /// A user's own frames (Kaldi archives or .npy), when the data is files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesSpec>,
+}
+
+/// Frames and labels read from files, in context windows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FilesSpec {
+    /// Frames of left context.
+    pub left: i64,
+    /// Frames of right context.
+    pub right: i64,
+    /// Number of classes (default: the largest label in any split, plus one).
+    pub classes: Option<i64>,
+    /// Training frames.
+    pub train: FileSet,
+    /// Validation (development) frames.
+    pub validation: FileSet,
+    /// Test frames.
+    pub test: FileSet,
+}
+
+/// The files of one split.
+///
+/// Kaldi: `features` is an archive (`.ark`) or a script (`.scp`) of matrices, `labels` an
+/// archive of int32 vectors (pdf ids per frame, the output of `ali-to-pdf`), paired by
+/// utterance id. NumPy: `features` a 2-D float array (frames x features), `labels` a 1-D int
+/// array, and optionally `lengths` a 1-D int array of frames per utterance (default: one
+/// utterance), so that context windows stop at utterance edges.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSet {
+    /// Features file.
+    pub features: PathBuf,
+    /// Labels file.
+    pub labels: PathBuf,
+    /// NumPy only: frames per utterance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lengths: Option<PathBuf>,
 }
 
 /// The synthetic speech corpus and the context window of each frame.
@@ -676,7 +730,38 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     }
     let data_line = line_of(text, raw.name.span().start);
     let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
+        bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
+    }
+    let mut files = None;
     let speech = match kind {
+        DataKind::Files => {
+            let Some(f) = raw.data.files.clone() else {
+                bail!(
+                    "{data_line}: data: kind = \"files\" needs [data.files] with `train`, `validation` and `test`, each {{ features = ..., labels = ... }}"
+                );
+            };
+            if raw.data.dir.is_some()
+                || raw.data.speech.is_some()
+                || raw.data.validation > 0
+                || raw.data.train_limit.is_some()
+                || raw.data.test_limit.is_some()
+            {
+                bail!(
+                    "{data_line}: data: with kind = \"files\" the splits are the files; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
+                );
+            }
+            let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            files = Some(FilesSpec {
+                left: i64::from(left),
+                right: i64::from(right),
+                classes: raw.data.classes.map(|c| c.0),
+                train: f.train,
+                validation: f.validation,
+                test: f.test,
+            });
+            None
+        }
         DataKind::Mnist => {
             if raw.data.speech.is_some() || raw.data.context.is_some() {
                 bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
@@ -708,7 +793,10 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         validation: raw.data.validation,
         train_limit: raw.data.train_limit.map(|c| c.0),
         test_limit: raw.data.test_limit.map(|c| c.0),
+        files,
     };
+    // Speech frames (synthetic or from files): windows, a validation split of their own.
+    let framed = data.speech.is_some() || data.files.is_some();
     let mut stages: Vec<Stage> = Vec::new();
     for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
         let name = s.name.get_ref().clone();
@@ -747,9 +835,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             StageKind::Evaluate => {
                 Job::Evaluate { source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)? }
             }
-            StageKind::BiasShift => {
-                resolve_bias_shift(text, &s, &stages, data.validation + usize::from(data.speech.is_some()))?
-            }
+            StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation + usize::from(framed))?,
             StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
         };
         let early =
@@ -761,10 +847,10 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
             );
         }
-        if early && data.validation == 0 && data.speech.is_none() {
+        if early && data.validation == 0 && !framed {
             stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
         }
-        if data.speech.is_some() {
+        if framed {
             let jitter =
                 matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.jitter > 0);
             let filtered = matches!(&job, Job::Distill { distill, .. }
@@ -1359,6 +1445,28 @@ epochs = 5
         assert!(e.to_toml().unwrap().contains("precision = \"bf16\""));
         let err = format!("{:#}", parse(&GOOD.replace("seed = 3\n", "seed = 3\nprecision = \"fp8\"\n")).unwrap_err());
         assert!(err.contains("unknown variant `fp8`"), "{err}");
+    }
+
+    #[test]
+    fn files_data_resolves_and_rejects_settings_of_other_kinds() {
+        let files = "[data]\nkind = \"files\"\ncontext = [3, 1]\nclasses = 50\n\
+                     files.train = { features = \"a.scp\", labels = \"a.ark\" }\n\
+                     files.validation = { features = \"b.npy\", labels = \"bl.npy\", lengths = \"bn.npy\" }\n\
+                     files.test = { features = \"c.ark\", labels = \"c.ali\" }\n";
+        let text = GOOD.replace("[data]\ndir = \"data/mnist\"\nvalidation = 100\n", files).replace("jitter = 2\n", "");
+        let e = parse(&text).unwrap();
+        let f = e.data.files.as_ref().unwrap();
+        assert_eq!((f.left, f.right, f.classes), (3, 1, Some(50)));
+        assert_eq!(f.validation.lengths.as_deref(), Some(Path::new("bn.npy")));
+        assert!(e.to_toml().unwrap().contains("[data.files.train]"));
+        for (bad, msg) in [
+            (text.replace("classes = 50\n", "classes = 50\nvalidation = 10\n"), "the splits are the files"),
+            (GOOD.replace("validation = 100\n", "validation = 100\nclasses = 10\n"), "need kind = \"files\""),
+            (text.replace("files.train = { features = \"a.scp\", labels = \"a.ark\" }\n", ""), "missing field `train`"),
+        ] {
+            let err = format!("{:#}", parse(&bad).unwrap_err());
+            assert!(err.contains(msg), "{msg}: {err}");
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::{DataSpec, SpeechSpec};
+use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec};
 use crate::idx;
 use crate::speech;
-use anyhow::{bail, Result};
+use crate::{kaldi, npy};
+use anyhow::{bail, ensure, Context, Result};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Examples and labels of one split, on the device.
@@ -112,9 +114,10 @@ const NUM_CLASSES: u8 = 10;
 
 /// Loads the dataset named by `spec` onto `device` and carves the validation split.
 pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
-    match &spec.speech {
-        Some(speech) => load_speech(speech, device),
-        None => load_images(spec, device),
+    match (&spec.speech, &spec.files) {
+        (Some(speech), _) => load_speech(speech, device),
+        (None, Some(files)) => load_files(files, device),
+        (None, None) => load_images(spec, device),
     }
 }
 
@@ -148,22 +151,121 @@ fn load_speech(spec: &SpeechSpec, device: Device) -> Result<Dataset> {
         let utts: Vec<speech::Utterance> = speakers.iter().flat_map(|&s| model.generate_speaker(s)).collect();
         speech::FrameSet::from_utterances(&utts, spec.corpus.feature_dim, device)
     };
-    let train = frames(&train)?;
+    let sets = [frames(&train)?, frames(&dev)?, frames(&test)?];
+    Ok(windowed(sets, (spec.left, spec.right), spec.corpus.states as i64))
+}
+
+/// Frame sets (training, validation, test) as splits of context windows, normalized with the
+/// mean and deviation of the training frames.
+fn windowed([train, validation, test]: [speech::FrameSet; 3], (left, right): (i64, i64), num_classes: i64) -> Dataset {
     let (mean, std) = speech::normalization(&train);
-    let width = spec.left + 1 + spec.right;
+    let width = left + 1 + right;
     let (mean, std) = (mean.repeat([width]).view([1, -1]), std.clamp_min(1e-6).repeat([width]).view([1, -1]));
     let split = |set: speech::FrameSet| Split {
         images: set.features.shallow_clone(),
         labels: set.labels.shallow_clone(),
-        windows: Some(Windows { frames: set, left: spec.left, right: spec.right, mean: mean.copy(), std: std.copy() }),
+        windows: Some(Windows { frames: set, left, right, mean: mean.copy(), std: std.copy() }),
     };
-    Ok(Dataset {
-        train: split(train),
-        validation: Some(split(frames(&dev)?)),
-        test: split(frames(&test)?),
-        geometry: None,
-        num_classes: spec.corpus.states as i64,
-    })
+    Dataset { train: split(train), validation: Some(split(validation)), test: split(test), geometry: None, num_classes }
+}
+
+/// Reads the user's frames and labels (Kaldi archives or NumPy arrays, see [`FileSet`]).
+fn load_files(spec: &FilesSpec, device: Device) -> Result<Dataset> {
+    let mut sets = Vec::new();
+    let mut dim = None;
+    let mut largest = -1i64;
+    for (name, set) in [("train", &spec.train), ("validation", &spec.validation), ("test", &spec.test)] {
+        let utts = read_file_set(set).with_context(|| format!("data.files.{name}"))?;
+        ensure!(!utts.is_empty(), "data.files.{name}: no frames in {}", set.features.display());
+        let d = utts[0].0;
+        if let Some(&(other, first)) = dim.as_ref() {
+            ensure!(d == other, "data.files.{name}: frames of {d} features, but {first} has {other}");
+        }
+        dim.get_or_insert((d, name));
+        largest =
+            largest.max(utts.iter().flat_map(|(_, u)| u.states.iter()).map(|&k| i64::from(k)).max().unwrap_or(-1));
+        let utts: Vec<speech::Utterance> = utts.into_iter().map(|(_, u)| u).collect();
+        sets.push(speech::FrameSet::from_utterances(&utts, d, device).with_context(|| format!("data.files.{name}"))?);
+    }
+    let num_classes = match spec.classes {
+        Some(c) => {
+            ensure!(largest < c, "data: a label is {largest}, but `classes` = {c}");
+            c
+        }
+        None => largest + 1,
+    };
+    let sets: [speech::FrameSet; 3] = sets.try_into().map_err(|_| anyhow::anyhow!("three splits"))?;
+    Ok(windowed(sets, (spec.left, spec.right), num_classes))
+}
+
+/// One split's utterances as (feature dimension, utterance).
+fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
+    let is_npy = |p: &Path| p.extension().is_some_and(|e| e == "npy");
+    let utterance = |features: Vec<f32>, labels: Vec<i64>| -> Result<speech::Utterance> {
+        let states = labels
+            .into_iter()
+            .map(|l| i32::try_from(l).ok().filter(|&k| k >= 0).with_context(|| format!("label {l} is not a class id")))
+            .collect::<Result<Vec<i32>>>()?;
+        Ok(speech::Utterance { speaker: 0, features, states })
+    };
+    match (is_npy(&set.features), is_npy(&set.labels)) {
+        (true, true) => {
+            let m = npy::read_npy_matrix(&set.features)?;
+            let labels = npy::read_npy_labels(&set.labels)?;
+            ensure!(
+                labels.len() == m.rows,
+                "{} has {} labels for the {} frames of {}",
+                set.labels.display(),
+                labels.len(),
+                m.rows,
+                set.features.display()
+            );
+            let lengths = match &set.lengths {
+                Some(p) => npy::read_npy_labels(p)?,
+                None => vec![m.rows as i64],
+            };
+            let total: i64 = lengths.iter().sum();
+            ensure!(
+                lengths.iter().all(|&l| l > 0) && total == m.rows as i64,
+                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {total})",
+                set.lengths.as_deref().unwrap_or(Path::new("lengths")).display(),
+                m.rows,
+                set.features.display()
+            );
+            let mut out = Vec::with_capacity(lengths.len());
+            let mut start = 0usize;
+            for l in lengths {
+                let end = start + l as usize;
+                let features = m.data[start * m.cols..end * m.cols].to_vec();
+                out.push((m.cols, utterance(features, labels[start..end].to_vec())?));
+                start = end;
+            }
+            Ok(out)
+        }
+        (false, false) => {
+            ensure!(set.lengths.is_none(), "`lengths` is for .npy features; Kaldi archives hold utterances");
+            let feats = if set.features.extension().is_some_and(|e| e == "scp") {
+                kaldi::read_matrix_scp(&set.features)?
+            } else {
+                kaldi::read_matrix_ark(&set.features)?
+            };
+            let ali = kaldi::read_int_vector_ark(&set.labels)?;
+            let paired = kaldi::pair_features_alignments(feats, ali)
+                .with_context(|| format!("pairing {} with {}", set.features.display(), set.labels.display()))?;
+            paired
+                .into_iter()
+                .map(|(id, m, ali)| {
+                    let labels = ali.into_iter().map(i64::from).collect();
+                    Ok((m.cols, utterance(m.data, labels).with_context(|| format!("utterance '{id}'"))?))
+                })
+                .collect()
+        }
+        _ => bail!(
+            "features {} and labels {} must both be .npy arrays or both Kaldi archives",
+            set.features.display(),
+            set.labels.display()
+        ),
+    }
 }
 
 /// A fresh random order of `n` examples cut into batches of `batch_size` (the last may be
@@ -196,6 +298,61 @@ pub fn jitter(images: &Tensor, rows: i64, cols: i64, max_shift: i64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kaldi").join(name)
+    }
+
+    fn files_spec(features: &str, labels: &str) -> DataSpec {
+        let set = FileSet { features: fixture(features), labels: fixture(labels), lengths: None };
+        DataSpec {
+            dir: None,
+            speech: None,
+            validation: 0,
+            train_limit: None,
+            test_limit: None,
+            files: Some(FilesSpec {
+                left: 2,
+                right: 1,
+                classes: None,
+                train: set.clone(),
+                validation: set.clone(),
+                test: set,
+            }),
+        }
+    }
+
+    #[test]
+    fn kaldi_files_become_windowed_splits_that_stop_at_utterance_edges() {
+        let data = load(&files_spec("feats.scp", "ali.ark"), Device::Cpu).unwrap();
+        let expected: std::collections::HashMap<String, Tensor> =
+            Tensor::read_npz(fixture("expected.npz")).unwrap().into_iter().collect();
+        let utts = ["spk1-utt1", "spk1-utt2", "spk2-utt1"];
+        let frames = Tensor::cat(&utts.map(|u| expected[&format!("f32__{u}")].to_kind(Kind::Float)), 0);
+        let labels = Tensor::cat(&utts.map(|u| expected[&format!("ali__{u}")].to_kind(Kind::Int64)), 0);
+        assert!(data.train.images.equal(&frames), "the frames in scp order");
+        assert!(data.train.labels.equal(&labels));
+        assert_eq!(data.num_classes, 46, "the largest pdf id (45) plus one");
+        assert_eq!(data.train.input_dim(), 4 * 40);
+        // The window of the first frame of the second utterance repeats that frame on the left.
+        let w = data.train.windows.as_ref().unwrap();
+        let window = speech::context_windows(&w.frames, &Tensor::from_slice(&[7i64]), 2, 1).view([4, 40]);
+        for (slot, frame) in [(0, 7), (1, 7), (2, 7), (3, 8)] {
+            assert!(window.get(slot).equal(&frames.get(frame)), "slot {slot} holds frame {frame}");
+        }
+    }
+
+    #[test]
+    fn mismatched_or_mixed_files_are_clear_errors() {
+        let err = |spec: DataSpec| format!("{:#}", load(&spec, Device::Cpu).err().expect("an error"));
+        let e = err(files_spec("npy_f32.npy", "npy_i64.npy"));
+        assert!(e.contains("data.files.train") && e.contains("has 9 labels for the 5 frames of"), "{e}");
+        let e = err(files_spec("feats.scp", "npy_i64.npy"));
+        assert!(e.contains("must both be .npy arrays or both Kaldi archives"), "{e}");
+        let mut spec = files_spec("feats.scp", "ali.ark");
+        spec.files.as_mut().unwrap().classes = Some(40);
+        assert!(err(spec).contains("a label is 45, but `classes` = 40"));
+    }
 
     #[test]
     fn batches_cover_every_example_once() {

@@ -16,7 +16,6 @@
 //! on bad data. Not supported: piped commands (`gunzip -c x.ark.gz |`), stdin, big-endian data.
 
 // Nothing in the binary calls these readers yet; the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;

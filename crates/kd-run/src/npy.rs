@@ -9,7 +9,6 @@
 //! data.
 
 // Nothing in the binary calls these readers yet; the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::path::Path;
 

@@ -147,10 +147,11 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     let data = data::load(&exp.data, device)?;
     info!(
         "data {}: {} training, {} validation, {} test examples, {} classes",
-        match (&exp.data.dir, &exp.data.speech) {
-            (_, Some(s)) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
-            (Some(dir), None) => dir.display().to_string(),
-            (None, None) => String::new(),
+        match (&exp.data.dir, &exp.data.speech, &exp.data.files) {
+            (_, Some(s), _) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
+            (_, None, Some(f)) => format!("files (training features {})", f.train.features.display()),
+            (Some(dir), None, None) => dir.display().to_string(),
+            (None, None, None) => String::new(),
         },
         data.train.len(),
         data.validation.as_ref().map_or(0, |v| v.len()),

@@ -418,3 +418,36 @@ fn only_runs_the_named_stages_once_what_they_read_has_run() {
     assert_eq!(stages, ["teacher", "distilled", "eval_teacher"]);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn kaldi_archives_train_from_an_experiment_file() {
+    let out = fresh_dir("kaldi");
+    std::fs::create_dir_all(&out).unwrap();
+    let fixtures = root().join("crates/kd-run/tests/fixtures/kaldi");
+    let set = |feats: &str| {
+        format!(
+            "{{ features = \"{}\", labels = \"{}\" }}",
+            fixtures.join(feats).display(),
+            fixtures.join("ali.ark").display()
+        )
+    };
+    let text = format!(
+        "name = \"kaldi\"\nseed = 1\n[data]\nkind = \"files\"\ncontext = [2, 1]\n\
+         files.train = {}\nfiles.validation = {}\nfiles.test = {}\n\
+         [defaults]\nepochs = 2\nbatch_size = 8\noptimizer = {{ kind = \"sgd\", lr = 0.1 }}\n\
+         [[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = {{ hidden = [16] }}\n",
+        set("feats.scp"),
+        set("feats_cm.ark"),
+        set("feats_f32.ark")
+    );
+    let file = out.join("kaldi.toml");
+    std::fs::write(&file, text).unwrap();
+    let run = kd_run(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(log.contains("21 training, 21 validation, 21 test examples, 46 classes"), "{log}");
+    let summary = csv_rows(&out.join("kaldi/summary.csv"));
+    // (4 frames x 40 + 1) x 16 + (16 + 1) x 46 weights.
+    assert_eq!(summary[0]["parameters"], "3358");
+    std::fs::remove_dir_all(&out).unwrap();
+}
