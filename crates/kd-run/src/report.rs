@@ -89,7 +89,8 @@ impl RunFiles {
         let places = if by_device.len() == 1 {
             format!("on {}", by_device[0].0)
         } else {
-            by_device.iter().map(|(d, s)| format!("{} on {d}", s.join(", "))).collect::<Vec<_>>().join("; ")
+            let names = |s: &[&str]| if s.len() > 4 { format!("{} stages", s.len()) } else { s.join(", ") };
+            by_device.iter().map(|(d, s)| format!("{} on {d}", names(s))).collect::<Vec<_>>().join("; ")
         };
         format!("`{}`: {:.1} min of stage time, {places}.", self.name, seconds / 60.0)
     }
@@ -462,6 +463,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
 }
 
 fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
+    if run.summary.iter().all(|r| sweep_point(&r.stage).is_some()) {
+        return Ok(());
+    }
     writeln!(
         md,
         "| stage | model | setup | test errors (ours, of {}) | paper | validation errors |",
