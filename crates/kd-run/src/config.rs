@@ -797,6 +797,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     };
     // Speech frames (synthetic or from files): windows, a validation split of their own.
     let framed = data.speech.is_some() || data.files.is_some();
+    let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
     for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
         let name = s.name.get_ref().clone();
@@ -808,7 +809,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         }
         let allowed: &[&str] = match s.kind {
             StageKind::Train => &TRAIN_KEYS,
-            StageKind::Distill => &DISTILL_KEYS,
+            StageKind::Distill => &distill_keys,
             StageKind::Evaluate => &["from", "checkpoint", "paper"],
             StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
             StageKind::Ensemble => &["members", "paper"],
@@ -890,18 +891,7 @@ const TRAIN_KEYS: [&str; 11] = [
     "sweep",
     "paper",
 ];
-const DISTILL_KEYS: [&str; 20] = [
-    "model",
-    "seed",
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "schedule",
-    "jitter",
-    "train_fraction",
-    "early_stopping",
-    "sweep",
-    "paper",
+const DISTILL_ONLY_KEYS: [&str; 9] = [
     "teacher",
     "teacher_checkpoint",
     "teacher_top_k",

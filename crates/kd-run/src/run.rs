@@ -286,6 +286,18 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
     Ok(changed)
 }
 
+/// Copies the weights of a checkpoint made by `Mlp::to_tensors` into the same network's `vs`.
+fn copy_weights(vs: &nn::VarStore, named: &[(String, Tensor)], device: Device) -> Result<()> {
+    let (saved_vs, _) = Mlp::from_tensors(named, device)?;
+    let saved = saved_vs.variables();
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(saved.get(&name).with_context(|| format!("the checkpoint lacks `{name}`"))?);
+        }
+        Ok(())
+    })
+}
+
 /// How `summary.csv` names a device.
 fn device_name(device: Device) -> String {
     match device {
@@ -547,14 +559,7 @@ impl Run<'_> {
             }
             let (model_part, rest): (Vec<_>, Vec<_>) =
                 named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && !k.starts_with(PROGRESS_PREFIX));
-            let (saved_vs, _) = Mlp::from_tensors(&model_part, self.device)?;
-            let saved = saved_vs.variables();
-            tch::no_grad(|| -> Result<()> {
-                for (name, mut var) in vs.variables() {
-                    var.copy_(saved.get(&name).context("resume checkpoint lacks a weight")?);
-                }
-                Ok(())
-            })?;
+            copy_weights(&vs, &model_part, self.device).context("reading the resume checkpoint")?;
             opt.load_state(&rest)?;
             info!("stage `{stage}`: resuming after epoch {first_epoch} from {}", resume_path.display());
         }
@@ -654,15 +659,7 @@ impl Run<'_> {
         drop(trainer);
         if let Some((errors, at)) = best {
             info!("stage `{stage}`: keeps epoch {at} ({errors} validation errors)");
-            let saved = output::load_tensors(&best_path)?;
-            let (saved_vs, _) = Mlp::from_tensors(&saved, self.device)?;
-            let saved = saved_vs.variables();
-            tch::no_grad(|| -> Result<()> {
-                for (name, mut var) in vs.variables() {
-                    var.copy_(saved.get(&name).context("best checkpoint lacks a weight")?);
-                }
-                Ok(())
-            })?;
+            copy_weights(&vs, &output::load_tensors(&best_path)?, self.device).context("reading the best epoch")?;
         }
         output::save_tensors(&self.checkpoint(stage), &net.to_tensors(&vs))?;
         for path in [&resume_path, &best_path] {
