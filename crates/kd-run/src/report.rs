@@ -78,7 +78,8 @@ impl RunFiles {
             let device = if row.device.is_empty() {
                 self.logged_device.clone().unwrap_or_else(|| "an unrecorded device".into())
             } else {
-                row.device.clone()
+                // Rows written before the singular was used say "(1 threads)".
+                row.device.replace("(1 threads)", "(1 thread)")
             };
             match by_device.iter_mut().find(|(d, _)| *d == device) {
                 Some((_, stages)) => stages.push(&row.stage),
