@@ -733,6 +733,11 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
         bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
     }
+    // Settings of the MNIST image split, which the frame data (split by speaker or by file) has not.
+    let image_split = raw.data.dir.is_some()
+        || raw.data.validation > 0
+        || raw.data.train_limit.is_some()
+        || raw.data.test_limit.is_some();
     let mut files = None;
     let speech = match kind {
         DataKind::Files => {
@@ -741,12 +746,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                     "{data_line}: data: kind = \"files\" needs [data.files] with `train`, `validation` and `test`, each {{ features = ..., labels = ... }}"
                 );
             };
-            if raw.data.dir.is_some()
-                || raw.data.speech.is_some()
-                || raw.data.validation > 0
-                || raw.data.train_limit.is_some()
-                || raw.data.test_limit.is_some()
-            {
+            if image_split || raw.data.speech.is_some() {
                 bail!(
                     "{data_line}: data: with kind = \"files\" the splits are the files; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
                 );
@@ -774,11 +774,7 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         DataKind::Speech => {
             let corpus = raw.data.speech.clone().unwrap_or_default();
             corpus.validate().map_err(|e| anyhow::anyhow!("{data_line}: data.speech: {e:#}"))?;
-            if raw.data.dir.is_some()
-                || raw.data.validation > 0
-                || raw.data.train_limit.is_some()
-                || raw.data.test_limit.is_some()
-            {
+            if image_split {
                 bail!(
                     "{data_line}: data: a speech corpus splits by speaker (training, development = validation, test); `dir`, `validation`, `train_limit` and `test_limit` do not apply"
                 );
