@@ -206,8 +206,27 @@ struct RawStage {
     shifts: Option<RawShifts>,
     fixed_shift: Option<f64>,
     members: Option<Vec<Spanned<String>>>,
+    affinity: Option<Affinity>,
+    clusters: Option<Count>,
+    repeats: Option<Count>,
+    min_size: Option<Count>,
+    max_size: Option<Count>,
+    count: Option<Count>,
+    kmeans: Option<RawKMeans>,
+    subsets: Option<Spanned<String>>,
+    examples: Option<Count>,
+    top_n: Option<Count>,
+    combine_iterations: Option<Count>,
     sweep: Option<RawSweep>,
     paper: Option<PaperFigures>,
+}
+
+/// Mini-batch k-means settings of a `clusters` stage.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawKMeans {
+    iterations: Option<Count>,
+    batch_size: Option<Count>,
 }
 
 /// Candidate bias shifts: `min, min + step, ..., max`.
@@ -298,6 +317,24 @@ pub enum StageKind {
     BiasShift,
     /// Combine earlier stages' models by averaging their probabilities.
     Ensemble,
+    /// Class subsets from a generalist's predictions on the validation split (section 5).
+    Clusters,
+    /// One specialist per class subset, started from the generalist, combined with it by eq. 5.
+    Specialists,
+}
+
+/// The class-similarity matrix whose columns a `clusters` stage groups by k-means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// The covariance of the generalist's predicted distributions (the paper's choice).
+    #[default]
+    Covariance,
+    /// The same covariance scaled to correlations, so that rarely predicted classes are not
+    /// lumped together by their small variances.
+    Correlation,
+    /// The symmetrized, row-normalized confusion matrix of the generalist (needs labels).
+    Confusion,
 }
 
 /// The optimizer family.
@@ -485,6 +522,50 @@ pub enum Job {
         /// The members (earlier stages of this run).
         members: Vec<ModelSource>,
     },
+    /// Class subsets from a generalist's predictions over the validation split: k-means of
+    /// the columns of `affinity`, repeated with `repeats` seeds for overlapping subsets, subsets
+    /// outside `[min_size, max_size]` dropped, then the `count` most confusable kept.
+    Clusters {
+        /// The generalist.
+        source: ModelSource,
+        /// The similarity matrix clustered.
+        affinity: Affinity,
+        /// k of k-means.
+        clusters: i64,
+        /// k-means runs (seeds `seed`, `seed + 1`, ...); more than one gives overlapping subsets.
+        repeats: i64,
+        /// Smallest subset kept.
+        min_size: i64,
+        /// Largest subset kept.
+        max_size: Option<i64>,
+        /// Keep at most this many subsets: those whose classes hold the largest share of the
+        /// generalist's confusion among themselves.
+        count: Option<i64>,
+        /// k-means updates.
+        kmeans_iterations: i64,
+        /// Points per k-means update.
+        kmeans_batch: i64,
+        /// Seed of k-means.
+        seed: u64,
+    },
+    /// One specialist per subset of a `clusters` stage, each a copy of the generalist with a
+    /// head over the subset plus a dustbin class, trained on samples half from the subset and
+    /// half from the rest; then the combination of eq. 5 evaluated against the generalist.
+    Specialists {
+        /// The generalist.
+        source: ModelSource,
+        /// The `clusters` stage whose subsets get specialists.
+        subsets: String,
+        /// Loop settings of every specialist (its seed is this seed plus its index).
+        training: Training,
+        /// Examples drawn per epoch (half inside the subset); default twice the subset's
+        /// training examples.
+        examples: Option<i64>,
+        /// Specialists are consulted for the generalist's `top_n` most probable classes.
+        top_n: i64,
+        /// Gradient steps of the eq. 5 solver.
+        combine_iterations: i64,
+    },
 }
 
 /// Hidden widths and regularization; input and output sizes come from the data.
@@ -612,6 +693,10 @@ impl Job {
             Job::Distill { distill, .. } => distill.teacher.stages(),
             Job::Evaluate { source } | Job::BiasShift { source, .. } => source.stages(),
             Job::Ensemble { members } => members.iter().flat_map(ModelSource::stages).collect(),
+            Job::Clusters { source, .. } => source.stages(),
+            Job::Specialists { source, subsets, .. } => {
+                source.stages().into_iter().chain(std::iter::once(subsets.as_str())).collect()
+            }
         }
     }
 }
@@ -809,6 +894,8 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             StageKind::Evaluate => &["from", "checkpoint", "paper"],
             StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
             StageKind::Ensemble => &["members", "paper"],
+            StageKind::Clusters => &CLUSTER_KEYS,
+            StageKind::Specialists => &SPECIALIST_KEYS,
         };
         if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
             stage_bail!(
@@ -834,9 +921,18 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             }
             StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation + usize::from(framed))?,
             StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
+            StageKind::Clusters => resolve_clusters(text, &s, &stages, seed, data.validation + usize::from(framed))?,
+            StageKind::Specialists => Job::Specialists {
+                source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
+                subsets: resolve_subsets(text, &s, &stages)?,
+                training: stage_training(text, &raw.defaults, &s, seed)?,
+                examples: s.examples.map(|c| c.0),
+                top_n: s.top_n.map_or(1, |c| c.0),
+                combine_iterations: s.combine_iterations.map_or(100, |c| c.0),
+            },
         };
-        let early =
-            matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.patience.is_some());
+        let early = matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. }
+            if training.patience.is_some());
         if matches!(&job, Job::Distill { training, distill, .. } if distill.top_k.is_some() && training.jitter > 0) {
             stage_bail!(
                 text,
@@ -899,6 +995,35 @@ const DISTILL_ONLY_KEYS: [&str; 9] = [
     "transfer_only",
 ];
 
+const CLUSTER_KEYS: [&str; 11] = [
+    "from",
+    "checkpoint",
+    "affinity",
+    "clusters",
+    "repeats",
+    "min_size",
+    "max_size",
+    "count",
+    "kmeans",
+    "seed",
+    "paper",
+];
+const SPECIALIST_KEYS: [&str; 13] = [
+    "from",
+    "checkpoint",
+    "subsets",
+    "seed",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "schedule",
+    "early_stopping",
+    "examples",
+    "top_n",
+    "combine_iterations",
+    "paper",
+];
+
 impl StageKind {
     fn as_str(self) -> &'static str {
         match self {
@@ -907,6 +1032,8 @@ impl StageKind {
             StageKind::Evaluate => "evaluate",
             StageKind::BiasShift => "bias_shift",
             StageKind::Ensemble => "ensemble",
+            StageKind::Clusters => "clusters",
+            StageKind::Specialists => "specialists",
         }
     }
 }
@@ -951,6 +1078,17 @@ impl RawStage {
             ("shifts", self.shifts.is_some()),
             ("fixed_shift", self.fixed_shift.is_some()),
             ("members", self.members.is_some()),
+            ("affinity", self.affinity.is_some()),
+            ("clusters", self.clusters.is_some()),
+            ("repeats", self.repeats.is_some()),
+            ("min_size", self.min_size.is_some()),
+            ("max_size", self.max_size.is_some()),
+            ("count", self.count.is_some()),
+            ("kmeans", self.kmeans.is_some()),
+            ("subsets", self.subsets.is_some()),
+            ("examples", self.examples.is_some()),
+            ("top_n", self.top_n.is_some()),
+            ("combine_iterations", self.combine_iterations.is_some()),
             ("sweep", self.sweep.is_some()),
             ("paper", self.paper.is_some()),
         ]
@@ -1094,6 +1232,49 @@ fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<Mo
     Ok(members)
 }
 
+fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, validation: usize) -> Result<Job> {
+    let source = resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?;
+    let Some(clusters) = s.clusters else {
+        stage_bail!(text, s, "a clusters stage needs `clusters = K`, the number of k-means clusters");
+    };
+    if validation == 0 {
+        stage_bail!(text, s, "subsets come from predictions on the validation split: set `data.validation` > 0");
+    }
+    let min_size = s.min_size.map_or(2, |c| c.0);
+    if let Some(max) = s.max_size.filter(|m| m.0 < min_size) {
+        stage_bail!(text, s, "max_size = {} is below min_size = {min_size}", max.0);
+    }
+    let kmeans = s.kmeans.unwrap_or(RawKMeans { iterations: None, batch_size: None });
+    Ok(Job::Clusters {
+        source,
+        affinity: s.affinity.unwrap_or_default(),
+        clusters: clusters.0,
+        repeats: s.repeats.map_or(1, |c| c.0),
+        min_size,
+        max_size: s.max_size.map(|c| c.0),
+        count: s.count.map(|c| c.0),
+        kmeans_iterations: kmeans.iterations.map_or(200, |c| c.0),
+        kmeans_batch: kmeans.batch_size.map_or(256, |c| c.0),
+        seed,
+    })
+}
+
+/// The `clusters` stage a `specialists` stage takes its subsets from.
+fn resolve_subsets(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<String> {
+    let Some(name) = &s.subsets else {
+        stage_bail!(text, s, "a specialists stage needs `subsets = \"<clusters stage>\"`");
+    };
+    match earlier.iter().find(|t| &t.name == name.get_ref()) {
+        Some(Stage { job: Job::Clusters { .. }, .. }) => Ok(name.get_ref().clone()),
+        _ => bail!(
+            "{}: stage `{}`: `subsets` must name an earlier clusters stage, got `{}`",
+            line_of(text, name.span().start),
+            s.name.get_ref(),
+            name.get_ref()
+        ),
+    }
+}
+
 fn resolve_bias_shift(text: &str, s: &RawStage, earlier: &[Stage], validation: usize) -> Result<Job> {
     let source = resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?;
     let classes: Vec<i64> = s.classes.iter().flatten().map(|c| c.0).collect();
@@ -1147,12 +1328,14 @@ fn resolve_source(
                 s.name.get_ref(),
                 name.get_ref()
             ),
-            Some(Job::Evaluate { .. } | Job::BiasShift { .. }) => bail!(
-                "{}: stage `{}`: `{}` trains no model (it is an evaluation)",
-                line_of(text, name.span().start),
-                s.name.get_ref(),
-                name.get_ref()
-            ),
+            Some(Job::Evaluate { .. } | Job::BiasShift { .. } | Job::Clusters { .. } | Job::Specialists { .. }) => {
+                bail!(
+                    "{}: stage `{}`: `{}` makes no single model to read",
+                    line_of(text, name.span().start),
+                    s.name.get_ref(),
+                    name.get_ref()
+                )
+            }
             None => bail!(
                 "{}: stage `{}`: no earlier stage is named `{}` (stages defined before this one: {})",
                 line_of(text, name.span().start),
@@ -1344,7 +1527,7 @@ epochs = 5
         assert_eq!((distill.temperature, distill.hard_weight, distill.soft_weight), (20.0, 0.0, 1.0));
         let seed = |s: &Stage| match &s.job {
             Job::Train { training, .. } | Job::Distill { training, .. } => training.seed,
-            Job::Evaluate { .. } | Job::BiasShift { .. } | Job::Ensemble { .. } => unreachable!(),
+            _ => unreachable!(),
         };
         assert_ne!(seed(&e.stages[0]), seed(&e.stages[1]), "stages derive distinct seeds");
         // The resolved config serializes (it becomes the run's config.toml).

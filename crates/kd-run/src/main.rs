@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         fresh: bool,
         /// Run only this stage (repeatable); the stages it reads must have run already. Lets a
-        /// scheduler spread one experiment's independent stages over machines.
+        /// scheduler spread one experiment's independent stages over machines. `<stage>.<m>`
+        /// trains specialist m of a specialists stage alone.
         #[arg(long = "only", value_name = "STAGE")]
         only: Vec<String>,
     },
@@ -106,7 +107,15 @@ fn try_main() -> Result<(), Failure> {
     match cli.command {
         Command::Run { experiment, out, overrides, fresh, only } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
-            if let Some(unknown) = only.iter().find(|o| !exp.stages.iter().any(|s| &s.name == *o)) {
+            // A stage's name, or `<stage>.<m>` for specialist m of a specialists stage.
+            let known = |o: &str| {
+                exp.stages.iter().any(|s| {
+                    s.name == o
+                        || matches!(s.job, config::Job::Specialists { .. })
+                            && o.strip_prefix(&format!("{}.", s.name)).is_some_and(|m| m.parse::<usize>().is_ok())
+                })
+            };
+            if let Some(unknown) = only.iter().find(|o| !known(o)) {
                 let names: Vec<&str> = exp.stages.iter().map(|s| s.name.as_str()).collect();
                 return Err(config_error(anyhow::anyhow!(
                     "--only {unknown}: {} has no such stage (its stages: {})",

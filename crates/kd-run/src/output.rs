@@ -147,6 +147,71 @@ pub struct ShiftRow {
 }
 
 /// Writes rows as CSV with a header, atomically.
+/// A class subset found by a `clusters` stage (`subsets.csv`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubsetRow {
+    /// The clusters stage.
+    pub stage: String,
+    /// Index of the subset (and of its specialist).
+    pub subset: i64,
+    /// Number of classes in it.
+    pub size: i64,
+    /// Sum of the positive off-diagonal affinities among its classes (the generalist's
+    /// confusion inside the subset; subsets are kept and numbered by it, largest first).
+    pub mass: f64,
+    /// Share of its classes' positive off-diagonal affinity that stays inside the subset.
+    pub within: f64,
+    /// Its classes, separated by spaces.
+    pub classes: String,
+}
+
+/// One trained specialist (`specialists/<stage>.<m>/specialist.csv`, gathered into
+/// `specialists.csv` when the stage combines them).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SpecialistRow {
+    /// The specialists stage.
+    pub stage: String,
+    /// Index of its subset.
+    pub subset: i64,
+    /// Classes of the subset (the head has one more: the dustbin).
+    pub classes: i64,
+    /// Training examples whose label is in the subset.
+    pub train_inside: i64,
+    /// Examples drawn per epoch (half inside).
+    pub examples_per_epoch: i64,
+    /// `ln(oversampling factor)` added to the dustbin logit after training.
+    pub dustbin_shift: f64,
+    /// Accuracy over the subset's classes plus dustbin on a balanced validation sample,
+    /// before the dustbin shift.
+    pub val_accuracy: Option<f64>,
+    /// Accuracy on the validation examples of the subset's classes after the shift.
+    pub val_inside_accuracy: Option<f64>,
+    /// Epochs trained.
+    pub epochs: i64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Test examples of a `specialists` stage by the number of specialists covering their true
+/// class (the paper's Table 4), with the top-1 correct of the generalist and of the combination.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CoverageRow {
+    /// The specialists stage.
+    pub stage: String,
+    /// `test` (or `validation`).
+    pub split: String,
+    /// Specialists whose subset holds the true class.
+    pub covering: i64,
+    /// Examples.
+    pub examples: i64,
+    /// Top-1 correct of the generalist alone.
+    pub generalist_correct: i64,
+    /// Top-1 correct of the generalist combined with the specialists.
+    pub combined_correct: i64,
+    /// Examples on which at least one specialist was consulted.
+    pub consulted: i64,
+}
+
 pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {

@@ -12,7 +12,7 @@
 use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Training};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
-use crate::output::{self, ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
+use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
 use crate::progress::Progress;
 use crate::train::{self, Evaluation, Geometry, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
+
+mod specialists;
 
 /// Picks the device named by an experiment's `device` setting.
 pub fn select_device(name: &str) -> Result<Device> {
@@ -50,6 +52,30 @@ struct Run<'a> {
     data: Dataset,
 }
 
+/// How a trained network starts.
+enum Init<'a> {
+    /// Freshly initialized from the stage's seed.
+    New(&'a ModelSpec),
+    /// These weights (a specialist made from its generalist).
+    From(nn::VarStore, Mlp),
+}
+
+/// The examples of each epoch.
+enum Sampling<'a> {
+    /// The whole split (or the stage's `train_fraction` of it).
+    All,
+    /// `n` example indices drawn afresh for each epoch.
+    Draw { n: i64, draw: &'a dyn Fn(i64) -> Result<Tensor> },
+}
+
+/// What a network is scored on while it trains: the validation examples (early stopping,
+/// metrics), the test split after the last epoch, both labelled in `classes` classes.
+struct Targets<'a> {
+    validation: Option<(&'a Split, Option<Tensor>)>,
+    test: Option<&'a Split>,
+    classes: i64,
+}
+
 /// The CSV tables of a run, rewritten (atomically) whenever they change.
 #[derive(Default)]
 struct Tables {
@@ -57,12 +83,18 @@ struct Tables {
     summary: Vec<SummaryRow>,
     class_errors: Vec<ClassErrorsRow>,
     shifts: Vec<ShiftRow>,
+    subsets: Vec<SubsetRow>,
+    specialists: Vec<SpecialistRow>,
+    coverage: Vec<CoverageRow>,
 }
 
 const METRICS: &str = "metrics.csv";
 const SUMMARY: &str = "summary.csv";
 const CLASS_ERRORS: &str = "class_errors.csv";
 const SHIFTS: &str = "bias_shifts.csv";
+const SUBSETS: &str = "subsets.csv";
+const SPECIALISTS: &str = "specialists.csv";
+const COVERAGE: &str = "specialist_coverage.csv";
 
 impl Tables {
     fn read(dir: &Path) -> Result<Self> {
@@ -71,21 +103,43 @@ impl Tables {
             summary: output::read_csv(&dir.join(SUMMARY))?,
             class_errors: output::read_csv(&dir.join(CLASS_ERRORS))?,
             shifts: output::read_csv(&dir.join(SHIFTS))?,
+            subsets: output::read_csv(&dir.join(SUBSETS))?,
+            specialists: output::read_csv(&dir.join(SPECIALISTS))?,
+            coverage: output::read_csv(&dir.join(COVERAGE))?,
         })
     }
 
+    /// Writes the tables; those of the specialist stages only once they have rows.
     fn write(&self, dir: &Path) -> Result<()> {
         output::write_csv(&dir.join(METRICS), &self.metrics)?;
         output::write_csv(&dir.join(SUMMARY), &self.summary)?;
         output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
-        output::write_csv(&dir.join(SHIFTS), &self.shifts)
+        output::write_csv(&dir.join(SHIFTS), &self.shifts)?;
+        fn some<T: serde::Serialize>(path: PathBuf, rows: &[T]) -> Result<()> {
+            if rows.is_empty() && !path.exists() {
+                return Ok(());
+            }
+            output::write_csv(&path, rows)
+        }
+        some(dir.join(SUBSETS), &self.subsets)?;
+        some(dir.join(SPECIALISTS), &self.specialists)?;
+        some(dir.join(COVERAGE), &self.coverage)
     }
 
-    /// Forgets a stage's results (its summary and per-class rows), not its epochs.
+    /// Whether a stage's results are recorded.
+    fn has_results(&self, stage: &str) -> bool {
+        self.summary.iter().any(|r| r.stage == stage) || self.subsets.iter().any(|r| r.stage == stage)
+    }
+
+    /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
+    /// epochs.
     fn forget_results(&mut self, stage: &str) {
         let other = |s: &str| s != stage && !s.starts_with(&format!("{stage}-fixed"));
         self.summary.retain(|r| other(&r.stage));
         self.class_errors.retain(|r| other(&r.stage));
+        self.subsets.retain(|r| r.stage != stage);
+        self.specialists.retain(|r| r.stage != stage);
+        self.coverage.retain(|r| r.stage != stage);
     }
 
     /// Forgets what an unfinished stage recorded beyond `epoch`.
@@ -166,6 +220,8 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
         .iter()
         .map(|r| r.stage.clone())
         .chain(tables.metrics.iter().map(|r| r.stage.clone()))
+        .chain(tables.subsets.iter().map(|r| r.stage.clone()))
+        .chain(tables.coverage.iter().map(|r| r.stage.clone()))
         .filter(|r| !exp.stages.iter().any(|s| *r == s.name || r.strip_suffix("-fixed") == Some(s.name.as_str())))
         .collect();
     stale.sort();
@@ -182,6 +238,7 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                 std::fs::remove_file(&path)?;
             }
         }
+        run.remove_specialists(stage)?;
     }
     if !changed.is_empty() || !stale.is_empty() {
         tables.write(&dir)?;
@@ -193,14 +250,20 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     for stage in &exp.stages {
         let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
         let needed = trains && read.contains(&stage.name.as_str());
-        let done = tables.summary.iter().any(|r| r.stage == stage.name)
+        let done = tables.has_results(&stage.name)
             && (!needed || run.checkpoint(&stage.name).exists())
             && !stage.job.reads().iter().any(|s| ran.iter().any(|r| r == s));
         if done {
             info!("stage `{}`: already done, skipped", stage.name);
             continue;
         }
-        if !only.is_empty() && !only.contains(&stage.name) {
+        // `--only <stage>.<m>`: specialist m of a specialists stage, alone.
+        let indices: Vec<usize> = only
+            .iter()
+            .filter_map(|o| o.strip_prefix(&format!("{}.", stage.name))?.parse().ok())
+            .filter(|_| matches!(stage.job, Job::Specialists { .. }))
+            .collect();
+        if !only.is_empty() && !only.contains(&stage.name) && indices.is_empty() {
             continue;
         }
         tables.forget_results(&stage.name);
@@ -209,8 +272,15 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
         let name = stage.name.as_str();
         match &stage.job {
             Job::Train { model, training } => {
-                let (_vs, net, fit) =
-                    run.train(&mut tables, name, model, training, &run.data.train, &Supervision::Hard)?;
+                let (_vs, net, fit) = run.train(
+                    (&mut tables, &dir),
+                    name,
+                    Init::New(model),
+                    training,
+                    (&run.data.train, Sampling::All),
+                    &Supervision::Hard,
+                    &run.targets(),
+                )?;
                 run.record_trained(&mut tables, name, "train", &net, fit, started)?;
             }
             Job::Distill { model, training, distill } => {
@@ -229,7 +299,15 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                     TeacherSignal::Live(&teacher)
                 };
                 let supervision = Supervision::Distill { spec: distill, teacher: signal };
-                let (_vs, net, fit) = run.train(&mut tables, name, model, training, &transfer, &supervision)?;
+                let (_vs, net, fit) = run.train(
+                    (&mut tables, &dir),
+                    name,
+                    Init::New(model),
+                    training,
+                    (&transfer, Sampling::All),
+                    &supervision,
+                    &run.targets(),
+                )?;
                 run.record_trained(&mut tables, name, "distill", &net, fit, started)?;
             }
             Job::Evaluate { source } => {
@@ -251,6 +329,11 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                 let parameters = ensemble.members.iter().map(Mlp::num_params).sum();
                 let logits = |x: &Tensor| ensemble.logits(x);
                 run.record_with(&mut tables, name, "ensemble", (model, parameters), &logits, started, None)?;
+            }
+            Job::Clusters { .. } => run.clusters(&mut tables, name, &stage.job)?,
+            Job::Specialists { .. } => {
+                let only_these = (!indices.is_empty()).then_some(indices.as_slice());
+                run.specialists(&mut tables, name, &stage.job, only_these, started)?;
             }
         }
     }
@@ -310,6 +393,15 @@ fn device_name(device: Device) -> String {
 }
 
 impl Run<'_> {
+    /// The run's own splits and classes.
+    fn targets(&self) -> Targets<'_> {
+        Targets {
+            validation: self.data.validation.as_ref().map(|v| (v, None)),
+            test: Some(&self.data.test),
+            classes: self.data.num_classes,
+        }
+    }
+
     fn checkpoint(&self, stage: &str) -> PathBuf {
         self.dir.join("checkpoints").join(format!("{stage}.safetensors"))
     }
@@ -521,27 +613,36 @@ impl Run<'_> {
     /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
     /// early stopping, the best epoch's weights) and its accuracy on the examples it trained on,
     /// in evaluation mode.
+    #[allow(clippy::too_many_arguments)]
     fn train(
         &self,
-        tables: &mut Tables,
+        (tables, tables_dir): (&mut Tables, &Path),
         stage: &str,
-        spec: &ModelSpec,
+        init: Init,
         training: &Training,
-        split: &Split,
+        (split, sampling): (&Split, Sampling),
         supervision: &Supervision,
+        targets: &Targets,
     ) -> Result<(nn::VarStore, Mlp, f64)> {
-        let mut sizes = vec![self.data.train.input_dim()];
-        sizes.extend(&spec.hidden);
-        sizes.push(self.data.num_classes);
-        let config = MlpConfig {
-            sizes,
-            input_dropout: spec.input_dropout,
-            hidden_dropout: spec.hidden_dropout,
-            max_norm: spec.max_norm,
-        };
         tch::manual_seed(training.seed as i64);
-        let vs = nn::VarStore::new(self.device);
-        let net = Mlp::new(&vs.root(), config)?.with_compute_kind(self.exp.precision.kind());
+        let (vs, net) = match init {
+            Init::New(spec) => {
+                let mut sizes = vec![self.data.train.input_dim()];
+                sizes.extend(&spec.hidden);
+                sizes.push(self.data.num_classes);
+                let config = MlpConfig {
+                    sizes,
+                    input_dropout: spec.input_dropout,
+                    hidden_dropout: spec.hidden_dropout,
+                    max_norm: spec.max_norm,
+                };
+                let vs = nn::VarStore::new(self.device);
+                let net = Mlp::new(&vs.root(), config)?;
+                (vs, net)
+            }
+            Init::From(vs, net) => (vs, net),
+        };
+        let net = net.with_compute_kind(self.exp.precision.kind());
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
 
         let mut first_epoch = 0;
@@ -569,9 +670,12 @@ impl Run<'_> {
         if geometry.is_none() && training.jitter > 0 {
             bail!("stage `{stage}`: jitter translates images; this data is not images");
         }
-        let examples =
+        let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
-        let n = examples.as_ref().map_or(split.len(), |e| e.size()[0]);
+        let n = match &sampling {
+            Sampling::Draw { n, .. } => *n,
+            Sampling::All => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
+        };
         if examples.is_some() {
             info!(
                 "stage `{stage}`: trains on {n} of {} examples (train_fraction {})",
@@ -597,6 +701,9 @@ impl Run<'_> {
             let lr = training.lr(epoch);
             trainer.opt.set_lr(lr);
             trainer.opt.set_momentum(training.momentum(epoch));
+            if let Sampling::Draw { draw, .. } = &sampling {
+                examples = Some(draw(epoch)?);
+            }
             let steps_started = Instant::now();
             let totals = train::train_epoch(
                 &mut trainer,
@@ -608,8 +715,9 @@ impl Run<'_> {
                 |step, loss| progress.step(epoch as u64, step as u64, loss),
             )?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
-            let val = match &self.data.validation {
-                Some(v) => Some(train::evaluate(&net, v, self.data.num_classes)?),
+            let forward = |x: &Tensor| Ok(net.forward_t(x, false));
+            let val = match &targets.validation {
+                Some((v, idx)) => Some(train::evaluate_with(&forward, v, idx.as_ref(), targets.classes)?),
                 None => None,
             };
             let mut last = epoch + 1 == training.epochs;
@@ -624,8 +732,10 @@ impl Run<'_> {
                     last = true;
                 }
             }
-            let test_errors =
-                if last { Some(train::evaluate(&net, &self.data.test, self.data.num_classes)?.errors) } else { None };
+            let test_errors = match targets.test {
+                Some(test) if last => Some(train::evaluate(&net, test, targets.classes)?.errors),
+                _ => None,
+            };
             let row = MetricsRow {
                 stage: stage.to_string(),
                 epoch: epoch + 1,
@@ -650,7 +760,7 @@ impl Run<'_> {
                 }
                 output::save_tensors(&resume_path, &state)?;
             }
-            tables.write(&self.dir)?;
+            tables.write(tables_dir)?;
             if last {
                 break;
             }
@@ -667,8 +777,7 @@ impl Run<'_> {
                 std::fs::remove_file(path)?;
             }
         }
-        let fit =
-            train::evaluate_with(&|x| Ok(net.forward_t(x, false)), split, examples.as_ref(), self.data.num_classes)?;
+        let fit = train::evaluate_with(&|x| Ok(net.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
         Ok((vs, net, fit.accuracy()))
     }
 

@@ -1,0 +1,397 @@
+//! The stages of the paper's section 5: class subsets from a generalist (`clusters`), and
+//! specialists trained on them and combined with the generalist by eq. 5 (`specialists`).
+//!
+//! Each specialist `<stage>.<m>` keeps its own files, so that several processes (one per
+//! specialist, `kd-run run FILE --only <stage>.<m>`) can train them at once in one run
+//! directory: its checkpoint `checkpoints/<stage>.<m>.safetensors` (resume and best-epoch files
+//! beside it while it trains), and `specialists/<stage>.<m>/{metrics.csv, specialist.csv}`.
+//! `specialist.csv` is written last and marks the specialist as done. When every specialist is
+//! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
+//! rows) and `specialist_coverage.csv` (Table 4).
+
+use super::{Init, Run, Sampling, Tables, Targets};
+use crate::config::{Affinity, Job, Training};
+use crate::data::Split;
+use crate::output::{self, CoverageRow, SpecialistRow, SubsetRow};
+use crate::train::{self, Supervision, EVAL_BATCH};
+use anyhow::{bail, Context, Result};
+use kd_models::Mlp;
+use kd_specialists::{
+    active_specialists, balanced_indices, class_subsets, combine, confusion_affinity, covariance_to_correlation,
+    covering_specialists, dustbin_logit_shift, raise_dustbin, specialist_from_generalist, ClassSubset, CombineConfig,
+    CovarianceAccumulator, KMeansConfig,
+};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{nn, nn::ModuleT, Kind, Tensor};
+use tracing::info;
+
+/// The file that marks a trained specialist.
+const SPECIALIST_ROW: &str = "specialist.csv";
+
+impl Run<'_> {
+    /// Runs a `clusters` stage: the generalist's predicted distributions over the validation
+    /// split, the affinity between classes, k-means of its columns, and the subsets kept, in
+    /// `subsets.csv` (most confusable first).
+    pub(super) fn clusters(&self, tables: &mut Tables, stage: &str, job: &Job) -> Result<()> {
+        let Job::Clusters {
+            source,
+            affinity,
+            clusters,
+            repeats,
+            min_size,
+            max_size,
+            count,
+            kmeans_iterations,
+            kmeans_batch,
+            seed,
+        } = job
+        else {
+            bail!("stage `{stage}` is not a clusters stage");
+        };
+        let classes = self.data.num_classes;
+        if *clusters > classes {
+            bail!("stage `{stage}`: clusters = {clusters} but the data has {classes} classes");
+        }
+        let (_vs, net) = self.load_model(source)?;
+        let val = self.data.validation.as_ref().context("subsets come from the validation split")?;
+        let matrix = tch::no_grad(|| -> Result<Tensor> {
+            let mut covariance = CovarianceAccumulator::new();
+            let mut predicted = Vec::new();
+            for start in (0..val.len()).step_by(EVAL_BATCH as usize) {
+                let probs =
+                    net.forward_t(&val.range(start, EVAL_BATCH.min(val.len() - start)), false).softmax(1, Kind::Float);
+                predicted.push(probs.argmax(1, false));
+                covariance.add(&probs)?;
+            }
+            Ok(match affinity {
+                Affinity::Covariance => covariance.finish()?,
+                Affinity::Correlation => covariance_to_correlation(&covariance.finish()?)?,
+                Affinity::Confusion => confusion_affinity(&Tensor::cat(&predicted, 0), &val.labels, classes)?,
+            })
+        })?;
+        let cfg = KMeansConfig {
+            clusters: *clusters,
+            batch_size: *kmeans_batch,
+            iterations: *kmeans_iterations,
+            seed: *seed,
+        };
+        let found = class_subsets(&matrix, &cfg, *repeats as usize)?;
+        let total = found.len();
+        // Confusion between different classes only: the positive off-diagonal entries.
+        let off_diagonal: Tensor = 1.0 - Tensor::eye(classes, (Kind::Double, matrix.device()));
+        let links: Tensor = matrix.to_kind(Kind::Double).clamp_min(0.0) * off_diagonal;
+        let mut scored: Vec<(ClassSubset, f64, f64)> = found
+            .into_iter()
+            .filter(|s| s.len() >= *min_size && max_size.is_none_or(|m| s.len() <= m))
+            .map(|s| {
+                let idx = Tensor::from_slice(s.classes()).to(matrix.device());
+                let rows = links.index_select(0, &idx);
+                let inside = rows.index_select(1, &idx).sum(Kind::Double).double_value(&[]);
+                let all = rows.sum(Kind::Double).double_value(&[]);
+                (s, inside, if all > 0.0 { inside / all } else { 0.0 })
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        scored.truncate(count.map_or(usize::MAX, |c| c as usize));
+        if scored.is_empty() {
+            bail!(
+                "stage `{stage}`: none of the {total} subsets has between {min_size} and {} classes",
+                max_size.map_or("any number of".to_string(), |m| m.to_string())
+            );
+        }
+        info!(
+            "stage `{stage}`: {} subsets kept of {total} found ({:?} affinity over {} validation examples), sizes {:?}",
+            scored.len(),
+            affinity,
+            val.len(),
+            scored.iter().map(|(s, _, _)| s.len()).collect::<Vec<_>>()
+        );
+        tables.subsets.retain(|r| r.stage != stage);
+        for (m, (subset, mass, within)) in scored.into_iter().enumerate() {
+            tables.subsets.push(SubsetRow {
+                stage: stage.to_string(),
+                subset: m as i64,
+                size: subset.len(),
+                mass,
+                within,
+                classes: subset.classes().iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
+            });
+        }
+        tables.write(&self.dir)
+    }
+
+    /// Runs a `specialists` stage: trains the specialists not yet trained (only those of
+    /// `only`, if given, and then stops), then combines all of them with the generalist and
+    /// records the combination (Tables 3 and 4).
+    pub(super) fn specialists(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        job: &Job,
+        only: Option<&[usize]>,
+        started: Instant,
+    ) -> Result<()> {
+        let Job::Specialists { source, subsets: from, training, examples, top_n, combine_iterations } = job else {
+            bail!("stage `{stage}` is not a specialists stage");
+        };
+        let subsets = self.subsets_of(tables, from)?;
+        let (gvs, generalist) = self.load_model(source)?;
+        let all: Vec<usize> = (0..subsets.len()).collect();
+        for &m in only.unwrap_or(&all) {
+            if m >= subsets.len() {
+                bail!(
+                    "--only {stage}.{m}: stage `{from}` found {} subsets, numbered 0 to {}",
+                    subsets.len(),
+                    subsets.len() - 1
+                );
+            }
+            if self.specialist_dir(stage, m).join(SPECIALIST_ROW).exists()
+                && self.checkpoint(&format!("{stage}.{m}")).exists()
+            {
+                info!("specialist `{stage}.{m}`: already trained, skipped");
+                continue;
+            }
+            self.train_specialist(stage, m, &subsets[m], (&gvs, &generalist), training, *examples)?;
+        }
+        if only.is_some() {
+            return Ok(());
+        }
+        tables.specialists.retain(|r| r.stage != stage);
+        for m in 0..subsets.len() {
+            let rows: Vec<SpecialistRow> = output::read_csv(&self.specialist_dir(stage, m).join(SPECIALIST_ROW))?;
+            tables.specialists.extend(rows);
+        }
+        let nets =
+            (0..subsets.len()).map(|m| self.load_specialist(stage, m, &subsets[m])).collect::<Result<Vec<_>>>()?;
+        let cfg = CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() };
+        let combined = |x: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let pg = generalist.forward_t(x, false).softmax(1, Kind::Float);
+            let active = active_specialists(&pg, &subsets, *top_n)?;
+            let b = x.size()[0];
+            // Each specialist runs on the examples that consult it; the other rows are ignored.
+            let probs: Vec<Tensor> = nets
+                .iter()
+                .zip(&subsets)
+                .enumerate()
+                .map(|(m, ((_, net), subset))| {
+                    let rows = active.select(1, m as i64).nonzero().squeeze_dim(1);
+                    let width = subset.output_width();
+                    let out = net.forward_t(&x.index_select(0, &rows), false).softmax(1, Kind::Float);
+                    Tensor::full([b, width], 1.0 / width as f64, (Kind::Float, x.device())).index_copy(0, &rows, &out)
+                })
+                .collect();
+            let pairs: Vec<(&ClassSubset, &Tensor)> = subsets.iter().zip(&probs).collect();
+            let q = combine(&pg, &pairs, &active, &cfg)?.probs;
+            Ok((pg, active, q))
+        };
+        let parameters = generalist.num_params() + nets.iter().map(|(_, n)| n.num_params()).sum::<i64>();
+        let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
+        let logits = |x: &Tensor| Ok(combined(x)?.2.clamp_min(1e-30).log());
+        self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
+
+        // Table 4: test examples by the number of specialists covering their class.
+        let _guard = tch::no_grad_guard();
+        let test = &self.data.test;
+        let covering = covering_specialists(&test.labels, &subsets)?;
+        let bins = subsets.len() as i64 + 1;
+        let zeros = || Tensor::zeros([bins], (Kind::Int64, test.labels.device()));
+        let (mut generalist_ok, mut combined_ok, mut consulted) = (zeros(), zeros(), zeros());
+        for start in (0..test.len()).step_by(EVAL_BATCH as usize) {
+            let len = EVAL_BATCH.min(test.len() - start);
+            let (pg, active, q) = combined(&test.range(start, len))?;
+            let (y, cover) = (test.labels.narrow(0, start, len), covering.narrow(0, start, len));
+            let count = |mask: Tensor| cover.masked_select(&mask).bincount::<Tensor>(None, bins);
+            generalist_ok += count(pg.argmax(1, false).eq_tensor(&y));
+            combined_ok += count(q.argmax(1, false).eq_tensor(&y));
+            consulted += count(active.any_dim(1, false));
+        }
+        let examples = Vec::<i64>::try_from(covering.bincount::<Tensor>(None, bins))?;
+        let (generalist_ok, combined_ok, consulted) = (
+            Vec::<i64>::try_from(generalist_ok)?,
+            Vec::<i64>::try_from(combined_ok)?,
+            Vec::<i64>::try_from(consulted)?,
+        );
+        tables.coverage.retain(|r| r.stage != stage);
+        for c in (0..bins as usize).filter(|&c| examples[c] > 0) {
+            tables.coverage.push(CoverageRow {
+                stage: stage.to_string(),
+                split: "test".into(),
+                covering: c as i64,
+                examples: examples[c],
+                generalist_correct: generalist_ok[c],
+                combined_correct: combined_ok[c],
+                consulted: consulted[c],
+            });
+        }
+        let (g, q): (i64, i64) = (generalist_ok.iter().sum(), combined_ok.iter().sum());
+        info!("stage `{stage}`: top-1 correct on the test split: generalist {g}, with specialists {q} ({:+})", q - g);
+        tables.write(&self.dir)
+    }
+
+    /// The subsets recorded by the clusters stage `from`, in their order.
+    fn subsets_of(&self, tables: &Tables, from: &str) -> Result<Vec<ClassSubset>> {
+        let mut rows: Vec<&SubsetRow> = tables.subsets.iter().filter(|r| r.stage == from).collect();
+        rows.sort_by_key(|r| r.subset);
+        if rows.is_empty() {
+            bail!("stage `{from}` has not run yet: run it first (or add `--only {from}`)");
+        }
+        rows.iter()
+            .map(|r| {
+                let classes = r.classes.split_whitespace().map(str::parse).collect::<Result<Vec<i64>, _>>();
+                let classes = classes.with_context(|| format!("subsets.csv: subset {} of `{from}`", r.subset))?;
+                Ok(ClassSubset::new(classes, self.data.num_classes)?)
+            })
+            .collect()
+    }
+
+    fn specialist_dir(&self, stage: &str, m: usize) -> PathBuf {
+        self.dir.join("specialists").join(format!("{stage}.{m}"))
+    }
+
+    /// Trains specialist `m` of `stage` on `subset`, from the generalist's weights.
+    fn train_specialist(
+        &self,
+        stage: &str,
+        m: usize,
+        subset: &ClassSubset,
+        (gvs, generalist): (&nn::VarStore, &Mlp),
+        training: &Training,
+        examples: Option<i64>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let name = format!("{stage}.{m}");
+        let dir = self.specialist_dir(stage, m);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let (svs, net) = specialist_from_generalist(gvs, generalist, subset, self.device)?;
+        let train = &self.data.train;
+        let inside = subset.contains(&train.labels)?.sum(Kind::Int64).int64_value(&[]);
+        if inside == 0 {
+            bail!("specialist `{name}`: no training example has a class of its subset {:?}", subset.classes());
+        }
+        let n = examples.unwrap_or(2 * inside).max(2);
+        let training = Training { seed: training.seed.wrapping_add(m as u64), ..training.clone() };
+        let seed = training.seed;
+        let (_, factor) = balanced_indices(&train.labels, subset, n, seed)?;
+        let draw = |epoch: i64| -> Result<Tensor> {
+            Ok(balanced_indices(&train.labels, subset, n, seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64))?.0)
+        };
+        let local_train = relabeled(train, subset)?;
+        // Validation: a balanced sample, the same every epoch (what early stopping watches).
+        let val = self.data.validation.as_ref();
+        let local_val = val.map(|v| relabeled(v, subset)).transpose()?;
+        let val_sample = match val {
+            Some(v) => {
+                let inside = subset.contains(&v.labels)?.sum(Kind::Int64).int64_value(&[]);
+                (inside > 0 && inside < v.len())
+                    .then(|| balanced_indices(&v.labels, subset, 2 * inside, seed))
+                    .transpose()?
+            }
+            None => None,
+        };
+        let targets = Targets {
+            validation: local_val.as_ref().zip(val_sample.as_ref()).map(|(v, (idx, _))| (v, Some(idx.shallow_clone()))),
+            test: None,
+            classes: subset.output_width(),
+        };
+        let mut tables = Tables::read(&dir)?;
+        let (vs, net, _) = self.train(
+            (&mut tables, &dir),
+            &name,
+            Init::From(svs, net),
+            &training,
+            (&local_train, Sampling::Draw { n, draw: &draw }),
+            &Supervision::Hard,
+            &targets,
+        )?;
+        let shift = dustbin_logit_shift(factor);
+        raise_dustbin(&vs, subset, shift)?;
+        output::save_tensors(&self.checkpoint(&name), &net.to_tensors(&vs))?;
+        let val_inside_accuracy = match (&local_val, val) {
+            (Some(lv), Some(v)) => {
+                let idx = subset.contains(&v.labels)?.nonzero().squeeze_dim(1);
+                let forward = |x: &Tensor| Ok(net.forward_t(x, false));
+                (idx.size()[0] > 0)
+                    .then(|| train::evaluate_with(&forward, lv, Some(&idx), subset.output_width()))
+                    .transpose()?
+                    .map(|e| e.accuracy())
+            }
+            _ => None,
+        };
+        let row = SpecialistRow {
+            stage: stage.to_string(),
+            subset: m as i64,
+            classes: subset.len(),
+            train_inside: inside,
+            examples_per_epoch: n,
+            dustbin_shift: shift,
+            val_accuracy: tables.metrics.last().and_then(|r| r.val_accuracy),
+            val_inside_accuracy,
+            epochs: tables.metrics.len() as i64,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        info!(
+            "specialist `{name}`: {} classes + dustbin, {inside} training examples inside, dustbin shift {shift:+.3}, \
+             validation accuracy on its classes {}",
+            subset.len(),
+            val_inside_accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a))
+        );
+        output::write_csv(&dir.join(SPECIALIST_ROW), &[row])
+    }
+
+    /// Loads the trained specialist `m` of `stage`, checking its shape against its subset.
+    fn load_specialist(&self, stage: &str, m: usize, subset: &ClassSubset) -> Result<(nn::VarStore, Mlp)> {
+        let path = self.checkpoint(&format!("{stage}.{m}"));
+        if !self.specialist_dir(stage, m).join(SPECIALIST_ROW).exists() || !path.exists() {
+            bail!("specialist `{stage}.{m}` has not been trained (run `--only {stage}.{m}`)");
+        }
+        let (vs, net) = Mlp::from_tensors(&output::load_tensors(&path)?, self.device)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let c = net.config();
+        if c.input_dim() != self.data.train.input_dim() || c.num_classes() != subset.output_width() {
+            bail!(
+                "{} is a {} network; specialist {m} needs {} inputs and {} outputs",
+                path.display(),
+                c.describe(),
+                self.data.train.input_dim(),
+                subset.output_width()
+            );
+        }
+        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
+    }
+
+    /// Deletes what the specialists of `stage` left (their checkpoints and folders), when
+    /// `stage` is a specialists stage whose settings changed.
+    pub(super) fn remove_specialists(&self, stage: &str) -> Result<()> {
+        if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists { .. })) {
+            return Ok(());
+        }
+        let prefix = format!("{stage}.");
+        let ours =
+            |name: &str| name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        for folder in [self.dir.join("checkpoints"), self.dir.join("specialists")] {
+            let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+            for entry in entries {
+                let entry = entry?;
+                if !ours(&entry.file_name().to_string_lossy()) {
+                    continue;
+                }
+                let path = entry.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `split` with its labels mapped to a specialist's: the subset's classes in order, then the
+/// dustbin for every other class.
+fn relabeled(split: &Split, subset: &ClassSubset) -> Result<Split> {
+    let mut view = split.view();
+    view.labels = subset.to_local(&split.labels)?;
+    Ok(view)
+}
