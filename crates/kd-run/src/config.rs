@@ -260,6 +260,13 @@ pub struct PaperFigures {
     pub class_errors: Option<f64>,
     /// The bias shift the paper used.
     pub shift: Option<f64>,
+    /// Accuracy in percent on the examples whose class some specialist covers (Table 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditional_accuracy_percent: Option<f64>,
+    /// Relative change in top-1 correct, in percent, by the number of specialists covering the
+    /// correct class: 0, 1, 2, ... (Table 4; its last entry stands for that many or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_change_percent: Option<Vec<f64>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1573,6 +1580,54 @@ epochs = 5
         }
         let evaluate = format!("{text}\n[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"ens\"\n");
         assert!(format!("{:#}", parse(&evaluate).unwrap_err()).contains("`ens` is an ensemble"));
+    }
+
+    #[test]
+    fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
+        let stages = "\n[[stages]]\nname = \"groups\"\nkind = \"clusters\"\nfrom = \"teacher\"\nclusters = 4\n\n\
+                      [[stages]]\nname = \"experts\"\nkind = \"specialists\"\nfrom = \"teacher\"\nsubsets = \"groups\"\n";
+        let text = format!("{GOOD}{stages}");
+        let e = parse(&text).unwrap();
+        let Job::Clusters { affinity, clusters, repeats, min_size, max_size, count, .. } = &e.stages[2].job else {
+            panic!("clusters stage")
+        };
+        assert_eq!(
+            (*affinity, *clusters, *repeats, *min_size, *max_size, *count),
+            (Affinity::Covariance, 4, 1, 2, None, None)
+        );
+        let Job::Specialists { training, top_n, combine_iterations, examples, .. } = &e.stages[3].job else {
+            panic!("specialists stage")
+        };
+        assert_eq!((training.epochs, *top_n, *combine_iterations, *examples), (2, 1, 100, None), "[defaults] apply");
+        assert_eq!(e.stages[3].job.reads(), ["teacher", "groups"]);
+        assert!(e.to_toml().unwrap().contains("affinity = \"covariance\""));
+
+        for (bad, msg) in [
+            (text.replace("clusters = 4\n", ""), "needs `clusters = K`"),
+            (
+                text.replace("clusters = 4\n", "clusters = 4\nmin_size = 5\nmax_size = 3\n"),
+                "max_size = 3 is below min_size = 5",
+            ),
+            (text.replace("subsets = \"groups\"", "subsets = \"teacher\""), "must name an earlier clusters stage"),
+            (text.replace("subsets = \"groups\"\n", ""), "needs `subsets ="),
+            (
+                text.replace("subsets = \"groups\"", "subsets = \"groups\"\ntemperature = 2"),
+                "`temperature` does not apply",
+            ),
+            (
+                text.replace("clusters = 4\n", "clusters = 4\nepochs = 3\n"),
+                "`epochs` does not apply to a clusters stage",
+            ),
+            (text.replace("clusters = 4\n", "clusters = 4\naffinity = \"cosine\"\n"), "unknown variant `cosine`"),
+            (
+                format!("{text}[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"experts\"\n"),
+                "makes no single model",
+            ),
+            (text.replace("validation = 100", "validation = 0"), "predictions on the validation split"),
+        ] {
+            let err = format!("{:#}", parse(&bad).unwrap_err());
+            assert!(err.contains(msg), "{msg}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
 //! into a training-curves plot.
 
-use crate::output::{self, ClassErrorsRow, MetricsRow, SummaryRow};
+use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
 use crate::plot::{self, Chart, Series};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -40,6 +40,9 @@ struct RunFiles {
     summary: Vec<SummaryRow>,
     class_errors: Vec<ClassErrorsRow>,
     metrics: Vec<MetricsRow>,
+    subsets: Vec<SubsetRow>,
+    specialists: Vec<SpecialistRow>,
+    coverage: Vec<CoverageRow>,
 }
 
 impl RunFiles {
@@ -68,6 +71,9 @@ impl RunFiles {
             summary,
             class_errors: output::read_csv(&dir.join("class_errors.csv"))?,
             metrics: output::read_csv(&dir.join("metrics.csv"))?,
+            subsets: output::read_csv(&dir.join("subsets.csv"))?,
+            specialists: output::read_csv(&dir.join("specialists.csv"))?,
+            coverage: output::read_csv(&dir.join("specialist_coverage.csv"))?,
         })
     }
 
@@ -329,6 +335,121 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     Ok(())
 }
 
+/// The paper's Tables 3 and 4 for a run with a specialists stage: accuracy of the generalist
+/// alone and combined with the specialists, on all test examples and on those whose class some
+/// specialist covers, and the change in top-1 correct by the number of covering specialists.
+fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
+    for row in run.summary.iter().filter(|r| r.kind == "specialists") {
+        let coverage: Vec<&CoverageRow> =
+            run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "test").collect();
+        let Some(stage) = run.stage(&row.stage) else { continue };
+        let generalist_name = stage.get("source").and_then(|s| s.get("stage")).and_then(|s| s.as_str());
+        let subsets_name = stage.get("subsets").and_then(|s| s.as_str()).unwrap_or_default();
+        let specialists: Vec<&SpecialistRow> = run.specialists.iter().filter(|s| s.stage == row.stage).collect();
+        let sizes: Vec<i64> = run.subsets.iter().filter(|s| s.stage == subsets_name).map(|s| s.size).collect();
+        if coverage.is_empty() || specialists.is_empty() {
+            continue;
+        }
+        let sum = |f: &dyn Fn(&CoverageRow) -> i64, covered: bool| -> i64 {
+            coverage.iter().filter(|c| !covered || c.covering > 0).map(|c| f(c)).sum()
+        };
+        let pct = |a: i64, b: i64| if b > 0 { format!("{:.2}%", 100.0 * a as f64 / b as f64) } else { "–".into() };
+        let (all, covered) = (sum(&|c| c.examples, false), sum(&|c| c.examples, true));
+        let paper_of = |name: Option<&str>, key: &str, complement: bool| -> String {
+            let figure = name.and_then(|n| run.stage(n)).and_then(|s| s.get("paper")).and_then(|p| num(p.get(key)));
+            figure.map_or("–".into(), |v| format!("{:.1}%", if complement { 100.0 - v } else { v }))
+        };
+        let (min, max) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
+        writeln!(
+            md,
+            "Generalist and specialists (the paper's Table 3): {} specialists over subsets of {min} to {max} \
+             classes (stage `{subsets_name}`), covering {covered} of the {all} test examples; the combination \
+             consults the specialists of the generalist's top class (eq. 5).\n",
+            specialists.len()
+        )?;
+        writeln!(md, "| system | conditional test accuracy | test accuracy | paper: conditional | paper: test |")?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        writeln!(
+            md,
+            "| `{}` (generalist) | {} | {} | {} | {} |",
+            generalist_name.unwrap_or("generalist"),
+            pct(sum(&|c| c.generalist_correct, true), covered),
+            pct(sum(&|c| c.generalist_correct, false), all),
+            paper_of(generalist_name, "conditional_accuracy_percent", false),
+            paper_of(generalist_name, "test_error_percent", true),
+        )?;
+        writeln!(
+            md,
+            "| `{}` (+ {} specialists) | {} | {} | {} | {} |\n",
+            row.stage,
+            specialists.len(),
+            pct(sum(&|c| c.combined_correct, true), covered),
+            pct(sum(&|c| c.combined_correct, false), all),
+            paper_of(Some(&row.stage), "conditional_accuracy_percent", false),
+            paper_of(Some(&row.stage), "test_error_percent", true),
+        )?;
+        let paper_change: Vec<f64> = stage
+            .get("paper")
+            .and_then(|p| p.get("relative_change_percent"))
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_float().or(x.as_integer().map(|i| i as f64))).collect())
+            .unwrap_or_default();
+        let relative = |c: &CoverageRow| {
+            (c.generalist_correct > 0)
+                .then(|| 100.0 * (c.combined_correct - c.generalist_correct) as f64 / c.generalist_correct as f64)
+        };
+        writeln!(md, "Test examples by the number of specialists covering their class (the paper's Table 4):\n")?;
+        writeln!(
+            md,
+            "| specialists covering | test examples | consulted | change in top-1 correct | relative change | paper: relative change |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|")?;
+        for c in &coverage {
+            let paper = paper_change
+                .get(c.covering as usize)
+                .or(paper_change.last().filter(|_| c.covering as usize >= paper_change.len()));
+            writeln!(
+                md,
+                "| {} | {} | {} | {:+} | {} | {} |",
+                c.covering,
+                c.examples,
+                c.consulted,
+                c.combined_correct - c.generalist_correct,
+                relative(c).map_or("–".into(), |r| format!("{r:+.1}%")),
+                paper.map_or("–".into(), |p| format!("{p:+.1}%"))
+            )?;
+        }
+        writeln!(md)?;
+        let inside: Vec<f64> = specialists.iter().filter_map(|s| s.val_inside_accuracy).collect();
+        let seconds: f64 = specialists.iter().map(|s| s.seconds).sum();
+        writeln!(
+            md,
+            "The specialists trained for {:.1} min in all ({:.1} epochs each on average); on the validation examples \
+             of their own classes they are right {:.1}% of the time on average (dustbin included as a wrong answer).\n",
+            seconds / 60.0,
+            specialists.iter().map(|s| s.epochs as f64).sum::<f64>() / specialists.len() as f64,
+            100.0 * inside.iter().sum::<f64>() / inside.len().max(1) as f64
+        )?;
+        let ours: Vec<(f64, f64)> = coverage.iter().filter_map(|c| Some((c.covering as f64, relative(c)?))).collect();
+        let mut series = vec![Series { name: format!("{} (ours)", row.stage), points: ours }];
+        if !paper_change.is_empty() {
+            let points = paper_change.iter().enumerate().map(|(i, p)| (i as f64, *p)).collect();
+            series.push(Series { name: "paper (JFT, 61 specialists)".into(), points });
+        }
+        let path = plots.join(format!("{}-coverage.svg", row.stage));
+        let chart = Chart {
+            title: "Relative change in top-1 correct by covering specialists",
+            x_label: "specialists covering the correct class",
+            y_label: "relative change in top-1 correct (%)",
+            log_x: false,
+            log_y: false,
+        };
+        plot::line_chart(&path, &chart, &series)?;
+        writeln!(md, "![relative change by covering specialists]({})\n", rel(&path))?;
+    }
+    Ok(())
+}
+
 /// `stage `x``, `ensemble `x`` or `checkpoint path` from a recorded model source.
 fn source(v: &toml::Value) -> Option<String> {
     let t = v.as_table()?;
@@ -455,6 +576,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             sweep_section(&mut md, run, &plots_dir, &rel)?;
             ensemble_section(&mut md, run)?;
             fraction_section(&mut md, run)?;
+            specialists_section(&mut md, run, &plots_dir, &rel)?;
         }
         curves_plot(&mut md, first, &plots_dir, &rel)?;
     }
@@ -663,6 +785,9 @@ mod tests {
             ],
             class_errors: vec![],
             metrics: vec![],
+            subsets: vec![],
+            specialists: vec![],
+            coverage: vec![],
         };
         assert_eq!(run.where_and_how_long(), "`r`: 2.0 min of stage time, teacher on cuda:0; a, b on cpu (2 threads).");
     }

@@ -451,3 +451,113 @@ fn kaldi_archives_train_from_an_experiment_file() {
     assert_eq!(summary[0]["parameters"], "3358");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn specialists_train_by_index_then_combine_and_count_their_coverage() {
+    let out = fresh_dir("specialists");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "experiments/specialists_tiny.toml", "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        kd_run(&args)
+    };
+    // As a scheduler's job array would: the generalist and the clusters, then each specialist
+    // alone (out of order), then the combination.
+    for step in [&["--only", "generalist"][..], &["--only", "clusters"], &["--only", "specialists.2"]] {
+        let r = run(step);
+        assert!(r.status.success(), "{step:?}: {}", String::from_utf8_lossy(&r.stderr));
+    }
+    let dir = out.join("specialists_tiny");
+    let subsets = csv_rows(&dir.join("subsets.csv"));
+    assert_eq!(subsets.len(), 4, "count = 4 subsets kept: {subsets:?}");
+    let mut seen = std::collections::HashSet::new();
+    let mut last_mass = f64::INFINITY;
+    for (m, s) in subsets.iter().enumerate() {
+        let classes: Vec<i64> = s["classes"].split(' ').map(|c| c.parse().unwrap()).collect();
+        assert_eq!(s["subset"], m.to_string());
+        assert_eq!(s["size"], classes.len().to_string());
+        assert!(classes.len() >= 3 && classes.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+        assert!(classes.iter().all(|c| (0..120).contains(c) && seen.insert(*c)), "one k-means run: disjoint");
+        let mass: f64 = s["mass"].parse().unwrap();
+        assert!(mass <= last_mass, "most confused first");
+        last_mass = mass;
+    }
+    let trained = |m: usize| dir.join(format!("specialists/specialists.{m}/specialist.csv"));
+    assert!(trained(2).exists() && !trained(0).exists());
+    assert!(dir.join("checkpoints/specialists.2.safetensors").exists());
+    let summary_stages = || csv_rows(&dir.join("summary.csv")).iter().map(|r| r["stage"].clone()).collect::<Vec<_>>();
+    assert_eq!(summary_stages(), ["generalist"], "no combination before every specialist is trained");
+    let out_of_range = run(&["--only", "specialists.4"]);
+    let stderr = String::from_utf8_lossy(&out_of_range.stderr);
+    assert!(!out_of_range.status.success() && stderr.contains("found 4 subsets, numbered 0 to 3"), "{stderr}");
+    let before = std::fs::read(trained(2)).unwrap();
+    let r = run(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(trained(2)).unwrap(), before, "a trained specialist is not trained again");
+    assert_eq!(summary_stages(), ["generalist", "specialists"]);
+
+    // specialists.csv gathers one row per specialist. Half of each epoch comes from the subset,
+    // so the dustbin shift is ln((N - inside) / inside) for N training frames: every row must
+    // imply the same N.
+    let rows = csv_rows(&dir.join("specialists.csv"));
+    assert_eq!(rows.len(), 4);
+    let mut frames = Vec::new();
+    for (m, r) in rows.iter().enumerate() {
+        assert_eq!(
+            (r["subset"].as_str(), r["classes"].as_str()),
+            (m.to_string().as_str(), subsets[m]["size"].as_str())
+        );
+        let (inside, n): (i64, i64) = (r["train_inside"].parse().unwrap(), r["examples_per_epoch"].parse().unwrap());
+        assert_eq!(n, 2 * inside, "default: twice the subset's training frames per epoch");
+        let shift: f64 = r["dustbin_shift"].parse().unwrap();
+        frames.push(inside as f64 * (1.0 + shift.exp()));
+    }
+    assert!(frames.iter().all(|f| (f - frames[0]).abs() < 1e-6 * frames[0]), "{frames:?}");
+
+    // Table 4's counts agree with summary.csv: every test frame is in one coverage row, and the
+    // top-1 correct of the generalist and of the combination add up to their test accuracy.
+    let summary = csv_rows(&dir.join("summary.csv"));
+    let errors =
+        |stage: &str| -> i64 { summary.iter().find(|r| r["stage"] == stage).unwrap()["test_errors"].parse().unwrap() };
+    let coverage = csv_rows(&dir.join("specialist_coverage.csv"));
+    let sum = |key: &str| -> i64 { coverage.iter().map(|r| r[key].parse::<i64>().unwrap()).sum() };
+    let frames: i64 = csv_rows(&dir.join("class_errors.csv"))
+        .iter()
+        .filter(|c| c["stage"] == "generalist" && c["split"] == "test")
+        .map(|c| c["examples"].parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(sum("examples"), frames);
+    assert_eq!(sum("generalist_correct"), frames - errors("generalist"));
+    assert_eq!(sum("combined_correct"), frames - errors("specialists"));
+    let covered: i64 =
+        coverage.iter().filter(|r| r["covering"] != "0").map(|r| r["examples"].parse::<i64>().unwrap()).sum();
+    assert!(covered > 0 && covered < frames, "4 subsets cover some of the 120 states: {coverage:?}");
+    assert!(sum("consulted") > 0);
+
+    // The report's Table 3: conditional accuracy over the covered examples, test accuracy as in
+    // summary.csv.
+    let md_path = out.join("specialists.md");
+    let report = kd_run(&["report", "--out", md_path.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let covered_correct: i64 =
+        coverage.iter().filter(|r| r["covering"] != "0").map(|r| r["combined_correct"].parse::<i64>().unwrap()).sum();
+    let accuracy: f64 = summary.iter().find(|r| r["stage"] == "specialists").unwrap()["test_accuracy"].parse().unwrap();
+    let row = format!(
+        "| `specialists` (+ 4 specialists) | {:.2}% | {:.2}% |",
+        100.0 * covered_correct as f64 / covered as f64,
+        100.0 * accuracy
+    );
+    assert!(md.contains(&row), "{row}\n{md}");
+    assert!(out.join("specialists/specialists-coverage.svg").exists());
+
+    // The same experiment in one go, specialists in order, gives the same results.
+    let again = fresh_dir("specialists-again");
+    let r = kd_run(&["run", "experiments/specialists_tiny.toml", "--out", again.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let results = |d: &Path| {
+        csv_rows(&d.join("specialists_tiny/summary.csv")).iter().map(|r| r["test_errors"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(results(&out), results(&again));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&again);
+}
