@@ -208,6 +208,7 @@ struct RawStage {
     members: Option<Vec<Spanned<String>>>,
     affinity: Option<Affinity>,
     clusters: Option<Count>,
+    walk_steps: Option<u32>,
     repeats: Option<Count>,
     min_size: Option<Count>,
     max_size: Option<Count>,
@@ -539,6 +540,9 @@ pub enum Job {
         affinity: Affinity,
         /// k of k-means.
         clusters: i64,
+        /// k-means clusters the rows of `kd_specialists::class_profiles(affinity, walk_steps)`;
+        /// 0 clusters the affinity's columns themselves (the paper's literal recipe).
+        walk_steps: i64,
         /// k-means runs (seeds `seed`, `seed + 1`, ...); more than one gives overlapping subsets.
         repeats: i64,
         /// Smallest subset kept.
@@ -1002,11 +1006,12 @@ const DISTILL_ONLY_KEYS: [&str; 9] = [
     "transfer_only",
 ];
 
-const CLUSTER_KEYS: [&str; 11] = [
+const CLUSTER_KEYS: [&str; 12] = [
     "from",
     "checkpoint",
     "affinity",
     "clusters",
+    "walk_steps",
     "repeats",
     "min_size",
     "max_size",
@@ -1087,6 +1092,7 @@ impl RawStage {
             ("members", self.members.is_some()),
             ("affinity", self.affinity.is_some()),
             ("clusters", self.clusters.is_some()),
+            ("walk_steps", self.walk_steps.is_some()),
             ("repeats", self.repeats.is_some()),
             ("min_size", self.min_size.is_some()),
             ("max_size", self.max_size.is_some()),
@@ -1256,6 +1262,7 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         source,
         affinity: s.affinity.unwrap_or_default(),
         clusters: clusters.0,
+        walk_steps: i64::from(s.walk_steps.unwrap_or(2)),
         repeats: s.repeats.map_or(1, |c| c.0),
         min_size,
         max_size: s.max_size.map(|c| c.0),

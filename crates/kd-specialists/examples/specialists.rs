@@ -5,8 +5,9 @@
 
 use kd_models::{Mlp, MlpConfig};
 use kd_specialists::{
-    active_specialists, balanced_indices, class_subsets, combine, covariance_to_correlation, covering_specialists,
-    dustbin_logit_shift, prediction_covariance, raise_dustbin, specialist_from_generalist, CombineConfig, KMeansConfig,
+    active_specialists, balanced_indices, class_profiles, class_subsets, combine, covariance_to_correlation,
+    covering_specialists, dustbin_logit_shift, prediction_covariance, raise_dustbin, specialist_from_generalist,
+    CombineConfig, KMeansConfig,
 };
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 
@@ -22,11 +23,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let labels = Tensor::randint(classes, [examples], (Kind::Int64, device));
     let pg = tch::no_grad(|| generalist.forward_t(&(&x * 3.0), false).softmax(1, Kind::Float));
 
-    // 1. Subsets: k-means of the prediction covariance (as a correlation, so that rarely
-    //    predicted classes are not lumped together), two runs for overlapping subsets.
+    // 1. Subsets: k-means of confusion profiles built from the prediction covariance (as a
+    //    correlation, so that rarely predicted classes are not lumped together; two steps of
+    //    the walk over its positive links), two runs for overlapping subsets.
     let cov = prediction_covariance(&pg)?;
     let cfg = KMeansConfig { clusters: 4, batch_size: 16, iterations: 50, seed: 1 };
-    let subsets = class_subsets(&covariance_to_correlation(&cov)?, &cfg, 2)?;
+    let profiles = class_profiles(&covariance_to_correlation(&cov)?, 2)?;
+    let subsets = class_subsets(&profiles, &cfg, 2)?;
     println!(
         "covariance {:?}; {} subsets of sizes {:?}",
         cov.size(),

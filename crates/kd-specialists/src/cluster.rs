@@ -169,6 +169,63 @@ pub fn covariance_to_correlation(cov: &Tensor) -> Result<Tensor> {
     }))
 }
 
+/// Confusion profiles of the classes: one unit-length row per class, for k-means.
+///
+/// ```text
+/// L = max(A, 0) with diag(L) = 0          (positive links between different classes)
+/// P = (I + rownorm(L)) / 2                 (lazy random walk on the links; a row of L
+///                                            without links stays 0 before the I is added)
+/// R = P^steps, each row scaled to unit length
+/// ```
+///
+/// K-means of the raw columns of a covariance (or correlation) matrix over thousands of
+/// classes tends to put most classes into one cluster: their columns are small and close to
+/// each other, or nearly orthogonal unit-like vectors all about as far from each other, and a
+/// mean of many of them is nearer to all of them than any other center. Profiles compare
+/// classes by *whom* they are confused with: two classes linked to the same classes get close
+/// rows, and `steps > 1` lets the walk reach classes two or more links away, so that clusters
+/// grow from pairs into groups. Only the links' relative sizes within a row matter (the
+/// diagonal is ignored), so the profiles do not depend on the affinity's scale. A class with no
+/// link keeps `e_i`, orthogonal to every other profile. `affinity` is `[N, N]` (symmetric in use); the result is `[N, N]` of its kind
+/// (float unless double) on its device. `steps >= 1`.
+///
+/// # Example
+/// ```
+/// use kd_specialists::class_profiles;
+/// use tch::Tensor;
+///
+/// // Classes 0 and 1 are confused with each other, class 2 with nothing.
+/// let a = Tensor::from_slice(&[1.0f64, 0.5, -0.1, 0.5, 1.0, -0.1, -0.1, -0.1, 1.0]).view([3, 3]);
+/// let r = class_profiles(&a, 1).unwrap();
+/// let rows = Vec::<f64>::try_from(r.view([-1])).unwrap();
+/// let s = 0.5f64.sqrt();
+/// let want = [s, s, 0.0, s, s, 0.0, 0.0, 0.0, 1.0];
+/// assert!(rows.iter().zip(want).all(|(x, w)| (x - w).abs() < 1e-12));
+/// ```
+pub fn class_profiles(affinity: &Tensor, steps: i64) -> Result<Tensor> {
+    let (rows, cols) = matrix("affinity", affinity)?;
+    if rows != cols {
+        return Err(bad("affinity", format!("must be square [N, N], got shape {:?}", affinity.size())));
+    }
+    if steps < 1 {
+        return Err(bad("steps", format!("must be >= 1, got {steps}")));
+    }
+    let kind = compute_kind(affinity.kind());
+    Ok(tch::no_grad(|| {
+        let eye = Tensor::eye(rows, (kind, affinity.device()));
+        let links = affinity.to_kind(kind).clamp_min(0.0) * (eye.ones_like() - &eye);
+        let degree = links.sum_dim_intlist(1, true, kind);
+        // (1e-30 stays above zero in float: a row without links divides 0 by it, not by 0.)
+        let walk = (links / degree.clamp_min(1e-30) + &eye) * 0.5;
+        let mut r = walk.shallow_clone();
+        for _ in 1..steps {
+            r = r.mm(&walk);
+        }
+        let norm = r.square().sum_dim_intlist(1, true, kind).sqrt();
+        r / norm
+    }))
+}
+
 /// Class affinity from a confusion matrix (the paper's section 7 variant), `[N, N]` float on
 /// the labels' device.
 ///
@@ -481,6 +538,44 @@ mod tests {
             assert_eq!(class_lists(&subsets), groups, "seed {seed}");
             assert!(subsets.iter().all(|s| s.num_classes() == 12));
         }
+    }
+
+    #[test]
+    fn profiles_are_unit_rows_that_follow_the_links_and_recover_the_planted_groups() {
+        // A chain 0 - 1 - 2 and a class 3 linked to nothing (negative entries are no links).
+        let a = Tensor::from_slice(&[
+            1.0f64, 0.3, -0.2, -0.1, //
+            0.3, 1.0, 0.3, -0.1, //
+            -0.2, 0.3, 1.0, -0.1, //
+            -0.1, -0.1, -0.1, 1.0,
+        ])
+        .view([4, 4]);
+        let one = class_profiles(&a, 1).unwrap();
+        let two = class_profiles(&a, 2).unwrap();
+        for r in [&one, &two] {
+            let norms = r.square().sum_dim_intlist(1, false, Kind::Double).sqrt();
+            assert!(norms.allclose(&Tensor::ones([4], (Kind::Double, Device::Cpu)), 1e-12, 1e-12, false));
+            assert_eq!(Vec::<f64>::try_from(r.get(3)).unwrap(), [0.0, 0.0, 0.0, 1.0], "no link: e_3");
+        }
+        assert_eq!(one.double_value(&[0, 2]), 0.0, "one step reaches the neighbours only");
+        assert!(two.double_value(&[0, 2]) > 0.0, "two steps reach the neighbours' neighbours");
+        // Classes 0 and 2 share the neighbour 1: the longer walk brings their profiles closer,
+        // while the unlinked class stays orthogonal to both.
+        let cos = |r: &Tensor, i: i64, j: i64| f64::try_from(r.get(i).dot(&r.get(j))).unwrap();
+        assert!(cos(&two, 0, 2) > cos(&one, 0, 2) && cos(&one, 0, 2) > 0.0);
+        assert_eq!((cos(&two, 0, 3), cos(&two, 2, 3)), (0.0, 0.0));
+
+        let (p, groups) = grouped_predictions(600, 11);
+        let profiles = class_profiles(&prediction_covariance(&p).unwrap(), 2).unwrap();
+        let cfg = KMeansConfig { clusters: 3, batch_size: 12, iterations: 50, seed: 4 };
+        let mut want = groups.clone();
+        want.sort();
+        assert_eq!(class_lists(&class_subsets(&profiles, &cfg, 1).unwrap()), want);
+        // In float, a class without links still gets e_i (no 0 / 0).
+        let isolated = class_profiles(&Tensor::eye(3, (Kind::Float, Device::Cpu)), 3).unwrap();
+        assert!(isolated.equal(&Tensor::eye(3, (Kind::Float, Device::Cpu))));
+        assert!(class_profiles(&a, 0).is_err());
+        assert!(class_profiles(&a.narrow(0, 0, 3), 1).is_err());
     }
 
     #[test]

@@ -22,12 +22,12 @@
 //! `z <- z - (s / (1 + |A|)) dF/dz` with its own step `s`: a step that would increase its
 //! objective is rejected and `s` halved; an accepted step doubles `s`, up to
 //! [`CombineConfig::step`]. The objective therefore never increases. Probabilities inside
-//! logarithms are clamped at `1e-12`. All of it runs batched on the inputs' device under
-//! `no_grad`.
+//! logarithms are clamped at `1e-12`; `q_out` is computed as `1 - sum_{c in S_m} q_c`, in double.
+//! All of it runs batched on the inputs' device under `no_grad`.
 
 use tch::{Kind, Tensor};
 
-use crate::error::{bad, compute_kind, int_vector, matrix, same_device, Result};
+use crate::error::{bad, int_vector, matrix, same_device, Result};
 use crate::subset::ClassSubset;
 
 /// Floor of every probability inside a logarithm.
@@ -158,20 +158,23 @@ pub struct Combined {
     pub iterations: i64,
 }
 
-/// One specialist's share of the problem.
+/// One specialist's share of the problem: only its subset's columns are ever gathered, so a
+/// step costs `O(B N)` for the softmax plus `O(B |S_m|)` per specialist.
 struct Part {
     /// `[|S|]` int64 class ids.
     classes: Tensor,
-    /// `[N]` 1.0 outside the subset, 0.0 inside.
-    outside: Tensor,
-    /// `[B, |S| + 1]` its distribution, and the log of it clamped at `EPS`.
+    /// `[B, |S|]` its probabilities of the subset's classes, and their logs clamped at `EPS`.
     probs: Tensor,
     log_probs: Tensor,
+    /// `[B, 1]` its dustbin probability, and its log clamped at `EPS`.
+    dustbin: Tensor,
+    log_dustbin: Tensor,
     /// `[B, 1]` 1.0 where it is active.
     weight: Tensor,
 }
 
-/// Eq. 5 for a batch, with the inputs validated and cast to the compute dtype.
+/// Eq. 5 for a batch, with the inputs validated and cast to double: `q_out = 1 - sum_S q` is
+/// then exact to about 1e-16, below the clamp of the logarithms.
 struct Problem {
     pg: Tensor,
     log_pg: Tensor,
@@ -185,7 +188,7 @@ struct Problem {
 impl Problem {
     /// Assumes validated arguments.
     fn new(generalist_probs: &Tensor, specialists: &[(&ClassSubset, &Tensor)], active: &Tensor) -> Problem {
-        let kind = compute_kind(generalist_probs.kind());
+        let kind = Kind::Double;
         let device = generalist_probs.device();
         let pg = generalist_probs.to_kind(kind);
         let log_pg = pg.clamp_min(EPS).log();
@@ -194,14 +197,15 @@ impl Problem {
             .iter()
             .enumerate()
             .map(|(m, (subset, probs))| {
+                let s = subset.len();
                 let probs = probs.to_kind(kind);
-                let classes = Tensor::from_slice(subset.classes()).to_device(device);
-                let outside = Tensor::ones([subset.num_classes()], (kind, device)).index_fill(0, &classes, 0.0);
+                let (inside, dustbin) = (probs.narrow(1, 0, s), probs.narrow(1, s, 1));
                 Part {
-                    classes,
-                    outside,
-                    log_probs: probs.clamp_min(EPS).log(),
-                    probs,
+                    classes: Tensor::from_slice(subset.classes()).to_device(device),
+                    log_probs: inside.clamp_min(EPS).log(),
+                    probs: inside,
+                    log_dustbin: dustbin.clamp_min(EPS).log(),
+                    dustbin,
                     weight: weights.narrow(1, m as i64, 1),
                 }
             })
@@ -211,39 +215,51 @@ impl Problem {
         Problem { pg, log_pg, parts, any, terms }
     }
 
-    /// `(log D_m(q), q_out)` for one specialist.
-    fn merged(part: &Part, q: &Tensor, log_q: &Tensor) -> (Tensor, Tensor) {
-        let q_out = (q * &part.outside).sum_dim_intlist(1, true, q.kind());
-        let log_d = Tensor::cat(&[log_q.index_select(1, &part.classes), q_out.clamp_min(EPS).log()], 1);
-        (log_d, q_out)
+    /// `(log q_S, q_S, q_out)` for one specialist: `q` on its subset and outside it.
+    fn merged(part: &Part, log_q: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let log_q_s = log_q.index_select(1, &part.classes);
+        let q_s = log_q_s.exp();
+        let q_out: Tensor = 1.0 - q_s.sum_dim_intlist(1, true, Kind::Double);
+        let q_out = q_out.clamp_min(0.0);
+        (log_q_s, q_s, q_out)
     }
 
-    /// `[B]` objective of eq. 5 at logits `z` (0 where no specialist is active); differentiable.
+    /// `[B]` objective of eq. 5 at logits `z` (0 where no specialist is active).
     fn objective(&self, z: &Tensor) -> Tensor {
-        let kind = self.pg.kind();
+        let kind = Kind::Double;
         let log_q = z.log_softmax(1, kind);
-        let q = log_q.exp();
         let mut f = (&self.pg * (&self.log_pg - &log_q)).sum_dim_intlist(1, true, kind);
         for part in &self.parts {
-            let (log_d, _) = Self::merged(part, &q, &log_q);
-            let kl = (&part.probs * (&part.log_probs - log_d)).sum_dim_intlist(1, true, kind);
-            f += kl * &part.weight;
+            let (log_q_s, _, q_out) = Self::merged(part, &log_q);
+            let inside = (&part.probs * (&part.log_probs - log_q_s)).sum_dim_intlist(1, true, kind);
+            let dustbin = &part.dustbin * (&part.log_dustbin - q_out.clamp_min(EPS).log());
+            f += (inside + dustbin) * &part.weight;
         }
         f.where_scalarother(&self.any, 0.0).squeeze_dim(1)
     }
 
     /// `[B, N]` descent direction `dF/dz / (1 + |A|)` (0 where no specialist is active).
+    ///
+    /// Each active specialist adds `q - t^m`: `q_c (1 - share)` outside its subset
+    /// (`share = p^m_dust / q_out`) and `q_c - p^m_c` inside. The outside parts of all
+    /// specialists add up to `q` times one number per example; the inside parts then correct
+    /// the subset's columns.
     fn direction(&self, z: &Tensor) -> Tensor {
-        let kind = self.pg.kind();
+        let kind = Kind::Double;
         let log_q = z.log_softmax(1, kind);
         let q = log_q.exp();
-        let mut g = &q - &self.pg;
+        let mut outside = Tensor::zeros_like(&self.terms);
+        let mut corrections = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
-            let (_, q_out) = Self::merged(part, &q, &log_q);
-            let s = part.classes.size()[0];
-            let share = part.probs.narrow(1, s, 1) / q_out.clamp_min(EPS);
-            let target = (&q * &part.outside * share).index_copy(1, &part.classes, &part.probs.narrow(1, 0, s));
-            g += (&q - target) * &part.weight;
+            let (_, q_s, q_out) = Self::merged(part, &log_q);
+            let share = &part.dustbin / q_out.clamp_min(EPS);
+            outside += (1.0 - &share) * &part.weight;
+            // inside: (q_s - p_s) - q_s (1 - share) = q_s share - p_s
+            corrections.push((&part.classes, (q_s * share - &part.probs) * &part.weight));
+        }
+        let mut g = &q - &self.pg + &q * outside;
+        for (classes, c) in corrections {
+            let _ = g.index_add_(1, classes, &c);
         }
         (g / &self.terms).where_scalarother(&self.any, 0.0)
     }
@@ -259,9 +275,9 @@ impl Problem {
 ///   [`active_specialists`]).
 ///
 /// Returns `q*` and the objective's trace; see the [module docs](self) for the method.
-/// Examples with no active specialist get `q* = p^g` exactly. Computes in double if `p^g` is
-/// double, else in float; reads two numbers back per step (the mean objective and the largest
-/// gradient). Fails naming the argument on shape, dtype, device or subset mismatches.
+/// Examples with no active specialist get `q* = p^g` exactly and cost nothing: the others are
+/// gathered and solved in double. A step costs `O(B N)` for the softmax plus `O(B |S_m|)` per
+/// active specialist; it reads two numbers back (the mean objective and the largest gradient). Fails naming the argument on shape, dtype, device or subset mismatches.
 ///
 /// # Example
 /// ```
@@ -319,15 +335,26 @@ pub fn combine(
         same_device(&arg, probs, device, "generalist_probs")?;
     }
     tch::no_grad(|| {
-        let problem = Problem::new(generalist_probs, specialists, active);
-        let kind = problem.pg.kind();
+        // Only the examples that consult some specialist are solved; the others keep p^g.
+        let rows = active.any_dim(1, false).nonzero().squeeze_dim(1);
+        let r = rows.size()[0];
+        if r == 0 {
+            return Ok(Combined { probs: generalist_probs.copy(), objective: vec![0.0], iterations: 0 });
+        }
+        let pick = |t: &Tensor| if r == b { t.shallow_clone() } else { t.index_select(0, &rows) };
+        let picked: Vec<Tensor> = specialists.iter().map(|(_, p)| pick(p)).collect();
+        let parts: Vec<(&ClassSubset, &Tensor)> = specialists.iter().zip(&picked).map(|((s, _), p)| (*s, p)).collect();
+        let problem = Problem::new(&pick(generalist_probs), &parts, &pick(active));
+        let kind = Kind::Double;
         let mut z = problem.log_pg.copy();
         let (mut f, mut g) = (problem.objective(&z), problem.direction(&z));
-        let mut step = Tensor::full([b, 1], cfg.step, (kind, device));
+        let mut step = Tensor::full([r, 1], cfg.step, (kind, device));
         let mut objective = Vec::new();
         let mut iterations = 0;
+        // The trace is a mean over the whole batch, whose other examples contribute 0.
+        let share = r as f64 / b as f64;
         loop {
-            let stats = Tensor::stack(&[f.mean(kind), g.abs().max()], 0).to_kind(Kind::Double);
+            let stats = Tensor::stack(&[f.mean(kind) * share, g.abs().max()], 0);
             let (mean, largest) = (stats.f_double_value(&[0])?, stats.f_double_value(&[1])?);
             objective.push(mean);
             if iterations == cfg.iterations || largest <= cfg.tolerance {
@@ -344,7 +371,8 @@ pub fn combine(
             iterations += 1;
         }
         let q = z.softmax(1, kind).where_self(&problem.any, &problem.pg).to_kind(generalist_probs.kind());
-        Ok(Combined { probs: q, objective, iterations })
+        let probs = if r == b { q } else { generalist_probs.index_copy(0, &rows, &q) };
+        Ok(Combined { probs, objective, iterations })
     })
 }
 
@@ -429,6 +457,28 @@ mod tests {
             let sums = out.probs.sum_dim_intlist(1, false, Kind::Double);
             assert!(sums.allclose(&Tensor::ones([b], (Kind::Double, Device::Cpu)), 1e-9, 1e-9, false));
         }
+    }
+
+    #[test]
+    fn each_example_is_solved_as_if_alone() {
+        // Rows without an active specialist are left out of the solve; the others must not
+        // depend on which rows they share a batch with.
+        let (b, n) = (5, 8);
+        let pg = distributions(b, n, 8);
+        let subs = subsets(&[&[0, 1, 2], &[2, 5, 7]], n);
+        let pm = specialist_probs(&subs, b, 40);
+        let specialists: Vec<_> = subs.iter().zip(&pm).collect();
+        let active = bools(&[&[true, false], &[false, false], &[true, true], &[false, false], &[false, true]]);
+        let cfg = CombineConfig { iterations: 40, step: 1.0, tolerance: 0.0 };
+        let batch = combine(&pg, &specialists, &active, &cfg).unwrap();
+        for row in [0, 2, 4] {
+            let one: Vec<Tensor> = pm.iter().map(|p| p.narrow(0, row, 1)).collect();
+            let alone: Vec<_> = subs.iter().zip(&one).collect();
+            let out = combine(&pg.narrow(0, row, 1), &alone, &active.narrow(0, row, 1), &cfg).unwrap();
+            assert!(out.probs.allclose(&batch.probs.narrow(0, row, 1), 1e-12, 1e-12, false), "row {row}");
+        }
+        // The trace averages over the whole batch: the two idle rows count as zeros.
+        assert!(batch.objective[0] > 0.0);
     }
 
     #[test]

@@ -61,8 +61,8 @@ mod rng;
 pub mod subset;
 
 pub use cluster::{
-    class_subsets, confusion_affinity, covariance_to_correlation, minibatch_kmeans, prediction_covariance,
-    CovarianceAccumulator, KMeansConfig,
+    class_profiles, class_subsets, confusion_affinity, covariance_to_correlation, minibatch_kmeans,
+    prediction_covariance, CovarianceAccumulator, KMeansConfig,
 };
 pub use combine::{active_specialists, combine, covering_specialists, CombineConfig, Combined};
 pub use error::{Error, Result};

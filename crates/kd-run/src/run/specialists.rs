@@ -17,10 +17,11 @@ use crate::train::{self, Supervision, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::Mlp;
 use kd_specialists::{
-    active_specialists, balanced_indices, class_subsets, combine, confusion_affinity, covariance_to_correlation,
-    covering_specialists, dustbin_logit_shift, raise_dustbin, specialist_from_generalist, ClassSubset, CombineConfig,
-    CovarianceAccumulator, KMeansConfig,
+    active_specialists, balanced_indices, class_profiles, class_subsets, combine, confusion_affinity,
+    covariance_to_correlation, covering_specialists, dustbin_logit_shift, raise_dustbin, specialist_from_generalist,
+    ClassSubset, CombineConfig, CovarianceAccumulator, KMeansConfig,
 };
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{nn, nn::ModuleT, Kind, Tensor};
@@ -38,6 +39,7 @@ impl Run<'_> {
             source,
             affinity,
             clusters,
+            walk_steps,
             repeats,
             min_size,
             max_size,
@@ -76,7 +78,8 @@ impl Run<'_> {
             iterations: *kmeans_iterations,
             seed: *seed,
         };
-        let found = class_subsets(&matrix, &cfg, *repeats as usize)?;
+        let points = if *walk_steps > 0 { class_profiles(&matrix, *walk_steps)? } else { matrix.shallow_clone() };
+        let found = class_subsets(&points, &cfg, *repeats as usize)?;
         let total = found.len();
         // Confusion between different classes only: the positive off-diagonal entries.
         let off_diagonal: Tensor = 1.0 - Tensor::eye(classes, (Kind::Double, matrix.device()));
@@ -187,31 +190,37 @@ impl Run<'_> {
         };
         let parameters = generalist.num_params() + nets.iter().map(|(_, n)| n.num_params()).sum::<i64>();
         let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
-        let logits = |x: &Tensor| Ok(combined(x)?.2.clamp_min(1e-30).log());
+        // The evaluation below runs over the validation split, then the test split, chunk by
+        // chunk; what Table 4 needs of each chunk is kept on the way, so that eq. 5 is solved
+        // once per example.
+        let kept: RefCell<Vec<(Tensor, Tensor, Tensor)>> = RefCell::new(Vec::new());
+        let logits = |x: &Tensor| {
+            let (pg, active, q) = combined(x)?;
+            kept.borrow_mut().push((pg.argmax(1, false), q.argmax(1, false), active.any_dim(1, false)));
+            Ok(q.clamp_min(1e-30).log())
+        };
         self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
 
         // Table 4: test examples by the number of specialists covering their class.
-        let _guard = tch::no_grad_guard();
         let test = &self.data.test;
+        let kept = kept.into_inner();
+        let chunks = ((test.len() + EVAL_BATCH - 1) / EVAL_BATCH) as usize;
+        let first = kept.len().checked_sub(chunks).context("fewer evaluated chunks than test chunks")?;
+        let column =
+            |i: usize| Tensor::cat(&kept[first..].iter().map(|k| [&k.0, &k.1, &k.2][i]).collect::<Vec<_>>(), 0);
+        let (generalist_top, combined_top, any_active) = (column(0), column(1), column(2));
+        if generalist_top.size()[0] != test.len() {
+            bail!("stage `{stage}`: {} test predictions for {} test examples", generalist_top.size()[0], test.len());
+        }
         let covering = covering_specialists(&test.labels, &subsets)?;
         let bins = subsets.len() as i64 + 1;
-        let zeros = || Tensor::zeros([bins], (Kind::Int64, test.labels.device()));
-        let (mut generalist_ok, mut combined_ok, mut consulted) = (zeros(), zeros(), zeros());
-        for start in (0..test.len()).step_by(EVAL_BATCH as usize) {
-            let len = EVAL_BATCH.min(test.len() - start);
-            let (pg, active, q) = combined(&test.range(start, len))?;
-            let (y, cover) = (test.labels.narrow(0, start, len), covering.narrow(0, start, len));
-            let count = |mask: Tensor| cover.masked_select(&mask).bincount::<Tensor>(None, bins);
-            generalist_ok += count(pg.argmax(1, false).eq_tensor(&y));
-            combined_ok += count(q.argmax(1, false).eq_tensor(&y));
-            consulted += count(active.any_dim(1, false));
-        }
+        let count = |mask: &Tensor| -> Result<Vec<i64>> {
+            Ok(Vec::<i64>::try_from(covering.masked_select(mask).bincount::<Tensor>(None, bins))?)
+        };
+        let generalist_ok = count(&generalist_top.eq_tensor(&test.labels))?;
+        let combined_ok = count(&combined_top.eq_tensor(&test.labels))?;
+        let consulted = count(&any_active)?;
         let examples = Vec::<i64>::try_from(covering.bincount::<Tensor>(None, bins))?;
-        let (generalist_ok, combined_ok, consulted) = (
-            Vec::<i64>::try_from(generalist_ok)?,
-            Vec::<i64>::try_from(combined_ok)?,
-            Vec::<i64>::try_from(consulted)?,
-        );
         tables.coverage.retain(|r| r.stage != stage);
         for c in (0..bins as usize).filter(|&c| examples[c] > 0) {
             tables.coverage.push(CoverageRow {
