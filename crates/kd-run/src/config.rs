@@ -1262,7 +1262,7 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         source,
         affinity: s.affinity.unwrap_or_default(),
         clusters: clusters.0,
-        walk_steps: i64::from(s.walk_steps.unwrap_or(2)),
+        walk_steps: i64::from(s.walk_steps.unwrap_or(4)),
         repeats: s.repeats.map_or(1, |c| c.0),
         min_size,
         max_size: s.max_size.map(|c| c.0),
