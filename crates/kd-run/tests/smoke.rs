@@ -558,6 +558,26 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
         csv_rows(&d.join("specialists_tiny/summary.csv")).iter().map(|r| r["test_errors"].clone()).collect::<Vec<_>>()
     };
     assert_eq!(results(&out), results(&again));
+
+    // Changed specialist settings retrain every specialist (and only the specialists): their
+    // old checkpoints and folders go, the generalist and the subsets stay.
+    let generalist = std::fs::read(again.join("specialists_tiny/checkpoints/generalist.safetensors")).unwrap();
+    let subsets_before = std::fs::read(again.join("specialists_tiny/subsets.csv")).unwrap();
+    let r = kd_run(&[
+        "run",
+        "experiments/specialists_tiny.toml",
+        "--out",
+        again.to_str().unwrap(),
+        "--set",
+        "stages.specialists.epochs=1",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let dir = again.join("specialists_tiny");
+    assert_eq!(std::fs::read(dir.join("checkpoints/generalist.safetensors")).unwrap(), generalist);
+    assert_eq!(std::fs::read(dir.join("subsets.csv")).unwrap(), subsets_before);
+    let rows = csv_rows(&dir.join("specialists.csv"));
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r["epochs"] == "1"), "retrained for one epoch: {rows:?}");
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&again);
 }

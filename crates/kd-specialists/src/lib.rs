@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! 1. subsets     k-means of the rows of C = Cov(p^g) over a held-out set        (cluster)
-//!                (or of the confusion affinity W); repeats give overlapping subsets
+//!                (or of the confusion affinity W), or better of their confusion
+//!                profiles (class_profiles); repeats give overlapping subsets
 //! 2. data        half examples of S_m, half of the rest; factor = (1 - f) / f   (subset)
 //!                for a subset holding a share f of the data
 //! 3. model       the generalist's hidden layers, a head of width |S_m| + 1      (model)
