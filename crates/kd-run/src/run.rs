@@ -158,7 +158,18 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
     if fresh && dir.exists() {
-        for name in ["config.toml", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, "checkpoints"] {
+        for name in [
+            "config.toml",
+            METRICS,
+            SUMMARY,
+            CLASS_ERRORS,
+            SHIFTS,
+            SUBSETS,
+            SPECIALISTS,
+            COVERAGE,
+            "checkpoints",
+            "specialists",
+        ] {
             let p = dir.join(name);
             if p.is_dir() {
                 std::fs::remove_dir_all(&p)?;

@@ -578,6 +578,26 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
     let rows = csv_rows(&dir.join("specialists.csv"));
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|r| r["epochs"] == "1"), "retrained for one epoch: {rows:?}");
+    // --fresh forgets the subsets and the specialists too.
+    let r = kd_run(&[
+        "run",
+        "experiments/specialists_tiny.toml",
+        "--out",
+        again.to_str().unwrap(),
+        "--fresh",
+        "--only",
+        "generalist",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for gone in [
+        "subsets.csv",
+        "specialists.csv",
+        "specialist_coverage.csv",
+        "specialists",
+        "checkpoints/specialists.0.safetensors",
+    ] {
+        assert!(!dir.join(gone).exists(), "{gone} survived --fresh");
+    }
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&again);
 }
