@@ -5,11 +5,7 @@
 # `kd-run run` (e.g. smaller `--set` sizes for a dry run on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KD_RUN=${KD_RUN:-dist/kd-run}
-OUT=${OUT:-runs-gpu}
-TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
-if [ -d "$TORCH_LIB" ]; then export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+source scripts/gpu_env.sh
 "$KD_RUN" info
 start=$(date +%s)
 "$KD_RUN" run experiments/speech/gpu.toml --out "$OUT" --set peak_tflops=790 "$@"

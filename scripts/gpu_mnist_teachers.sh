@@ -14,15 +14,11 @@
 #   KD_RUN=target/release/kd-run OUT=/tmp/t scripts/gpu_mnist_teachers.sh --set stages.teacher.epochs=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KD_RUN=${KD_RUN:-dist/kd-run}
-OUT=${OUT:-runs-gpu}
-TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
-if [ -d "$TORCH_LIB" ]; then export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+source scripts/gpu_env.sh
 # data/ is not part of the repository: use the copy that travelled in dist/.
 if [ ! -e data/mnist/train-images-idx3-ubyte ] && [ -d dist/mnist ]; then
     mkdir -p data && ln -sfn "$PWD/dist/mnist" data/mnist
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p "$OUT"
 start=$(date +%s)
 pids=()
