@@ -3,6 +3,11 @@
 # with a kd-run release binary built elsewhere (scripts/gpu_prepare.sh puts one in dist/).
 # Writes its runs and report under OUT (default runs-gpu). Extra arguments go to every
 # `kd-run run` (e.g. smaller `--set` sizes for a dry run on a CPU).
+# A dry run on a CPU (tiny corpus and nets, one epoch; about 10 s):
+#   KD_RUN=target/release/kd-run OUT=/tmp/gc scripts/gpu_check.sh --set data.speech.states=200 \
+#     --set data.speech.speakers=12 --set data.speech.utterances_per_speaker=10 --set defaults.epochs=1 \
+#     --set 'stages.baseline.model.hidden=[64,64]' --set 'stages.member.model.hidden=[64,64]' \
+#     --set 'stages.distilled.model.hidden=[64,64]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
