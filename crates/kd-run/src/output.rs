@@ -118,6 +118,16 @@ pub struct SummaryRow {
     /// stages).
     #[serde(default)]
     pub train_accuracy: Option<f64>,
+    /// Distill stages: the share of test examples on which the student's top-1 class is its
+    /// teacher's.
+    #[serde(default)]
+    pub teacher_agreement: Option<f64>,
+    /// Distill stages: the teacher's test errors.
+    #[serde(default)]
+    pub teacher_errors: Option<i64>,
+    /// Distill stages: test examples that both the student and its teacher misclassify.
+    #[serde(default)]
+    pub shared_errors: Option<i64>,
 }
 
 /// One row of `class_errors.csv`: a model's errors on one class of one split.
@@ -250,6 +260,9 @@ mod tests {
             seconds: 1.5,
             device: "cpu (2 threads)".into(),
             train_accuracy: Some(0.75),
+            teacher_agreement: Some(0.5),
+            teacher_errors: Some(3),
+            shared_errors: Some(2),
         }];
         write_csv(&path, &rows).unwrap();
         write_csv(&path, &rows).unwrap();

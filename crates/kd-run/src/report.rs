@@ -335,6 +335,41 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     Ok(())
 }
 
+/// How closely each distilled student of the runs follows its teacher on the test set: top-1
+/// agreement, the errors both make, the student's own, and the teacher's it avoids.
+fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
+    let rows: Vec<(&RunFiles, &SummaryRow)> = group
+        .iter()
+        .flat_map(|run| run.summary.iter().map(move |r| (*run, r)))
+        .filter(|(_, r)| r.teacher_agreement.is_some() && sweep_point(&r.stage).is_none())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "How closely each distilled student follows its teacher on the test set (top-1 agreement; \
+         errors both make; the student's own errors; the teacher's errors the student avoids):\n"
+    )?;
+    writeln!(md, "| run | stage | teacher errors | student errors | agreement | shared | own | avoided |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for (run, r) in rows {
+        let (teacher, shared) = (r.teacher_errors.unwrap_or(0), r.shared_errors.unwrap_or(0));
+        writeln!(
+            md,
+            "| {} | {} | {teacher} | {} | {:.2}% | {shared} | {} | {} |",
+            run.name,
+            r.stage,
+            r.test_errors,
+            100.0 * r.teacher_agreement.unwrap_or(0.0),
+            r.test_errors - shared,
+            teacher - shared
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
 /// The paper's Tables 3 and 4 for a run with a specialists stage: accuracy of the generalist
 /// alone and combined with the specialists, on all test examples and on those whose class some
 /// specialist covers, and the change in top-1 correct by the number of covering specialists.
@@ -572,6 +607,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         } else {
             runs_table(&mut md, first)?;
         }
+        fidelity_section(&mut md, group)?;
         for run in group.iter().take(1) {
             sweep_section(&mut md, run, &plots_dir, &rel)?;
             ensemble_section(&mut md, run)?;
@@ -771,6 +807,9 @@ mod tests {
             seconds,
             device: device.into(),
             train_accuracy: None,
+            teacher_agreement: None,
+            teacher_errors: None,
+            shared_errors: None,
         };
         let run = RunFiles {
             name: "r".into(),

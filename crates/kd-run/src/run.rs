@@ -292,7 +292,7 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                     &Supervision::Hard,
                     &run.targets(),
                 )?;
-                run.record_trained(&mut tables, name, "train", &net, fit, started)?;
+                run.record_trained(&mut tables, name, "train", &net, (fit, None), started)?;
             }
             Job::Distill { model, training, distill } => {
                 let (_teacher_vs, teacher) = run.load_teacher(&distill.teacher, distill.temperature)?;
@@ -319,7 +319,15 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
                     &supervision,
                     &run.targets(),
                 )?;
-                run.record_trained(&mut tables, name, "distill", &net, fit, started)?;
+                let fidelity =
+                    train::agreement(&|x| Ok(net.forward_t(x, false)), &|x| teacher.logits(x), &run.data.test)?;
+                info!(
+                    "stage `{name}`: agrees with its teacher on {:.2}% of the test set; {} of its errors are the teacher's too (the teacher makes {})",
+                    100.0 * fidelity.rate(),
+                    fidelity.shared_errors,
+                    fidelity.teacher_errors
+                );
+                run.record_trained(&mut tables, name, "distill", &net, (fit, Some(fidelity)), started)?;
             }
             Job::Evaluate { source } => {
                 let (_vs, net) = run.load_model(source)?;
@@ -792,19 +800,25 @@ impl Run<'_> {
         Ok((vs, net, fit.accuracy()))
     }
 
-    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples.
+    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples
+    /// and, for a student, how closely it follows its teacher on the test set.
     fn record_trained(
         &self,
         tables: &mut Tables,
         stage: &str,
         kind: &str,
         net: &Mlp,
-        fit: f64,
+        (fit, fidelity): (f64, Option<train::Agreement>),
         started: Instant,
     ) -> Result<()> {
         self.record(tables, stage, kind, net, started, None)?;
         if let Some(row) = tables.summary.last_mut() {
             row.train_accuracy = Some(fit);
+            if let Some(f) = fidelity {
+                row.teacher_agreement = Some(f.rate());
+                row.teacher_errors = Some(f.teacher_errors);
+                row.shared_errors = Some(f.shared_errors);
+            }
         }
         tables.write(&self.dir)
     }
@@ -871,6 +885,9 @@ impl Run<'_> {
             seconds: started.elapsed().as_secs_f64(),
             device: device_name(self.device),
             train_accuracy: None,
+            teacher_agreement: None,
+            teacher_errors: None,
+            shared_errors: None,
         });
         tables.write(&self.dir)
     }

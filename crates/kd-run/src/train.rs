@@ -286,6 +286,54 @@ pub fn evaluate_with(
     })
 }
 
+/// How closely a student follows its teacher on a split: top-1 agreement and the errors they
+/// share (the student's fidelity, as opposed to its accuracy).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Agreement {
+    /// Examples on which the two top-1 classes are the same.
+    pub agree: i64,
+    /// Examples both misclassify (not necessarily as the same class).
+    pub shared_errors: i64,
+    /// The teacher's errors.
+    pub teacher_errors: i64,
+    /// Examples.
+    pub examples: i64,
+}
+
+impl Agreement {
+    /// `agree / examples`.
+    pub fn rate(&self) -> f64 {
+        self.agree as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// Compares the top-1 answers of `student` and `teacher` (each `logits(x)`) on every example of
+/// `split`, without gradients (one device sync at the end).
+pub fn agreement(
+    student: &dyn Fn(&Tensor) -> Result<Tensor>,
+    teacher: &dyn Fn(&Tensor) -> Result<Tensor>,
+    split: &Split,
+) -> Result<Agreement> {
+    let _guard = tch::no_grad_guard();
+    let n = split.len();
+    // [agree, shared errors, teacher errors]
+    let mut counts = Tensor::zeros([3], (Kind::Int64, split.labels.device()));
+    for s in (0..n).step_by(EVAL_BATCH as usize) {
+        let len = EVAL_BATCH.min(n - s);
+        let x = split.range(s, len);
+        let y = split.labels.narrow(0, s, len);
+        let (a, b) = (student(&x)?.argmax(1, false), teacher(&x)?.argmax(1, false));
+        let (a_wrong, b_wrong) = (a.ne_tensor(&y), b.ne_tensor(&y));
+        counts += Tensor::stack(&[a.eq_tensor(&b), a_wrong.logical_and(&b_wrong), b_wrong], 0).sum_dim_intlist(
+            1,
+            false,
+            Kind::Int64,
+        );
+    }
+    let c = Vec::<i64>::try_from(counts)?;
+    Ok(Agreement { agree: c[0], shared_errors: c[1], teacher_errors: c[2], examples: n })
+}
+
 /// Batch size used for evaluation and teacher passes (no gradients, so larger than training).
 pub const EVAL_BATCH: i64 = 1000;
 
@@ -309,6 +357,29 @@ mod tests {
         let one = combine_logits(&members[..1], 3.0).unwrap();
         assert!(one.equal(&members[0]), "a single teacher's logits pass through");
         assert!(combine_logits(&[], 1.0).is_err());
+    }
+
+    #[test]
+    fn agreement_counts_same_answers_and_shared_errors() {
+        // Labels 0..5; the student answers [0, 1, 2, 0, 0], the teacher [0, 2, 2, 0, 4].
+        let x = Tensor::from_slice(&[0i64, 1, 2, 3, 4]);
+        let split = Split::new(x.to_kind(Kind::Float).view([5, 1]), x.shallow_clone());
+        let answers = |a: [i64; 5]| {
+            let a = Tensor::from_slice(&a);
+            move |x: &Tensor| {
+                let rows = x.view([-1]).to_kind(Kind::Int64);
+                Ok(a.index_select(0, &rows).one_hot(5).to_kind(Kind::Float))
+            }
+        };
+        let (student, teacher) = (answers([0, 1, 2, 0, 0]), answers([0, 2, 2, 0, 4]));
+        let got = agreement(&student, &teacher, &split).unwrap();
+        // Same answer on examples 0, 2, 3; both wrong on 3 only; the teacher wrong on 1 and 3
+        // (the student on 3 and 4).
+        assert_eq!(got, Agreement { agree: 3, shared_errors: 1, teacher_errors: 2, examples: 5 });
+        assert!((got.rate() - 0.6).abs() < 1e-12);
+        let same = agreement(&student, &student, &split).unwrap();
+        // A model agrees with itself everywhere and shares all of its errors (on 3 and 4).
+        assert_eq!((same.agree, same.shared_errors, same.teacher_errors), (5, 2, 2));
     }
 
     #[test]

@@ -59,6 +59,20 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     );
     assert_eq!(summary[0]["val_errors"], summary[3]["val_errors"]);
 
+    // Distilled students record how closely they follow the teacher on the test set; the
+    // teacher's errors counted there are the ones its own stage recorded, and examples both get
+    // right always agree, examples only one gets wrong never do.
+    for r in summary.iter().filter(|r| r["kind"] == "distill") {
+        let n = |k: &str| r[k].parse::<i64>().unwrap_or_else(|_| panic!("{k} in {r:?}"));
+        let (student, teacher, shared) = (n("test_errors"), n("teacher_errors"), n("shared_errors"));
+        assert_eq!(r["teacher_errors"], summary[0]["test_errors"], "{r:?}");
+        let agree = (r["teacher_agreement"].parse::<f64>().unwrap() * 2000.0).round() as i64;
+        assert!(shared <= student.min(teacher), "{r:?}");
+        let both_right = 2000 - student - teacher + shared;
+        assert!((both_right..=both_right + shared).contains(&agree), "{r:?}");
+    }
+    assert!(summary.iter().filter(|r| r["kind"] != "distill").all(|r| r["teacher_agreement"].is_empty()));
+
     // metrics.csv: one row per stage and epoch; test errors on the last epoch only.
     let metrics = csv_rows(&dir.join("metrics.csv"));
     let epochs: Vec<(String, String)> = metrics.iter().map(|r| (r["stage"].clone(), r["epoch"].clone())).collect();
