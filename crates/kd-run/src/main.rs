@@ -53,6 +53,11 @@ enum Command {
         /// trains specialist m of a specialists stage alone.
         #[arg(long = "only", value_name = "STAGE")]
         only: Vec<String>,
+        /// Run this stage again (repeatable), discarding its earlier results and checkpoint; the
+        /// stages that read its model run again too, the others keep theirs. For a finished run
+        /// whose stage should be retrained by newer code.
+        #[arg(long = "redo", value_name = "STAGE")]
+        redo: Vec<String>,
     },
     /// Check an experiment file without running it; prints the resolved configuration.
     Validate {
@@ -105,7 +110,7 @@ fn main() -> ExitCode {
 fn try_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { experiment, out, overrides, fresh, only } => {
+        Command::Run { experiment, out, overrides, fresh, only, redo } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             // A stage's name, or `<stage>.<m>` for specialist m of a specialists stage.
             let known = |o: &str| {
@@ -115,10 +120,15 @@ fn try_main() -> Result<(), Failure> {
                             && o.strip_prefix(&format!("{}.", s.name)).is_some_and(|m| m.parse::<usize>().is_ok())
                 })
             };
-            if let Some(unknown) = only.iter().find(|o| !known(o)) {
+            let unknown = only
+                .iter()
+                .find(|o| !known(o))
+                .map(|o| ("only", o))
+                .or_else(|| redo.iter().find(|r| !exp.stages.iter().any(|s| s.name == **r)).map(|r| ("redo", r)));
+            if let Some((flag, unknown)) = unknown {
                 let names: Vec<&str> = exp.stages.iter().map(|s| s.name.as_str()).collect();
                 return Err(config_error(anyhow::anyhow!(
-                    "--only {unknown}: {} has no such stage (its stages: {})",
+                    "--{flag} {unknown}: {} has no such stage (its stages: {})",
                     experiment.display(),
                     names.join(", ")
                 )));
@@ -126,7 +136,7 @@ fn try_main() -> Result<(), Failure> {
             let command: Vec<String> = std::iter::once("kd-run".to_string())
                 .chain(std::env::args().skip(1).map(|a| if a.contains(' ') { format!("'{a}'") } else { a }))
                 .collect();
-            let dir = run::run(&exp, &out, fresh, &only, &command.join(" "))?;
+            let dir = run::run(&exp, &out, (fresh, &redo), &only, &command.join(" "))?;
             let summary: Vec<output::SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
             print_summary(&summary);
             println!("results in {}", dir.display());

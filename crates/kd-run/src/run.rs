@@ -153,7 +153,15 @@ impl Tables {
 /// Runs `exp` under `out/<name>`, resuming what an earlier identical run left unfinished.
 /// `fresh` discards an earlier run's files instead; a non-empty `only` runs those stages alone;
 /// `command` is recorded in `command.txt`.
-pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: &str) -> Result<PathBuf> {
+/// Runs (or resumes) `exp` in `out/<name>`: `fresh` discards an earlier run there, `redo` names
+/// stages to run again from scratch, `only` restricts the run to the named stages.
+pub fn run(
+    exp: &Experiment,
+    out: &Path,
+    (fresh, redo): (bool, &[String]),
+    only: &[String],
+    command: &str,
+) -> Result<PathBuf> {
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
@@ -243,6 +251,17 @@ pub fn run(exp: &Experiment, out: &Path, fresh: bool, only: &[String], command: 
     }
     for stage in &changed {
         info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
+    }
+    // --redo: those stages and every stage that reads one of them (in stage order, so readers of
+    // readers too) run again.
+    for stage in &exp.stages {
+        let reads = stage.job.reads().iter().any(|s| changed.iter().any(|c| c == s));
+        if (redo.contains(&stage.name) || reads) && !changed.contains(&stage.name) {
+            info!("stage `{}`: --redo, so it runs again", stage.name);
+            changed.push(stage.name.clone());
+        }
+    }
+    for stage in &changed {
         tables.forget(stage, 0);
         for path in [run.checkpoint(stage), run.resume_checkpoint(stage)] {
             if path.exists() {

@@ -214,6 +214,28 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     let no3_epochs = csv_rows(&dir.join("metrics.csv")).iter().filter(|r| r["stage"] == "distilled_no3").count();
     assert_eq!(no3_epochs, 2, "the rerun stage's old epochs are gone");
 
+    // --redo retrains a finished stage and the stages that read it, to the same results; the
+    // others stay done.
+    let redo = |stage: &str| {
+        let args = ["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()];
+        kd_run(&[&args[..], &["--set", "stages.distilled_no3.temperature=4", "--redo", stage]].concat())
+    };
+    let redone = redo("distilled_no3");
+    let log = String::from_utf8_lossy(&redone.stderr);
+    assert!(redone.status.success(), "{log}");
+    for (stage, reruns) in [("teacher", false), ("distilled", false), ("distilled_no3", true), ("no3_shift", true)] {
+        assert_eq!(log.contains(&format!("stage `{stage}`: --redo")), reruns, "{stage}: {log}");
+        assert_eq!(log.contains(&format!("stage `{stage}`: already done")), !reruns, "{stage}: {log}");
+    }
+    let errors = |rows: &[std::collections::HashMap<String, String>]| {
+        rows.iter().map(|r| (r["stage"].clone(), r["test_errors"].clone(), r["val_errors"].clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(errors(&csv_rows(&dir.join("summary.csv"))), errors(&after));
+    let unknown = redo("distiled_no3");
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr)
+        .contains("--redo distiled_no3: experiments/smoke.toml has no such stage"));
+
     // A stage removed from the file takes its results with it.
     let text = std::fs::read_to_string(root().join("experiments/smoke.toml")).unwrap();
     let cut = text.find("[[stages]]\nname = \"distilled_no3\"").expect("the smoke file has distilled_no3");
