@@ -156,6 +156,8 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
     let model = stage.get("model").and_then(|m| m.as_table());
     let training = stage.get("training").and_then(|t| t.as_table());
     let mut parts = Vec::new();
+    // Parts that regularize; the optimizer's parts follow them.
+    let mut regularized = false;
     if let Some(m) = model {
         let (pi, ph) = (num(m.get("input_dropout")).unwrap_or(0.0), num(m.get("hidden_dropout")).unwrap_or(0.0));
         if pi > 0.0 || ph > 0.0 {
@@ -169,8 +171,28 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
         if let Some(j) = num(t.get("jitter")).filter(|&j| j > 0.0) {
             parts.push(format!("jitter {j} px"));
         }
+        regularized = !parts.is_empty();
         if let Some(e) = num(t.get("epochs")) {
             parts.push(format!("{e} epochs"));
+        }
+        if let Some(b) = num(t.get("batch_size")) {
+            parts.push(format!("batch {b}"));
+        }
+        if let Some(o) = t.get("optimizer").and_then(|o| o.as_table()) {
+            let kind = o.get("kind").and_then(|k| k.as_str()).unwrap_or("sgd");
+            let mut text = format!("{kind} lr {}", num(o.get("lr")).unwrap_or(0.0));
+            if let Some(m) = num(o.get("momentum")).filter(|_| kind == "sgd") {
+                text.push_str(&format!(" momentum {m}"));
+            }
+            match t.get("schedule").and_then(|s| s.get("kind")).and_then(|k| k.as_str()) {
+                Some("exponential") => {
+                    let gamma = num(t.get("schedule").and_then(|s| s.get("gamma"))).unwrap_or(1.0);
+                    text.push_str(&format!(" x {gamma} per epoch"));
+                }
+                Some(other) => text.push_str(&format!(" ({other})")),
+                None => {}
+            }
+            parts.push(text);
         }
     }
     if let Some(d) = stage.get("distill").and_then(|d| d.as_table()) {
@@ -214,7 +236,7 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
         let shift = (row.shift.unwrap_or(0.0) * 1e6).round() / 1e6;
         parts.push(format!("bias of classes {classes} shifted by {shift:+} ({how})"));
     }
-    if kind == "train" && stage.get("model").is_some() && parts.iter().all(|p| p.ends_with("epochs")) {
+    if kind == "train" && stage.get("model").is_some() && !regularized {
         parts.insert(0, "hard targets, no regularization".into());
     }
     parts.join(", ")
