@@ -184,9 +184,10 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
             if let Some(m) = num(o.get("momentum")).filter(|_| kind == "sgd") {
                 text.push_str(&format!(" momentum {m}"));
             }
-            match t.get("schedule").and_then(|s| s.get("kind")).and_then(|k| k.as_str()) {
+            let schedule = t.get("schedule");
+            match schedule.and_then(|s| s.get("kind")).and_then(|k| k.as_str()) {
                 Some("exponential") => {
-                    let gamma = num(t.get("schedule").and_then(|s| s.get("gamma"))).unwrap_or(1.0);
+                    let gamma = num(schedule.and_then(|s| s.get("gamma"))).unwrap_or(1.0);
                     text.push_str(&format!(" x {gamma} per epoch"));
                 }
                 Some(other) => text.push_str(&format!(" ({other})")),

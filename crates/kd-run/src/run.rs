@@ -252,13 +252,10 @@ pub fn run(
     for stage in &changed {
         info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
     }
-    // --redo: those stages and every stage that reads one of them (in stage order, so readers of
-    // readers too) run again.
-    for stage in &exp.stages {
-        let reads = stage.job.reads().iter().any(|s| changed.iter().any(|c| c == s));
-        if (redo.contains(&stage.name) || reads) && !changed.contains(&stage.name) {
-            info!("stage `{}`: --redo, so it runs again", stage.name);
-            changed.push(stage.name.clone());
+    for stage in with_readers(exp, redo) {
+        if !changed.contains(&stage) {
+            info!("stage `{stage}`: --redo, so it runs again");
+            changed.push(stage);
         }
     }
     for stage in &changed {
@@ -396,15 +393,25 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
         stage.as_table_mut()?.remove("paper");
         Some(stage)
     };
-    let mut changed: Vec<String> = Vec::new();
+    let differ: Vec<String> = exp
+        .stages
+        .iter()
+        .filter(|s| stage_settings(&old, &s.name).is_none_or(|o| Some(o) != stage_settings(&new, &s.name)))
+        .map(|s| s.name.clone())
+        .collect();
+    Ok(with_readers(exp, &differ))
+}
+
+/// The named stages and every stage that reads a model from one of them, directly or through
+/// other stages, in stage order.
+fn with_readers(exp: &Experiment, names: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
     for stage in &exp.stages {
-        let reads_changed = stage.job.reads().iter().any(|s| changed.iter().any(|c| c == s));
-        let differs = stage_settings(&old, &stage.name).is_none_or(|o| Some(o) != stage_settings(&new, &stage.name));
-        if reads_changed || differs {
-            changed.push(stage.name.clone());
+        if names.contains(&stage.name) || stage.job.reads().iter().any(|s| out.iter().any(|c| c == s)) {
+            out.push(stage.name.clone());
         }
     }
-    Ok(changed)
+    out
 }
 
 /// Copies the weights of a checkpoint made by `Mlp::to_tensors` into the same network's `vs`.
