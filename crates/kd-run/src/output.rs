@@ -87,6 +87,10 @@ pub struct MetricsRow {
     /// weight and example for the student (forward and backward), 2 for a live teacher.
     #[serde(default)]
     pub tflops: Option<f64>,
+    /// Where the epoch ran, as in `summary.csv` (empty in files written before it was recorded;
+    /// a resumed stage can run its epochs on more than one device).
+    #[serde(default)]
+    pub device: String,
 }
 
 /// One row of `summary.csv`: a trained or evaluated model.

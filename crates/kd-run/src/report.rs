@@ -77,16 +77,43 @@ impl RunFiles {
         })
     }
 
+    /// A device as recorded in a row; rows written before devices were recorded get the one in
+    /// `run.log`.
+    fn device_of(&self, recorded: &str) -> String {
+        if recorded.is_empty() {
+            self.logged_device.clone().unwrap_or_else(|| "an unrecorded device".into())
+        } else {
+            // Rows written before the singular was used say "(1 threads)".
+            recorded.replace("(1 threads)", "(1 thread)")
+        }
+    }
+
+    /// Where a stage ran: its device, or, for a stage resumed on another device, each device
+    /// with its epochs (from `metrics.csv`).
+    fn stage_device(&self, row: &SummaryRow) -> String {
+        let mut spans: Vec<(String, i64, i64)> = Vec::new();
+        for m in self.metrics.iter().filter(|m| m.stage == row.stage) {
+            let device = self.device_of(&m.device);
+            match spans.last_mut() {
+                Some((d, _, last)) if *d == device => *last = m.epoch,
+                _ => spans.push((device, m.epoch, m.epoch)),
+            }
+        }
+        if spans.len() < 2 {
+            return self.device_of(&row.device);
+        }
+        let span = |(d, first, last): &(String, i64, i64)| match first == last {
+            true => format!("{d} for epoch {first}"),
+            false => format!("{d} for epochs {first}-{last}"),
+        };
+        spans.iter().map(span).collect::<Vec<_>>().join(" and ")
+    }
+
     /// Where the run's stages ran and how long it took, as one sentence.
     fn where_and_how_long(&self) -> String {
         let mut by_device: Vec<(String, Vec<&str>)> = Vec::new();
         for row in &self.summary {
-            let device = if row.device.is_empty() {
-                self.logged_device.clone().unwrap_or_else(|| "an unrecorded device".into())
-            } else {
-                // Rows written before the singular was used say "(1 threads)".
-                row.device.replace("(1 threads)", "(1 thread)")
-            };
+            let device = self.stage_device(row);
             match by_device.iter_mut().find(|(d, _)| *d == device) {
                 Some((_, stages)) => stages.push(&row.stage),
                 None => by_device.push((device, vec![&row.stage])),
@@ -852,5 +879,36 @@ mod tests {
             coverage: vec![],
         };
         assert_eq!(run.where_and_how_long(), "`r`: 2.0 min of stage time, teacher on cuda:0; a, b on cpu (2 threads).");
+
+        // The teacher's first epochs ran where run.log says (written without a device), the last
+        // ones after a resume on a CPU; stage `a` names its device in every epoch.
+        let epoch = |stage: &str, epoch: i64, device: &str| MetricsRow {
+            stage: stage.into(),
+            epoch,
+            lr: 0.1,
+            train_loss: 0.5,
+            train_accuracy: 0.9,
+            val_loss: None,
+            val_accuracy: None,
+            test_errors: None,
+            seconds: 1.0,
+            examples_per_second: None,
+            tflops: None,
+            device: device.into(),
+        };
+        let run = RunFiles {
+            metrics: vec![
+                epoch("teacher", 1, ""),
+                epoch("teacher", 2, ""),
+                epoch("teacher", 3, "cpu (1 threads)"),
+                epoch("a", 1, "cpu (2 threads)"),
+            ],
+            ..run
+        };
+        assert_eq!(
+            run.where_and_how_long(),
+            "`r`: 2.0 min of stage time, teacher on cuda:0 for epochs 1-2 and cpu (1 thread) for epoch 3; \
+             a, b on cpu (2 threads)."
+        );
     }
 }

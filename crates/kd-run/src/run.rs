@@ -426,6 +426,14 @@ fn copy_weights(vs: &nn::VarStore, named: &[(String, Tensor)], device: Device) -
     })
 }
 
+/// How a trained network fit its training examples.
+struct Fit {
+    /// Accuracy on the examples it trained on, in evaluation mode.
+    accuracy: f64,
+    /// Seconds of the epochs run before this process resumed the stage (0 when it did not).
+    earlier_seconds: f64,
+}
+
 /// How `summary.csv` names a device.
 fn device_name(device: Device) -> String {
     match device {
@@ -656,8 +664,7 @@ impl Run<'_> {
     }
 
     /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
-    /// early stopping, the best epoch's weights) and its accuracy on the examples it trained on,
-    /// in evaluation mode.
+    /// early stopping, the best epoch's weights) and how it fit the examples it trained on.
     #[allow(clippy::too_many_arguments)]
     fn train(
         &self,
@@ -668,7 +675,7 @@ impl Run<'_> {
         (split, sampling): (&Split, Sampling),
         supervision: &Supervision,
         targets: &Targets,
-    ) -> Result<(nn::VarStore, Mlp, f64)> {
+    ) -> Result<(nn::VarStore, Mlp, Fit)> {
         tch::manual_seed(training.seed as i64);
         let (vs, net) = match init {
             Init::New(spec) => {
@@ -710,6 +717,8 @@ impl Run<'_> {
             info!("stage `{stage}`: resuming after epoch {first_epoch} from {}", resume_path.display());
         }
         tables.forget(stage, first_epoch);
+        // Seconds of the epochs an earlier process ran (on this device or another).
+        let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
 
         let geometry: Geometry = self.data.geometry;
         if geometry.is_none() && training.jitter > 0 {
@@ -793,9 +802,14 @@ impl Run<'_> {
                 seconds: started.elapsed().as_secs_f64(),
                 examples_per_second: Some(per_second),
                 tflops: Some(per_second * flops_per_example / 1e12),
+                device: device_name(self.device),
             };
             progress.epoch_done(&row, self.exp.peak_tflops);
             tables.metrics.push(row);
+            // The epoch's row first, then the checkpoint that says the epoch is done: killed in
+            // between, the resumed run drops the row and redoes the epoch; the other way round it
+            // would lose the row.
+            tables.write(tables_dir)?;
             if !last {
                 let mut state = net.to_tensors(&vs);
                 state.extend(trainer.opt.state());
@@ -805,7 +819,6 @@ impl Run<'_> {
                 }
                 output::save_tensors(&resume_path, &state)?;
             }
-            tables.write(tables_dir)?;
             if last {
                 break;
             }
@@ -823,23 +836,25 @@ impl Run<'_> {
             }
         }
         let fit = train::evaluate_with(&|x| Ok(net.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
-        Ok((vs, net, fit.accuracy()))
+        Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
     }
 
-    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples
-    /// and, for a student, how closely it follows its teacher on the test set.
+    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples,
+    /// the seconds of its epochs before a resume, and, for a student, how closely it follows its
+    /// teacher on the test set.
     fn record_trained(
         &self,
         tables: &mut Tables,
         stage: &str,
         kind: &str,
         net: &Mlp,
-        (fit, fidelity): (f64, Option<train::Agreement>),
+        (fit, fidelity): (Fit, Option<train::Agreement>),
         started: Instant,
     ) -> Result<()> {
         self.record(tables, stage, kind, net, started, None)?;
         if let Some(row) = tables.summary.last_mut() {
-            row.train_accuracy = Some(fit);
+            row.train_accuracy = Some(fit.accuracy);
+            row.seconds += fit.earlier_seconds;
             if let Some(f) = fidelity {
                 row.teacher_agreement = Some(f.rate());
                 row.teacher_errors = Some(f.teacher_errors);

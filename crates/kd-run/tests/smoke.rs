@@ -295,6 +295,15 @@ fn a_run_killed_mid_stage_resumes_to_the_same_result() {
             .collect()
     };
     assert_eq!(results(reference.join("smoke/summary.csv")), results(interrupted.join("smoke/summary.csv")));
+    // The resumed teacher's stage time counts the epochs the killed process ran too.
+    let metrics = csv_rows(&interrupted.join("smoke/metrics.csv"));
+    let teacher_epochs: Vec<_> = metrics.iter().filter(|r| r["stage"] == "teacher").collect();
+    assert_eq!(teacher_epochs.len(), 8);
+    assert!(teacher_epochs.iter().all(|r| r["device"].starts_with("cpu")), "each epoch names its device");
+    let epoch_seconds: f64 = teacher_epochs.iter().map(|r| r["seconds"].parse::<f64>().unwrap()).sum();
+    let summary = csv_rows(&interrupted.join("smoke/summary.csv"));
+    let stage_seconds: f64 = summary.iter().find(|r| r["stage"] == "teacher").unwrap()["seconds"].parse().unwrap();
+    assert!(stage_seconds >= epoch_seconds, "stage time {stage_seconds} s < its epochs' {epoch_seconds} s");
     let ckpt = |d: &Path| std::fs::read(d.join("smoke/checkpoints/teacher.safetensors")).unwrap();
     assert_eq!(ckpt(&reference), ckpt(&interrupted), "resumed teacher has the same weights, bit for bit");
     let _ = std::fs::remove_dir_all(&reference);
