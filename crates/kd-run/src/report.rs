@@ -200,7 +200,7 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
         }
         regularized = !parts.is_empty();
         if let Some(e) = num(t.get("epochs")) {
-            parts.push(format!("{e} epochs"));
+            parts.push(format!("{e} epoch{}", if e == 1.0 { "" } else { "s" }));
         }
         if let Some(b) = num(t.get("batch_size")) {
             parts.push(format!("batch {b}"));
