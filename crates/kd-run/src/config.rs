@@ -1826,4 +1826,27 @@ epochs = 5
             assert!(err.contains(".toml"), "error names the file: {err}");
         }
     }
+
+    #[test]
+    fn every_shipped_experiment_file_loads() {
+        // A typo in a shipped file would otherwise surface only when someone runs it.
+        fn toml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("experiments/ is readable") {
+                let path = entry.expect("directory entry").path();
+                if path.is_dir() {
+                    toml_files(&path, out);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        toml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments"), &mut files);
+        assert!(files.len() >= 10, "found only {} experiment files", files.len());
+        for file in &files {
+            if let Err(e) = load(file, &[]) {
+                panic!("{e:#}"); // names the file
+            }
+        }
+    }
 }
