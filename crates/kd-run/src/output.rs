@@ -132,6 +132,11 @@ pub struct SummaryRow {
     /// Distill stages: test examples that both the student and its teacher misclassify.
     #[serde(default)]
     pub shared_errors: Option<i64>,
+    /// Distill stages: the share of the transfer set's examples (without jitter) on which the
+    /// student's top-1 class is its teacher's: how well it learned what it was shown, beside
+    /// `teacher_agreement`, how well that carries over to unseen images.
+    #[serde(default)]
+    pub transfer_agreement: Option<f64>,
 }
 
 /// One row of `class_errors.csv`: a model's errors on one class of one split.
@@ -267,6 +272,7 @@ mod tests {
             teacher_agreement: Some(0.5),
             teacher_errors: Some(3),
             shared_errors: Some(2),
+            transfer_agreement: Some(0.75),
         }];
         write_csv(&path, &rows).unwrap();
         write_csv(&path, &rows).unwrap();

@@ -399,21 +399,27 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     writeln!(
         md,
         "How closely each distilled student follows its teacher on the test set (top-1 agreement; \
-         errors both make; the student's own errors; the teacher's errors the student avoids):\n"
+         errors both make; the student's own errors; the teacher's errors the student avoids), and \
+         on the transfer set it learned from (top-1 agreement, without translations):\n"
     )?;
-    writeln!(md, "| run | stage | teacher errors | student errors | agreement | shared | own | avoided |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| run | stage | teacher errors | student errors | agreement | shared | own | avoided | agreement on the transfer set |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for (run, r) in rows {
         let (teacher, shared) = (r.teacher_errors.unwrap_or(0), r.shared_errors.unwrap_or(0));
         writeln!(
             md,
-            "| {} | {} | {teacher} | {} | {:.2}% | {shared} | {} | {} |",
+            "| {} | {} | {teacher} | {} | {:.2}% | {shared} | {} | {} | {} |",
             run.name,
             r.stage,
             r.test_errors,
             100.0 * r.teacher_agreement.unwrap_or(0.0),
             r.test_errors - shared,
-            teacher - shared
+            teacher - shared,
+            // Runs recorded before this column existed have no value.
+            r.transfer_agreement.map_or("–".to_string(), |a| format!("{:.3}%", 100.0 * a))
         )?;
     }
     writeln!(md)?;
@@ -860,6 +866,7 @@ mod tests {
             teacher_agreement: None,
             teacher_errors: None,
             shared_errors: None,
+            transfer_agreement: None,
         };
         let run = RunFiles {
             name: "r".into(),

@@ -335,13 +335,17 @@ pub fn run(
                     &supervision,
                     &run.targets(),
                 )?;
-                let fidelity =
-                    train::agreement(&|x| Ok(net.forward_t(x, false)), &|x| teacher.logits(x), &run.data.test)?;
+                let (student, teacher) = (|x: &Tensor| Ok(net.forward_t(x, false)), |x: &Tensor| teacher.logits(x));
+                let fidelity = Fidelity {
+                    test: train::agreement(&student, &teacher, &run.data.test)?,
+                    transfer: train::agreement(&student, &teacher, &transfer)?,
+                };
                 info!(
-                    "stage `{name}`: agrees with its teacher on {:.2}% of the test set; {} of its errors are the teacher's too (the teacher makes {})",
-                    100.0 * fidelity.rate(),
-                    fidelity.shared_errors,
-                    fidelity.teacher_errors
+                    "stage `{name}`: agrees with its teacher on {:.2}% of the test set and {:.2}% of its transfer set; {} of its test errors are the teacher's too (the teacher makes {})",
+                    100.0 * fidelity.test.rate(),
+                    100.0 * fidelity.transfer.rate(),
+                    fidelity.test.shared_errors,
+                    fidelity.test.teacher_errors
                 );
                 run.record_trained(&mut tables, name, "distill", &net, (fit, Some(fidelity)), started)?;
             }
@@ -432,6 +436,13 @@ struct Fit {
     accuracy: f64,
     /// Seconds of the epochs run before this process resumed the stage (0 when it did not).
     earlier_seconds: f64,
+}
+
+/// How closely a distilled student follows its teacher: on the test set, and on the transfer set
+/// it learned from.
+struct Fidelity {
+    test: train::Agreement,
+    transfer: train::Agreement,
 }
 
 /// How `summary.csv` names a device.
@@ -848,17 +859,18 @@ impl Run<'_> {
         stage: &str,
         kind: &str,
         net: &Mlp,
-        (fit, fidelity): (Fit, Option<train::Agreement>),
+        (fit, fidelity): (Fit, Option<Fidelity>),
         started: Instant,
     ) -> Result<()> {
         self.record(tables, stage, kind, net, started, None)?;
         if let Some(row) = tables.summary.last_mut() {
             row.train_accuracy = Some(fit.accuracy);
             row.seconds += fit.earlier_seconds;
-            if let Some(f) = fidelity {
-                row.teacher_agreement = Some(f.rate());
-                row.teacher_errors = Some(f.teacher_errors);
-                row.shared_errors = Some(f.shared_errors);
+            if let Some(Fidelity { test, transfer }) = fidelity {
+                row.teacher_agreement = Some(test.rate());
+                row.teacher_errors = Some(test.teacher_errors);
+                row.shared_errors = Some(test.shared_errors);
+                row.transfer_agreement = Some(transfer.rate());
             }
         }
         tables.write(&self.dir)
@@ -929,6 +941,7 @@ impl Run<'_> {
             teacher_agreement: None,
             teacher_errors: None,
             shared_errors: None,
+            transfer_agreement: None,
         });
         tables.write(&self.dir)
     }

@@ -73,6 +73,17 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     }
     assert!(summary.iter().filter(|r| r["kind"] != "distill").all(|r| r["teacher_agreement"].is_empty()));
 
+    // ... and on the transfer set they learned from: a share of its examples (the training split
+    // of 2,500 images, without its 3s for distilled_no3), not of the 2,000 test images.
+    let labels = std::fs::read(root().join("data/mnist/train-labels-idx1-ubyte")).unwrap();
+    let threes = labels[8..8 + 2500].iter().filter(|&&l| l == 3).count();
+    for (stage, examples) in [("distilled", 2500), ("distilled_no3", 2500 - threes)] {
+        let r = summary.iter().find(|r| r["stage"] == stage).unwrap();
+        let agree = r["transfer_agreement"].parse::<f64>().unwrap() * examples as f64;
+        assert!((agree - agree.round()).abs() < 1e-6 && agree > 0.5 * examples as f64, "{examples} examples: {r:?}");
+    }
+    assert!(summary.iter().filter(|r| r["kind"] != "distill").all(|r| r["transfer_agreement"].is_empty()));
+
     // metrics.csv: one row per stage and epoch; test errors on the last epoch only.
     let metrics = csv_rows(&dir.join("metrics.csv"));
     let epochs: Vec<(String, String)> = metrics.iter().map(|r| (r["stage"].clone(), r["epoch"].clone())).collect();
@@ -104,8 +115,6 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
 
     // The transfer set without 3s: the log states its size, which the labels file confirms
     // (training split = the first 2,500 images: train_limit 3,000 minus 500 for validation).
-    let labels = std::fs::read(root().join("data/mnist/train-labels-idx1-ubyte")).unwrap();
-    let threes = labels[8..8 + 2500].iter().filter(|&&l| l == 3).count();
     let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
     assert!(log.contains(&format!("transfer set of {} examples (of 2500)", 2500 - threes)), "{threes} threes");
 
