@@ -65,7 +65,7 @@ impl RunFiles {
         Ok(RunFiles {
             name: get_str("name"),
             description: get_str("description"),
-            command: std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim().to_string(),
+            command: reproducing_command(std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim()),
             stages,
             logged_device: std::fs::read_to_string(dir.join("run.log")).ok().and_then(|log| logged_device(&log)),
             summary,
@@ -396,6 +396,7 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
+    let missing_transfer = rows.iter().any(|(_, r)| r.transfer_agreement.is_none());
     writeln!(
         md,
         "How closely each distilled student follows its teacher on the test set (top-1 agreement; \
@@ -407,7 +408,7 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
         "| run | stage | teacher errors | student errors | agreement | shared | own | avoided | agreement on the transfer set |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
-    for (run, r) in rows {
+    for &(run, r) in &rows {
         let (teacher, shared) = (r.teacher_errors.unwrap_or(0), r.shared_errors.unwrap_or(0));
         writeln!(
             md,
@@ -423,6 +424,9 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
         )?;
     }
     writeln!(md)?;
+    if missing_transfer {
+        writeln!(md, "(–: recorded before the agreement on the transfer set was measured.)\n")?;
+    }
     Ok(())
 }
 
@@ -829,9 +833,54 @@ fn curves_plot(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path
     Ok(())
 }
 
+/// The command that reproduces a whole run, from the one that last ran it (`command.txt`):
+/// without the options that only say where the files go or which stages that invocation ran
+/// (`--out`, `--fresh`, `--only`, `--redo`), none of which changes a result. The other words are
+/// kept as written, quotes included.
+fn reproducing_command(command: &str) -> String {
+    // Words, with a single-quoted one (as `kd-run run` writes an argument with spaces) kept whole.
+    let mut words: Vec<String> = Vec::new();
+    let mut quoted = false;
+    for c in command.chars() {
+        match c {
+            ' ' if !quoted => words.push(String::new()),
+            _ => {
+                if c == '\'' {
+                    quoted = !quoted;
+                }
+                match words.last_mut() {
+                    Some(w) => w.push(c),
+                    None => words.push(c.to_string()),
+                }
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    let mut words = words.into_iter().filter(|w| !w.is_empty());
+    while let Some(w) = words.next() {
+        match w.as_str() {
+            "--fresh" => {}
+            "--out" | "--only" | "--redo" => {
+                words.next();
+            }
+            _ if ["--out=", "--only=", "--redo="].iter().any(|p| w.starts_with(p)) => {}
+            _ => kept.push(w),
+        }
+    }
+    kept.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reproducing_command_drops_where_the_files_went_and_which_stages_ran() {
+        let as_run = "kd-run run a.toml --out /root/out/g --set peak=790 --fresh --only s --redo=t --set 'name=a b'";
+        assert_eq!(reproducing_command(as_run), "kd-run run a.toml --set peak=790 --set 'name=a b'");
+        assert_eq!(reproducing_command("kd-run run a.toml"), "kd-run run a.toml");
+        assert_eq!(reproducing_command(""), "");
+    }
 
     #[test]
     fn names_are_parsed_into_sweep_points_and_seed_groups() {
