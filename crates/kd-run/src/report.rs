@@ -386,7 +386,8 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
 }
 
 /// How closely each distilled student of the runs follows its teacher on the test set: top-1
-/// agreement, the errors both make, the student's own, and the teacher's it avoids.
+/// agreement, the errors both make, the student's own, and the teacher's it avoids; and on the
+/// transfer set it learned from (a column shown when some row recorded it).
 fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     let rows: Vec<(&RunFiles, &SummaryRow)> = group
         .iter()
@@ -396,35 +397,38 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let missing_transfer = rows.iter().any(|(_, r)| r.transfer_agreement.is_none());
+    let recorded = rows.iter().filter(|(_, r)| r.transfer_agreement.is_some()).count();
+    let transfer = recorded > 0;
     writeln!(
         md,
         "How closely each distilled student follows its teacher on the test set (top-1 agreement; \
-         errors both make; the student's own errors; the teacher's errors the student avoids), and \
-         on the transfer set it learned from (top-1 agreement, without translations):\n"
+         errors both make; the student's own errors; the teacher's errors the student avoids){}:\n",
+        if transfer { ", and on the transfer set it learned from (top-1 agreement, without translations)" } else { "" }
     )?;
-    writeln!(
-        md,
-        "| run | stage | teacher errors | student errors | agreement | shared | own | avoided | agreement on the transfer set |"
-    )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    let (extra_head, extra_rule) = if transfer { (" agreement on the transfer set |", "---|") } else { ("", "") };
+    writeln!(md, "| run | stage | teacher errors | student errors | agreement | shared | own | avoided |{extra_head}")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|{extra_rule}")?;
     for &(run, r) in &rows {
         let (teacher, shared) = (r.teacher_errors.unwrap_or(0), r.shared_errors.unwrap_or(0));
+        let extra = match (transfer, r.transfer_agreement) {
+            (false, _) => String::new(),
+            (true, Some(a)) => format!(" {:.3}% |", 100.0 * a),
+            // Recorded before the column existed.
+            (true, None) => " – |".to_string(),
+        };
         writeln!(
             md,
-            "| {} | {} | {teacher} | {} | {:.2}% | {shared} | {} | {} | {} |",
+            "| {} | {} | {teacher} | {} | {:.2}% | {shared} | {} | {} |{extra}",
             run.name,
             r.stage,
             r.test_errors,
             100.0 * r.teacher_agreement.unwrap_or(0.0),
             r.test_errors - shared,
             teacher - shared,
-            // Runs recorded before this column existed have no value.
-            r.transfer_agreement.map_or("–".to_string(), |a| format!("{:.3}%", 100.0 * a))
         )?;
     }
     writeln!(md)?;
-    if missing_transfer {
+    if transfer && recorded < rows.len() {
         writeln!(md, "(–: recorded before the agreement on the transfer set was measured.)\n")?;
     }
     Ok(())
@@ -880,6 +884,55 @@ mod tests {
         assert_eq!(reproducing_command(as_run), "kd-run run a.toml --set peak=790 --set 'name=a b'");
         assert_eq!(reproducing_command("kd-run run a.toml"), "kd-run run a.toml");
         assert_eq!(reproducing_command(""), "");
+    }
+
+    #[test]
+    fn the_fidelity_table_counts_own_and_avoided_errors_and_shows_the_transfer_column_once_recorded() {
+        let row = |stage: &str, transfer: Option<f64>| SummaryRow {
+            stage: stage.into(),
+            kind: "distill".into(),
+            model: "mlp 2-2".into(),
+            parameters: 6,
+            val_errors: None,
+            test_errors: 9,
+            test_accuracy: 0.91,
+            shift: None,
+            seconds: 1.0,
+            device: String::new(),
+            train_accuracy: None,
+            teacher_agreement: Some(0.95),
+            teacher_errors: Some(7),
+            shared_errors: Some(5),
+            transfer_agreement: transfer,
+        };
+        let run = |summary| RunFiles {
+            name: "r".into(),
+            description: String::new(),
+            command: String::new(),
+            stages: vec![],
+            logged_device: None,
+            summary,
+            class_errors: vec![],
+            metrics: vec![],
+            subsets: vec![],
+            specialists: vec![],
+            coverage: vec![],
+        };
+        let table = |r: &RunFiles| {
+            let mut md = String::new();
+            fidelity_section(&mut md, &[r]).unwrap();
+            md
+        };
+        // Own errors: 9 - 5 shared; avoided: the teacher's 7 - 5.
+        let old = table(&run(vec![row("a", None)]));
+        assert!(old.contains("| r | a | 7 | 9 | 95.00% | 5 | 4 | 2 |\n"), "{old}");
+        assert!(!old.contains("transfer"), "no column when no row recorded it: {old}");
+        let mixed = table(&run(vec![row("a", None), row("b", Some(0.99875))]));
+        assert!(mixed.contains("| r | a | 7 | 9 | 95.00% | 5 | 4 | 2 | – |\n"), "{mixed}");
+        assert!(mixed.contains("| r | b | 7 | 9 | 95.00% | 5 | 4 | 2 | 99.875% |\n"), "{mixed}");
+        assert!(mixed.contains("(–: recorded before"), "{mixed}");
+        let new = table(&run(vec![row("b", Some(0.5))]));
+        assert!(new.contains("| 50.000% |") && !new.contains("(–:"), "{new}");
     }
 
     #[test]
