@@ -843,21 +843,15 @@ fn curves_plot(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path
 /// kept as written, quotes included.
 fn reproducing_command(command: &str) -> String {
     // Words, with a single-quoted one (as `kd-run run` writes an argument with spaces) kept whole.
-    let mut words: Vec<String> = Vec::new();
+    let mut words = vec![String::new()];
     let mut quoted = false;
     for c in command.chars() {
-        match c {
-            ' ' if !quoted => words.push(String::new()),
-            _ => {
-                if c == '\'' {
-                    quoted = !quoted;
-                }
-                match words.last_mut() {
-                    Some(w) => w.push(c),
-                    None => words.push(c.to_string()),
-                }
-            }
+        if c == ' ' && !quoted {
+            words.push(String::new());
+            continue;
         }
+        quoted ^= c == '\'';
+        words.last_mut().expect("starts with one word").push(c);
     }
     let mut kept = Vec::new();
     let mut words = words.into_iter().filter(|w| !w.is_empty());
