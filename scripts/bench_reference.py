@@ -1,9 +1,10 @@
 """PyTorch eager reference for `kd-run bench`.
 
 Mirrors kd-run's training loop step for step on the same synthetic workloads: gather a shuffled
-batch, forward, loss, backward, SGD with momentum, max-norm, and accumulate the epoch's loss and
-accuracy on the device. Started once by `kd-run bench`; each line on stdin names a workload
-("teacher" or "distill"), and it answers "<workload> <examples per second>" after one pass.
+batch, forward, loss, backward, SGD with momentum (or Adam, fused=True: PyTorch's fastest Adam on
+the CPU), max-norm, and accumulate the epoch's loss and accuracy on the device. Started once by
+`kd-run bench`; each line on stdin names a workload ("teacher", "distill" or "distill_adam") and
+its batch size, and it answers "<workload> <examples per second>" after one pass.
 """
 import argparse
 import sys
@@ -33,7 +34,10 @@ class Workload:
         else:
             self.net, self.max_norm = mlp([784, 800, 800, 10], 0.0, 0.0), None
         self.net.train()
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
+        if name == "distill_adam":
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=5e-4, fused=True)
+        else:
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
         self.images = torch.rand(examples, 784)
         self.labels = torch.randint(10, (examples,))
         self.soft = torch.softmax(torch.randn(examples, 10) * 3.0 / temperature, 1)
@@ -68,8 +72,7 @@ class Workload:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--examples", type=int, default=5120)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=20.0)
     args = ap.parse_args()
@@ -77,15 +80,16 @@ def main():
         torch.set_num_threads(args.threads)
     workloads = {}
     for line in sys.stdin:
-        name = line.strip()
-        if name == "quit":
+        words = line.split()
+        if words == ["quit"]:
             break
+        name, batch = words[0], int(words[1])
         if name not in workloads:
-            workloads[name] = Workload(name, args.steps * args.batch, args.batch, args.temperature)
+            workloads[name] = Workload(name, args.examples, batch, args.temperature)
         w = workloads[name]
         start = time.perf_counter()
         w.epoch()
-        rate = args.steps * args.batch / (time.perf_counter() - start)
+        rate = args.examples / (time.perf_counter() - start)
         print(f"{name} {rate:.3f}", flush=True)
 
 

@@ -1,10 +1,13 @@
 //! `kd-run bench`: examples per second of the training loop against PyTorch eager.
 //!
-//! Two workloads, on synthetic data resident on the device:
+//! Three workloads, on synthetic data resident on the device:
 //! - `teacher`: the paper's 784-1200-1200-10 teacher, 20%/50% dropout, max-norm 3.5, hard
 //!   labels, SGD with momentum 0.9, batch 128;
 //! - `distill`: the 784-800-800-10 student on precomputed soft targets at T = 20 (soft weight
-//!   1, hard weight 0), SGD with momentum 0.9, batch 128.
+//!   1, hard weight 0), SGD with momentum 0.9, batch 128;
+//! - `distill_adam`: the same student as `experiments/mnist/headline.toml` trains it, Adam
+//!   (lr 5e-4) on batches of 32; the reference uses `torch.optim.Adam(fused=True)`, PyTorch's
+//!   fastest Adam on the CPU.
 //!
 //! Both sides run the same per-step work: gather a shuffled batch, forward, loss, backward,
 //! update, max-norm, and accumulate the epoch's loss and accuracy on the device. The PyTorch
@@ -28,8 +31,9 @@ use tch::{nn, Device, Kind, Tensor};
 /// Options of `kd-run bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Timed steps per measurement.
-    #[arg(long, default_value_t = 40)]
+    /// Timed steps of batch 128 per measurement (a workload on smaller batches takes
+    /// proportionally more steps, so every measurement covers the same examples).
+    #[arg(long, default_value_t = 160)]
     steps: i64,
     /// Measurements per side and workload (after one warm-up round); the median is reported.
     #[arg(long, default_value_t = 7)]
@@ -45,19 +49,20 @@ pub struct BenchArgs {
     threads: i32,
 }
 
-const BATCH: i64 = 128;
 const TEMPERATURE: f64 = 20.0;
-const WORKLOADS: [&str; 2] = ["teacher", "distill"];
+/// The workloads and their batch sizes.
+const WORKLOADS: [(&str, i64); 3] = [("teacher", 128), ("distill", 128), ("distill_adam", 32)];
 
-fn sgd() -> Training {
+/// One epoch at a constant learning rate: SGD with momentum 0.9 (lr 0.01), or Adam (lr 5e-4).
+fn training(batch_size: i64, adam: bool) -> Training {
     Training {
         epochs: 1,
-        batch_size: BATCH,
+        batch_size,
         jitter: 0,
         seed: 0,
         optimizer: OptimizerSpec {
-            kind: OptimizerKind::Sgd,
-            lr: 0.01,
+            kind: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
+            lr: if adam { 5e-4 } else { 0.01 },
             momentum: 0.9,
             momentum_start: 0.9,
             momentum_ramp_epochs: 0,
@@ -84,7 +89,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(name: &str, examples: i64) -> Result<Self> {
+    fn new(name: &str, batch: i64, examples: i64) -> Result<Self> {
         tch::manual_seed(0);
         let (config, distill) = match name {
             "teacher" => (MlpConfig::mnist_teacher(), None),
@@ -104,7 +109,7 @@ impl Workload {
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let net = Mlp::new(&vs.root(), config)?;
-        let training = sgd();
+        let training = training(batch, name == "distill_adam");
         let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
         let data = Split::new(
             Tensor::rand([examples, 784], (Kind::Float, Device::Cpu)),
@@ -115,7 +120,7 @@ impl Workload {
         Ok(Workload { vs, net, training, distill, soft_targets, data, trainer_state: Some(opt) })
     }
 
-    /// Runs one pass of `steps` steps and returns examples per second.
+    /// Runs one pass over the examples and returns examples per second.
     fn measure(&mut self) -> Result<f64> {
         let opt = self.trainer_state.take().context("optimizer")?;
         let mut trainer = Trainer::new(&self.net, self.vs.trainable_variables(), opt);
@@ -144,14 +149,7 @@ impl Reference {
     fn start(args: &BenchArgs, threads: i32) -> Result<Self> {
         let mut child = Command::new(&args.python)
             .arg(&args.reference)
-            .args([
-                "--steps",
-                &args.steps.to_string(),
-                "--batch",
-                &BATCH.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
+            .args(["--examples", &(args.steps * 128).to_string(), "--threads", &threads.to_string()])
             .arg("--temperature")
             .arg(TEMPERATURE.to_string())
             .stdin(Stdio::piped())
@@ -163,8 +161,8 @@ impl Reference {
         Ok(Reference { child, stdin, stdout })
     }
 
-    fn measure(&mut self, workload: &str) -> Result<f64> {
-        writeln!(self.stdin, "{workload}")?;
+    fn measure(&mut self, workload: &str, batch: i64) -> Result<f64> {
+        writeln!(self.stdin, "{workload} {batch}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
@@ -198,21 +196,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let threads = tch::get_num_threads();
     let mut reference = Reference::start(args, threads)?;
-    println!(
-        "# batch {BATCH}, {} steps per measurement, {} rounds, {threads} CPU threads, CPU",
-        args.steps, args.rounds
-    );
+    println!("# {} examples per measurement, {} rounds, {threads} CPU threads, CPU", args.steps * 128, args.rounds);
     let mut results = Vec::new();
-    for name in WORKLOADS {
-        let mut ours = Workload::new(name, args.steps * BATCH)?;
+    for (name, batch) in WORKLOADS {
+        let mut ours = Workload::new(name, batch, args.steps * 128)?;
         let (mut rust, mut torch) = (Vec::new(), Vec::new());
         for round in 0..=args.rounds {
             // Alternate which side goes first; round 0 warms both up and is not counted.
             let (a, b) = if round % 2 == 0 {
                 let a = ours.measure()?;
-                (a, reference.measure(name)?)
+                (a, reference.measure(name, batch)?)
             } else {
-                let b = reference.measure(name)?;
+                let b = reference.measure(name, batch)?;
                 (ours.measure()?, b)
             };
             if round > 0 {
@@ -221,7 +216,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
         }
         let (r, t) = (median(rust), median(torch));
-        println!("# {name}: kd-run {r:.0} examples/s, PyTorch eager {t:.0} examples/s (medians)");
+        println!("# {name} (batch {batch}): kd-run {r:.0} examples/s, PyTorch eager {t:.0} examples/s (medians)");
         results.push((name, r / t));
     }
     for (name, ratio) in results {
