@@ -14,7 +14,7 @@ use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
 use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
 use crate::progress::Progress;
-use crate::train::{self, Evaluation, Geometry, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
+use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
 use std::path::{Path, PathBuf};
@@ -314,14 +314,17 @@ pub fn run(
                 let (_teacher_vs, teacher) = run.load_teacher(&distill.teacher, distill.temperature)?;
                 let transfer = run.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
-                // (or read from the cache) once.
+                // (or read from the cache) once, and serve the agreement below too.
+                let mut transfer_logits = None;
                 let signal = if let Some(k) = distill.top_k {
                     run.check_top_k(name, k)?;
                     let (probs, classes) = run.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
                     TeacherSignal::TopK { probs, classes, num_classes: run.data.num_classes }
                 } else if training.jitter == 0 {
                     let logits = run.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
-                    TeacherSignal::Cached(train::teacher_signal(&logits, distill)?)
+                    let signal = TeacherSignal::Cached(train::teacher_signal(&logits, distill)?);
+                    transfer_logits = Some(logits);
+                    signal
                 } else {
                     TeacherSignal::Live(&teacher)
                 };
@@ -336,9 +339,13 @@ pub fn run(
                     &run.targets(),
                 )?;
                 let (student, teacher) = (|x: &Tensor| Ok(net.forward_t(x, false)), |x: &Tensor| teacher.logits(x));
+                let on_transfer = match &transfer_logits {
+                    Some(logits) => Outputs::Cached(logits),
+                    None => Outputs::Model(&teacher),
+                };
                 let fidelity = Fidelity {
-                    test: train::agreement(&student, &teacher, &run.data.test)?,
-                    transfer: train::agreement(&student, &teacher, &transfer)?,
+                    test: train::agreement(&student, Outputs::Model(&teacher), &run.data.test)?,
+                    transfer: train::agreement(&student, on_transfer, &transfer)?,
                 };
                 info!(
                     "stage `{name}`: agrees with its teacher on {:.2}% of the test set and {:.2}% of its transfer set; {} of its test errors are the teacher's too (the teacher makes {})",

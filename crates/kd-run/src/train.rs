@@ -307,22 +307,42 @@ impl Agreement {
     }
 }
 
-/// Compares the top-1 answers of `student` and `teacher` (each `logits(x)`) on every example of
-/// `split`, without gradients (one device sync at the end).
-pub fn agreement(
-    student: &dyn Fn(&Tensor) -> Result<Tensor>,
-    teacher: &dyn Fn(&Tensor) -> Result<Tensor>,
-    split: &Split,
-) -> Result<Agreement> {
+/// A model's logits on the examples of a split.
+pub enum Outputs<'a> {
+    /// Computed batch by batch from the inputs.
+    Model(&'a dyn Fn(&Tensor) -> Result<Tensor>),
+    /// Computed already, one row per example of the split in its order (a teacher's cached
+    /// outputs on its transfer set).
+    Cached(&'a Tensor),
+}
+
+impl Outputs<'_> {
+    /// The logits of the `len` examples from `start`, whose inputs are `x`.
+    fn rows(&self, x: &Tensor, start: i64, len: i64) -> Result<Tensor> {
+        match self {
+            Outputs::Model(logits) => logits(x),
+            Outputs::Cached(all) => Ok(all.narrow(0, start, len)),
+        }
+    }
+}
+
+/// Compares the top-1 answers of `student` and `teacher` on every example of `split`, without
+/// gradients (one device sync at the end).
+pub fn agreement(student: &dyn Fn(&Tensor) -> Result<Tensor>, teacher: Outputs, split: &Split) -> Result<Agreement> {
     let _guard = tch::no_grad_guard();
     let n = split.len();
+    if let Outputs::Cached(all) = teacher {
+        if all.size().first() != Some(&n) {
+            anyhow::bail!("the teacher's cached outputs have shape {:?}, for a split of {n} examples", all.size());
+        }
+    }
     // [agree, shared errors, teacher errors]
     let mut counts = Tensor::zeros([3], (Kind::Int64, split.labels.device()));
     for s in (0..n).step_by(EVAL_BATCH as usize) {
         let len = EVAL_BATCH.min(n - s);
         let x = split.range(s, len);
         let y = split.labels.narrow(0, s, len);
-        let (a, b) = (student(&x)?.argmax(1, false), teacher(&x)?.argmax(1, false));
+        let (a, b) = (student(&x)?.argmax(1, false), teacher.rows(&x, s, len)?.argmax(1, false));
         let (a_wrong, b_wrong) = (a.ne_tensor(&y), b.ne_tensor(&y));
         counts += Tensor::stack(&[a.eq_tensor(&b), a_wrong.logical_and(&b_wrong), b_wrong], 0).sum_dim_intlist(
             1,
@@ -372,14 +392,20 @@ mod tests {
             }
         };
         let (student, teacher) = (answers([0, 1, 2, 0, 0]), answers([0, 2, 2, 0, 4]));
-        let got = agreement(&student, &teacher, &split).unwrap();
+        let got = agreement(&student, Outputs::Model(&teacher), &split).unwrap();
         // Same answer on examples 0, 2, 3; both wrong on 3 only; the teacher wrong on 1 and 3
         // (the student on 3 and 4).
         assert_eq!(got, Agreement { agree: 3, shared_errors: 1, teacher_errors: 2, examples: 5 });
         assert!((got.rate() - 0.6).abs() < 1e-12);
-        let same = agreement(&student, &student, &split).unwrap();
+        let same = agreement(&student, Outputs::Model(&student), &split).unwrap();
         // A model agrees with itself everywhere and shares all of its errors (on 3 and 4).
         assert_eq!((same.agree, same.shared_errors, same.teacher_errors), (5, 2, 2));
+        // The teacher's outputs read from a cache give the same counts; a cache of another
+        // length is refused.
+        let cached = teacher(&split.images).unwrap();
+        assert_eq!(agreement(&student, Outputs::Cached(&cached), &split).unwrap(), got);
+        let err = agreement(&student, Outputs::Cached(&cached.narrow(0, 0, 4)), &split).unwrap_err();
+        assert!(err.to_string().contains("for a split of 5 examples"), "{err}");
     }
 
     #[test]
