@@ -1212,8 +1212,9 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
     })
 }
 
-/// The members of an ensemble stage: each entry names an earlier stage that trains a model, or
-/// the base name of a sweep (`member` for `member-s1`, `member-s2`, ...).
+/// The members of an ensemble stage: each entry names an earlier stage that trains a model or
+/// evaluates one (a checkpoint of another run, say), or the base name of a sweep (`member` for
+/// `member-s1`, `member-s2`, ...).
 fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<ModelSource>> {
     let entries = s.members.as_deref().unwrap_or_default();
     let mut members: Vec<ModelSource> = Vec::new();
@@ -1229,8 +1230,8 @@ fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<Mo
             return Err(at(format!("member `{want}` is no earlier stage (nor the base name of a sweep)")));
         }
         for t in matched {
-            if !matches!(t.job, Job::Train { .. } | Job::Distill { .. }) {
-                return Err(at(format!("member `{}` trains no model", t.name)));
+            if !matches!(t.job, Job::Train { .. } | Job::Distill { .. } | Job::Evaluate { .. }) {
+                return Err(at(format!("member `{}` neither trains nor evaluates a model", t.name)));
             }
             let source = ModelSource::Stage(t.name.clone());
             if members.contains(&source) {
@@ -1587,6 +1588,27 @@ epochs = 5
         }
         let evaluate = format!("{text}\n[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"ens\"\n");
         assert!(format!("{:#}", parse(&evaluate).unwrap_err()).contains("`ens` is an ensemble"));
+
+        // Evaluate stages stand for the models they evaluate (checkpoints of other runs, say).
+        let evaluated = (1..=2)
+            .map(|i| {
+                format!(
+                    "\n[[stages]]\nname = \"t{i}\"\nkind = \"evaluate\"\ncheckpoint = \"runs/r{i}/t.safetensors\"\n"
+                )
+            })
+            .collect::<String>();
+        let text = format!(
+            "{GOOD}{evaluated}\n[[stages]]\nname = \"both\"\nkind = \"ensemble\"\nmembers = [\"t1\", \"t2\"]\n"
+        );
+        let e = parse(&text).unwrap();
+        let members = vec![ModelSource::Stage("t1".into()), ModelSource::Stage("t2".into())];
+        assert_eq!(e.stages.last().unwrap().job, Job::Ensemble { members });
+        let nested = text.replace(
+            "kind = \"evaluate\"\ncheckpoint = \"runs/r2/t.safetensors\"",
+            "kind = \"ensemble\"\nmembers = [\"t1\", \"teacher\"]",
+        );
+        let err = format!("{:#}", parse(&nested).unwrap_err());
+        assert!(err.contains("member `t2` neither trains nor evaluates a model"), "{err}");
     }
 
     #[test]

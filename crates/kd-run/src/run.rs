@@ -86,6 +86,9 @@ struct Tables {
     subsets: Vec<SubsetRow>,
     specialists: Vec<SpecialistRow>,
     coverage: Vec<CoverageRow>,
+    /// The experiment's stage names in file order: `write` keeps the per-model rows in this
+    /// order, so a stage that ran again does not move to the end.
+    order: Vec<String>,
 }
 
 const METRICS: &str = "metrics.csv";
@@ -106,11 +109,26 @@ impl Tables {
             subsets: output::read_csv(&dir.join(SUBSETS))?,
             specialists: output::read_csv(&dir.join(SPECIALISTS))?,
             coverage: output::read_csv(&dir.join(COVERAGE))?,
+            order: Vec::new(),
         })
     }
 
+    /// Where rows of `stage` go: the position of the stage in the file (`<stage>-fixed` rows
+    /// with their stage, after it, as they were recorded), unknown names last.
+    fn rank(&self, stage: &str) -> usize {
+        let base = stage.strip_suffix("-fixed").unwrap_or(stage);
+        self.order.iter().position(|s| s == stage || s == base).unwrap_or(usize::MAX)
+    }
+
     /// Writes the tables; those of the specialist stages only once they have rows.
-    fn write(&self, dir: &Path) -> Result<()> {
+    fn write(&mut self, dir: &Path) -> Result<()> {
+        if !self.order.is_empty() {
+            let mut summary = std::mem::take(&mut self.summary);
+            summary.sort_by_key(|r| self.rank(&r.stage));
+            let mut class_errors = std::mem::take(&mut self.class_errors);
+            class_errors.sort_by_key(|r| self.rank(&r.stage));
+            (self.summary, self.class_errors) = (summary, class_errors);
+        }
         output::write_csv(&dir.join(METRICS), &self.metrics)?;
         output::write_csv(&dir.join(SUMMARY), &self.summary)?;
         output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
@@ -233,6 +251,7 @@ pub fn run(
     );
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
+    tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
     // Results of stages the file no longer has.
     let mut stale: Vec<String> = tables
         .summary
@@ -481,10 +500,14 @@ impl Run<'_> {
         self.dir.join("checkpoints").join(format!("{stage}.resume.safetensors"))
     }
 
-    /// The checkpoint file of a single model (an ensemble has one per member).
+    /// The checkpoint file of a single model (an ensemble has one per member). An evaluate stage
+    /// stands for the model it evaluates.
     fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
         match source {
-            ModelSource::Stage(name) => Ok(self.checkpoint(name)),
+            ModelSource::Stage(name) => match self.exp.stages.iter().find(|s| &s.name == name).map(|s| &s.job) {
+                Some(Job::Evaluate { source }) => self.source_path(source),
+                _ => Ok(self.checkpoint(name)),
+            },
             ModelSource::Checkpoint(path) => Ok(path.clone()),
             ModelSource::Ensemble { stage, .. } => bail!("`{stage}` is an ensemble, not one checkpoint"),
         }
@@ -504,7 +527,7 @@ impl Run<'_> {
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
         let path = self.source_path(source)?;
         if let ModelSource::Stage(stage) = source {
-            if !path.exists() {
+            if !path.exists() && path == self.checkpoint(stage) {
                 bail!("stage `{stage}` has not run yet: run it first (or add `--only {stage}`)");
             }
         }
@@ -870,7 +893,7 @@ impl Run<'_> {
         started: Instant,
     ) -> Result<()> {
         self.record(tables, stage, kind, net, started, None)?;
-        if let Some(row) = tables.summary.last_mut() {
+        if let Some(row) = tables.summary.iter_mut().rfind(|r| r.stage == stage) {
             row.train_accuracy = Some(fit.accuracy);
             row.seconds += fit.earlier_seconds;
             if let Some(Fidelity { test, transfer }) = fidelity {

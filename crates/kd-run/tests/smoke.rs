@@ -41,10 +41,23 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
     assert_eq!(
         stages,
-        ["teacher", "student", "distilled", "eval_teacher", "distilled_no3", "no3_shift", "no3_shift-fixed"]
+        [
+            "teacher",
+            "student",
+            "distilled",
+            "eval_teacher",
+            "distilled_no3",
+            "no3_shift",
+            "no3_shift-fixed",
+            "teacher_twice"
+        ]
     );
     let params: Vec<i64> = summary.iter().map(|r| r["parameters"].parse().unwrap()).collect();
-    assert_eq!(params, [118_282, 26_506, 26_506, 118_282, 26_506, 26_506, 26_506], "784-128-128-10 and 784-32-32-10");
+    assert_eq!(
+        params,
+        [118_282, 26_506, 26_506, 118_282, 26_506, 26_506, 26_506, 2 * 118_282],
+        "784-128-128-10 and 784-32-32-10"
+    );
     for r in &summary {
         let errors: i64 = r["test_errors"].parse().unwrap();
         let accuracy: f64 = r["test_accuracy"].parse().unwrap();
@@ -58,6 +71,11 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         "evaluating the teacher's checkpoint reproduces its errors"
     );
     assert_eq!(summary[0]["val_errors"], summary[3]["val_errors"]);
+    assert_eq!(
+        (summary[7]["test_errors"].as_str(), summary[7]["val_errors"].as_str()),
+        (summary[0]["test_errors"].as_str(), summary[0]["val_errors"].as_str()),
+        "an ensemble of the teacher and the evaluate stage of its checkpoint is the teacher"
+    );
 
     // Distilled students record how closely they follow the teacher on the test set; the
     // teacher's errors counted there are the ones its own stage recorded, and examples both get
