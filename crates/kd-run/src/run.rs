@@ -113,22 +113,17 @@ impl Tables {
         })
     }
 
-    /// Where rows of `stage` go: the position of the stage in the file (`<stage>-fixed` rows
-    /// with their stage, after it, as they were recorded), unknown names last.
-    fn rank(&self, stage: &str) -> usize {
-        let base = stage.strip_suffix("-fixed").unwrap_or(stage);
-        self.order.iter().position(|s| s == stage || s == base).unwrap_or(usize::MAX)
-    }
-
-    /// Writes the tables; those of the specialist stages only once they have rows.
+    /// Writes the tables; those of the specialist stages only once they have rows. The per-model
+    /// rows go in the order of their stages in the file (stable, so `<stage>-fixed` rows stay
+    /// after their stage's).
     fn write(&mut self, dir: &Path) -> Result<()> {
-        if !self.order.is_empty() {
-            let mut summary = std::mem::take(&mut self.summary);
-            summary.sort_by_key(|r| self.rank(&r.stage));
-            let mut class_errors = std::mem::take(&mut self.class_errors);
-            class_errors.sort_by_key(|r| self.rank(&r.stage));
-            (self.summary, self.class_errors) = (summary, class_errors);
-        }
+        let order = &self.order;
+        let rank = |stage: &str| {
+            let base = stage.strip_suffix("-fixed").unwrap_or(stage);
+            order.iter().position(|s| s == stage || s == base).unwrap_or(usize::MAX)
+        };
+        self.summary.sort_by_key(|r| rank(&r.stage));
+        self.class_errors.sort_by_key(|r| rank(&r.stage));
         output::write_csv(&dir.join(METRICS), &self.metrics)?;
         output::write_csv(&dir.join(SUMMARY), &self.summary)?;
         output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
