@@ -2,7 +2,8 @@
 # Runs the paper's whole MNIST section (section 3) from scratch and writes docs/results/mnist.md:
 # the headline rows with three seeds, the variants (hard-target term, logit matching), the
 # omitted-3 and only-7-and-8 transfer sets, the temperature sweep, and (beyond the paper) the
-# distilled student on a translated transfer set. Extra arguments go to every
+# distilled student on a translated transfer set and the student of the three teachers'
+# ensemble. Extra arguments go to every
 # `kd-run run` (e.g. `--set device=cpu`). Finished stages are skipped, so a killed run picks up
 # where it stopped. The schedules were chosen beforehand on validation splits
 # (experiments/mnist/README.md).
@@ -55,8 +56,11 @@ else
     lane_a "$@"
     lane_b "$@"
 fi
+# Beyond the paper, once all three teachers exist: the student of their ensemble.
+"$KD_RUN" run experiments/mnist/teacher_ensemble.toml "${threads[@]}" "$@"
 runs=(runs/mnist_headline_s1 runs/mnist_headline_s2 runs/mnist_headline_s3 runs/mnist_variants
-    runs/mnist_omitted3 runs/mnist_only78 runs/mnist_temperature runs/mnist_translated_transfer)
+    runs/mnist_omitted3 runs/mnist_only78 runs/mnist_temperature runs/mnist_translated_transfer
+    runs/mnist_teacher_ensemble)
 "$KD_RUN" report --title "MNIST (section 3 of the paper)" --out docs/results/mnist.md "${runs[@]}"
 # The runs' records go beside the report (configuration, command, CSV tables, log; not the
 # checkpoints), so that its numbers can be checked, and the report regenerated, without the
