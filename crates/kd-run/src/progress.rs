@@ -14,6 +14,8 @@ pub struct Progress {
     stage: String,
     epochs: u64,
     steps_per_epoch: u64,
+    /// Seconds and count of the epochs this process has finished, for the log line's ETA.
+    timed: Cell<(f64, u64)>,
 }
 
 impl Progress {
@@ -31,7 +33,14 @@ impl Progress {
             crate::logging::set_bar(Some(bar.clone()));
             bar
         });
-        Progress { bar, shown: Cell::new((first_epoch, None)), stage: stage.to_string(), epochs, steps_per_epoch }
+        Progress {
+            bar,
+            shown: Cell::new((first_epoch, None)),
+            stage: stage.to_string(),
+            epochs,
+            steps_per_epoch,
+            timed: Cell::new((0.0, 0)),
+        }
     }
 
     /// After `step` steps of 0-based `epoch`; `loss` is the running mean when it was read.
@@ -48,8 +57,15 @@ impl Progress {
         }
     }
 
-    /// Logs the finished epoch's line.
+    /// Logs the finished epoch's line, with the time the stage's remaining epochs should take
+    /// at the mean pace of the epochs this process has run.
     pub fn epoch_done(&self, row: &MetricsRow, peak_tflops: Option<f64>) {
+        let (seconds, count) = self.timed.get();
+        let (seconds, count) = (seconds + row.seconds, count + 1);
+        self.timed.set((seconds, count));
+        let left = self.epochs.saturating_sub(row.epoch as u64);
+        let eta =
+            if left > 0 { format!(", {} left", duration(left as f64 * seconds / count as f64)) } else { String::new() };
         // The next epoch's message starts from this epoch's mean loss.
         self.shown.set((row.epoch as u64 - 1, Some(row.train_loss)));
         let val = row.val_accuracy.map_or(String::new(), |a| format!(" val_acc {:.4}", a));
@@ -62,7 +78,7 @@ impl Progress {
             _ => String::new(),
         };
         info!(
-            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s{speed})",
+            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s{speed}{eta})",
             self.stage, row.epoch, self.epochs, row.lr, row.train_loss, row.train_accuracy, row.seconds
         );
     }
@@ -73,5 +89,31 @@ impl Progress {
             bar.finish_and_clear();
             crate::logging::set_bar(None);
         }
+    }
+}
+
+/// A duration for a log line: `42s`, `5m07s`, `2h04m`.
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration;
+
+    #[test]
+    fn durations_read_as_hours_minutes_and_seconds() {
+        assert_eq!(duration(0.4), "0s");
+        assert_eq!(duration(42.0), "42s");
+        assert_eq!(duration(59.6), "1m00s");
+        assert_eq!(duration(307.0), "5m07s");
+        assert_eq!(duration(3599.0), "59m59s");
+        assert_eq!(duration(7440.0), "2h04m");
+        assert_eq!(duration(-3.0), "0s");
     }
 }
