@@ -35,6 +35,8 @@ struct RunFiles {
     description: String,
     command: String,
     stages: Vec<toml::Table>,
+    /// The run's `precision` (`f32`, `bf16`; empty in runs recorded before it existed).
+    precision: String,
     /// The device named in `run.log`, for summary rows written before they named theirs.
     logged_device: Option<String>,
     summary: Vec<SummaryRow>,
@@ -67,6 +69,7 @@ impl RunFiles {
             description: get_str("description"),
             command: reproducing_command(std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim()),
             stages,
+            precision: get_str("precision"),
             logged_device: std::fs::read_to_string(dir.join("run.log")).ok().and_then(|log| logged_device(&log)),
             summary,
             class_errors: output::read_csv(&dir.join("class_errors.csv"))?,
@@ -126,7 +129,11 @@ impl RunFiles {
             let names = |s: &[&str]| if s.len() > 4 { format!("{} stages", s.len()) } else { s.join(", ") };
             by_device.iter().map(|(d, s)| format!("{} on {d}", names(s))).collect::<Vec<_>>().join("; ")
         };
-        format!("`{}`: {:.1} min of stage time, {places}.", self.name, seconds / 60.0)
+        let precision = match self.precision.as_str() {
+            "" | "f32" => String::new(),
+            p => format!(", with matrix products in {p}"),
+        };
+        format!("`{}`: {:.1} min of stage time, {places}{precision}.", self.name, seconds / 60.0)
     }
 
     /// Size of the test set, from the per-class counts of the first model.
@@ -904,6 +911,7 @@ mod tests {
             description: String::new(),
             command: String::new(),
             stages: vec![],
+            precision: String::new(),
             logged_device: None,
             summary,
             class_errors: vec![],
@@ -969,6 +977,7 @@ mod tests {
             description: String::new(),
             command: String::new(),
             stages: vec![],
+            precision: "f32".into(),
             logged_device: Some("cuda:0".into()),
             summary: vec![
                 row("teacher", "", 90.0),
@@ -1013,5 +1022,8 @@ mod tests {
             "`r`: 2.0 min of stage time, teacher on cuda:0 for epochs 1-2 and cpu (1 thread) for epoch 3; \
              a, b on cpu (2 threads)."
         );
+        // A run in bf16 says so; f32, the default, goes without saying.
+        let run = RunFiles { precision: "bf16".into(), ..run };
+        assert!(run.where_and_how_long().ends_with("a, b on cpu (2 threads), with matrix products in bf16."));
     }
 }
