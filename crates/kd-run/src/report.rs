@@ -129,8 +129,11 @@ impl RunFiles {
             let names = |s: &[&str]| if s.len() > 4 { format!("{} stages", s.len()) } else { s.join(", ") };
             by_device.iter().map(|(d, s)| format!("{} on {d}", names(s))).collect::<Vec<_>>().join("; ")
         };
+        // Runs recorded before their rows named bf16 say it from their configuration.
+        let named = self.summary.iter().any(|r| r.device.contains("bf16"));
         let precision = match self.precision.as_str() {
             "" | "f32" => String::new(),
+            _ if named => String::new(),
             p => format!(", with matrix products in {p}"),
         };
         format!("`{}`: {:.1} min of stage time, {places}{precision}.", self.name, seconds / 60.0)
@@ -1022,8 +1025,16 @@ mod tests {
             "`r`: 2.0 min of stage time, teacher on cuda:0 for epochs 1-2 and cpu (1 thread) for epoch 3; \
              a, b on cpu (2 threads)."
         );
-        // A run in bf16 says so; f32, the default, goes without saying.
+        // A run in bf16 says so; f32, the default, goes without saying. Rows that name bf16
+        // say it per stage (a resumed run may have changed precision), once.
         let run = RunFiles { precision: "bf16".into(), ..run };
         assert!(run.where_and_how_long().ends_with("a, b on cpu (2 threads), with matrix products in bf16."));
+        let mut summary = run.summary.clone();
+        summary[1].device = "cpu (2 threads, bf16)".into();
+        let run = RunFiles { summary, metrics: vec![], ..run };
+        assert_eq!(
+            run.where_and_how_long(),
+            "`r`: 2.0 min of stage time, teacher on cuda:0; a on cpu (2 threads, bf16); b on cpu (2 threads)."
+        );
     }
 }

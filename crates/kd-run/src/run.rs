@@ -9,7 +9,7 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Training};
+use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
 use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
@@ -466,14 +466,15 @@ struct Fidelity {
     transfer: train::Agreement,
 }
 
-/// How `summary.csv` names a device.
-fn device_name(device: Device) -> String {
+/// How `summary.csv` and `metrics.csv` name where a model ran: the device, the CPU threads, and
+/// bf16 when the matrix products were (a resumed run may change either).
+fn device_name(device: Device, threads: i32, precision: Precision) -> String {
+    let bf16 = if precision == Precision::Bf16 { ", bf16" } else { "" };
     match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => match tch::get_num_threads() {
-            1 => "cpu (1 thread)".to_string(),
-            n => format!("cpu ({n} threads)"),
-        },
+        Device::Cuda(i) if bf16.is_empty() => format!("cuda:{i}"),
+        Device::Cuda(i) => format!("cuda:{i} (bf16)"),
+        _ if threads == 1 => format!("cpu (1 thread{bf16})"),
+        _ => format!("cpu ({threads} threads{bf16})"),
     }
 }
 
@@ -838,7 +839,7 @@ impl Run<'_> {
                 seconds: started.elapsed().as_secs_f64(),
                 examples_per_second: Some(per_second),
                 tflops: Some(per_second * flops_per_example / 1e12),
-                device: device_name(self.device),
+                device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
             };
             progress.epoch_done(&row, self.exp.peak_tflops);
             tables.metrics.push(row);
@@ -961,7 +962,7 @@ impl Run<'_> {
             test_accuracy: test.accuracy(),
             shift,
             seconds: started.elapsed().as_secs_f64(),
-            device: device_name(self.device),
+            device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
             train_accuracy: None,
             teacher_agreement: None,
             teacher_errors: None,
@@ -1038,3 +1039,17 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 const PROGRESS_PREFIX: &str = "__progress__.";
 const EPOCH_KEY: &str = "__progress__.epoch";
 const BEST_KEY: &str = "__progress__.best";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_carry_threads_and_bf16() {
+        assert_eq!(device_name(Device::Cpu, 1, Precision::F32), "cpu (1 thread)");
+        assert_eq!(device_name(Device::Cpu, 2, Precision::F32), "cpu (2 threads)");
+        assert_eq!(device_name(Device::Cpu, 2, Precision::Bf16), "cpu (2 threads, bf16)");
+        assert_eq!(device_name(Device::Cuda(0), 16, Precision::F32), "cuda:0");
+        assert_eq!(device_name(Device::Cuda(1), 16, Precision::Bf16), "cuda:1 (bf16)");
+    }
+}
