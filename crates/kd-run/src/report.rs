@@ -759,11 +759,12 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
 }
 
 fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
-    // base -> widths -> T -> errors
-    let mut sweeps: BTreeMap<String, BTreeMap<String, Vec<(f64, i64)>>> = BTreeMap::new();
+    // base -> widths -> T -> errors; widths in numeric order (30x30 before 300x300 before 800x800)
+    let mut sweeps: BTreeMap<String, BTreeMap<(Vec<u64>, String), Vec<(f64, i64)>>> = BTreeMap::new();
     for row in &run.summary {
         if let Some((base, t, widths)) = sweep_point(&row.stage) {
-            sweeps.entry(base).or_default().entry(widths).or_default().push((t, row.test_errors));
+            let sizes = widths.split('x').map(|w| w.parse().unwrap_or(u64::MAX)).collect();
+            sweeps.entry(base).or_default().entry((sizes, widths)).or_default().push((t, row.test_errors));
         }
     }
     for (base, by_size) in &sweeps {
@@ -771,7 +772,7 @@ fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Pa
         temps.sort_by(f64::total_cmp);
         temps.dedup();
         writeln!(md, "Test errors of `{base}` by temperature (rows) and hidden layers (columns):\n")?;
-        writeln!(md, "| T | {} |", by_size.keys().cloned().collect::<Vec<_>>().join(" | "))?;
+        writeln!(md, "| T | {} |", by_size.keys().map(|(_, w)| w.as_str()).collect::<Vec<_>>().join(" | "))?;
         writeln!(md, "|---|{}", "---|".repeat(by_size.len()))?;
         for t in &temps {
             let cells: Vec<String> = by_size
@@ -782,7 +783,7 @@ fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Pa
         }
         let series: Vec<Series> = by_size
             .iter()
-            .map(|(w, pts)| {
+            .map(|((_, w), pts)| {
                 let mut points: Vec<(f64, f64)> = pts.iter().map(|(t, e)| (*t, *e as f64)).collect();
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
                 Series { name: format!("hidden {w}"), points }
@@ -890,26 +891,30 @@ mod tests {
         assert_eq!(reproducing_command(""), "");
     }
 
-    #[test]
-    fn the_fidelity_table_counts_own_and_avoided_errors_and_shows_the_transfer_column_once_recorded() {
-        let row = |stage: &str, transfer: Option<f64>| SummaryRow {
+    /// A distilled stage's summary row with `test_errors`; fidelity columns empty.
+    fn summary_row(stage: &str, test_errors: i64) -> SummaryRow {
+        SummaryRow {
             stage: stage.into(),
             kind: "distill".into(),
             model: "mlp 2-2".into(),
             parameters: 6,
             val_errors: None,
-            test_errors: 9,
-            test_accuracy: 0.91,
+            test_errors,
+            test_accuracy: 1.0 - test_errors as f64 / 100.0,
             shift: None,
             seconds: 1.0,
             device: String::new(),
             train_accuracy: None,
-            teacher_agreement: Some(0.95),
-            teacher_errors: Some(7),
-            shared_errors: Some(5),
-            transfer_agreement: transfer,
-        };
-        let run = |summary| RunFiles {
+            teacher_agreement: None,
+            teacher_errors: None,
+            shared_errors: None,
+            transfer_agreement: None,
+        }
+    }
+
+    /// A run named `r` with these summary rows and nothing else.
+    fn run(summary: Vec<SummaryRow>) -> RunFiles {
+        RunFiles {
             name: "r".into(),
             description: String::new(),
             command: String::new(),
@@ -922,6 +927,36 @@ mod tests {
             subsets: vec![],
             specialists: vec![],
             coverage: vec![],
+        }
+    }
+
+    #[test]
+    fn the_temperature_table_orders_student_sizes_by_width_not_as_text() {
+        let rows = ["800x800", "30x30", "300x300"]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                [(1.0, 10 * (i as i64 + 1)), (2.5, 10 * (i as i64 + 1) + 1)]
+                    .map(|(t, e)| summary_row(&format!("s-T{t}-h{w}"), e))
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("kd-report-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut md = String::new();
+        sweep_section(&mut md, &run(rows), &dir, &|p: &Path| p.display().to_string()).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(md.contains("| T | 30x30 | 300x300 | 800x800 |\n"), "{md}");
+        assert!(md.contains("| 1 | 20 | 30 | 10 |\n| 2.5 | 21 | 31 | 11 |\n"), "{md}");
+    }
+
+    #[test]
+    fn the_fidelity_table_counts_own_and_avoided_errors_and_shows_the_transfer_column_once_recorded() {
+        let row = |stage: &str, transfer: Option<f64>| SummaryRow {
+            teacher_agreement: Some(0.95),
+            teacher_errors: Some(7),
+            shared_errors: Some(5),
+            transfer_agreement: transfer,
+            ..summary_row(stage, 9)
         };
         let table = |r: &RunFiles| {
             let mut md = String::new();
