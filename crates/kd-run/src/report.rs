@@ -758,9 +758,12 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     Ok(())
 }
 
+/// A sweep's student size: the hidden widths as numbers (the sort key), then as written.
+type Widths = (Vec<u64>, String);
+
 fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
     // base -> widths -> T -> errors; widths in numeric order (30x30 before 300x300 before 800x800)
-    let mut sweeps: BTreeMap<String, BTreeMap<(Vec<u64>, String), Vec<(f64, i64)>>> = BTreeMap::new();
+    let mut sweeps: BTreeMap<String, BTreeMap<Widths, Vec<(f64, i64)>>> = BTreeMap::new();
     for row in &run.summary {
         if let Some((base, t, widths)) = sweep_point(&row.stage) {
             let sizes = widths.split('x').map(|w| w.parse().unwrap_or(u64::MAX)).collect();
