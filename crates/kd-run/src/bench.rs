@@ -104,6 +104,7 @@ impl Workload {
                     transfer_exclude: vec![],
                     transfer_only: vec![],
                     top_k: None,
+                    translations: None,
                 }),
             ),
         };

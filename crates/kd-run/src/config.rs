@@ -194,6 +194,7 @@ struct RawStage {
     teacher: Option<Spanned<String>>,
     teacher_checkpoint: Option<PathBuf>,
     teacher_top_k: Option<Count>,
+    teacher_translations: Option<u32>,
     temperature: Option<Positive>,
     hard_weight: Option<NonNegative>,
     soft_weight: Option<NonNegative>,
@@ -676,6 +677,11 @@ pub struct DistillSpec {
     /// soft targets in `k` instead of all the classes' numbers, in memory and in the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
+    /// Soft targets averaged over translations of up to this many pixels: each transfer
+    /// image's target is the mean of the teacher's softmax(z / T) over all its
+    /// `(2 n + 1)^2` zero-filled translations, while the student sees the image untranslated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub translations: Option<i64>,
 }
 
 /// Where a model comes from.
@@ -951,6 +957,14 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
             );
         }
+        if matches!(&job, Job::Distill { training, distill, .. } if distill.translations.is_some() && training.jitter > 0)
+        {
+            stage_bail!(
+                text,
+                s,
+                "`teacher_translations` averages a cached teacher's outputs; with `jitter` the teacher runs live"
+            );
+        }
         if early && data.validation == 0 && !framed {
             stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
         }
@@ -961,6 +975,9 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 if !distill.transfer_exclude.is_empty() || !distill.transfer_only.is_empty());
             if jitter {
                 stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
+            }
+            if matches!(&job, Job::Distill { distill, .. } if distill.translations.is_some()) {
+                stage_bail!(text, s, "`teacher_translations` translates images; speech frames are not images");
             }
             if filtered {
                 stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
@@ -994,10 +1011,11 @@ const TRAIN_KEYS: [&str; 11] = [
     "sweep",
     "paper",
 ];
-const DISTILL_ONLY_KEYS: [&str; 9] = [
+const DISTILL_ONLY_KEYS: [&str; 10] = [
     "teacher",
     "teacher_checkpoint",
     "teacher_top_k",
+    "teacher_translations",
     "temperature",
     "hard_weight",
     "soft_weight",
@@ -1078,6 +1096,7 @@ impl RawStage {
             ("teacher", self.teacher.is_some()),
             ("teacher_checkpoint", self.teacher_checkpoint.is_some()),
             ("teacher_top_k", self.teacher_top_k.is_some()),
+            ("teacher_translations", self.teacher_translations.is_some()),
             ("temperature", self.temperature.is_some()),
             ("hard_weight", self.hard_weight.is_some()),
             ("soft_weight", self.soft_weight.is_some()),
@@ -1192,6 +1211,13 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
     if top_k.is_some() && objective == Objective::Logits {
         stage_bail!(text, s, "`teacher_top_k` keeps soft targets; logit matching needs every logit");
     }
+    let translations = s.teacher_translations.filter(|&n| n > 0).map(i64::from);
+    if translations.is_some() && objective == Objective::Logits {
+        stage_bail!(text, s, "`teacher_translations` averages soft targets; logit matching matches raw logits");
+    }
+    if translations.is_some() && top_k.is_some() {
+        stage_bail!(text, s, "give either `teacher_translations` or `teacher_top_k`, not both");
+    }
     let classes = |v: &Option<Vec<ClassId>>| v.iter().flatten().map(|c| c.0).collect::<Vec<_>>();
     let (transfer_exclude, transfer_only) = (classes(&s.transfer_exclude), classes(&s.transfer_only));
     if !transfer_exclude.is_empty() && !transfer_only.is_empty() {
@@ -1209,6 +1235,7 @@ fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Distil
         transfer_exclude,
         transfer_only,
         top_k,
+        translations,
     })
 }
 
@@ -1688,6 +1715,22 @@ epochs = 5
     }
 
     #[test]
+    fn teacher_translations_are_read_and_written_only_when_set() {
+        let spec = |e: &Experiment| match &e.stages[1].job {
+            Job::Distill { distill, .. } => distill.clone(),
+            _ => panic!("stage 1 distills"),
+        };
+        let e = parse(GOOD).unwrap();
+        assert_eq!(spec(&e).translations, None);
+        assert!(!e.to_toml().unwrap().contains("translations"));
+        let e = parse(&GOOD.replace("temperature = 20\n", "temperature = 20\nteacher_translations = 2\n")).unwrap();
+        assert_eq!(spec(&e).translations, Some(2));
+        assert!(e.to_toml().unwrap().contains("translations = 2"));
+        let e = parse(&GOOD.replace("temperature = 20\n", "temperature = 20\nteacher_translations = 0\n")).unwrap();
+        assert_eq!(spec(&e).translations, None, "0 pixels: no translations");
+    }
+
+    #[test]
     fn precision_and_peak_are_read_and_written_only_when_set() {
         let e = parse(GOOD).unwrap();
         assert_eq!((e.precision, e.peak_tflops), (Precision::F32, None));
@@ -1831,6 +1874,18 @@ epochs = 5
                 "a class id >= 0",
             ),
             ("temperature = 20\n", "", "name = \"student\"", "needs `temperature`"),
+            (
+                "temperature = 20",
+                "temperature = 20\nteacher_translations = 2\njitter = 1",
+                "name = \"student\"",
+                "`teacher_translations` averages a cached teacher's outputs",
+            ),
+            (
+                "temperature = 20",
+                "temperature = 20\nteacher_translations = 2\nteacher_top_k = 3",
+                "name = \"student\"",
+                "either `teacher_translations` or `teacher_top_k`",
+            ),
             ("seed = 3", "seed = 3\ndevice = \"gpu\"", "device", "device: expected"),
             ("lr = 0.1", "lr = 0.1, beta1 = 0.9", "name = \"teacher\"", "optimizer key `beta1` does not apply"),
             ("kind = \"train\"", "kind = \"fit\"", "kind = \"fit\"", "unknown variant `fit`"),

@@ -284,15 +284,34 @@ pub fn jitter(images: &Tensor, rows: i64, cols: i64, max_shift: i64) -> Tensor {
     }
     let (b, device) = (images.size()[0], images.device());
     let s = max_shift;
+    let dy = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
+    let dx = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
+    shift(images, (rows, cols), s, &dy, &dx)
+}
+
+/// Translates every image of `[b, rows * cols]` by `dy` rows down and `dx` columns right,
+/// filling with zeros.
+pub fn translate(images: &Tensor, rows: i64, cols: i64, dy: i64, dx: i64) -> Tensor {
+    if dy == 0 && dx == 0 {
+        return images.shallow_clone();
+    }
+    let device = images.device();
+    let (dy, dx, s) = (Tensor::from(dy).to(device), Tensor::from(dx).to(device), dy.abs().max(dx.abs()));
+    shift(images, (rows, cols), s, &dy, &dx)
+}
+
+/// The gather behind [`jitter`] and [`translate`]: shifts `dy`, `dx` (each `[b, 1]` or a
+/// scalar) of at most `s` pixels.
+fn shift(images: &Tensor, (rows, cols): (i64, i64), s: i64, dy: &Tensor, dx: &Tensor) -> Tensor {
+    let (b, device) = (images.size()[0], images.device());
     let (pr, pc) = (rows + 2 * s, cols + 2 * s);
     let padded = images.view([b, rows, cols]).constant_pad_nd([s, s, s, s]).view([b, pr * pc]);
     // Output pixel (r, c) reads padded pixel (r + s - dy, c + s - dx).
     let r = Tensor::arange(rows, (Kind::Int64, device)).view([rows, 1]);
     let c = Tensor::arange(cols, (Kind::Int64, device)).view([1, cols]);
     let base = ((r + s) * pc + c + s).view([1, rows * cols]);
-    let dy = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
-    let dx = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
-    padded.gather(1, &(base - dy * pc - dx), false)
+    let index = (base - dy * pc - dx).expand([b, rows * cols], false);
+    padded.gather(1, &index, false)
 }
 
 #[cfg(test)]
@@ -393,5 +412,28 @@ mod tests {
         assert!(sums.contains(&0.0) && sums.contains(&1.0));
         let last_rows = out.view([n, rows, cols]).narrow(1, 3, 4).sum(Kind::Float);
         assert_eq!(f32::try_from(last_rows).unwrap(), 0.0, "no wrap-around to the far side");
+    }
+
+    #[test]
+    fn translate_moves_every_pixel_by_the_shift_and_fills_with_zeros() {
+        // A 5x4 image of distinct values against a hand-written shift, for shifts of up to 2.
+        let (rows, cols) = (5i64, 4i64);
+        let img: Vec<f32> = (1..=rows * cols).map(|v| v as f32).collect();
+        let images = Tensor::from_slice(&img).view([1, rows * cols]).repeat([3, 1]);
+        for dy in -2..=2 {
+            for dx in -2..=2 {
+                let out = translate(&images, rows, cols, dy, dx);
+                assert_eq!(out.size(), [3, rows * cols]);
+                let got = Vec::<f32>::try_from(out.get(2)).unwrap();
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let (sr, sc) = (r - dy, c - dx);
+                        let inside = (0..rows).contains(&sr) && (0..cols).contains(&sc);
+                        let want = if inside { img[(sr * cols + sc) as usize] } else { 0.0 };
+                        assert_eq!(got[(r * cols + c) as usize], want, "shift ({dy}, {dx}) pixel ({r}, {c})");
+                    }
+                }
+            }
+        }
     }
 }

@@ -248,6 +248,9 @@ fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
         if let Some(t) = d.get("teacher").and_then(source) {
             parts.push(format!("teacher: {t}"));
         }
+        if let Some(n) = num(d.get("translations")) {
+            parts.push(format!("soft targets averaged over the teacher's translations of up to {n} px"));
+        }
         let list = |k: &str| {
             d.get(k)
                 .and_then(|v| v.as_array())
@@ -931,6 +934,24 @@ mod tests {
             specialists: vec![],
             coverage: vec![],
         }
+    }
+
+    #[test]
+    fn the_setup_names_the_distillation_settings_and_translation_averaging_only_when_set() {
+        let stage = |extra: &str| -> toml::Table {
+            format!(
+                "kind = \"distill\"\n[distill]\ntemperature = 20.0\nsoft_weight = 0.9\nhard_weight = 0.1\n{extra}\n\
+                 [distill.teacher]\nstage = \"teacher\"\n"
+            )
+            .parse()
+            .unwrap()
+        };
+        let row = summary_row("student", 80);
+        let plain = setup(&stage(""), &row);
+        assert!(plain.contains("T = 20, weights soft 0.9 / hard 0.1, teacher: stage `teacher`"), "{plain}");
+        assert!(!plain.contains("translations"), "{plain}");
+        let averaged = setup(&stage("translations = 2"), &row);
+        assert!(averaged.contains("averaged over the teacher's translations of up to 2 px"), "{averaged}");
     }
 
     #[test]

@@ -671,8 +671,12 @@ impl Run<'_> {
     ) -> Result<Tensor> {
         let checkpoint = std::fs::read(self.source_path(source)?)?;
         let d = &self.exp.data;
-        // The data settings (folder, limits, split, corpus), the class filters and the size.
-        let identity = format!("{d:?}|{:?}|{:?}|{}", spec.transfer_exclude, spec.transfer_only, transfer.len());
+        // The data settings (folder, limits, split, corpus), the class filters and the size;
+        // averaged over translations, also their range and T.
+        let mut identity = format!("{d:?}|{:?}|{:?}|{}", spec.transfer_exclude, spec.transfer_only, transfer.len());
+        if let Some(n) = spec.translations {
+            identity.push_str(&format!("|translations {n}|T{}", spec.temperature));
+        }
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
         if path.exists() {
@@ -684,7 +688,14 @@ impl Run<'_> {
                 }
             }
         }
-        let logits = train::logits(teacher, transfer, EVAL_BATCH);
+        let logits = match (spec.translations, self.data.geometry) {
+            (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
+            (Some(n), Some(geometry)) => {
+                info!("teacher soft targets averaged over {} translations of each image", (2 * n + 1).pow(2));
+                train::translation_averaged_logits(teacher, transfer, EVAL_BATCH, geometry, n, spec.temperature)?
+            }
+            (Some(_), None) => bail!("`teacher_translations` needs images; this data has none"),
+        };
         output::save_tensors(&path, &[("logits".to_string(), logits.shallow_clone())])?;
         info!("teacher logits over the transfer set cached in {}", path.display());
         Ok(logits)

@@ -80,6 +80,35 @@ pub fn logits(net: &Mlp, split: &Split, batch: i64) -> Tensor {
     Tensor::cat(&chunks, 0)
 }
 
+/// Logits whose softmax at `temperature` is the mean, over every translation of each image of
+/// `split` by up to `max_shift` pixels in each direction (`(2 max_shift + 1)^2` of them,
+/// zero-filled), of `net`'s softened distribution on the translated image:
+/// `z = T log((1 / S) sum_s softmax(net(shift_s(x)) / T))`. In evaluation mode, without
+/// gradients, over `split` in chunks of `batch`.
+pub fn translation_averaged_logits(
+    net: &Mlp,
+    split: &Split,
+    batch: i64,
+    (rows, cols): (i64, i64),
+    max_shift: i64,
+    temperature: f64,
+) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let n = split.len();
+    let shifts: Vec<(i64, i64)> =
+        (-max_shift..=max_shift).flat_map(|dy| (-max_shift..=max_shift).map(move |dx| (dy, dx))).collect();
+    let chunks = (0..n)
+        .step_by(batch as usize)
+        .map(|start| {
+            let x = split.range(start, batch.min(n - start));
+            let views: Vec<Tensor> =
+                shifts.iter().map(|&(dy, dx)| net.forward_t(&data::translate(&x, rows, cols, dy, dx), false)).collect();
+            combine_logits(&views, temperature)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&chunks, 0))
+}
+
 /// The `k` largest of each row of a teacher's `logits` as probabilities at `temperature`,
 /// renormalized over those `k`, with their class ids: `(probs, classes)`, each `[n, k]`.
 pub fn top_k_targets(logits: &Tensor, k: i64, temperature: f64) -> Result<(Tensor, Tensor)> {
@@ -425,5 +454,53 @@ mod tests {
         let (all, _) = top_k_targets(&logits, 5, t).unwrap();
         let full = kd_core::softmax_t(&logits, t).unwrap().sort(1, true).0;
         assert!(f64::try_from((all - full).abs().max()).unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn translation_averaged_logits_soften_to_the_mean_over_every_shift() {
+        // A small net on 3x4 images; the reference shifts each image by hand (zero fill),
+        // runs the net on it and averages the softened distributions in f64.
+        let (rows, cols, t) = (3i64, 4i64, 2.5);
+        tch::manual_seed(3);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let config = kd_models::MlpConfig { sizes: vec![12, 7, 5], ..Default::default() };
+        let net = Mlp::new(&vs.root(), config).unwrap();
+        let images = Tensor::rand([3, rows * cols], (Kind::Float, tch::Device::Cpu));
+        let split = Split::new(images.shallow_clone(), Tensor::zeros([3], (Kind::Int64, tch::Device::Cpu)));
+        let got = translation_averaged_logits(&net, &split, 2, (rows, cols), 1, t).unwrap();
+        assert_eq!(got.size(), [3, 5]);
+        let got = Vec::<f64>::try_from(kd_core::softmax_t(&got.to_kind(Kind::Double), t).unwrap().view([-1])).unwrap();
+        for e in 0..3i64 {
+            let img = Vec::<f32>::try_from(images.get(e)).unwrap();
+            let mut mean = [0f64; 5];
+            for dy in -1..=1i64 {
+                for dx in -1..=1i64 {
+                    let shifted: Vec<f32> = (0..rows * cols)
+                        .map(|p| {
+                            let (sr, sc) = (p / cols - dy, p % cols - dx);
+                            let inside = (0..rows).contains(&sr) && (0..cols).contains(&sc);
+                            if inside {
+                                img[(sr * cols + sc) as usize]
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let z = tch::no_grad(|| net.forward_t(&Tensor::from_slice(&shifted).view([1, -1]), false));
+                    let z = Vec::<f64>::try_from(z.to_kind(Kind::Double).view([-1])).unwrap();
+                    let norm: f64 = z.iter().map(|v| (v / t).exp()).sum();
+                    for (m, v) in mean.iter_mut().zip(&z) {
+                        *m += (v / t).exp() / norm / 9.0;
+                    }
+                }
+            }
+            for (c, want) in mean.iter().enumerate() {
+                let g = got[e as usize * 5 + c];
+                assert!((g - want).abs() < 1e-5, "example {e} class {c}: {g} vs {want}");
+            }
+        }
+        // No translations: the plain logits.
+        let plain = translation_averaged_logits(&net, &split, 2, (rows, cols), 0, t).unwrap();
+        assert!(f64::try_from((plain - logits(&net, &split, 2)).abs().max()).unwrap() < 1e-6);
     }
 }
