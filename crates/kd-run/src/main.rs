@@ -133,10 +133,8 @@ fn try_main() -> Result<(), Failure> {
                     names.join(", ")
                 )));
             }
-            let command: Vec<String> = std::iter::once("kd-run".to_string())
-                .chain(std::env::args().skip(1).map(|a| if a.contains(' ') { format!("'{a}'") } else { a }))
-                .collect();
-            let dir = run::run(&exp, &out, (fresh, &redo), &only, &command.join(" "))?;
+            let command = output::command_line("kd-run", std::env::args().skip(1));
+            let dir = run::run(&exp, &out, (fresh, &redo), &only, &command)?;
             let summary: Vec<output::SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
             print_summary(&summary);
             println!("results in {}", dir.display());

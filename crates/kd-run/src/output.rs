@@ -248,6 +248,22 @@ pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     r.deserialize().collect::<Result<Vec<T>, _>>().with_context(|| format!("malformed {}", path.display()))
 }
 
+/// The command line `kd-run` was started with, `program` first, each argument written so that a
+/// POSIX shell reads it back as one word: as it is when it holds only characters a shell leaves
+/// alone, else in single quotes (an inner `'` as `'\''`).
+pub fn command_line(program: &str, args: impl Iterator<Item = String>) -> String {
+    std::iter::once(program.to_string()).chain(args.map(|a| shell_word(&a))).collect::<Vec<_>>().join(" ")
+}
+
+fn shell_word(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +304,14 @@ mod tests {
         .unwrap();
         assert_eq!(read_csv::<SummaryRow>(&old).unwrap()[0].device, "");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_command_line_reads_back_through_a_shell_as_the_same_words() {
+        let args = ["run", "a.toml", "--set", "name=a b", "--title", "the teacher's \"best\" $HOME `x` \\", ""];
+        let line = command_line("printf '%s|'", args.iter().map(|a| a.to_string()));
+        assert!(line.starts_with("printf '%s|' run a.toml --set 'name=a b' --title 'the teacher'\\''s"), "{line}");
+        let out = std::process::Command::new("sh").arg("-c").arg(&line).output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}|", args.join("|")));
     }
 }
