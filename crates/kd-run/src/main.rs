@@ -142,7 +142,8 @@ fn try_main() -> Result<(), Failure> {
         Command::Validate { experiment, overrides } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             print!("{}", exp.to_toml()?);
-            eprintln!("{}: ok ({} stages)", experiment.display(), exp.stages.len());
+            let n = exp.stages.len();
+            eprintln!("{}: ok ({n} stage{})", experiment.display(), if n == 1 { "" } else { "s" });
         }
         Command::Info => {
             println!("kd-run {}", env!("CARGO_PKG_VERSION"));
