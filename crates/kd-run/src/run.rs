@@ -163,11 +163,9 @@ impl Tables {
     }
 }
 
-/// Runs `exp` under `out/<name>`, resuming what an earlier identical run left unfinished.
-/// `fresh` discards an earlier run's files instead; a non-empty `only` runs those stages alone;
-/// `command` is recorded in `command.txt`.
-/// Runs (or resumes) `exp` in `out/<name>`: `fresh` discards an earlier run there, `redo` names
-/// stages to run again from scratch, `only` restricts the run to the named stages.
+/// Runs `exp` under `out/<name>`, resuming what an earlier run of it left unfinished: `fresh`
+/// discards an earlier run's files instead, `redo` names stages to run again from scratch, a
+/// non-empty `only` runs those stages alone; `command` is recorded in `command.txt`.
 pub fn run(
     exp: &Experiment,
     out: &Path,
@@ -263,7 +261,11 @@ pub fn run(
         info!("stage `{stage}` is no longer in the experiment: its results are dropped");
         tables.forget(stage, 0);
     }
-    for stage in &changed {
+    // A stage added to the file has nothing to discard: it is announced when it runs.
+    let has_results = |stage: &str| {
+        tables.metrics.iter().any(|r| r.stage == stage) || tables.summary.iter().any(|r| r.stage == stage)
+    };
+    for stage in changed.iter().filter(|s| has_results(s)) {
         info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
     }
     for stage in with_readers(exp, redo) {
