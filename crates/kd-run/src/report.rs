@@ -729,29 +729,41 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
     Ok(())
 }
 
+/// One row per stage of a group of seeds: each seed's test errors, their mean and standard
+/// deviation (none for a stage that only one seed ran) and, where the runs have a validation
+/// split, each seed's validation errors.
 fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
+    let validation = group.iter().any(|r| r.summary.iter().any(|s| s.val_errors.is_some()));
+    let (val_head, val_rule) = if validation { (" validation errors per seed |", "---|") } else { ("", "") };
     writeln!(
         md,
-        "| stage | model | setup | test errors per seed (of {}) | mean ± sd | paper |",
+        "| stage | model | setup | test errors per seed (of {}) | mean ± sd | paper |{val_head}",
         group[0].test_examples()
     )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|{val_rule}")?;
     for row in &group[0].summary {
         let stage = group[0].stage(&row.stage).cloned().unwrap_or_default();
-        let counts: Vec<f64> = group
-            .iter()
-            .filter_map(|r| r.summary.iter().find(|s| s.stage == row.stage))
-            .map(|s| s.test_errors as f64)
-            .collect();
+        let rows: Vec<&SummaryRow> =
+            group.iter().filter_map(|r| r.summary.iter().find(|s| s.stage == row.stage)).collect();
+        let counts: Vec<f64> = rows.iter().map(|s| s.test_errors as f64).collect();
         let (mean, sd) = mean_sd(&counts);
+        let spread = match counts.len() {
+            1 => format!("{mean:.1} (n = 1)"),
+            n => format!("{mean:.1} ± {sd:.1} (n = {n})"),
+        };
+        let list = |cell: &dyn Fn(&SummaryRow) -> String| rows.iter().map(|s| cell(s)).collect::<Vec<_>>().join(", ");
+        let val_cell = if validation {
+            format!(" {} |", list(&|s| s.val_errors.map_or("–".into(), |v| v.to_string())))
+        } else {
+            String::new()
+        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {mean:.1} ± {sd:.1} (n = {}) | {} |",
+            "| {} | {} | {} | {} | {spread} | {} |{val_cell}",
             row.stage,
             row.model,
             setup(&stage, row),
-            counts.iter().map(|c| format!("{c}")).collect::<Vec<_>>().join(", "),
-            counts.len(),
+            list(&|s| s.test_errors.to_string()),
             paper(&stage, &focus_classes(&stage))
         )?;
     }
@@ -1006,6 +1018,27 @@ mod tests {
         assert!(mixed.contains("(–: recorded before"), "{mixed}");
         let new = table(&run(vec![row("b", Some(0.5))]));
         assert!(new.contains("| 50.000% |") && !new.contains("(–:"), "{new}");
+    }
+
+    #[test]
+    fn the_seeds_table_gives_each_seed_its_counts_and_no_spread_for_a_single_seed() {
+        let with_val =
+            |stage: &str, test: i64, val: Option<i64>| SummaryRow { val_errors: val, ..summary_row(stage, test) };
+        let table = |group: &[&RunFiles]| {
+            let mut md = String::new();
+            seeds_table(&mut md, group).unwrap();
+            md
+        };
+        let s1 = run(vec![with_val("teacher", 70, Some(60)), with_val("student", 80, Some(75))]);
+        let s2 = run(vec![with_val("teacher", 74, Some(66))]);
+        let md = table(&[&s1, &s2]);
+        assert!(md.contains("| mean ± sd | paper | validation errors per seed |\n"), "{md}");
+        assert!(md.contains("| 70, 74 | 72.0 ± 2.8 (n = 2) | – | 60, 66 |\n"), "{md}");
+        assert!(md.contains("| 80 | 80.0 (n = 1) | – | 75 |\n"), "{md}");
+        // Without a validation split, no validation column.
+        let (t1, t2) = (run(vec![summary_row("teacher", 70)]), run(vec![summary_row("teacher", 74)]));
+        let md = table(&[&t1, &t2]);
+        assert!(md.contains("| mean ± sd | paper |\n") && md.contains("| 70, 74 | 72.0 ± 2.8 (n = 2) | – |\n"), "{md}");
     }
 
     #[test]
