@@ -790,10 +790,11 @@ impl Run<'_> {
         let steps_per_epoch = (n + training.batch_size - 1) / training.batch_size;
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(
-            "stage `{stage}`: {} ({} parameters), {} epochs of {} steps",
+            "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
             net.config().describe(),
             net.num_params(),
             training.epochs,
+            if training.epochs == 1 { "" } else { "s" },
             steps_per_epoch
         );
         let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
