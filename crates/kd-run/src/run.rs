@@ -261,11 +261,10 @@ pub fn run(
         info!("stage `{stage}` is no longer in the experiment: its results are dropped");
         tables.forget(stage, 0);
     }
-    // A stage added to the file has nothing to discard: it is announced when it runs.
-    let has_results = |stage: &str| {
-        tables.metrics.iter().any(|r| r.stage == stage) || tables.summary.iter().any(|r| r.stage == stage)
-    };
-    for stage in changed.iter().filter(|s| has_results(s)) {
+    // A stage added to the file has nothing to discard (no results, no epochs): it is announced
+    // when it runs.
+    let started = |stage: &str| tables.has_results(stage) || tables.metrics.iter().any(|r| r.stage == stage);
+    for stage in changed.iter().filter(|s| started(s)) {
         info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
     }
     for stage in with_readers(exp, redo) {
