@@ -14,6 +14,7 @@ mod optim;
 mod output;
 mod plot;
 mod progress;
+mod provenance;
 mod report;
 mod run;
 mod speech;

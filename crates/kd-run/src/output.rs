@@ -51,10 +51,22 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     result
 }
 
-/// Loads a safetensors file on the CPU.
+/// Loads a safetensors file on the CPU, after checking it against its provenance file if it has
+/// one (`provenance::verify`).
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.exists() {
         anyhow::bail!("checkpoint {} does not exist", path.display());
+    }
+    if let Some(made) = crate::provenance::verify(path)? {
+        tracing::info!(
+            "{}: SHA-256 checked; stage `{}` of `{}` at commit {}, {} test errors of {}",
+            path.display(),
+            made.stage,
+            made.command,
+            made.commit,
+            made.test_errors,
+            made.test_examples
+        );
     }
     Tensor::read_safetensors(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
 }
