@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod data;
 mod idx;
+mod inputs;
 mod kaldi;
 mod logging;
 mod npy;
@@ -101,7 +102,8 @@ fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            // Long lines are clipped: an error never echoes kilobytes of bad input.
+            eprintln!("error: {}", inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
     }
