@@ -6,6 +6,8 @@
 mod bench;
 mod config;
 mod data;
+#[cfg(test)]
+mod fuzz;
 mod idx;
 mod inputs;
 mod kaldi;
