@@ -16,7 +16,7 @@
 //! (`checkpoint`), and experiment files parsed and validated (`toml`).
 //!
 //! The test command runs a few thousand inputs per reader. The long run, a million inputs per
-//! reader (about ten minutes on two cores), prints what each reader did:
+//! reader (about four minutes on a busy two-core machine), prints what each reader did:
 //!
 //! ```text
 //! KD_FUZZ_ITERS=1000000 cargo test --release -p kd-run fuzz_readers_long -- --ignored --nocapture
