@@ -215,9 +215,9 @@ impl Mlp {
                 .map(|(_, t)| t)
                 .ok_or_else(|| Error::Checkpoint(format!("no `{key}` entry: not a kd-models MLP checkpoint")))
         };
-        let sizes = Vec::<i64>::try_from(get(SIZES_KEY)?.to_kind(Kind::Int64))?;
-        let dropout = Vec::<f64>::try_from(get(DROPOUT_KEY)?.to_kind(Kind::Double))?;
-        let max_norm = Vec::<f64>::try_from(get(MAX_NORM_KEY)?.to_kind(Kind::Double))?;
+        let sizes = Vec::<i64>::try_from(get(SIZES_KEY)?.f_to_kind(Kind::Int64)?)?;
+        let dropout = Vec::<f64>::try_from(get(DROPOUT_KEY)?.f_to_kind(Kind::Double)?)?;
+        let max_norm = Vec::<f64>::try_from(get(MAX_NORM_KEY)?.f_to_kind(Kind::Double)?)?;
         let (&[input_dropout, hidden_dropout], &[max_norm]) = (dropout.as_slice(), max_norm.as_slice()) else {
             return Err(Error::Checkpoint(format!(
                 "malformed config entries: dropout {dropout:?}, max_norm {max_norm:?}"
@@ -231,9 +231,12 @@ impl Mlp {
     /// Builds a network from a checkpoint made by [`Mlp::to_tensors`], on `device`.
     ///
     /// Fails, listing them, if any weight is missing, has the wrong shape, or if the checkpoint
-    /// holds entries the network does not have: a model is never left half-initialized.
+    /// holds entries the network does not have: a model is never left half-initialized. The
+    /// shapes are checked against the stored configuration before the network is allocated, so
+    /// a corrupt configuration claiming huge layers is an error, not an allocation.
     pub fn from_tensors(named: &[(String, Tensor)], device: Device) -> Result<(nn::VarStore, Mlp)> {
         let config = Self::config_from_tensors(named)?;
+        check_entries(&config, named)?;
         let vs = nn::VarStore::new(device);
         let net = Mlp::new(&vs.root(), config)?;
         load_into(&vs, named)?;
@@ -241,24 +244,32 @@ impl Mlp {
     }
 }
 
-/// Copies `named` into the variables of `vs`, failing on missing, unexpected or misshapen entries.
-fn load_into(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
-    let mut vars = vs.variables();
+/// The name and shape of every weight of a network with `config`, as [`Mlp::new`] makes them.
+fn weight_shapes(config: &MlpConfig) -> Vec<(String, Vec<i64>)> {
+    let s = &config.sizes;
+    let n = s.len();
+    let layer = |name: String, fan_in: i64, fan_out: i64| {
+        [(format!("{name}.weight"), vec![fan_out, fan_in]), (format!("{name}.bias"), vec![fan_out])]
+    };
+    let mut out: Vec<_> = (1..n - 1).flat_map(|l| layer(format!("hidden{l}"), s[l - 1], s[l])).collect();
+    out.extend(layer("output".into(), s[n - 2], s[n - 1]));
+    out
+}
+
+/// Fails, listing them, on entries of `named` that are missing, unexpected or misshapen for a
+/// network with `config` (a validated one: at least two sizes).
+fn check_entries(config: &MlpConfig, named: &[(String, Tensor)]) -> Result<()> {
+    let mut want: std::collections::HashMap<String, Vec<i64>> = weight_shapes(config).into_iter().collect();
     let mut problems = Vec::new();
-    tch::no_grad(|| {
-        for (name, value) in named.iter().filter(|(k, _)| !k.starts_with(CONFIG_PREFIX)) {
-            match vars.remove(name) {
-                None => problems.push(format!("unexpected entry `{name}`")),
-                Some(mut var) if var.size() == value.size() => var.copy_(value),
-                Some(var) => problems.push(format!(
-                    "`{name}` has shape {:?} in the checkpoint but {:?} in the model",
-                    value.size(),
-                    var.size()
-                )),
-            }
+    for (name, value) in named.iter().filter(|(k, _)| !k.starts_with(CONFIG_PREFIX)) {
+        match want.remove(name) {
+            None => problems.push(format!("unexpected entry `{name}`")),
+            Some(shape) if value.size() == shape => {}
+            Some(shape) => problems
+                .push(format!("`{name}` has shape {:?} in the checkpoint but {shape:?} in the model", value.size())),
         }
-    });
-    let mut missing: Vec<_> = vars.keys().map(|k| format!("missing entry `{k}`")).collect();
+    }
+    let mut missing: Vec<_> = want.keys().map(|k| format!("missing entry `{k}`")).collect();
     missing.sort();
     problems.extend(missing);
     if problems.is_empty() {
@@ -266,6 +277,19 @@ fn load_into(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
     } else {
         Err(Error::Checkpoint(problems.join("; ")))
     }
+}
+
+/// Copies `named`, checked by [`check_entries`], into the variables of `vs`.
+fn load_into(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, value) in named.iter().filter(|(k, _)| !k.starts_with(CONFIG_PREFIX)) {
+            let mut var =
+                vars.get(name).ok_or_else(|| Error::Checkpoint(format!("unexpected entry `{name}`")))?.shallow_clone();
+            var.f_copy_(value)?;
+        }
+        Ok(())
+    })
 }
 
 impl nn::ModuleT for Mlp {

@@ -746,20 +746,55 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let origin = path.display().to_string();
     // The file as written first, so that its errors carry its own line numbers.
-    let raw: RawExperiment = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let raw: RawExperiment = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
     let (raw, text, origin) = if overrides.is_empty() {
         (raw, text, origin)
     } else {
-        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         for o in overrides {
             apply_override(&mut doc, o).with_context(|| format!("--set {o}"))?;
         }
         let text = toml::to_string(&doc)?;
         let origin = format!("{origin} after --set {}", overrides.join(" "));
-        let raw = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let raw = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         (raw, text, origin)
     };
     resolve(raw, &text).map_err(|e| anyhow::anyhow!("{origin}:{e}"))
+}
+
+/// A TOML error as the parser shows it (`origin: TOML parse error at line L, column C`, the
+/// line with a caret under the column, the message), but with the quoted line and the message
+/// clipped: a 200 KB line is shown as the 120 characters around the column.
+fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    use crate::inputs::{clip_lines, MAX_ECHO};
+    let message = clip_lines(e.message().trim_end(), MAX_ECHO);
+    let Some(span) = e.span() else { return anyhow::anyhow!("{origin}: TOML parse error: {message}") };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line: Vec<char> = text[line_start..line_end].trim_end_matches('\r').chars().collect();
+    let column = text[line_start..at].chars().count();
+    // At most 60 characters either side of the column, the cuts marked with "...".
+    let (from, to) = (column.saturating_sub(60), (column + 60).min(line.len()));
+    let mut shown: String = line.get(from..to.max(from)).unwrap_or(&[]).iter().collect();
+    let mut caret = column - from;
+    if from > 0 {
+        shown.insert_str(0, "...");
+        caret += 3;
+    }
+    if to < line.len() {
+        shown.push_str("...");
+    }
+    let number = line_of(text, at);
+    let pad = " ".repeat(number.to_string().len());
+    anyhow::anyhow!(
+        "{origin}: TOML parse error at line {number}, column {}\n{pad} |\n{number} | {shown}\n{pad} | {}^\n{message}",
+        column + 1,
+        " ".repeat(caret)
+    )
 }
 
 /// Applies `key=value`, where key is a dotted path (`seed`, `data.train_limit`,
@@ -1553,6 +1588,24 @@ epochs = 5
         let out = load(&path, &overrides);
         let _ = std::fs::remove_file(&path);
         out
+    }
+
+    #[test]
+    fn a_syntax_error_on_a_long_line_quotes_a_clipped_excerpt() {
+        let bombs = [
+            format!("{GOOD}x = {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("{GOOD}x = \"{}\n", "A".repeat(200_000)),
+        ];
+        for text in bombs {
+            let line = text.lines().count();
+            let msg = format!("{:#}", parse(&text).expect_err("not TOML"));
+            assert!(msg.len() < 1200, "{} bytes: {}", msg.len(), &msg[..1200.min(msg.len())]);
+            assert!(msg.contains(&format!("TOML parse error at line {line}, column")), "{msg}");
+            assert!(msg.contains("..."), "the cut is marked: {msg}");
+        }
+        // A short line is quoted whole, with the caret under the column.
+        let msg = format!("{:#}", parse(&format!("{GOOD}x = ?\n")).expect_err("not TOML"));
+        assert!(msg.contains("| x = ?\n") && msg.contains("|     ^\n"), "{msg}");
     }
 
     #[test]

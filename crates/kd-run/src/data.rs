@@ -252,6 +252,18 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
             let ali = kaldi::read_int_vector_ark(&set.labels)?;
             let paired = kaldi::pair_features_alignments(feats, ali)
                 .with_context(|| format!("pairing {} with {}", set.features.display(), set.labels.display()))?;
+            let count = paired.len();
+            for (i, (id, m, _)) in paired.iter().enumerate() {
+                let (first, m0, _) = &paired[0];
+                let at = format!("{}: utterance '{id}' ({} of {count})", set.features.display(), i + 1);
+                ensure!(m.rows > 0, "{at} has no frames");
+                ensure!(
+                    m.cols == m0.cols,
+                    "{at} has frames of {} features, but utterance '{first}' has {}",
+                    m.cols,
+                    m0.cols
+                );
+            }
             paired
                 .into_iter()
                 .map(|(id, m, ali)| {
@@ -371,6 +383,34 @@ mod tests {
         let mut spec = files_spec("feats.scp", "ali.ark");
         spec.files.as_mut().unwrap().classes = Some(40);
         assert!(err(spec).contains("a label is 45, but `classes` = 40"));
+    }
+
+    #[test]
+    fn an_empty_utterance_or_one_of_another_width_is_named() {
+        let dir = crate::testutil::TempDir::new("data-empty-utt");
+        let ark = std::fs::read(fixture("feats_f32.ark")).unwrap();
+        let ali = std::fs::read(fixture("ali.ark")).unwrap();
+        // An empty first utterance (0 x 0 in Kaldi's binary form) with an empty alignment.
+        let mut feats = b"empty \0BFM \x04\0\0\0\0\x04\0\0\0\0".to_vec();
+        feats.extend_from_slice(&ark);
+        let mut labels = b"empty \0B\x04\0\0\0\0".to_vec();
+        labels.extend_from_slice(&ali);
+        let feats = dir.write("feats.ark", &feats);
+        let labels = dir.write("ali.ark", &labels);
+        let err = |features: &Path, labels: &Path| {
+            let mut spec = files_spec("feats.scp", "ali.ark");
+            let f = spec.files.as_mut().unwrap();
+            f.train = FileSet { features: features.to_path_buf(), labels: labels.to_path_buf(), lengths: None };
+            format!("{:#}", load(&spec, Device::Cpu).err().expect("an error"))
+        };
+        let e = err(&feats, &labels);
+        assert!(e.contains("feats.ark: utterance 'empty' (1 of 4) has no frames"), "{e}");
+        // A 1 x 3 text matrix where the others have 40 features.
+        let narrow = dir.write("narrow.ark", &[b"empty [ 1 2 3 ]\n".as_slice(), &ark].concat());
+        let one = dir.write("one.ark", &[b"empty 0\n".as_slice(), &ali].concat());
+        let e = err(&narrow, &one);
+        let want = "utterance 'spk1-utt1' (2 of 4) has frames of 40 features, but utterance 'empty' has 3";
+        assert!(e.contains(want), "{e}");
     }
 
     #[test]

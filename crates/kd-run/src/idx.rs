@@ -92,6 +92,7 @@ pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> Result<IdxArray> {
 /// Reads and parses a file; errors name the path.
 pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ensure!(!bytes.is_empty(), "{} is empty: expected an IDX file", path.display());
     parse_idx(&bytes, expected_rank).with_context(|| format!("{} is not a valid IDX file", path.display()))
 }
 
@@ -107,6 +108,10 @@ pub struct ImageSet {
 fn ensure_present(path: &Path) -> Result<()> {
     if path.is_file() {
         return Ok(());
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        // There is something by that name: a directory, a dangling link, a device.
+        return crate::inputs::check_file(path, "IDX file");
     }
     let mut gz = PathBuf::from(path);
     gz.as_mut_os_string().push(".gz");
@@ -145,7 +150,17 @@ pub fn load_image_set(dir: &Path, prefix: &str, num_classes: u8) -> Result<Image
     ensure_present(&label_path)?;
     let images = read_idx(&image_path, 3)?;
     let labels = read_idx(&label_path, 1)?;
+    image_set(images, labels, &image_path, &label_path, num_classes)
+}
 
+/// The images (rank 3) and labels (rank 1) read from `image_path` and `label_path` as a set.
+fn image_set(
+    images: IdxArray,
+    labels: IdxArray,
+    image_path: &Path,
+    label_path: &Path,
+    num_classes: u8,
+) -> Result<ImageSet> {
     let (n, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
     ensure!(
         labels.dims[0] == n,
@@ -163,6 +178,15 @@ pub fn load_image_set(dir: &Path, prefix: &str, num_classes: u8) -> Result<Image
     let (images, labels) = to_tensors(&images.data, &labels.data, shape)
         .with_context(|| format!("building tensors from {}", image_path.display()))?;
     Ok(ImageSet { images, labels, rows, cols })
+}
+
+/// [`load_image_set`] on the bytes of the two files (the fuzz tests).
+#[cfg(test)]
+pub fn parse_image_set(images: &[u8], labels: &[u8], num_classes: u8) -> Result<ImageSet> {
+    let (image_path, label_path) = (Path::new("images"), Path::new("labels"));
+    let images = parse_idx(images, 3).context("images")?;
+    let labels = parse_idx(labels, 1).context("labels")?;
+    image_set(images, labels, image_path, label_path, num_classes)
 }
 
 #[cfg(test)]
@@ -335,6 +359,30 @@ mod tests {
             Err(e) => format!("{e:#}"),
         };
         assert!(msg.contains("train-images-idx3-ubyte.gz is: decompress it"), "{msg}");
+    }
+
+    #[test]
+    fn a_directory_a_dangling_link_or_an_empty_file_is_named_as_such() {
+        let tmp = TempDir::new("idx-odd");
+        let labels = idx_bytes(0x08, &[2], &[1, 0]);
+        std::fs::write(tmp.0.join("train-labels-idx1-ubyte"), &labels).expect("write");
+        let err = |dir: &Path| match load_image_set(dir, "train", 10) {
+            Ok(_) => panic!("loaded a bad set"),
+            Err(e) => format!("{e:#}"),
+        };
+        let images = tmp.0.join("train-images-idx3-ubyte");
+        std::fs::create_dir(&images).expect("mkdir");
+        let msg = err(&tmp.0);
+        assert!(msg.contains("train-images-idx3-ubyte is a directory, not a file"), "{msg}");
+        assert!(!msg.contains("make setup"), "{msg}");
+        std::fs::remove_dir(&images).expect("rmdir");
+        std::os::unix::fs::symlink(tmp.0.join("gone"), &images).expect("symlink");
+        let msg = err(&tmp.0);
+        assert!(msg.contains("is a symbolic link to") && msg.contains("gone', which does not exist"), "{msg}");
+        std::fs::remove_file(&images).expect("rm");
+        std::fs::write(&images, b"").expect("write");
+        let msg = err(&tmp.0);
+        assert!(msg.contains("train-images-idx3-ubyte is empty: expected an IDX file"), "{msg}");
     }
 
     /// The real data set in data/mnist, as `make setup` leaves it.

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -50,12 +50,24 @@ const MATRIX_TOKENS: &str = "FM, DM, CM, CM2 or CM3";
 
 /// Reads every (utt-id, matrix) of a binary (or text) Kaldi archive, in file order.
 pub fn read_matrix_ark(path: &Path) -> Result<Vec<(String, Matrix)>> {
-    read_ark(path, Source::read_matrix)
+    read_entries(Source::open(path)?, Source::read_matrix)
 }
 
 /// Reads every (utt-id, int32 vector) of an alignment archive (pdf ids per frame).
 pub fn read_int_vector_ark(path: &Path) -> Result<Vec<(String, Vec<i32>)>> {
-    read_ark(path, Source::read_int_vector)
+    read_entries(Source::open(path)?, Source::read_int_vector)
+}
+
+/// [`read_matrix_ark`] on the bytes of an archive held in memory (the fuzz tests).
+#[cfg(test)]
+pub fn parse_matrix_ark(bytes: &[u8]) -> Result<Vec<(String, Matrix)>> {
+    read_entries(Source::from_bytes(bytes), Source::read_matrix)
+}
+
+/// [`read_int_vector_ark`] on the bytes of an archive held in memory (the fuzz tests).
+#[cfg(test)]
+pub fn parse_int_vector_ark(bytes: &[u8]) -> Result<Vec<(String, Vec<i32>)>> {
+    read_entries(Source::from_bytes(bytes), Source::read_int_vector)
 }
 
 /// Reads the matrices an scp file points to, in scp order. Each line is
@@ -171,8 +183,10 @@ fn first_few(names: &[&str]) -> String {
 }
 
 /// Reads `<key> <object>` entries until the end of the file.
-fn read_ark<T>(path: &Path, mut read_object: impl FnMut(&mut Source) -> Result<T>) -> Result<Vec<(String, T)>> {
-    let mut src = Source::open(path)?;
+fn read_entries<R: Input, T>(
+    mut src: Source<R>,
+    mut read_object: impl FnMut(&mut Source<R>) -> Result<T>,
+) -> Result<Vec<(String, T)>> {
     let mut out = Vec::new();
     while let Some(key) = src.read_key()? {
         let object = read_object(&mut src)?;
@@ -181,10 +195,28 @@ fn read_ark<T>(path: &Path, mut read_object: impl FnMut(&mut Source) -> Result<T
     Ok(out)
 }
 
+/// What a [`Source`] reads: a buffered file, or bytes in memory.
+trait Input: BufRead {
+    /// Moves the read position by `delta` bytes (keeping the buffer where it can).
+    fn skip(&mut self, delta: i64) -> std::io::Result<()>;
+}
+
+impl Input for BufReader<File> {
+    fn skip(&mut self, delta: i64) -> std::io::Result<()> {
+        self.seek_relative(delta)
+    }
+}
+
+impl Input for std::io::Cursor<&[u8]> {
+    fn skip(&mut self, delta: i64) -> std::io::Result<()> {
+        self.seek(SeekFrom::Current(delta)).map(|_| ())
+    }
+}
+
 /// An archive opened for reading, with the byte offset and current utterance for messages.
-struct Source {
+struct Source<R = BufReader<File>> {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: R,
     pos: u64,
     len: u64,
     utt: Option<String>,
@@ -192,11 +224,22 @@ struct Source {
 
 impl Source {
     fn open(path: &Path) -> Result<Self> {
+        crate::inputs::check_file(path, "archive")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
         Ok(Source { path: path.to_path_buf(), reader: BufReader::with_capacity(1 << 16, file), pos: 0, len, utt: None })
     }
+}
 
+#[cfg(test)]
+impl<'a> Source<std::io::Cursor<&'a [u8]>> {
+    fn from_bytes(bytes: &'a [u8]) -> Self {
+        let len = bytes.len() as u64;
+        Source { path: PathBuf::from("<memory>"), reader: std::io::Cursor::new(bytes), pos: 0, len, utt: None }
+    }
+}
+
+impl<R: Input> Source<R> {
     /// An error at byte `at` naming the file and utterance.
     fn fail(&self, at: u64, msg: impl Display) -> anyhow::Error {
         match &self.utt {
@@ -210,7 +253,7 @@ impl Source {
         let Some(delta) = delta else {
             return Err(self.fail(self.pos, format!("cannot seek to byte {offset}")));
         };
-        if let Err(e) = self.reader.seek_relative(delta) {
+        if let Err(e) = self.reader.skip(delta) {
             return Err(self.fail(offset, format!("cannot seek: {e}")));
         }
         self.pos = offset;

@@ -6,7 +6,10 @@
 mod bench;
 mod config;
 mod data;
+#[cfg(test)]
+mod fuzz;
 mod idx;
+mod inputs;
 mod kaldi;
 mod logging;
 mod npy;
@@ -102,7 +105,8 @@ fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            // Long lines are clipped: an error never echoes kilobytes of bad input.
+            eprintln!("error: {}", inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
     }

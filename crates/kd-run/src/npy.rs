@@ -20,8 +20,12 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// npy: 2-D float array (`<f4` or `<f8`, converted to f32) -> Matrix.
 pub fn read_npy_matrix(path: &Path) -> Result<Matrix> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let array = parse(&bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
+    parse_npy_matrix(&read(path)?, path)
+}
+
+/// [`read_npy_matrix`] on the file's bytes; errors name `path`.
+pub fn parse_npy_matrix(bytes: &[u8], path: &Path) -> Result<Matrix> {
+    let array = parse(bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
     let [rows, cols] = array.shape[..] else {
         bail!("{}: expected a 2-D array (frames x features), found shape {}", path.display(), array.shape_text());
     };
@@ -43,8 +47,12 @@ pub fn read_npy_matrix(path: &Path) -> Result<Matrix> {
 
 /// npy: 1-D int array (`<i4` or `<i8`) -> labels.
 pub fn read_npy_labels(path: &Path) -> Result<Vec<i64>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let array = parse(&bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
+    parse_npy_labels(&read(path)?, path)
+}
+
+/// [`read_npy_labels`] on the file's bytes; errors name `path`.
+pub fn parse_npy_labels(bytes: &[u8], path: &Path) -> Result<Vec<i64>> {
+    let array = parse(bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
     if array.shape.len() != 1 {
         bail!("{}: expected a 1-D array of labels, found shape {}", path.display(), array.shape_text());
     }
@@ -63,6 +71,16 @@ pub fn read_npy_labels(path: &Path) -> Result<Vec<i64>> {
             array.dtype.descr()
         ),
     })
+}
+
+/// The bytes of a file that must exist, be a regular file and not be empty.
+fn read(path: &Path) -> Result<Vec<u8>> {
+    crate::inputs::check_file(path, "NumPy file")?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{} is empty: expected a .npy file", path.display());
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -426,7 +444,7 @@ mod tests {
                 replace(&good, b"NUMPY", b"NUMPZ"),
                 "bad magic: expected '\\x93NUMPY' at byte 0, found '\\x93NUMPZ'",
             ),
-            ("empty.npy", Vec::new(), "bad magic"),
+            ("empty.npy", Vec::new(), "empty.npy is empty: expected a .npy file"),
             ("version.npy", replace(&good, b"NUMPY\x01", b"NUMPY\x07"), "unsupported format version 7.0"),
             (
                 "dtype.npy",

@@ -1,6 +1,6 @@
 //! Files a run writes: atomic writes, checkpoints, and the CSV tables.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -54,10 +54,9 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
 /// Loads a safetensors file on the CPU, after checking it against its provenance file if it has
 /// one (`provenance::verify`).
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    if !path.exists() {
-        anyhow::bail!("checkpoint {} does not exist", path.display());
-    }
-    if let Some(made) = crate::provenance::verify(path)? {
+    crate::inputs::check_file(path, "checkpoint")?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    if let Some(made) = crate::provenance::verify(path, &bytes)? {
         tracing::info!(
             "{}: SHA-256 checked; stage `{}` of `{}` at commit {}, {} test errors of {}",
             path.display(),
@@ -68,7 +67,65 @@ pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             made.test_examples
         );
     }
-    Tensor::read_safetensors(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+    parse_tensors(&bytes).with_context(|| format!("checkpoint {} is not a readable safetensors file", path.display()))
+}
+
+/// The named tensors of the bytes of a safetensors file, on the CPU. The header's shapes and
+/// offsets are checked against the bytes present before any tensor is allocated.
+pub fn parse_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    use crate::inputs::{clip, MAX_ECHO};
+    if bytes.is_empty() {
+        bail!("the file is empty");
+    }
+    let file =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!(describe_safetensors_error(e, bytes)))?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        let shown = clip(&name, MAX_ECHO);
+        let kind = tch::Kind::try_from(view.dtype())
+            .map_err(|_| anyhow!("tensor `{shown}` has the unsupported dtype {:?}", view.dtype()))?;
+        let shape: Vec<i64> = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow!("tensor `{shown}`: a dimension of its shape does not fit in i64"))?;
+        let tensor =
+            Tensor::f_from_data_size(view.data(), &shape, kind).with_context(|| format!("tensor `{shown}`"))?;
+        out.push((name, tensor));
+    }
+    Ok(out)
+}
+
+/// What a safetensors parse error means, in words.
+fn describe_safetensors_error(e: safetensors::SafeTensorError, bytes: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    let header_len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    match e {
+        E::HeaderTooSmall => {
+            format!("{} bytes: too short for the 8-byte header length that starts a safetensors file", bytes.len())
+        }
+        E::HeaderTooLarge | E::InvalidHeaderLength => format!(
+            "the first 8 bytes give a header of {} bytes, but the file has {} (not a safetensors file, or truncated)",
+            header_len.unwrap_or_default(),
+            bytes.len()
+        ),
+        E::InvalidHeader => "the header is not UTF-8 text".to_string(),
+        E::InvalidHeaderStart => "the header does not start with '{' (not a safetensors file?)".to_string(),
+        E::InvalidHeaderDeserialization => "the header is not the JSON of a safetensors file".to_string(),
+        E::InvalidOffset(name) => {
+            format!(
+                "the data offsets of tensor `{}` do not follow the previous tensor's",
+                crate::inputs::clip(&name, 200)
+            )
+        }
+        E::TensorInvalidInfo => "a tensor's data offsets do not match its shape and dtype".to_string(),
+        E::MetadataIncompleteBuffer => {
+            "the tensors' data does not end where the file does (truncated, or bytes appended)".to_string()
+        }
+        E::ValidationOverflow => "a tensor's shape is too large: its size overflows".to_string(),
+        e => format!("{e:?}"),
+    }
 }
 
 /// One row of `metrics.csv`: a stage's epoch.

@@ -29,15 +29,15 @@ pub fn path_for(checkpoint: &Path) -> PathBuf {
     checkpoint.with_extension("provenance.toml")
 }
 
-/// Lower-case hex SHA-256 of a file.
-pub fn sha256_of(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+/// Lower-case hex SHA-256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks a checkpoint against its provenance file when it has one: `Ok(None)` without one,
-/// `Ok(Some(_))` when the SHA-256 matches, an error naming both files when it does not.
-pub fn verify(checkpoint: &Path) -> Result<Option<Provenance>> {
+/// Checks a checkpoint's bytes (as read from `checkpoint`) against its provenance file when it
+/// has one: `Ok(None)` without one, `Ok(Some(_))` when the SHA-256 matches, an error naming both
+/// files when it does not.
+pub fn verify(checkpoint: &Path, bytes: &[u8]) -> Result<Option<Provenance>> {
     let file = path_for(checkpoint);
     if !file.is_file() {
         return Ok(None);
@@ -45,7 +45,7 @@ pub fn verify(checkpoint: &Path) -> Result<Option<Provenance>> {
     let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let record: Provenance =
         toml::from_str(&text).with_context(|| format!("{}: not a provenance file", file.display()))?;
-    let actual = sha256_of(checkpoint)?;
+    let actual = sha256_hex(bytes);
     if actual != record.sha256.to_ascii_lowercase() {
         bail!(
             "{} does not match {} (SHA-256 {actual}, expected {}): the file is damaged or was replaced; \
@@ -80,27 +80,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kd-provenance-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ckpt = dir.join("teacher.safetensors");
-        std::fs::write(&ckpt, b"abc").unwrap();
         assert_eq!(path_for(&ckpt), dir.join("teacher.provenance.toml"));
 
         // No provenance file: nothing to check.
-        assert_eq!(verify(&ckpt).unwrap(), None);
+        assert_eq!(verify(&ckpt, b"abc").unwrap(), None);
 
         // SHA-256("abc"), the FIPS 180-2 test vector.
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(sha256_of(&ckpt).unwrap(), abc);
+        assert_eq!(sha256_hex(b"abc"), abc);
         std::fs::write(path_for(&ckpt), toml::to_string(&record(abc)).unwrap()).unwrap();
-        assert_eq!(verify(&ckpt).unwrap(), Some(record(abc)));
+        assert_eq!(verify(&ckpt, b"abc").unwrap(), Some(record(abc)));
 
         // One byte changed: an error that names both files and the way back.
-        std::fs::write(&ckpt, b"abd").unwrap();
-        let err = format!("{:#}", verify(&ckpt).unwrap_err());
+        let err = format!("{:#}", verify(&ckpt, b"abd").unwrap_err());
         assert!(err.contains("teacher.safetensors") && err.contains("teacher.provenance.toml"), "{err}");
         assert!(err.contains("--only teacher"), "{err}");
 
         // A provenance file with a key it does not know is rejected, not ignored.
         std::fs::write(path_for(&ckpt), format!("{}extra = 1\n", toml::to_string(&record(abc)).unwrap())).unwrap();
-        assert!(format!("{:#}", verify(&ckpt).unwrap_err()).contains("not a provenance file"));
+        assert!(format!("{:#}", verify(&ckpt, b"abc").unwrap_err()).contains("not a provenance file"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
