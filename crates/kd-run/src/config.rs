@@ -770,7 +770,17 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
         bail!("expected KEY=VALUE");
     };
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-        Ok(mut t) => t.remove("v").expect("parsed table has key v"),
+        Ok(mut t) => {
+            let v = t.remove("v").expect("parsed table has key v");
+            // `1\nx = 2` parses as a table of two keys: the rest would be dropped silently.
+            if let Some(extra) = t.keys().next() {
+                bail!("the value must be one TOML value, but more TOML follows it (`{extra}`)");
+            }
+            v
+        }
+        Err(_) if value.contains(['\n', '\r']) => {
+            bail!("the value must be one TOML value (a bare word is taken as a string), not several lines")
+        }
         Err(_) => toml::Value::String(value.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
@@ -1828,6 +1838,17 @@ epochs = 5
         assert!(err.contains("after --set") && err.contains("expected a number > 0, got -1"), "{err}");
         let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
         assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
+        // A value is exactly one TOML value: more TOML after it is an error, not silently dropped.
+        for (bad, msg) in [
+            ("seed=7\nname = \"other\"", "more TOML follows it (`name`)"),
+            ("stages.student.temperature=4\n[data]\ndir = \"x\"", "more TOML follows it (`data`)"),
+            ("name=run\n[data", "not several lines"),
+        ] {
+            let err = format!("{:#}", parse_with(GOOD, &[bad]).unwrap_err());
+            assert!(err.contains(msg) && err.contains("--set"), "{bad:?}: {err}");
+        }
+        let e = parse_with(GOOD, &["seed=7 # a comment\n"]).unwrap();
+        assert_eq!(e.seed, 7, "a comment or a trailing line break is still one value");
     }
 
     /// (edit of GOOD: from, to; text on the line the error must name; text the error must contain)
