@@ -907,12 +907,18 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     let framed = data.speech.is_some() || data.files.is_some();
     let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
-    for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
+    let mut expanded = Vec::new();
+    for s in raw.stages {
+        let room = MAX_STAGES.saturating_sub(expanded.len());
+        expanded.extend(expand_sweep(s, text, room)?);
+    }
+    let mut names = std::collections::HashSet::with_capacity(expanded.len());
+    for s in expanded {
         let name = s.name.get_ref().clone();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
             stage_bail!(text, s, "a stage name uses only letters, digits, `_`, `-` and `.`");
         }
-        if stages.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             stage_bail!(text, s, "two stages have this name");
         }
         let allowed: &[&str] = match s.kind {
@@ -1007,6 +1013,10 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         stages,
     })
 }
+
+/// The most stages an experiment may have, its sweeps expanded: a small file must not expand
+/// into millions of stages (each one a run of its own) and exhaust memory before anything runs.
+pub const MAX_STAGES: usize = 10_000;
 
 const TRAIN_KEYS: [&str; 11] = [
     "model",
@@ -1140,9 +1150,33 @@ impl RawStage {
     }
 }
 
-/// One stage per combination of the swept values (the stage itself when it sweeps nothing).
-fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
-    let Some(sweep) = stage.sweep.clone() else { return Ok(vec![stage]) };
+/// One stage per combination of the swept values (the stage itself when it sweeps nothing); an
+/// error when they would be more than `room` stages, before any is made.
+fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Result<Vec<RawStage>> {
+    if room == 0 {
+        stage_bail!(text, stage, "the experiment has more than {MAX_STAGES} stages (sweeps expanded), the most kd-run runs");
+    }
+    // Taken out of the stage, so that each copy below does not copy the swept lists too (which
+    // made expansion quadratic in the number of stages).
+    let Some(sweep) = stage.sweep.take() else { return Ok(vec![stage]) };
+    let lengths = [
+        sweep.temperature.as_ref().map_or(1, Vec::len),
+        sweep.hidden.as_ref().map_or(1, Vec::len),
+        sweep.seed.as_ref().map_or(1, Vec::len),
+    ];
+    let total = lengths.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n));
+    if total.is_none_or(|t| t > room) {
+        let total = total.map_or("too many".to_string(), |t| t.to_string());
+        stage_bail!(
+            text,
+            stage,
+            "the sweep expands into {} x {} x {} = {total} stages; an experiment has at most {MAX_STAGES} (sweeps expanded){}",
+            lengths[0],
+            lengths[1],
+            lengths[2],
+            if room < MAX_STAGES { format!(", and the stages before this one leave room for {room}") } else { String::new() }
+        );
+    }
     let temperatures: Vec<Option<Positive>> =
         sweep.temperature.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     let hiddens: Vec<Option<Widths>> = sweep.hidden.map_or(vec![None], |v| v.into_iter().map(Some).collect());
@@ -1150,7 +1184,7 @@ fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
     if temperatures.is_empty() || hiddens.is_empty() || seeds.is_empty() {
         stage_bail!(text, stage, "a sweep list is empty");
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(total.unwrap_or(0));
     for t in &temperatures {
         for h in &hiddens {
             for seed in &seeds {
@@ -1172,7 +1206,6 @@ fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
                     name.push_str(&format!("-s{seed}"));
                 }
                 s.name = Spanned::new(s.name.span(), name);
-                s.sweep = None;
                 out.push(s);
             }
         }
@@ -1594,6 +1627,27 @@ epochs = 5
         assert_eq!(names, ["teacher", "student-T2.5-h4", "student-T2.5-h3x3", "student-T8-h4", "student-T8-h3x3"]);
         let Job::Distill { model, distill, .. } = &e.stages[2].job else { panic!() };
         assert_eq!((model.hidden.as_slice(), distill.temperature), ([3, 3].as_slice(), 2.5));
+    }
+
+    #[test]
+    fn sweeps_beyond_the_stage_limit_fail_before_expanding() {
+        // 300 x 300 x 100 = 9 million stages from a file of a few kilobytes.
+        let list = |n: usize, f: &dyn Fn(usize) -> String| (1..=n).map(f).collect::<Vec<_>>().join(", ");
+        let sweep = format!(
+            "sweep = {{ temperature = [{}], hidden = [{}], seed = [{}] }}\n",
+            list(300, &|i| format!("{}", 1.0 + i as f64 / 8.0)),
+            list(300, &|i| format!("[{i}]")),
+            list(100, &|i| i.to_string())
+        );
+        let text = GOOD.replace("temperature = 20\n", &sweep);
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("300 x 300 x 100 = 9000000 stages") && err.contains("at most 10000"), "{err}");
+        assert!(err.contains("stage `student`"), "{err}");
+        // The limit counts every stage: 9,999 swept ones fit beside the teacher, 10,000 do not.
+        let seeds = |n: usize| GOOD.replace("temperature = 20\n", &format!("temperature = 2\nsweep = {{ seed = [{}] }}\n", list(n, &|i| i.to_string())));
+        assert_eq!(parse(&seeds(MAX_STAGES - 1)).unwrap().stages.len(), MAX_STAGES);
+        let err = format!("{:#}", parse(&seeds(MAX_STAGES)).unwrap_err());
+        assert!(err.contains("leave room for 9999"), "{err}");
     }
 
     #[test]
