@@ -34,6 +34,11 @@ checked_number!(
     /// A finite number > 0 (temperatures, learning rates, max-norm bounds).
     Positive, f64, |v| v.is_finite() && v > 0.0, "a number > 0");
 checked_number!(
+    /// A distillation temperature in [`MIN_TEMPERATURE`, `MAX_TEMPERATURE`]: the range where
+    /// the soft targets and the loss survive f32 arithmetic (see the constants).
+    Temperature, f64, |v| (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&v),
+    "a temperature in [0.01, 1e6] (outside it f32 rounding erases the soft targets: see docs/experiment-files.md)");
+checked_number!(
     /// A finite number >= 0 (loss weights, weight decay).
     NonNegative, f64, |v| v.is_finite() && v >= 0.0, "a number >= 0");
 checked_number!(
@@ -49,6 +54,19 @@ checked_number!(
 checked_number!(
     /// A class id (>= 0; checked against the data's classes when the run starts).
     ClassId, i64, |v| v >= 0, "a class id >= 0");
+
+/// The lowest temperature. Losses and logits are f32 in both precisions (bf16 rounds only the
+/// matrix products' inputs), and `exp(-87.3)` is the smallest normal f32 (subnormals are
+/// flushed to zero), so at temperature T the soft target of a class whose teacher logit is
+/// more than `87.3 T` below the top one is exactly 0: at 0.01 that is a gap of 0.87, below it
+/// the targets are one-hot for any plausible logits and the soft term's gradient,
+/// `T (q - p)`, vanishes with T (at T = 1e-6 the loss reads exactly 0).
+pub const MIN_TEMPERATURE: f64 = 0.01;
+/// The highest temperature. At T, a logit gap of `g` moves `z / T` by `g / T`; f32 resolves
+/// steps of 1.2e-7 near 1, so at 1e6 a gap of 1 still shifts the soft targets by about 8 f32
+/// steps from uniform; above it they are uniform for any plausible logits, while `T^2` keeps
+/// growing (at 1e30 the loss overflows f32).
+pub const MAX_TEMPERATURE: f64 = 1e6;
 
 /// A non-empty list of layer widths.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,7 +213,7 @@ struct RawStage {
     teacher_checkpoint: Option<PathBuf>,
     teacher_top_k: Option<Count>,
     teacher_translations: Option<u32>,
-    temperature: Option<Positive>,
+    temperature: Option<Temperature>,
     hard_weight: Option<NonNegative>,
     soft_weight: Option<NonNegative>,
     objective: Option<Objective>,
@@ -245,7 +263,7 @@ struct RawShifts {
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawSweep {
-    temperature: Option<Vec<Positive>>,
+    temperature: Option<Vec<Temperature>>,
     hidden: Option<Vec<Widths>>,
     seed: Option<Vec<u64>>,
 }
@@ -1154,7 +1172,11 @@ impl RawStage {
 /// error when they would be more than `room` stages, before any is made.
 fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Result<Vec<RawStage>> {
     if room == 0 {
-        stage_bail!(text, stage, "the experiment has more than {MAX_STAGES} stages (sweeps expanded), the most kd-run runs");
+        stage_bail!(
+            text,
+            stage,
+            "the experiment has more than {MAX_STAGES} stages (sweeps expanded), the most kd-run runs"
+        );
     }
     // Taken out of the stage, so that each copy below does not copy the swept lists too (which
     // made expansion quadratic in the number of stages).
@@ -1177,7 +1199,7 @@ fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Result<Vec<RawS
             if room < MAX_STAGES { format!(", and the stages before this one leave room for {room}") } else { String::new() }
         );
     }
-    let temperatures: Vec<Option<Positive>> =
+    let temperatures: Vec<Option<Temperature>> =
         sweep.temperature.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     let hiddens: Vec<Option<Widths>> = sweep.hidden.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     let seeds: Vec<Option<u64>> = sweep.seed.map_or(vec![None], |v| v.into_iter().map(Some).collect());
@@ -1644,7 +1666,12 @@ epochs = 5
         assert!(err.contains("300 x 300 x 100 = 9000000 stages") && err.contains("at most 10000"), "{err}");
         assert!(err.contains("stage `student`"), "{err}");
         // The limit counts every stage: 9,999 swept ones fit beside the teacher, 10,000 do not.
-        let seeds = |n: usize| GOOD.replace("temperature = 20\n", &format!("temperature = 2\nsweep = {{ seed = [{}] }}\n", list(n, &|i| i.to_string())));
+        let seeds = |n: usize| {
+            GOOD.replace(
+                "temperature = 20\n",
+                &format!("temperature = 2\nsweep = {{ seed = [{}] }}\n", list(n, &|i| i.to_string())),
+            )
+        };
         assert_eq!(parse(&seeds(MAX_STAGES - 1)).unwrap().stages.len(), MAX_STAGES);
         let err = format!("{:#}", parse(&seeds(MAX_STAGES)).unwrap_err());
         assert!(err.contains("leave room for 9999"), "{err}");
@@ -1889,7 +1916,12 @@ epochs = 5
         let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
         assert_eq!(training.epochs, 1);
         let err = parse_with(GOOD, &["stages.student.temperature=-1"]).unwrap_err().to_string();
-        assert!(err.contains("after --set") && err.contains("expected a number > 0, got -1"), "{err}");
+        assert!(
+            err.contains("after --set")
+                && err.contains("expected a temperature in [0.01, 1e6]")
+                && err.contains("got -1"),
+            "{err}"
+        );
         let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
         assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
         // A value is exactly one TOML value: more TOML after it is an error, not silently dropped.
@@ -1909,8 +1941,14 @@ epochs = 5
     #[test]
     fn bad_files_are_rejected_with_line_and_key() {
         let cases: &[(&str, &str, &str, &str)] = &[
-            ("temperature = 20", "temperature = 0", "temperature", "expected a number > 0, got 0"),
-            ("temperature = 20", "temperature = -2.5", "temperature", "expected a number > 0"),
+            ("temperature = 20", "temperature = 0", "temperature", "expected a temperature in [0.01, 1e6]"),
+            ("temperature = 20", "temperature = -2.5", "temperature", "expected a temperature in [0.01, 1e6]"),
+            // Temperatures at which f32 loses the soft targets (T^2 overflows, z / T underflows,
+            // or the targets are one-hot and the loss reads exactly 0).
+            ("temperature = 20", "temperature = 1e30", "temperature", "got 1000000000000000000000000000000"),
+            ("temperature = 20", "temperature = 1e-45", "temperature", "f32 rounding erases the soft targets"),
+            ("temperature = 20", "temperature = 1e-6", "temperature", "got 0.000001"),
+            ("temperature = 20", "sweep = { temperature = [2, 1e7] }", "sweep", "expected a temperature in"),
             ("temperature = 20", "temperature = \"hot\"", "temperature", "invalid type: string"),
             ("temperature = 20", "temprature = 20", "temprature", "unknown field `temprature`"),
             ("input_dropout = 0.2", "input_dropout = 1.0", "input_dropout", "expected a number in [0, 1)"),

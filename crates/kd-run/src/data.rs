@@ -152,6 +152,15 @@ fn load_speech(spec: &SpeechSpec, device: Device) -> Result<Dataset> {
         speech::FrameSet::from_utterances(&utts, spec.corpus.feature_dim, device)
     };
     let sets = [frames(&train)?, frames(&dev)?, frames(&test)?];
+    let bad: i64 = sets
+        .iter()
+        .map(|s| i64::try_from(s.features.isfinite().logical_not().sum(Kind::Int64)))
+        .sum::<Result<i64, _>>()?;
+    ensure!(
+        bad == 0,
+        "data.speech: {bad} generated feature values are NaN or infinite: the corpus settings (`noise`, `group_spread`, \
+         `within_group_spread`, `speaker_variability`) are too large for f32 features"
+    );
     Ok(windowed(sets, (spec.left, spec.right), spec.corpus.states as i64))
 }
 
@@ -211,6 +220,7 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
     match (is_npy(&set.features), is_npy(&set.labels)) {
         (true, true) => {
             let m = npy::read_npy_matrix(&set.features)?;
+            check_finite(&m.data, m.cols, |at| format!("{}: {at}", set.features.display()))?;
             let labels = npy::read_npy_labels(&set.labels)?;
             ensure!(
                 labels.len() == m.rows,
@@ -255,6 +265,7 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
             paired
                 .into_iter()
                 .map(|(id, m, ali)| {
+                    check_finite(&m.data, m.cols, |at| format!("{}: utterance '{id}', {at}", set.features.display()))?;
                     let labels = ali.into_iter().map(i64::from).collect();
                     Ok((m.cols, utterance(m.data, labels).with_context(|| format!("utterance '{id}'"))?))
                 })
@@ -265,6 +276,19 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
             set.features.display(),
             set.labels.display()
         ),
+    }
+}
+
+/// Fails if a value of the row-major `[_, cols]` features is NaN or infinite: the error is
+/// `place("frame R, feature C")` and what is wrong. Training on such a frame makes every weight
+/// it reaches NaN.
+fn check_finite(data: &[f32], cols: usize, place: impl FnOnce(String) -> String) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let at = format!("frame {}, feature {}", i / cols.max(1), i % cols.max(1));
+            bail!("{} is {}: features must be finite numbers", place(at), data[i])
+        }
     }
 }
 

@@ -529,6 +529,7 @@ impl Run<'_> {
             }
         }
         let named = output::load_tensors(&path)?;
+        output::check_finite(&path, &named)?;
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
         let want = self.data.train.input_dim();
@@ -753,6 +754,7 @@ impl Run<'_> {
         let resume_path = self.resume_checkpoint(stage);
         if resume_path.exists() {
             let named = output::load_tensors(&resume_path)?;
+            output::check_finite(&resume_path, &named)?;
             let epoch = named.iter().find(|(k, _)| k == EPOCH_KEY).context("resume checkpoint without epoch")?;
             first_epoch = i64::try_from(&epoch.1)?;
             if let Some((_, b)) = named.iter().find(|(k, _)| k == BEST_KEY) {
@@ -798,6 +800,7 @@ impl Run<'_> {
         );
         let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
         let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+        let mut guard = train::LossGuard::default();
         for epoch in first_epoch..training.epochs {
             let started = Instant::now();
             // Reseeding each epoch makes a resumed run identical to an uninterrupted one.
@@ -815,9 +818,14 @@ impl Run<'_> {
                 supervision,
                 training,
                 geometry,
-                50,
+                REPORT_EVERY,
+                &mut guard,
                 |step, loss| progress.step(epoch as u64, step as u64, loss),
-            )?;
+            )
+            .map_err(|e| {
+                progress.finish();
+                diverged(e, stage, epoch, (lr, supervision), &resume_path)
+            })?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
             let forward = |x: &Tensor| Ok(net.forward_t(x, false));
             let val = match &targets.validation {
@@ -947,6 +955,16 @@ impl Run<'_> {
             None => None,
         };
         let test = train::evaluate_with(logits, &self.data.test, None, classes)?;
+        // Finite weights can still overflow to infinite logits (a huge bias shift, say): such
+        // outputs are no result.
+        for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
+            if let Some(loss) = e.map(|e| e.loss).filter(|l| !l.is_finite()) {
+                bail!(
+                    "stage `{stage}`: the model's outputs on the {split} split are not finite (its loss is {loss}), \
+                     so no results are recorded for it"
+                );
+            }
+        }
         info!(
             "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
             test.errors,
@@ -1034,6 +1052,41 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Steps between the training loop's reads of the loss (progress bar, divergence check).
+const REPORT_EVERY: usize = 50;
+
+/// The error of a stage whose training diverged in `epoch` (0-based) at learning rate `lr`:
+/// where, the likely causes, and which checkpoint is kept. Other errors pass through.
+fn diverged(
+    error: anyhow::Error,
+    stage: &str,
+    epoch: i64,
+    (lr, supervision): (f64, &Supervision),
+    resume: &Path,
+) -> anyhow::Error {
+    let Some(d) = error.downcast_ref::<train::Diverged>() else { return error };
+    let mut causes = vec![format!("a learning rate too high (lr = {lr} in this epoch)")];
+    if let Supervision::Distill { spec, .. } = supervision {
+        if spec.objective == crate::config::Objective::Soft {
+            causes.push(format!("the temperature (T = {})", spec.temperature));
+        }
+        causes.push("a teacher whose outputs are not finite".into());
+    }
+    causes.push("input features too large to train on".into());
+    let kept = if epoch > 0 && resume.exists() {
+        format!("{} (after epoch {epoch}) is kept to resume from", resume.display())
+    } else {
+        "no epoch had finished, so there is no checkpoint to keep".into()
+    };
+    anyhow::anyhow!(
+        "stage `{stage}` diverged in epoch {}: {d} (the loss is checked every {REPORT_EVERY} steps, so the weights \
+         may have been unusable for up to that many steps and are not saved); likely causes: {}. \
+         No results are recorded for the stage; {kept}",
+        epoch + 1,
+        causes.join(", or ")
+    )
 }
 
 /// FNV-1a over several byte strings (a cache key, not a cryptographic hash).
