@@ -68,6 +68,16 @@ pub const MIN_TEMPERATURE: f64 = 0.01;
 /// growing (at 1e30 the loss overflows f32).
 pub const MAX_TEMPERATURE: f64 = 1e6;
 
+/// The most classes a run supports (labels and `data.classes`): the output layer, the per-class
+/// tables and the label counts are this wide.
+pub const MAX_CLASSES: i64 = 1_000_000;
+/// The most parameters one network may have (2^30, 4 GiB of f32 weights and up to 16 GiB with
+/// gradients and Adam's state): checked before a network is allocated, so that a layer width of
+/// 1e8 is an error rather than an allocation failure.
+pub const MAX_PARAMETERS: i64 = 1 << 30;
+/// The most frames of context on either side of a speech frame.
+pub const MAX_CONTEXT: u32 = 1000;
+
 /// A non-empty list of layer widths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Widths(pub Vec<i64>);
@@ -860,6 +870,12 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     }
     let data_line = line_of(text, raw.name.span().start);
     let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    if let Some(c) = raw.data.classes.filter(|c| c.0 > MAX_CLASSES) {
+        bail!("{data_line}: data: classes = {}: kd-run supports at most {MAX_CLASSES} classes", c.0);
+    }
+    if let Some(c) = raw.data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
+        bail!("{data_line}: data: context = {c:?}: at most {MAX_CONTEXT} frames on either side");
+    }
     if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
         bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
     }
@@ -1239,6 +1255,18 @@ fn resolve_model(text: &str, s: &RawStage) -> Result<ModelSpec> {
     let Some(model) = &s.model else {
         stage_bail!(text, s, "a {} stage needs `model = {{ hidden = [...] }}`", s.kind.as_str());
     };
+    // The parameters between hidden layers alone, and at least one input and two classes
+    // (the run checks again with the data's sizes before allocating).
+    let h = &model.hidden.0;
+    let ends = h[0].checked_add(h[h.len() - 1]).and_then(|w| w.checked_add(1)).and_then(|w| w.checked_mul(2));
+    let least = h.windows(2).fold(ends, |acc, w| w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(acc?));
+    if least.is_none_or(|p| p > MAX_PARAMETERS) {
+        stage_bail!(
+            text,
+            s,
+            "hidden = {h:?} makes a network of more than {MAX_PARAMETERS} parameters, the most kd-run allocates"
+        );
+    }
     Ok(ModelSpec {
         hidden: model.hidden.0.clone(),
         input_dropout: model.input_dropout.map_or(0.0, |r| r.0),

@@ -1,6 +1,6 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec};
+use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
 use crate::idx;
 use crate::speech;
 use crate::{kaldi, npy};
@@ -125,6 +125,17 @@ fn load_images(spec: &DataSpec, device: Device) -> Result<Dataset> {
     let dir = spec.dir.as_deref().unwrap_or(std::path::Path::new("data/mnist"));
     let train = idx::load_image_set(dir, "train", NUM_CLASSES)?;
     let test = idx::load_image_set(dir, "t10k", NUM_CLASSES)?;
+    // Equal pixel counts are not enough: 14 x 56 images are no 28 x 28 ones (jitter, translations).
+    ensure!(
+        (test.rows, test.cols) == (train.rows, train.cols),
+        "{} holds images of {} x {} pixels, but {} holds {} x {}: training and test images must have the same size",
+        dir.join("train-images-idx3-ubyte").display(),
+        train.rows,
+        train.cols,
+        dir.join("t10k-images-idx3-ubyte").display(),
+        test.rows,
+        test.cols
+    );
     let (rows, cols) = (train.rows as i64, train.cols as i64);
     let to_split = |set: idx::ImageSet, limit: Option<i64>| {
         let n = set.labels.size()[0];
@@ -213,7 +224,15 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
     let utterance = |features: Vec<f32>, labels: Vec<i64>| -> Result<speech::Utterance> {
         let states = labels
             .into_iter()
-            .map(|l| i32::try_from(l).ok().filter(|&k| k >= 0).with_context(|| format!("label {l} is not a class id")))
+            .map(|l| {
+                i32::try_from(l).ok().filter(|&k| k >= 0 && i64::from(k) < MAX_CLASSES).with_context(|| {
+                    format!(
+                        "{}: label {l} is not a class id (0 to {}, the most classes kd-run supports)",
+                        set.labels.display(),
+                        MAX_CLASSES - 1
+                    )
+                })
+            })
             .collect::<Result<Vec<i32>>>()?;
         Ok(speech::Utterance { speaker: 0, features, states })
     };
@@ -234,13 +253,15 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
                 Some(p) => npy::read_npy_labels(p)?,
                 None => vec![m.rows as i64],
             };
-            let total: i64 = lengths.iter().sum();
+            // Checked: lengths near i64::MAX must not wrap around to the right total.
+            let total = lengths.iter().try_fold(0i64, |sum, &l| sum.checked_add(l));
             ensure!(
-                lengths.iter().all(|&l| l > 0) && total == m.rows as i64,
-                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {total})",
+                lengths.iter().all(|&l| l > 0) && total == i64::try_from(m.rows).ok(),
+                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {})",
                 set.lengths.as_deref().unwrap_or(Path::new("lengths")).display(),
                 m.rows,
-                set.features.display()
+                set.features.display(),
+                total.map_or_else(|| "more than 2^63".to_string(), |t| t.to_string())
             );
             let mut out = Vec::with_capacity(lengths.len());
             let mut start = 0usize;

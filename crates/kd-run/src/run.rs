@@ -9,7 +9,7 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training};
+use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
 use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
@@ -692,6 +692,9 @@ impl Run<'_> {
         }
         let logits = match (spec.translations, self.data.geometry) {
             (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
+            (Some(n), Some((rows, cols))) if n >= rows.min(cols) => {
+                bail!("teacher_translations = {n} would move {rows} x {cols} images out of the frame")
+            }
             (Some(n), Some(geometry)) => {
                 info!("teacher soft targets averaged over {} translations of each image", (2 * n + 1).pow(2));
                 train::translation_averaged_logits(teacher, transfer, EVAL_BATCH, geometry, n, spec.temperature)?
@@ -732,6 +735,7 @@ impl Run<'_> {
                 let mut sizes = vec![self.data.train.input_dim()];
                 sizes.extend(&spec.hidden);
                 sizes.push(self.data.num_classes);
+                check_network_size(stage, &sizes, self.device)?;
                 let config = MlpConfig {
                     sizes,
                     input_dropout: spec.input_dropout,
@@ -775,6 +779,9 @@ impl Run<'_> {
         if geometry.is_none() && training.jitter > 0 {
             bail!("stage `{stage}`: jitter translates images; this data is not images");
         }
+        if let Some((rows, cols)) = geometry.filter(|&(r, c)| i64::from(training.jitter) >= r.min(c)) {
+            bail!("stage `{stage}`: jitter = {} would move {rows} x {cols} images out of the frame", training.jitter);
+        }
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
         let n = match &sampling {
@@ -788,7 +795,7 @@ impl Run<'_> {
                 training.train_fraction
             );
         }
-        let steps_per_epoch = (n + training.batch_size - 1) / training.batch_size;
+        let steps_per_epoch = if n == 0 { 0 } else { (n - 1) / training.batch_size + 1 };
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(
             "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
@@ -1052,6 +1059,40 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Checks, before allocating it, that a network of layer widths `sizes` has at most
+/// [`MAX_PARAMETERS`] parameters and, on the CPU, that its weights, gradients and optimizer
+/// state (16 bytes a parameter at most, with Adam) fit in the memory the machine has available.
+fn check_network_size(stage: &str, sizes: &[i64], device: Device) -> Result<()> {
+    let params = sizes.windows(2).try_fold(0i64, |acc, w| w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(acc));
+    let describe = sizes.iter().map(i64::to_string).collect::<Vec<_>>().join("-");
+    let Some(params) = params.filter(|&p| p <= MAX_PARAMETERS) else {
+        bail!(
+            "stage `{stage}`: a {describe} network has {} parameters, more than the {MAX_PARAMETERS} kd-run allocates",
+            params.map_or_else(|| "over 2^63".to_string(), |p| p.to_string())
+        );
+    };
+    let need = params as u64 * 16;
+    if let (Device::Cpu, Some(available)) = (device, available_memory()) {
+        if need > available {
+            bail!(
+                "stage `{stage}`: a {describe} network ({params} parameters) needs about {:.1} GB to train, \
+                 but the machine has {:.1} GB available",
+                need as f64 / 1e9,
+                available as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 /// Steps between the training loop's reads of the loss (progress bar, divergence check).

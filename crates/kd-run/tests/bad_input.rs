@@ -294,3 +294,65 @@ fn temperatures_outside_what_f32_resolves_are_validation_errors() {
         assert!(stderr.contains("expected a temperature in [0.01, 1e6]"), "T = {t}: {stderr}");
     }
 }
+
+#[test]
+fn test_images_of_another_size_are_an_error_naming_both_files() {
+    let s = Scratch::new("geometry");
+    s.write(
+        "experiment.toml",
+        image_experiment("[[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = { hidden = [4] }\n"),
+    );
+    // 6 x 6 would fail in a matrix product; 4 x 16 has the 64 pixels of 8 x 8 and would pass as them.
+    for (test, shown) in [((6, 6), "6 x 6"), ((4, 16), "4 x 16")] {
+        write_images(&s, "data", 100, (8, 8), test);
+        let error = s.run_fails(1, &["--fresh"]);
+        assert!(error.contains("train-images-idx3-ubyte holds images of 8 x 8 pixels"), "{error}");
+        assert!(error.contains(&format!("t10k-images-idx3-ubyte holds {shown}")), "{error}");
+    }
+}
+
+#[test]
+fn absurd_sizes_are_errors_before_anything_is_allocated() {
+    let s = Scratch::new("sizes");
+    write_images(&s, "data", 100, (8, 8), (8, 8));
+    let net =
+        |model: &str, extra: &str| format!("[[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = {model}\n{extra}");
+    // Known once the data is: 64 inputs, 10 classes.
+    s.write("experiment.toml", image_experiment(&net("{ hidden = [100000000] }", "")));
+    let error = s.run_fails(1, &[]);
+    assert!(error.contains("a 64-100000000-10 network has 7500000010 parameters, more than the 1073741824"), "{error}");
+    s.write("experiment.toml", image_experiment(&net("{ hidden = [4] }", "jitter = 4000000000\n")));
+    let error = s.run_fails(1, &["--fresh"]);
+    assert!(error.contains("jitter = 4000000000 would move 8 x 8 images out of the frame"), "{error}");
+    // Known from the file alone: validation errors.
+    s.write("experiment.toml", image_experiment(&net("{ hidden = [100000, 100000] }", "")));
+    let error = s.run_fails(2, &[]);
+    assert!(error.contains("makes a network of more than 1073741824 parameters"), "{error}");
+
+    frames(&s, "train", None);
+    frames(&s, "dev", None);
+    frames(&s, "test", None);
+    s.write("experiment.toml", frames_experiment(&format!("{NPY_FILES}\nclasses = 1000000000")));
+    let error = s.run_fails(2, &[]);
+    assert!(error.contains("classes = 1000000000: kd-run supports at most 1000000 classes"), "{error}");
+    s.write("experiment.toml", frames_experiment(NPY_FILES).replace("context = [1, 1]", "context = [4000000000, 1]"));
+    let error = s.run_fails(2, &[]);
+    assert!(error.contains("at most 1000 frames on either side"), "{error}");
+
+    // A pdf-id of 2e9 would make a 2e9-wide output layer.
+    let labels: Vec<i64> = (0..30).map(|i| if i == 5 { 2_000_000_000 } else { i % 3 }).collect();
+    s.write("dev_labels.npy", npy("<i8", &[30], &i64_bytes(&labels)));
+    s.write("experiment.toml", frames_experiment(NPY_FILES));
+    let error = s.run_fails(1, &["--fresh"]);
+    assert!(error.contains("dev_labels.npy: label 2000000000 is not a class id (0 to 999999"), "{error}");
+    frames(&s, "dev", None);
+
+    // Utterance lengths whose sum wraps around to the 30 frames.
+    s.write("lengths.npy", npy("<i8", &[3], &i64_bytes(&[i64::MAX, i64::MAX, 32])));
+    let files =
+        NPY_FILES.replace("labels = \"train_labels.npy\"", "labels = \"train_labels.npy\", lengths = \"lengths.npy\"");
+    s.write("experiment.toml", frames_experiment(&files));
+    let error = s.run_fails(1, &["--fresh"]);
+    assert!(error.contains("lengths.npy: utterance lengths must be > 0 and add up to the 30 frames"), "{error}");
+    assert!(error.contains("they add up to more than 2^63"), "{error}");
+}
