@@ -133,7 +133,9 @@ impl Workload {
         };
         let started = Instant::now();
         let geometry: Geometry = Some((28, 28));
-        train::train_epoch(&mut trainer, (&self.data, None), &supervision, &self.training, geometry, 0, |_, _| {})?;
+        let mut guard = train::LossGuard::default();
+        let (data, training) = ((&self.data, None), &self.training);
+        train::train_epoch(&mut trainer, data, &supervision, training, geometry, 0, &mut guard, |_, _| {})?;
         let seconds = started.elapsed().as_secs_f64();
         self.trainer_state = Some(trainer.opt);
         Ok(self.data.len() as f64 / seconds)

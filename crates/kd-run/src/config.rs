@@ -34,6 +34,11 @@ checked_number!(
     /// A finite number > 0 (temperatures, learning rates, max-norm bounds).
     Positive, f64, |v| v.is_finite() && v > 0.0, "a number > 0");
 checked_number!(
+    /// A distillation temperature in [`MIN_TEMPERATURE`, `MAX_TEMPERATURE`]: the range where
+    /// the soft targets and the loss survive f32 arithmetic (see the constants).
+    Temperature, f64, |v| (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&v),
+    "a temperature in [0.01, 1e6] (outside it f32 rounding erases the soft targets: see docs/experiment-files.md)");
+checked_number!(
     /// A finite number >= 0 (loss weights, weight decay).
     NonNegative, f64, |v| v.is_finite() && v >= 0.0, "a number >= 0");
 checked_number!(
@@ -49,6 +54,29 @@ checked_number!(
 checked_number!(
     /// A class id (>= 0; checked against the data's classes when the run starts).
     ClassId, i64, |v| v >= 0, "a class id >= 0");
+
+/// The lowest temperature. Losses and logits are f32 in both precisions (bf16 rounds only the
+/// matrix products' inputs), and `exp(-87.3)` is the smallest normal f32 (subnormals are
+/// flushed to zero), so at temperature T the soft target of a class whose teacher logit is
+/// more than `87.3 T` below the top one is exactly 0: at 0.01 that is a gap of 0.87, below it
+/// the targets are one-hot for any plausible logits and the soft term's gradient,
+/// `T (q - p)`, vanishes with T (at T = 1e-6 the loss reads exactly 0).
+pub const MIN_TEMPERATURE: f64 = 0.01;
+/// The highest temperature. At T, a logit gap of `g` moves `z / T` by `g / T`; f32 resolves
+/// steps of 1.2e-7 near 1, so at 1e6 a gap of 1 still shifts the soft targets by about 8 f32
+/// steps from uniform; above it they are uniform for any plausible logits, while `T^2` keeps
+/// growing (at 1e30 the loss overflows f32).
+pub const MAX_TEMPERATURE: f64 = 1e6;
+
+/// The most classes a run supports (labels and `data.classes`): the output layer, the per-class
+/// tables and the label counts are this wide.
+pub const MAX_CLASSES: i64 = 1_000_000;
+/// The most parameters one network may have (2^30, 4 GiB of f32 weights and up to 16 GiB with
+/// gradients and Adam's state): checked before a network is allocated, so that a layer width of
+/// 1e8 is an error rather than an allocation failure.
+pub const MAX_PARAMETERS: i64 = 1 << 30;
+/// The most frames of context on either side of a speech frame.
+pub const MAX_CONTEXT: u32 = 1000;
 
 /// A non-empty list of layer widths.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,7 +223,7 @@ struct RawStage {
     teacher_checkpoint: Option<PathBuf>,
     teacher_top_k: Option<Count>,
     teacher_translations: Option<u32>,
-    temperature: Option<Positive>,
+    temperature: Option<Temperature>,
     hard_weight: Option<NonNegative>,
     soft_weight: Option<NonNegative>,
     objective: Option<Objective>,
@@ -245,7 +273,7 @@ struct RawShifts {
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawSweep {
-    temperature: Option<Vec<Positive>>,
+    temperature: Option<Vec<Temperature>>,
     hidden: Option<Vec<Widths>>,
     seed: Option<Vec<u64>>,
 }
@@ -805,7 +833,17 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
         bail!("expected KEY=VALUE");
     };
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-        Ok(mut t) => t.remove("v").expect("parsed table has key v"),
+        Ok(mut t) => {
+            let v = t.remove("v").expect("parsed table has key v");
+            // `1\nx = 2` parses as a table of two keys: the rest would be dropped silently.
+            if let Some(extra) = t.keys().next() {
+                bail!("the value must be one TOML value, but more TOML follows it (`{extra}`)");
+            }
+            v
+        }
+        Err(_) if value.contains(['\n', '\r']) => {
+            bail!("the value must be one TOML value (a bare word is taken as a string), not several lines")
+        }
         Err(_) => toml::Value::String(value.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
@@ -867,6 +905,12 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     }
     let data_line = line_of(text, raw.name.span().start);
     let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    if let Some(c) = raw.data.classes.filter(|c| c.0 > MAX_CLASSES) {
+        bail!("{data_line}: data: classes = {}: kd-run supports at most {MAX_CLASSES} classes", c.0);
+    }
+    if let Some(c) = raw.data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
+        bail!("{data_line}: data: context = {c:?}: at most {MAX_CONTEXT} frames on either side");
+    }
     if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
         bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
     }
@@ -932,12 +976,18 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     let framed = data.speech.is_some() || data.files.is_some();
     let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
-    for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
+    let mut expanded = Vec::new();
+    for s in raw.stages {
+        let room = MAX_STAGES.saturating_sub(expanded.len());
+        expanded.extend(expand_sweep(s, text, room)?);
+    }
+    let mut names = std::collections::HashSet::with_capacity(expanded.len());
+    for s in expanded {
         let name = s.name.get_ref().clone();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
             stage_bail!(text, s, "a stage name uses only letters, digits, `_`, `-` and `.`");
         }
-        if stages.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             stage_bail!(text, s, "two stages have this name");
         }
         let allowed: &[&str] = match s.kind {
@@ -1032,6 +1082,10 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         stages,
     })
 }
+
+/// The most stages an experiment may have, its sweeps expanded: a small file must not expand
+/// into millions of stages (each one a run of its own) and exhaust memory before anything runs.
+pub const MAX_STAGES: usize = 10_000;
 
 const TRAIN_KEYS: [&str; 11] = [
     "model",
@@ -1165,17 +1219,45 @@ impl RawStage {
     }
 }
 
-/// One stage per combination of the swept values (the stage itself when it sweeps nothing).
-fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
-    let Some(sweep) = stage.sweep.clone() else { return Ok(vec![stage]) };
-    let temperatures: Vec<Option<Positive>> =
+/// One stage per combination of the swept values (the stage itself when it sweeps nothing); an
+/// error when they would be more than `room` stages, before any is made.
+fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Result<Vec<RawStage>> {
+    if room == 0 {
+        stage_bail!(
+            text,
+            stage,
+            "the experiment has more than {MAX_STAGES} stages (sweeps expanded), the most kd-run runs"
+        );
+    }
+    // Taken out of the stage, so that each copy below does not copy the swept lists too (which
+    // made expansion quadratic in the number of stages).
+    let Some(sweep) = stage.sweep.take() else { return Ok(vec![stage]) };
+    let lengths = [
+        sweep.temperature.as_ref().map_or(1, Vec::len),
+        sweep.hidden.as_ref().map_or(1, Vec::len),
+        sweep.seed.as_ref().map_or(1, Vec::len),
+    ];
+    let total = lengths.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n));
+    if total.is_none_or(|t| t > room) {
+        let total = total.map_or("too many".to_string(), |t| t.to_string());
+        stage_bail!(
+            text,
+            stage,
+            "the sweep expands into {} x {} x {} = {total} stages; an experiment has at most {MAX_STAGES} (sweeps expanded){}",
+            lengths[0],
+            lengths[1],
+            lengths[2],
+            if room < MAX_STAGES { format!(", and the stages before this one leave room for {room}") } else { String::new() }
+        );
+    }
+    let temperatures: Vec<Option<Temperature>> =
         sweep.temperature.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     let hiddens: Vec<Option<Widths>> = sweep.hidden.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     let seeds: Vec<Option<u64>> = sweep.seed.map_or(vec![None], |v| v.into_iter().map(Some).collect());
     if temperatures.is_empty() || hiddens.is_empty() || seeds.is_empty() {
         stage_bail!(text, stage, "a sweep list is empty");
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(total.unwrap_or(0));
     for t in &temperatures {
         for h in &hiddens {
             for seed in &seeds {
@@ -1197,7 +1279,6 @@ fn expand_sweep(stage: RawStage, text: &str) -> Result<Vec<RawStage>> {
                     name.push_str(&format!("-s{seed}"));
                 }
                 s.name = Spanned::new(s.name.span(), name);
-                s.sweep = None;
                 out.push(s);
             }
         }
@@ -1209,6 +1290,18 @@ fn resolve_model(text: &str, s: &RawStage) -> Result<ModelSpec> {
     let Some(model) = &s.model else {
         stage_bail!(text, s, "a {} stage needs `model = {{ hidden = [...] }}`", s.kind.as_str());
     };
+    // The parameters between hidden layers alone, and at least one input and two classes
+    // (the run checks again with the data's sizes before allocating).
+    let h = &model.hidden.0;
+    let ends = h[0].checked_add(h[h.len() - 1]).and_then(|w| w.checked_add(1)).and_then(|w| w.checked_mul(2));
+    let least = h.windows(2).fold(ends, |acc, w| w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(acc?));
+    if least.is_none_or(|p| p > MAX_PARAMETERS) {
+        stage_bail!(
+            text,
+            s,
+            "hidden = {h:?} makes a network of more than {MAX_PARAMETERS} parameters, the most kd-run allocates"
+        );
+    }
     Ok(ModelSpec {
         hidden: model.hidden.0.clone(),
         input_dropout: model.input_dropout.map_or(0.0, |r| r.0),
@@ -1640,6 +1733,32 @@ epochs = 5
     }
 
     #[test]
+    fn sweeps_beyond_the_stage_limit_fail_before_expanding() {
+        // 300 x 300 x 100 = 9 million stages from a file of a few kilobytes.
+        let list = |n: usize, f: &dyn Fn(usize) -> String| (1..=n).map(f).collect::<Vec<_>>().join(", ");
+        let sweep = format!(
+            "sweep = {{ temperature = [{}], hidden = [{}], seed = [{}] }}\n",
+            list(300, &|i| format!("{}", 1.0 + i as f64 / 8.0)),
+            list(300, &|i| format!("[{i}]")),
+            list(100, &|i| i.to_string())
+        );
+        let text = GOOD.replace("temperature = 20\n", &sweep);
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("300 x 300 x 100 = 9000000 stages") && err.contains("at most 10000"), "{err}");
+        assert!(err.contains("stage `student`"), "{err}");
+        // The limit counts every stage: 9,999 swept ones fit beside the teacher, 10,000 do not.
+        let seeds = |n: usize| {
+            GOOD.replace(
+                "temperature = 20\n",
+                &format!("temperature = 2\nsweep = {{ seed = [{}] }}\n", list(n, &|i| i.to_string())),
+            )
+        };
+        assert_eq!(parse(&seeds(MAX_STAGES - 1)).unwrap().stages.len(), MAX_STAGES);
+        let err = format!("{:#}", parse(&seeds(MAX_STAGES)).unwrap_err());
+        assert!(err.contains("leave room for 9999"), "{err}");
+    }
+
+    #[test]
     fn ensembles_resolve_their_members_and_serve_as_teachers() {
         let text = GOOD.replace(
             "jitter = 2\n",
@@ -1878,17 +1997,39 @@ epochs = 5
         let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
         assert_eq!(training.epochs, 1);
         let err = parse_with(GOOD, &["stages.student.temperature=-1"]).unwrap_err().to_string();
-        assert!(err.contains("after --set") && err.contains("expected a number > 0, got -1"), "{err}");
+        assert!(
+            err.contains("after --set")
+                && err.contains("expected a temperature in [0.01, 1e6]")
+                && err.contains("got -1"),
+            "{err}"
+        );
         let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
         assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
+        // A value is exactly one TOML value: more TOML after it is an error, not silently dropped.
+        for (bad, msg) in [
+            ("seed=7\nname = \"other\"", "more TOML follows it (`name`)"),
+            ("stages.student.temperature=4\n[data]\ndir = \"x\"", "more TOML follows it (`data`)"),
+            ("name=run\n[data", "not several lines"),
+        ] {
+            let err = format!("{:#}", parse_with(GOOD, &[bad]).unwrap_err());
+            assert!(err.contains(msg) && err.contains("--set"), "{bad:?}: {err}");
+        }
+        let e = parse_with(GOOD, &["seed=7 # a comment\n"]).unwrap();
+        assert_eq!(e.seed, 7, "a comment or a trailing line break is still one value");
     }
 
     /// (edit of GOOD: from, to; text on the line the error must name; text the error must contain)
     #[test]
     fn bad_files_are_rejected_with_line_and_key() {
         let cases: &[(&str, &str, &str, &str)] = &[
-            ("temperature = 20", "temperature = 0", "temperature", "expected a number > 0, got 0"),
-            ("temperature = 20", "temperature = -2.5", "temperature", "expected a number > 0"),
+            ("temperature = 20", "temperature = 0", "temperature", "expected a temperature in [0.01, 1e6]"),
+            ("temperature = 20", "temperature = -2.5", "temperature", "expected a temperature in [0.01, 1e6]"),
+            // Temperatures at which f32 loses the soft targets (T^2 overflows, z / T underflows,
+            // or the targets are one-hot and the loss reads exactly 0).
+            ("temperature = 20", "temperature = 1e30", "temperature", "got 1000000000000000000000000000000"),
+            ("temperature = 20", "temperature = 1e-45", "temperature", "f32 rounding erases the soft targets"),
+            ("temperature = 20", "temperature = 1e-6", "temperature", "got 0.000001"),
+            ("temperature = 20", "sweep = { temperature = [2, 1e7] }", "sweep", "expected a temperature in"),
             ("temperature = 20", "temperature = \"hot\"", "temperature", "invalid type: string"),
             ("temperature = 20", "temprature = 20", "temprature", "unknown field `temprature`"),
             ("input_dropout = 0.2", "input_dropout = 1.0", "input_dropout", "expected a number in [0, 1)"),

@@ -1,6 +1,6 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec};
+use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
 use crate::idx;
 use crate::speech;
 use crate::{kaldi, npy};
@@ -125,6 +125,17 @@ fn load_images(spec: &DataSpec, device: Device) -> Result<Dataset> {
     let dir = spec.dir.as_deref().unwrap_or(std::path::Path::new("data/mnist"));
     let train = idx::load_image_set(dir, "train", NUM_CLASSES)?;
     let test = idx::load_image_set(dir, "t10k", NUM_CLASSES)?;
+    // Equal pixel counts are not enough: 14 x 56 images are no 28 x 28 ones (jitter, translations).
+    ensure!(
+        (test.rows, test.cols) == (train.rows, train.cols),
+        "{} holds images of {} x {} pixels, but {} holds {} x {}: training and test images must have the same size",
+        dir.join("train-images-idx3-ubyte").display(),
+        train.rows,
+        train.cols,
+        dir.join("t10k-images-idx3-ubyte").display(),
+        test.rows,
+        test.cols
+    );
     let (rows, cols) = (train.rows as i64, train.cols as i64);
     let to_split = |set: idx::ImageSet, limit: Option<i64>| {
         let n = set.labels.size()[0];
@@ -152,6 +163,15 @@ fn load_speech(spec: &SpeechSpec, device: Device) -> Result<Dataset> {
         speech::FrameSet::from_utterances(&utts, spec.corpus.feature_dim, device)
     };
     let sets = [frames(&train)?, frames(&dev)?, frames(&test)?];
+    let bad: i64 = sets
+        .iter()
+        .map(|s| i64::try_from(s.features.isfinite().logical_not().sum(Kind::Int64)))
+        .sum::<Result<i64, _>>()?;
+    ensure!(
+        bad == 0,
+        "data.speech: {bad} generated feature values are NaN or infinite: the corpus settings (`noise`, `group_spread`, \
+         `within_group_spread`, `speaker_variability`) are too large for f32 features"
+    );
     Ok(windowed(sets, (spec.left, spec.right), spec.corpus.states as i64))
 }
 
@@ -204,13 +224,22 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
     let utterance = |features: Vec<f32>, labels: Vec<i64>| -> Result<speech::Utterance> {
         let states = labels
             .into_iter()
-            .map(|l| i32::try_from(l).ok().filter(|&k| k >= 0).with_context(|| format!("label {l} is not a class id")))
+            .map(|l| {
+                i32::try_from(l).ok().filter(|&k| k >= 0 && i64::from(k) < MAX_CLASSES).with_context(|| {
+                    format!(
+                        "{}: label {l} is not a class id (0 to {}, the most classes kd-run supports)",
+                        set.labels.display(),
+                        MAX_CLASSES - 1
+                    )
+                })
+            })
             .collect::<Result<Vec<i32>>>()?;
         Ok(speech::Utterance { speaker: 0, features, states })
     };
     match (is_npy(&set.features), is_npy(&set.labels)) {
         (true, true) => {
             let m = npy::read_npy_matrix(&set.features)?;
+            check_finite(&m.data, m.cols, |at| format!("{}: {at}", set.features.display()))?;
             let labels = npy::read_npy_labels(&set.labels)?;
             ensure!(
                 labels.len() == m.rows,
@@ -224,13 +253,15 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
                 Some(p) => npy::read_npy_labels(p)?,
                 None => vec![m.rows as i64],
             };
-            let total: i64 = lengths.iter().sum();
+            // Checked: lengths near i64::MAX must not wrap around to the right total.
+            let total = lengths.iter().try_fold(0i64, |sum, &l| sum.checked_add(l));
             ensure!(
-                lengths.iter().all(|&l| l > 0) && total == m.rows as i64,
-                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {total})",
+                lengths.iter().all(|&l| l > 0) && total == i64::try_from(m.rows).ok(),
+                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {})",
                 set.lengths.as_deref().unwrap_or(Path::new("lengths")).display(),
                 m.rows,
-                set.features.display()
+                set.features.display(),
+                total.map_or_else(|| "more than 2^63".to_string(), |t| t.to_string())
             );
             let mut out = Vec::with_capacity(lengths.len());
             let mut start = 0usize;
@@ -267,6 +298,7 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
             paired
                 .into_iter()
                 .map(|(id, m, ali)| {
+                    check_finite(&m.data, m.cols, |at| format!("{}: utterance '{id}', {at}", set.features.display()))?;
                     let labels = ali.into_iter().map(i64::from).collect();
                     Ok((m.cols, utterance(m.data, labels).with_context(|| format!("utterance '{id}'"))?))
                 })
@@ -277,6 +309,19 @@ fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
             set.features.display(),
             set.labels.display()
         ),
+    }
+}
+
+/// Fails if a value of the row-major `[_, cols]` features is NaN or infinite: the error is
+/// `place("frame R, feature C")` and what is wrong. Training on such a frame makes every weight
+/// it reaches NaN.
+fn check_finite(data: &[f32], cols: usize, place: impl FnOnce(String) -> String) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let at = format!("frame {}, feature {}", i / cols.max(1), i % cols.max(1));
+            bail!("{} is {}: features must be finite numbers", place(at), data[i])
+        }
     }
 }
 

@@ -102,14 +102,37 @@ fn main() -> ExitCode {
         flush_denormals();
     }
     logging::init();
-    match try_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
+    install_panic_hook();
+    match std::panic::catch_unwind(try_main) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) => {
             // Long lines are clipped: an error never echoes kilobytes of bad input.
             eprintln!("error: {}", inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
+        // The hook has reported it.
+        Err(_) => ExitCode::from(1),
     }
+}
+
+/// Reports a panic (a bug: bad input is an error, never a panic) as one line on stderr, with
+/// the first line of its message and where it happened; with `RUST_BACKTRACE` set, Rust's own
+/// report with the backtrace instead.
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let first = message.lines().next().unwrap_or("").trim();
+        eprintln!("error: internal error{at}: {first} (RUST_BACKTRACE=1 shows where it came from)");
+    }));
 }
 
 fn try_main() -> Result<(), Failure> {

@@ -128,6 +128,25 @@ fn describe_safetensors_error(e: safetensors::SafeTensorError, bytes: &[u8]) -> 
     }
 }
 
+/// Fails unless every floating-point tensor of `named`, read from `path`, is finite: a NaN or
+/// infinite weight makes every output it touches NaN, so such a checkpoint is refused when it is
+/// loaded rather than reported on. The error names the file and the first bad tensor.
+pub fn check_finite(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    for (name, t) in named.iter().filter(|(_, t)| t.is_floating_point()) {
+        let bad = i64::try_from(t.isfinite().logical_not().sum(tch::Kind::Int64))?;
+        if bad > 0 {
+            anyhow::bail!(
+                "{}: `{name}` holds {bad} NaN or infinite value{} (of {}): the checkpoint is unusable; was it saved \
+                 by a run that diverged?",
+                path.display(),
+                if bad == 1 { "" } else { "s" },
+                t.numel()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One row of `metrics.csv`: a stage's epoch.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricsRow {

@@ -9,7 +9,7 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training};
+use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
 use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
@@ -529,6 +529,7 @@ impl Run<'_> {
             }
         }
         let named = output::load_tensors(&path)?;
+        output::check_finite(&path, &named)?;
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
         let want = self.data.train.input_dim();
@@ -691,6 +692,9 @@ impl Run<'_> {
         }
         let logits = match (spec.translations, self.data.geometry) {
             (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
+            (Some(n), Some((rows, cols))) if n >= rows.min(cols) => {
+                bail!("teacher_translations = {n} would move {rows} x {cols} images out of the frame")
+            }
             (Some(n), Some(geometry)) => {
                 info!("teacher soft targets averaged over {} translations of each image", (2 * n + 1).pow(2));
                 train::translation_averaged_logits(teacher, transfer, EVAL_BATCH, geometry, n, spec.temperature)?
@@ -731,6 +735,7 @@ impl Run<'_> {
                 let mut sizes = vec![self.data.train.input_dim()];
                 sizes.extend(&spec.hidden);
                 sizes.push(self.data.num_classes);
+                check_network_size(stage, &sizes, self.device)?;
                 let config = MlpConfig {
                     sizes,
                     input_dropout: spec.input_dropout,
@@ -753,6 +758,7 @@ impl Run<'_> {
         let resume_path = self.resume_checkpoint(stage);
         if resume_path.exists() {
             let named = output::load_tensors(&resume_path)?;
+            output::check_finite(&resume_path, &named)?;
             let epoch = named.iter().find(|(k, _)| k == EPOCH_KEY).context("resume checkpoint without epoch")?;
             first_epoch = i64::try_from(&epoch.1)?;
             if let Some((_, b)) = named.iter().find(|(k, _)| k == BEST_KEY) {
@@ -773,6 +779,9 @@ impl Run<'_> {
         if geometry.is_none() && training.jitter > 0 {
             bail!("stage `{stage}`: jitter translates images; this data is not images");
         }
+        if let Some((rows, cols)) = geometry.filter(|&(r, c)| i64::from(training.jitter) >= r.min(c)) {
+            bail!("stage `{stage}`: jitter = {} would move {rows} x {cols} images out of the frame", training.jitter);
+        }
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
         let n = match &sampling {
@@ -786,7 +795,7 @@ impl Run<'_> {
                 training.train_fraction
             );
         }
-        let steps_per_epoch = (n + training.batch_size - 1) / training.batch_size;
+        let steps_per_epoch = if n == 0 { 0 } else { (n - 1) / training.batch_size + 1 };
         let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
         info!(
             "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
@@ -798,6 +807,7 @@ impl Run<'_> {
         );
         let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
         let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+        let mut guard = train::LossGuard::default();
         for epoch in first_epoch..training.epochs {
             let started = Instant::now();
             // Reseeding each epoch makes a resumed run identical to an uninterrupted one.
@@ -815,9 +825,14 @@ impl Run<'_> {
                 supervision,
                 training,
                 geometry,
-                50,
+                REPORT_EVERY,
+                &mut guard,
                 |step, loss| progress.step(epoch as u64, step as u64, loss),
-            )?;
+            )
+            .map_err(|e| {
+                progress.finish();
+                diverged(e, stage, epoch, (lr, supervision), &resume_path)
+            })?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
             let forward = |x: &Tensor| Ok(net.forward_t(x, false));
             let val = match &targets.validation {
@@ -947,6 +962,16 @@ impl Run<'_> {
             None => None,
         };
         let test = train::evaluate_with(logits, &self.data.test, None, classes)?;
+        // Finite weights can still overflow to infinite logits (a huge bias shift, say): such
+        // outputs are no result.
+        for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
+            if let Some(loss) = e.map(|e| e.loss).filter(|l| !l.is_finite()) {
+                bail!(
+                    "stage `{stage}`: the model's outputs on the {split} split are not finite (its loss is {loss}), \
+                     so no results are recorded for it"
+                );
+            }
+        }
         info!(
             "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
             test.errors,
@@ -1034,6 +1059,75 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Checks, before allocating it, that a network of layer widths `sizes` has at most
+/// [`MAX_PARAMETERS`] parameters and, on the CPU, that its weights, gradients and optimizer
+/// state (16 bytes a parameter at most, with Adam) fit in the memory the machine has available.
+fn check_network_size(stage: &str, sizes: &[i64], device: Device) -> Result<()> {
+    let params = sizes.windows(2).try_fold(0i64, |acc, w| w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(acc));
+    let describe = sizes.iter().map(i64::to_string).collect::<Vec<_>>().join("-");
+    let Some(params) = params.filter(|&p| p <= MAX_PARAMETERS) else {
+        bail!(
+            "stage `{stage}`: a {describe} network has {} parameters, more than the {MAX_PARAMETERS} kd-run allocates",
+            params.map_or_else(|| "over 2^63".to_string(), |p| p.to_string())
+        );
+    };
+    let need = params as u64 * 16;
+    if let (Device::Cpu, Some(available)) = (device, available_memory()) {
+        if need > available {
+            bail!(
+                "stage `{stage}`: a {describe} network ({params} parameters) needs about {:.1} GB to train, \
+                 but the machine has {:.1} GB available",
+                need as f64 / 1e9,
+                available as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Steps between the training loop's reads of the loss (progress bar, divergence check).
+const REPORT_EVERY: usize = 50;
+
+/// The error of a stage whose training diverged in `epoch` (0-based) at learning rate `lr`:
+/// where, the likely causes, and which checkpoint is kept. Other errors pass through.
+fn diverged(
+    error: anyhow::Error,
+    stage: &str,
+    epoch: i64,
+    (lr, supervision): (f64, &Supervision),
+    resume: &Path,
+) -> anyhow::Error {
+    let Some(d) = error.downcast_ref::<train::Diverged>() else { return error };
+    let mut causes = vec![format!("a learning rate too high (lr = {lr} in this epoch)")];
+    if let Supervision::Distill { spec, .. } = supervision {
+        if spec.objective == crate::config::Objective::Soft {
+            causes.push(format!("the temperature (T = {})", spec.temperature));
+        }
+        causes.push("a teacher whose outputs are not finite".into());
+    }
+    causes.push("input features too large to train on".into());
+    let kept = if epoch > 0 && resume.exists() {
+        format!("{} (after epoch {epoch}) is kept to resume from", resume.display())
+    } else {
+        "no epoch had finished, so there is no checkpoint to keep".into()
+    };
+    anyhow::anyhow!(
+        "stage `{stage}` diverged in epoch {}: {d} (the loss is checked every {REPORT_EVERY} steps, so the weights \
+         may have been unusable for up to that many steps and are not saved); likely causes: {}. \
+         No results are recorded for the stage; {kept}",
+        epoch + 1,
+        causes.join(", or ")
+    )
 }
 
 /// FNV-1a over several byte strings (a cache key, not a cryptographic hash).

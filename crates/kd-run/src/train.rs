@@ -180,6 +180,25 @@ impl<'a> Trainer<'a> {
         Trainer { net, params, opt }
     }
 
+    /// How many of the parameters and optimizer-state values are NaN or infinite, as a device
+    /// scalar (int64). A non-finite gradient makes its update non-finite, so this catches the
+    /// gradients of the steps no later loss has seen.
+    pub fn non_finite(&self) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let state: Vec<Tensor> = self.opt.state().into_iter().map(|(_, t)| t).collect();
+        let counts: Vec<Tensor> = self
+            .params
+            .iter()
+            .chain(&state)
+            .filter(|t| t.is_floating_point())
+            .map(|t| t.isfinite().logical_not().sum(Kind::Int64))
+            .collect();
+        match counts.as_slice() {
+            [] => Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)),
+            _ => Tensor::stack(&counts, 0).sum(Kind::Int64),
+        }
+    }
+
     /// One optimization step: forward in training mode, `loss`, gradients, update, max-norm.
     /// Returns the logits and the loss, detached; nothing here waits for the device.
     pub fn step(&mut self, x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
@@ -203,8 +222,86 @@ pub struct EpochTotals {
 /// Image geometry for jitter: (rows, cols), None for inputs that are not images.
 pub type Geometry = Option<(i64, i64)>;
 
+/// The training loss may grow to this many times its value at the first step a process trains
+/// (or 1, if that is smaller) before the loop calls it divergence: an objective that starts near
+/// `ln K` (or `T^2 ln K`) and reads 10,000 times that is no longer learning.
+pub const DIVERGENCE_FACTOR: f64 = 1e4;
+
+/// Watches a stage's training loss across its epochs: the loss of the first step, read at the
+/// first check, is the scale [`DIVERGENCE_FACTOR`] applies to.
+#[derive(Default)]
+pub struct LossGuard {
+    reference: Option<f64>,
+}
+
+/// Why [`train_epoch`] stopped: the training diverged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diverged {
+    /// What went wrong.
+    pub kind: Divergence,
+    /// The step (1-based) after which it was found: the loop checks every `report_every` steps
+    /// and after the last one.
+    pub found_after: usize,
+    /// Steps in the epoch.
+    pub steps: usize,
+}
+
+/// How a training run diverged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Divergence {
+    /// The loss of a step (1-based) was NaN or infinite.
+    NonFinite {
+        /// The step.
+        step: usize,
+        /// Its loss.
+        loss: f64,
+    },
+    /// The mean loss over steps `from..=to` was above [`DIVERGENCE_FACTOR`] times the reference.
+    Grew {
+        /// First step of the window.
+        from: usize,
+        /// Last step of the window.
+        to: usize,
+        /// Its mean loss.
+        mean: f64,
+        /// The loss of the first step.
+        reference: f64,
+    },
+    /// After the epoch's last step this many weights or optimizer-state values were NaN or
+    /// infinite, the loss finite.
+    State {
+        /// Non-finite values.
+        count: i64,
+    },
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps = self.steps;
+        match &self.kind {
+            Divergence::NonFinite { step, loss } => write!(f, "the training loss is {loss} at step {step} of {steps}"),
+            Divergence::Grew { from, to, mean, reference } => write!(
+                f,
+                "the mean training loss of steps {from}-{to} (of {steps}) is {mean:.3e}, more than {DIVERGENCE_FACTOR:.0e} \
+                 times its {reference:.4} at the first step"
+            ),
+            Divergence::State { count } => {
+                write!(f, "after step {steps} of {steps}, {count} weights or optimizer values are NaN or infinite")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// One pass over `train` (only its `examples`, when given) in a random order. `on_step(done, running_loss)` is called after each
 /// step; `running_loss` is `Some` every `report_every` steps only (reading it syncs the device).
+///
+/// Fails with [`Diverged`] when a step's loss is not finite or the loss grew past `guard`'s
+/// bound (checked with the losses read every `report_every` steps and at the end, so up to
+/// `report_every` steps late), or when a weight or optimizer value is not finite after the last
+/// step. The per-step losses stay on the device in between: no step waits for it.
+#[allow(clippy::too_many_arguments)]
 pub fn train_epoch(
     trainer: &mut Trainer,
     (train, examples): (&Split, Option<&Tensor>),
@@ -212,13 +309,18 @@ pub fn train_epoch(
     training: &Training,
     geometry: Geometry,
     report_every: usize,
+    guard: &mut LossGuard,
     mut on_step: impl FnMut(usize, Option<f64>),
 ) -> Result<EpochTotals> {
     let device = train.labels.device();
     let n = examples.map_or(train.len(), |e| e.size()[0]);
-    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+    let steps = if n == 0 { 0 } else { (n - 1) / training.batch_size + 1 };
+    // Each step's loss times its batch size, kept on the device and read at the checks.
+    let step_losses = Tensor::zeros([steps], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut seen = 0i64;
+    let first_batch = training.batch_size.min(n);
+    let mut check = Check { steps: steps as usize, first_batch, checked: 0, examples: 0, total: 0.0 };
     for (i, positions) in data::batches(n, training.batch_size, device).enumerate() {
         let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
         let x = train.inputs(&idx);
@@ -240,16 +342,75 @@ pub fn train_epoch(
         let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
         let b = idx.size()[0];
         seen += b;
-        loss_sum += loss * b as f64;
+        step_losses.get(i as i64).copy_(&(loss * b as f64));
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
-        let report = (report_every > 0 && (i + 1) % report_every == 0)
-            .then(|| f64::try_from(&loss_sum).unwrap_or(f64::NAN) / seen as f64);
+        let report = if report_every > 0 && (i + 1) % report_every == 0 {
+            check.window(&step_losses, i + 1, seen, guard)?;
+            Some(check.total / seen as f64)
+        } else {
+            None
+        };
         on_step(i + 1, report);
     }
+    if check.checked < check.steps {
+        check.window(&step_losses, check.steps, seen, guard)?;
+    }
+    let bad = i64::try_from(trainer.non_finite())?;
+    if bad > 0 {
+        let steps = check.steps;
+        return Err(Diverged { kind: Divergence::State { count: bad }, found_after: steps, steps }.into());
+    }
     Ok(EpochTotals {
-        loss: f64::try_from(&loss_sum)? / seen as f64,
-        accuracy: i64::try_from(&correct)? as f64 / seen as f64,
+        loss: check.total / seen.max(1) as f64,
+        accuracy: i64::try_from(&correct)? as f64 / seen.max(1) as f64,
     })
+}
+
+/// The losses of an epoch read so far.
+struct Check {
+    steps: usize,
+    /// Examples of the first step.
+    first_batch: i64,
+    /// Steps read.
+    checked: usize,
+    /// Examples of those steps.
+    examples: i64,
+    /// Sum of their losses times batch sizes.
+    total: f64,
+}
+
+impl Check {
+    /// Reads the losses of the steps after the last check up to `upto` (1-based, inclusive),
+    /// whose examples bring the count to `seen`, and fails if they diverged.
+    fn window(&mut self, step_losses: &Tensor, upto: usize, seen: i64, guard: &mut LossGuard) -> Result<()> {
+        let from = self.checked;
+        let window = step_losses.narrow(0, from as i64, (upto - from) as i64);
+        let sum = f64::try_from(window.sum(Kind::Double))?;
+        let examples = seen - self.examples;
+        let diverged = |kind| Diverged { kind, found_after: upto, steps: self.steps };
+        if !sum.is_finite() {
+            let bad = window.isfinite().logical_not().nonzero();
+            let first = i64::try_from(bad.get(0).get(0))?;
+            let loss = f64::try_from(window.get(first))?;
+            return Err(diverged(Divergence::NonFinite { step: from + first as usize + 1, loss }).into());
+        }
+        let reference = match guard.reference {
+            Some(r) => r,
+            None => {
+                let r = f64::try_from(step_losses.get(0))? / self.first_batch.max(1) as f64;
+                guard.reference = Some(r);
+                r
+            }
+        };
+        let mean = sum / examples.max(1) as f64;
+        if mean > DIVERGENCE_FACTOR * reference.max(1.0) {
+            return Err(diverged(Divergence::Grew { from: from + 1, to: upto, mean, reference }).into());
+        }
+        self.checked = upto;
+        self.examples = seen;
+        self.total += sum;
+        Ok(())
+    }
 }
 
 /// How a model does on a split.

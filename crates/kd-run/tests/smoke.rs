@@ -359,7 +359,7 @@ fn malformed_experiment_is_rejected_with_file_and_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = std::fs::read_to_string(root().join("experiments/smoke.toml")).unwrap();
     let cases = [
-        ("temperature = 20", "temperature = -3", "expected a number > 0"),
+        ("temperature = 20", "temperature = -3", "expected a temperature in [0.01, 1e6]"),
         ("hidden_dropout = 0.5", "hidden_dropout = 1.5", "expected a number in [0, 1)"),
         ("epochs = 3", "epochz = 3", "unknown field `epochz`"),
         ("hard_weight = 0.0", "hard_weight = -0.5", "expected a number >= 0"),
