@@ -74,6 +74,26 @@ fn main() {
             build.include(triton);
         }
         build.define("USE_CUDA", None).define("KD_NATIVE_CUDA", None);
+        // Inline functions of the c10 CUDA headers call the CUDA runtime directly; link the
+        // libcudart that libtorch_cuda loads (the wheels ship only its versioned name).
+        let cudart = [site.join("nvidia/cu13/lib"), site.join("nvidia/cuda_runtime/lib")].into_iter().find_map(|d| {
+            let name = std::fs::read_dir(&d)
+                .ok()?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .find(|n| n.starts_with("libcudart.so.") && n.split('.').count() == 3)?;
+            Some((d, name))
+        });
+        match cudart {
+            Some((dir, name)) => {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+                println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+                println!("cargo:rustc-link-arg=-Wl,-rpath={}", dir.display());
+            }
+            None => fail(
+                "feature `cuda` needs libcudart.so.N, which the CUDA build of the PyTorch wheel installs \
+                 (site-packages/nvidia/cu13/lib)",
+            ),
+        }
     }
     if nccl {
         let dir = find_dir("KD_NCCL_INCLUDE", &[site.join("nvidia/nccl/include")], "nccl.h").unwrap_or_else(|| {

@@ -68,6 +68,10 @@ pub struct GroupOptions {
     pub timeout: Duration,
     /// Gloo's network device.
     pub gloo_device: GlooDevice,
+    /// The launcher already serves the store at the master address (torchrun's agent does, and
+    /// says so with `TORCHELASTIC_USE_AGENT_STORE=True`), so rank 0 connects to it like the
+    /// others instead of starting its own.
+    pub launcher_store: bool,
 }
 
 impl GroupOptions {
@@ -81,6 +85,7 @@ impl GroupOptions {
             world_size,
             timeout: DEFAULT_TIMEOUT,
             gloo_device: GlooDevice::Default,
+            launcher_store: false,
         }
     }
 }
@@ -166,6 +171,7 @@ impl ProcessGroup {
             opts.master_port,
             opts.rank as i32,
             opts.world_size as i32,
+            opts.launcher_store,
             millis(opts.timeout),
             device,
         )

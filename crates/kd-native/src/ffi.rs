@@ -71,6 +71,7 @@ mod raw {
             port: u16,
             rank: c_int,
             size: c_int,
+            launcher_store: bool,
             timeout_ms: i64,
             device_kind: c_int,
             device_arg: *const c_char,
@@ -303,7 +304,7 @@ fn cstring(s: &str, what: &str) -> ShimResult<CString> {
 }
 
 impl Group {
-    /// kind 0: Gloo, 1: NCCL.
+    /// kind 0: Gloo, 1: NCCL; `launcher_store`: the store already runs (rank 0 connects too).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: i32,
@@ -311,6 +312,7 @@ impl Group {
         port: u16,
         rank: i32,
         size: i32,
+        launcher_store: bool,
         timeout_ms: i64,
         device: GlooDeviceArg,
     ) -> ShimResult<Group> {
@@ -330,6 +332,7 @@ impl Group {
                 port,
                 rank,
                 size,
+                launcher_store,
                 timeout_ms,
                 device_kind,
                 device_arg.as_ptr(),

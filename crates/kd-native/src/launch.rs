@@ -49,6 +49,9 @@ pub struct Launch {
     pub master_port: u16,
     /// Which launcher's variables these came from.
     pub launcher: Launcher,
+    /// The launcher serves the rendezvous store itself (torchrun's agent sets
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`); see [`crate::dist::GroupOptions::launcher_store`].
+    pub launcher_store: bool,
 }
 
 const TORCHRUN: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
@@ -93,7 +96,8 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
     if master_addr.is_empty() {
         return Err(Error::Launch("MASTER_ADDR is empty; expected the host of rank 0".into()));
     }
-    Ok(Launch { rank, world_size, local_rank, master_addr, master_port, launcher: Launcher::Torchrun })
+    let launcher_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    Ok(Launch { rank, world_size, local_rank, master_addr, master_port, launcher: Launcher::Torchrun, launcher_store })
 }
 
 fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
@@ -134,7 +138,15 @@ fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
             }
         },
     };
-    Ok(Launch { rank, world_size, local_rank, master_addr, master_port, launcher: Launcher::Slurm })
+    Ok(Launch {
+        rank,
+        world_size,
+        local_rank,
+        master_addr,
+        master_port,
+        launcher: Launcher::Slurm,
+        launcher_store: false,
+    })
 }
 
 fn number(get: &impl Fn(&str) -> String, k: &str) -> Result<usize> {
@@ -285,9 +297,13 @@ mod tests {
                 local_rank: 1,
                 master_addr: "10.0.0.1".into(),
                 master_port: 29500,
-                launcher: Launcher::Torchrun
+                launcher: Launcher::Torchrun,
+                launcher_store: false,
             }
         );
+        let mut vars = torchrun_vars("0", "2", "0");
+        vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True".into()));
+        assert!(run(&with(&vars)).unwrap().unwrap().launcher_store);
     }
 
     #[test]

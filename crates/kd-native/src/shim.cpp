@@ -108,11 +108,13 @@ struct KdGroup {
 
 namespace {
 
+// Rank 0 serves the store unless the launcher already does (torchrun's agent store).
 c10::intrusive_ptr<c10d::Store> connect_store(const char* host, uint16_t port, int rank, int size,
+                                              bool launcher_store,
                                               std::chrono::milliseconds timeout) {
   c10d::TCPStoreOptions opts;
   opts.port = port;
-  opts.isServer = rank == 0;
+  opts.isServer = rank == 0 && !launcher_store;
   opts.numWorkers = static_cast<size_t>(size);
   opts.waitWorkers = true;
   opts.timeout = timeout;
@@ -221,13 +223,13 @@ bool kd_native_tf32_cudnn() {
 // kind: 0 Gloo, 1 NCCL. device_kind (Gloo): 0 default device, 1 interface named by device_arg,
 // 2 hostname or address in device_arg.
 char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, int size,
-                          int64_t timeout_ms, int device_kind, const char* device_arg,
-                          KdGroup** out) {
+                          bool launcher_store, int64_t timeout_ms, int device_kind,
+                          const char* device_arg, KdGroup** out) {
   *out = nullptr;
 #if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
   return guarded([&] {
     std::chrono::milliseconds timeout(timeout_ms);
-    auto store = connect_store(host, port, rank, size, timeout);
+    auto store = connect_store(host, port, rank, size, launcher_store, timeout);
     c10::intrusive_ptr<c10d::Backend> backend;
     if (kind == 0) {
 #ifdef KD_NATIVE_GLOO
@@ -255,7 +257,8 @@ char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, i
     *out = new KdGroup{store, backend, timeout};
   });
 #else
-  (void)kind, (void)host, (void)port, (void)rank, (void)size, (void)timeout_ms;
+  (void)kind, (void)host, (void)port, (void)rank, (void)size, (void)launcher_store;
+  (void)timeout_ms;
   (void)device_kind, (void)device_arg;
   return copy_message("kd-native was built without c10d process groups");
 #endif

@@ -18,6 +18,7 @@ fn options(port: u16, rank: usize, world: usize, timeout: Duration) -> GroupOpti
     GroupOptions {
         timeout,
         gloo_device: GlooDevice::Hostname("127.0.0.1".into()),
+        launcher_store: false,
         ..GroupOptions::new(Backend::Gloo, "127.0.0.1", port, rank, world)
     }
 }
