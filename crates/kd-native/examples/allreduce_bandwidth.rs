@@ -18,10 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return spawn_two();
     };
     tch::set_num_threads(1);
-    let mut opts = GroupOptions::new(Backend::Gloo, &l.master_addr, l.master_port, l.rank, l.world_size);
-    opts.timeout = Duration::from_secs(60);
-    opts.launcher_store = l.launcher_store;
-    let group = ProcessGroup::new(&opts)?;
+    let group = ProcessGroup::new(&GroupOptions::from_launch(Backend::Gloo, &l, Duration::from_secs(60)))?;
     let n = l.world_size as f64;
     if l.rank == 0 {
         println!("# c10d Gloo all-reduce (sum, f32), {} ranks, 1 thread each", l.world_size);

@@ -16,7 +16,8 @@
 //!
 //! # fn main() -> kd_native::Result<()> {
 //! let Some(l) = launch::from_env()? else { return Ok(()) }; // alone: nothing to reduce
-//! let group = ProcessGroup::new(&GroupOptions::new(Backend::Gloo, &l.master_addr, l.master_port, l.rank, l.world_size))?;
+//! let timeout = launch::dist_timeout(|k| std::env::var(k).ok())?;
+//! let group = ProcessGroup::new(&GroupOptions::from_launch(Backend::Gloo, &l, timeout))?;
 //! let mut grads = vec![Tensor::ones([1000], (tch::Kind::Float, tch::Device::Cpu))];
 //! group.all_reduce(&mut grads, Reduce::Mean)?; // the mean over ranks, in place
 //! # Ok(()) }
@@ -86,6 +87,16 @@ impl GroupOptions {
             timeout: DEFAULT_TIMEOUT,
             gloo_device: GlooDevice::Default,
             launcher_store: false,
+        }
+    }
+
+    /// Options for the process `launch` describes, with the given timeout (see
+    /// [`crate::launch::dist_timeout`]).
+    pub fn from_launch(backend: Backend, launch: &crate::launch::Launch, timeout: Duration) -> Self {
+        GroupOptions {
+            timeout,
+            launcher_store: launch.launcher_store,
+            ..GroupOptions::new(backend, &launch.master_addr, launch.master_port, launch.rank, launch.world_size)
         }
     }
 }
@@ -294,6 +305,29 @@ impl ProcessGroup {
     /// Returns when every rank has reached it.
     pub fn barrier(&self) -> Result<()> {
         self.inner.barrier(millis(self.timeout)).map_err(native("barrier"))
+    }
+
+    /// Checks that every rank passes the same `value` (a hash of the resolved configuration at
+    /// the start, a parameter checksum each epoch), naming the ranks that differ from rank 0.
+    ///
+    /// ```text
+    /// ok  <=>  value^(r) = value^(0) for every rank r
+    /// ```
+    pub fn agree(&self, what: &str, value: i64) -> Result<()> {
+        let values = self.all_gather(&Tensor::from_slice(&[value]))?;
+        let values: Vec<i64> = values.iter().map(|t| t.int64_value(&[0])).collect();
+        let differ: Vec<String> = (values.iter().enumerate())
+            .filter(|(_, v)| **v != values[0])
+            .map(|(r, v)| format!("rank {r} has {v}"))
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Disagreement(format!(
+            "{what} differs across ranks: rank 0 has {}, {}",
+            values[0],
+            differ.join(", ")
+        )))
     }
 }
 

@@ -56,6 +56,28 @@ pub struct Launch {
 
 const TORCHRUN: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
 
+/// The variable that bounds the rendezvous and each collective, in seconds.
+pub const TIMEOUT_VAR: &str = "KD_DIST_TIMEOUT_S";
+
+/// The timeout of the process group from `KD_DIST_TIMEOUT_S` (seconds, may be fractional) as
+/// `var` returns it, else [`crate::dist::DEFAULT_TIMEOUT`] (600 s, PyTorch's).
+///
+/// ```
+/// use kd_native::launch::dist_timeout;
+/// use std::time::Duration;
+///
+/// assert_eq!(dist_timeout(|_| None).unwrap(), Duration::from_secs(600));
+/// assert_eq!(dist_timeout(|_| Some("2.5".into())).unwrap(), Duration::from_millis(2500));
+/// assert!(dist_timeout(|_| Some("0".into())).is_err());
+/// ```
+pub fn dist_timeout(var: impl Fn(&str) -> Option<String>) -> Result<std::time::Duration> {
+    let Some(v) = var(TIMEOUT_VAR) else { return Ok(crate::dist::DEFAULT_TIMEOUT) };
+    match v.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(Error::Launch(format!("{TIMEOUT_VAR} = `{v}` is not a number of seconds > 0"))),
+    }
+}
+
 /// Reads the launch variables of this process's environment; see [`parse`].
 pub fn from_env() -> Result<Option<Launch>> {
     parse(|k| std::env::var(k).ok())

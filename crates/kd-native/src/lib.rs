@@ -61,6 +61,9 @@ pub enum Error {
     /// The launch environment (torchrun's or Slurm's variables) is incomplete or inconsistent.
     #[error("launch environment: {0}")]
     Launch(String),
+    /// Ranks that should hold the same value do not (see [`dist::ProcessGroup::agree`]).
+    #[error("{0}")]
+    Disagreement(String),
 }
 
 /// This crate's result type.

@@ -118,6 +118,7 @@ fn a_world_of_one() {
     group.all_reduce(&mut ts, Reduce::Mean).unwrap();
     assert_eq!(Vec::<f32>::try_from(&ts[0]).unwrap(), [1.5, -2.0]);
     assert_eq!(group.all_gather(&ts[0]).unwrap().len(), 1);
+    group.agree("a value", 3).unwrap();
     group.barrier().unwrap();
 }
 
@@ -205,5 +206,10 @@ fn collectives(group: &ProcessGroup, r: f64, world: f64) {
     for (k, t) in all.iter().enumerate() {
         assert_eq!(Vec::<f32>::try_from(t.view([-1])).unwrap(), [k as f32, 100.0 + k as f32], "rank {k}'s part");
     }
+
+    // Agreement on a value: the same everywhere passes, a rank-dependent one names the rank.
+    group.agree("the configuration hash", 0x5eed).unwrap();
+    let err = group.agree("the parameter checksum", 7 + r as i64).unwrap_err().to_string();
+    assert_eq!(err, "the parameter checksum differs across ranks: rank 0 has 7, rank 1 has 8");
     group.barrier().unwrap();
 }
