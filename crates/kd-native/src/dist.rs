@@ -23,7 +23,7 @@
 //! # Ok(()) }
 //! ```
 use crate::ffi::{self, GlooDeviceArg};
-use crate::{native, Error, Result};
+use crate::{Error, Result};
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
@@ -210,6 +210,20 @@ impl ProcessGroup {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    /// Wraps a collective's error message with this rank and the timeout, since the messages of
+    /// Gloo and NCCL name neither (`Operation timed out!`, `Connection closed by peer`).
+    fn failed(&self, op: &'static str) -> impl FnOnce(String) -> Error + '_ {
+        move |message| Error::Native {
+            op,
+            message: format!(
+                "{message} (on rank {} of {}, timeout {} s; a peer exited or stopped answering)",
+                self.rank,
+                self.world_size,
+                self.timeout.as_secs_f64()
+            ),
+        }
+    }
 }
 
 /// Checks that a list is non-empty and of one element type and device, and returns them.
@@ -265,7 +279,7 @@ impl ProcessGroup {
         let world = self.world_size as f64;
         let ms = millis(self.timeout);
         through_flat(tensors, |flat| {
-            self.inner.all_reduce_sum(flat, ms).map_err(native("all-reduce"))?;
+            self.inner.all_reduce_sum(flat, ms).map_err(self.failed("all-reduce"))?;
             if op == Reduce::Mean && self.world_size > 1 {
                 let _ = flat.g_div_scalar_(world);
             }
@@ -290,7 +304,7 @@ impl ProcessGroup {
             return Err(Error::Invalid(format!("broadcast: root {root} is not a rank of {}", self.world_size)));
         }
         let ms = millis(self.timeout);
-        through_flat(tensors, |flat| self.inner.broadcast(flat, root as i32, ms).map_err(native("broadcast")))
+        through_flat(tensors, |flat| self.inner.broadcast(flat, root as i32, ms).map_err(self.failed("broadcast")))
     }
 
     /// Every rank's `tensor`, in rank order (each rank must pass the same shape and type).
@@ -298,13 +312,13 @@ impl ProcessGroup {
         let _guard = tch::no_grad_guard();
         let input = tensor.contiguous();
         let mut outputs: Vec<Tensor> = (0..self.world_size).map(|_| input.empty_like()).collect();
-        self.inner.all_gather(&input, &mut outputs, millis(self.timeout)).map_err(native("all-gather"))?;
+        self.inner.all_gather(&input, &mut outputs, millis(self.timeout)).map_err(self.failed("all-gather"))?;
         Ok(outputs)
     }
 
     /// Returns when every rank has reached it.
     pub fn barrier(&self) -> Result<()> {
-        self.inner.barrier(millis(self.timeout)).map_err(native("barrier"))
+        self.inner.barrier(millis(self.timeout)).map_err(self.failed("barrier"))
     }
 
     /// Checks that every rank passes the same `value` (a hash of the resolved configuration at
