@@ -1,0 +1,412 @@
+// The C ABI over the libtorch pieces that tch does not expose: fused optimizer steps, the TF32
+// switches, and (with KD_NATIVE_GLOO / KD_NATIVE_NCCL) c10d process groups.
+//
+// Every function returns nullptr on success or a malloc'ed error message that the caller frees
+// with kd_native_free_error: no C++ exception ever crosses into Rust. Tensors arrive as tch's
+// `torch::Tensor*` (torch-sys's torch_api.h: `typedef torch::Tensor *tensor`); the shim never
+// takes ownership of them.
+//
+// One translation unit on purpose: the torch headers make each one cost a minute or more.
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adam.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
+#include <c10/util/Exception.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#endif
+#ifdef KD_NATIVE_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef KD_NATIVE_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#ifdef KD_NATIVE_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <optional>
+
+// Declared here rather than through ATen/cuda/CUDAContextLight.h, which pulls in cuBLAS and
+// cuSPARSE headers that need CCCL; the function is exported by libtorch_cuda.
+namespace at::cuda {
+TORCH_CUDA_CPP_API cudaDeviceProp* getDeviceProperties(c10::DeviceIndex device);
+}
+
+// A graph, and while it is being captured, the side stream it is captured on (capture on the
+// default stream is not allowed).
+struct KdGraph {
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStreamGuard> capture_stream;
+};
+#else
+struct KdGraph;
+#endif
+
+namespace {
+
+char* copy_message(const char* what) {
+  char* out = static_cast<char*>(std::malloc(std::strlen(what) + 1));
+  if (out != nullptr) {
+    std::strcpy(out, what);
+  }
+  return out;
+}
+
+// Runs `body`, turning any exception into a returned message. c10::Error's what() carries a
+// C++ backtrace; the message without it is what a user needs.
+template <typename F>
+char* guarded(F body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return copy_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception");
+  }
+}
+
+std::vector<at::Tensor> tensor_list(at::Tensor* const* ts, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(*ts[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+
+struct KdGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+namespace {
+
+// Rank 0 serves the store unless the launcher already does (torchrun's agent store).
+c10::intrusive_ptr<c10d::Store> connect_store(const char* host, uint16_t port, int rank, int size,
+                                              bool launcher_store,
+                                              std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions opts;
+  opts.port = port;
+  opts.isServer = rank == 0 && !launcher_store;
+  opts.numWorkers = static_cast<size_t>(size);
+  opts.waitWorkers = true;
+  opts.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+}
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout,
+          const char* what) {
+  if (!work->wait(timeout)) {
+    throw std::runtime_error(std::string(what) + " did not complete within " +
+                             std::to_string(timeout.count() / 1000.0) + " s");
+  }
+}
+
+}  // namespace
+
+#else
+struct KdGroup;
+#endif
+
+extern "C" {
+
+void kd_native_free_error(char* message) {
+  std::free(message);
+}
+
+// Which optional parts this library was compiled with: bit 0 Gloo, bit 1 NCCL.
+int kd_native_features() {
+  int features = 0;
+#ifdef KD_NATIVE_GLOO
+  features |= 1;
+#endif
+#ifdef KD_NATIVE_NCCL
+  features |= 2;
+#endif
+  return features;
+}
+
+// ---- fused optimizer steps ----------------------------------------------------------------
+
+// lr_tensor, when not null, is a 0-dim tensor on the parameters' device and replaces lr.
+char* kd_native_fused_sgd(at::Tensor* const* params, at::Tensor* const* grads,
+                          at::Tensor* const* momentum_buffers, size_t n, double weight_decay,
+                          double momentum, double lr, const at::Tensor* lr_tensor,
+                          double dampening, bool nesterov, bool is_first_step) {
+  return guarded([&] {
+    auto p = tensor_list(params, n);
+    auto g = tensor_list(grads, n);
+    auto b = momentum_buffers == nullptr ? std::vector<at::Tensor>{} : tensor_list(momentum_buffers, n);
+    if (lr_tensor != nullptr) {
+      at::_fused_sgd_(p, g, b, weight_decay, momentum, *lr_tensor, dampening, nesterov,
+                      /*maximize=*/false, is_first_step);
+    } else {
+      at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, dampening, nesterov,
+                      /*maximize=*/false, is_first_step);
+    }
+  });
+}
+
+char* kd_native_fused_adam(at::Tensor* const* params, at::Tensor* const* grads,
+                           at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                           at::Tensor* const* steps, size_t n, double lr,
+                           const at::Tensor* lr_tensor, double beta1, double beta2,
+                           double weight_decay, double eps, bool decoupled_weight_decay) {
+  return guarded([&] {
+    auto p = tensor_list(params, n);
+    auto g = tensor_list(grads, n);
+    auto m = tensor_list(exp_avgs, n);
+    auto v = tensor_list(exp_avg_sqs, n);
+    auto s = tensor_list(steps, n);
+    std::vector<at::Tensor> max_v;  // amsgrad off
+    if (decoupled_weight_decay) {
+      if (lr_tensor != nullptr) {
+        at::_fused_adamw_(p, g, m, v, max_v, s, *lr_tensor, beta1, beta2, weight_decay, eps,
+                          false, false);
+      } else {
+        at::_fused_adamw_(p, g, m, v, max_v, s, lr, beta1, beta2, weight_decay, eps, false, false);
+      }
+    } else if (lr_tensor != nullptr) {
+      at::_fused_adam_(p, g, m, v, max_v, s, *lr_tensor, beta1, beta2, weight_decay, eps, false,
+                       false);
+    } else {
+      at::_fused_adam_(p, g, m, v, max_v, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    }
+  });
+}
+
+// ---- TF32 ---------------------------------------------------------------------------------
+
+void kd_native_set_tf32(bool cublas, bool cudnn) {
+  at::globalContext().setAllowTF32CuBLAS(cublas);
+  at::globalContext().setAllowTF32CuDNN(cudnn);
+}
+
+bool kd_native_tf32_cublas() {
+  return at::globalContext().allowTF32CuBLAS();
+}
+
+bool kd_native_tf32_cudnn() {
+  return at::globalContext().allowTF32CuDNN();
+}
+
+// ---- c10d process groups ------------------------------------------------------------------
+
+
+// kind: 0 Gloo, 1 NCCL. device_kind (Gloo): 0 default device, 1 interface named by device_arg,
+// 2 hostname or address in device_arg.
+char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, int size,
+                          bool launcher_store, int64_t timeout_ms, int device_kind,
+                          const char* device_arg, KdGroup** out) {
+  *out = nullptr;
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+  return guarded([&] {
+    std::chrono::milliseconds timeout(timeout_ms);
+    auto store = connect_store(host, port, rank, size, launcher_store, timeout);
+    c10::intrusive_ptr<c10d::Backend> backend;
+    if (kind == 0) {
+#ifdef KD_NATIVE_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      if (device_kind == 1) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(device_arg));
+      } else if (device_kind == 2) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(device_arg));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+#else
+      throw std::runtime_error("kd-native was built without Gloo");
+#endif
+    } else {
+#ifdef KD_NATIVE_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+#else
+      throw std::runtime_error("kd-native was built without NCCL");
+#endif
+    }
+    *out = new KdGroup{store, backend, timeout};
+  });
+#else
+  (void)kind, (void)host, (void)port, (void)rank, (void)size, (void)launcher_store;
+  (void)timeout_ms;
+  (void)device_kind, (void)device_arg;
+  return copy_message("kd-native was built without c10d process groups");
+#endif
+}
+
+void kd_native_group_free(KdGroup* group) {
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+  try {
+    delete group;
+  } catch (...) {
+  }
+#else
+  (void)group;
+#endif
+}
+
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+#define KD_GROUP_OP(body) return guarded([&] { body; })
+#else
+#define KD_GROUP_OP(body) return copy_message("kd-native was built without c10d process groups")
+#endif
+
+char* kd_native_all_reduce_sum(KdGroup* group, at::Tensor* tensor, int64_t timeout_ms) {
+  KD_GROUP_OP({
+    std::chrono::milliseconds timeout(timeout_ms);
+    std::vector<at::Tensor> ts{*tensor};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = timeout;
+    wait(group->backend->allreduce(ts, opts), timeout, "all-reduce");
+  });
+}
+
+char* kd_native_broadcast(KdGroup* group, at::Tensor* tensor, int root, int64_t timeout_ms) {
+  KD_GROUP_OP({
+    std::chrono::milliseconds timeout(timeout_ms);
+    std::vector<at::Tensor> ts{*tensor};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = timeout;
+    wait(group->backend->broadcast(ts, opts), timeout, "broadcast");
+  });
+}
+
+// outputs: one tensor per rank, each shaped like input.
+char* kd_native_all_gather(KdGroup* group, at::Tensor* input, at::Tensor* const* outputs,
+                           size_t n_outputs, int64_t timeout_ms) {
+  KD_GROUP_OP({
+    std::chrono::milliseconds timeout(timeout_ms);
+    std::vector<at::Tensor> in{*input};
+    std::vector<std::vector<at::Tensor>> out{tensor_list(outputs, n_outputs)};
+    c10d::AllgatherOptions opts;
+    opts.timeout = timeout;
+    wait(group->backend->allgather(out, in, opts), timeout, "all-gather");
+  });
+}
+
+char* kd_native_barrier(KdGroup* group, int64_t timeout_ms) {
+  KD_GROUP_OP({
+    std::chrono::milliseconds timeout(timeout_ms);
+    c10d::BarrierOptions opts;
+    opts.timeout = timeout;
+    wait(group->backend->barrier(opts), timeout, "barrier");
+  });
+}
+
+// ---- CUDA ---------------------------------------------------------------------------------
+
+char* kd_native_cuda_device_properties(int device, char* name, size_t name_len, int64_t* total_memory,
+                                       int* major, int* minor, int* multiprocessors) {
+#ifdef KD_NATIVE_CUDA
+  return guarded([&] {
+    const cudaDeviceProp* p = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    std::snprintf(name, name_len, "%s", p->name);
+    *total_memory = static_cast<int64_t>(p->totalGlobalMem);
+    *major = p->major;
+    *minor = p->minor;
+    *multiprocessors = p->multiProcessorCount;
+  });
+#else
+  (void)device, (void)name, (void)name_len, (void)total_memory, (void)major, (void)minor;
+  (void)multiprocessors;
+  return copy_message("kd-native was built without CUDA (feature `cuda`)");
+#endif
+}
+
+// Starts capturing the work the calling thread queues on `device` into a new graph.
+char* kd_native_graph_capture_begin(int device, KdGraph** out) {
+  *out = nullptr;
+#ifdef KD_NATIVE_CUDA
+  return guarded([&] {
+    auto index = static_cast<c10::DeviceIndex>(device);
+    c10::cuda::CUDAGuard device_guard(index);
+    c10::cuda::device_synchronize();
+    auto graph = std::make_unique<KdGraph>();
+    graph->capture_stream.emplace(c10::cuda::getStreamFromPool(false, index));
+    try {
+      graph->graph.capture_begin();
+    } catch (...) {
+      graph->capture_stream.reset();
+      throw;
+    }
+    *out = graph.release();
+  });
+#else
+  (void)device;
+  return copy_message("kd-native was built without CUDA (feature `cuda`)");
+#endif
+}
+
+// Ends a capture begun by kd_native_graph_capture_begin; the graph stays valid on error only
+// for kd_native_graph_free.
+char* kd_native_graph_capture_end(KdGraph* graph) {
+#ifdef KD_NATIVE_CUDA
+  return guarded([&] {
+    try {
+      graph->graph.capture_end();
+    } catch (...) {
+      graph->capture_stream.reset();
+      throw;
+    }
+    graph->capture_stream.reset();
+    c10::cuda::device_synchronize();
+  });
+#else
+  (void)graph;
+  return copy_message("kd-native was built without CUDA (feature `cuda`)");
+#endif
+}
+
+char* kd_native_graph_replay(KdGraph* graph) {
+#ifdef KD_NATIVE_CUDA
+  return guarded([&] { graph->graph.replay(); });
+#else
+  (void)graph;
+  return copy_message("kd-native was built without CUDA (feature `cuda`)");
+#endif
+}
+
+void kd_native_graph_free(KdGraph* graph) {
+#ifdef KD_NATIVE_CUDA
+  try {
+    delete graph;
+  } catch (...) {
+  }
+#else
+  (void)graph;
+#endif
+}
+
+}  // extern "C"
