@@ -809,7 +809,40 @@ macro_rules! stage_bail {
     };
 }
 
+/// The longest experiment or stage name, in characters: with what a run appends to a stage's
+/// name in its files (`.<m>.resume.safetensors.<pid>.tmp`), a file name stays far below the 255
+/// bytes that file systems allow.
+pub const MAX_NAME_LEN: usize = 100;
+
+/// What makes `name` unusable as an experiment or stage name, if anything. A name becomes one
+/// component of a path (`OUT/<name>/`, `checkpoints/<stage>.safetensors`), so it may hold only
+/// ASCII letters, digits, `_`, `-` and `.`, must start with a letter, digit or `_` (no `.`, `..`
+/// or hidden file, nothing a command line takes for an option), and has at most
+/// [`MAX_NAME_LEN`] characters. No separator (`/`, `\`), NUL, control character or space can
+/// get in.
+pub fn name_problem(name: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    if name.is_empty() {
+        Some("it is empty".into())
+    } else if let Some(c) = name.chars().find(|&c| !allowed(c)) {
+        Some(format!("{c:?} is not allowed (only ASCII letters, digits, `_`, `-` and `.`)"))
+    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+        Some("it must start with a letter, a digit or `_`".into())
+    } else if name.chars().count() > MAX_NAME_LEN {
+        Some(format!("it has {} characters, more than {MAX_NAME_LEN}", name.chars().count()))
+    } else {
+        None
+    }
+}
+
 fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
+    if let Some(problem) = name_problem(raw.name.get_ref()) {
+        bail!(
+            "{}: name: {:?} is not a usable run name, which becomes the folder OUT/<name>/: {problem}",
+            line_of(text, raw.name.span().start),
+            raw.name.get_ref()
+        );
+    }
     let device = match raw.device {
         None => "auto".to_string(),
         Some(d) => {
@@ -899,8 +932,8 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     let mut stages: Vec<Stage> = Vec::new();
     for s in raw.stages.into_iter().map(|s| expand_sweep(s, text)).collect::<Result<Vec<_>>>()?.into_iter().flatten() {
         let name = s.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-            stage_bail!(text, s, "a stage name uses only letters, digits, `_`, `-` and `.`");
+        if let Some(problem) = name_problem(&name) {
+            stage_bail!(text, s, "not a usable stage name: {problem}");
         }
         if stages.iter().any(|t| t.name == name) {
             stage_bail!(text, s, "two stages have this name");
@@ -1828,6 +1861,26 @@ epochs = 5
         assert!(err.contains("after --set") && err.contains("expected a number > 0, got -1"), "{err}");
         let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
         assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
+    }
+
+    #[test]
+    fn names_are_single_safe_path_components() {
+        for bad in
+            ["", ".", "..", "../x", "../../x", "/tmp/x", "a/b", "a\\b", ".hidden", "-x", "a b", "a\0b", "a\nb", "é"]
+        {
+            assert!(name_problem(bad).is_some(), "{bad:?} accepted");
+            let quoted = toml::Value::String(bad.to_string()).to_string();
+            let err = parse_with(GOOD, &[&format!("name={quoted}")]).unwrap_err().to_string();
+            assert!(err.contains("name:") && err.contains("not a usable run name"), "{bad:?}: {err}");
+            let stage = GOOD.replacen("name = \"student\"", &format!("name = {quoted}"), 1);
+            let err = parse(&stage).unwrap_err().to_string();
+            assert!(err.contains("not a usable stage name"), "{bad:?}: {err}");
+        }
+        assert!(name_problem(&"a".repeat(MAX_NAME_LEN + 1)).unwrap().contains("more than"));
+        for good in ["smoke", "student-T2.5-h4-s1", "_x", "0.1", &"a".repeat(MAX_NAME_LEN)] {
+            assert_eq!(name_problem(good), None, "{good:?}");
+            assert_eq!(parse_with(GOOD, &[&format!("name={good:?}")]).unwrap().name, good);
+        }
     }
 
     /// (edit of GOOD: from, to; text on the line the error must name; text the error must contain)

@@ -32,6 +32,14 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Whether `name` is that of a temporary file [`write_atomic`] or [`save_tensors`] writes
+/// (`<file>.<pid>.tmp`): left behind only by a process killed while writing.
+pub fn is_tmp(name: &str) -> bool {
+    name.strip_suffix(".tmp")
+        .and_then(|rest| rest.rsplit_once('.'))
+        .is_some_and(|(file, pid)| !file.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Saves named tensors as safetensors, atomically.
 pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     let tmp = tmp_path(path);

@@ -176,26 +176,8 @@ pub fn run(
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
-    if fresh && dir.exists() {
-        for name in [
-            "config.toml",
-            METRICS,
-            SUMMARY,
-            CLASS_ERRORS,
-            SHIFTS,
-            SUBSETS,
-            SPECIALISTS,
-            COVERAGE,
-            "checkpoints",
-            "specialists",
-        ] {
-            let p = dir.join(name);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p)?;
-            } else if p.exists() {
-                std::fs::remove_file(&p)?;
-            }
-        }
+    if fresh {
+        remove_run_files(&dir)?;
     }
     let mut changed = Vec::new();
     if config_path.exists() {
@@ -399,6 +381,75 @@ pub fn run(
         }
     }
     Ok(dir)
+}
+
+/// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
+/// keeps and appends to).
+const RUN_FILES: [&str; 9] =
+    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE];
+
+/// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
+/// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
+/// files beside any of them; then those folders if that left them empty. Anything else (a file
+/// of the user's, a folder kd-run did not make) stays, and a symbolic link is never followed:
+/// one in the place of a file or folder of the run is removed as a link, its target untouched.
+/// A run directory that is itself a symbolic link is refused.
+fn remove_run_files(dir: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    if meta.file_type().is_symlink() {
+        bail!("--fresh: {} is a symbolic link; kd-run deletes nothing outside its own run directory", dir.display());
+    }
+    let remove_file = |path: &Path| -> Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    };
+    // Removes the files of `folder` that `ours` accepts (a link in the place of the folder:
+    // the link), then the folder if it is empty.
+    let clear = |folder: &Path, ours: &dyn Fn(&str, &std::fs::FileType) -> Result<()>| -> Result<()> {
+        let Ok(meta) = std::fs::symlink_metadata(folder) else { return Ok(()) };
+        if !meta.is_dir() {
+            return remove_file(folder);
+        }
+        for entry in std::fs::read_dir(folder)? {
+            let entry = entry?;
+            ours(&entry.file_name().to_string_lossy(), &entry.file_type()?)?;
+        }
+        let _ = std::fs::remove_dir(folder);
+        Ok(())
+    };
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            remove_file(&path)?;
+        }
+    }
+    let checkpoints = dir.join("checkpoints");
+    clear(&checkpoints, &|name, kind| {
+        if !kind.is_dir() && (name.ends_with(".safetensors") || output::is_tmp(name)) {
+            remove_file(&checkpoints.join(name))?;
+        }
+        Ok(())
+    })?;
+    let specialists = dir.join("specialists");
+    clear(&specialists, &|name, kind| {
+        let folder = specialists.join(name);
+        if kind.is_symlink() {
+            return remove_file(&folder);
+        }
+        if kind.is_dir() && specialists::is_specialist_folder(name) {
+            clear(&folder, &|file, kind| {
+                if !kind.is_dir() && (specialists::SPECIALIST_FILES.contains(&file) || output::is_tmp(file)) {
+                    remove_file(&folder.join(file))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// The stages whose settings in the resolved configuration `new` differ from those of an earlier

@@ -689,3 +689,65 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&again);
 }
+
+#[test]
+fn a_run_stays_inside_out_and_fresh_removes_only_its_own_files() {
+    let base = fresh_dir("names");
+    let out = base.join("out");
+    // Another folder beside --out that looks like a run directory.
+    let victim = base.join("victim");
+    std::fs::create_dir_all(victim.join("checkpoints")).unwrap();
+    std::fs::write(victim.join("config.toml"), "mine").unwrap();
+    std::fs::write(victim.join("checkpoints/teacher.safetensors"), "mine").unwrap();
+    let victim_path = victim.to_str().unwrap().to_string();
+    for set in [
+        "name=../victim".to_string(),
+        format!("name={victim_path}"),
+        "name=..".into(),
+        "name=a/b".into(),
+        "name=".into(),
+        "name=.hidden".into(),
+        "stages.teacher.name=../../teacher".into(),
+    ] {
+        let r = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--fresh", "--set", &set]);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "--set {set}: {stderr}");
+        assert!(stderr.contains("not a usable"), "--set {set}: {stderr}");
+        assert!(stderr.contains(": name:") || stderr.contains("stage name"), "the key is named: {stderr}");
+    }
+    assert!(!out.exists(), "nothing was written");
+    assert_eq!(std::fs::read_to_string(victim.join("config.toml")).unwrap(), "mine");
+    assert!(victim.join("checkpoints/teacher.safetensors").exists());
+
+    // --fresh in a run directory that holds a user's files and a link to the victim's
+    // checkpoints: kd-run's files go, the rest stays, the link is not followed.
+    let dir = out.join("smoke");
+    std::fs::create_dir_all(dir.join("specialists/notes")).unwrap();
+    std::fs::create_dir_all(dir.join("specialists/s.0")).unwrap();
+    std::fs::write(dir.join("specialists/notes/plan.txt"), "mine").unwrap();
+    std::fs::write(dir.join("specialists/s.0/specialist.csv"), "stage\n").unwrap();
+    std::fs::write(dir.join("specialists/s.0/mine.txt"), "mine").unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    std::fs::write(dir.join("summary.csv"), "stage\n").unwrap();
+    std::os::unix::fs::symlink(victim.join("checkpoints"), dir.join("checkpoints")).unwrap();
+    let missing = base.join("no-data");
+    let r = kd_run(&[
+        "run",
+        "experiments/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--fresh",
+        "--set",
+        &format!("data.dir={:?}", missing.to_str().unwrap()),
+    ]);
+    assert_eq!(r.status.code(), Some(1), "the data is missing: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(victim.join("checkpoints/teacher.safetensors").exists(), "--fresh followed a link out of the run");
+    for kept in ["notes.txt", "specialists/notes/plan.txt", "specialists/s.0/mine.txt"] {
+        assert!(dir.join(kept).exists(), "--fresh removed {kept}");
+    }
+    for gone in ["summary.csv", "specialists/s.0/specialist.csv"] {
+        assert!(!dir.join(gone).exists(), "--fresh kept {gone}");
+    }
+    assert!(!std::fs::symlink_metadata(dir.join("checkpoints")).unwrap().file_type().is_symlink());
+    std::fs::remove_dir_all(&base).unwrap();
+}
