@@ -835,6 +835,50 @@ pub fn name_problem(name: &str) -> Option<String> {
     }
 }
 
+/// Whether a stage named `name` (a specialists stage if `specialists`) would share a name that a
+/// run derives from a stage's name with one of the `earlier` stages. A run derives: the row
+/// `<stage>-fixed` (a bias_shift stage's fixed shift; the tables count any `<stage>-fixed` row
+/// as `<stage>`'s), the checkpoints `<stage>.resume` and `<stage>.best` (while a stage trains),
+/// and for a specialists stage, specialist m's checkpoint, folder and `--only` name `<stage>.<m>`.
+fn derived_name_clash(name: &str, specialists: bool, earlier: &[Stage]) -> Option<String> {
+    for kind in ["resume", "best"] {
+        if name.ends_with(&format!(".{kind}")) {
+            return Some(format!(
+                "names ending in `.{kind}` are reserved for a stage's {kind} checkpoint `<stage>.{kind}.safetensors`"
+            ));
+        }
+    }
+    let fixed_of = |a: &str, b: &str| a.strip_suffix("-fixed") == Some(b);
+    let specialist_of =
+        |a: &str, b: &Stage| matches!(b.job, Job::Specialists { .. }) && name_is_specialist_of(a, &b.name);
+    earlier.iter().find_map(|t| {
+        let t_name = t.name.as_str();
+        if fixed_of(name, t_name) || fixed_of(t_name, name) {
+            let (base, fixed) = if fixed_of(name, t_name) { (t_name, name) } else { (name, t_name) };
+            Some(format!(
+                "`{fixed}` is the name of the row that stage `{base}` records with its fixed shift (a bias_shift \
+                 stage's `fixed_shift`; rows named `<stage>-fixed` belong to `<stage>`), so no stage can have it \
+                 beside `{base}`"
+            ))
+        } else if specialist_of(name, t) {
+            Some(format!("`{name}` names a specialist of the specialists stage `{t_name}` (`<stage>.<m>`)"))
+        } else if specialists && name_is_specialist_of(t_name, name) {
+            Some(format!(
+                "stage `{t_name}` has the name of one of this specialists stage's specialists (`<stage>.<m>`)"
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether `a` is `<stage>.<m>`, a specialist's name, for the specialists stage `stage`.
+fn name_is_specialist_of(a: &str, stage: &str) -> bool {
+    a.strip_prefix(stage)
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|m| !m.is_empty() && (m.bytes().all(|c| c.is_ascii_digit()) || m.parse::<usize>().is_ok()))
+}
+
 fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     if let Some(problem) = name_problem(raw.name.get_ref()) {
         bail!(
@@ -937,6 +981,9 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         }
         if stages.iter().any(|t| t.name == name) {
             stage_bail!(text, s, "two stages have this name");
+        }
+        if let Some(problem) = derived_name_clash(&name, s.kind == StageKind::Specialists, &stages) {
+            stage_bail!(text, s, "{problem}; rename one of them");
         }
         let allowed: &[&str] = match s.kind {
             StageKind::Train => &TRAIN_KEYS,
@@ -1880,6 +1927,38 @@ epochs = 5
         for good in ["smoke", "student-T2.5-h4-s1", "_x", "0.1", &"a".repeat(MAX_NAME_LEN)] {
             assert_eq!(name_problem(good), None, "{good:?}");
             assert_eq!(parse_with(GOOD, &[&format!("name={good:?}")]).unwrap().name, good);
+        }
+    }
+
+    #[test]
+    fn names_a_run_derives_from_stage_names_are_reserved() {
+        let shift = "\n[[stages]]\nname = \"shift\"\nkind = \"bias_shift\"\nfrom = \"student\"\nclasses = [3]\n\
+                     shifts = { min = 0, max = 5, step = 0.5 }\nfixed_shift = 3.5\n";
+        let stage = |name: &str| format!("\n[[stages]]\nname = \"{name}\"\nkind = \"evaluate\"\nfrom = \"teacher\"\n");
+        let experts = "\n[[stages]]\nname = \"groups\"\nkind = \"clusters\"\nfrom = \"teacher\"\nclusters = 4\n\n\
+                       [[stages]]\nname = \"experts\"\nkind = \"specialists\"\nfrom = \"teacher\"\nsubsets = \"groups\"\n";
+        // (the stages after GOOD's, the stage the error names, what it must say)
+        let cases = [
+            (format!("{}{shift}", stage("shift-fixed")), "shift", "`shift-fixed` is the name of the row"),
+            (format!("{shift}{}", stage("shift-fixed")), "shift-fixed", "`shift-fixed` is the name of the row"),
+            (stage("teacher-fixed"), "teacher-fixed", "rows named `<stage>-fixed` belong to `<stage>`"),
+            (stage("teacher.resume"), "teacher.resume", "reserved for a stage's resume checkpoint"),
+            (stage("x.best"), "x.best", "reserved for a stage's best checkpoint"),
+            (format!("{experts}{}", stage("experts.1")), "experts.1", "names a specialist of the specialists stage"),
+            (format!("{experts}{}", stage("experts.01")), "experts.01", "names a specialist"),
+            (format!("{}{experts}", stage("experts.0")), "experts", "has the name of one of this specialists stage's"),
+        ];
+        for (stages, named, message) in cases {
+            let text = format!("{GOOD}{stages}");
+            let err = parse(&text).unwrap_err().to_string();
+            let line = line_of(&text, text.find(&format!("name = \"{named}\"")).unwrap());
+            assert!(
+                err.contains(message) && err.contains(&format!(":{line}: stage `{named}`")),
+                "{stages}: expected line {line} and {message:?} in:\n{err}"
+            );
+        }
+        for fine in [stage("shift-fixed2"), stage("teacher.resumed"), format!("{experts}{}", stage("experts.x1"))] {
+            parse(&format!("{GOOD}{fine}")).unwrap_or_else(|e| panic!("{fine}: {e:#}"));
         }
     }
 

@@ -147,7 +147,8 @@ impl Tables {
     /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
     /// epochs.
     fn forget_results(&mut self, stage: &str) {
-        let other = |s: &str| s != stage && !s.starts_with(&format!("{stage}-fixed"));
+        let fixed = format!("{stage}-fixed");
+        let other = |s: &str| s != stage && s != fixed;
         self.summary.retain(|r| other(&r.stage));
         self.class_errors.retain(|r| other(&r.stage));
         self.subsets.retain(|r| r.stage != stage);
