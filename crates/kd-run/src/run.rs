@@ -3,7 +3,8 @@
 //! Layout of `OUT/<name>/`: `config.toml` (the resolved experiment), `command.txt` (the
 //! command line), `metrics.csv` (a row per stage and epoch), `summary.csv` (a row per model),
 //! `class_errors.csv` (per model, split and class), `bias_shifts.csv` (validation errors of
-//! each candidate shift), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
+//! each candidate shift), `done.csv` (the stages whose results are committed: written after
+//! their rows, see [`Tables::commit`]), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
 //! trains, `checkpoints/<stage>.resume.safetensors` holds the weights and optimizer state after
 //! its last finished epoch; each epoch reseeds libtorch from the stage seed and the epoch, so a
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
@@ -12,7 +13,9 @@
 use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
-use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
+use crate::output::{
+    self, ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
+};
 use crate::progress::Progress;
 use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
@@ -76,7 +79,9 @@ struct Targets<'a> {
     classes: i64,
 }
 
-/// The CSV tables of a run, rewritten (atomically) whenever they change.
+/// The CSV tables of a run, each rewritten atomically when it changes: after each epoch (its
+/// `metrics.csv` row), and when a stage commits its results ([`Tables::commit`]), each table
+/// once, `done.csv` last.
 #[derive(Default)]
 struct Tables {
     metrics: Vec<MetricsRow>,
@@ -86,6 +91,10 @@ struct Tables {
     subsets: Vec<SubsetRow>,
     specialists: Vec<SpecialistRow>,
     coverage: Vec<CoverageRow>,
+    /// The stages whose results are committed (`done.csv`): a stage's rows count only once it
+    /// is listed here, so a run killed while a stage committed drops the stage's rows and runs it
+    /// again.
+    done: Vec<DoneRow>,
     /// The experiment's stage names in file order: `write` keeps the per-model rows in this
     /// order, so a stage that ran again does not move to the end.
     order: Vec<String>,
@@ -98,6 +107,7 @@ const SHIFTS: &str = "bias_shifts.csv";
 const SUBSETS: &str = "subsets.csv";
 const SPECIALISTS: &str = "specialists.csv";
 const COVERAGE: &str = "specialist_coverage.csv";
+const DONE: &str = "done.csv";
 
 impl Tables {
     fn read(dir: &Path) -> Result<Self> {
@@ -109,6 +119,7 @@ impl Tables {
             subsets: output::read_csv(&dir.join(SUBSETS))?,
             specialists: output::read_csv(&dir.join(SPECIALISTS))?,
             coverage: output::read_csv(&dir.join(COVERAGE))?,
+            done: output::read_csv(&dir.join(DONE))?,
             order: Vec::new(),
         })
     }
@@ -124,19 +135,35 @@ impl Tables {
         };
         self.summary.sort_by_key(|r| rank(&r.stage));
         self.class_errors.sort_by_key(|r| rank(&r.stage));
-        output::write_csv(&dir.join(METRICS), &self.metrics)?;
-        output::write_csv(&dir.join(SUMMARY), &self.summary)?;
-        output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
-        output::write_csv(&dir.join(SHIFTS), &self.shifts)?;
+        self.done.sort_by_key(|r| rank(&r.stage));
+        output::write_csv_if_changed(&dir.join(METRICS), &self.metrics)?;
+        output::write_csv_if_changed(&dir.join(SUMMARY), &self.summary)?;
+        output::write_csv_if_changed(&dir.join(CLASS_ERRORS), &self.class_errors)?;
+        output::write_csv_if_changed(&dir.join(SHIFTS), &self.shifts)?;
         fn some<T: serde::Serialize>(path: PathBuf, rows: &[T]) -> Result<()> {
             if rows.is_empty() && !path.exists() {
                 return Ok(());
             }
-            output::write_csv(&path, rows)
+            output::write_csv_if_changed(&path, rows)
         }
         some(dir.join(SUBSETS), &self.subsets)?;
         some(dir.join(SPECIALISTS), &self.specialists)?;
-        some(dir.join(COVERAGE), &self.coverage)
+        some(dir.join(COVERAGE), &self.coverage)?;
+        // Last: the stages it lists are those whose rows above are complete.
+        some(dir.join(DONE), &self.done)
+    }
+
+    /// Commits a stage's results: marks it done and writes every table, `done.csv` last.
+    fn commit(&mut self, stage: &str, dir: &Path) -> Result<()> {
+        if !self.is_done(stage) {
+            self.done.push(DoneRow { stage: stage.to_string() });
+        }
+        self.write(dir)
+    }
+
+    /// Whether a stage's results are committed.
+    fn is_done(&self, stage: &str) -> bool {
+        self.done.iter().any(|r| r.stage == stage)
     }
 
     /// Whether a stage's results are recorded.
@@ -154,6 +181,7 @@ impl Tables {
         self.subsets.retain(|r| r.stage != stage);
         self.specialists.retain(|r| r.stage != stage);
         self.coverage.retain(|r| r.stage != stage);
+        self.done.retain(|r| r.stage != stage);
     }
 
     /// Forgets what an unfinished stage recorded beyond `epoch`.
@@ -197,6 +225,14 @@ pub fn run(
     let cache = out.join(".cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
     crate::logging::log_to_file(&dir.join("run.log"))?;
+    remove_stale_temporaries(&dir, None)?;
+    // A run directory without `done.csv` but with results is one written before stages were
+    // committed with it: the stages with results count as done. A new run writes `done.csv`
+    // before any result, so a stage killed while committing is never taken for one of those.
+    let legacy = !dir.join(DONE).exists() && {
+        let old = Tables::read(&dir)?;
+        !old.summary.is_empty() || !old.subsets.is_empty()
+    };
     output::write_atomic(&config_path, config.as_bytes())?;
     output::write_atomic(&dir.join("command.txt"), format!("{command}\n").as_bytes())?;
 
@@ -228,6 +264,22 @@ pub fn run(
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
     tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+    if legacy {
+        let done: Vec<String> = exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s)).collect();
+        for stage in done {
+            tables.done.push(DoneRow { stage: stage.clone() });
+        }
+    }
+    if !dir.join(DONE).exists() {
+        output::write_csv(&dir.join(DONE), &tables.done)?;
+    }
+    // Rows of a stage that was killed while it committed its results.
+    let partial: Vec<String> =
+        exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s) && !tables.is_done(s)).collect();
+    for stage in &partial {
+        info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
+        tables.forget_results(stage);
+    }
     // Results of stages the file no longer has.
     let mut stale: Vec<String> = tables
         .summary
@@ -236,6 +288,7 @@ pub fn run(
         .chain(tables.metrics.iter().map(|r| r.stage.clone()))
         .chain(tables.subsets.iter().map(|r| r.stage.clone()))
         .chain(tables.coverage.iter().map(|r| r.stage.clone()))
+        .chain(tables.done.iter().map(|r| r.stage.clone()))
         .filter(|r| !exp.stages.iter().any(|s| *r == s.name || r.strip_suffix("-fixed") == Some(s.name.as_str())))
         .collect();
     stale.sort();
@@ -265,7 +318,7 @@ pub fn run(
         }
         run.remove_specialists(stage)?;
     }
-    if !changed.is_empty() || !stale.is_empty() {
+    if !changed.is_empty() || !stale.is_empty() || !partial.is_empty() {
         tables.write(&dir)?;
     }
     // A stage is done once its results are recorded, if a later stage reads its model its
@@ -275,7 +328,7 @@ pub fn run(
     for stage in &exp.stages {
         let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
         let needed = trains && read.contains(&stage.name.as_str());
-        let done = tables.has_results(&stage.name)
+        let done = tables.is_done(&stage.name)
             && (!needed || run.checkpoint(&stage.name).exists())
             && !stage.job.reads().iter().any(|s| ran.iter().any(|r| r == s));
         if done {
@@ -378,16 +431,57 @@ pub fn run(
             Job::Specialists { .. } => {
                 let only_these = (!indices.is_empty()).then_some(indices.as_slice());
                 run.specialists(&mut tables, name, &stage.job, only_these, started)?;
+                if only_these.is_some() {
+                    // Specialists trained alone: each has its own files; the stage commits when
+                    // it combines them.
+                    continue;
+                }
             }
         }
+        tables.commit(name, &dir)?;
     }
     Ok(dir)
 }
 
 /// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
 /// keeps and appends to).
-const RUN_FILES: [&str; 9] =
-    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE];
+const RUN_FILES: [&str; 10] =
+    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
+
+/// Removes the temporary files (`<file>.<pid>.tmp`) that a process killed while writing left in
+/// the run directory, its `checkpoints/` and its specialists' folders; for an `--only` process
+/// (`only` given), which shares the directory, only those of the stages it runs (their
+/// checkpoints and specialist folders).
+fn remove_stale_temporaries(dir: &Path, only: Option<&[String]>) -> Result<()> {
+    let mut folders = vec![(dir.to_path_buf(), only.is_none()), (dir.join("checkpoints"), only.is_none())];
+    if let Ok(entries) = std::fs::read_dir(dir.join("specialists")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && specialists::is_specialist_folder(&name) {
+                folders.push((entry.path(), only.is_none_or(|o| o.contains(&name))));
+            }
+        }
+    }
+    // An `--only` process's own checkpoints: `<stage>[.resume|.best].safetensors.<pid>.tmp`.
+    let own_checkpoint = |name: &str| {
+        only.unwrap_or_default().iter().any(|stage| {
+            ["", ".resume", ".best"].iter().any(|kind| name.starts_with(&format!("{stage}{kind}.safetensors.")))
+        })
+    };
+    for (folder, all) in folders {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = all || (folder.ends_with("checkpoints") && own_checkpoint(&name));
+            if ours && output::is_tmp(&name) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                info!("removing {}, left by a run that was stopped while writing it", entry.path().display());
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
 /// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
@@ -964,7 +1058,7 @@ impl Run<'_> {
                 row.transfer_agreement = Some(transfer.rate());
             }
         }
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Evaluates `net` on the validation and test splits and records its summary and per-class rows.
@@ -1034,7 +1128,7 @@ impl Run<'_> {
             shared_errors: None,
             transfer_agreement: None,
         });
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the

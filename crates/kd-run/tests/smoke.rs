@@ -751,3 +751,135 @@ fn a_run_stays_inside_out_and_fresh_removes_only_its_own_files() {
     assert!(!std::fs::symlink_metadata(dir.join("checkpoints")).unwrap().file_type().is_symlink());
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// A small experiment with a stage of each kind that writes results (train, distill with the
+/// teacher-logit cache, evaluate, bias_shift with a fixed shift, ensemble), which runs in about
+/// a second.
+const TINY: &str = r#"
+name = "tiny"
+seed = 1
+device = "cpu"
+threads = 1
+[data]
+dir = "data/mnist"
+train_limit = 700
+validation = 100
+test_limit = 300
+[defaults]
+epochs = 2
+batch_size = 100
+optimizer = { kind = "sgd", lr = 0.1, momentum = 0.9 }
+[[stages]]
+name = "teacher"
+kind = "train"
+model = { hidden = [16] }
+[[stages]]
+name = "student"
+kind = "distill"
+teacher = "teacher"
+temperature = 4
+model = { hidden = [8] }
+epochs = 1
+[[stages]]
+name = "again"
+kind = "evaluate"
+from = "teacher"
+[[stages]]
+name = "shift"
+kind = "bias_shift"
+from = "student"
+classes = [3]
+shifts = { min = 0.0, max = 1.0, step = 0.5 }
+fixed_shift = 1.0
+[[stages]]
+name = "both"
+kind = "ensemble"
+members = ["teacher", "student"]
+"#;
+
+/// A table's rows without the columns that measure time or name the machine.
+fn deterministic_rows(path: &Path) -> Vec<Vec<(String, String)>> {
+    let timing = ["seconds", "examples_per_second", "tflops", "device"];
+    csv_rows(path)
+        .into_iter()
+        .map(|r| {
+            let mut kept: Vec<(String, String)> =
+                r.into_iter().filter(|(k, _)| !timing.contains(&k.as_str())).collect();
+            kept.sort();
+            kept
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_at_every_commit_point_resumes_to_the_same_tables() {
+    let base = fresh_dir("faults");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    // `ulimit -c 0`: the abort leaves no core file.
+    let run = |out: &Path, fault: Option<usize>| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("ulimit -c 0; exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_kd-run"))
+            .args(["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .current_dir(root());
+        match fault {
+            Some(n) => cmd.env("KD_FAULT_AFTER_WRITES", n.to_string()),
+            None => cmd.env_remove("KD_FAULT_AFTER_WRITES"),
+        };
+        cmd.output().expect("kd-run starts")
+    };
+    let reference = base.join("reference");
+    let r = run(&reference, None);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let tables = ["summary.csv", "class_errors.csv", "metrics.csv", "bias_shifts.csv", "done.csv"];
+    let expected: Vec<_> = tables.iter().map(|t| deterministic_rows(&reference.join("tiny").join(t))).collect();
+    assert_eq!(expected[0].len(), 6, "teacher, student, again, shift, shift-fixed, both");
+
+    // Kill at write n, resume, compare; two at a time, until a run makes fewer than n writes.
+    let check = |n: usize| -> bool {
+        let out = base.join(format!("cut{n}"));
+        let killed = run(&out, Some(n));
+        if killed.status.success() {
+            return false;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(killed.status.signal(), Some(6), "write {n}: aborted: {}", String::from_utf8_lossy(&killed.stderr));
+        let resumed = run(&out, None);
+        assert!(resumed.status.success(), "after write {n}: {}", String::from_utf8_lossy(&resumed.stderr));
+        for (t, want) in tables.iter().zip(&expected) {
+            assert_eq!(&deterministic_rows(&out.join("tiny").join(t)), want, "{t}, killed at write {n}");
+        }
+        let mut leftovers = Vec::new();
+        for folder in [out.join("tiny"), out.join("tiny/checkpoints")] {
+            for entry in std::fs::read_dir(folder).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") || name.contains(".resume.") || name.contains(".best.") {
+                    leftovers.push(name);
+                }
+            }
+        }
+        assert!(leftovers.is_empty(), "killed at write {n}: {leftovers:?}");
+        std::fs::remove_dir_all(&out).unwrap();
+        true
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (next, end) = (AtomicUsize::new(1), AtomicUsize::new(usize::MAX));
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= end.load(Ordering::SeqCst) || !check(n) {
+                    end.fetch_min(n, Ordering::SeqCst);
+                    break;
+                }
+            });
+        }
+    });
+    let points = end.into_inner() - 1;
+    eprintln!("killed at each of {points} commit points; every resumed run wrote the same tables");
+    assert!(points >= 20, "only {points} writes");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -137,7 +137,7 @@ impl Run<'_> {
                 classes: subset.classes().iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
             });
         }
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Runs a `specialists` stage: trains the specialists not yet trained (only those of
@@ -251,7 +251,7 @@ impl Run<'_> {
         }
         let (g, q): (i64, i64) = (generalist_ok.iter().sum(), combined_ok.iter().sum());
         info!("stage `{stage}`: top-1 correct on the test split: generalist {g}, with specialists {q} ({:+})", q - g);
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// The subsets recorded by the clusters stage `from`, in their order.
