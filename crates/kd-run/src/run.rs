@@ -25,6 +25,7 @@ use std::time::Instant;
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
+mod lock;
 mod specialists;
 
 /// Picks the device named by an experiment's `device` setting.
@@ -98,6 +99,13 @@ struct Tables {
     /// The experiment's stage names in file order: `write` keeps the per-model rows in this
     /// order, so a stage that ran again does not move to the end.
     order: Vec<String>,
+    /// The stages whose rows this process changed (forgot, added, committed): [`Tables::write`]
+    /// writes theirs and keeps every other stage's rows as they are on disk, where another
+    /// `--only` process may have written them since.
+    touched: Vec<String>,
+    /// Whether other processes may write these tables too (the run directory's, not a
+    /// specialist's own): `write` then reads, merges and writes them under `locks/tables.lock`.
+    shared: bool,
 }
 
 const METRICS: &str = "metrics.csv";
@@ -121,13 +129,61 @@ impl Tables {
             coverage: output::read_csv(&dir.join(COVERAGE))?,
             done: output::read_csv(&dir.join(DONE))?,
             order: Vec::new(),
+            touched: Vec::new(),
+            shared: false,
         })
+    }
+
+    /// The stage a row belongs to: a `<stage>-fixed` row to `<stage>`.
+    fn owner<'a>(order: &[String], row: &'a str) -> &'a str {
+        match row.strip_suffix("-fixed") {
+            Some(base) if !order.iter().any(|s| s == row) && order.iter().any(|s| s == base) => base,
+            _ => row,
+        }
+    }
+
+    fn touch(&mut self, stage: &str) {
+        if !self.touched.iter().any(|t| t == stage) {
+            self.touched.push(stage.to_string());
+        }
+    }
+
+    /// Replaces the rows of the stages this process did not touch by those on disk.
+    fn merge_from_disk(&mut self, dir: &Path) -> Result<()> {
+        let disk = Tables::read(dir)?;
+        let (order, touched) = (&self.order, &self.touched);
+        let mine = |stage: &str| touched.iter().any(|t| t == Self::owner(order, stage));
+        fn merge<T>(mine: &dyn Fn(&str) -> bool, memory: &mut Vec<T>, disk: Vec<T>, stage: fn(&T) -> &str) {
+            let mut rows: Vec<T> = disk.into_iter().filter(|r| !mine(stage(r))).collect();
+            rows.extend(memory.drain(..).filter(|r| mine(stage(r))));
+            *memory = rows;
+        }
+        merge(&mine, &mut self.metrics, disk.metrics, |r| &r.stage);
+        merge(&mine, &mut self.summary, disk.summary, |r| &r.stage);
+        merge(&mine, &mut self.class_errors, disk.class_errors, |r| &r.stage);
+        merge(&mine, &mut self.shifts, disk.shifts, |r| &r.stage);
+        merge(&mine, &mut self.subsets, disk.subsets, |r| &r.stage);
+        merge(&mine, &mut self.specialists, disk.specialists, |r| &r.stage);
+        merge(&mine, &mut self.coverage, disk.coverage, |r| &r.stage);
+        merge(&mine, &mut self.done, disk.done, |r| &r.stage);
+        Ok(())
     }
 
     /// Writes the tables; those of the specialist stages only once they have rows. The per-model
     /// rows go in the order of their stages in the file (stable, so `<stage>-fixed` rows stay
     /// after their stage's).
     fn write(&mut self, dir: &Path) -> Result<()> {
+        if self.shared {
+            lock::with_tables_lock(dir, || {
+                self.merge_from_disk(dir)?;
+                self.write_files(dir)
+            })
+        } else {
+            self.write_files(dir)
+        }
+    }
+
+    fn write_files(&mut self, dir: &Path) -> Result<()> {
         let order = &self.order;
         let rank = |stage: &str| {
             let base = stage.strip_suffix("-fixed").unwrap_or(stage);
@@ -155,6 +211,7 @@ impl Tables {
 
     /// Commits a stage's results: marks it done and writes every table, `done.csv` last.
     fn commit(&mut self, stage: &str, dir: &Path) -> Result<()> {
+        self.touch(stage);
         if !self.is_done(stage) {
             self.done.push(DoneRow { stage: stage.to_string() });
         }
@@ -174,6 +231,7 @@ impl Tables {
     /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
     /// epochs.
     fn forget_results(&mut self, stage: &str) {
+        self.touch(stage);
         let fixed = format!("{stage}-fixed");
         let other = |s: &str| s != stage && s != fixed;
         self.summary.retain(|r| other(&r.stage));
@@ -205,6 +263,11 @@ pub fn run(
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
+    // Before anything is written or removed: a second process into a run directory in use fails
+    // here. `--only` processes share it, unless they also discard or rerun stages.
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let exclusive = only.is_empty() || fresh || !redo.is_empty();
+    let _lock = lock::acquire(&dir, only, exclusive, command)?;
     if fresh {
         remove_run_files(&dir)?;
     }
@@ -225,7 +288,7 @@ pub fn run(
     let cache = out.join(".cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
     crate::logging::log_to_file(&dir.join("run.log"))?;
-    remove_stale_temporaries(&dir, None)?;
+    remove_stale_temporaries(&dir, (!exclusive).then_some(only))?;
     // A run directory without `done.csv` but with results is one written before stages were
     // committed with it: the stages with results count as done. A new run writes `done.csv`
     // before any result, so a stage killed while committing is never taken for one of those.
@@ -264,10 +327,12 @@ pub fn run(
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
     tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+    tables.shared = true;
     if legacy {
         let done: Vec<String> = exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s)).collect();
         for stage in done {
             tables.done.push(DoneRow { stage: stage.clone() });
+            tables.touch(&stage);
         }
     }
     if !dir.join(DONE).exists() {
@@ -1202,6 +1267,31 @@ const BEST_KEY: &str = "__progress__.best";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_processes_writing_the_tables_keep_each_others_rows() {
+        let dir = std::env::temp_dir().join(format!("kd-tables-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = || {
+            let mut t = Tables::read(&dir).unwrap();
+            t.order = vec!["a".into(), "b".into()];
+            t.shared = true;
+            t
+        };
+        // Both read the directory before either wrote, as two `--only` processes started at once.
+        let (mut one, mut two) = (open(), open());
+        for (tables, stage) in [(&mut one, "a"), (&mut two, "b")] {
+            tables.forget_results(stage);
+            tables.shifts.push(ShiftRow { stage: stage.into(), shift: 1.0, val_errors: 3 });
+        }
+        one.commit("a", &dir).unwrap();
+        two.commit("b", &dir).unwrap();
+        let on_disk = Tables::read(&dir).unwrap();
+        assert_eq!(on_disk.shifts.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(on_disk.done.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn device_names_carry_threads_and_bf16() {

@@ -883,3 +883,79 @@ fn a_run_killed_at_every_commit_point_resumes_to_the_same_tables() {
     assert!(points >= 20, "only {points} writes");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// Every file under `dir` but its lock files, with its contents.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("locks") {
+                    folders.push(path);
+                }
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_run_directory_in_use_is_refused_naming_its_holder_and_only_processes_share_it() {
+    let base = fresh_dir("lock");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    let out = base.join("out");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |extra: &[&str]| kd_run(&args(extra).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = run(&["--only", "teacher"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let dir = out.join("tiny");
+
+    // Another process holds the run directory, as a whole run does.
+    let lock_path = dir.join("locks/run.lock");
+    let holder = std::fs::File::options().read(true).write(true).open(&lock_path).unwrap();
+    holder.try_lock().unwrap();
+    let who = "pid 4242 on elsewhere since 2026-12-01 10:00:00 UTC: kd-run run tiny.toml";
+    std::fs::write(&lock_path, format!("{who}\n")).unwrap();
+    let before = snapshot(&dir);
+    for extra in [&[][..], &["--only", "student"], &["--fresh"]] {
+        let r = run(extra);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains("is in use by") && stderr.contains(who), "{extra:?}: {stderr}");
+    }
+    assert!(snapshot(&dir) == before, "a refused run wrote or removed files");
+    drop(holder);
+
+    // Two `--only` processes at once share it, and neither loses the other's rows.
+    let spawn = |stage: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kd-run"))
+            .args(args(&["--only", stage]))
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children = [spawn("student"), spawn("again")];
+    for child in children {
+        let done = child.wait_with_output().unwrap();
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    }
+    let stages = |t: &str| csv_rows(&dir.join(t)).iter().map(|r| r["stage"].clone()).collect::<Vec<_>>();
+    assert_eq!(stages("summary.csv"), ["teacher", "student", "again"]);
+    assert_eq!(stages("done.csv"), ["teacher", "student", "again"]);
+    assert_eq!(stages("class_errors.csv").len(), 3 * 2 * 10, "3 models x 2 splits x 10 classes");
+    std::fs::remove_dir_all(&base).unwrap();
+}
