@@ -846,15 +846,11 @@ impl Run<'_> {
         parts.push(identity.into_bytes());
         let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
-        if path.exists() {
-            let cached = output::load_tensors(&path)?;
-            let get = |name: &str| cached.iter().find(|(n, _)| n == name).map(|(_, t)| t.to(self.device));
-            if let (Some(p), Some(c)) = (get("probs"), get("classes")) {
-                if p.size() == [transfer.len(), k] {
-                    info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
-                    return Ok((p, c));
-                }
-            }
+        let shape = [transfer.len(), k];
+        if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)]) {
+            info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
+            let classes = cached.pop().expect("two tensors").to(self.device);
+            return Ok((cached.pop().expect("two tensors").to(self.device), classes));
         }
         let (mut probs, mut classes) = (Vec::new(), Vec::new());
         let n = transfer.len();
@@ -865,10 +861,7 @@ impl Run<'_> {
             classes.push(c);
         }
         let (probs, classes) = (Tensor::cat(&probs, 0), Tensor::cat(&classes, 0));
-        output::save_tensors(
-            &path,
-            &[("probs".into(), probs.shallow_clone()), ("classes".into(), classes.shallow_clone())],
-        )?;
+        write_cache(&path, &[("probs", &probs), ("classes", &classes)])?;
         info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
         Ok((probs, classes))
     }
@@ -891,14 +884,10 @@ impl Run<'_> {
         }
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
-        if path.exists() {
-            let cached = output::load_tensors(&path)?;
-            if let Some((_, logits)) = cached.into_iter().find(|(k, _)| k == "logits") {
-                if logits.size()[0] == transfer.len() {
-                    info!("teacher logits over the transfer set read from {}", path.display());
-                    return Ok(logits.to(self.device));
-                }
-            }
+        let shape = [transfer.len(), self.data.num_classes];
+        if let Some(cached) = read_cache(&path, &[("logits", &shape)]) {
+            info!("teacher logits over the transfer set read from {}", path.display());
+            return Ok(cached[0].to(self.device));
         }
         let logits = match (spec.translations, self.data.geometry) {
             (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
@@ -908,7 +897,7 @@ impl Run<'_> {
             }
             (Some(_), None) => bail!("`teacher_translations` needs images; this data has none"),
         };
-        output::save_tensors(&path, &[("logits".to_string(), logits.shallow_clone())])?;
+        write_cache(&path, &[("logits", &logits)])?;
         info!("teacher logits over the transfer set cached in {}", path.display());
         Ok(logits)
     }
@@ -1244,6 +1233,67 @@ impl Run<'_> {
             self.record(tables, &format!("{stage}-fixed"), "bias_shift", &net, started, Some(f))?;
         }
         Ok(())
+    }
+}
+
+/// Name of the checksum tensor of a cache entry: per tensor of the entry, FNV-1a of its values.
+const CHECKSUM_KEY: &str = "__checksum__";
+
+/// FNV-1a of a tensor's values as little-endian bytes (i64, or else as f32), on the CPU.
+fn tensor_checksum(t: &Tensor) -> Result<i64> {
+    let flat = t.detach().to_device(Device::Cpu).contiguous().flatten(0, -1);
+    let bytes: Vec<u8> = match t.kind() {
+        Kind::Int64 => Vec::<i64>::try_from(&flat)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => Vec::<f32>::try_from(&flat.to_kind(Kind::Float))?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    Ok(fnv1a(&[&bytes]) as i64)
+}
+
+/// Writes a cache entry: the tensors and, under [`CHECKSUM_KEY`], a checksum of each.
+fn write_cache(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let sums = tensors.iter().map(|(_, t)| tensor_checksum(t)).collect::<Result<Vec<i64>>>()?;
+    let mut named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    named.push((CHECKSUM_KEY.to_string(), Tensor::from_slice(&sums)));
+    output::save_tensors(path, &named)
+}
+
+/// Reads a cache entry written by [`write_cache`]: the tensors `expected` names, if the entry
+/// exists and each has its shape and its checksum. A damaged entry (unreadable,
+/// truncated, altered, or from before entries were checksummed) is reported in the log and
+/// taken as absent, so that it is computed and written again.
+fn read_cache(path: &Path, expected: &[(&str, &[i64])]) -> Option<Vec<Tensor>> {
+    if !path.exists() {
+        return None;
+    }
+    let check = || -> Result<Vec<Tensor>> {
+        let named = output::load_tensors(path)?;
+        let get = |name: &str| named.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+        let sums = get(CHECKSUM_KEY).context("it has no checksum")?;
+        let sums = Vec::<i64>::try_from(&sums).context("its checksum is not a list of integers")?;
+        if sums.len() != expected.len() {
+            bail!("it has {} checksums for {} tensors", sums.len(), expected.len());
+        }
+        expected
+            .iter()
+            .zip(sums)
+            .map(|((name, shape), sum)| {
+                let t = get(name).with_context(|| format!("it has no `{name}`"))?;
+                if t.size() != *shape {
+                    bail!("`{name}` has shape {:?}, expected {shape:?}", t.size());
+                }
+                if tensor_checksum(&t)? != sum {
+                    bail!("`{name}` does not match its checksum");
+                }
+                Ok(t)
+            })
+            .collect()
+    };
+    match check() {
+        Ok(tensors) => Some(tensors),
+        Err(e) => {
+            tracing::warn!("the cache entry {} is damaged ({e:#}): computing it again", path.display());
+            None
+        }
     }
 }
 

@@ -959,3 +959,39 @@ fn a_run_directory_in_use_is_refused_naming_its_holder_and_only_processes_share_
     assert_eq!(stages("class_errors.csv").len(), 3 * 2 * 10, "3 models x 2 splits x 10 classes");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn a_damaged_teacher_logit_cache_entry_is_computed_again() {
+    let base = fresh_dir("cache");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    let out = base.join("out");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        kd_run(&args)
+    };
+    let r = run(&["--only", "teacher", "--only", "student"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let student = || csv_rows(&out.join("tiny/summary.csv")).into_iter().find(|r| r["stage"] == "student").unwrap();
+    let first = student();
+    let entries: Vec<PathBuf> = std::fs::read_dir(out.join(".cache")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let bytes = std::fs::read(&entries[0]).unwrap();
+    // A changed value, then a truncated file.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 9;
+    flipped[last] ^= 0x40;
+    for damaged in [flipped, bytes[..bytes.len() / 2].to_vec()] {
+        std::fs::write(&entries[0], &damaged).unwrap();
+        let r = run(&["--only", "student", "--redo", "student"]);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.success(), "{stderr}");
+        assert!(stderr.contains("is damaged") && stderr.contains("computing it again"), "{stderr}");
+        let again = student();
+        assert_eq!((&again["test_errors"], &again["val_errors"]), (&first["test_errors"], &first["val_errors"]));
+        assert_eq!(std::fs::read(&entries[0]).unwrap(), bytes, "the entry is written again as it was");
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}
