@@ -882,7 +882,84 @@ macro_rules! stage_bail {
     };
 }
 
+/// The longest experiment or stage name, in characters: with what a run appends to a stage's
+/// name in its files (`.<m>.resume.safetensors.<pid>.tmp`), a file name stays far below the 255
+/// bytes that file systems allow.
+pub const MAX_NAME_LEN: usize = 100;
+
+/// What makes `name` unusable as an experiment or stage name, if anything. A name becomes one
+/// component of a path (`OUT/<name>/`, `checkpoints/<stage>.safetensors`), so it may hold only
+/// ASCII letters, digits, `_`, `-` and `.`, must start with a letter, digit or `_` (no `.`, `..`
+/// or hidden file, nothing a command line takes for an option), and has at most
+/// [`MAX_NAME_LEN`] characters. No separator (`/`, `\`), NUL, control character or space can
+/// get in.
+pub fn name_problem(name: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    if name.is_empty() {
+        Some("it is empty".into())
+    } else if let Some(c) = name.chars().find(|&c| !allowed(c)) {
+        Some(format!("{c:?} is not allowed (only ASCII letters, digits, `_`, `-` and `.`)"))
+    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+        Some("it must start with a letter, a digit or `_`".into())
+    } else if name.chars().count() > MAX_NAME_LEN {
+        Some(format!("it has {} characters, more than {MAX_NAME_LEN}", name.chars().count()))
+    } else {
+        None
+    }
+}
+
+/// Whether a stage named `name` (a specialists stage if `specialists`) would share a name that a
+/// run derives from a stage's name with one of the `earlier` stages. A run derives: the row
+/// `<stage>-fixed` (a bias_shift stage's fixed shift; the tables count any `<stage>-fixed` row
+/// as `<stage>`'s), the checkpoints `<stage>.resume` and `<stage>.best` (while a stage trains),
+/// and for a specialists stage, specialist m's checkpoint, folder and `--only` name `<stage>.<m>`.
+fn derived_name_clash(name: &str, specialists: bool, earlier: &[Stage]) -> Option<String> {
+    for kind in ["resume", "best"] {
+        if name.ends_with(&format!(".{kind}")) {
+            return Some(format!(
+                "names ending in `.{kind}` are reserved for a stage's {kind} checkpoint `<stage>.{kind}.safetensors`"
+            ));
+        }
+    }
+    let fixed_of = |a: &str, b: &str| a.strip_suffix("-fixed") == Some(b);
+    let specialist_of =
+        |a: &str, b: &Stage| matches!(b.job, Job::Specialists { .. }) && name_is_specialist_of(a, &b.name);
+    earlier.iter().find_map(|t| {
+        let t_name = t.name.as_str();
+        if fixed_of(name, t_name) || fixed_of(t_name, name) {
+            let (base, fixed) = if fixed_of(name, t_name) { (t_name, name) } else { (name, t_name) };
+            Some(format!(
+                "`{fixed}` is the name of the row that stage `{base}` records with its fixed shift (a bias_shift \
+                 stage's `fixed_shift`; rows named `<stage>-fixed` belong to `<stage>`), so no stage can have it \
+                 beside `{base}`"
+            ))
+        } else if specialist_of(name, t) {
+            Some(format!("`{name}` names a specialist of the specialists stage `{t_name}` (`<stage>.<m>`)"))
+        } else if specialists && name_is_specialist_of(t_name, name) {
+            Some(format!(
+                "stage `{t_name}` has the name of one of this specialists stage's specialists (`<stage>.<m>`)"
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether `a` is `<stage>.<m>`, a specialist's name, for the specialists stage `stage`.
+fn name_is_specialist_of(a: &str, stage: &str) -> bool {
+    a.strip_prefix(stage)
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|m| !m.is_empty() && (m.bytes().all(|c| c.is_ascii_digit()) || m.parse::<usize>().is_ok()))
+}
+
 fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
+    if let Some(problem) = name_problem(raw.name.get_ref()) {
+        bail!(
+            "{}: name: {:?} is not a usable run name, which becomes the folder OUT/<name>/: {problem}",
+            line_of(text, raw.name.span().start),
+            raw.name.get_ref()
+        );
+    }
     let device = match raw.device {
         None => "auto".to_string(),
         Some(d) => {
@@ -984,11 +1061,14 @@ fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     let mut names = std::collections::HashSet::with_capacity(expanded.len());
     for s in expanded {
         let name = s.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-            stage_bail!(text, s, "a stage name uses only letters, digits, `_`, `-` and `.`");
+        if let Some(problem) = name_problem(&name) {
+            stage_bail!(text, s, "not a usable stage name: {problem}");
         }
         if !names.insert(name.clone()) {
             stage_bail!(text, s, "two stages have this name");
+        }
+        if let Some(problem) = derived_name_clash(&name, s.kind == StageKind::Specialists, &stages) {
+            stage_bail!(text, s, "{problem}; rename one of them");
         }
         let allowed: &[&str] = match s.kind {
             StageKind::Train => &TRAIN_KEYS,
@@ -2016,6 +2096,58 @@ epochs = 5
         }
         let e = parse_with(GOOD, &["seed=7 # a comment\n"]).unwrap();
         assert_eq!(e.seed, 7, "a comment or a trailing line break is still one value");
+    }
+
+    #[test]
+    fn names_are_single_safe_path_components() {
+        for bad in
+            ["", ".", "..", "../x", "../../x", "/tmp/x", "a/b", "a\\b", ".hidden", "-x", "a b", "a\0b", "a\nb", "é"]
+        {
+            assert!(name_problem(bad).is_some(), "{bad:?} accepted");
+            let quoted = toml::Value::String(bad.to_string()).to_string();
+            let err = parse_with(GOOD, &[&format!("name={quoted}")]).unwrap_err().to_string();
+            assert!(err.contains("name:") && err.contains("not a usable run name"), "{bad:?}: {err}");
+            let stage = GOOD.replacen("name = \"student\"", &format!("name = {quoted}"), 1);
+            let err = parse(&stage).unwrap_err().to_string();
+            assert!(err.contains("not a usable stage name"), "{bad:?}: {err}");
+        }
+        assert!(name_problem(&"a".repeat(MAX_NAME_LEN + 1)).unwrap().contains("more than"));
+        for good in ["smoke", "student-T2.5-h4-s1", "_x", "0.1", &"a".repeat(MAX_NAME_LEN)] {
+            assert_eq!(name_problem(good), None, "{good:?}");
+            assert_eq!(parse_with(GOOD, &[&format!("name={good:?}")]).unwrap().name, good);
+        }
+    }
+
+    #[test]
+    fn names_a_run_derives_from_stage_names_are_reserved() {
+        let shift = "\n[[stages]]\nname = \"shift\"\nkind = \"bias_shift\"\nfrom = \"student\"\nclasses = [3]\n\
+                     shifts = { min = 0, max = 5, step = 0.5 }\nfixed_shift = 3.5\n";
+        let stage = |name: &str| format!("\n[[stages]]\nname = \"{name}\"\nkind = \"evaluate\"\nfrom = \"teacher\"\n");
+        let experts = "\n[[stages]]\nname = \"groups\"\nkind = \"clusters\"\nfrom = \"teacher\"\nclusters = 4\n\n\
+                       [[stages]]\nname = \"experts\"\nkind = \"specialists\"\nfrom = \"teacher\"\nsubsets = \"groups\"\n";
+        // (the stages after GOOD's, the stage the error names, what it must say)
+        let cases = [
+            (format!("{}{shift}", stage("shift-fixed")), "shift", "`shift-fixed` is the name of the row"),
+            (format!("{shift}{}", stage("shift-fixed")), "shift-fixed", "`shift-fixed` is the name of the row"),
+            (stage("teacher-fixed"), "teacher-fixed", "rows named `<stage>-fixed` belong to `<stage>`"),
+            (stage("teacher.resume"), "teacher.resume", "reserved for a stage's resume checkpoint"),
+            (stage("x.best"), "x.best", "reserved for a stage's best checkpoint"),
+            (format!("{experts}{}", stage("experts.1")), "experts.1", "names a specialist of the specialists stage"),
+            (format!("{experts}{}", stage("experts.01")), "experts.01", "names a specialist"),
+            (format!("{}{experts}", stage("experts.0")), "experts", "has the name of one of this specialists stage's"),
+        ];
+        for (stages, named, message) in cases {
+            let text = format!("{GOOD}{stages}");
+            let err = parse(&text).unwrap_err().to_string();
+            let line = line_of(&text, text.find(&format!("name = \"{named}\"")).unwrap());
+            assert!(
+                err.contains(message) && err.contains(&format!(":{line}: stage `{named}`")),
+                "{stages}: expected line {line} and {message:?} in:\n{err}"
+            );
+        }
+        for fine in [stage("shift-fixed2"), stage("teacher.resumed"), format!("{experts}{}", stage("experts.x1"))] {
+            parse(&format!("{GOOD}{fine}")).unwrap_or_else(|e| panic!("{fine}: {e:#}"));
+        }
     }
 
     /// (edit of GOOD: from, to; text on the line the error must name; text the error must contain)

@@ -15,11 +15,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()
     };
-    let result = write().with_context(|| format!("cannot write {}", tmp.display())).and_then(|()| rename(&tmp, path));
+    let result = write()
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .map(|()| fault_point())
+        .and_then(|()| rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Fault injection for the tests of kill-and-resume (not a user setting, so not documented
+/// for users): with `KD_FAULT_AFTER_WRITES=N` in the environment, the process aborts at its Nth
+/// atomic write ([`write_atomic`], [`save_tensors`]), once the temporary file is written and
+/// before it is renamed over the real one: as if killed between its (N-1)th and Nth commit,
+/// with a stale temporary file left behind. `crates/kd-run/tests/smoke.rs` kills a run at every
+/// commit point in turn this way and checks that each resumes to the uninterrupted run's tables.
+fn fault_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let after = *AFTER.get_or_init(|| std::env::var("KD_FAULT_AFTER_WRITES").ok().and_then(|v| v.parse().ok()));
+    if let Some(n) = after {
+        if WRITES.fetch_add(1, Ordering::SeqCst) + 1 == n {
+            std::process::abort();
+        }
+    }
 }
 
 fn rename(tmp: &Path, path: &Path) -> Result<()> {
@@ -30,6 +51,14 @@ fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
+}
+
+/// Whether `name` is that of a temporary file [`write_atomic`] or [`save_tensors`] writes
+/// (`<file>.<pid>.tmp`): left behind only by a process killed while writing.
+pub fn is_tmp(name: &str) -> bool {
+    name.strip_suffix(".tmp")
+        .and_then(|rest| rest.rsplit_once('.'))
+        .is_some_and(|(file, pid)| !file.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Saves named tensors as safetensors, atomically.
@@ -44,6 +73,7 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
             let synced = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
             synced.with_context(|| format!("cannot sync {}", tmp.display()))
         })
+        .map(|()| fault_point())
         .and_then(|()| rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -253,7 +283,13 @@ pub struct ShiftRow {
     pub val_errors: i64,
 }
 
-/// Writes rows as CSV with a header, atomically.
+/// A stage whose results are committed (`done.csv`, written after the stage's rows).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DoneRow {
+    /// Stage name.
+    pub stage: String,
+}
+
 /// A class subset found by a `clusters` stage (`subsets.csv`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SubsetRow {
@@ -319,12 +355,26 @@ pub struct CoverageRow {
     pub consulted: i64,
 }
 
+/// Writes rows as CSV with a header, atomically.
 pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    write_atomic(path, &csv_bytes(rows)?)
+}
+
+/// [`write_csv`], unless the file already holds exactly these rows.
+pub fn write_csv_if_changed<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let bytes = csv_bytes(rows)?;
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    write_atomic(path, &bytes)
+}
+
+fn csv_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
         w.serialize(r)?;
     }
-    write_atomic(path, &w.into_inner().context("csv buffer")?)
+    w.into_inner().context("csv buffer")
 }
 
 /// Reads the rows of a CSV written by [`write_csv`]; a missing file is an empty table.

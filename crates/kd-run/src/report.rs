@@ -45,6 +45,9 @@ struct RunFiles {
     subsets: Vec<SubsetRow>,
     specialists: Vec<SpecialistRow>,
     coverage: Vec<CoverageRow>,
+    /// What the run directory lacks that the report would show, one sentence each; the report
+    /// says it instead of leaving gaps.
+    missing: Vec<String>,
 }
 
 impl RunFiles {
@@ -60,9 +63,56 @@ impl RunFiles {
             .and_then(|s| s.as_array())
             .map(|a| a.iter().filter_map(|s| s.as_table().cloned()).collect())
             .unwrap_or_default();
-        let summary: Vec<SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
+        let mut summary: Vec<SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
+        let mut class_errors: Vec<ClassErrorsRow> = output::read_csv(&dir.join("class_errors.csv"))?;
+        let metrics: Vec<MetricsRow> = output::read_csv(&dir.join("metrics.csv"))?;
+        let mut missing = Vec::new();
+        // Rows of a stage that `done.csv` does not name are those of a stage a killed run was
+        // committing; they are not results yet.
+        let done_path = dir.join("done.csv");
+        if done_path.exists() {
+            let done: Vec<output::DoneRow> = output::read_csv(&done_path)?;
+            let finished = |stage: &str| {
+                let base = stage.strip_suffix("-fixed").unwrap_or(stage);
+                done.iter().any(|d| d.stage == stage || d.stage == base)
+            };
+            let mut unfinished: Vec<String> =
+                summary.iter().filter(|r| !finished(&r.stage)).map(|r| format!("`{}`", r.stage)).collect();
+            unfinished.dedup();
+            if !unfinished.is_empty() {
+                missing.push(format!(
+                    "{} not finished (not in `done.csv`): not shown",
+                    if unfinished.len() == 1 {
+                        format!("stage {} is", unfinished[0])
+                    } else {
+                        format!("stages {} are", unfinished.join(", "))
+                    }
+                ));
+            }
+            summary.retain(|r| finished(&r.stage));
+            class_errors.retain(|r| finished(&r.stage));
+        }
         if summary.is_empty() {
             bail!("{} has no finished model yet (summary.csv is empty or missing)", dir.display());
+        }
+        if !class_errors.iter().any(|r| r.stage == summary[0].stage && r.split == "test") {
+            missing.push(format!(
+                "`class_errors.csv` {}: the size of the test set and errors per class are not shown",
+                if dir.join("class_errors.csv").exists() {
+                    "has no test rows for the first model"
+                } else {
+                    "is missing"
+                }
+            ));
+        }
+        if metrics.is_empty() {
+            missing.push(format!(
+                "`metrics.csv` {}: no training curves",
+                if dir.join("metrics.csv").exists() { "has no rows" } else { "is missing" }
+            ));
+        }
+        for note in &missing {
+            eprintln!("warning: {}: {note}", dir.display());
         }
         Ok(RunFiles {
             name: get_str("name"),
@@ -72,11 +122,12 @@ impl RunFiles {
             precision: get_str("precision"),
             logged_device: std::fs::read_to_string(dir.join("run.log")).ok().and_then(|log| logged_device(&log)),
             summary,
-            class_errors: output::read_csv(&dir.join("class_errors.csv"))?,
-            metrics: output::read_csv(&dir.join("metrics.csv"))?,
+            class_errors,
+            metrics,
             subsets: output::read_csv(&dir.join("subsets.csv"))?,
             specialists: output::read_csv(&dir.join("specialists.csv"))?,
             coverage: output::read_csv(&dir.join("specialist_coverage.csv"))?,
+            missing,
         })
     }
 
@@ -139,23 +190,25 @@ impl RunFiles {
         format!("`{}`: {:.1} min of stage time, {places}{precision}.", self.name, seconds / 60.0)
     }
 
-    /// Size of the test set, from the per-class counts of the first model.
-    fn test_examples(&self) -> i64 {
+    /// Size of the test set, from the per-class counts of the first model (None when they were
+    /// not recorded).
+    fn test_examples(&self) -> Option<i64> {
         let first = &self.summary[0].stage;
-        self.class_errors.iter().filter(|r| &r.stage == first && r.split == "test").map(|r| r.examples).sum()
+        let rows = self.class_errors.iter().filter(|r| &r.stage == first && r.split == "test");
+        rows.map(|r| r.examples).reduce(|a, b| a + b)
     }
 
     fn stage(&self, name: &str) -> Option<&toml::Table> {
         self.stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
     }
 
-    /// Test errors of `stage` on `classes`.
-    fn class_errors(&self, stage: &str, classes: &[i64]) -> i64 {
+    /// Test errors of `stage` on `classes`, if they were recorded.
+    fn class_errors(&self, stage: &str, classes: &[i64]) -> Option<i64> {
         self.class_errors
             .iter()
             .filter(|r| r.stage == stage && r.split == "test" && classes.contains(&r.class))
             .map(|r| r.errors)
-            .sum()
+            .reduce(|a, b| a + b)
     }
 }
 
@@ -609,7 +662,10 @@ fn ours(run: &RunFiles, row: &SummaryRow, stage: &toml::Table, classes: &[i64]) 
         s = format!("{s} ({:.1}%)", 100.0 * (1.0 - row.test_accuracy));
     }
     if !classes.is_empty() {
-        s.push_str(&format!(" ({} on {})", run.class_errors(&row.stage, classes), class_list(classes)));
+        match run.class_errors(&row.stage, classes) {
+            Some(e) => s.push_str(&format!(" ({e} on {})", class_list(classes))),
+            None => s.push_str(&format!(" (on {}: not recorded)", class_list(classes))),
+        }
     }
     s
 }
@@ -677,6 +733,11 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             writeln!(md, "{}  ", run.where_and_how_long())?;
         }
         writeln!(md)?;
+        for run in group {
+            for note in &run.missing {
+                writeln!(md, "> Missing from `{}`: {note}.\n", run.name)?;
+            }
+        }
         if group.len() > 1 {
             seeds_table(&mut md, group)?;
         } else {
@@ -702,8 +763,8 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
     }
     writeln!(
         md,
-        "| stage | model | setup | test errors (ours, of {}) | paper | validation errors |",
-        run.test_examples()
+        "| stage | model | setup | test errors (ours{}) | paper | validation errors |",
+        run.test_examples().map_or(String::new(), |n| format!(", of {n}"))
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     for row in run.summary.iter().filter(|r| sweep_point(&r.stage).is_none()) {
@@ -737,8 +798,8 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     let (val_head, val_rule) = if validation { (" validation errors per seed |", "---|") } else { ("", "") };
     writeln!(
         md,
-        "| stage | model | setup | test errors per seed (of {}) | mean ± sd | paper |{val_head}",
-        group[0].test_examples()
+        "| stage | model | setup | test errors per seed{} | mean ± sd | paper |{val_head}",
+        group[0].test_examples().map_or(String::new(), |n| format!(" (of {n})"))
     )?;
     writeln!(md, "|---|---|---|---|---|---|{val_rule}")?;
     for row in &group[0].summary {
@@ -954,7 +1015,34 @@ mod tests {
             subsets: vec![],
             specialists: vec![],
             coverage: vec![],
+            missing: vec![],
         }
+    }
+
+    #[test]
+    fn a_report_says_which_files_a_run_lacks_instead_of_leaving_gaps() {
+        let dir = std::env::temp_dir().join(format!("kd-report-gaps-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let run_dir = dir.join("r");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let config = "name = \"r\"\n[[stages]]\nname = \"a\"\nkind = \"train\"\n\
+                      [[stages]]\nname = \"b\"\nkind = \"bias_shift\"\nclasses = [3]\n";
+        std::fs::write(run_dir.join("config.toml"), config).unwrap();
+        output::write_csv(&run_dir.join("summary.csv"), &[summary_row("a", 12), summary_row("b", 11)]).unwrap();
+        // A row of `b` that a killed run was committing: `done.csv` names only `a`.
+        output::write_csv(&run_dir.join("done.csv"), &[output::DoneRow { stage: "a".into() }]).unwrap();
+        std::fs::write(run_dir.join("metrics.csv"), "").unwrap();
+        let out = dir.join("report.md");
+        let args = ReportArgs { out: out.clone(), title: "t".into(), runs: vec![run_dir.clone()] };
+        report(&args).unwrap();
+        let md = std::fs::read_to_string(&out).unwrap();
+        assert!(!md.contains("of 0"), "{md}");
+        assert!(md.contains("test errors (ours) |"), "{md}");
+        assert!(md.contains("`class_errors.csv` is missing"), "{md}");
+        assert!(md.contains("`metrics.csv` has no rows: no training curves"), "{md}");
+        assert!(md.contains("stage `b` is not finished"), "{md}");
+        assert!(md.contains("| a |") && !md.contains("| b |"), "{md}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1093,6 +1181,7 @@ mod tests {
             subsets: vec![],
             specialists: vec![],
             coverage: vec![],
+            missing: vec![],
         };
         assert_eq!(run.where_and_how_long(), "`r`: 2.0 min of stage time, teacher on cuda:0; a, b on cpu (2 threads).");
 

@@ -3,7 +3,8 @@
 //! Layout of `OUT/<name>/`: `config.toml` (the resolved experiment), `command.txt` (the
 //! command line), `metrics.csv` (a row per stage and epoch), `summary.csv` (a row per model),
 //! `class_errors.csv` (per model, split and class), `bias_shifts.csv` (validation errors of
-//! each candidate shift), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
+//! each candidate shift), `done.csv` (the stages whose results are committed: written after
+//! their rows, see [`Tables::commit`]), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
 //! trains, `checkpoints/<stage>.resume.safetensors` holds the weights and optimizer state after
 //! its last finished epoch; each epoch reseeds libtorch from the stage seed and the epoch, so a
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
@@ -12,7 +13,9 @@
 use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
 use crate::optim::{self, Optimizer};
-use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow};
+use crate::output::{
+    self, ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
+};
 use crate::progress::Progress;
 use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
@@ -22,6 +25,7 @@ use std::time::Instant;
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
+mod lock;
 mod specialists;
 
 /// Picks the device named by an experiment's `device` setting.
@@ -76,7 +80,9 @@ struct Targets<'a> {
     classes: i64,
 }
 
-/// The CSV tables of a run, rewritten (atomically) whenever they change.
+/// The CSV tables of a run, each rewritten atomically when it changes: after each epoch (its
+/// `metrics.csv` row), and when a stage commits its results ([`Tables::commit`]), each table
+/// once, `done.csv` last.
 #[derive(Default)]
 struct Tables {
     metrics: Vec<MetricsRow>,
@@ -86,9 +92,20 @@ struct Tables {
     subsets: Vec<SubsetRow>,
     specialists: Vec<SpecialistRow>,
     coverage: Vec<CoverageRow>,
+    /// The stages whose results are committed (`done.csv`): a stage's rows count only once it
+    /// is listed here, so a run killed while a stage committed drops the stage's rows and runs it
+    /// again.
+    done: Vec<DoneRow>,
     /// The experiment's stage names in file order: `write` keeps the per-model rows in this
     /// order, so a stage that ran again does not move to the end.
     order: Vec<String>,
+    /// The stages whose rows this process changed (forgot, added, committed): [`Tables::write`]
+    /// writes theirs and keeps every other stage's rows as they are on disk, where another
+    /// `--only` process may have written them since.
+    touched: Vec<String>,
+    /// Whether other processes may write these tables too (the run directory's, not a
+    /// specialist's own): `write` then reads, merges and writes them under `locks/tables.lock`.
+    shared: bool,
 }
 
 const METRICS: &str = "metrics.csv";
@@ -98,6 +115,7 @@ const SHIFTS: &str = "bias_shifts.csv";
 const SUBSETS: &str = "subsets.csv";
 const SPECIALISTS: &str = "specialists.csv";
 const COVERAGE: &str = "specialist_coverage.csv";
+const DONE: &str = "done.csv";
 
 impl Tables {
     fn read(dir: &Path) -> Result<Self> {
@@ -109,14 +127,63 @@ impl Tables {
             subsets: output::read_csv(&dir.join(SUBSETS))?,
             specialists: output::read_csv(&dir.join(SPECIALISTS))?,
             coverage: output::read_csv(&dir.join(COVERAGE))?,
+            done: output::read_csv(&dir.join(DONE))?,
             order: Vec::new(),
+            touched: Vec::new(),
+            shared: false,
         })
+    }
+
+    /// The stage a row belongs to: a `<stage>-fixed` row to `<stage>`.
+    fn owner<'a>(order: &[String], row: &'a str) -> &'a str {
+        match row.strip_suffix("-fixed") {
+            Some(base) if !order.iter().any(|s| s == row) && order.iter().any(|s| s == base) => base,
+            _ => row,
+        }
+    }
+
+    fn touch(&mut self, stage: &str) {
+        if !self.touched.iter().any(|t| t == stage) {
+            self.touched.push(stage.to_string());
+        }
+    }
+
+    /// Replaces the rows of the stages this process did not touch by those on disk.
+    fn merge_from_disk(&mut self, dir: &Path) -> Result<()> {
+        let disk = Tables::read(dir)?;
+        let (order, touched) = (&self.order, &self.touched);
+        let mine = |stage: &str| touched.iter().any(|t| t == Self::owner(order, stage));
+        fn merge<T>(mine: &dyn Fn(&str) -> bool, memory: &mut Vec<T>, disk: Vec<T>, stage: fn(&T) -> &str) {
+            let mut rows: Vec<T> = disk.into_iter().filter(|r| !mine(stage(r))).collect();
+            rows.extend(memory.drain(..).filter(|r| mine(stage(r))));
+            *memory = rows;
+        }
+        merge(&mine, &mut self.metrics, disk.metrics, |r| &r.stage);
+        merge(&mine, &mut self.summary, disk.summary, |r| &r.stage);
+        merge(&mine, &mut self.class_errors, disk.class_errors, |r| &r.stage);
+        merge(&mine, &mut self.shifts, disk.shifts, |r| &r.stage);
+        merge(&mine, &mut self.subsets, disk.subsets, |r| &r.stage);
+        merge(&mine, &mut self.specialists, disk.specialists, |r| &r.stage);
+        merge(&mine, &mut self.coverage, disk.coverage, |r| &r.stage);
+        merge(&mine, &mut self.done, disk.done, |r| &r.stage);
+        Ok(())
     }
 
     /// Writes the tables; those of the specialist stages only once they have rows. The per-model
     /// rows go in the order of their stages in the file (stable, so `<stage>-fixed` rows stay
     /// after their stage's).
     fn write(&mut self, dir: &Path) -> Result<()> {
+        if self.shared {
+            lock::with_tables_lock(dir, || {
+                self.merge_from_disk(dir)?;
+                self.write_files(dir)
+            })
+        } else {
+            self.write_files(dir)
+        }
+    }
+
+    fn write_files(&mut self, dir: &Path) -> Result<()> {
         let order = &self.order;
         let rank = |stage: &str| {
             let base = stage.strip_suffix("-fixed").unwrap_or(stage);
@@ -124,19 +191,36 @@ impl Tables {
         };
         self.summary.sort_by_key(|r| rank(&r.stage));
         self.class_errors.sort_by_key(|r| rank(&r.stage));
-        output::write_csv(&dir.join(METRICS), &self.metrics)?;
-        output::write_csv(&dir.join(SUMMARY), &self.summary)?;
-        output::write_csv(&dir.join(CLASS_ERRORS), &self.class_errors)?;
-        output::write_csv(&dir.join(SHIFTS), &self.shifts)?;
+        self.done.sort_by_key(|r| rank(&r.stage));
+        output::write_csv_if_changed(&dir.join(METRICS), &self.metrics)?;
+        output::write_csv_if_changed(&dir.join(SUMMARY), &self.summary)?;
+        output::write_csv_if_changed(&dir.join(CLASS_ERRORS), &self.class_errors)?;
+        output::write_csv_if_changed(&dir.join(SHIFTS), &self.shifts)?;
         fn some<T: serde::Serialize>(path: PathBuf, rows: &[T]) -> Result<()> {
             if rows.is_empty() && !path.exists() {
                 return Ok(());
             }
-            output::write_csv(&path, rows)
+            output::write_csv_if_changed(&path, rows)
         }
         some(dir.join(SUBSETS), &self.subsets)?;
         some(dir.join(SPECIALISTS), &self.specialists)?;
-        some(dir.join(COVERAGE), &self.coverage)
+        some(dir.join(COVERAGE), &self.coverage)?;
+        // Last: the stages it lists are those whose rows above are complete.
+        some(dir.join(DONE), &self.done)
+    }
+
+    /// Commits a stage's results: marks it done and writes every table, `done.csv` last.
+    fn commit(&mut self, stage: &str, dir: &Path) -> Result<()> {
+        self.touch(stage);
+        if !self.is_done(stage) {
+            self.done.push(DoneRow { stage: stage.to_string() });
+        }
+        self.write(dir)
+    }
+
+    /// Whether a stage's results are committed.
+    fn is_done(&self, stage: &str) -> bool {
+        self.done.iter().any(|r| r.stage == stage)
     }
 
     /// Whether a stage's results are recorded.
@@ -147,12 +231,15 @@ impl Tables {
     /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
     /// epochs.
     fn forget_results(&mut self, stage: &str) {
-        let other = |s: &str| s != stage && !s.starts_with(&format!("{stage}-fixed"));
+        self.touch(stage);
+        let fixed = format!("{stage}-fixed");
+        let other = |s: &str| s != stage && s != fixed;
         self.summary.retain(|r| other(&r.stage));
         self.class_errors.retain(|r| other(&r.stage));
         self.subsets.retain(|r| r.stage != stage);
         self.specialists.retain(|r| r.stage != stage);
         self.coverage.retain(|r| r.stage != stage);
+        self.done.retain(|r| r.stage != stage);
     }
 
     /// Forgets what an unfinished stage recorded beyond `epoch`.
@@ -176,26 +263,13 @@ pub fn run(
     let dir = out.join(&exp.name);
     let config = exp.to_toml()?;
     let config_path = dir.join("config.toml");
-    if fresh && dir.exists() {
-        for name in [
-            "config.toml",
-            METRICS,
-            SUMMARY,
-            CLASS_ERRORS,
-            SHIFTS,
-            SUBSETS,
-            SPECIALISTS,
-            COVERAGE,
-            "checkpoints",
-            "specialists",
-        ] {
-            let p = dir.join(name);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p)?;
-            } else if p.exists() {
-                std::fs::remove_file(&p)?;
-            }
-        }
+    // Before anything is written or removed: a second process into a run directory in use fails
+    // here. `--only` processes share it, unless they also discard or rerun stages.
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let exclusive = only.is_empty() || fresh || !redo.is_empty();
+    let _lock = lock::acquire(&dir, only, exclusive, command)?;
+    if fresh {
+        remove_run_files(&dir)?;
     }
     let mut changed = Vec::new();
     if config_path.exists() {
@@ -214,6 +288,14 @@ pub fn run(
     let cache = out.join(".cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
     crate::logging::log_to_file(&dir.join("run.log"))?;
+    remove_stale_temporaries(&dir, (!exclusive).then_some(only))?;
+    // A run directory without `done.csv` but with results is one written before stages were
+    // committed with it: the stages with results count as done. A new run writes `done.csv`
+    // before any result, so a stage killed while committing is never taken for one of those.
+    let legacy = !dir.join(DONE).exists() && {
+        let old = Tables::read(&dir)?;
+        !old.summary.is_empty() || !old.subsets.is_empty()
+    };
     output::write_atomic(&config_path, config.as_bytes())?;
     output::write_atomic(&dir.join("command.txt"), format!("{command}\n").as_bytes())?;
 
@@ -245,6 +327,24 @@ pub fn run(
     let run = Run { exp, dir: dir.clone(), cache, device, data };
     let mut tables = Tables::read(&dir)?;
     tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+    tables.shared = true;
+    if legacy {
+        let done: Vec<String> = exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s)).collect();
+        for stage in done {
+            tables.done.push(DoneRow { stage: stage.clone() });
+            tables.touch(&stage);
+        }
+    }
+    if !dir.join(DONE).exists() {
+        output::write_csv(&dir.join(DONE), &tables.done)?;
+    }
+    // Rows of a stage that was killed while it committed its results.
+    let partial: Vec<String> =
+        exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s) && !tables.is_done(s)).collect();
+    for stage in &partial {
+        info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
+        tables.forget_results(stage);
+    }
     // Results of stages the file no longer has.
     let mut stale: Vec<String> = tables
         .summary
@@ -253,6 +353,7 @@ pub fn run(
         .chain(tables.metrics.iter().map(|r| r.stage.clone()))
         .chain(tables.subsets.iter().map(|r| r.stage.clone()))
         .chain(tables.coverage.iter().map(|r| r.stage.clone()))
+        .chain(tables.done.iter().map(|r| r.stage.clone()))
         .filter(|r| !exp.stages.iter().any(|s| *r == s.name || r.strip_suffix("-fixed") == Some(s.name.as_str())))
         .collect();
     stale.sort();
@@ -282,7 +383,7 @@ pub fn run(
         }
         run.remove_specialists(stage)?;
     }
-    if !changed.is_empty() || !stale.is_empty() {
+    if !changed.is_empty() || !stale.is_empty() || !partial.is_empty() {
         tables.write(&dir)?;
     }
     // A stage is done once its results are recorded, if a later stage reads its model its
@@ -292,7 +393,7 @@ pub fn run(
     for stage in &exp.stages {
         let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
         let needed = trains && read.contains(&stage.name.as_str());
-        let done = tables.has_results(&stage.name)
+        let done = tables.is_done(&stage.name)
             && (!needed || run.checkpoint(&stage.name).exists())
             && !stage.job.reads().iter().any(|s| ran.iter().any(|r| r == s));
         if done {
@@ -395,10 +496,120 @@ pub fn run(
             Job::Specialists { .. } => {
                 let only_these = (!indices.is_empty()).then_some(indices.as_slice());
                 run.specialists(&mut tables, name, &stage.job, only_these, started)?;
+                if only_these.is_some() {
+                    // Specialists trained alone: each has its own files; the stage commits when
+                    // it combines them.
+                    continue;
+                }
+            }
+        }
+        tables.commit(name, &dir)?;
+    }
+    Ok(dir)
+}
+
+/// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
+/// keeps and appends to).
+const RUN_FILES: [&str; 10] =
+    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
+
+/// Removes the temporary files (`<file>.<pid>.tmp`) that a process killed while writing left in
+/// the run directory, its `checkpoints/` and its specialists' folders; for an `--only` process
+/// (`only` given), which shares the directory, only those of the stages it runs (their
+/// checkpoints and specialist folders).
+fn remove_stale_temporaries(dir: &Path, only: Option<&[String]>) -> Result<()> {
+    let mut folders = vec![(dir.to_path_buf(), only.is_none()), (dir.join("checkpoints"), only.is_none())];
+    if let Ok(entries) = std::fs::read_dir(dir.join("specialists")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && specialists::is_specialist_folder(&name) {
+                folders.push((entry.path(), only.is_none_or(|o| o.contains(&name))));
             }
         }
     }
-    Ok(dir)
+    // An `--only` process's own checkpoints: `<stage>[.resume|.best].safetensors.<pid>.tmp`.
+    let own_checkpoint = |name: &str| {
+        only.unwrap_or_default().iter().any(|stage| {
+            ["", ".resume", ".best"].iter().any(|kind| name.starts_with(&format!("{stage}{kind}.safetensors.")))
+        })
+    };
+    for (folder, all) in folders {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = all || (folder.ends_with("checkpoints") && own_checkpoint(&name));
+            if ours && output::is_tmp(&name) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                info!("removing {}, left by a run that was stopped while writing it", entry.path().display());
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
+/// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
+/// files beside any of them; then those folders if that left them empty. Anything else (a file
+/// of the user's, a folder kd-run did not make) stays, and a symbolic link is never followed:
+/// one in the place of a file or folder of the run is removed as a link, its target untouched.
+/// A run directory that is itself a symbolic link is refused.
+fn remove_run_files(dir: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    if meta.file_type().is_symlink() {
+        bail!("--fresh: {} is a symbolic link; kd-run deletes nothing outside its own run directory", dir.display());
+    }
+    let remove_file = |path: &Path| -> Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    };
+    // Removes the files of `folder` that `ours` accepts (a link in the place of the folder:
+    // the link), then the folder if it is empty.
+    let clear = |folder: &Path, ours: &dyn Fn(&str, &std::fs::FileType) -> Result<()>| -> Result<()> {
+        let Ok(meta) = std::fs::symlink_metadata(folder) else { return Ok(()) };
+        if !meta.is_dir() {
+            return remove_file(folder);
+        }
+        for entry in std::fs::read_dir(folder)? {
+            let entry = entry?;
+            ours(&entry.file_name().to_string_lossy(), &entry.file_type()?)?;
+        }
+        let _ = std::fs::remove_dir(folder);
+        Ok(())
+    };
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            remove_file(&path)?;
+        }
+    }
+    let checkpoints = dir.join("checkpoints");
+    clear(&checkpoints, &|name, kind| {
+        if !kind.is_dir() && (name.ends_with(".safetensors") || output::is_tmp(name)) {
+            remove_file(&checkpoints.join(name))?;
+        }
+        Ok(())
+    })?;
+    let specialists = dir.join("specialists");
+    clear(&specialists, &|name, kind| {
+        let folder = specialists.join(name);
+        if kind.is_symlink() {
+            return remove_file(&folder);
+        }
+        if kind.is_dir() && specialists::is_specialist_folder(name) {
+            clear(&folder, &|file, kind| {
+                if !kind.is_dir() && (specialists::SPECIALIST_FILES.contains(&file) || output::is_tmp(file)) {
+                    remove_file(&folder.join(file))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// The stages whose settings in the resolved configuration `new` differ from those of an earlier
@@ -636,15 +847,11 @@ impl Run<'_> {
         parts.push(identity.into_bytes());
         let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
-        if path.exists() {
-            let cached = output::load_tensors(&path)?;
-            let get = |name: &str| cached.iter().find(|(n, _)| n == name).map(|(_, t)| t.to(self.device));
-            if let (Some(p), Some(c)) = (get("probs"), get("classes")) {
-                if p.size() == [transfer.len(), k] {
-                    info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
-                    return Ok((p, c));
-                }
-            }
+        let shape = [transfer.len(), k];
+        if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)]) {
+            info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
+            let classes = cached.pop().expect("two tensors").to(self.device);
+            return Ok((cached.pop().expect("two tensors").to(self.device), classes));
         }
         let (mut probs, mut classes) = (Vec::new(), Vec::new());
         let n = transfer.len();
@@ -655,10 +862,7 @@ impl Run<'_> {
             classes.push(c);
         }
         let (probs, classes) = (Tensor::cat(&probs, 0), Tensor::cat(&classes, 0));
-        output::save_tensors(
-            &path,
-            &[("probs".into(), probs.shallow_clone()), ("classes".into(), classes.shallow_clone())],
-        )?;
+        write_cache(&path, &[("probs", &probs), ("classes", &classes)])?;
         info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
         Ok((probs, classes))
     }
@@ -681,14 +885,10 @@ impl Run<'_> {
         }
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
-        if path.exists() {
-            let cached = output::load_tensors(&path)?;
-            if let Some((_, logits)) = cached.into_iter().find(|(k, _)| k == "logits") {
-                if logits.size()[0] == transfer.len() {
-                    info!("teacher logits over the transfer set read from {}", path.display());
-                    return Ok(logits.to(self.device));
-                }
-            }
+        let shape = [transfer.len(), self.data.num_classes];
+        if let Some(cached) = read_cache(&path, &[("logits", &shape)]) {
+            info!("teacher logits over the transfer set read from {}", path.display());
+            return Ok(cached[0].to(self.device));
         }
         let logits = match (spec.translations, self.data.geometry) {
             (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
@@ -701,7 +901,7 @@ impl Run<'_> {
             }
             (Some(_), None) => bail!("`teacher_translations` needs images; this data has none"),
         };
-        output::save_tensors(&path, &[("logits".to_string(), logits.shallow_clone())])?;
+        write_cache(&path, &[("logits", &logits)])?;
         info!("teacher logits over the transfer set cached in {}", path.display());
         Ok(logits)
     }
@@ -927,7 +1127,7 @@ impl Run<'_> {
                 row.transfer_agreement = Some(transfer.rate());
             }
         }
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Evaluates `net` on the validation and test splits and records its summary and per-class rows.
@@ -1007,7 +1207,7 @@ impl Run<'_> {
             shared_errors: None,
             transfer_agreement: None,
         });
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
@@ -1130,6 +1330,67 @@ fn diverged(
     )
 }
 
+/// Name of the checksum tensor of a cache entry: per tensor of the entry, FNV-1a of its values.
+const CHECKSUM_KEY: &str = "__checksum__";
+
+/// FNV-1a of a tensor's values as little-endian bytes (i64, or else as f32), on the CPU.
+fn tensor_checksum(t: &Tensor) -> Result<i64> {
+    let flat = t.detach().to_device(Device::Cpu).contiguous().flatten(0, -1);
+    let bytes: Vec<u8> = match t.kind() {
+        Kind::Int64 => Vec::<i64>::try_from(&flat)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => Vec::<f32>::try_from(&flat.to_kind(Kind::Float))?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    Ok(fnv1a(&[&bytes]) as i64)
+}
+
+/// Writes a cache entry: the tensors and, under [`CHECKSUM_KEY`], a checksum of each.
+fn write_cache(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let sums = tensors.iter().map(|(_, t)| tensor_checksum(t)).collect::<Result<Vec<i64>>>()?;
+    let mut named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    named.push((CHECKSUM_KEY.to_string(), Tensor::from_slice(&sums)));
+    output::save_tensors(path, &named)
+}
+
+/// Reads a cache entry written by [`write_cache`]: the tensors `expected` names, if the entry
+/// exists and each has its shape and its checksum. A damaged entry (unreadable,
+/// truncated, altered, or from before entries were checksummed) is reported in the log and
+/// taken as absent, so that it is computed and written again.
+fn read_cache(path: &Path, expected: &[(&str, &[i64])]) -> Option<Vec<Tensor>> {
+    if !path.exists() {
+        return None;
+    }
+    let check = || -> Result<Vec<Tensor>> {
+        let named = output::load_tensors(path)?;
+        let get = |name: &str| named.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+        let sums = get(CHECKSUM_KEY).context("it has no checksum")?;
+        let sums = Vec::<i64>::try_from(&sums).context("its checksum is not a list of integers")?;
+        if sums.len() != expected.len() {
+            bail!("it has {} checksums for {} tensors", sums.len(), expected.len());
+        }
+        expected
+            .iter()
+            .zip(sums)
+            .map(|((name, shape), sum)| {
+                let t = get(name).with_context(|| format!("it has no `{name}`"))?;
+                if t.size() != *shape {
+                    bail!("`{name}` has shape {:?}, expected {shape:?}", t.size());
+                }
+                if tensor_checksum(&t)? != sum {
+                    bail!("`{name}` does not match its checksum");
+                }
+                Ok(t)
+            })
+            .collect()
+    };
+    match check() {
+        Ok(tensors) => Some(tensors),
+        Err(e) => {
+            tracing::warn!("the cache entry {} is damaged ({e:#}): computing it again", path.display());
+            None
+        }
+    }
+}
+
 /// FNV-1a over several byte strings (a cache key, not a cryptographic hash).
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -1150,6 +1411,31 @@ const BEST_KEY: &str = "__progress__.best";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_processes_writing_the_tables_keep_each_others_rows() {
+        let dir = std::env::temp_dir().join(format!("kd-tables-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = || {
+            let mut t = Tables::read(&dir).unwrap();
+            t.order = vec!["a".into(), "b".into()];
+            t.shared = true;
+            t
+        };
+        // Both read the directory before either wrote, as two `--only` processes started at once.
+        let (mut one, mut two) = (open(), open());
+        for (tables, stage) in [(&mut one, "a"), (&mut two, "b")] {
+            tables.forget_results(stage);
+            tables.shifts.push(ShiftRow { stage: stage.into(), shift: 1.0, val_errors: 3 });
+        }
+        one.commit("a", &dir).unwrap();
+        two.commit("b", &dir).unwrap();
+        let on_disk = Tables::read(&dir).unwrap();
+        assert_eq!(on_disk.shifts.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(on_disk.done.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn device_names_carry_threads_and_bf16() {

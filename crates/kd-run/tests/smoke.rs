@@ -689,3 +689,309 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&again);
 }
+
+#[test]
+fn a_run_stays_inside_out_and_fresh_removes_only_its_own_files() {
+    let base = fresh_dir("names");
+    let out = base.join("out");
+    // Another folder beside --out that looks like a run directory.
+    let victim = base.join("victim");
+    std::fs::create_dir_all(victim.join("checkpoints")).unwrap();
+    std::fs::write(victim.join("config.toml"), "mine").unwrap();
+    std::fs::write(victim.join("checkpoints/teacher.safetensors"), "mine").unwrap();
+    let victim_path = victim.to_str().unwrap().to_string();
+    for set in [
+        "name=../victim".to_string(),
+        format!("name={victim_path}"),
+        "name=..".into(),
+        "name=a/b".into(),
+        "name=".into(),
+        "name=.hidden".into(),
+        "stages.teacher.name=../../teacher".into(),
+    ] {
+        let r = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--fresh", "--set", &set]);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "--set {set}: {stderr}");
+        assert!(stderr.contains("not a usable"), "--set {set}: {stderr}");
+        assert!(stderr.contains(": name:") || stderr.contains("stage name"), "the key is named: {stderr}");
+    }
+    assert!(!out.exists(), "nothing was written");
+    assert_eq!(std::fs::read_to_string(victim.join("config.toml")).unwrap(), "mine");
+    assert!(victim.join("checkpoints/teacher.safetensors").exists());
+
+    // --fresh in a run directory that holds a user's files and a link to the victim's
+    // checkpoints: kd-run's files go, the rest stays, the link is not followed.
+    let dir = out.join("smoke");
+    std::fs::create_dir_all(dir.join("specialists/notes")).unwrap();
+    std::fs::create_dir_all(dir.join("specialists/s.0")).unwrap();
+    std::fs::write(dir.join("specialists/notes/plan.txt"), "mine").unwrap();
+    std::fs::write(dir.join("specialists/s.0/specialist.csv"), "stage\n").unwrap();
+    std::fs::write(dir.join("specialists/s.0/mine.txt"), "mine").unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    std::fs::write(dir.join("summary.csv"), "stage\n").unwrap();
+    std::os::unix::fs::symlink(victim.join("checkpoints"), dir.join("checkpoints")).unwrap();
+    let missing = base.join("no-data");
+    let r = kd_run(&[
+        "run",
+        "experiments/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--fresh",
+        "--set",
+        &format!("data.dir={:?}", missing.to_str().unwrap()),
+    ]);
+    assert_eq!(r.status.code(), Some(1), "the data is missing: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(victim.join("checkpoints/teacher.safetensors").exists(), "--fresh followed a link out of the run");
+    for kept in ["notes.txt", "specialists/notes/plan.txt", "specialists/s.0/mine.txt"] {
+        assert!(dir.join(kept).exists(), "--fresh removed {kept}");
+    }
+    for gone in ["summary.csv", "specialists/s.0/specialist.csv"] {
+        assert!(!dir.join(gone).exists(), "--fresh kept {gone}");
+    }
+    assert!(!std::fs::symlink_metadata(dir.join("checkpoints")).unwrap().file_type().is_symlink());
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// A small experiment with a stage of each kind that writes results (train, distill with the
+/// teacher-logit cache, evaluate, bias_shift with a fixed shift, ensemble), which runs in about
+/// a second.
+const TINY: &str = r#"
+name = "tiny"
+seed = 1
+device = "cpu"
+threads = 1
+[data]
+dir = "data/mnist"
+train_limit = 700
+validation = 100
+test_limit = 300
+[defaults]
+epochs = 2
+batch_size = 100
+optimizer = { kind = "sgd", lr = 0.1, momentum = 0.9 }
+[[stages]]
+name = "teacher"
+kind = "train"
+model = { hidden = [16] }
+[[stages]]
+name = "student"
+kind = "distill"
+teacher = "teacher"
+temperature = 4
+model = { hidden = [8] }
+epochs = 1
+[[stages]]
+name = "again"
+kind = "evaluate"
+from = "teacher"
+[[stages]]
+name = "shift"
+kind = "bias_shift"
+from = "student"
+classes = [3]
+shifts = { min = 0.0, max = 1.0, step = 0.5 }
+fixed_shift = 1.0
+[[stages]]
+name = "both"
+kind = "ensemble"
+members = ["teacher", "student"]
+"#;
+
+/// A table's rows without the columns that measure time or name the machine.
+fn deterministic_rows(path: &Path) -> Vec<Vec<(String, String)>> {
+    let timing = ["seconds", "examples_per_second", "tflops", "device"];
+    csv_rows(path)
+        .into_iter()
+        .map(|r| {
+            let mut kept: Vec<(String, String)> =
+                r.into_iter().filter(|(k, _)| !timing.contains(&k.as_str())).collect();
+            kept.sort();
+            kept
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_at_every_commit_point_resumes_to_the_same_tables() {
+    let base = fresh_dir("faults");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    // `ulimit -c 0`: the abort leaves no core file.
+    let run = |out: &Path, fault: Option<usize>| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("ulimit -c 0; exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_kd-run"))
+            .args(["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .current_dir(root());
+        match fault {
+            Some(n) => cmd.env("KD_FAULT_AFTER_WRITES", n.to_string()),
+            None => cmd.env_remove("KD_FAULT_AFTER_WRITES"),
+        };
+        cmd.output().expect("kd-run starts")
+    };
+    let reference = base.join("reference");
+    let r = run(&reference, None);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let tables = ["summary.csv", "class_errors.csv", "metrics.csv", "bias_shifts.csv", "done.csv"];
+    let expected: Vec<_> = tables.iter().map(|t| deterministic_rows(&reference.join("tiny").join(t))).collect();
+    assert_eq!(expected[0].len(), 6, "teacher, student, again, shift, shift-fixed, both");
+
+    // Kill at write n, resume, compare; two at a time, until a run makes fewer than n writes.
+    let check = |n: usize| -> bool {
+        let out = base.join(format!("cut{n}"));
+        let killed = run(&out, Some(n));
+        if killed.status.success() {
+            return false;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(killed.status.signal(), Some(6), "write {n}: aborted: {}", String::from_utf8_lossy(&killed.stderr));
+        let resumed = run(&out, None);
+        assert!(resumed.status.success(), "after write {n}: {}", String::from_utf8_lossy(&resumed.stderr));
+        for (t, want) in tables.iter().zip(&expected) {
+            assert_eq!(&deterministic_rows(&out.join("tiny").join(t)), want, "{t}, killed at write {n}");
+        }
+        let mut leftovers = Vec::new();
+        for folder in [out.join("tiny"), out.join("tiny/checkpoints")] {
+            for entry in std::fs::read_dir(folder).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") || name.contains(".resume.") || name.contains(".best.") {
+                    leftovers.push(name);
+                }
+            }
+        }
+        assert!(leftovers.is_empty(), "killed at write {n}: {leftovers:?}");
+        std::fs::remove_dir_all(&out).unwrap();
+        true
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (next, end) = (AtomicUsize::new(1), AtomicUsize::new(usize::MAX));
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= end.load(Ordering::SeqCst) || !check(n) {
+                    end.fetch_min(n, Ordering::SeqCst);
+                    break;
+                }
+            });
+        }
+    });
+    let points = end.into_inner() - 1;
+    eprintln!("killed at each of {points} commit points; every resumed run wrote the same tables");
+    assert!(points >= 20, "only {points} writes");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// Every file under `dir` but its lock files, with its contents.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("locks") {
+                    folders.push(path);
+                }
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_run_directory_in_use_is_refused_naming_its_holder_and_only_processes_share_it() {
+    let base = fresh_dir("lock");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    let out = base.join("out");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |extra: &[&str]| kd_run(&args(extra).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = run(&["--only", "teacher"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let dir = out.join("tiny");
+
+    // Another process holds the run directory, as a whole run does.
+    let lock_path = dir.join("locks/run.lock");
+    let holder = std::fs::File::options().read(true).write(true).open(&lock_path).unwrap();
+    holder.try_lock().unwrap();
+    let who = "pid 4242 on elsewhere since 2026-12-01 10:00:00 UTC: kd-run run tiny.toml";
+    std::fs::write(&lock_path, format!("{who}\n")).unwrap();
+    let before = snapshot(&dir);
+    for extra in [&[][..], &["--only", "student"], &["--fresh"]] {
+        let r = run(extra);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains("is in use by") && stderr.contains(who), "{extra:?}: {stderr}");
+    }
+    assert!(snapshot(&dir) == before, "a refused run wrote or removed files");
+    drop(holder);
+
+    // Two `--only` processes at once share it, and neither loses the other's rows.
+    let spawn = |stage: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kd-run"))
+            .args(args(&["--only", stage]))
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children = [spawn("student"), spawn("again")];
+    for child in children {
+        let done = child.wait_with_output().unwrap();
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    }
+    let stages = |t: &str| csv_rows(&dir.join(t)).iter().map(|r| r["stage"].clone()).collect::<Vec<_>>();
+    assert_eq!(stages("summary.csv"), ["teacher", "student", "again"]);
+    assert_eq!(stages("done.csv"), ["teacher", "student", "again"]);
+    assert_eq!(stages("class_errors.csv").len(), 3 * 2 * 10, "3 models x 2 splits x 10 classes");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn a_damaged_teacher_logit_cache_entry_is_computed_again() {
+    let base = fresh_dir("cache");
+    std::fs::create_dir_all(&base).unwrap();
+    let file = base.join("tiny.toml");
+    std::fs::write(&file, TINY).unwrap();
+    let out = base.join("out");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        kd_run(&args)
+    };
+    let r = run(&["--only", "teacher", "--only", "student"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let student = || csv_rows(&out.join("tiny/summary.csv")).into_iter().find(|r| r["stage"] == "student").unwrap();
+    let first = student();
+    let entries: Vec<PathBuf> = std::fs::read_dir(out.join(".cache")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let bytes = std::fs::read(&entries[0]).unwrap();
+    // A changed value, then a truncated file.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 9;
+    flipped[last] ^= 0x40;
+    for damaged in [flipped, bytes[..bytes.len() / 2].to_vec()] {
+        std::fs::write(&entries[0], &damaged).unwrap();
+        let r = run(&["--only", "student", "--redo", "student"]);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.success(), "{stderr}");
+        assert!(stderr.contains("is damaged") && stderr.contains("computing it again"), "{stderr}");
+        let again = student();
+        assert_eq!((&again["test_errors"], &again["val_errors"]), (&first["test_errors"], &first["val_errors"]));
+        assert_eq!(std::fs::read(&entries[0]).unwrap(), bytes, "the entry is written again as it was");
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}

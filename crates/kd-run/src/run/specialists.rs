@@ -30,6 +30,20 @@ use tracing::info;
 /// The file that marks a trained specialist.
 const SPECIALIST_ROW: &str = "specialist.csv";
 
+/// The files kd-run writes in a specialist's folder `specialists/<stage>.<m>/`.
+pub(super) const SPECIALIST_FILES: [&str; 5] =
+    [super::METRICS, super::SUMMARY, super::CLASS_ERRORS, super::SHIFTS, SPECIALIST_ROW];
+
+/// Whether `name` is that of a specialist's folder, `<stage>.<m>`.
+pub(super) fn is_specialist_folder(name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(stage, m)| !stage.is_empty() && is_index(m))
+}
+
+/// Whether `m` is a specialist's index as kd-run writes it (decimal digits).
+pub(super) fn is_index(m: &str) -> bool {
+    !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit())
+}
+
 impl Run<'_> {
     /// Runs a `clusters` stage: the generalist's predicted distributions over the validation
     /// split, the affinity between classes, k-means of the classes' confusion profiles (or of
@@ -123,7 +137,7 @@ impl Run<'_> {
                 classes: subset.classes().iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
             });
         }
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// Runs a `specialists` stage: trains the specialists not yet trained (only those of
@@ -237,7 +251,7 @@ impl Run<'_> {
         }
         let (g, q): (i64, i64) = (generalist_ok.iter().sum(), combined_ok.iter().sum());
         info!("stage `{stage}`: top-1 correct on the test split: generalist {g}, with specialists {q} ({:+})", q - g);
-        tables.write(&self.dir)
+        Ok(())
     }
 
     /// The subsets recorded by the clusters stage `from`, in their order.
@@ -377,22 +391,45 @@ impl Run<'_> {
         if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists { .. })) {
             return Ok(());
         }
-        let prefix = format!("{stage}.");
-        let ours =
-            |name: &str| name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
-        for folder in [self.dir.join("checkpoints"), self.dir.join("specialists")] {
-            let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        let index_of = |name: &str| -> bool {
+            let rest = name.strip_prefix(stage).and_then(|r| r.strip_prefix('.'));
+            rest.is_some_and(is_index)
+        };
+        let checkpoints = self.dir.join("checkpoints");
+        if let Ok(entries) = std::fs::read_dir(&checkpoints) {
             for entry in entries {
                 let entry = entry?;
-                if !ours(&entry.file_name().to_string_lossy()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let stem = ["", ".resume", ".best"]
+                    .iter()
+                    .find_map(|kind| name.strip_suffix(&format!("{kind}.safetensors")).filter(|s| index_of(s)));
+                if stem.is_some() && !entry.file_type()?.is_dir() {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        let folders = self.dir.join("specialists");
+        if let Ok(entries) = std::fs::read_dir(&folders) {
+            for entry in entries {
+                let entry = entry?;
+                if !index_of(&entry.file_name().to_string_lossy()) {
                     continue;
                 }
-                let path = entry.path();
-                if path.is_dir() {
-                    std::fs::remove_dir_all(&path)?;
-                } else {
-                    std::fs::remove_file(&path)?;
+                // Only kd-run's files; a link in the place of the folder goes as a link.
+                if !entry.file_type()?.is_dir() {
+                    std::fs::remove_file(entry.path())?;
+                    continue;
                 }
+                for file in std::fs::read_dir(entry.path())? {
+                    let file = file?;
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    if !file.file_type()?.is_dir()
+                        && (SPECIALIST_FILES.contains(&name.as_str()) || output::is_tmp(&name))
+                    {
+                        std::fs::remove_file(file.path())?;
+                    }
+                }
+                let _ = std::fs::remove_dir(entry.path());
             }
         }
         Ok(())
