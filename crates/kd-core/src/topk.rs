@@ -305,7 +305,11 @@ fn check_targets(student: &Tensor, shape: &[i64], targets: TopKTargets<'_>) -> R
         return Err(Error::TopKShape { arg: "teacher_probs", shape: p, expected });
     }
     if c != p {
-        return Err(Error::TopKShape { arg: "teacher_classes", shape: c, expected: format!("{p:?}, as teacher_probs") });
+        return Err(Error::TopKShape {
+            arg: "teacher_classes",
+            shape: c,
+            expected: format!("{p:?}, as teacher_probs"),
+        });
     }
     check::same_device(student, "teacher_probs", targets.probs)?;
     check::same_device(student, "teacher_classes", targets.classes)
@@ -355,9 +359,8 @@ mod tests {
             let (ours, g_ours) = grad_of(&z, |z| {
                 top_k_distillation_loss(z, targets, Some(&y), t, weights, TopKForm::CrossEntropy).unwrap().total
             });
-            let (theirs, g_theirs) = grad_of(&z, |z| {
-                distillation_loss(z, SoftTargets::Probs(&full), Some(&y), t, weights).unwrap().total
-            });
+            let (theirs, g_theirs) =
+                grad_of(&z, |z| distillation_loss(z, SoftTargets::Probs(&full), Some(&y), t, weights).unwrap().total);
             assert!((ours - theirs).abs() < 1e-12, "T={t} k={k}: {ours} vs {theirs}");
             assert!(max_gap(&g_ours, &g_theirs) < 1e-14, "T={t} k={k}: gradient");
             assert_eq!(g_ours.kind(), Kind::Double);
@@ -372,9 +375,7 @@ mod tests {
         for (probs, t, w) in [(&p, 3.0, (0.4, 0.6)), (&p_half, 1.0, (0.2, 0.8)), (&p, 1.0, (1.0, 0.0))] {
             let weights = LossWeights::new(w.0, w.1).unwrap();
             let targets = TopKTargets { probs, classes: &c };
-            let f = |z: &Tensor| {
-                top_k_distillation_loss(z, targets, Some(&y), t, weights, TopKForm::Kl).unwrap().total
-            };
+            let f = |z: &Tensor| top_k_distillation_loss(z, targets, Some(&y), t, weights, TopKForm::Kl).unwrap().total;
             let (_, g) = grad_of(&z, f);
             let eps = 1e-6;
             for i in 0..2 {
