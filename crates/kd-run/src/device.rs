@@ -34,7 +34,7 @@ const KNOWN: [(&[&str], PeakTflops); 10] = [
 /// matches when it holds each listed word as a whole token ("A10" does not match an A100 or an
 /// A10G).
 pub fn peak_tflops(name: &str) -> Option<PeakTflops> {
-    let tokens: Vec<&str> = name.split(|c: char| c == ' ' || c == '-' || c == '_').filter(|t| !t.is_empty()).collect();
+    let tokens: Vec<&str> = name.split([' ', '-', '_']).filter(|t| !t.is_empty()).collect();
     KNOWN
         .iter()
         .find(|(words, _)| words.iter().all(|w| tokens.iter().any(|t| t.eq_ignore_ascii_case(w))))
