@@ -377,18 +377,21 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
+    let known =
+        ["teacher", "distill", "distill_adam", "acoustic", "acoustic_bf16", "acoustic_topk", "acoustic_topk_bf16"];
+    if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
+        bail!("--only {bad}: no such workload (the workloads: {})", known.join(", "));
+    }
+    if args.memory.is_some_and(|b| b < 1) {
+        bail!("--memory: the batch size must be at least 1");
+    }
     if let Some(batch) = args.memory {
         return memory(batch);
     }
     let device = parse_device(&args.device)?;
     let plans = plans(args, device);
     if plans.is_empty() {
-        bail!("no workload to run (--only {:?})", args.only);
-    }
-    let known =
-        ["teacher", "distill", "distill_adam", "acoustic", "acoustic_bf16", "acoustic_topk", "acoustic_topk_bf16"];
-    if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
-        bail!("--only {bad}: no such workload (the workloads: {})", known.join(", "));
+        bail!("no workload to run: the MNIST workloads run on the CPU only, `--acoustic none` has no acoustic ones");
     }
     let threads = tch::get_num_threads();
     let peak = match device {
