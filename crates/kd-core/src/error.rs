@@ -126,6 +126,22 @@ pub enum Error {
         /// Device of member 0.
         expected: Device,
     },
+    /// The top-k class ids are not int64.
+    #[error("`teacher_classes` must be an int64 tensor of class ids, got dtype {kind:?}")]
+    ClassesKind {
+        /// The class ids' dtype.
+        kind: Kind,
+    },
+    /// A top-k target tensor does not have the shape `[batch, k]` with `1 <= k <= classes`.
+    #[error("`{arg}` has shape {shape:?}; expected {expected}")]
+    TopKShape {
+        /// `"teacher_probs"` or `"teacher_classes"`.
+        arg: &'static str,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// What was expected, in words.
+        expected: String,
+    },
     /// An error reported by libtorch (e.g. a class label out of range, detected on CPU).
     #[error("libtorch error: {0}")]
     Torch(#[from] TchError),

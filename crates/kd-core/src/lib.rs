@@ -12,6 +12,7 @@
 //! combined              total = w_hard * C_hard + w_soft * C_soft
 //! logit matching        C_lm = mean_b (1/(2N)) sum_i (z_i - v_i)^2  (the T -> inf limit of C_soft, eq. 4)
 //! ensemble              p = mean_m softmax(z_m / T)                 (or geometric mean / mean logits)
+//! top-k soft loss       C_soft with p kept as k (class, probability) pairs: T^2 mean_b sum_k p_k (lse(z/T) - z_c_k / T)
 //! ```
 //!
 //! Conventions (see the paper summary's "Loss conventions"): the soft term is reduced as a
@@ -29,6 +30,7 @@ mod ensemble;
 mod error;
 mod loss;
 mod softmax;
+mod topk;
 
 pub use ensemble::{ensemble_probs, EnsembleRule};
 pub use error::{Error, Result};
@@ -37,3 +39,4 @@ pub use loss::{
     DistillLoss, LossWeights, SoftTargets,
 };
 pub use softmax::{log_softmax_t, softmax_t};
+pub use topk::{top_k_distillation_loss, top_k_soft_target_loss, TopKForm, TopKTargets};

@@ -147,6 +147,36 @@ impl Mlp {
         self
     }
 
+    /// A copy of this network for inference (a teacher, an ensemble member, an evaluation pass)
+    /// whose weights are converted to the compute kind once, detached, instead of at every
+    /// layer of every forward pass: `W_k = W.to(compute kind)`, then `forward_t` uses `W_k` as
+    /// it is. Its outputs equal this network's bit for bit.
+    ///
+    /// Take it while the weights are fixed: in f32 it shares their storage (no copy), in bf16 it
+    /// is a snapshot (half the weights' memory again). It has no gradients and no `VarStore`.
+    ///
+    /// ```
+    /// use kd_models::{Mlp, MlpConfig};
+    /// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let net = Mlp::new(&vs.root(), MlpConfig::plain([4, 8, 3]))?.with_compute_kind(Kind::BFloat16);
+    /// let frozen = net.frozen();
+    /// let x = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+    /// assert!(frozen.forward_t(&x, false).equal(&net.forward_t(&x, false)));
+    /// # Ok::<(), kd_models::Error>(())
+    /// ```
+    pub fn frozen(&self) -> Mlp {
+        let k = self.compute;
+        let cast = |t: &Tensor| if t.kind() == k { t.detach() } else { t.detach().to_kind(k) };
+        let layer = |l: &nn::Linear| nn::Linear { ws: cast(&l.ws), bs: l.bs.as_ref().map(cast) };
+        Mlp {
+            hidden: self.hidden.iter().map(layer).collect(),
+            output: layer(&self.output),
+            config: self.config.clone(),
+            compute: k,
+        }
+    }
+
     /// The kind the forward pass computes in.
     pub fn compute_kind(&self) -> Kind {
         self.compute
@@ -347,6 +377,18 @@ mod tests {
         }
         // (20*64) + (64*64) + (64*5) multiply-adds per example.
         assert_eq!(net.forward_macs(), 1280 + 4096 + 320);
+    }
+
+    #[test]
+    fn frozen_copy_holds_compute_kind_weights_and_gives_the_same_outputs() {
+        let x = Tensor::randn([8, 10], (Kind::Float, Device::Cpu));
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = Mlp::new(&vs.root(), MlpConfig::plain([10, 32, 16, 6])).unwrap().with_compute_kind(kind);
+            let frozen = net.frozen();
+            assert!(frozen.layers().all(|l| l.ws.kind() == kind && !l.ws.requires_grad()), "{kind:?}");
+            assert!(frozen.forward_t(&x, false).equal(&net.forward_t(&x, false)), "{kind:?}: same outputs");
+        }
     }
 
     #[test]

@@ -7,7 +7,16 @@
 //!   1, hard weight 0), SGD with momentum 0.9, batch 128;
 //! - `distill_adam`: the same student as `experiments/mnist/headline.toml` trains it, Adam
 //!   (lr 5e-4) on batches of 32; the reference uses `torch.optim.Adam(fused=True)`, PyTorch's
-//!   fastest Adam on the CPU.
+//!   fastest Adam on the CPU;
+//! - `acoustic` and `acoustic_topk`, each in f32 and with bf16 matrix products (`_bf16`, where
+//!   the hardware has bf16): a wide many-class ReLU network on 26 x 40 speech windows (`--acoustic
+//!   small`: 4 x 1024 hidden units, 4,000 classes, batch 256; `full`: the paper's 8 x 2560 with
+//!   14,000 classes, batch 1024), SGD with momentum 0.9, trained on the labels (`acoustic`) or
+//!   distilled from a teacher's cached top-50 soft targets at T = 2 with weight 0.5 on each term
+//!   (`acoustic_topk`, as `experiments/speech/gpu.toml`). The reference uses fused SGD,
+//!   `torch.autocast` for bf16 and a gather over the top-k classes (no dense target).
+//!
+//! The reference runs with `torch.set_flush_denormal(True)`, as `kd-run` flushes subnormals.
 //!
 //! Both sides run the same per-step work: gather a shuffled batch, forward, loss, backward,
 //! update, max-norm, and accumulate the epoch's loss and accuracy on the device. The PyTorch
@@ -19,7 +28,7 @@ use crate::config::{
 };
 use crate::data::Split;
 use crate::optim::Optimizer;
-use crate::train::{self, Geometry, Supervision, TeacherSignal, Trainer};
+use crate::train::{self, BatchTargets, Geometry, Supervision, TeacherSignal, Trainer};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
 use std::io::{BufRead, BufReader, Write};
@@ -47,7 +56,60 @@ pub struct BenchArgs {
     /// CPU threads for both sides (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     threads: i32,
+    /// Size of the acoustic workloads: `small` (4 x 1024, 4,000 classes, batch 256), `full` (8 x
+    /// 2560, 14,000 classes, batch 1024, for a GPU), `tiny` (a dry run), or `none`.
+    #[arg(long, value_enum, default_value_t = AcousticSize::Small)]
+    acoustic: AcousticSize,
+    /// Timed steps per measurement of the acoustic workloads.
+    #[arg(long, default_value_t = 10)]
+    acoustic_steps: i64,
+    /// Run only these workloads (repeatable; default: all).
+    #[arg(long = "only", value_name = "WORKLOAD")]
+    only: Vec<String>,
+    /// Where both sides run: `cpu`, or `cuda` (the first GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Instead of timing, measure the peak memory of one top-k distillation step of the 8 x 2560 /
+    /// 14,000-class network with the loss from top-k targets and with them expanded into dense
+    /// rows (CPU; this batch size).
+    #[arg(long, value_name = "BATCH")]
+    memory: Option<i64>,
 }
+
+/// Size of the acoustic workloads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcousticSize {
+    /// 4 x 1024 hidden units, 4,000 classes, batch 256 (seconds on a CPU).
+    Small,
+    /// The paper's 8 x 2560 hidden units, 14,000 classes, batch 1024.
+    Full,
+    /// 2 x 64 hidden units, 200 classes, batch 64: checks that everything runs.
+    Tiny,
+    /// No acoustic workloads.
+    None,
+}
+
+impl AcousticSize {
+    /// Layer sizes and batch size.
+    fn shape(self) -> Option<(Vec<i64>, i64)> {
+        let (hidden, width, classes, batch) = match self {
+            AcousticSize::Small => (4, 1024, 4000, 256),
+            AcousticSize::Full => (8, 2560, 14_000, 1024),
+            AcousticSize::Tiny => (2, 64, 200, 64),
+            AcousticSize::None => return None,
+        };
+        let mut sizes = vec![ACOUSTIC_INPUT];
+        sizes.extend(std::iter::repeat_n(width, hidden));
+        sizes.push(classes);
+        Some((sizes, batch))
+    }
+}
+
+/// 26 frames x 40 filterbank channels.
+const ACOUSTIC_INPUT: i64 = 26 * 40;
+/// Top-k soft targets of the acoustic distillation: k, T, and the weight of each term.
+const ACOUSTIC_TOP_K: i64 = 50;
+const ACOUSTIC_TEMPERATURE: f64 = 2.0;
 
 const TEMPERATURE: f64 = 20.0;
 /// The workloads and their batch sizes.
@@ -55,6 +117,10 @@ const WORKLOADS: [(&str, i64); 3] = [("teacher", 128), ("distill", 128), ("disti
 
 /// One epoch at a constant learning rate: SGD with momentum 0.9 (lr 0.01), or Adam (lr 5e-4).
 fn training(batch_size: i64, adam: bool) -> Training {
+    training_at(batch_size, adam, 0.01)
+}
+
+fn training_at(batch_size: i64, adam: bool, sgd_lr: f64) -> Training {
     Training {
         epochs: 1,
         batch_size,
@@ -62,7 +128,7 @@ fn training(batch_size: i64, adam: bool) -> Training {
         seed: 0,
         optimizer: OptimizerSpec {
             kind: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
-            lr: if adam { 5e-4 } else { 0.01 },
+            lr: if adam { 5e-4 } else { sgd_lr },
             momentum: 0.9,
             momentum_start: 0.9,
             momentum_ramp_epochs: 0,
@@ -78,17 +144,76 @@ fn training(batch_size: i64, adam: bool) -> Training {
     }
 }
 
+/// The cached teacher signal of a distillation workload.
+enum Targets {
+    None,
+    Soft(Tensor),
+    TopK(Tensor, Tensor),
+}
+
 struct Workload {
     vs: nn::VarStore,
     net: Mlp,
     training: Training,
     distill: Option<DistillSpec>,
-    soft_targets: Tensor,
+    targets: Targets,
     data: Split,
+    geometry: Geometry,
     trainer_state: Option<Optimizer>,
 }
 
+/// A teacher's top-`k` soft targets at T over `n` examples of `classes` classes, from random
+/// logits (chunk by chunk, so that no `[n, classes]` matrix is held).
+fn random_top_k(n: i64, classes: i64, k: i64, t: f64, device: Device) -> Result<(Tensor, Tensor)> {
+    let (mut probs, mut ids) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(1024) {
+        let rows = 1024.min(n - start);
+        let logits = Tensor::randn([rows, classes], (Kind::Float, device)) * 4.0;
+        let (p, c) = train::top_k_targets(&logits, k, t)?;
+        probs.push(p);
+        ids.push(c);
+    }
+    Ok((Tensor::cat(&probs, 0), Tensor::cat(&ids, 0)))
+}
+
+/// The distillation settings of the acoustic top-k workload.
+fn acoustic_distill() -> DistillSpec {
+    DistillSpec {
+        teacher: ModelSource::Stage("synthetic".into()),
+        objective: Objective::Soft,
+        temperature: ACOUSTIC_TEMPERATURE,
+        hard_weight: 0.5,
+        soft_weight: 0.5,
+        transfer_exclude: vec![],
+        transfer_only: vec![],
+        top_k: Some(ACOUSTIC_TOP_K),
+        translations: None,
+    }
+}
+
 impl Workload {
+    /// An acoustic workload (`acoustic`, `acoustic_topk`, with or without `_bf16`) of `sizes`.
+    fn acoustic(name: &str, sizes: &[i64], batch: i64, examples: i64, device: Device) -> Result<Self> {
+        tch::manual_seed(0);
+        let classes = *sizes.last().context("sizes")?;
+        let vs = nn::VarStore::new(device);
+        let net = Mlp::new(&vs.root(), MlpConfig::plain(sizes.to_vec()))?;
+        let net = if name.ends_with("_bf16") { net.with_compute_kind(Kind::BFloat16) } else { net };
+        let training = training_at(batch, false, 0.05);
+        let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
+        let data = Split::new(
+            Tensor::randn([examples, ACOUSTIC_INPUT], (Kind::Float, device)),
+            Tensor::randint(classes, [examples], (Kind::Int64, device)),
+        );
+        let (distill, targets) = if name.starts_with("acoustic_topk") {
+            let (p, c) = random_top_k(examples, classes, ACOUSTIC_TOP_K, ACOUSTIC_TEMPERATURE, device)?;
+            (Some(acoustic_distill()), Targets::TopK(p, c))
+        } else {
+            (None, Targets::None)
+        };
+        Ok(Workload { vs, net, training, distill, targets, data, geometry: None, trainer_state: Some(opt) })
+    }
+
     fn new(name: &str, batch: i64, examples: i64) -> Result<Self> {
         tch::manual_seed(0);
         let (config, distill) = match name {
@@ -118,21 +243,26 @@ impl Workload {
         );
         let soft_targets =
             (Tensor::randn([examples, 10], (Kind::Float, Device::Cpu)) * 3.0 / TEMPERATURE).softmax(1, Kind::Float);
-        Ok(Workload { vs, net, training, distill, soft_targets, data, trainer_state: Some(opt) })
+        let targets = Targets::Soft(soft_targets);
+        Ok(Workload { vs, net, training, distill, targets, data, geometry: Some((28, 28)), trainer_state: Some(opt) })
     }
 
     /// Runs one pass over the examples and returns examples per second.
     fn measure(&mut self) -> Result<f64> {
         let opt = self.trainer_state.take().context("optimizer")?;
         let mut trainer = Trainer::new(&self.net, self.vs.trainable_variables(), opt);
-        let supervision = match &self.distill {
-            None => Supervision::Hard,
-            Some(spec) => {
-                Supervision::Distill { spec, teacher: TeacherSignal::Cached(self.soft_targets.shallow_clone()) }
+        let supervision = match (&self.distill, &self.targets) {
+            (Some(spec), Targets::Soft(p)) => {
+                Supervision::Distill { spec, teacher: TeacherSignal::Cached(p.shallow_clone()) }
             }
+            (Some(spec), Targets::TopK(p, c)) => Supervision::Distill {
+                spec,
+                teacher: TeacherSignal::TopK { probs: p.shallow_clone(), classes: c.shallow_clone() },
+            },
+            _ => Supervision::Hard,
         };
         let started = Instant::now();
-        let geometry: Geometry = Some((28, 28));
+        let geometry = self.geometry;
         let mut guard = train::LossGuard::default();
         let (data, training) = ((&self.data, None), &self.training);
         train::train_epoch(&mut trainer, data, &supervision, training, geometry, 0, &mut guard, |_, _| {})?;
@@ -150,11 +280,17 @@ struct Reference {
 
 impl Reference {
     fn start(args: &BenchArgs, threads: i32) -> Result<Self> {
+        let sizes = args
+            .acoustic
+            .shape()
+            .map_or(String::new(), |(s, _)| s.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
         let mut child = Command::new(&args.python)
             .arg(&args.reference)
-            .args(["--examples", &(args.steps * 128).to_string(), "--threads", &threads.to_string()])
+            .args(["--threads", &threads.to_string(), "--device", &args.device])
             .arg("--temperature")
             .arg(TEMPERATURE.to_string())
+            .args(["--acoustic-sizes", &sizes, "--top-k", &ACOUSTIC_TOP_K.to_string()])
+            .args(["--acoustic-temperature", &ACOUSTIC_TEMPERATURE.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -164,8 +300,8 @@ impl Reference {
         Ok(Reference { child, stdin, stdout })
     }
 
-    fn measure(&mut self, workload: &str, batch: i64) -> Result<f64> {
-        writeln!(self.stdin, "{workload} {batch}")?;
+    fn measure(&mut self, workload: &str, batch: i64, examples: i64) -> Result<f64> {
+        writeln!(self.stdin, "{workload} {batch} {examples}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
@@ -189,28 +325,105 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Whether bf16 matrix products run natively: on a GPU, or a CPU with AVX-512 BF16 or AMX.
+fn has_bf16(device: Device) -> bool {
+    device.is_cuda()
+        || std::fs::read_to_string("/proc/cpuinfo")
+            .is_ok_and(|info| info.split_whitespace().any(|flag| flag == "avx512_bf16" || flag == "amx_bf16"))
+}
+
+/// A workload to time: its name, batch size, examples per measurement, multiply-adds per
+/// example of the forward pass (for TFLOP/s), and how to build it.
+struct Plan {
+    name: String,
+    batch: i64,
+    examples: i64,
+    macs: Option<i64>,
+}
+
+fn plans(args: &BenchArgs, device: Device) -> Vec<Plan> {
+    let mut plans = Vec::new();
+    if !device.is_cuda() {
+        for (name, batch) in WORKLOADS {
+            plans.push(Plan { name: name.into(), batch, examples: args.steps * 128, macs: None });
+        }
+    }
+    if let Some((sizes, batch)) = args.acoustic.shape() {
+        let macs = sizes.windows(2).map(|w| w[0] * w[1]).sum();
+        let kinds: &[&str] = if has_bf16(device) { &["", "_bf16"] } else { &[""] };
+        for base in ["acoustic", "acoustic_topk"] {
+            for kind in kinds {
+                let examples = args.acoustic_steps * batch;
+                plans.push(Plan { name: format!("{base}{kind}"), batch, examples, macs: Some(macs) });
+            }
+        }
+    }
+    plans.retain(|p| args.only.is_empty() || args.only.contains(&p.name));
+    plans
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => bail!("--device cuda: no CUDA device is available"),
+        other => bail!("--device {other}: expected `cpu` or `cuda`"),
+    }
+}
+
 /// Runs the comparison and prints one `ratio <workload> <value>` line per workload.
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    if args.steps < 1 || args.rounds < 1 {
-        bail!("--steps and --rounds must be at least 1");
+    if args.steps < 1 || args.rounds < 1 || args.acoustic_steps < 1 {
+        bail!("--steps, --acoustic-steps and --rounds must be at least 1");
     }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
+    let known =
+        ["teacher", "distill", "distill_adam", "acoustic", "acoustic_bf16", "acoustic_topk", "acoustic_topk_bf16"];
+    if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
+        bail!("--only {bad}: no such workload (the workloads: {})", known.join(", "));
+    }
+    if args.memory.is_some_and(|b| b < 1) {
+        bail!("--memory: the batch size must be at least 1");
+    }
+    if let Some(batch) = args.memory {
+        return memory(batch);
+    }
+    let device = parse_device(&args.device)?;
+    let plans = plans(args, device);
+    if plans.is_empty() {
+        bail!("no workload to run: the MNIST workloads run on the CPU only, `--acoustic none` has no acoustic ones");
+    }
     let threads = tch::get_num_threads();
+    let peak = match device {
+        Device::Cuda(i) => crate::device::cuda_device_name(i).map(|name| {
+            println!("# {name}");
+            crate::device::peak_tflops(&name)
+        }),
+        _ => None,
+    }
+    .flatten();
     let mut reference = Reference::start(args, threads)?;
-    println!("# {} examples per measurement, {} rounds, {threads} CPU threads, CPU", args.steps * 128, args.rounds);
+    let where_ = if device.is_cuda() { "cuda:0" } else { "CPU" };
+    println!("# {} rounds, {threads} CPU threads, {where_}", args.rounds);
     let mut results = Vec::new();
-    for (name, batch) in WORKLOADS {
-        let mut ours = Workload::new(name, batch, args.steps * 128)?;
+    for plan in &plans {
+        let (name, batch, examples) = (plan.name.as_str(), plan.batch, plan.examples);
+        let mut ours = match args.acoustic.shape() {
+            Some((sizes, _)) if name.starts_with("acoustic") => {
+                Workload::acoustic(name, &sizes, batch, examples, device)?
+            }
+            _ => Workload::new(name, batch, examples)?,
+        };
         let (mut rust, mut torch) = (Vec::new(), Vec::new());
         for round in 0..=args.rounds {
             // Alternate which side goes first; round 0 warms both up and is not counted.
             let (a, b) = if round % 2 == 0 {
                 let a = ours.measure()?;
-                (a, reference.measure(name, batch)?)
+                (a, reference.measure(name, batch, examples)?)
             } else {
-                let b = reference.measure(name, batch)?;
+                let b = reference.measure(name, batch, examples)?;
                 (ours.measure()?, b)
             };
             if round > 0 {
@@ -219,11 +432,120 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
         }
         let (r, t) = (median(rust), median(torch));
-        println!("# {name} (batch {batch}): kd-run {r:.0} examples/s, PyTorch eager {t:.0} examples/s (medians)");
+        let speed = |rate: f64| match plan.macs {
+            Some(macs) => {
+                let tflops = rate * 6.0 * macs as f64 / 1e12;
+                let bf16 = name.ends_with("_bf16");
+                let share = peak.map_or(String::new(), |p| {
+                    format!(", {:.1}% of peak", 100.0 * tflops / if bf16 { p.bf16 } else { p.fp32 })
+                });
+                format!("{rate:.0} examples/s ({tflops:.3} TFLOP/s{share})")
+            }
+            None => format!("{rate:.0} examples/s"),
+        };
+        println!(
+            "# {name} (batch {batch}, {examples} examples): kd-run {}, PyTorch eager {} (medians)",
+            speed(r),
+            speed(t)
+        );
         results.push((name, r / t));
     }
     for (name, ratio) in results {
         println!("ratio {name} {ratio:.3}");
+    }
+    Ok(())
+}
+
+/// This process's resident memory now and at its peak since the last reset, in bytes
+/// (`VmRSS`, `VmHWM` of `/proc/self/status`).
+fn resident() -> Result<(i64, i64)> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let field = |key: &str| -> Result<i64> {
+        let line =
+            status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} in /proc/self/status"))?;
+        let kb: i64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse()?;
+        Ok(kb * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the peak resident memory to the current one (Linux `clear_refs` 5).
+fn reset_peak() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak memory (/proc/self/clear_refs)")
+}
+
+/// Peak memory of one distillation step from top-k targets of the 8 x 2560 / 14,000-class network
+/// at `batch` on the CPU, with the sparse loss and with the targets expanded into dense rows
+/// first (as the training loop did before), and of the loss alone (forward and backward to the
+/// logits). Prints MiB above the resident memory before the step.
+fn memory(batch: i64) -> Result<()> {
+    // Every allocation of 64 KiB or more gets its own mapping and is returned when freed, so the
+    // resident memory follows what is allocated (glibc otherwise raises the threshold and keeps
+    // freed blocks).
+    extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    // SAFETY: mallopt only changes glibc's allocation policy; it is called before the
+    // measurement's tensors exist.
+    unsafe { mallopt(M_MMAP_THRESHOLD, 64 * 1024) };
+    let config = MlpConfig::acoustic_dnn();
+    let classes = config.num_classes();
+    let spec = acoustic_distill();
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = Mlp::new(&vs.root(), config.clone())?;
+    let mut trainer = Trainer::new(
+        &net,
+        vs.trainable_variables(),
+        Optimizer::new(&training_at(batch, false, 0.05).optimizer, vs.trainable_variables()),
+    );
+    let x = Tensor::randn([batch, config.input_dim()], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(classes, [batch], (Kind::Int64, Device::Cpu));
+    let (probs, ids) = random_top_k(batch, classes, ACOUSTIC_TOP_K, ACOUSTIC_TEMPERATURE, Device::Cpu)?;
+    let sparse = Supervision::Distill {
+        spec: &spec,
+        teacher: TeacherSignal::TopK { probs: probs.shallow_clone(), classes: ids.shallow_clone() },
+    };
+    let dense = Supervision::Distill { spec: &spec, teacher: TeacherSignal::Cached(Tensor::new()) };
+    let expand =
+        || BatchTargets::Dense(Tensor::zeros([batch, classes], (Kind::Float, Device::Cpu)).scatter(1, &ids, &probs));
+    let top_k = || BatchTargets::TopK { probs: probs.shallow_clone(), classes: ids.shallow_clone() };
+    println!(
+        "# peak memory above the resident memory before it, {} at batch {batch}, top-{ACOUSTIC_TOP_K} targets at T = {ACOUSTIC_TEMPERATURE}, CPU",
+        config.describe()
+    );
+    let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+    for (label, supervision, targets) in [
+        ("dense", &dense, &expand as &dyn Fn() -> BatchTargets),
+        ("top-k", &sparse, &top_k as &dyn Fn() -> BatchTargets),
+    ] {
+        // One step to warm up (the gradients' and momentum's first allocation), then one measured.
+        let mut step = || -> Result<()> {
+            let t = targets();
+            let _ = trainer.step(&x, |z| supervision.loss(z, &y, Some(&t)))?;
+            Ok(())
+        };
+        step()?;
+        reset_peak()?;
+        let (before, _) = resident()?;
+        step()?;
+        let (_, peak) = resident()?;
+        // The loss alone: from logits to their gradient.
+        let z = Tensor::randn([batch, classes], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        reset_peak()?;
+        let (loss_before, _) = resident()?;
+        {
+            let t = targets();
+            let loss = supervision.loss(&z, &y, Some(&t))?;
+            let _grad = Tensor::run_backward(&[&loss], &[&z], false, false);
+        }
+        let (_, loss_peak) = resident()?;
+        println!(
+            "memory {label}: step {:.1} MiB, loss and its backward {:.1} MiB",
+            mib(peak - before),
+            mib(loss_peak - loss_before)
+        );
     }
     Ok(())
 }

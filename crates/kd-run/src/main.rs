@@ -6,6 +6,7 @@
 mod bench;
 mod config;
 mod data;
+mod device;
 #[cfg(test)]
 mod fuzz;
 mod idx;
@@ -177,6 +178,13 @@ fn try_main() -> Result<(), Failure> {
             println!("kd-run {}", env!("CARGO_PKG_VERSION"));
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
+            for i in 0..tch::Cuda::device_count().max(0) as usize {
+                let name = device::cuda_device_name(i).unwrap_or_else(|| "(unnamed)".into());
+                let peak = device::peak_tflops(&name).map_or("peak unknown".into(), |p| {
+                    format!("dense peak {} TFLOP/s bf16, {} TF32, {} f32", p.bf16, p.tf32, p.fp32)
+                });
+                println!("cuda:{i}: {name}, {peak}");
+            }
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
             println!("cpu threads: {}", tch::get_num_threads());
         }

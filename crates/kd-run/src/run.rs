@@ -12,6 +12,7 @@
 
 use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
+use crate::device;
 use crate::optim::{self, Optimizer};
 use crate::output::{
     self, ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
@@ -54,6 +55,9 @@ struct Run<'a> {
     cache: PathBuf,
     device: Device,
     data: Dataset,
+    /// The TFLOP/s each epoch's log line gives the share of: `peak_tflops`, else the GPU's
+    /// known peak at the run's precision.
+    peak_tflops: Option<f64>,
 }
 
 /// How a trained network starts.
@@ -324,7 +328,8 @@ pub fn run(
         data.test.len(),
         data.num_classes
     );
-    let run = Run { exp, dir: dir.clone(), cache, device, data };
+    let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
+    let run = Run { exp, dir: dir.clone(), cache, device, data, peak_tflops };
     let mut tables = Tables::read(&dir)?;
     tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
     tables.shared = true;
@@ -427,7 +432,7 @@ pub fn run(
                 run.record_trained(&mut tables, name, "train", &net, (fit, None), started)?;
             }
             Job::Distill { model, training, distill } => {
-                let (_teacher_vs, teacher) = run.load_teacher(&distill.teacher, distill.temperature)?;
+                let teacher = run.load_teacher(&distill.teacher, distill.temperature)?;
                 let transfer = run.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
                 // (or read from the cache) once, and serve the agreement below too.
@@ -435,7 +440,7 @@ pub fn run(
                 let signal = if let Some(k) = distill.top_k {
                     run.check_top_k(name, k)?;
                     let (probs, classes) = run.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
-                    TeacherSignal::TopK { probs, classes, num_classes: run.data.num_classes }
+                    TeacherSignal::TopK { probs, classes }
                 } else if training.jitter == 0 {
                     let logits = run.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
                     let signal = TeacherSignal::Cached(train::teacher_signal(&logits, distill)?);
@@ -454,6 +459,7 @@ pub fn run(
                     &supervision,
                     &run.targets(),
                 )?;
+                let net = net.frozen();
                 let (student, teacher) = (|x: &Tensor| Ok(net.forward_t(x, false)), |x: &Tensor| teacher.logits(x));
                 let on_transfer = match &transfer_logits {
                     Some(logits) => Outputs::Cached(logits),
@@ -474,13 +480,13 @@ pub fn run(
             }
             Job::Evaluate { source } => {
                 let (_vs, net) = run.load_model(source)?;
-                run.record(&mut tables, name, "evaluate", &net, started, None)?;
+                run.record(&mut tables, name, "evaluate", &net.frozen(), started, None)?;
             }
             Job::BiasShift { source, classes, min, max, step, fixed } => {
                 run.bias_shift(&mut tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
             }
             Job::Ensemble { members } => {
-                let (_vs, ensemble) = run.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
+                let ensemble = run.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
                 let first = ensemble.members[0].config().describe();
                 let same = ensemble.members.iter().all(|m| m.config().describe() == first);
                 let model = format!(
@@ -678,6 +684,23 @@ struct Fidelity {
     transfer: train::Agreement,
 }
 
+/// The dense peak TFLOP/s of CUDA device `device` at `precision`, when the driver names a GPU
+/// of [`device::peak_tflops`]'s table (logged either way).
+fn known_peak(device: Device, precision: Precision) -> Option<f64> {
+    let Device::Cuda(i) = device else { return None };
+    let name = device::cuda_device_name(i)?;
+    let peak = device::peak_tflops(&name);
+    let at = peak.map(|p| match precision {
+        Precision::Bf16 => p.bf16,
+        Precision::F32 => p.fp32,
+    });
+    match at {
+        Some(t) => info!("{name}: dense peak {t} TFLOP/s at {precision:?}"),
+        None => info!("{name}: peak throughput unknown (set `peak_tflops` to log the share reached)"),
+    }
+    at
+}
+
 /// How `summary.csv` and `metrics.csv` name where a model ran: the device, the CPU threads, and
 /// bf16 when the matrix products were (a resumed run may change either).
 fn device_name(device: Device, threads: i32, precision: Precision) -> String {
@@ -721,15 +744,15 @@ impl Run<'_> {
         }
     }
 
-    /// A teacher: one network, or an ensemble's members, averaged at `temperature`.
-    fn load_teacher(&self, source: &ModelSource, temperature: f64) -> Result<(Vec<nn::VarStore>, Teacher)> {
+    /// A teacher: one network, or an ensemble's members, averaged at `temperature`; each frozen
+    /// in the compute precision once ([`Mlp::frozen`]), so its forward passes cast no weights.
+    fn load_teacher(&self, source: &ModelSource, temperature: f64) -> Result<Teacher> {
         let sources = match source {
             ModelSource::Ensemble { members, .. } => members.as_slice(),
             single => std::slice::from_ref(single),
         };
-        let (stores, members) =
-            sources.iter().map(|s| self.load_model(s)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-        Ok((stores, Teacher { members, temperature }))
+        let members = sources.iter().map(|s| Ok(self.load_model(s)?.1.frozen())).collect::<Result<Vec<_>>>()?;
+        Ok(Teacher { members, temperature })
     }
 
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
@@ -1034,7 +1057,8 @@ impl Run<'_> {
                 diverged(e, stage, epoch, (lr, supervision), &resume_path)
             })?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
-            let forward = |x: &Tensor| Ok(net.forward_t(x, false));
+            let frozen = net.frozen();
+            let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
             let val = match &targets.validation {
                 Some((v, idx)) => Some(train::evaluate_with(&forward, v, idx.as_ref(), targets.classes)?),
                 None => None,
@@ -1052,7 +1076,7 @@ impl Run<'_> {
                 }
             }
             let test_errors = match targets.test {
-                Some(test) if last => Some(train::evaluate(&net, test, targets.classes)?.errors),
+                Some(test) if last => Some(train::evaluate_with(&forward, test, None, targets.classes)?.errors),
                 _ => None,
             };
             let row = MetricsRow {
@@ -1069,7 +1093,7 @@ impl Run<'_> {
                 tflops: Some(per_second * flops_per_example / 1e12),
                 device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
             };
-            progress.epoch_done(&row, self.exp.peak_tflops);
+            progress.epoch_done(&row, self.peak_tflops);
             tables.metrics.push(row);
             // The epoch's row first, then the checkpoint that says the epoch is done: killed in
             // between, the resumed run drops the row and redoes the epoch; the other way round it
@@ -1100,7 +1124,8 @@ impl Run<'_> {
                 std::fs::remove_file(path)?;
             }
         }
-        let fit = train::evaluate_with(&|x| Ok(net.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
+        let frozen = net.frozen();
+        let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
         Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
     }
 
@@ -1141,7 +1166,8 @@ impl Run<'_> {
         shift: Option<f64>,
     ) -> Result<()> {
         let model = (format!("mlp {}", net.config().describe()), net.num_params());
-        self.record_with(tables, stage, kind, model, &|x| Ok(net.forward_t(x, false)), started, shift)
+        let frozen = net.frozen();
+        self.record_with(tables, stage, kind, model, &|x| Ok(frozen.forward_t(x, false)), started, shift)
     }
 
     /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`.

@@ -4,7 +4,7 @@ use crate::config::{DistillSpec, Objective, Training};
 use crate::data::{self, Split};
 use crate::optim::Optimizer;
 use anyhow::{Context, Result};
-use kd_core::{LossWeights, SoftTargets};
+use kd_core::{LossWeights, SoftTargets, TopKForm, TopKTargets};
 use kd_models::Mlp;
 use tch::{nn::ModuleT, Kind, Tensor};
 
@@ -24,14 +24,26 @@ pub enum TeacherSignal<'a> {
     /// Run on each (jittered) batch in evaluation mode.
     Live(&'a Teacher),
     /// The teacher's `k` most probable classes per example of the transfer set, with their
-    /// probabilities at T renormalized over them; expanded to full rows per batch.
+    /// probabilities at T renormalized over them; the loss reads them as they are
+    /// ([`kd_core::top_k_distillation_loss`]), never as full rows.
     TopK {
         /// `[n, k]` probabilities.
         probs: Tensor,
         /// `[n, k]` class ids.
         classes: Tensor,
-        /// Number of classes.
-        num_classes: i64,
+    },
+}
+
+/// A batch's rows of a teacher signal.
+pub enum BatchTargets {
+    /// Full rows: probabilities at T, or logits (live teacher, logit matching).
+    Dense(Tensor),
+    /// The `[b, k]` probabilities and class ids of [`TeacherSignal::TopK`].
+    TopK {
+        /// `[b, k]` probabilities.
+        probs: Tensor,
+        /// `[b, k]` class ids.
+        classes: Tensor,
     },
 }
 
@@ -136,14 +148,43 @@ impl Supervision<'_> {
         }
     }
 
+    /// The batch's rows (`idx`, inputs `x`) of the teacher signal (`None` for hard labels).
+    pub fn batch_targets(&self, idx: &Tensor, x: &Tensor) -> Result<Option<BatchTargets>> {
+        Ok(match self {
+            Supervision::Hard => None,
+            Supervision::Distill { teacher: TeacherSignal::Cached(all), .. } => {
+                Some(BatchTargets::Dense(all.index_select(0, idx)))
+            }
+            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => Some(BatchTargets::Dense(t.logits(x)?)),
+            Supervision::Distill { teacher: TeacherSignal::TopK { probs, classes }, .. } => {
+                Some(BatchTargets::TopK { probs: probs.index_select(0, idx), classes: classes.index_select(0, idx) })
+            }
+        })
+    }
+
     /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
     /// signal (`teacher_out`, rows aligned with the batch).
-    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&Tensor>) -> Result<Tensor> {
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&BatchTargets>) -> Result<Tensor> {
         match self {
             Supervision::Hard => Ok(kd_core::hard_target_loss(logits, labels)?),
             Supervision::Distill { spec, teacher } => {
-                let t = teacher_out.context("distillation needs the teacher's outputs for the batch")?;
+                let out = teacher_out.context("distillation needs the teacher's outputs for the batch")?;
                 let weights = LossWeights::new(spec.hard_weight, spec.soft_weight)?;
+                let t = match out {
+                    BatchTargets::Dense(t) => t,
+                    BatchTargets::TopK { probs, classes } => {
+                        let targets = TopKTargets { probs, classes };
+                        let loss = kd_core::top_k_distillation_loss(
+                            logits,
+                            targets,
+                            Some(labels),
+                            spec.temperature,
+                            weights,
+                            TopKForm::CrossEntropy,
+                        )?;
+                        return Ok(loss.total);
+                    }
+                };
                 match spec.objective {
                     Objective::Soft => {
                         let targets = match teacher {
@@ -329,16 +370,7 @@ pub fn train_epoch(
             _ => x,
         };
         let y = train.labels.index_select(0, &idx);
-        let teacher_out = match supervision {
-            Supervision::Hard => None,
-            Supervision::Distill { teacher: TeacherSignal::Cached(all), .. } => Some(all.index_select(0, &idx)),
-            Supervision::Distill { teacher: TeacherSignal::Live(t), .. } => Some(t.logits(&x)?),
-            Supervision::Distill { teacher: TeacherSignal::TopK { probs, classes, num_classes }, .. } => {
-                let p = probs.index_select(0, &idx);
-                let full = Tensor::zeros([p.size()[0], *num_classes], (p.kind(), p.device()));
-                Some(full.scatter(1, &classes.index_select(0, &idx), &p))
-            }
-        };
+        let teacher_out = supervision.batch_targets(&idx, &x)?;
         let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
         let b = idx.size()[0];
         seen += b;
@@ -434,9 +466,11 @@ impl Evaluation {
     }
 }
 
-/// Evaluates `net` on `split` in evaluation mode (one device sync at the end).
+/// Evaluates `net` on `split` in evaluation mode (one device sync at the end), its weights
+/// converted to the compute precision once for the whole pass.
 pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation> {
-    evaluate_with(&|x| Ok(net.forward_t(x, false)), split, None, num_classes)
+    let frozen = net.frozen();
+    evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, None, num_classes)
 }
 
 /// Evaluates a model given as `logits(x)` (log-probabilities up to a constant per row) on
@@ -615,6 +649,49 @@ mod tests {
         let (all, _) = top_k_targets(&logits, 5, t).unwrap();
         let full = kd_core::softmax_t(&logits, t).unwrap().sort(1, true).0;
         assert!(f64::try_from((all - full).abs().max()).unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn top_k_supervision_matches_the_dense_expansion_of_its_targets() {
+        // The loss from top-k targets against the loss from the same targets expanded into full
+        // rows (as the training loop did before): equal values and gradients, for both weights.
+        tch::manual_seed(5);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let (n, classes, k) = (6i64, 40i64, 5i64);
+        let teacher = Tensor::randn([n, classes], opts) * 3.0;
+        let labels = Tensor::randint(classes, [n], (Kind::Int64, tch::Device::Cpu));
+        let z = Tensor::randn([n, classes], opts) * 2.0;
+        for (t, hard) in [(1.0, 0.0), (1.0, 0.5), (2.0, 0.5), (4.0, 0.0)] {
+            let (probs, ids) = top_k_targets(&teacher, k, t).unwrap();
+            let full = Tensor::zeros([n, classes], opts).scatter(1, &ids, &probs);
+            let spec = DistillSpec {
+                teacher: crate::config::ModelSource::Stage("t".into()),
+                objective: Objective::Soft,
+                temperature: t,
+                hard_weight: hard,
+                soft_weight: 1.0 - hard,
+                transfer_exclude: vec![],
+                transfer_only: vec![],
+                top_k: Some(k),
+                translations: None,
+            };
+            let idx = Tensor::from_slice(&[4i64, 0, 2, 5]);
+            let x = Tensor::zeros([4, 1], opts);
+            let sparse = Supervision::Distill { spec: &spec, teacher: TeacherSignal::TopK { probs, classes: ids } };
+            let dense = Supervision::Distill { spec: &spec, teacher: TeacherSignal::Cached(full) };
+            let (y, zb) = (labels.index_select(0, &idx), z.index_select(0, &idx));
+            let run = |s: &Supervision| {
+                let zb = zb.detach().set_requires_grad(true);
+                let targets = s.batch_targets(&idx, &x).unwrap();
+                let loss = s.loss(&zb, &y, targets.as_ref()).unwrap();
+                let g = Tensor::run_backward(&[&loss], &[&zb], false, false).pop().unwrap();
+                (loss.double_value(&[]), g)
+            };
+            let ((a, ga), (b, gb)) = (run(&sparse), run(&dense));
+            assert!((a - b).abs() < 1e-5 * b.abs(), "T = {t}, hard {hard}: {a} vs {b}");
+            let gap = f64::try_from((ga - gb).abs().max()).unwrap();
+            assert!(gap < 1e-6, "T = {t}, hard {hard}: gradient {gap}");
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Run<'_> {
         if *clusters > classes {
             bail!("stage `{stage}`: clusters = {clusters} but the data has {classes} classes");
         }
-        let (_vs, net) = self.load_model(source)?;
+        let net = self.load_model(source)?.1.frozen();
         let val = self.data.validation.as_ref().context("subsets come from the validation split")?;
         let matrix = tch::no_grad(|| -> Result<Tensor> {
             let mut covariance = CovarianceAccumulator::new();
@@ -181,8 +181,10 @@ impl Run<'_> {
             let rows: Vec<SpecialistRow> = output::read_csv(&self.specialist_dir(stage, m).join(SPECIALIST_ROW))?;
             tables.specialists.extend(rows);
         }
-        let nets =
-            (0..subsets.len()).map(|m| self.load_specialist(stage, m, &subsets[m])).collect::<Result<Vec<_>>>()?;
+        let nets = (0..subsets.len())
+            .map(|m| Ok(self.load_specialist(stage, m, &subsets[m])?.1.frozen()))
+            .collect::<Result<Vec<_>>>()?;
+        let generalist = generalist.frozen();
         let cfg = CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() };
         let combined = |x: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
             let pg = generalist.forward_t(x, false).softmax(1, Kind::Float);
@@ -193,7 +195,7 @@ impl Run<'_> {
                 .iter()
                 .zip(&subsets)
                 .enumerate()
-                .map(|(m, ((_, net), subset))| {
+                .map(|(m, (net, subset))| {
                     let rows = active.select(1, m as i64).nonzero().squeeze_dim(1);
                     let width = subset.output_width();
                     let out = net.forward_t(&x.index_select(0, &rows), false).softmax(1, Kind::Float);
@@ -204,7 +206,7 @@ impl Run<'_> {
             let q = combine(&pg, &pairs, &active, &cfg)?.probs;
             Ok((pg, active, q))
         };
-        let parameters = generalist.num_params() + nets.iter().map(|(_, n)| n.num_params()).sum::<i64>();
+        let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
         let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
         // The evaluation below runs over the validation split, then the test split, chunk by
         // chunk; what Table 4 needs of each chunk is kept on the way, so that eq. 5 is solved
@@ -335,7 +337,8 @@ impl Run<'_> {
         let val_inside_accuracy = match (&local_val, val) {
             (Some(lv), Some(v)) => {
                 let idx = subset.contains(&v.labels)?.nonzero().squeeze_dim(1);
-                let forward = |x: &Tensor| Ok(net.forward_t(x, false));
+                let frozen = net.frozen();
+                let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
                 (idx.size()[0] > 0)
                     .then(|| train::evaluate_with(&forward, lv, Some(&idx), subset.output_width()))
                     .transpose()?

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On a machine with one GPU, PyTorch 2.11 (its python at $PYTHON) and a kd-run release binary
+# built elsewhere (scripts/gpu_prepare.sh puts one in dist/): kd-run's acoustic workloads (the
+# 8 x 2560 / 14,000-class DNN at batch 1024, trained on labels and distilled from top-50 soft
+# targets, f32 and bf16) against the PyTorch reference in the same run, then the fixed speech
+# check (scripts/gpu_check.sh). Writes under OUT (default runs-gpu):
+#   bench.txt   the whole `kd-run bench` output
+#   ratios.txt  its `ratio <workload> <kd-run / PyTorch>` lines
+#   speed.txt   frames/s, TFLOP/s and share of the GPU's dense peak of both sides, per workload
+#   speech/     the speech check's runs and report; speech_speed.txt, its epochs' speed lines
+# Extra arguments go to every `kd-run run` of the speech check (e.g. `--set
+# data.speech.speakers=100 --set defaults.epochs=2` for a shorter one).
+# A dry run on a CPU (tiny sizes, one round; about a minute):
+#   KD_RUN=target/release/kd-run PYTHON=.venv/bin/python OUT=/tmp/gb scripts/gpu_bench.sh --dry-run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/gpu_env.sh
+PYTHON=${PYTHON:-/opt/torch/.venv/bin/python}
+if [ "${1:-}" = "--dry-run" ]; then
+    shift
+    bench=(--device cpu --acoustic tiny --acoustic-steps 4 --rounds 1)
+    check=(--set data.speech.states=200 --set data.speech.speakers=12 --set data.speech.utterances_per_speaker=10
+        --set defaults.epochs=1 --set 'stages.baseline.model.hidden=[64,64]'
+        --set 'stages.member.model.hidden=[64,64]' --set 'stages.distilled.model.hidden=[64,64]')
+else
+    bench=(--device cuda --acoustic full --acoustic-steps 50 --rounds 5)
+    check=()
+fi
+mkdir -p "$OUT"
+start=$(date +%s)
+"$KD_RUN" info | tee "$OUT/info.txt"
+"$KD_RUN" bench "${bench[@]}" --python "$PYTHON" \
+    --only acoustic --only acoustic_bf16 --only acoustic_topk --only acoustic_topk_bf16 | tee "$OUT/bench.txt"
+grep '^ratio ' "$OUT/bench.txt" > "$OUT/ratios.txt"
+grep '^# acoustic' "$OUT/bench.txt" > "$OUT/speed.txt"
+echo "bench: $(( $(date +%s) - start )) s"
+OUT="$OUT/speech" scripts/gpu_check.sh "${check[@]}" "$@"
+grep -h 'TFLOP/s' "$OUT"/speech/*/run.log > "$OUT/speech_speed.txt" || true
+echo "wall time of the GPU bench and check: $(( $(date +%s) - start )) s"
