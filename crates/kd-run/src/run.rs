@@ -269,11 +269,14 @@ pub fn run(
     let config_path = dir.join("config.toml");
     // Before anything is written or removed: a second process into a run directory in use fails
     // here. `--only` processes share it, unless they also discard or rerun stages.
+    refuse_links(out, &dir, !fresh)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let exclusive = only.is_empty() || fresh || !redo.is_empty();
     let _lock = lock::acquire(&dir, only, exclusive, command)?;
     if fresh {
+        // It removes links in the places of kd-run's files, never following them.
         remove_run_files(&dir)?;
+        refuse_links(out, &dir, true)?;
     }
     let mut changed = Vec::new();
     if config_path.exists() {
@@ -518,6 +521,32 @@ pub fn run(
 /// keeps and appends to).
 const RUN_FILES: [&str; 10] =
     ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
+
+/// kd-run writes only inside `--out` and follows no link out of it: the run directory, the
+/// folders and the files it writes into or appends to must not be symbolic links (a link at a
+/// place kd-run has not written yet would send its writes wherever the link points).
+/// `all: false` leaves out the places whose links `--fresh` removes.
+fn refuse_links(out: &Path, dir: &Path, all: bool) -> Result<()> {
+    let mut places: Vec<PathBuf> =
+        vec![dir.to_path_buf(), out.join(".cache"), dir.join(lock::LOCKS), dir.join("run.log")];
+    places.extend(std::fs::read_dir(dir.join(lock::LOCKS)).into_iter().flatten().flatten().map(|e| e.path()));
+    if all {
+        places.extend(["checkpoints", "specialists"].iter().chain(RUN_FILES.iter()).map(|name| dir.join(name)));
+        for folder in [dir.join("specialists"), dir.join("checkpoints")] {
+            places.extend(std::fs::read_dir(&folder).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    for place in places {
+        if std::fs::symlink_metadata(&place).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "{} is a symbolic link: kd-run writes only inside --out and follows no link out of it; \
+                 replace it with a real folder or file, or choose another --out",
+                place.display()
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Removes the temporary files (`<file>.<pid>.tmp`) that a process killed while writing left in
 /// the run directory, its `checkpoints/` and its specialists' folders; for an `--only` process

@@ -541,6 +541,29 @@ fn cases() -> Vec<Case> {
             c.experiment(&IMAGES.replace("name = \"adv\"", "name = \"a\\nb\\u0000c\""));
             run_args()
         }),
+        // Links planted in the run directory: kd-run follows none of them out of --out.
+        case("link: the run's checkpoints/ points out of --out", Reject("symbolic link"), |c| {
+            c.experiment(IMAGES);
+            plant_link(c, "out/adv/checkpoints");
+            run_args()
+        }),
+        case("link: the run directory itself points out of --out", Reject("symbolic link"), |c| {
+            c.experiment(IMAGES);
+            plant_link(c, "out/adv");
+            run_args()
+        }),
+        case("link: the teacher-logit cache points out of --out", Reject("symbolic link"), |c| {
+            c.experiment(IMAGES);
+            plant_link(c, "out/.cache");
+            run_args()
+        }),
+        case("link: run.log points out of --out", Reject("symbolic link"), |c| {
+            c.experiment(IMAGES);
+            std::fs::create_dir_all(c.path("out/adv")).unwrap();
+            c.write("victim.log", b"mine");
+            std::os::unix::fs::symlink(c.path("victim.log"), c.path("out/adv/run.log")).unwrap();
+            run_args()
+        }),
         case("stage name: ../x", Reject("name"), |c| {
             c.experiment(&IMAGES.replace("name = \"net\"", "name = \"../x\""));
             run_args()
@@ -552,6 +575,14 @@ fn cases() -> Vec<Case> {
 // The runner.
 
 /// Every file and folder under `dir` (relative paths), except under `out/`.
+/// A link at `at` (inside the case's `out/`) to a folder `victim/` outside it.
+fn plant_link(c: &Ctx, at: &str) {
+    std::fs::create_dir_all(c.path("victim")).unwrap();
+    let link = c.path(at);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(c.path("victim"), link).unwrap();
+}
+
 fn listing(dir: &Path) -> BTreeSet<PathBuf> {
     let mut found = BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
