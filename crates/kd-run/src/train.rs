@@ -137,10 +137,17 @@ impl Supervision<'_> {
     }
 
     /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
-    /// signal (`teacher_out`, rows aligned with the batch).
-    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&Tensor>) -> Result<Tensor> {
+    /// signal (`teacher_out`, rows aligned with the batch). With it, for soft targets, the soft
+    /// term's KL form (`T^2 KL(p || q)`, unweighted; `DistillLoss::soft_kl`), which shows the
+    /// student converging where the objective is dominated by the teacher's entropy.
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        teacher_out: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         match self {
-            Supervision::Hard => Ok(kd_core::hard_target_loss(logits, labels)?),
+            Supervision::Hard => Ok((kd_core::hard_target_loss(logits, labels)?, None)),
             Supervision::Distill { spec, teacher } => {
                 let t = teacher_out.context("distillation needs the teacher's outputs for the batch")?;
                 let weights = LossWeights::new(spec.hard_weight, spec.soft_weight)?;
@@ -150,14 +157,15 @@ impl Supervision<'_> {
                             TeacherSignal::Cached(_) | TeacherSignal::TopK { .. } => SoftTargets::Probs(t),
                             TeacherSignal::Live(_) => SoftTargets::Logits(t),
                         };
-                        Ok(kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?.total)
+                        let l = kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?;
+                        Ok((l.total, (weights.soft > 0.0).then(|| l.soft_kl.detach())))
                     }
                     Objective::Logits => {
                         let mut total = kd_core::logit_matching_loss(logits, t)? * weights.soft;
                         if weights.hard > 0.0 {
                             total += kd_core::hard_target_loss(logits, labels)? * weights.hard;
                         }
-                        Ok(total)
+                        Ok((total, None))
                     }
                 }
             }
@@ -198,6 +206,8 @@ pub struct EpochTotals {
     pub loss: f64,
     /// Training-mode accuracy.
     pub accuracy: f64,
+    /// Mean KL form of the soft term, for soft-target distillation (see [`Supervision::loss`]).
+    pub soft_kl: Option<f64>,
 }
 
 /// Image geometry for jitter: (rows, cols), None for inputs that are not images.
@@ -218,6 +228,7 @@ pub fn train_epoch(
     let n = examples.map_or(train.len(), |e| e.size()[0]);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
+    let mut kl_sum: Option<Tensor> = None;
     let mut seen = 0i64;
     for (i, positions) in data::batches(n, training.batch_size, device).enumerate() {
         let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
@@ -237,10 +248,19 @@ pub fn train_epoch(
                 Some(full.scatter(1, &classes.index_select(0, &idx), &p))
             }
         };
-        let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
+        let mut kl = None;
+        let (logits, loss) = trainer.step(&x, |z| {
+            let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
+            kl = soft_kl;
+            Ok(loss)
+        })?;
         let b = idx.size()[0];
         seen += b;
         loss_sum += loss * b as f64;
+        if let Some(kl) = kl {
+            let kl = kl.to_kind(Kind::Float) * b as f64;
+            kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
+        }
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
         let report = (report_every > 0 && (i + 1) % report_every == 0)
             .then(|| f64::try_from(&loss_sum).unwrap_or(f64::NAN) / seen as f64);
@@ -249,6 +269,7 @@ pub fn train_epoch(
     Ok(EpochTotals {
         loss: f64::try_from(&loss_sum)? / seen as f64,
         accuracy: i64::try_from(&correct)? as f64 / seen as f64,
+        soft_kl: kl_sum.map(|sum| f64::try_from(&sum)).transpose()?.map(|sum| sum / seen as f64),
     })
 }
 
