@@ -15,6 +15,7 @@ run: build
 
 test: setup
 	cargo test --release --workspace
+	scripts/test_external.sh
 
 bench: build
 	$(KD_RUN) bench
@@ -27,8 +28,10 @@ mnist-section: build
 # What to run before a commit: formatting, lints, tests.
 check: setup
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path examples/external/Cargo.toml -- --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo test --release --workspace
+	scripts/test_external.sh
 
 clean-runs:
 	rm -rf runs
