@@ -8,7 +8,8 @@ fn main() {
             // Find libtorch at run time where it was at build time.
             println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
         }
-        // Keep libtorch_cuda.so, which nothing references by symbol, or CUDA looks absent.
+        // Keep libtorch.so, which nothing references by symbol: it loads libtorch_cuda.so,
+        // without which CUDA looks absent.
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch");
     }
