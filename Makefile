@@ -18,6 +18,7 @@ FEATURES := --features kd-native/gloo
 
 test: setup
 	cargo test --release --workspace $(FEATURES)
+	scripts/test_external.sh
 
 bench: build
 	$(KD_RUN) bench
@@ -30,8 +31,10 @@ mnist-section: build
 # What to run before a commit: formatting, lints, tests.
 check: setup
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path examples/external/Cargo.toml -- --check
 	cargo clippy --release --all-targets $(FEATURES) -- -D warnings
 	cargo test --release --workspace $(FEATURES)
+	scripts/test_external.sh
 
 clean-runs:
 	rm -rf runs

@@ -1,5 +1,5 @@
 //! Compiles `src/shim.cpp` (one translation unit) against the headers of the libtorch that tch
-//! links, and links the test and example binaries to libtorch like `link-libtorch.rs` does.
+//! links, and links the test and example binaries to libtorch like the other crates' build.rs.
 //!
 //! Features add headers and defines:
 //! - `gloo`: c10d's ProcessGroupGloo. The PyTorch wheel lacks the Gloo headers; they come from
@@ -121,7 +121,8 @@ fn main() {
     for l in libs {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
-    // As link-libtorch.rs: an rpath to libtorch, and libtorch_cuda kept although nothing names it.
+    // As the other crates' build.rs (the README's): an rpath to libtorch, and libtorch.so kept
+    // although nothing names it (it loads libtorch_cuda.so).
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-link-arg=-Wl,-rpath={}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

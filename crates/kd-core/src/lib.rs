@@ -8,6 +8,7 @@
 //! temperature softmax   q_i = exp(z_i / T) / sum_j exp(z_j / T)
 //! soft loss             C_soft = T^2 * mean_b sum_i -p_i log q_i,  p = softmax(v / T) (teacher, detached)
 //! its gradient          dC_soft/dz_i = T (q_i - p_i) / B          (paper eq. 2, times T^2)
+//! its KL form           C_soft - T^2 * mean_b H(p) = T^2 * mean_b KL(p || q)  (same gradient; 0 at q = p)
 //! hard loss             C_hard = mean_b -log softmax(z)_y          (T = 1, never scaled)
 //! combined              total = w_hard * C_hard + w_soft * C_soft
 //! logit matching        C_lm = mean_b (1/(2N)) sum_i (z_i - v_i)^2  (the T -> inf limit of C_soft, eq. 4)

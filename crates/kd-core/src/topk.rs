@@ -129,7 +129,8 @@ pub fn top_k_soft_target_loss(
 ///   `weights.hard == 0`. Given labels are validated even when unused.
 /// * `weights`: re-validated. A term whose weight is 0 is not computed and reported as zero.
 /// * Returns [`DistillLoss`] of 0-dim tensors in the compute dtype (f32, f64 for f64 logits).
-///   `total` carries the gradient; `hard` and `soft` are detached values, for logging.
+///   `total` carries the gradient; `hard` and `soft` (in `form`) are detached values, for
+///   logging, and `soft_kl` is the soft term in its KL form whatever `form` is.
 /// * Memory: one `[B, classes]` buffer (the softmax, turned into the gradient in place) while
 ///   `T = 1` or one of the weights is 0; two while the loss is computed when both terms are
 ///   used at `T != 1`.
@@ -186,13 +187,12 @@ pub fn top_k_distillation_loss(
         let p = targets.probs.f_detach()?.f_to_kind(kind)?;
         let lq = log_softmax_scaled(&z, t, kind)?;
         let picked = lq.f_gather(1, targets.classes, false)?;
-        let mut soft = p.f_mul(&picked)?.f_sum(kind)?.f_mul_scalar(-t * t / batch)?;
-        if form == TopKForm::Kl {
-            let neg_entropy = p.f_xlogy(&p)?.f_sum(kind)?;
-            soft = soft.f_add(&neg_entropy.f_mul_scalar(t * t / batch)?)?;
-        }
+        let cross_entropy = p.f_mul(&picked)?.f_sum(kind)?.f_mul_scalar(-t * t / batch)?;
+        let neg_entropy = p.f_xlogy(&p)?.f_sum(kind)?;
+        let kl = cross_entropy.f_add(&neg_entropy.f_mul_scalar(t * t / batch)?)?;
+        let soft = if form == TopKForm::Kl { kl.shallow_clone() } else { cross_entropy };
         let mass = p.f_sum_dim_intlist(1, true, kind)?;
-        Some((lq, p, mass, soft))
+        Some((lq, p, mass, (soft, kl)))
     } else {
         None
     };
@@ -243,7 +243,7 @@ pub fn top_k_distillation_loss(
     }
     let grad = grad.map_or_else(unreachable_none, Ok)?;
 
-    let soft = soft_part.map(|(.., soft)| soft);
+    let (soft, soft_kl) = soft_part.map(|(.., terms)| terms).unzip();
     let hard = hard_part.map(|(.., hard)| hard);
     let value = match (&hard, &soft) {
         (Some(h), Some(s)) => h.f_mul_scalar(weights.hard)?.f_add(&s.f_mul_scalar(weights.soft)?)?,
@@ -264,6 +264,10 @@ pub fn top_k_distillation_loss(
             None => zero()?,
         },
         soft: match soft {
+            Some(s) => s,
+            None => zero()?,
+        },
+        soft_kl: match soft_kl {
             Some(s) => s,
             None => zero()?,
         },

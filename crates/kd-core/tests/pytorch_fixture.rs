@@ -64,6 +64,22 @@ fn matches_pytorch_reference() {
             |x: &Tensor| distillation_loss(x, SoftTargets::Probs(&probs), Some(y), t, weights).unwrap().total;
         assert_close(&tag("combined_grad (probs)"), &autograd(combined_p, s), &at("combined_grad"));
 
+        // The soft term's KL form, against PyTorch's kl_div (which never forms the entropy):
+        // from logits, from probabilities, from top-k targets with zero rows entries, and from
+        // an ensemble's mean distribution. Its gradient is the cross-entropy form's.
+        let pure_soft = LossWeights::default();
+        let kl = |teacher: SoftTargets, x: &Tensor| distillation_loss(x, teacher, None, t, pure_soft).unwrap().soft_kl;
+        assert_close(&tag("soft_kl"), &kl(SoftTargets::Logits(v), s), &at("soft_kl"));
+        assert_close(&tag("soft_kl (probs)"), &kl(SoftTargets::Probs(&probs), s), &at("soft_kl"));
+        assert_close(&tag("soft_kl grad"), &autograd(|x| kl(SoftTargets::Logits(v), x), s), &at("soft_grad"));
+        assert_close(&tag("topk_soft_kl"), &kl(SoftTargets::Probs(&at("topk_probs")), s), &at("topk_soft_kl"));
+        let ens = ensemble_probs(&members, t, EnsembleRule::ArithmeticMean).unwrap();
+        assert_close(&tag("ens_soft_kl"), &kl(SoftTargets::Probs(&ens), s), &at("ens_soft_kl"));
+        // The identity CE = KL + T^2 H(p), with H(p) computed here in closed form.
+        let l = distillation_loss(s, SoftTargets::Logits(v), None, t, pure_soft).unwrap();
+        let entropy = -(&probs * probs.log()).sum(Kind::Double) / probs.size()[0] as f64 * (t * t);
+        assert_close(&tag("soft = soft_kl + T^2 H(p)"), &(&l.soft_kl + entropy), &l.soft);
+
         for (rule, key) in [
             (EnsembleRule::ArithmeticMean, "ens_arith"),
             (EnsembleRule::GeometricMean, "ens_geo"),

@@ -1,18 +1,16 @@
 //! GPU switches and facts: TF32 for f32 matrix products and convolutions, CUDA-graph capture and
-//! replay, device properties, and the dense peak FLOP/s of common GPUs.
+//! replay, and device properties (kd-run keeps the table of GPUs' peak FLOP/s by name).
 //!
 //! The TF32 switches work in every build (they are flags of libtorch's global context, read by
 //! the CUDA kernels); graphs and device properties need feature `cuda` and return
 //! [`Error::NotBuilt`] otherwise.
 //!
 //! ```
-//! use kd_native::cuda::{peak_tflops, set_tf32, tf32};
+//! use kd_native::cuda::{set_tf32, tf32};
 //!
 //! set_tf32(true, true);
 //! assert_eq!(tf32(), (true, true));
 //! set_tf32(false, true); // PyTorch's defaults: cuBLAS off, cuDNN on
-//! let h200 = peak_tflops("NVIDIA H200").unwrap();
-//! assert_eq!((h200.bf16, h200.tf32), (989.0, 494.0));
 //! ```
 use crate::ffi;
 use crate::{native, Error, Result};
@@ -26,36 +24,6 @@ pub fn set_tf32(cublas: bool, cudnn: bool) {
 /// The TF32 switches as `(cublas, cudnn)`.
 pub fn tf32() -> (bool, bool) {
     ffi::tf32()
-}
-
-/// Dense (not sparse) peak throughput of a GPU in TFLOP/s, from its vendor's data sheet.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PeakTflops {
-    /// bf16 (and fp16) tensor cores with f32 accumulation.
-    pub bf16: f64,
-    /// TF32 tensor cores.
-    pub tf32: f64,
-    /// f32 without tensor cores.
-    pub fp32: f64,
-}
-
-/// (name fragment, peaks); the first fragment contained in the device's name wins, so the more
-/// specific names come first.
-const PEAKS: [(&str, PeakTflops); 8] = [
-    ("H100 PCIe", PeakTflops { bf16: 756.0, tf32: 378.0, fp32: 51.0 }),
-    ("H100 NVL", PeakTflops { bf16: 835.0, tf32: 418.0, fp32: 60.0 }),
-    ("H100", PeakTflops { bf16: 989.0, tf32: 494.0, fp32: 67.0 }),
-    ("H200", PeakTflops { bf16: 989.0, tf32: 494.0, fp32: 67.0 }),
-    ("GH200", PeakTflops { bf16: 989.0, tf32: 494.0, fp32: 67.0 }),
-    ("B200", PeakTflops { bf16: 2250.0, tf32: 1100.0, fp32: 80.0 }),
-    ("A100", PeakTflops { bf16: 312.0, tf32: 156.0, fp32: 19.5 }),
-    ("L40S", PeakTflops { bf16: 362.0, tf32: 183.0, fp32: 91.6 }),
-];
-
-/// The dense peak of a GPU named like CUDA names it (`"NVIDIA H200"`, `"NVIDIA H100 80GB HBM3"`,
-/// `"NVIDIA A100-SXM4-80GB"`), or `None` for a GPU not in the table.
-pub fn peak_tflops(device_name: &str) -> Option<PeakTflops> {
-    PEAKS.iter().find(|(fragment, _)| device_name.contains(fragment)).map(|(_, p)| *p)
 }
 
 /// What CUDA reports about a device.
@@ -124,20 +92,6 @@ impl CudaGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peaks_by_device_name() {
-        let table = [
-            ("NVIDIA H200", Some(989.0)),
-            ("NVIDIA H100 80GB HBM3", Some(989.0)),
-            ("NVIDIA H100 PCIe", Some(756.0)),
-            ("NVIDIA A100-SXM4-80GB", Some(312.0)),
-            ("NVIDIA GeForce GTX 1080", None),
-        ];
-        for (name, bf16) in table {
-            assert_eq!(peak_tflops(name).map(|p| p.bf16), bf16, "{name}");
-        }
-    }
 
     #[test]
     fn tf32_switches_round_trip() {

@@ -11,7 +11,7 @@
 //! - [`optim`]: libtorch's fused optimizer kernels `_fused_sgd_` and `_fused_adam_` (one kernel
 //!   over a whole list of parameters, on CPU and CUDA).
 //! - [`cuda`]: the TF32 switches for cuBLAS and cuDNN; with feature `cuda`, CUDA-graph capture
-//!   and replay and device properties; the dense peak FLOP/s of common GPUs by name.
+//!   and replay and device properties.
 //!
 //! Without features the crate needs only libtorch's own headers, and every process-group
 //! constructor returns [`Error::NotBuilt`] saying which feature to enable.

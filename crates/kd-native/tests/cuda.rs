@@ -2,7 +2,7 @@
 //! present, and check the error path where it is not.
 #![cfg(feature = "cuda")]
 
-use kd_native::cuda::{device_properties, peak_tflops, CudaGraph};
+use kd_native::cuda::{device_properties, CudaGraph};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -21,7 +21,7 @@ fn device_properties_name_the_gpu() {
     let p = device_properties(0).unwrap();
     assert!(p.name.contains("NVIDIA") || p.name.contains("AMD"), "{p:?}");
     assert!(p.total_memory > 1 << 30 && p.multiprocessors > 0 && p.compute_capability.0 >= 3, "{p:?}");
-    println!("{p:?}: peak {:?}", peak_tflops(&p.name));
+    println!("{p:?}");
 }
 
 /// A captured `y = x * 2 + 1` replays on new values copied into `x`.

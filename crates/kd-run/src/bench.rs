@@ -523,7 +523,7 @@ fn memory(batch: i64) -> Result<()> {
         // One step to warm up (the gradients' and momentum's first allocation), then one measured.
         let mut step = || -> Result<()> {
             let t = targets();
-            let _ = trainer.step(&x, |z| supervision.loss(z, &y, Some(&t)))?;
+            let _ = trainer.step(&x, |z| supervision.loss(z, &y, Some(&t)).map(|(loss, _)| loss))?;
             Ok(())
         };
         step()?;
@@ -537,7 +537,7 @@ fn memory(batch: i64) -> Result<()> {
         let (loss_before, _) = resident()?;
         {
             let t = targets();
-            let loss = supervision.loss(&z, &y, Some(&t))?;
+            let (loss, _) = supervision.loss(&z, &y, Some(&t))?;
             let _grad = Tensor::run_backward(&[&loss], &[&z], false, false);
         }
         let (_, loss_peak) = resident()?;

@@ -188,6 +188,12 @@ pub struct MetricsRow {
     pub lr: f64,
     /// Mean training objective over the epoch (as optimized: dropout on, distillation terms).
     pub train_loss: f64,
+    /// Distill stages with soft targets: the mean over the epoch of the soft term's KL form,
+    /// `T^2 KL(p || q)` (the soft cross-entropy less the teacher's entropy, unweighted), which
+    /// falls as the student converges where `train_loss` barely moves (empty for other stages
+    /// and in files written before it was recorded).
+    #[serde(default)]
+    pub soft_kl: Option<f64>,
     /// Accuracy of the training-mode predictions during the epoch.
     pub train_accuracy: f64,
     /// Hard-label cross-entropy on the validation split, if there is one.
@@ -441,6 +447,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_csv::<SummaryRow>(&old).unwrap()[0].device, "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_written_before_the_soft_kl_column_still_read() {
+        let dir = std::env::temp_dir().join(format!("kd-run-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("metrics.csv");
+        std::fs::write(
+            &old,
+            "stage,epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy,test_errors,seconds,examples_per_second,\
+             tflops,device\nd,1,0.1,830.5,0.9,,,,1.5,100.0,0.001,cpu (2 threads)\n",
+        )
+        .unwrap();
+        let rows = read_csv::<MetricsRow>(&old).unwrap();
+        assert_eq!((rows[0].train_loss, rows[0].soft_kl, rows[0].device.as_str()), (830.5, None, "cpu (2 threads)"));
+        let new = dir.join("new.csv");
+        let rows = vec![MetricsRow { soft_kl: Some(2.25), ..rows[0].clone() }];
+        write_csv(&new, &rows).unwrap();
+        assert_eq!(read_csv::<MetricsRow>(&new).unwrap(), rows);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

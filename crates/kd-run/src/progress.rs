@@ -68,6 +68,7 @@ impl Progress {
             if left > 0 { format!(", {} left", duration(left as f64 * seconds / count as f64)) } else { String::new() };
         // The next epoch's message starts from this epoch's mean loss.
         self.shown.set((row.epoch as u64 - 1, Some(row.train_loss)));
+        let kl = row.soft_kl.map_or(String::new(), |k| format!(" soft_kl {k:.4}"));
         let val = row.val_accuracy.map_or(String::new(), |a| format!(" val_acc {:.4}", a));
         let test = row.test_errors.map_or(String::new(), |e| format!(" test_errors {e}"));
         let speed = match (row.examples_per_second, row.tflops) {
@@ -78,7 +79,7 @@ impl Progress {
             _ => String::new(),
         };
         info!(
-            "{} epoch {}/{} lr {:.4} loss {:.4} train_acc {:.4}{val}{test} ({:.1}s{speed}{eta})",
+            "{} epoch {}/{} lr {:.4} loss {:.4}{kl} train_acc {:.4}{val}{test} ({:.1}s{speed}{eta})",
             self.stage, row.epoch, self.epochs, row.lr, row.train_loss, row.train_accuracy, row.seconds
         );
     }

@@ -1192,6 +1192,7 @@ mod tests {
             epoch,
             lr: 0.1,
             train_loss: 0.5,
+            soft_kl: None,
             train_accuracy: 0.9,
             val_loss: None,
             val_accuracy: None,

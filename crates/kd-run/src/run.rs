@@ -1113,6 +1113,7 @@ impl Run<'_> {
                 epoch: epoch + 1,
                 lr,
                 train_loss: totals.loss,
+                soft_kl: totals.soft_kl,
                 train_accuracy: totals.accuracy,
                 val_loss: val.as_ref().map(|v| v.loss),
                 val_accuracy: val.as_ref().map(Evaluation::accuracy),

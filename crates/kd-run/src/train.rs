@@ -163,10 +163,17 @@ impl Supervision<'_> {
     }
 
     /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
-    /// signal (`teacher_out`, rows aligned with the batch).
-    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher_out: Option<&BatchTargets>) -> Result<Tensor> {
+    /// signal (`teacher_out`, rows aligned with the batch). With it, for soft targets, the soft
+    /// term's KL form (`T^2 KL(p || q)`, unweighted; `DistillLoss::soft_kl`), which shows the
+    /// student converging where the objective is dominated by the teacher's entropy.
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        teacher_out: Option<&BatchTargets>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         match self {
-            Supervision::Hard => Ok(kd_core::hard_target_loss(logits, labels)?),
+            Supervision::Hard => Ok((kd_core::hard_target_loss(logits, labels)?, None)),
             Supervision::Distill { spec, teacher } => {
                 let out = teacher_out.context("distillation needs the teacher's outputs for the batch")?;
                 let weights = LossWeights::new(spec.hard_weight, spec.soft_weight)?;
@@ -182,7 +189,7 @@ impl Supervision<'_> {
                             weights,
                             TopKForm::CrossEntropy,
                         )?;
-                        return Ok(loss.total);
+                        return Ok((loss.total, (weights.soft > 0.0).then(|| loss.soft_kl.detach())));
                     }
                 };
                 match spec.objective {
@@ -191,14 +198,15 @@ impl Supervision<'_> {
                             TeacherSignal::Cached(_) | TeacherSignal::TopK { .. } => SoftTargets::Probs(t),
                             TeacherSignal::Live(_) => SoftTargets::Logits(t),
                         };
-                        Ok(kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?.total)
+                        let l = kd_core::distillation_loss(logits, targets, Some(labels), spec.temperature, weights)?;
+                        Ok((l.total, (weights.soft > 0.0).then(|| l.soft_kl.detach())))
                     }
                     Objective::Logits => {
                         let mut total = kd_core::logit_matching_loss(logits, t)? * weights.soft;
                         if weights.hard > 0.0 {
                             total += kd_core::hard_target_loss(logits, labels)? * weights.hard;
                         }
-                        Ok(total)
+                        Ok((total, None))
                     }
                 }
             }
@@ -258,6 +266,8 @@ pub struct EpochTotals {
     pub loss: f64,
     /// Training-mode accuracy.
     pub accuracy: f64,
+    /// Mean KL form of the soft term, for soft-target distillation (see [`Supervision::loss`]).
+    pub soft_kl: Option<f64>,
 }
 
 /// Image geometry for jitter: (rows, cols), None for inputs that are not images.
@@ -359,6 +369,7 @@ pub fn train_epoch(
     // Each step's loss times its batch size, kept on the device and read at the checks.
     let step_losses = Tensor::zeros([steps], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
+    let mut kl_sum: Option<Tensor> = None;
     let mut seen = 0i64;
     let first_batch = training.batch_size.min(n);
     let mut check = Check { steps: steps as usize, first_batch, checked: 0, examples: 0, total: 0.0 };
@@ -371,10 +382,19 @@ pub fn train_epoch(
         };
         let y = train.labels.index_select(0, &idx);
         let teacher_out = supervision.batch_targets(&idx, &x)?;
-        let (logits, loss) = trainer.step(&x, |z| supervision.loss(z, &y, teacher_out.as_ref()))?;
+        let mut kl = None;
+        let (logits, loss) = trainer.step(&x, |z| {
+            let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
+            kl = soft_kl;
+            Ok(loss)
+        })?;
         let b = idx.size()[0];
         seen += b;
         step_losses.get(i as i64).copy_(&(loss * b as f64));
+        if let Some(kl) = kl {
+            let kl = kl.to_kind(Kind::Float) * b as f64;
+            kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
+        }
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
         let report = if report_every > 0 && (i + 1) % report_every == 0 {
             check.window(&step_losses, i + 1, seen, guard)?;
@@ -395,6 +415,7 @@ pub fn train_epoch(
     Ok(EpochTotals {
         loss: check.total / seen.max(1) as f64,
         accuracy: i64::try_from(&correct)? as f64 / seen.max(1) as f64,
+        soft_kl: kl_sum.map(|sum| f64::try_from(&sum)).transpose()?.map(|sum| sum / seen.max(1) as f64),
     })
 }
 
@@ -683,12 +704,17 @@ mod tests {
             let run = |s: &Supervision| {
                 let zb = zb.detach().set_requires_grad(true);
                 let targets = s.batch_targets(&idx, &x).unwrap();
-                let loss = s.loss(&zb, &y, targets.as_ref()).unwrap();
+                let (loss, kl) = s.loss(&zb, &y, targets.as_ref()).unwrap();
                 let g = Tensor::run_backward(&[&loss], &[&zb], false, false).pop().unwrap();
-                (loss.double_value(&[]), g)
+                (loss.double_value(&[]), kl.map(|k| k.double_value(&[])), g)
             };
-            let ((a, ga), (b, gb)) = (run(&sparse), run(&dense));
+            let ((a, kl_a, ga), (b, kl_b, gb)) = (run(&sparse), run(&dense));
             assert!((a - b).abs() < 1e-5 * b.abs(), "T = {t}, hard {hard}: {a} vs {b}");
+            // The KL form from the top-k pairs equals the dense one on the expanded targets.
+            match (kl_a, kl_b) {
+                (Some(x), Some(y)) => assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "T = {t}: KL {x} vs {y}"),
+                (x, y) => assert_eq!(x.is_some(), y.is_some(), "T = {t}"),
+            }
             let gap = f64::try_from((ga - gb).abs().max()).unwrap();
             assert!(gap < 1e-6, "T = {t}, hard {hard}: gradient {gap}");
         }

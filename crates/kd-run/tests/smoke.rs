@@ -126,6 +126,19 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         let val: f64 = r["val_accuracy"].parse().unwrap();
         assert!((0.0..=1.0).contains(&val));
     }
+    // The soft term's KL form: recorded for distill stages only, and falling over the distilled
+    // stage's epochs. Its objective is the soft cross-entropy alone (hard_weight = 0), which
+    // exceeds the KL form by T^2 times the teacher's mean entropy over the transfer set: the
+    // same in every epoch, and at T = 20 most of the objective.
+    let column = |stage: &str, key: &str| -> Vec<f64> {
+        metrics.iter().filter(|r| r["stage"] == stage).map(|r| r[key].parse().unwrap()).collect()
+    };
+    let (kl, loss) = (column("distilled", "soft_kl"), column("distilled", "train_loss"));
+    assert!(kl[0] > 0.0 && kl.windows(2).all(|w| w[1] < w[0]), "soft_kl decreases over the epochs: {kl:?}");
+    let entropy: Vec<f64> = loss.iter().zip(&kl).map(|(l, k)| l - k).collect();
+    assert!(entropy.iter().all(|h| h > &kl[0]) && (entropy[0] - entropy[1]).abs() < 1e-3 * entropy[0], "{entropy:?}");
+    assert!(column("distilled_no3", "soft_kl").iter().all(|k| *k > 0.0));
+    assert!(metrics.iter().filter(|r| !r["stage"].starts_with("distilled")).all(|r| r["soft_kl"].is_empty()));
     let last_teacher = metrics.iter().find(|r| r["stage"] == "teacher" && r["epoch"] == "3").unwrap();
     assert_eq!(last_teacher["test_errors"], summary[0]["test_errors"]);
     let lrs: Vec<f64> = metrics.iter().filter(|r| r["stage"] == "teacher").map(|r| r["lr"].parse().unwrap()).collect();
@@ -313,10 +326,13 @@ fn a_run_killed_mid_stage_resumes_to_the_same_result() {
     child.wait().unwrap();
     assert!(!interrupted.join("smoke/checkpoints/teacher.safetensors").exists(), "killed before the teacher finished");
     // Say the killed process took 1000 s for the teacher's first epoch (as a long run on another
-    // machine would): the resumed stage's time must count it.
+    // machine would): the resumed stage's time must count it. And say it wrote metrics.csv
+    // before the soft_kl column existed: the resumed run reads it and adds the column.
     let metrics_path = interrupted.join("smoke/metrics.csv");
     let text = std::fs::read_to_string(&metrics_path).unwrap();
-    let seconds_column = text.lines().next().unwrap().split(',').position(|c| c == "seconds").unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let seconds_column = header.iter().position(|c| *c == "seconds").unwrap();
+    let kl_column = header.iter().position(|c| *c == "soft_kl").unwrap();
     let slowed: Vec<String> = text
         .lines()
         .map(|line| {
@@ -324,6 +340,7 @@ fn a_run_killed_mid_stage_resumes_to_the_same_result() {
             if line.starts_with("teacher,1,") {
                 fields[seconds_column] = "1000";
             }
+            fields.remove(kl_column);
             fields.join(",")
         })
         .collect();
@@ -344,6 +361,7 @@ fn a_run_killed_mid_stage_resumes_to_the_same_result() {
     let teacher_epochs: Vec<_> = metrics.iter().filter(|r| r["stage"] == "teacher").collect();
     assert_eq!(teacher_epochs.len(), 8);
     assert!(teacher_epochs.iter().all(|r| r["device"].starts_with("cpu")), "each epoch names its device");
+    assert!(metrics.iter().all(|r| r.contains_key("soft_kl")), "the resumed run writes the soft_kl column");
     let summary = csv_rows(&interrupted.join("smoke/summary.csv"));
     let stage_seconds: f64 = summary.iter().find(|r| r["stage"] == "teacher").unwrap()["seconds"].parse().unwrap();
     assert!(stage_seconds >= 1000.0, "stage time {stage_seconds} s leaves out the epoch before the resume");
