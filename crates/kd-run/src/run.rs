@@ -692,7 +692,11 @@ fn copy_weights(vs: &nn::VarStore, named: &[(String, Tensor)], device: Device) -
     let saved = saved_vs.variables();
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
-            var.copy_(saved.get(&name).with_context(|| format!("the checkpoint lacks `{name}`"))?);
+            let from = saved.get(&name).with_context(|| format!("the checkpoint lacks `{name}`"))?;
+            if from.size() != var.size() {
+                bail!("`{name}` has shape {:?} in the checkpoint, but the network's is {:?}", from.size(), var.size());
+            }
+            var.f_copy_(from)?;
         }
         Ok(())
     })
@@ -1014,8 +1018,14 @@ impl Run<'_> {
             let epoch = named.iter().find(|(k, _)| k == EPOCH_KEY).context("resume checkpoint without epoch")?;
             first_epoch = i64::try_from(&epoch.1)?;
             if let Some((_, b)) = named.iter().find(|(k, _)| k == BEST_KEY) {
-                let b = Vec::<i64>::try_from(b)?;
-                best = Some((b[0], b[1]));
+                match Vec::<i64>::try_from(b)?.as_slice() {
+                    &[errors, epoch] => best = Some((errors, epoch)),
+                    other => bail!(
+                        "{}: `{BEST_KEY}` should hold 2 numbers (errors, epoch), not {}",
+                        resume_path.display(),
+                        other.len()
+                    ),
+                }
             }
             let (model_part, rest): (Vec<_>, Vec<_>) =
                 named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && !k.starts_with(PROGRESS_PREFIX));

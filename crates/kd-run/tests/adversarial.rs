@@ -407,6 +407,18 @@ fn cases() -> Vec<Case> {
             c.experiment(&with_checkpoint_stages());
             run_args()
         }),
+        // A resume checkpoint that is not the stage's: of another network, or with a damaged
+        // progress record. The stage must not start from it.
+        case("resume checkpoint: a network of another shape", Reject("resume checkpoint"), |c| {
+            plant_resume(c, &[16, 4, 10], &[1, 2]);
+            c.experiment(&IMAGES.replace("epochs = 1", "epochs = 3"));
+            run_args()
+        }),
+        case("resume checkpoint: a best-epoch record of 1 value", Reject("should hold 2 numbers"), |c| {
+            plant_resume(c, &[16, 8, 10], &[7]);
+            c.experiment(&IMAGES.replace("epochs = 1", "epochs = 3"));
+            run_args()
+        }),
         case("checkpoint: a NaN weight", Reject("ck.safetensors"), |c| {
             let mut named = tch::Tensor::read_safetensors(c.path("in/ck.safetensors")).unwrap();
             for (k, t) in named.iter_mut() {
@@ -575,6 +587,18 @@ fn cases() -> Vec<Case> {
 // The runner.
 
 /// Every file and folder under `dir` (relative paths), except under `out/`.
+/// `out/adv/checkpoints/net.resume.safetensors`: a `sizes` network after epoch 1, with `best`
+/// as its best-epoch record, and no optimizer state.
+fn plant_resume(c: &Ctx, sizes: &[i64], best: &[i64]) {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = kd_models::Mlp::new(&vs.root(), kd_models::MlpConfig::plain(sizes.to_vec())).unwrap();
+    let mut named = net.to_tensors(&vs);
+    named.push(("__progress__.epoch".into(), tch::Tensor::from(1i64)));
+    named.push(("__progress__.best".into(), tch::Tensor::from_slice(best)));
+    std::fs::create_dir_all(c.path("out/adv/checkpoints")).unwrap();
+    tch::Tensor::write_safetensors(&named, c.path("out/adv/checkpoints/net.resume.safetensors")).unwrap();
+}
+
 /// A link at `at` (inside the case's `out/`) to a folder `victim/` outside it.
 fn plant_link(c: &Ctx, at: &str) {
     std::fs::create_dir_all(c.path("victim")).unwrap();
