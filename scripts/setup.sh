@@ -35,7 +35,7 @@ if [ -z "${KD_GLOO_INCLUDE:-}" ] && [ ! -f deps/gloo/include/gloo/algorithm.h ];
                 exit 1
             }
         }
-        rm -rf deps/gloo.tmp
+        rm -rf deps/gloo.tmp && mkdir -p deps
         dpkg-deb -x "$tmp"/libgloo-dev_*.deb deps/gloo.tmp
         mkdir -p deps/gloo.tmp/include
         mv deps/gloo.tmp/usr/include/gloo deps/gloo.tmp/include/gloo
@@ -53,7 +53,7 @@ if [ "${KD_SETUP_NCCL:-0}" = 1 ] && [ -z "${KD_CCCL_INCLUDE:-}" ] && [ ! -e deps
     echo "setup: fetching the CCCL headers (nvidia-cuda-cccl wheel) into deps/cccl"
     tmp=$(mktemp -d)
     .venv/bin/pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "nvidia-cuda-cccl==13.0.85"
-    rm -rf deps/cccl.tmp
+    rm -rf deps/cccl.tmp && mkdir -p deps
     .venv/bin/python - "$tmp" deps/cccl.tmp <<'PY'
 import glob, os, sys, zipfile
 wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
