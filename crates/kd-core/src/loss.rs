@@ -412,21 +412,21 @@ pub fn distillation_loss(
         // Unreachable after validation (not both weights zero), kept panic-free.
         (None, None) => return Err(Error::ZeroWeights),
     };
-    Ok(DistillLoss {
-        total,
-        hard: match hard {
-            Some(h) => h,
-            None => zero()?,
-        },
-        soft: match soft {
-            Some(s) => s,
-            None => zero()?,
-        },
-        soft_kl: match soft_kl {
-            Some(s) => s,
-            None => zero()?,
-        },
-    })
+    DistillLoss::from_terms(total, hard, soft, soft_kl, zero)
+}
+
+impl DistillLoss {
+    /// The loss of `total` and its terms, a term not computed (weight 0) reported as `zero()`.
+    pub(crate) fn from_terms(
+        total: Tensor,
+        hard: Option<Tensor>,
+        soft: Option<Tensor>,
+        soft_kl: Option<Tensor>,
+        zero: impl Fn() -> Result<Tensor>,
+    ) -> Result<Self> {
+        let or_zero = |t: Option<Tensor>| t.map_or_else(&zero, Ok);
+        Ok(DistillLoss { total, hard: or_zero(hard)?, soft: or_zero(soft)?, soft_kl: or_zero(soft_kl)? })
+    }
 }
 
 #[cfg(test)]

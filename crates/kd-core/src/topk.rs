@@ -257,21 +257,7 @@ pub fn top_k_distillation_loss(
     let link = student_logits.f_flatten(0, -1)?.f_dot(&grad.f_flatten(0, -1)?)?;
     let link = link.f_sub(&link.f_detach()?)?.f_to_kind(kind)?;
     let total = value.f_add(&link)?;
-    Ok(DistillLoss {
-        total,
-        hard: match hard {
-            Some(h) => h,
-            None => zero()?,
-        },
-        soft: match soft {
-            Some(s) => s,
-            None => zero()?,
-        },
-        soft_kl: match soft_kl {
-            Some(s) => s,
-            None => zero()?,
-        },
-    })
+    DistillLoss::from_terms(total, hard, soft, soft_kl, zero)
 }
 
 /// `log_softmax(z / T)` over the classes in `kind` (f32 or f64), without a reduced-precision
