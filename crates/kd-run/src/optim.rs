@@ -2,16 +2,38 @@
 //! buffers, moments) can be checkpointed and a killed run resumed exactly.
 //!
 //! Gradients are passed in, as returned by `Tensor::run_backward`, instead of being
-//! accumulated into `.grad` and zeroed again each step. Each parameter update is one fused
-//! `addcmul_` with a 0-dim learning-rate tensor, which also keeps the GPU free of host syncs.
+//! accumulated into `.grad` and zeroed again each step. SGD, and Adam on CUDA, update all
+//! parameters in one call of libtorch's fused kernels (`kd_native::optim`, one pass over each
+//! parameter; on the CPU about 20% faster per SGD step than the ops, docs/benchmarks.md).
 //! Adam on the CPU runs as one loop over each parameter's memory ([`cpu`]), the arithmetic of
-//! the libtorch-op path in one pass instead of nine.
+//! the libtorch-op path in one pass instead of nine. The per-parameter libtorch-op path (each
+//! update one `addcmul_` with a 0-dim learning-rate tensor, free of host syncs on the GPU)
+//! stays as the fallback and the tests' reference; all paths leave the same state, so a
+//! checkpoint resumes on any of them.
 
 mod cpu;
 
 use crate::config::{OptimizerKind, OptimizerSpec};
 use anyhow::{bail, Result};
+use kd_native::optim::{AdamOptions, Lr, SgdOptions};
 use tch::{Kind, Tensor};
+
+/// Whether SGD on the CPU takes libtorch's fused kernel (`_fused_sgd_`) rather than the
+/// per-parameter ops; see docs/benchmarks.md for the measurement behind it.
+const FUSED_SGD_ON_CPU: bool = true;
+
+/// Which implementation an optimizer step takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// The one measured fastest for the parameters' device and the optimizer.
+    Auto,
+    /// Per-parameter libtorch ops.
+    Ops,
+    /// libtorch's fused kernels, all parameters in one call (`kd_native::optim`).
+    Fused,
+    /// Adam on the CPU: the one-pass loop of [`cpu`] (where it supports the tensors).
+    OnePass,
+}
 
 /// An optimizer over a fixed list of parameters.
 pub struct Optimizer {
@@ -28,6 +50,10 @@ pub struct Optimizer {
     lr: f64,
     momentum: f64,
     steps: i64,
+    /// Fused Adam: its per-parameter step counts, created on first use.
+    adam_steps: Vec<Tensor>,
+    /// The count `adam_steps` hold (-1: none yet, or out of step).
+    adam_steps_at: i64,
 }
 
 const STATE_PREFIX: &str = "__optimizer__.";
@@ -54,6 +80,8 @@ impl Optimizer {
             first,
             second,
             steps: 0,
+            adam_steps: vec![],
+            adam_steps_at: -1,
         }
     }
 
@@ -73,18 +101,51 @@ impl Optimizer {
         }
     }
 
-    /// Applies one update from `grads` (one per parameter, same order), which it consumes: a
-    /// gradient's storage becomes the new momentum buffer. Runs without autograd.
+    /// Applies one update from `grads` (one per parameter, same order), which it consumes: on the
+    /// libtorch-op path a gradient's storage becomes the new momentum buffer. Runs without
+    /// autograd.
     pub fn step(&mut self, grads: Vec<Tensor>) {
-        self.step_with(grads, true);
+        self.step_with(grads, Path::Auto);
     }
 
-    /// [`Optimizer::step`], with `fused` choosing whether Adam on the CPU may take the one-pass
-    /// loop (the tests compare both paths).
-    fn step_with(&mut self, grads: Vec<Tensor>, fused: bool) {
+    /// The path [`Path::Auto`] takes for these parameters and gradients.
+    fn auto_path(&self, grads: &[Tensor]) -> Path {
+        let Some(first) = self.params.first() else { return Path::Ops };
+        let (device, kind) = (first.device(), first.kind());
+        let uniform = self
+            .params
+            .iter()
+            .chain(grads)
+            .chain(&self.first)
+            .chain(&self.second)
+            .all(|t| t.device() == device && t.kind() == kind);
+        let float = matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
+        let fused = uniform && float && grads.len() == self.params.len();
+        match (self.spec.kind, device) {
+            (OptimizerKind::Adam, tch::Device::Cpu) => Path::OnePass,
+            (OptimizerKind::Sgd, tch::Device::Cpu) if !FUSED_SGD_ON_CPU => Path::Ops,
+            _ if fused => Path::Fused,
+            _ => Path::Ops,
+        }
+    }
+
+    /// [`Optimizer::step`] on a chosen path (the tests compare them).
+    fn step_with(&mut self, grads: Vec<Tensor>, path: Path) {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
-        if fused && self.spec.kind == OptimizerKind::Adam {
+        let path = if path == Path::Auto { self.auto_path(&grads) } else { path };
+        if path == Path::Fused {
+            let done = match self.spec.kind {
+                OptimizerKind::Sgd => self.fused_sgd(&grads),
+                OptimizerKind::Adam => self.fused_adam(&grads),
+            };
+            match done {
+                Ok(()) => return,
+                // libtorch checks its inputs before it updates anything.
+                Err(e) => tracing::warn!("fused optimizer step failed ({e}); taking the libtorch-op path"),
+            }
+        }
+        if path == Path::OnePass && self.spec.kind == OptimizerKind::Adam {
             let groups: Vec<cpu::Group> = (self.params.iter().zip(&grads).zip(&self.first).zip(&self.second))
                 .map(|(((p, g), m), v)| [p, g, m, v])
                 .collect();
@@ -102,6 +163,72 @@ impl Optimizer {
                 return;
             }
         }
+        self.ops_step(grads);
+    }
+
+    /// SGD through libtorch's fused kernel, all parameters in one call. The buffers hold what
+    /// the libtorch-op path leaves in them (`b <- mu b + g`, `g` with weight decay), so a
+    /// checkpoint from either path resumes on the other.
+    fn fused_sgd(&mut self, grads: &[Tensor]) -> kd_native::Result<()> {
+        let s = &self.spec;
+        let lr = Lr::Value(self.lr);
+        if self.momentum == 0.0 && !self.first.is_empty() {
+            // Momentum 0 (the start of a ramp): libtorch takes no buffers then, yet the buffer
+            // must become the gradient for the steps after the ramp. It is the step's direction.
+            for ((b, g), p) in self.first.iter_mut().zip(grads).zip(&self.params) {
+                b.copy_(g);
+                if s.weight_decay > 0.0 {
+                    let _ = b.g_add_(&p.multiply_scalar(s.weight_decay));
+                }
+            }
+            return kd_native::optim::fused_sgd(&mut self.params, &self.first, &mut [], &SgdOptions::default(), lr);
+        }
+        let opts = SgdOptions {
+            momentum: self.momentum,
+            dampening: 0.0,
+            weight_decay: s.weight_decay,
+            nesterov: s.nesterov,
+            is_first_step: false,
+        };
+        kd_native::optim::fused_sgd(&mut self.params, grads, &mut self.first, &opts, lr)
+    }
+
+    /// Adam through libtorch's fused kernel, all parameters in one call. Its step counts (one
+    /// 0-dim tensor per parameter) follow `steps`, which alone is checkpointed.
+    fn fused_adam(&mut self, grads: &[Tensor]) -> kd_native::Result<()> {
+        // The kernel increments the counts before reading them.
+        let before = self.steps - 1;
+        if self.adam_steps.len() != self.params.len() || self.adam_steps_at != before {
+            self.adam_steps = kd_native::optim::adam_steps(&self.params);
+            for t in &mut self.adam_steps {
+                let _ = t.fill_(before as f64);
+            }
+        }
+        let s = &self.spec;
+        let opts = AdamOptions {
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            decoupled_weight_decay: false,
+        };
+        // Out of step until the kernel has run: a failed call rebuilds the counts next time.
+        self.adam_steps_at = -1;
+        kd_native::optim::fused_adam(
+            &mut self.params,
+            grads,
+            &mut self.first,
+            &mut self.second,
+            &mut self.adam_steps,
+            &opts,
+            Lr::Value(self.lr),
+        )?;
+        self.adam_steps_at = self.steps;
+        Ok(())
+    }
+
+    /// The update in per-parameter libtorch ops.
+    fn ops_step(&mut self, grads: Vec<Tensor>) {
         let wd = self.spec.weight_decay;
         for (i, (p, g)) in self.params.iter().zip(grads).enumerate() {
             let mut p = p.shallow_clone();
@@ -159,6 +286,7 @@ impl Optimizer {
         let get = |key: String| named.iter().find(|(k, _)| *k == key).map(|(_, t)| t);
         let Some(steps) = get(format!("{STATE_PREFIX}steps")) else { bail!("the checkpoint holds no optimizer state") };
         self.steps = i64::try_from(steps)?;
+        self.adam_steps_at = -1;
         let _guard = tch::no_grad_guard();
         for (name, list) in [("first", &mut self.first), ("second", &mut self.second)] {
             for (i, t) in list.iter_mut().enumerate() {
@@ -200,9 +328,9 @@ mod tests {
         }
     }
 
-    /// Runs 3 steps on f(p) = sum(p^2 * c + p * d) and returns p, starting from p = [1, -2, 3]; `fused`
-    /// lets Adam take the one-pass CPU loop.
-    fn run(spec: &OptimizerSpec, fused: bool) -> Vec<f64> {
+    /// Runs 3 steps on f(p) = sum(p^2 * c + p * d) and returns p, starting from p = [1, -2, 3], on
+    /// `path`.
+    fn run(spec: &OptimizerSpec, path: Path) -> Vec<f64> {
         let p = Tensor::from_slice(&[1.0f64, -2.0, 3.0]).set_requires_grad(true);
         let c = Tensor::from_slice(&[1.0f64, 0.5, 2.0]);
         let d = Tensor::from_slice(&[0.5f64, -1.0, 0.25]);
@@ -210,7 +338,7 @@ mod tests {
         for _ in 0..3 {
             let loss = (&p * &p * &c + &p * &d).sum(Kind::Double);
             let grads = Tensor::run_backward(&[loss], &[&p], false, false);
-            opt.step_with(grads, fused);
+            opt.step_with(grads, path);
         }
         Vec::<f64>::try_from(p.detach()).unwrap()
     }
@@ -253,12 +381,12 @@ mod tests {
             spec(OptimizerKind::Adam, 0.0, false, 0.0),
             spec(OptimizerKind::Adam, 0.0, false, 0.1),
         ] {
-            for fused in [false, true] {
-                let (got, want) = (run(&s, fused), reference(&s));
+            for path in [Path::Ops, Path::Fused, Path::OnePass, Path::Auto] {
+                let (got, want) = (run(&s, path), reference(&s));
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (g - w).abs() < 1e-9,
-                        "{:?} momentum {} nesterov {} fused {fused}: {got:?} vs {want:?}",
+                        "{:?} momentum {} nesterov {} {path:?}: {got:?} vs {want:?}",
                         s.kind,
                         s.momentum,
                         s.nesterov
@@ -291,8 +419,8 @@ mod tests {
                 .map(|(((p, g), m), v)| [p, g, m, v])
                 .collect();
             assert!(cpu::supported(&groups));
-            fused.step_with(grads.iter().map(Tensor::copy).collect(), true);
-            ops.step_with(grads, false);
+            fused.step_with(grads.iter().map(Tensor::copy).collect(), Path::OnePass);
+            ops.step_with(grads, Path::Ops);
         }
         for (x, y) in a.iter().zip(&b) {
             let moved = (x - params.iter().find(|p| p.size() == x.size()).unwrap()).abs().max().double_value(&[]);
@@ -322,6 +450,149 @@ mod tests {
         assert!(!cpu::supported(&[[&p, &double, &m, &v]]));
         let half = p.to_kind(Kind::BFloat16);
         assert!(!cpu::supported(&[[&half, &half.ones_like(), &half.zeros_like(), &half.zeros_like()]]));
+    }
+
+    /// Parameters of a small MLP's shapes and `n` random f32 gradients for each.
+    fn mlp_problem(n: usize) -> (Vec<Tensor>, Vec<Vec<Tensor>>) {
+        tch::manual_seed(11);
+        let shapes: [&[i64]; 4] = [&[60, 40], &[60], &[10, 60], &[10]];
+        let params: Vec<Tensor> = shapes.iter().map(|&d| Tensor::randn(d, (Kind::Float, tch::Device::Cpu))).collect();
+        let grads = (0..n).map(|_| params.iter().map(|p| p.randn_like() * 0.5).collect()).collect();
+        (params, grads)
+    }
+
+    /// Runs `spec` on `path` from copies of `params`, through `grads`, with the momentum ramp of
+    /// `momenta` (one per step), a learning-rate change, and a checkpoint taken after `resume_at`
+    /// steps and loaded into a fresh optimizer on `resume_path`. Returns the parameters and state.
+    fn run_steps(
+        spec: &OptimizerSpec,
+        params: &[Tensor],
+        grads: &[Vec<Tensor>],
+        momenta: &[f64],
+        (path, resume_at, resume_path): (Path, usize, Path),
+    ) -> (Vec<Tensor>, Vec<(String, Tensor)>) {
+        let ps: Vec<Tensor> = params.iter().map(|p| p.copy().set_requires_grad(true)).collect();
+        let mut opt = Optimizer::new(spec, ps.iter().map(Tensor::shallow_clone).collect());
+        for (i, (g, &mu)) in grads.iter().zip(momenta).enumerate() {
+            if i == resume_at {
+                let saved: Vec<(String, Tensor)> = opt.state().into_iter().map(|(k, t)| (k, t.copy())).collect();
+                opt = Optimizer::new(spec, ps.iter().map(Tensor::shallow_clone).collect());
+                opt.load_state(&saved).unwrap();
+                opt.set_lr(if i > 4 { spec.lr / 2.0 } else { spec.lr });
+            }
+            if i == 4 {
+                opt.set_lr(spec.lr / 2.0);
+            }
+            opt.set_momentum(mu);
+            let path = if i < resume_at { path } else { resume_path };
+            opt.step_with(g.iter().map(Tensor::copy).collect(), path);
+        }
+        (ps, opt.state())
+    }
+
+    fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-12))
+            .fold(0.0, f64::max)
+    }
+
+    /// libtorch's fused SGD equals the per-parameter ops over several steps: plain, with momentum,
+    /// Nesterov, weight decay, and through a momentum ramp from 0 (where the kernel takes no
+    /// buffers); and a checkpoint of either path resumes on the other to the same parameters.
+    #[test]
+    fn fused_sgd_matches_the_op_path() {
+        let n = 8;
+        let (params, grads) = mlp_problem(n);
+        let ramp: Vec<f64> = (0..n).map(|i| if i < 3 { 0.0 } else { 0.9 * (i - 2) as f64 / 5.0 }).collect();
+        let mut cases = vec![];
+        for (momentum, start, nesterov, wd) in [
+            (0.0, 0.0, false, 0.0),
+            (0.9, 0.9, false, 0.0),
+            (0.9, 0.9, true, 1e-3),
+            (0.9, 0.0, false, 1e-3),
+            (0.9, 0.0, true, 0.0),
+        ] {
+            let mut s = spec(OptimizerKind::Sgd, momentum, nesterov, wd);
+            s.lr = 0.05;
+            s.momentum_start = start;
+            let momenta = if start == momentum { vec![momentum; n] } else { ramp.clone() };
+            cases.push((s, momenta));
+        }
+        for (s, momenta) in &cases {
+            let (want, want_state) = run_steps(s, &params, &grads, momenta, (Path::Ops, n, Path::Ops));
+            for plan in [(Path::Fused, n, Path::Fused), (Path::Fused, 4, Path::Ops), (Path::Ops, 2, Path::Fused)] {
+                let (got, got_state) = run_steps(s, &params, &grads, momenta, plan);
+                let moved = max_rel_diff(&got, &params);
+                let diff = max_rel_diff(&got, &want);
+                let state =
+                    |st: &[(String, Tensor)]| st.iter().skip(1).map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>();
+                let state_diff = max_rel_diff(&state(&got_state), &state(&want_state));
+                let what = format!(
+                    "momentum {} from {} nesterov {} wd {} {plan:?}",
+                    s.momentum, s.momentum_start, s.nesterov, s.weight_decay
+                );
+                assert!(moved > 0.05, "{what}: the parameters barely moved ({moved})");
+                assert!(diff < 1e-6, "{what}: fused and op paths differ by {diff} (relative)");
+                assert!(state_diff < 1e-6, "{what}: momentum buffers differ by {state_diff} (relative)");
+            }
+        }
+    }
+
+    /// libtorch's fused Adam (the CUDA path, run here on the CPU) equals the per-parameter ops,
+    /// with weight decay, a learning-rate change, and resumes across paths from a checkpoint.
+    #[test]
+    fn fused_adam_matches_the_op_path() {
+        let n = 8;
+        let (params, grads) = mlp_problem(n);
+        for wd in [0.0, 0.01] {
+            let mut s = spec(OptimizerKind::Adam, 0.0, false, wd);
+            s.lr = 1e-2;
+            let momenta = vec![0.0; n];
+            let (want, want_state) = run_steps(&s, &params, &grads, &momenta, (Path::Ops, n, Path::Ops));
+            for plan in [(Path::Fused, n, Path::Fused), (Path::Fused, 5, Path::Ops), (Path::Ops, 3, Path::Fused)] {
+                let (got, got_state) = run_steps(&s, &params, &grads, &momenta, plan);
+                let moved = max_rel_diff(&got, &params);
+                let diff = max_rel_diff(&got, &want);
+                assert!(moved > 0.02, "wd {wd} {plan:?}: the parameters barely moved ({moved})");
+                assert!(diff < 1e-5, "wd {wd} {plan:?}: fused and op paths differ by {diff} (relative)");
+                assert_eq!(i64::try_from(&got_state[0].1).unwrap(), n as i64);
+                let state =
+                    |st: &[(String, Tensor)]| st.iter().skip(1).map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>();
+                assert!(max_rel_diff(&state(&got_state), &state(&want_state)) < 1e-5);
+            }
+        }
+    }
+
+    /// Not a check: times SGD steps of the MNIST teacher's parameters on the op and the fused
+    /// paths, alternating, and prints the sorted ms/step (`KD_T` sets the thread count, default 1):
+    /// `cargo test --release -p kd-run --bin kd-run time_sgd_paths -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn time_sgd_paths() {
+        tch::manual_seed(1);
+        let shapes: [&[i64]; 6] = [&[1200, 784], &[1200], &[1200, 1200], &[1200], &[10, 1200], &[10]];
+        let params: Vec<Tensor> = shapes.iter().map(|&d| Tensor::randn(d, (Kind::Float, tch::Device::Cpu))).collect();
+        let grads: Vec<Tensor> = params.iter().map(|p| p.randn_like() * 0.01).collect();
+        let s = spec(OptimizerKind::Sgd, 0.9, false, 0.0);
+        tch::set_num_threads(std::env::var("KD_T").map_or(1, |v| v.parse().unwrap()));
+        let mut times: [Vec<f64>; 2] = [vec![], vec![]];
+        for _ in 0..10 {
+            for (k, path) in [Path::Ops, Path::Fused].into_iter().enumerate() {
+                let mut opt = Optimizer::new(&s, params.iter().map(Tensor::copy).collect());
+                opt.step_with(grads.iter().map(Tensor::copy).collect(), path);
+                let gs: Vec<Vec<Tensor>> = (0..40).map(|_| grads.iter().map(Tensor::copy).collect()).collect();
+                let t0 = std::time::Instant::now();
+                for g in gs {
+                    opt.step_with(g, path);
+                }
+                times[k].push(t0.elapsed().as_secs_f64() * 1e3 / 40.0);
+            }
+        }
+        for t in &mut times {
+            t.sort_by(f64::total_cmp);
+        }
+        eprintln!("ops ms/step {:?}\nfused ms/step {:?}", times[0], times[1]);
     }
 
     #[test]
