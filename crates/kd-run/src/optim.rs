@@ -54,6 +54,8 @@ pub struct Optimizer {
     adam_steps: Vec<Tensor>,
     /// The count `adam_steps` hold (-1: none yet, or out of step).
     adam_steps_at: i64,
+    /// A fused step failed: [`Path::Auto`] takes the libtorch-op path from then on.
+    fused_failed: bool,
 }
 
 const STATE_PREFIX: &str = "__optimizer__.";
@@ -82,6 +84,7 @@ impl Optimizer {
             steps: 0,
             adam_steps: vec![],
             adam_steps_at: -1,
+            fused_failed: false,
         }
     }
 
@@ -120,7 +123,7 @@ impl Optimizer {
             .chain(&self.second)
             .all(|t| t.device() == device && t.kind() == kind);
         let float = matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
-        let fused = uniform && float && grads.len() == self.params.len();
+        let fused = uniform && float && grads.len() == self.params.len() && !self.fused_failed;
         match (self.spec.kind, device) {
             (OptimizerKind::Adam, tch::Device::Cpu) => Path::OnePass,
             (OptimizerKind::Sgd, tch::Device::Cpu) if !FUSED_SGD_ON_CPU => Path::Ops,
@@ -142,7 +145,10 @@ impl Optimizer {
             match done {
                 Ok(()) => return,
                 // libtorch checks its inputs before it updates anything.
-                Err(e) => tracing::warn!("fused optimizer step failed ({e}); taking the libtorch-op path"),
+                Err(e) => {
+                    tracing::warn!("fused optimizer step failed ({e}); taking the libtorch-op path from now on");
+                    self.fused_failed = true;
+                }
             }
         }
         if path == Path::OnePass && self.spec.kind == OptimizerKind::Adam {
