@@ -4,6 +4,8 @@
 # the checkpoint:
 #
 #   scripts/ship_teacher.sh runs/mnist_headline_s1 teacher data/teachers/mnist_headline_teacher.safetensors
+#
+# KD_TRAINED_AT=<commit> names the commit of the kd-run that trained it, when that is not HEAD.
 set -euo pipefail
 if [ $# -ne 3 ]; then
     echo "usage: $0 RUN_DIR STAGE DEST.safetensors" >&2
@@ -20,8 +22,12 @@ row=$(awk -F, -v s="$stage" 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; ne
 [ -n "$row" ] || { echo "$0: no row for '$stage' in $run/summary.csv" >&2; exit 1; }
 read -r errors examples <<< "$row"
 command=$(sed 's/\\/\\\\/g; s/"/\\"/g' "$run/command.txt")   # a TOML basic string
-commit=$(git rev-parse HEAD)
-git diff --quiet HEAD -- crates Cargo.toml Cargo.lock || commit="$commit (with uncommitted changes)"
+# The commit whose kd-run trained the model: KD_TRAINED_AT when the run was made by an older
+# binary than this checkout's, else this checkout's.
+commit=${KD_TRAINED_AT:-$(git rev-parse HEAD)}
+if [ -z "${KD_TRAINED_AT:-}" ] && ! git diff --quiet HEAD -- crates Cargo.toml Cargo.lock; then
+    commit="$commit (with uncommitted changes)"
+fi
 
 mkdir -p "$(dirname "$dest")"
 cp "$ckpt" "$dest.tmp" && mv "$dest.tmp" "$dest"
