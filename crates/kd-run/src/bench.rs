@@ -27,7 +27,7 @@ use crate::config::{
     DistillSpec, ModelSource, Objective, OptimizerKind, OptimizerSpec, ScheduleKind, ScheduleSpec, Training,
 };
 use crate::data::Split;
-use crate::optim::Optimizer;
+use crate::train::optim::Optimizer;
 use crate::train::{self, BatchTargets, Geometry, Supervision, TeacherSignal, Trainer};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};

@@ -125,7 +125,7 @@ struct RawData {
     #[serde(default)]
     dir: Option<PathBuf>,
     #[serde(default)]
-    speech: Option<crate::speech::CorpusConfig>,
+    speech: Option<crate::data::speech::CorpusConfig>,
     #[serde(default)]
     files: Option<RawFiles>,
     #[serde(default)]
@@ -496,7 +496,7 @@ pub struct SpeechSpec {
     /// Frames of right context (the paper: 5).
     pub right: i64,
     /// The generator's settings.
-    pub corpus: crate::speech::CorpusConfig,
+    pub corpus: crate::data::speech::CorpusConfig,
 }
 
 /// One named stage.
@@ -794,7 +794,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
 /// line with a caret under the column, the message), but with the quoted line and the message
 /// clipped: a 200 KB line is shown as the 120 characters around the column.
 fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
-    use crate::inputs::{clip_lines, MAX_ECHO};
+    use crate::data::inputs::{clip_lines, MAX_ECHO};
     let message = clip_lines(e.message().trim_end(), MAX_ECHO);
     let Some(span) = e.span() else { return anyhow::anyhow!("{origin}: TOML parse error: {message}") };
     let mut at = span.start.min(text.len());
@@ -2047,7 +2047,7 @@ epochs = 5
         let e = parse(&speech).unwrap();
         let s = e.data.speech.as_ref().expect("speech data");
         assert_eq!((s.left, s.right, s.corpus.states, s.corpus.noise), (3, 1, 120, 0.3));
-        assert_eq!(s.corpus.phones, crate::speech::CorpusConfig::default().phones, "other keys keep defaults");
+        assert_eq!(s.corpus.phones, crate::data::speech::CorpusConfig::default().phones, "other keys keep defaults");
         let err = parse(&speech.replace("kind = \"speech\"", "kind = \"speech\"\ndir = \"x\"")).unwrap_err();
         assert!(err.to_string().contains("splits by speaker"), "{err}");
         let err = parse(&speech.replace("noise = 0.3", "noize = 0.3")).unwrap_err();

@@ -1,12 +1,15 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
 use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
-use crate::idx;
-use crate::speech;
-use crate::{kaldi, npy};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
+
+pub mod idx;
+pub mod inputs;
+pub mod kaldi;
+pub mod npy;
+pub mod speech;
 
 /// Examples and labels of one split, on the device.
 pub struct Split {

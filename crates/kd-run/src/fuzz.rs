@@ -34,7 +34,8 @@ use std::time::Instant;
 use anyhow::Result;
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::{config, idx, kaldi, npy, output};
+use crate::data::{idx, kaldi, npy};
+use crate::{config, run::output};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation watch: the largest single allocation a reader makes, and a hard ceiling.

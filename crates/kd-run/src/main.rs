@@ -9,19 +9,9 @@ mod data;
 mod device;
 #[cfg(test)]
 mod fuzz;
-mod idx;
-mod inputs;
-mod kaldi;
 mod logging;
-mod npy;
-mod optim;
-mod output;
-mod plot;
-mod progress;
-mod provenance;
 mod report;
 mod run;
-mod speech;
 #[cfg(test)]
 mod testutil;
 mod train;
@@ -108,7 +98,7 @@ fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(f)) => {
             // Long lines are clipped: an error never echoes kilobytes of bad input.
-            eprintln!("error: {}", inputs::clip_lines(&format!("{:#}", f.error), 1000));
+            eprintln!("error: {}", data::inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
         // The hook has reported it.
@@ -162,9 +152,9 @@ fn try_main() -> Result<(), Failure> {
                     names.join(", ")
                 )));
             }
-            let command = output::command_line("kd-run", std::env::args().skip(1));
+            let command = run::output::command_line("kd-run", std::env::args().skip(1));
             let dir = run::run(&exp, &out, (fresh, &redo), &only, &command)?;
-            let summary: Vec<output::SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
+            let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
             print_summary(&summary);
             println!("results in {}", dir.display());
         }
@@ -214,7 +204,7 @@ fn flush_denormals() {
     }
 }
 
-fn print_summary(rows: &[output::SummaryRow]) {
+fn print_summary(rows: &[run::output::SummaryRow]) {
     println!("{:<24} {:<26} {:>10} {:>12} {:>10}", "stage", "model", "parameters", "test errors", "seconds");
     for r in rows {
         println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.stage, r.model, r.parameters, r.test_errors, r.seconds);

@@ -8,11 +8,13 @@
 //! size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
 //! into a training-curves plot.
 
-use crate::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
-use crate::plot::{self, Chart, Series};
+use crate::run::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
 use anyhow::{bail, Context, Result};
+use plot::{Chart, Series};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+
+pub mod plot;
 use std::path::{Path, PathBuf};
 
 /// Options of `kd-run report`.

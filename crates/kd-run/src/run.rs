@@ -13,11 +13,11 @@
 use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
 use crate::device;
-use crate::optim::{self, Optimizer};
-use crate::output::{
-    self, ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
+use crate::run::output::{
+    ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
 };
-use crate::progress::Progress;
+use crate::train::optim::{self, Optimizer};
+use crate::train::progress::Progress;
 use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
@@ -27,6 +27,8 @@ use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
 mod lock;
+pub mod output;
+pub mod provenance;
 mod specialists;
 
 /// Picks the device named by an experiment's `device` setting.

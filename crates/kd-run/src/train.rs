@@ -2,11 +2,14 @@
 
 use crate::config::{DistillSpec, Objective, Training};
 use crate::data::{self, Split};
-use crate::optim::Optimizer;
+use crate::train::optim::Optimizer;
 use anyhow::{Context, Result};
 use kd_core::{LossWeights, SoftTargets, TopKForm, TopKTargets};
 use kd_models::Mlp;
 use tch::{nn::ModuleT, Kind, Tensor};
+
+pub mod optim;
+pub mod progress;
 
 /// What the student is trained to match.
 pub enum Supervision<'a> {

@@ -12,7 +12,7 @@
 use super::{Init, Run, Sampling, Tables, Targets};
 use crate::config::{Affinity, Job, Training};
 use crate::data::Split;
-use crate::output::{self, CoverageRow, SpecialistRow, SubsetRow};
+use crate::run::output::{self, CoverageRow, SpecialistRow, SubsetRow};
 use crate::train::{self, Supervision, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::Mlp;

@@ -45,7 +45,8 @@ pub struct Chart<'a> {
 /// series with no points, or non-finite / non-positive-on-log-axis values are errors, not panics.
 pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     let svg = render(chart, series).with_context(|| format!("cannot draw chart {}", path.display()))?;
-    crate::output::write_atomic(path, svg.as_bytes()).with_context(|| format!("cannot write chart {}", path.display()))
+    crate::run::output::write_atomic(path, svg.as_bytes())
+        .with_context(|| format!("cannot write chart {}", path.display()))
 }
 
 /// One axis: the plotted range and ticks, both in plot space (log10 of the data on a log axis).

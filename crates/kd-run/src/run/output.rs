@@ -84,9 +84,9 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
 /// Loads a safetensors file on the CPU, after checking it against its provenance file if it has
 /// one (`provenance::verify`).
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    crate::inputs::check_file(path, "checkpoint")?;
+    crate::data::inputs::check_file(path, "checkpoint")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    if let Some(made) = crate::provenance::verify(path, &bytes)? {
+    if let Some(made) = crate::run::provenance::verify(path, &bytes)? {
         tracing::info!(
             "{}: SHA-256 checked; stage `{}` of `{}` at commit {}, {} test errors of {}",
             path.display(),
@@ -103,7 +103,7 @@ pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// The named tensors of the bytes of a safetensors file, on the CPU. The header's shapes and
 /// offsets are checked against the bytes present before any tensor is allocated.
 pub fn parse_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
-    use crate::inputs::{clip, MAX_ECHO};
+    use crate::data::inputs::{clip, MAX_ECHO};
     if bytes.is_empty() {
         bail!("the file is empty");
     }
@@ -146,7 +146,7 @@ fn describe_safetensors_error(e: safetensors::SafeTensorError, bytes: &[u8]) -> 
         E::InvalidOffset(name) => {
             format!(
                 "the data offsets of tensor `{}` do not follow the previous tensor's",
-                crate::inputs::clip(&name, 200)
+                crate::data::inputs::clip(&name, 200)
             )
         }
         E::TensorInvalidInfo => "a tensor's data offsets do not match its shape and dtype".to_string(),

@@ -224,7 +224,7 @@ struct Source<R = BufReader<File>> {
 
 impl Source {
     fn open(path: &Path) -> Result<Self> {
-        crate::inputs::check_file(path, "archive")?;
+        crate::data::inputs::check_file(path, "archive")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
         Ok(Source { path: path.to_path_buf(), reader: BufReader::with_capacity(1 << 16, file), pos: 0, len, utt: None })

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::kaldi::Matrix;
+use crate::data::kaldi::Matrix;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -75,7 +75,7 @@ pub fn parse_npy_labels(bytes: &[u8], path: &Path) -> Result<Vec<i64>> {
 
 /// The bytes of a file that must exist, be a regular file and not be empty.
 fn read(path: &Path) -> Result<Vec<u8>> {
-    crate::inputs::check_file(path, "NumPy file")?;
+    crate::data::inputs::check_file(path, "NumPy file")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.is_empty() {
         bail!("{} is empty: expected a .npy file", path.display());
