@@ -153,7 +153,7 @@ fn try_main() -> Result<(), Failure> {
                 )));
             }
             let command = run::output::command_line("kd-run", std::env::args().skip(1));
-            let dir = run::run(&exp, &out, (fresh, &redo), &only, &command)?;
+            let dir = run::run(&exp, &out, run::Options { fresh, redo: &redo, only: &only }, &command)?;
             let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
             print_summary(&summary);
             println!("results in {}", dir.display());

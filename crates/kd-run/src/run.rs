@@ -10,14 +10,13 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
+use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Stage, Training, MAX_PARAMETERS};
 use crate::data::{self, Dataset, Split};
 use crate::device;
-use crate::run::output::{
-    ClassErrorsRow, CoverageRow, DoneRow, MetricsRow, ShiftRow, SpecialistRow, SubsetRow, SummaryRow,
-};
+use crate::run::output::{ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
 use crate::train::optim::{self, Optimizer};
 use crate::train::progress::Progress;
+use crate::train::stopping::{Best, EarlyStopping};
 use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::{Mlp, MlpConfig};
@@ -26,10 +25,19 @@ use std::time::Instant;
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
+mod dir;
 mod lock;
 pub mod output;
+mod plan;
 pub mod provenance;
+mod resume;
 mod specialists;
+mod tables;
+
+pub use dir::Options;
+use dir::{stage_facts, RunDir};
+use plan::{Action, Discard, Plan, Request};
+use tables::Tables;
 
 /// Picks the device named by an experiment's `device` setting.
 pub fn select_device(name: &str) -> Result<Device> {
@@ -86,228 +94,30 @@ struct Targets<'a> {
     classes: i64,
 }
 
-/// The CSV tables of a run, each rewritten atomically when it changes: after each epoch (its
-/// `metrics.csv` row), and when a stage commits its results ([`Tables::commit`]), each table
-/// once, `done.csv` last.
-#[derive(Default)]
-struct Tables {
-    metrics: Vec<MetricsRow>,
-    summary: Vec<SummaryRow>,
-    class_errors: Vec<ClassErrorsRow>,
-    shifts: Vec<ShiftRow>,
-    subsets: Vec<SubsetRow>,
-    specialists: Vec<SpecialistRow>,
-    coverage: Vec<CoverageRow>,
-    /// The stages whose results are committed (`done.csv`): a stage's rows count only once it
-    /// is listed here, so a run killed while a stage committed drops the stage's rows and runs it
-    /// again.
-    done: Vec<DoneRow>,
-    /// The experiment's stage names in file order: `write` keeps the per-model rows in this
-    /// order, so a stage that ran again does not move to the end.
-    order: Vec<String>,
-    /// The stages whose rows this process changed (forgot, added, committed): [`Tables::write`]
-    /// writes theirs and keeps every other stage's rows as they are on disk, where another
-    /// `--only` process may have written them since.
-    touched: Vec<String>,
-    /// Whether other processes may write these tables too (the run directory's, not a
-    /// specialist's own): `write` then reads, merges and writes them under `locks/tables.lock`.
-    shared: bool,
+/// Runs `exp` under `out/<name>`, resuming what an earlier run of it left unfinished (see
+/// [`plan::plan`] for what is skipped, resumed and run again); `command` is recorded in
+/// `command.txt`.
+pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Result<PathBuf> {
+    let mut dir = RunDir::open(exp, out, options, command)?;
+    let (device, data) = device_and_data(exp)?;
+    let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
+    let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops };
+    let request = Request { only: options.only, redo: options.redo };
+    let plan =
+        plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
+    run.discard(&mut dir.tables, &plan)?;
+    for (stage, (_, action)) in exp.stages.iter().zip(&plan.actions) {
+        match action {
+            Action::SkipDone => info!("stage `{}`: already done, skipped", stage.name),
+            Action::NotSelected => {}
+            Action::Run { specialists } => run.stage(&mut dir.tables, stage, specialists)?,
+        }
+    }
+    Ok(dir.path.clone())
 }
 
-const METRICS: &str = "metrics.csv";
-const SUMMARY: &str = "summary.csv";
-const CLASS_ERRORS: &str = "class_errors.csv";
-const SHIFTS: &str = "bias_shifts.csv";
-const SUBSETS: &str = "subsets.csv";
-const SPECIALISTS: &str = "specialists.csv";
-const COVERAGE: &str = "specialist_coverage.csv";
-const DONE: &str = "done.csv";
-
-impl Tables {
-    fn read(dir: &Path) -> Result<Self> {
-        Ok(Tables {
-            metrics: output::read_csv(&dir.join(METRICS))?,
-            summary: output::read_csv(&dir.join(SUMMARY))?,
-            class_errors: output::read_csv(&dir.join(CLASS_ERRORS))?,
-            shifts: output::read_csv(&dir.join(SHIFTS))?,
-            subsets: output::read_csv(&dir.join(SUBSETS))?,
-            specialists: output::read_csv(&dir.join(SPECIALISTS))?,
-            coverage: output::read_csv(&dir.join(COVERAGE))?,
-            done: output::read_csv(&dir.join(DONE))?,
-            order: Vec::new(),
-            touched: Vec::new(),
-            shared: false,
-        })
-    }
-
-    /// The stage a row belongs to: a `<stage>-fixed` row to `<stage>`.
-    fn owner<'a>(order: &[String], row: &'a str) -> &'a str {
-        match row.strip_suffix("-fixed") {
-            Some(base) if !order.iter().any(|s| s == row) && order.iter().any(|s| s == base) => base,
-            _ => row,
-        }
-    }
-
-    fn touch(&mut self, stage: &str) {
-        if !self.touched.iter().any(|t| t == stage) {
-            self.touched.push(stage.to_string());
-        }
-    }
-
-    /// Replaces the rows of the stages this process did not touch by those on disk.
-    fn merge_from_disk(&mut self, dir: &Path) -> Result<()> {
-        let disk = Tables::read(dir)?;
-        let (order, touched) = (&self.order, &self.touched);
-        let mine = |stage: &str| touched.iter().any(|t| t == Self::owner(order, stage));
-        fn merge<T>(mine: &dyn Fn(&str) -> bool, memory: &mut Vec<T>, disk: Vec<T>, stage: fn(&T) -> &str) {
-            let mut rows: Vec<T> = disk.into_iter().filter(|r| !mine(stage(r))).collect();
-            rows.extend(memory.drain(..).filter(|r| mine(stage(r))));
-            *memory = rows;
-        }
-        merge(&mine, &mut self.metrics, disk.metrics, |r| &r.stage);
-        merge(&mine, &mut self.summary, disk.summary, |r| &r.stage);
-        merge(&mine, &mut self.class_errors, disk.class_errors, |r| &r.stage);
-        merge(&mine, &mut self.shifts, disk.shifts, |r| &r.stage);
-        merge(&mine, &mut self.subsets, disk.subsets, |r| &r.stage);
-        merge(&mine, &mut self.specialists, disk.specialists, |r| &r.stage);
-        merge(&mine, &mut self.coverage, disk.coverage, |r| &r.stage);
-        merge(&mine, &mut self.done, disk.done, |r| &r.stage);
-        Ok(())
-    }
-
-    /// Writes the tables; those of the specialist stages only once they have rows. The per-model
-    /// rows go in the order of their stages in the file (stable, so `<stage>-fixed` rows stay
-    /// after their stage's).
-    fn write(&mut self, dir: &Path) -> Result<()> {
-        if self.shared {
-            lock::with_tables_lock(dir, || {
-                self.merge_from_disk(dir)?;
-                self.write_files(dir)
-            })
-        } else {
-            self.write_files(dir)
-        }
-    }
-
-    fn write_files(&mut self, dir: &Path) -> Result<()> {
-        let order = &self.order;
-        let rank = |stage: &str| {
-            let base = stage.strip_suffix("-fixed").unwrap_or(stage);
-            order.iter().position(|s| s == stage || s == base).unwrap_or(usize::MAX)
-        };
-        self.summary.sort_by_key(|r| rank(&r.stage));
-        self.class_errors.sort_by_key(|r| rank(&r.stage));
-        self.done.sort_by_key(|r| rank(&r.stage));
-        output::write_csv_if_changed(&dir.join(METRICS), &self.metrics)?;
-        output::write_csv_if_changed(&dir.join(SUMMARY), &self.summary)?;
-        output::write_csv_if_changed(&dir.join(CLASS_ERRORS), &self.class_errors)?;
-        output::write_csv_if_changed(&dir.join(SHIFTS), &self.shifts)?;
-        fn some<T: serde::Serialize>(path: PathBuf, rows: &[T]) -> Result<()> {
-            if rows.is_empty() && !path.exists() {
-                return Ok(());
-            }
-            output::write_csv_if_changed(&path, rows)
-        }
-        some(dir.join(SUBSETS), &self.subsets)?;
-        some(dir.join(SPECIALISTS), &self.specialists)?;
-        some(dir.join(COVERAGE), &self.coverage)?;
-        // Last: the stages it lists are those whose rows above are complete.
-        some(dir.join(DONE), &self.done)
-    }
-
-    /// Commits a stage's results: marks it done and writes every table, `done.csv` last.
-    fn commit(&mut self, stage: &str, dir: &Path) -> Result<()> {
-        self.touch(stage);
-        if !self.is_done(stage) {
-            self.done.push(DoneRow { stage: stage.to_string() });
-        }
-        self.write(dir)
-    }
-
-    /// Whether a stage's results are committed.
-    fn is_done(&self, stage: &str) -> bool {
-        self.done.iter().any(|r| r.stage == stage)
-    }
-
-    /// Whether a stage's results are recorded.
-    fn has_results(&self, stage: &str) -> bool {
-        self.summary.iter().any(|r| r.stage == stage) || self.subsets.iter().any(|r| r.stage == stage)
-    }
-
-    /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
-    /// epochs.
-    fn forget_results(&mut self, stage: &str) {
-        self.touch(stage);
-        let fixed = format!("{stage}-fixed");
-        let other = |s: &str| s != stage && s != fixed;
-        self.summary.retain(|r| other(&r.stage));
-        self.class_errors.retain(|r| other(&r.stage));
-        self.subsets.retain(|r| r.stage != stage);
-        self.specialists.retain(|r| r.stage != stage);
-        self.coverage.retain(|r| r.stage != stage);
-        self.done.retain(|r| r.stage != stage);
-    }
-
-    /// Forgets what an unfinished stage recorded beyond `epoch`.
-    fn forget(&mut self, stage: &str, epoch: i64) {
-        self.metrics.retain(|r| r.stage != stage || r.epoch <= epoch);
-        self.forget_results(stage);
-        self.shifts.retain(|r| r.stage != stage);
-    }
-}
-
-/// Runs `exp` under `out/<name>`, resuming what an earlier run of it left unfinished: `fresh`
-/// discards an earlier run's files instead, `redo` names stages to run again from scratch, a
-/// non-empty `only` runs those stages alone; `command` is recorded in `command.txt`.
-pub fn run(
-    exp: &Experiment,
-    out: &Path,
-    (fresh, redo): (bool, &[String]),
-    only: &[String],
-    command: &str,
-) -> Result<PathBuf> {
-    let dir = out.join(&exp.name);
-    let config = exp.to_toml()?;
-    let config_path = dir.join("config.toml");
-    // Before anything is written or removed: a second process into a run directory in use fails
-    // here. `--only` processes share it, unless they also discard or rerun stages.
-    refuse_links(out, &dir, !fresh)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let exclusive = only.is_empty() || fresh || !redo.is_empty();
-    let _lock = lock::acquire(&dir, only, exclusive, command)?;
-    if fresh {
-        // It removes links in the places of kd-run's files, never following them.
-        remove_run_files(&dir)?;
-        refuse_links(out, &dir, true)?;
-    }
-    let mut changed = Vec::new();
-    if config_path.exists() {
-        let old = std::fs::read_to_string(&config_path)?;
-        if old != config {
-            changed = changed_stages(exp, &old, &config).with_context(|| {
-                format!(
-                    "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
-                    dir.display()
-                )
-            })?;
-        }
-        info!("resuming the run in {}", dir.display());
-    }
-    std::fs::create_dir_all(dir.join("checkpoints")).with_context(|| format!("cannot create {}", dir.display()))?;
-    let cache = out.join(".cache");
-    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    crate::logging::log_to_file(&dir.join("run.log"))?;
-    remove_stale_temporaries(&dir, (!exclusive).then_some(only))?;
-    // A run directory without `done.csv` but with results is one written before stages were
-    // committed with it: the stages with results count as done. A new run writes `done.csv`
-    // before any result, so a stage killed while committing is never taken for one of those.
-    let legacy = !dir.join(DONE).exists() && {
-        let old = Tables::read(&dir)?;
-        !old.summary.is_empty() || !old.subsets.is_empty()
-    };
-    output::write_atomic(&config_path, config.as_bytes())?;
-    output::write_atomic(&dir.join("command.txt"), format!("{command}\n").as_bytes())?;
-
+/// Sets the CPU threads, picks the device and loads the experiment's data onto it.
+fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     if exp.threads > 0 {
         tch::set_num_threads(exp.threads as i32);
     }
@@ -333,121 +143,79 @@ pub fn run(
         data.test.len(),
         data.num_classes
     );
-    let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
-    let run = Run { exp, dir: dir.clone(), cache, device, data, peak_tflops };
-    let mut tables = Tables::read(&dir)?;
-    tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
-    tables.shared = true;
-    if legacy {
-        let done: Vec<String> = exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s)).collect();
-        for stage in done {
-            tables.done.push(DoneRow { stage: stage.clone() });
-            tables.touch(&stage);
-        }
-    }
-    if !dir.join(DONE).exists() {
-        output::write_csv(&dir.join(DONE), &tables.done)?;
-    }
-    // Rows of a stage that was killed while it committed its results.
-    let partial: Vec<String> =
-        exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s) && !tables.is_done(s)).collect();
-    for stage in &partial {
-        info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
-        tables.forget_results(stage);
-    }
-    // Results of stages the file no longer has.
-    let mut stale: Vec<String> = tables
-        .summary
-        .iter()
-        .map(|r| r.stage.clone())
-        .chain(tables.metrics.iter().map(|r| r.stage.clone()))
-        .chain(tables.subsets.iter().map(|r| r.stage.clone()))
-        .chain(tables.coverage.iter().map(|r| r.stage.clone()))
-        .chain(tables.done.iter().map(|r| r.stage.clone()))
-        .filter(|r| !exp.stages.iter().any(|s| *r == s.name || r.strip_suffix("-fixed") == Some(s.name.as_str())))
-        .collect();
-    stale.sort();
-    stale.dedup();
-    for stage in &stale {
-        info!("stage `{stage}` is no longer in the experiment: its results are dropped");
-        tables.forget(stage, 0);
-    }
-    // A stage added to the file has nothing to discard (no results, no epochs): it is announced
-    // when it runs.
-    let started = |stage: &str| tables.has_results(stage) || tables.metrics.iter().any(|r| r.stage == stage);
-    for stage in changed.iter().filter(|s| started(s)) {
-        info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
-    }
-    for stage in with_readers(exp, redo) {
-        if !changed.contains(&stage) {
-            info!("stage `{stage}`: --redo, so it runs again");
-            changed.push(stage);
-        }
-    }
-    for stage in &changed {
-        tables.forget(stage, 0);
-        for path in [run.checkpoint(stage), run.resume_checkpoint(stage)] {
-            if path.exists() {
-                std::fs::remove_file(&path)?;
+    Ok((device, data))
+}
+
+impl Run<'_> {
+    /// Discards what the plan says (results, epochs, checkpoints) and writes the tables if that
+    /// changed them.
+    fn discard(&self, tables: &mut Tables, plan: &Plan) -> Result<()> {
+        for (stage, why) in &plan.discard {
+            match why {
+                Discard::Partial => {
+                    info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
+                    tables.forget_results(stage);
+                }
+                Discard::Stale => {
+                    info!("stage `{stage}` is no longer in the experiment: its results are dropped");
+                    tables.forget(stage, 0);
+                }
+                Discard::Changed | Discard::Redo => {
+                    // A stage added to the file has nothing to discard (no results, no epochs):
+                    // it is announced when it runs.
+                    let started = tables.has_results(stage) || tables.metrics.iter().any(|r| r.stage == *stage);
+                    if *why == Discard::Redo {
+                        info!("stage `{stage}`: --redo, so it runs again");
+                    } else if started {
+                        info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
+                    }
+                    tables.forget(stage, 0);
+                    for path in [self.checkpoint(stage), self.resume_checkpoint(stage)] {
+                        if path.exists() {
+                            std::fs::remove_file(&path)?;
+                        }
+                    }
+                    self.remove_specialists(stage)?;
+                }
             }
         }
-        run.remove_specialists(stage)?;
-    }
-    if !changed.is_empty() || !stale.is_empty() || !partial.is_empty() {
-        tables.write(&dir)?;
-    }
-    // A stage is done once its results are recorded, if a later stage reads its model its
-    // checkpoint exists, and no stage it reads ran again.
-    let read: Vec<&str> = exp.stages.iter().flat_map(|s| s.job.reads()).collect();
-    let mut ran: Vec<&str> = Vec::new();
-    for stage in &exp.stages {
-        let trains = matches!(stage.job, Job::Train { .. } | Job::Distill { .. });
-        let needed = trains && read.contains(&stage.name.as_str());
-        let done = tables.is_done(&stage.name)
-            && (!needed || run.checkpoint(&stage.name).exists())
-            && !stage.job.reads().iter().any(|s| ran.iter().any(|r| r == s));
-        if done {
-            info!("stage `{}`: already done, skipped", stage.name);
-            continue;
+        if plan.discards() {
+            tables.write(&self.dir)?;
         }
-        // `--only <stage>.<m>`: specialist m of a specialists stage, alone.
-        let indices: Vec<usize> = only
-            .iter()
-            .filter_map(|o| o.strip_prefix(&format!("{}.", stage.name))?.parse().ok())
-            .filter(|_| matches!(stage.job, Job::Specialists { .. }))
-            .collect();
-        if !only.is_empty() && !only.contains(&stage.name) && indices.is_empty() {
-            continue;
-        }
+        Ok(())
+    }
+
+    /// Runs one stage and commits its results (`specialists`: only these specialists of a
+    /// specialists stage, which then commit on their own).
+    fn stage(&self, tables: &mut Tables, stage: &Stage, specialists: &[usize]) -> Result<()> {
         tables.forget_results(&stage.name);
-        ran.push(&stage.name);
         let started = Instant::now();
         let name = stage.name.as_str();
         match &stage.job {
             Job::Train { model, training } => {
-                let (_vs, net, fit) = run.train(
-                    (&mut tables, &dir),
+                let (_vs, net, fit) = self.train(
+                    (tables, &self.dir),
                     name,
                     Init::New(model),
                     training,
-                    (&run.data.train, Sampling::All),
+                    (&self.data.train, Sampling::All),
                     &Supervision::Hard,
-                    &run.targets(),
+                    &self.targets(),
                 )?;
-                run.record_trained(&mut tables, name, "train", &net, (fit, None), started)?;
+                self.record_trained(tables, name, "train", &net, (fit, None), started)?;
             }
             Job::Distill { model, training, distill } => {
-                let teacher = run.load_teacher(&distill.teacher, distill.temperature)?;
-                let transfer = run.transfer_set(name, distill)?;
+                let teacher = self.load_teacher(&distill.teacher, distill.temperature)?;
+                let transfer = self.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
                 // (or read from the cache) once, and serve the agreement below too.
                 let mut transfer_logits = None;
                 let signal = if let Some(k) = distill.top_k {
-                    run.check_top_k(name, k)?;
-                    let (probs, classes) = run.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
+                    self.check_top_k(name, k)?;
+                    let (probs, classes) = self.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
                     TeacherSignal::TopK { probs, classes }
                 } else if training.jitter == 0 {
-                    let logits = run.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
+                    let logits = self.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
                     let signal = TeacherSignal::Cached(train::teacher_signal(&logits, distill)?);
                     transfer_logits = Some(logits);
                     signal
@@ -455,14 +223,14 @@ pub fn run(
                     TeacherSignal::Live(&teacher)
                 };
                 let supervision = Supervision::Distill { spec: distill, teacher: signal };
-                let (_vs, net, fit) = run.train(
-                    (&mut tables, &dir),
+                let (_vs, net, fit) = self.train(
+                    (tables, &self.dir),
                     name,
                     Init::New(model),
                     training,
                     (&transfer, Sampling::All),
                     &supervision,
-                    &run.targets(),
+                    &self.targets(),
                 )?;
                 let net = net.frozen();
                 let (student, teacher) = (|x: &Tensor| Ok(net.forward_t(x, false)), |x: &Tensor| teacher.logits(x));
@@ -471,27 +239,27 @@ pub fn run(
                     None => Outputs::Model(&teacher),
                 };
                 let fidelity = Fidelity {
-                    test: train::agreement(&student, Outputs::Model(&teacher), &run.data.test)?,
+                    test: train::agreement(&student, Outputs::Model(&teacher), &self.data.test)?,
                     transfer: train::agreement(&student, on_transfer, &transfer)?,
                 };
                 info!(
-                    "stage `{name}`: agrees with its teacher on {:.2}% of the test set and {:.2}% of its transfer set; {} of its test errors are the teacher's too (the teacher makes {})",
-                    100.0 * fidelity.test.rate(),
-                    100.0 * fidelity.transfer.rate(),
-                    fidelity.test.shared_errors,
-                    fidelity.test.teacher_errors
-                );
-                run.record_trained(&mut tables, name, "distill", &net, (fit, Some(fidelity)), started)?;
+                "stage `{name}`: agrees with its teacher on {:.2}% of the test set and {:.2}% of its transfer set; {} of its test errors are the teacher's too (the teacher makes {})",
+                100.0 * fidelity.test.rate(),
+                100.0 * fidelity.transfer.rate(),
+                fidelity.test.shared_errors,
+                fidelity.test.teacher_errors
+            );
+                self.record_trained(tables, name, "distill", &net, (fit, Some(fidelity)), started)?;
             }
             Job::Evaluate { source } => {
-                let (_vs, net) = run.load_model(source)?;
-                run.record(&mut tables, name, "evaluate", &net.frozen(), started, None)?;
+                let (_vs, net) = self.load_model(source)?;
+                self.record(tables, name, "evaluate", &net.frozen(), started, None)?;
             }
             Job::BiasShift { source, classes, min, max, step, fixed } => {
-                run.bias_shift(&mut tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
+                self.bias_shift(tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
             }
             Job::Ensemble { members } => {
-                let ensemble = run.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
+                let ensemble = self.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
                 let first = ensemble.members[0].config().describe();
                 let same = ensemble.members.iter().all(|m| m.config().describe() == first);
                 let model = format!(
@@ -501,191 +269,21 @@ pub fn run(
                 );
                 let parameters = ensemble.members.iter().map(Mlp::num_params).sum();
                 let logits = |x: &Tensor| ensemble.logits(x);
-                run.record_with(&mut tables, name, "ensemble", (model, parameters), &logits, started, None)?;
+                self.record_with(tables, name, "ensemble", (model, parameters), &logits, started, None)?;
             }
-            Job::Clusters { .. } => run.clusters(&mut tables, name, &stage.job)?,
+            Job::Clusters { .. } => self.clusters(tables, name, &stage.job)?,
             Job::Specialists { .. } => {
-                let only_these = (!indices.is_empty()).then_some(indices.as_slice());
-                run.specialists(&mut tables, name, &stage.job, only_these, started)?;
+                let only_these = (!specialists.is_empty()).then_some(specialists);
+                self.specialists(tables, name, &stage.job, only_these, started)?;
                 if only_these.is_some() {
                     // Specialists trained alone: each has its own files; the stage commits when
                     // it combines them.
-                    continue;
+                    return Ok(());
                 }
             }
         }
-        tables.commit(name, &dir)?;
+        tables.commit(name, &self.dir)
     }
-    Ok(dir)
-}
-
-/// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
-/// keeps and appends to).
-const RUN_FILES: [&str; 10] =
-    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
-
-/// kd-run writes only inside `--out` and follows no link out of it: the run directory, the
-/// folders and the files it writes into or appends to must not be symbolic links (a link at a
-/// place kd-run has not written yet would send its writes wherever the link points).
-/// `all: false` leaves out the places whose links `--fresh` removes.
-fn refuse_links(out: &Path, dir: &Path, all: bool) -> Result<()> {
-    let mut places: Vec<PathBuf> =
-        vec![dir.to_path_buf(), out.join(".cache"), dir.join(lock::LOCKS), dir.join("run.log")];
-    places.extend(std::fs::read_dir(dir.join(lock::LOCKS)).into_iter().flatten().flatten().map(|e| e.path()));
-    if all {
-        places.extend(["checkpoints", "specialists"].iter().chain(RUN_FILES.iter()).map(|name| dir.join(name)));
-        for folder in [dir.join("specialists"), dir.join("checkpoints")] {
-            places.extend(std::fs::read_dir(&folder).into_iter().flatten().flatten().map(|e| e.path()));
-        }
-    }
-    for place in places {
-        if std::fs::symlink_metadata(&place).is_ok_and(|m| m.file_type().is_symlink()) {
-            bail!(
-                "{} is a symbolic link: kd-run writes only inside --out and follows no link out of it; \
-                 replace it with a real folder or file, or choose another --out",
-                place.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Removes the temporary files (`<file>.<pid>.tmp`) that a process killed while writing left in
-/// the run directory, its `checkpoints/` and its specialists' folders; for an `--only` process
-/// (`only` given), which shares the directory, only those of the stages it runs (their
-/// checkpoints and specialist folders).
-fn remove_stale_temporaries(dir: &Path, only: Option<&[String]>) -> Result<()> {
-    let mut folders = vec![(dir.to_path_buf(), only.is_none()), (dir.join("checkpoints"), only.is_none())];
-    if let Ok(entries) = std::fs::read_dir(dir.join("specialists")) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) && specialists::is_specialist_folder(&name) {
-                folders.push((entry.path(), only.is_none_or(|o| o.contains(&name))));
-            }
-        }
-    }
-    // An `--only` process's own checkpoints: `<stage>[.resume|.best].safetensors.<pid>.tmp`.
-    let own_checkpoint = |name: &str| {
-        only.unwrap_or_default().iter().any(|stage| {
-            ["", ".resume", ".best"].iter().any(|kind| name.starts_with(&format!("{stage}{kind}.safetensors.")))
-        })
-    };
-    for (folder, all) in folders {
-        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = all || (folder.ends_with("checkpoints") && own_checkpoint(&name));
-            if ours && output::is_tmp(&name) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
-                info!("removing {}, left by a run that was stopped while writing it", entry.path().display());
-                std::fs::remove_file(entry.path())
-                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
-/// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
-/// files beside any of them; then those folders if that left them empty. Anything else (a file
-/// of the user's, a folder kd-run did not make) stays, and a symbolic link is never followed:
-/// one in the place of a file or folder of the run is removed as a link, its target untouched.
-/// A run directory that is itself a symbolic link is refused.
-fn remove_run_files(dir: &Path) -> Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Ok(()) };
-    if meta.file_type().is_symlink() {
-        bail!("--fresh: {} is a symbolic link; kd-run deletes nothing outside its own run directory", dir.display());
-    }
-    let remove_file = |path: &Path| -> Result<()> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
-            }
-            _ => Ok(()),
-        }
-    };
-    // Removes the files of `folder` that `ours` accepts (a link in the place of the folder:
-    // the link), then the folder if it is empty.
-    let clear = |folder: &Path, ours: &dyn Fn(&str, &std::fs::FileType) -> Result<()>| -> Result<()> {
-        let Ok(meta) = std::fs::symlink_metadata(folder) else { return Ok(()) };
-        if !meta.is_dir() {
-            return remove_file(folder);
-        }
-        for entry in std::fs::read_dir(folder)? {
-            let entry = entry?;
-            ours(&entry.file_name().to_string_lossy(), &entry.file_type()?)?;
-        }
-        let _ = std::fs::remove_dir(folder);
-        Ok(())
-    };
-    for name in RUN_FILES {
-        let path = dir.join(name);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
-            remove_file(&path)?;
-        }
-    }
-    let checkpoints = dir.join("checkpoints");
-    clear(&checkpoints, &|name, kind| {
-        if !kind.is_dir() && (name.ends_with(".safetensors") || output::is_tmp(name)) {
-            remove_file(&checkpoints.join(name))?;
-        }
-        Ok(())
-    })?;
-    let specialists = dir.join("specialists");
-    clear(&specialists, &|name, kind| {
-        let folder = specialists.join(name);
-        if kind.is_symlink() {
-            return remove_file(&folder);
-        }
-        if kind.is_dir() && specialists::is_specialist_folder(name) {
-            clear(&folder, &|file, kind| {
-                if !kind.is_dir() && (specialists::SPECIALIST_FILES.contains(&file) || output::is_tmp(file)) {
-                    remove_file(&folder.join(file))?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    })
-}
-
-/// The stages whose settings in the resolved configuration `new` differ from those of an earlier
-/// run's `old` one (the reference numbers under `paper` aside), together with every stage that
-/// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
-/// changed, or when `old` cannot be read.
-fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
-    let old: toml::Table = old.parse().context("the earlier run's config.toml is not valid TOML")?;
-    let new: toml::Table = new.parse().context("the resolved configuration is not valid TOML")?;
-    for key in ["seed", "data"] {
-        if old.get(key) != new.get(key) {
-            bail!("its `{key}` differs, and every stage depends on it");
-        }
-    }
-    let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
-        let stages = table.get("stages")?.as_array()?;
-        let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
-        stage.as_table_mut()?.remove("paper");
-        Some(stage)
-    };
-    let differ: Vec<String> = exp
-        .stages
-        .iter()
-        .filter(|s| stage_settings(&old, &s.name).is_none_or(|o| Some(o) != stage_settings(&new, &s.name)))
-        .map(|s| s.name.clone())
-        .collect();
-    Ok(with_readers(exp, &differ))
-}
-
-/// The named stages and every stage that reads a model from one of them, directly or through
-/// other stages, in stage order.
-fn with_readers(exp: &Experiment, names: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for stage in &exp.stages {
-        if names.contains(&stage.name) || stage.job.reads().iter().any(|s| out.iter().any(|c| c == s)) {
-            out.push(stage.name.clone());
-        }
-    }
-    out
 }
 
 /// Copies the weights of a checkpoint made by `Mlp::to_tensors` into the same network's `vs`.
@@ -1009,32 +607,21 @@ impl Run<'_> {
         let net = net.with_compute_kind(self.exp.precision.kind());
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
 
-        let mut first_epoch = 0;
-        // Early stopping: (fewest validation errors, epoch) so far.
-        let mut best: Option<(i64, i64)> = None;
         let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
         let resume_path = self.resume_checkpoint(stage);
+        let mut progress = resume::Progress { epochs_done: 0, best: None };
         if resume_path.exists() {
             let named = output::load_tensors(&resume_path)?;
             output::check_finite(&resume_path, &named)?;
-            let epoch = named.iter().find(|(k, _)| k == EPOCH_KEY).context("resume checkpoint without epoch")?;
-            first_epoch = i64::try_from(&epoch.1)?;
-            if let Some((_, b)) = named.iter().find(|(k, _)| k == BEST_KEY) {
-                match Vec::<i64>::try_from(b)?.as_slice() {
-                    &[errors, epoch] => best = Some((errors, epoch)),
-                    other => bail!(
-                        "{}: `{BEST_KEY}` should hold 2 numbers (errors, epoch), not {}",
-                        resume_path.display(),
-                        other.len()
-                    ),
-                }
-            }
-            let (model_part, rest): (Vec<_>, Vec<_>) =
-                named.into_iter().partition(|(k, _)| !optim::is_state_key(k) && !k.starts_with(PROGRESS_PREFIX));
-            copy_weights(&vs, &model_part, self.device).context("reading the resume checkpoint")?;
-            opt.load_state(&rest)?;
-            info!("stage `{stage}`: resuming after epoch {first_epoch} from {}", resume_path.display());
+            let (saved, rest) = resume::Progress::split(&resume_path, named)?;
+            let (state, weights): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
+            copy_weights(&vs, &weights, self.device).context("reading the resume checkpoint")?;
+            opt.load_state(&state)?;
+            progress = saved;
+            info!("stage `{stage}`: resuming after epoch {} from {}", progress.epochs_done, resume_path.display());
         }
+        let first_epoch = progress.epochs_done;
+        let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));
         tables.forget(stage, first_epoch);
         // Seconds of the epochs an earlier process ran (on this device or another).
         let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
@@ -1105,13 +692,12 @@ impl Run<'_> {
                 None => None,
             };
             let mut last = epoch + 1 == training.epochs;
-            if let (Some(patience), Some(v)) = (training.patience, &val) {
-                if best.is_none_or(|(errors, _)| v.errors < errors) {
-                    best = Some((v.errors, epoch + 1));
+            if let (Some(stopping), Some(v)) = (stopping.as_mut(), &val) {
+                let verdict = stopping.observe(epoch + 1, v.errors);
+                if verdict.improved {
                     output::save_tensors(&best_path, &net.to_tensors(&vs))?;
                 }
-                let since = epoch + 1 - best.map_or(0, |(_, e)| e);
-                if since >= patience && !last {
+                if let Some(since) = verdict.stop_after.filter(|_| !last) {
                     info!("stage `{stage}`: no fewer validation errors for {since} epochs; stopping early");
                     last = true;
                 }
@@ -1144,10 +730,8 @@ impl Run<'_> {
             if !last {
                 let mut state = net.to_tensors(&vs);
                 state.extend(trainer.opt.state());
-                state.push((EPOCH_KEY.to_string(), Tensor::from_slice(&[epoch + 1])));
-                if let Some((errors, at)) = best {
-                    state.push((BEST_KEY.to_string(), Tensor::from_slice(&[errors, at])));
-                }
+                let best = stopping.and_then(|s| s.best());
+                state.extend(resume::Progress { epochs_done: epoch + 1, best }.to_tensors());
                 output::save_tensors(&resume_path, &state)?;
             }
             if last {
@@ -1156,7 +740,7 @@ impl Run<'_> {
         }
         progress.finish();
         drop(trainer);
-        if let Some((errors, at)) = best {
+        if let Some(Best { errors, epoch: at }) = stopping.and_then(|s| s.best()) {
             info!("stage `{stage}`: keeps epoch {at} ({errors} validation errors)");
             copy_weights(&vs, &output::load_tensors(&best_path)?, self.device).context("reading the best epoch")?;
         }
@@ -1471,10 +1055,6 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     }
     h
 }
-
-const PROGRESS_PREFIX: &str = "__progress__.";
-const EPOCH_KEY: &str = "__progress__.epoch";
-const BEST_KEY: &str = "__progress__.best";
 
 #[cfg(test)]
 mod tests {

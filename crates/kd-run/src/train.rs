@@ -10,6 +10,7 @@ use tch::{nn::ModuleT, Kind, Tensor};
 
 pub mod optim;
 pub mod progress;
+pub mod stopping;
 
 /// What the student is trained to match.
 pub enum Supervision<'a> {

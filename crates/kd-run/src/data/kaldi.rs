@@ -15,8 +15,6 @@
 //! file, the utterance and the byte offset, and what was expected and found; nothing here panics
 //! on bad data. Not supported: piped commands (`gunzip -c x.ark.gz |`), stdin, big-endian data.
 
-// Nothing in the binary calls these readers yet; the tests do.
-
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::fs::File;

@@ -7,8 +7,13 @@
 //! little-endian `<f4`, `<f8` (matrices) and `<i4`, `<i8` (labels), C order. Every malformed or
 //! unsupported input gives an error naming the file and the problem; nothing here panics on bad
 //! data.
-
-// Nothing in the binary calls these readers yet; the tests do.
+//!
+//! Why not tch's `Tensor::read_npy`: given a file whose data is shorter than its header's shape
+//! (a copy cut short), it returns a tensor of the full shape, read past the end of its buffer
+//! (a 3 x 4 `<f4` array cut to 28 of its 48 data bytes loads as 3 x 4, where NumPy reports
+//! "could only read 7 elements"); a header claiming a 3,000,000 x 4,000 array in a 185-byte file
+//! makes it allocate 48 GB before reading; and its errors name neither the file nor the field.
+//! Here every size is checked against the bytes present before anything is allocated.
 
 use std::path::Path;
 

@@ -9,7 +9,8 @@
 //! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
 //! rows) and `specialist_coverage.csv` (Table 4).
 
-use super::{Init, Run, Sampling, Tables, Targets};
+use super::tables::{self, Tables};
+use super::{Init, Run, Sampling, Targets};
 use crate::config::{Affinity, Job, Training};
 use crate::data::Split;
 use crate::run::output::{self, CoverageRow, SpecialistRow, SubsetRow};
@@ -32,7 +33,7 @@ const SPECIALIST_ROW: &str = "specialist.csv";
 
 /// The files kd-run writes in a specialist's folder `specialists/<stage>.<m>/`.
 pub(super) const SPECIALIST_FILES: [&str; 5] =
-    [super::METRICS, super::SUMMARY, super::CLASS_ERRORS, super::SHIFTS, SPECIALIST_ROW];
+    [tables::METRICS, tables::SUMMARY, tables::CLASS_ERRORS, tables::SHIFTS, SPECIALIST_ROW];
 
 /// Whether `name` is that of a specialist's folder, `<stage>.<m>`.
 pub(super) fn is_specialist_folder(name: &str) -> bool {

@@ -1,0 +1,273 @@
+//! The run directory `OUT/<name>/`: opened once per process, before anything is written: links
+//! refused, the lock taken, `--fresh` applied, the earlier run's configuration compared, files a
+//! killed process left half-written removed, and the tables read.
+
+use super::lock;
+use super::output;
+use super::plan::{self, StageFacts};
+use super::specialists;
+use super::tables::{Tables, CLASS_ERRORS, COVERAGE, DONE, METRICS, SHIFTS, SPECIALISTS, SUBSETS, SUMMARY};
+use crate::config::{Experiment, Job};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use tracing::info;
+
+/// An open run directory: its place, the teacher cache beside it, its tables, and the lock this
+/// process holds on it until the value is dropped.
+pub struct RunDir {
+    /// `OUT/<name>`.
+    pub path: PathBuf,
+    /// `OUT/.cache`: teachers' outputs over transfer sets, shared by the runs under `OUT`.
+    pub cache: PathBuf,
+    /// The tables as on disk, in the experiment's stage order.
+    pub tables: Tables,
+    /// Stages whose settings differ from the earlier run's, with the stages that read them.
+    pub changed: Vec<String>,
+    _lock: lock::RunLock,
+}
+
+/// How `kd-run run` was asked to treat an earlier run in the same directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options<'a> {
+    /// `--fresh`: remove the earlier run's files first.
+    pub fresh: bool,
+    /// `--redo`: stages to run again from scratch.
+    pub redo: &'a [String],
+    /// `--only`: the stages this process runs.
+    pub only: &'a [String],
+}
+
+impl RunDir {
+    /// Opens (or creates) `out/<exp.name>` for `exp`, and records the resolved configuration and
+    /// `command` in it. A second process into a directory in use fails here, before anything is
+    /// written or removed; `--only` processes share it unless they also discard or rerun stages.
+    pub fn open(exp: &Experiment, out: &Path, options: Options, command: &str) -> Result<RunDir> {
+        let Options { fresh, redo, only } = options;
+        let path = out.join(&exp.name);
+        let config = exp.to_toml()?;
+        let config_path = path.join("config.toml");
+        refuse_links(out, &path, !fresh)?;
+        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let exclusive = only.is_empty() || fresh || !redo.is_empty();
+        let lock = lock::acquire(&path, only, exclusive, command)?;
+        if fresh {
+            // It removes links in the places of kd-run's files, never following them.
+            remove_run_files(&path)?;
+            refuse_links(out, &path, true)?;
+        }
+        let mut changed = Vec::new();
+        if config_path.exists() {
+            let old = std::fs::read_to_string(&config_path)?;
+            if old != config {
+                changed = changed_stages(exp, &old, &config).with_context(|| {
+                    format!(
+                        "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
+                        path.display()
+                    )
+                })?;
+            }
+            info!("resuming the run in {}", path.display());
+        }
+        std::fs::create_dir_all(path.join("checkpoints"))
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let cache = out.join(".cache");
+        std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+        crate::logging::log_to_file(&path.join("run.log"))?;
+        remove_stale_temporaries(&path, (!exclusive).then_some(only))?;
+        // A run directory without `done.csv` but with results is one written before stages were
+        // committed with it: the stages with results count as done. A new run writes `done.csv`
+        // before any result, so a stage killed while committing is never taken for one of those.
+        let legacy = !path.join(DONE).exists() && {
+            let old = Tables::read(&path)?;
+            !old.summary.is_empty() || !old.subsets.is_empty()
+        };
+        output::write_atomic(&config_path, config.as_bytes())?;
+        output::write_atomic(&path.join("command.txt"), format!("{command}\n").as_bytes())?;
+
+        let mut tables = Tables::read(&path)?;
+        tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+        tables.shared = true;
+        if legacy {
+            let done: Vec<String> =
+                exp.stages.iter().map(|s| s.name.clone()).filter(|s| tables.has_results(s)).collect();
+            for stage in done {
+                tables.done.push(output::DoneRow { stage: stage.clone() });
+                tables.touch(&stage);
+            }
+        }
+        if !path.join(DONE).exists() {
+            output::write_csv(&path.join(DONE), &tables.done)?;
+        }
+        Ok(RunDir { path, cache, tables, changed, _lock: lock })
+    }
+}
+
+/// What the plan needs to know of each stage of `exp`.
+pub fn stage_facts(exp: &Experiment) -> Vec<StageFacts> {
+    exp.stages
+        .iter()
+        .map(|s| StageFacts {
+            name: s.name.clone(),
+            reads: s.job.reads().into_iter().map(String::from).collect(),
+            trains: matches!(s.job, Job::Train { .. } | Job::Distill { .. }),
+            specialists: matches!(s.job, Job::Specialists { .. }),
+        })
+        .collect()
+}
+
+/// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
+/// keeps and appends to).
+pub const RUN_FILES: [&str; 10] =
+    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
+
+/// kd-run writes only inside `--out` and follows no link out of it: the run directory, the
+/// folders and the files it writes into or appends to must not be symbolic links (a link at a
+/// place kd-run has not written yet would send its writes wherever the link points).
+/// `all: false` leaves out the places whose links `--fresh` removes.
+fn refuse_links(out: &Path, dir: &Path, all: bool) -> Result<()> {
+    let mut places: Vec<PathBuf> =
+        vec![dir.to_path_buf(), out.join(".cache"), dir.join(lock::LOCKS), dir.join("run.log")];
+    places.extend(std::fs::read_dir(dir.join(lock::LOCKS)).into_iter().flatten().flatten().map(|e| e.path()));
+    if all {
+        places.extend(["checkpoints", "specialists"].iter().chain(RUN_FILES.iter()).map(|name| dir.join(name)));
+        for folder in [dir.join("specialists"), dir.join("checkpoints")] {
+            places.extend(std::fs::read_dir(&folder).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    for place in places {
+        if std::fs::symlink_metadata(&place).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "{} is a symbolic link: kd-run writes only inside --out and follows no link out of it; \
+                 replace it with a real folder or file, or choose another --out",
+                place.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the temporary files (`<file>.<pid>.tmp`) that a process killed while writing left in
+/// the run directory, its `checkpoints/` and its specialists' folders; for an `--only` process
+/// (`only` given), which shares the directory, only those of the stages it runs (their
+/// checkpoints and specialist folders).
+fn remove_stale_temporaries(dir: &Path, only: Option<&[String]>) -> Result<()> {
+    let mut folders = vec![(dir.to_path_buf(), only.is_none()), (dir.join("checkpoints"), only.is_none())];
+    if let Ok(entries) = std::fs::read_dir(dir.join("specialists")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && specialists::is_specialist_folder(&name) {
+                folders.push((entry.path(), only.is_none_or(|o| o.contains(&name))));
+            }
+        }
+    }
+    // An `--only` process's own checkpoints: `<stage>[.resume|.best].safetensors.<pid>.tmp`.
+    let own_checkpoint = |name: &str| {
+        only.unwrap_or_default().iter().any(|stage| {
+            ["", ".resume", ".best"].iter().any(|kind| name.starts_with(&format!("{stage}{kind}.safetensors.")))
+        })
+    };
+    for (folder, all) in folders {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = all || (folder.ends_with("checkpoints") && own_checkpoint(&name));
+            if ours && output::is_tmp(&name) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                info!("removing {}, left by a run that was stopped while writing it", entry.path().display());
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
+/// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
+/// files beside any of them; then those folders if that left them empty. Anything else (a file
+/// of the user's, a folder kd-run did not make) stays, and a symbolic link is never followed:
+/// one in the place of a file or folder of the run is removed as a link, its target untouched.
+/// A run directory that is itself a symbolic link is refused.
+fn remove_run_files(dir: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    if meta.file_type().is_symlink() {
+        bail!("--fresh: {} is a symbolic link; kd-run deletes nothing outside its own run directory", dir.display());
+    }
+    let remove_file = |path: &Path| -> Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    };
+    // Removes the files of `folder` that `ours` accepts (a link in the place of the folder:
+    // the link), then the folder if it is empty.
+    let clear = |folder: &Path, ours: &dyn Fn(&str, &std::fs::FileType) -> Result<()>| -> Result<()> {
+        let Ok(meta) = std::fs::symlink_metadata(folder) else { return Ok(()) };
+        if !meta.is_dir() {
+            return remove_file(folder);
+        }
+        for entry in std::fs::read_dir(folder)? {
+            let entry = entry?;
+            ours(&entry.file_name().to_string_lossy(), &entry.file_type()?)?;
+        }
+        let _ = std::fs::remove_dir(folder);
+        Ok(())
+    };
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            remove_file(&path)?;
+        }
+    }
+    let checkpoints = dir.join("checkpoints");
+    clear(&checkpoints, &|name, kind| {
+        if !kind.is_dir() && (name.ends_with(".safetensors") || output::is_tmp(name)) {
+            remove_file(&checkpoints.join(name))?;
+        }
+        Ok(())
+    })?;
+    let specialists = dir.join("specialists");
+    clear(&specialists, &|name, kind| {
+        let folder = specialists.join(name);
+        if kind.is_symlink() {
+            return remove_file(&folder);
+        }
+        if kind.is_dir() && specialists::is_specialist_folder(name) {
+            clear(&folder, &|file, kind| {
+                if !kind.is_dir() && (specialists::SPECIALIST_FILES.contains(&file) || output::is_tmp(file)) {
+                    remove_file(&folder.join(file))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
+}
+
+/// The stages whose settings in the resolved configuration `new` differ from those of an earlier
+/// run's `old` one (the reference numbers under `paper` aside), together with every stage that
+/// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
+/// changed, or when `old` cannot be read.
+fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
+    let old: toml::Table = old.parse().context("the earlier run's config.toml is not valid TOML")?;
+    let new: toml::Table = new.parse().context("the resolved configuration is not valid TOML")?;
+    for key in ["seed", "data"] {
+        if old.get(key) != new.get(key) {
+            bail!("its `{key}` differs, and every stage depends on it");
+        }
+    }
+    let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
+        let stages = table.get("stages")?.as_array()?;
+        let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
+        stage.as_table_mut()?.remove("paper");
+        Some(stage)
+    };
+    let differ: Vec<String> = exp
+        .stages
+        .iter()
+        .filter(|s| stage_settings(&old, &s.name).is_none_or(|o| Some(o) != stage_settings(&new, &s.name)))
+        .map(|s| s.name.clone())
+        .collect();
+    Ok(plan::with_readers(&stage_facts(exp), &differ))
+}
