@@ -10,7 +10,9 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS};
+use crate::config::{
+    DataSource, DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Training, MAX_PARAMETERS,
+};
 use crate::data::{self, Dataset, Split};
 use crate::device;
 use crate::run::output::{
@@ -322,11 +324,11 @@ pub fn run(
     let data = data::load(&exp.data, device)?;
     info!(
         "data {}: {} training, {} validation, {} test examples, {} classes",
-        match (&exp.data.dir, &exp.data.speech, &exp.data.files) {
-            (_, Some(s), _) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
-            (_, None, Some(f)) => format!("files (training features {})", f.train.features.display()),
-            (Some(dir), None, None) => dir.display().to_string(),
-            (None, None, None) => String::new(),
+        match &exp.data.source {
+            DataSource::Speech(s) =>
+                format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
+            DataSource::Files(f) => format!("files (training features {})", f.train.features.display()),
+            DataSource::Mnist { dir } => dir.display().to_string(),
         },
         data.train.len(),
         data.validation.as_ref().map_or(0, |v| v.len()),
@@ -650,7 +652,7 @@ fn remove_run_files(dir: &Path) -> Result<()> {
 }
 
 /// The stages whose settings in the resolved configuration `new` differ from those of an earlier
-/// run's `old` one (the reference numbers under `paper` aside), together with every stage that
+/// run's `old` one (the reference numbers under `paper` and the sweep point aside), together with every stage that
 /// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
 /// changed, or when `old` cannot be read.
 fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
@@ -664,7 +666,10 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
     let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
         let stages = table.get("stages")?.as_array()?;
         let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
+        // What describes a stage rather than sets it: the paper's numbers, the sweep point (which
+        // runs recorded before it existed lack).
         stage.as_table_mut()?.remove("paper");
+        stage.as_table_mut()?.remove("sweep");
         Some(stage)
     };
     let differ: Vec<String> = exp

@@ -133,23 +133,26 @@ pub enum Objective {
 }
 
 /// A fully resolved experiment.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Experiment {
     /// Name; the run writes under `OUT/<name>/`.
     pub name: String,
     /// What the experiment reproduces (shown in reports).
+    #[serde(default)]
     pub description: String,
     /// Base seed; each stage derives its own from it and its name unless it sets `seed`.
+    #[serde(default)]
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// Intra-op threads of libtorch on CPU; 0 leaves libtorch's default.
+    #[serde(default)]
     pub threads: i64,
     /// The kind forward and backward passes compute in; weights stay f32.
-    #[serde(skip_serializing_if = "Precision::is_f32")]
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
     /// The device's peak TFLOP/s at `precision`, to log the share of it training reaches.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_tflops: Option<f64>,
     /// The dataset.
     pub data: DataSpec,
@@ -158,25 +161,88 @@ pub struct Experiment {
 }
 
 /// Where the data comes from and how it is split.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+///
+/// Recorded in `config.toml` as it always was (`dir`, `speech` or `files` beside the split
+/// settings), through [`DataRecord`]; reading a record that names no source, or two, fails.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "DataRecord", try_from = "DataRecord")]
 pub struct DataSpec {
-    /// Folder with the four IDX files (MNIST).
-    pub dir: Option<PathBuf>,
-    /// The synthetic speech corpus, when the data is speech.
-    pub speech: Option<SpeechSpec>,
+    /// Where the examples come from.
+    pub source: DataSource,
     /// The last `validation` training examples are held out as the validation split.
     pub validation: usize,
     /// Use only the first N training examples (before the validation split is carved), if set.
     pub train_limit: Option<i64>,
     /// Use only the first N test examples, if set.
     pub test_limit: Option<i64>,
-    /// A user's own frames (Kaldi archives or .npy), when the data is files.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub files: Option<FilesSpec>,
+}
+
+/// The dataset a run reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataSource {
+    /// The four MNIST IDX files in a folder.
+    Mnist {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// The synthetic speech corpus.
+    Speech(SpeechSpec),
+    /// A user's own frames (Kaldi archives or .npy).
+    Files(FilesSpec),
+}
+
+/// [`DataSpec`] as `config.toml` records it.
+#[derive(Serialize, Deserialize)]
+pub struct DataRecord {
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    speech: Option<SpeechSpec>,
+    #[serde(default)]
+    validation: usize,
+    #[serde(default)]
+    train_limit: Option<i64>,
+    #[serde(default)]
+    test_limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    files: Option<FilesSpec>,
+}
+
+impl From<DataSpec> for DataRecord {
+    fn from(d: DataSpec) -> Self {
+        let (mut dir, mut speech, mut files) = (None, None, None);
+        match d.source {
+            DataSource::Mnist { dir: path } => dir = Some(path),
+            DataSource::Speech(s) => speech = Some(s),
+            DataSource::Files(f) => files = Some(f),
+        }
+        DataRecord {
+            dir,
+            speech,
+            validation: d.validation,
+            train_limit: d.train_limit,
+            test_limit: d.test_limit,
+            files,
+        }
+    }
+}
+
+impl TryFrom<DataRecord> for DataSpec {
+    type Error = String;
+
+    fn try_from(r: DataRecord) -> std::result::Result<Self, String> {
+        let source = match (r.dir, r.speech, r.files) {
+            (Some(dir), None, None) => DataSource::Mnist { dir },
+            (None, Some(s), None) => DataSource::Speech(s),
+            (None, None, Some(f)) => DataSource::Files(f),
+            _ => return Err("expected exactly one of `dir`, `speech` and `files`".into()),
+        };
+        Ok(DataSpec { source, validation: r.validation, train_limit: r.train_limit, test_limit: r.test_limit })
+    }
 }
 
 /// Frames and labels read from files, in context windows.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FilesSpec {
     /// Frames of left context.
     pub left: i64,
@@ -212,7 +278,7 @@ pub struct FileSet {
 }
 
 /// The synthetic speech corpus and the context window of each frame.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpeechSpec {
     /// Frames of left context (the paper: 20).
     pub left: i64,
@@ -223,20 +289,41 @@ pub struct SpeechSpec {
 }
 
 /// One named stage.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
     /// Unique name; checkpoints and CSV rows carry it.
     pub name: String,
     /// The paper's figures for this stage's model, if it reports any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paper: Option<PaperFigures>,
+    /// The values a sweep gave this stage, if a sweep made it (runs recorded before this field
+    /// existed lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepPoint>,
     /// What it does.
     #[serde(flatten)]
     pub job: Job,
 }
 
+/// The point of a sweep a stage is: the stage the file names and the values swept (only those
+/// the sweep varies), which the stage's name also carries (`<base>-T<t>-h<widths>-s<seed>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    /// The name of the stage in the experiment file.
+    pub base: String,
+    /// The swept temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The swept hidden widths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<Vec<i64>>,
+    /// The swept seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
 /// A stage's job and its settings.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Job {
     /// Train on hard labels.
@@ -332,7 +419,7 @@ pub enum Job {
 }
 
 /// Hidden widths and regularization; input and output sizes come from the data.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     /// Hidden layer widths.
     pub hidden: Vec<i64>,
@@ -345,7 +432,7 @@ pub struct ModelSpec {
 }
 
 /// A training loop's settings.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Training {
     /// Passes over the training (or transfer) set.
     pub epochs: i64,
@@ -355,11 +442,11 @@ pub struct Training {
     pub jitter: u32,
     /// The share of the training split (or transfer set) the stage trains on: a random subset,
     /// the same for every stage of the run with the same share.
-    #[serde(skip_serializing_if = "is_one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub train_fraction: f64,
     /// Stop after this many epochs without fewer validation errors, and keep the best epoch's
     /// weights.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patience: Option<i64>,
     /// Seed of initialization, shuffling, dropout and jitter.
     pub seed: u64,
@@ -370,7 +457,7 @@ pub struct Training {
 }
 
 /// Optimizer settings (fields that do not apply to the kind keep their defaults).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OptimizerSpec {
     /// SGD or Adam.
     pub kind: OptimizerKind,
@@ -395,7 +482,7 @@ pub struct OptimizerSpec {
 }
 
 /// Learning-rate schedule settings.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleSpec {
     /// Family.
     pub kind: ScheduleKind,
@@ -408,7 +495,7 @@ pub struct ScheduleSpec {
 }
 
 /// Distillation loss settings.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DistillSpec {
     /// The teacher.
     pub teacher: ModelSource,
@@ -426,17 +513,17 @@ pub struct DistillSpec {
     pub transfer_only: Vec<i64>,
     /// Keep only the teacher's `k` most probable classes per example (renormalized at T):
     /// soft targets in `k` instead of all the classes' numbers, in memory and in the cache.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
     /// Soft targets averaged over translations of up to this many pixels: each transfer
     /// image's target is the mean of the teacher's softmax(z / T) over all its
     /// `(2 n + 1)^2` zero-filled translations, while the student sees the image untranslated.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translations: Option<i64>,
 }
 
 /// Where a model comes from.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelSource {
     /// The final checkpoint of an earlier stage of this run.
@@ -489,6 +576,10 @@ impl ModelSource {
 
 pub(crate) fn is_one(v: &f64) -> bool {
     *v == 1.0
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Training {

@@ -3,7 +3,7 @@
 //! quoted with the line they point at.
 
 use super::experiment::{
-    Affinity, DataKind, FileSet, Objective, OptimizerKind, PaperFigures, Precision, ScheduleKind, StageKind,
+    Affinity, DataKind, FileSet, Objective, OptimizerKind, PaperFigures, Precision, ScheduleKind, StageKind, SweepPoint,
 };
 use super::values::{ClassId, Count, NonNegative, Positive, Rate, Share, Temperature, Widths};
 use anyhow::{bail, Context, Result};
@@ -166,6 +166,9 @@ pub(crate) struct RawStage {
     pub(crate) combine_iterations: Option<Count>,
     pub(crate) sweep: Option<RawSweep>,
     pub(crate) paper: Option<PaperFigures>,
+    /// Set by sweep expansion on each stage it makes: the values it gave the stage.
+    #[serde(skip)]
+    pub(crate) point: Option<SweepPoint>,
 }
 
 /// Mini-batch k-means settings of a `clusters` stage.

@@ -55,8 +55,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         || raw.data.validation > 0
         || raw.data.train_limit.is_some()
         || raw.data.test_limit.is_some();
-    let mut files = None;
-    let speech = match kind {
+    let source = match kind {
         DataKind::Files => {
             let Some(f) = raw.data.files.clone() else {
                 bail!(
@@ -69,24 +68,23 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 );
             }
             let [left, right] = raw.data.context.unwrap_or([20, 5]);
-            files = Some(FilesSpec {
+            DataSource::Files(FilesSpec {
                 left: i64::from(left),
                 right: i64::from(right),
                 classes: raw.data.classes.map(|c| c.0),
                 train: f.train,
                 validation: f.validation,
                 test: f.test,
-            });
-            None
+            })
         }
         DataKind::Mnist => {
             if raw.data.speech.is_some() || raw.data.context.is_some() {
                 bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
             }
-            if raw.data.dir.is_none() {
+            let Some(dir) = raw.data.dir.clone() else {
                 bail!("{data_line}: data: `dir`, the folder with the MNIST IDX files, is missing");
-            }
-            None
+            };
+            DataSource::Mnist { dir }
         }
         DataKind::Speech => {
             let corpus = raw.data.speech.clone().unwrap_or_default();
@@ -97,19 +95,17 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 );
             }
             let [left, right] = raw.data.context.unwrap_or([20, 5]);
-            Some(SpeechSpec { left: i64::from(left), right: i64::from(right), corpus })
+            DataSource::Speech(SpeechSpec { left: i64::from(left), right: i64::from(right), corpus })
         }
     };
     let data = DataSpec {
-        dir: raw.data.dir,
-        speech,
+        source,
         validation: raw.data.validation,
         train_limit: raw.data.train_limit.map(|c| c.0),
         test_limit: raw.data.test_limit.map(|c| c.0),
-        files,
     };
     // Speech frames (synthetic or from files): windows, a validation split of their own.
-    let framed = data.speech.is_some() || data.files.is_some();
+    let framed = !matches!(data.source, DataSource::Mnist { .. });
     let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
     let mut expanded = Vec::new();
@@ -207,7 +203,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
             }
         }
-        stages.push(Stage { name, paper: s.paper.clone(), job });
+        stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
     }
     Ok(Experiment {
         name: raw.name.into_inner(),

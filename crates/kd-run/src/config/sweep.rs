@@ -1,5 +1,6 @@
 //! Sweeps: a stage repeated over lists of values, expanded before the stages are resolved.
 
+use super::experiment::SweepPoint;
 use super::limits::MAX_STAGES;
 use super::raw::RawStage;
 use super::values::{Temperature, Widths};
@@ -50,8 +51,10 @@ pub(crate) fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Resu
             for seed in &seeds {
                 let mut s = stage.clone();
                 let mut name = s.name.get_ref().clone();
+                let mut point = SweepPoint { base: name.clone(), temperature: None, hidden: None, seed: None };
                 if let Some(t) = t {
                     s.temperature = Some(*t);
+                    point.temperature = Some(t.0);
                     name.push_str(&format!("-T{}", t.0));
                 }
                 if let Some(h) = h {
@@ -59,13 +62,16 @@ pub(crate) fn expand_sweep(mut stage: RawStage, text: &str, room: usize) -> Resu
                         stage_bail!(text, stage, "sweeping `hidden` needs a `model` table to vary");
                     };
                     model.hidden = h.clone();
+                    point.hidden = Some(h.0.clone());
                     name.push_str(&format!("-h{}", h.0.iter().map(i64::to_string).collect::<Vec<_>>().join("x")));
                 }
                 if let Some(seed) = seed {
                     s.seed = Some(*seed);
+                    point.seed = Some(*seed);
                     name.push_str(&format!("-s{seed}"));
                 }
                 s.name = Spanned::new(s.name.span(), name);
+                s.point = Some(point);
                 out.push(s);
             }
         }

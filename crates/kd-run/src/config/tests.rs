@@ -273,7 +273,7 @@ fn files_data_resolves_and_rejects_settings_of_other_kinds() {
                      files.test = { features = \"c.ark\", labels = \"c.ali\" }\n";
     let text = GOOD.replace("[data]\ndir = \"data/mnist\"\nvalidation = 100\n", files).replace("jitter = 2\n", "");
     let e = parse(&text).unwrap();
-    let f = e.data.files.as_ref().unwrap();
+    let DataSource::Files(f) = &e.data.source else { panic!("files data") };
     assert_eq!((f.left, f.right, f.classes), (3, 1, Some(50)));
     assert_eq!(f.validation.lengths.as_deref(), Some(Path::new("bn.npy")));
     assert!(e.to_toml().unwrap().contains("[data.files.train]"));
@@ -315,7 +315,7 @@ fn speech_data_resolves_and_rejects_image_keys() {
         )
         .replace("jitter = 2\n", "");
     let e = parse(&speech).unwrap();
-    let s = e.data.speech.as_ref().expect("speech data");
+    let DataSource::Speech(s) = &e.data.source else { panic!("speech data") };
     assert_eq!((s.left, s.right, s.corpus.states, s.corpus.noise), (3, 1, 120, 0.3));
     assert_eq!(s.corpus.phones, crate::data::speech::CorpusConfig::default().phones, "other keys keep defaults");
     let err = parse(&speech.replace("kind = \"speech\"", "kind = \"speech\"\ndir = \"x\"")).unwrap_err();
@@ -518,4 +518,85 @@ fn every_shipped_experiment_file_loads() {
             panic!("{e:#}"); // names the file
         }
     }
+}
+
+#[test]
+fn a_sweep_records_each_stage_s_point_beside_its_name() {
+    let text = GOOD.replace("epochs = 5\n", "epochs = 5\nsweep = { temperature = [2, 4.5], seed = [7] }\n");
+    let e = parse(&text).unwrap();
+    let points: Vec<(&str, &SweepPoint)> =
+        e.stages.iter().filter_map(|s| Some((s.name.as_str(), s.sweep.as_ref()?))).collect();
+    assert_eq!(points.len(), 2, "the teacher is no sweep point");
+    assert_eq!(points[0].0, "student-T2-s7");
+    assert_eq!(
+        points[1].1,
+        &SweepPoint { base: "student".into(), temperature: Some(4.5), hidden: None, seed: Some(7) }
+    );
+    let Job::Distill { distill, training, .. } = &e.stages[2].job else { panic!("distill stage") };
+    assert_eq!((distill.temperature, training.seed), (4.5, 7), "the point is the stage's settings");
+    let hidden = GOOD.replace("epochs = 5\n", "epochs = 5\nsweep = { hidden = [[3], [5, 5]] }\n");
+    let e = parse(&hidden).unwrap();
+    assert_eq!(e.stages[2].name, "student-h5x5");
+    assert_eq!(e.stages[2].sweep.as_ref().unwrap().hidden, Some(vec![5, 5]));
+    assert_eq!(e.stages[2].sweep.as_ref().unwrap().temperature, None);
+}
+
+/// The resolved experiment of every experiment file in the repository reads back as itself from
+/// the `config.toml` a run writes.
+#[test]
+fn every_experiment_round_trips_through_config_toml() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+    let mut files = vec![];
+    for dir in [root.clone(), root.join("mnist"), root.join("speech"), root.join("specialists")] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() > 20, "{files:?}");
+    let files_data = "name = \"f\"\n[data]\nkind = \"files\"\ncontext = [3, 2]\nclasses = 7\n\
+        [data.files]\ntrain = { features = \"a.npy\", labels = \"b.npy\", lengths = \"c.npy\" }\n\
+        validation = { features = \"a.ark\", labels = \"b.ark\" }\ntest = { features = \"a.scp\", labels = \"b.ark\" }\n\
+        [[stages]]\nname = \"t\"\nkind = \"train\"\nmodel = { hidden = [4] }\nepochs = 1\nbatch_size = 2\n\
+        optimizer = { kind = \"adam\", lr = 0.1 }\n";
+    let sweep = GOOD.replace("epochs = 5\n", "epochs = 5\nsweep = { temperature = [2, 4.5], hidden = [[3]] }\n");
+    let mut experiments: Vec<Experiment> = files.iter().map(|f| load(f, &[]).unwrap()).collect();
+    experiments.push(parse(files_data).unwrap());
+    experiments.push(parse(&sweep).unwrap());
+    for e in experiments {
+        let text = e.to_toml().unwrap();
+        let back: Experiment = toml::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}\n{text}", e.name));
+        assert_eq!(back, e, "{}", e.name);
+        assert_eq!(back.to_toml().unwrap(), text, "{}", e.name);
+    }
+}
+
+/// A `config.toml` written before stages recorded their sweep point (and before other optional
+/// fields existed) still reads: the run in `docs/results/mnist/runs/` and a minimal one.
+#[test]
+fn an_older_config_toml_reads_with_defaults() {
+    let record = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs/results/mnist/runs/mnist_temperature/config.toml");
+    let text = std::fs::read_to_string(record).unwrap();
+    assert!(!text.contains("sweep"));
+    let e: Experiment = toml::from_str(&text).unwrap();
+    assert_eq!(e.stages.len(), 54);
+    assert!(e.stages.iter().all(|s| s.sweep.is_none()));
+    assert!(matches!(&e.data.source, DataSource::Mnist { dir } if dir.as_os_str() == "data/mnist"));
+    let old = "name = \"o\"\ndevice = \"cpu\"\n[data]\ndir = \"d\"\n[[stages]]\nname = \"t\"\nkind = \"train\"\n\
+        [stages.model]\nhidden = [4]\ninput_dropout = 0.0\nhidden_dropout = 0.0\n\
+        [stages.training]\nepochs = 1\nbatch_size = 2\njitter = 0\nseed = 5\n\
+        [stages.training.optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.0\nmomentum_start = 0.0\n\
+        momentum_ramp_epochs = 0\nnesterov = false\nweight_decay = 0.0\nbeta1 = 0.9\nbeta2 = 0.999\neps = 1e-8\n\
+        [stages.training.schedule]\nkind = \"constant\"\ngamma = 1.0\nevery = 1\nmin_lr = 0.0\n";
+    let e: Experiment = toml::from_str(old).unwrap();
+    assert_eq!((e.seed, e.threads, e.precision, e.description.as_str()), (0, 0, Precision::F32, ""));
+    let Job::Train { training, model } = &e.stages[0].job else { panic!("train stage") };
+    assert_eq!((training.train_fraction, training.patience, model.max_norm), (1.0, None, None));
+    // Data that names no source, or two, is no experiment.
+    let two = old.replace("dir = \"d\"\n", "dir = \"d\"\n[data.speech]\nleft = 1\nright = 1\n[data.speech.corpus]\n");
+    let err = toml::from_str::<Experiment>(&two).unwrap_err().to_string();
+    assert!(err.contains("exactly one of `dir`, `speech` and `files`"), "{err}");
 }
