@@ -1,6 +1,6 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::{DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
+use crate::config::{DataSource, DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -117,15 +117,14 @@ const NUM_CLASSES: u8 = 10;
 
 /// Loads the dataset named by `spec` onto `device` and carves the validation split.
 pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
-    match (&spec.speech, &spec.files) {
-        (Some(speech), _) => load_speech(speech, device),
-        (None, Some(files)) => load_files(files, device),
-        (None, None) => load_images(spec, device),
+    match &spec.source {
+        DataSource::Speech(speech) => load_speech(speech, device),
+        DataSource::Files(files) => load_files(files, device),
+        DataSource::Mnist { dir } => load_images(spec, dir, device),
     }
 }
 
-fn load_images(spec: &DataSpec, device: Device) -> Result<Dataset> {
-    let dir = spec.dir.as_deref().unwrap_or(std::path::Path::new("data/mnist"));
+fn load_images(spec: &DataSpec, dir: &std::path::Path, device: Device) -> Result<Dataset> {
     let train = idx::load_image_set(dir, "train", NUM_CLASSES)?;
     let test = idx::load_image_set(dir, "t10k", NUM_CLASSES)?;
     // Equal pixel counts are not enough: 14 x 56 images are no 28 x 28 ones (jitter, translations).
@@ -385,12 +384,7 @@ mod tests {
     fn files_spec(features: &str, labels: &str) -> DataSpec {
         let set = FileSet { features: fixture(features), labels: fixture(labels), lengths: None };
         DataSpec {
-            dir: None,
-            speech: None,
-            validation: 0,
-            train_limit: None,
-            test_limit: None,
-            files: Some(FilesSpec {
+            source: DataSource::Files(FilesSpec {
                 left: 2,
                 right: 1,
                 classes: None,
@@ -398,7 +392,15 @@ mod tests {
                 validation: set.clone(),
                 test: set,
             }),
+            validation: 0,
+            train_limit: None,
+            test_limit: None,
         }
+    }
+
+    fn files_of(spec: &mut DataSpec) -> &mut FilesSpec {
+        let DataSource::Files(f) = &mut spec.source else { unreachable!("files_spec makes files") };
+        f
     }
 
     #[test]
@@ -429,7 +431,7 @@ mod tests {
         let e = err(files_spec("feats.scp", "npy_i64.npy"));
         assert!(e.contains("must both be .npy arrays or both Kaldi archives"), "{e}");
         let mut spec = files_spec("feats.scp", "ali.ark");
-        spec.files.as_mut().unwrap().classes = Some(40);
+        files_of(&mut spec).classes = Some(40);
         assert!(err(spec).contains("a label is 45, but `classes` = 40"));
     }
 
@@ -447,7 +449,7 @@ mod tests {
         let labels = dir.write("ali.ark", &labels);
         let err = |features: &Path, labels: &Path| {
             let mut spec = files_spec("feats.scp", "ali.ark");
-            let f = spec.files.as_mut().unwrap();
+            let f = files_of(&mut spec);
             f.train = FileSet { features: features.to_path_buf(), labels: labels.to_path_buf(), lengths: None };
             format!("{:#}", load(&spec, Device::Cpu).err().expect("an error"))
         };

@@ -3,11 +3,12 @@
 //! For every run: its description, the command that produced it, and a table of its models
 //! with the paper's figures (from the experiment file's `paper` entries) beside ours. Runs whose
 //! names differ only by a `_s<seed>` suffix are one experiment repeated over seeds: their table
-//! gives each seed's count, the mean and the standard deviation. Stages made by a temperature
-//! sweep (`<name>-T<t>-h<widths>`) also get a table of test errors by temperature and student
-//! size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
+//! gives each seed's count, the mean and the standard deviation. Stages made by a sweep over
+//! temperatures (their `sweep` point in `config.toml`) also get a table of test errors by
+//! temperature and student size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
 //! into a training-curves plot.
 
+use crate::config::{Experiment, Job, ModelSource, PaperFigures, Precision, ScheduleKind, Stage, SweepPoint, Training};
 use crate::run::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
 use anyhow::{bail, Context, Result};
 use plot::{Chart, Series};
@@ -36,9 +37,9 @@ struct RunFiles {
     name: String,
     description: String,
     command: String,
-    stages: Vec<toml::Table>,
-    /// The run's `precision` (`f32`, `bf16`; empty in runs recorded before it existed).
-    precision: String,
+    stages: Vec<Stage>,
+    /// The run's `precision`.
+    precision: Precision,
     /// The device named in `run.log`, for summary rows written before they named theirs.
     logged_device: Option<String>,
     summary: Vec<SummaryRow>,
@@ -57,14 +58,15 @@ impl RunFiles {
         let config_path = dir.join("config.toml");
         let text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("{} is not a run directory (no config.toml)", dir.display()))?;
-        let config: toml::Table =
+        let config: Experiment =
             toml::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
-        let get_str = |k: &str| config.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        let stages = config
-            .get("stages")
-            .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|s| s.as_table().cloned()).collect())
-            .unwrap_or_default();
+        let mut stages = config.stages;
+        // Runs recorded before stages carried their sweep point: read it from the names.
+        if !stages.iter().any(|s| s.sweep.is_some()) {
+            for stage in &mut stages {
+                stage.sweep = legacy_sweep_point(stage);
+            }
+        }
         let mut summary: Vec<SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
         let mut class_errors: Vec<ClassErrorsRow> = output::read_csv(&dir.join("class_errors.csv"))?;
         let metrics: Vec<MetricsRow> = output::read_csv(&dir.join("metrics.csv"))?;
@@ -117,11 +119,11 @@ impl RunFiles {
             eprintln!("warning: {}: {note}", dir.display());
         }
         Ok(RunFiles {
-            name: get_str("name"),
-            description: get_str("description"),
+            name: config.name,
+            description: config.description,
             command: reproducing_command(std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim()),
             stages,
-            precision: get_str("precision"),
+            precision: config.precision,
             logged_device: std::fs::read_to_string(dir.join("run.log")).ok().and_then(|log| logged_device(&log)),
             summary,
             class_errors,
@@ -184,10 +186,10 @@ impl RunFiles {
         };
         // Runs recorded before their rows named bf16 say it from their configuration.
         let named = self.summary.iter().any(|r| r.device.contains("bf16"));
-        let precision = match self.precision.as_str() {
-            "" | "f32" => String::new(),
+        let precision = match self.precision {
+            Precision::F32 => String::new(),
             _ if named => String::new(),
-            p => format!(", with matrix products in {p}"),
+            Precision::Bf16 => ", with matrix products in bf16".to_string(),
         };
         format!("`{}`: {:.1} min of stage time, {places}{precision}.", self.name, seconds / 60.0)
     }
@@ -200,8 +202,16 @@ impl RunFiles {
         rows.map(|r| r.examples).reduce(|a, b| a + b)
     }
 
-    fn stage(&self, name: &str) -> Option<&toml::Table> {
-        self.stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+    fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The temperature sweep point the stage of `row` is, if any: (base, T, hidden widths, seed).
+    fn temperature_point(&self, row: &SummaryRow) -> Option<(String, f64, Vec<i64>, Option<u64>)> {
+        let stage = self.stage(&row.stage)?;
+        let point = stage.sweep.as_ref()?;
+        let hidden = point.hidden.clone().or_else(|| model_hidden(stage))?;
+        Some((point.base.clone(), point.temperature?, hidden, point.seed))
     }
 
     /// Test errors of `stage` on `classes`, if they were recorded.
@@ -226,122 +236,135 @@ fn logged_device(log: &str) -> Option<String> {
 
 /// The classes a stage's row should report errors on: those left out of its transfer set, or
 /// whose biases it shifts (also for the `-fixed` row of a shift stage).
-fn focus_classes(stage: &toml::Table) -> Vec<i64> {
-    let ints = |v: Option<&toml::Value>| -> Vec<i64> {
-        v.and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_integer()).collect()).unwrap_or_default()
-    };
-    let distill = stage.get("distill").and_then(|d| d.as_table());
-    let excluded = ints(distill.and_then(|d| d.get("transfer_exclude")));
-    if !excluded.is_empty() {
-        return excluded;
+fn focus_classes(stage: Option<&Stage>) -> Vec<i64> {
+    match stage.map(|s| &s.job) {
+        Some(Job::Distill { distill, .. }) => distill.transfer_exclude.clone(),
+        Some(Job::BiasShift { classes, .. }) => classes.clone(),
+        _ => vec![],
     }
-    ints(stage.get("classes"))
 }
 
-fn num(v: Option<&toml::Value>) -> Option<f64> {
-    v.and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+/// The training loop's settings of a stage that trains.
+fn training(stage: &Stage) -> Option<&Training> {
+    match &stage.job {
+        Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. } => {
+            Some(training)
+        }
+        _ => None,
+    }
+}
+
+/// The hidden widths of a stage's network, for stages that train one.
+fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
+    match &stage.job {
+        Job::Train { model, .. } | Job::Distill { model, .. } => Some(model.hidden.clone()),
+        _ => None,
+    }
+}
+
+/// The name a stage kind has in experiment files (and summary rows).
+fn kind_name(job: &Job) -> &'static str {
+    match job {
+        Job::Train { .. } => "train",
+        Job::Distill { .. } => "distill",
+        Job::Evaluate { .. } => "evaluate",
+        Job::BiasShift { .. } => "bias_shift",
+        Job::Ensemble { .. } => "ensemble",
+        Job::Clusters { .. } => "clusters",
+        Job::Specialists { .. } => "specialists",
+    }
 }
 
 /// One-line description of how a stage's model was made.
-fn setup(stage: &toml::Table, row: &SummaryRow) -> String {
-    let kind = stage.get("kind").and_then(|k| k.as_str()).unwrap_or(&row.kind);
-    let model = stage.get("model").and_then(|m| m.as_table());
-    let training = stage.get("training").and_then(|t| t.as_table());
+fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
+    let kind = stage.map_or(row.kind.as_str(), |s| kind_name(&s.job));
+    let job = stage.map(|s| &s.job);
     let mut parts = Vec::new();
     // Parts that regularize; the optimizer's parts follow them.
     let mut regularized = false;
-    if let Some(m) = model {
-        let (pi, ph) = (num(m.get("input_dropout")).unwrap_or(0.0), num(m.get("hidden_dropout")).unwrap_or(0.0));
+    if let Some(Job::Train { model: m, .. } | Job::Distill { model: m, .. }) = job {
+        let (pi, ph) = (m.input_dropout, m.hidden_dropout);
         if pi > 0.0 || ph > 0.0 {
             parts.push(format!("dropout {pi}/{ph}"));
         }
-        if let Some(c) = num(m.get("max_norm")) {
+        if let Some(c) = m.max_norm {
             parts.push(format!("max-norm {c}"));
         }
     }
-    if let Some(t) = training {
-        if let Some(j) = num(t.get("jitter")).filter(|&j| j > 0.0) {
-            parts.push(format!("jitter {j} px"));
+    if let Some(t) = stage.and_then(training) {
+        if t.jitter > 0 {
+            parts.push(format!("jitter {} px", t.jitter));
         }
         regularized = !parts.is_empty();
-        if let Some(e) = num(t.get("epochs")) {
-            parts.push(format!("{e} epoch{}", if e == 1.0 { "" } else { "s" }));
+        parts.push(format!("{} epoch{}", t.epochs, if t.epochs == 1 { "" } else { "s" }));
+        parts.push(format!("batch {}", t.batch_size));
+        let o = &t.optimizer;
+        let sgd = o.kind == crate::config::OptimizerKind::Sgd;
+        let mut text = format!("{} lr {}", if sgd { "sgd" } else { "adam" }, o.lr);
+        if sgd {
+            text.push_str(&format!(" momentum {}", o.momentum));
         }
-        if let Some(b) = num(t.get("batch_size")) {
-            parts.push(format!("batch {b}"));
+        match t.schedule.kind {
+            ScheduleKind::Exponential => text.push_str(&format!(" x {} per epoch", t.schedule.gamma)),
+            ScheduleKind::Constant => text.push_str(" (constant)"),
+            ScheduleKind::Step => text.push_str(" (step)"),
+            ScheduleKind::Cosine => text.push_str(" (cosine)"),
         }
-        if let Some(o) = t.get("optimizer").and_then(|o| o.as_table()) {
-            let kind = o.get("kind").and_then(|k| k.as_str()).unwrap_or("sgd");
-            let mut text = format!("{kind} lr {}", num(o.get("lr")).unwrap_or(0.0));
-            if let Some(m) = num(o.get("momentum")).filter(|_| kind == "sgd") {
-                text.push_str(&format!(" momentum {m}"));
-            }
-            let schedule = t.get("schedule");
-            match schedule.and_then(|s| s.get("kind")).and_then(|k| k.as_str()) {
-                Some("exponential") => {
-                    let gamma = num(schedule.and_then(|s| s.get("gamma"))).unwrap_or(1.0);
-                    text.push_str(&format!(" x {gamma} per epoch"));
-                }
-                Some(other) => text.push_str(&format!(" ({other})")),
-                None => {}
-            }
-            parts.push(text);
-        }
+        parts.push(text);
     }
-    if let Some(d) = stage.get("distill").and_then(|d| d.as_table()) {
-        let objective = d.get("objective").and_then(|o| o.as_str()).unwrap_or("soft");
-        if objective == "logits" {
+    if let Some(Job::Distill { distill: d, .. }) = job {
+        if d.objective == crate::config::Objective::Logits {
             parts.push("logit matching".into());
         } else {
-            parts.push(format!("T = {}", num(d.get("temperature")).unwrap_or(1.0)));
+            parts.push(format!("T = {}", d.temperature));
         }
-        parts.push(format!(
-            "weights soft {} / hard {}",
-            num(d.get("soft_weight")).unwrap_or(1.0),
-            num(d.get("hard_weight")).unwrap_or(0.0)
-        ));
-        if let Some(t) = d.get("teacher").and_then(source) {
-            parts.push(format!("teacher: {t}"));
-        }
-        if let Some(n) = num(d.get("translations")) {
+        parts.push(format!("weights soft {} / hard {}", d.soft_weight, d.hard_weight));
+        parts.push(format!("teacher: {}", source(&d.teacher)));
+        if let Some(n) = d.translations {
             parts.push(format!("soft targets averaged over the teacher's translations of up to {n} px"));
         }
-        let list = |k: &str| {
-            d.get(k)
-                .and_then(|v| v.as_array())
-                .filter(|a| !a.is_empty())
-                .map(|a| toml::Value::Array(a.clone()).to_string())
-        };
-        if let Some(l) = list("transfer_exclude") {
-            parts.push(format!("transfer set without classes {l}"));
+        if !d.transfer_exclude.is_empty() {
+            parts.push(format!("transfer set without classes {:?}", d.transfer_exclude));
         }
-        if let Some(l) = list("transfer_only") {
-            parts.push(format!("transfer set of classes {l} only"));
+        if !d.transfer_only.is_empty() {
+            parts.push(format!("transfer set of classes {:?} only", d.transfer_only));
         }
     }
-    if kind == "ensemble" {
-        let members = member_names(stage);
+    if let Some(Job::Ensemble { members }) = job {
+        let members = member_names(members);
         parts.push(format!("mean of the probabilities of {}: {}", members.len(), members.join(", ")));
     }
     if kind == "evaluate" {
-        parts.push(format!("evaluation of {}", stage.get("source").and_then(source).unwrap_or_default()));
+        let from = match job {
+            Some(Job::Evaluate { source: from }) => source(from),
+            _ => String::new(),
+        };
+        parts.push(format!("evaluation of {from}"));
     }
     if kind == "bias_shift" {
-        let classes = stage.get("classes").map(|c| c.to_string()).unwrap_or_default();
+        let classes = match job {
+            Some(Job::BiasShift { classes, .. }) => format!("{classes:?}"),
+            _ => String::new(),
+        };
         let how = if row.stage.ends_with("-fixed") { "fixed" } else { "chosen on the validation split" };
         let shift = (row.shift.unwrap_or(0.0) * 1e6).round() / 1e6;
         parts.push(format!("bias of classes {classes} shifted by {shift:+} ({how})"));
     }
-    if kind == "train" && stage.get("model").is_some() && !regularized {
+    if matches!(job, Some(Job::Train { .. })) && !regularized {
         parts.insert(0, "hard targets, no regularization".into());
     }
     parts.join(", ")
 }
 
-/// The member stages of an ensemble stage.
-fn member_names(stage: &toml::Table) -> Vec<String> {
-    let members = stage.get("members").and_then(|m| m.as_array()).map(Vec::as_slice).unwrap_or_default();
-    members.iter().filter_map(|m| m.get("stage").and_then(|s| s.as_str()).map(str::to_string)).collect()
+/// The member stages of an ensemble.
+fn member_names(members: &[ModelSource]) -> Vec<String> {
+    members
+        .iter()
+        .filter_map(|m| match m {
+            ModelSource::Stage(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The paper's Table 1 for each ensemble of a run: test accuracy of a single model (the mean
@@ -351,8 +374,8 @@ fn member_names(stage: &toml::Table) -> Vec<String> {
 fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
     let accuracy = |stage: &str| run.summary.iter().find(|r| r.stage == stage).map(|r| r.test_accuracy);
     for row in run.summary.iter().filter(|r| r.kind == "ensemble") {
-        let Some(stage) = run.stage(&row.stage) else { continue };
-        let members = member_names(stage);
+        let Some(Job::Ensemble { members }) = run.stage(&row.stage).map(|s| &s.job) else { continue };
+        let members = member_names(members);
         let Some(accs) = members.iter().map(|m| accuracy(m)).collect::<Option<Vec<f64>>>() else { continue };
         if accs.is_empty() {
             continue;
@@ -380,9 +403,9 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
         )?;
         writeln!(md, "| `{}` ({} members) | {:.2}% | 100% |", row.stage, members.len(), 100.0 * row.test_accuracy)?;
         let students = run.summary.iter().filter(|r| {
-            let teacher = run.stage(&r.stage).and_then(|s| s.get("distill")).and_then(|d| d.get("teacher"));
-            teacher.and_then(|t| t.get("ensemble")).and_then(|e| e.get("stage")).and_then(|s| s.as_str())
-                == Some(row.stage.as_str())
+            matches!(run.stage(&r.stage).map(|s| &s.job),
+                Some(Job::Distill { distill, .. })
+                    if matches!(&distill.teacher, ModelSource::Ensemble { stage, .. } if *stage == row.stage))
         });
         for student in students {
             writeln!(
@@ -402,16 +425,19 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
 /// test accuracy of each such stage, beside the model trained on all the data that taught the
 /// soft-target ones.
 fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
-    let fraction = |stage: &str| {
-        run.stage(stage).and_then(|s| s.get("training")).and_then(|t| num(t.get("train_fraction"))).unwrap_or(1.0)
-    };
+    let fraction = |stage: &str| run.stage(stage).and_then(training).map_or(1.0, |t| t.train_fraction);
     let partial: Vec<&SummaryRow> = run.summary.iter().filter(|r| fraction(&r.stage) < 1.0).collect();
     if partial.is_empty() {
         return Ok(());
     }
     let teacher_of = |stage: &str| -> Option<String> {
-        let t = run.stage(stage)?.get("distill")?.get("teacher")?;
-        t.get("stage").and_then(|s| s.as_str()).map(str::to_string)
+        match &run.stage(stage)?.job {
+            Job::Distill { distill, .. } => match &distill.teacher {
+                ModelSource::Stage(s) => Some(s.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
     };
     let mut rows: Vec<&SummaryRow> = Vec::new();
     for r in &partial {
@@ -426,18 +452,18 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     writeln!(md, "| model | training data | targets | accuracy on its training examples | test accuracy |")?;
     writeln!(md, "|---|---|---|---|---|")?;
     for r in rows {
-        let stage = run.stage(&r.stage).cloned().unwrap_or_default();
-        let mut targets = match stage.get("distill").and_then(|d| d.as_table()) {
-            Some(d) => format!(
+        let stage = run.stage(&r.stage);
+        let mut targets = match stage.map(|s| &s.job) {
+            Some(Job::Distill { distill: d, .. }) => format!(
                 "soft targets of `{}` at T = {} (weights soft {} / hard {})",
                 teacher_of(&r.stage).unwrap_or_else(|| "a checkpoint".into()),
-                num(d.get("temperature")).unwrap_or(1.0),
-                num(d.get("soft_weight")).unwrap_or(1.0),
-                num(d.get("hard_weight")).unwrap_or(0.0)
+                d.temperature,
+                d.soft_weight,
+                d.hard_weight
             ),
-            None => "hard targets".into(),
+            _ => "hard targets".into(),
         };
-        if let Some(p) = stage.get("training").and_then(|t| num(t.get("patience"))) {
+        if let Some(p) = stage.and_then(training).and_then(|t| t.patience) {
             targets.push_str(&format!(", early stopping (patience {p})"));
         }
         writeln!(
@@ -460,7 +486,7 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     let rows: Vec<(&RunFiles, &SummaryRow)> = group
         .iter()
         .flat_map(|run| run.summary.iter().map(move |r| (*run, r)))
-        .filter(|(_, r)| r.teacher_agreement.is_some() && sweep_point(&r.stage).is_none())
+        .filter(|(run, r)| r.teacher_agreement.is_some() && run.temperature_point(r).is_none())
         .collect();
     if rows.is_empty() {
         return Ok(());
@@ -510,10 +536,13 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         let coverage: Vec<&CoverageRow> =
             run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "test").collect();
         let Some(stage) = run.stage(&row.stage) else { continue };
-        let generalist_name = stage.get("source").and_then(|s| s.get("stage")).and_then(|s| s.as_str());
-        let subsets_name = stage.get("subsets").and_then(|s| s.as_str()).unwrap_or_default();
+        let Job::Specialists { source: generalist, subsets: subsets_name, .. } = &stage.job else { continue };
+        let generalist_name = match generalist {
+            ModelSource::Stage(s) => Some(s.as_str()),
+            _ => None,
+        };
         let specialists: Vec<&SpecialistRow> = run.specialists.iter().filter(|s| s.stage == row.stage).collect();
-        let sizes: Vec<i64> = run.subsets.iter().filter(|s| s.stage == subsets_name).map(|s| s.size).collect();
+        let sizes: Vec<i64> = run.subsets.iter().filter(|s| &s.stage == subsets_name).map(|s| s.size).collect();
         if coverage.is_empty() || specialists.is_empty() {
             continue;
         }
@@ -522,8 +551,8 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         };
         let pct = |a: i64, b: i64| if b > 0 { format!("{:.2}%", 100.0 * a as f64 / b as f64) } else { "–".into() };
         let (all, covered) = (sum(&|c| c.examples, false), sum(&|c| c.examples, true));
-        let paper_of = |name: Option<&str>, key: &str, complement: bool| -> String {
-            let figure = name.and_then(|n| run.stage(n)).and_then(|s| s.get("paper")).and_then(|p| num(p.get(key)));
+        let paper_of = |name: Option<&str>, key: fn(&PaperFigures) -> Option<f64>, complement: bool| -> String {
+            let figure = name.and_then(|n| run.stage(n)).and_then(|s| s.paper.as_ref()).and_then(key);
             figure.map_or("–".into(), |v| format!("{:.1}%", if complement { 100.0 - v } else { v }))
         };
         let (min, max) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
@@ -542,8 +571,8 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
             generalist_name.unwrap_or("generalist"),
             pct(sum(&|c| c.generalist_correct, true), covered),
             pct(sum(&|c| c.generalist_correct, false), all),
-            paper_of(generalist_name, "conditional_accuracy_percent", false),
-            paper_of(generalist_name, "test_error_percent", true),
+            paper_of(generalist_name, |p| p.conditional_accuracy_percent, false),
+            paper_of(generalist_name, |p| p.test_error_percent, true),
         )?;
         writeln!(
             md,
@@ -552,15 +581,11 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
             specialists.len(),
             pct(sum(&|c| c.combined_correct, true), covered),
             pct(sum(&|c| c.combined_correct, false), all),
-            paper_of(Some(&row.stage), "conditional_accuracy_percent", false),
-            paper_of(Some(&row.stage), "test_error_percent", true),
+            paper_of(Some(&row.stage), |p| p.conditional_accuracy_percent, false),
+            paper_of(Some(&row.stage), |p| p.test_error_percent, true),
         )?;
-        let paper_change: Vec<f64> = stage
-            .get("paper")
-            .and_then(|p| p.get("relative_change_percent"))
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_float().or(x.as_integer().map(|i| i as f64))).collect())
-            .unwrap_or_default();
+        let paper_change: Vec<f64> =
+            stage.paper.as_ref().and_then(|p| p.relative_change_percent.clone()).unwrap_or_default();
         let relative = |c: &CoverageRow| {
             (c.generalist_correct > 0)
                 .then(|| 100.0 * (c.combined_correct - c.generalist_correct) as f64 / c.generalist_correct as f64)
@@ -618,31 +643,28 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
 }
 
 /// `stage `x``, `ensemble `x`` or `checkpoint path` from a recorded model source.
-fn source(v: &toml::Value) -> Option<String> {
-    let t = v.as_table()?;
-    if let Some(s) = t.get("stage").and_then(|s| s.as_str()) {
-        return Some(format!("stage `{s}`"));
+fn source(v: &ModelSource) -> String {
+    match v {
+        ModelSource::Stage(s) => format!("stage `{s}`"),
+        ModelSource::Ensemble { stage, .. } => format!("ensemble `{stage}`"),
+        ModelSource::Checkpoint(c) => format!("checkpoint `{}`", c.display()),
     }
-    if let Some(s) = t.get("ensemble").and_then(|e| e.get("stage")).and_then(|s| s.as_str()) {
-        return Some(format!("ensemble `{s}`"));
-    }
-    t.get("checkpoint").and_then(|c| c.as_str()).map(|c| format!("checkpoint `{c}`"))
 }
 
 /// The paper's figures of a stage as text.
-fn paper(stage: &toml::Table, classes: &[i64]) -> String {
-    let Some(p) = stage.get("paper").and_then(|p| p.as_table()) else { return "–".into() };
+fn paper(stage: Option<&Stage>, classes: &[i64]) -> String {
+    let Some(p) = stage.and_then(|s| s.paper.as_ref()) else { return "–".into() };
     let mut out = Vec::new();
-    if let Some(e) = num(p.get("test_errors")) {
+    if let Some(e) = p.test_errors {
         out.push(format!("{e}"));
     }
-    if let Some(e) = num(p.get("test_error_percent")) {
+    if let Some(e) = p.test_error_percent {
         out.push(format!("{e}%"));
     }
-    if let Some(e) = num(p.get("class_errors")) {
+    if let Some(e) = p.class_errors {
         out.push(format!("({e} on {})", class_list(classes)));
     }
-    if let Some(s) = num(p.get("shift")) {
+    if let Some(s) = p.shift {
         out.push(format!("at shift {s:+}"));
     }
     if out.is_empty() {
@@ -657,9 +679,9 @@ fn class_list(classes: &[i64]) -> String {
 }
 
 /// Ours, as text: test errors, their rate when the paper gives one, and errors on the focus classes.
-fn ours(run: &RunFiles, row: &SummaryRow, stage: &toml::Table, classes: &[i64]) -> String {
+fn ours(run: &RunFiles, row: &SummaryRow, stage: Option<&Stage>, classes: &[i64]) -> String {
     let mut s = format!("{}", row.test_errors);
-    let percent = stage.get("paper").and_then(|p| p.get("test_error_percent")).is_some();
+    let percent = stage.and_then(|s| s.paper.as_ref()).is_some_and(|p| p.test_error_percent.is_some());
     if percent {
         s = format!("{s} ({:.1}%)", 100.0 * (1.0 - row.test_accuracy));
     }
@@ -672,11 +694,28 @@ fn ours(run: &RunFiles, row: &SummaryRow, stage: &toml::Table, classes: &[i64]) 
     s
 }
 
-/// Splits `name-T<t>-h<widths>` into (base, T, widths).
-fn sweep_point(stage: &str) -> Option<(String, f64, String)> {
-    let (rest, widths) = stage.rsplit_once("-h")?;
+/// The sweep point of a stage recorded before stages carried theirs, read from its name
+/// `<base>-T<t>[-h<widths>][-s<seed>]` and trusted only where the recorded settings agree (the
+/// stage's temperature, hidden widths and seed are those in its name).
+fn legacy_sweep_point(stage: &Stage) -> Option<SweepPoint> {
+    let Job::Distill { model, training, distill } = &stage.job else { return None };
+    let mut rest = stage.name.as_str();
+    let mut point = SweepPoint { base: String::new(), temperature: None, hidden: None, seed: None };
+    if let Some((r, seed)) = rest.rsplit_once("-s") {
+        if seed.parse::<u64>().is_ok_and(|s| s == training.seed) && seed.bytes().all(|b| b.is_ascii_digit()) {
+            (rest, point.seed) = (r, Some(training.seed));
+        }
+    }
+    if let Some((r, widths)) = rest.rsplit_once("-h") {
+        let parsed: Option<Vec<i64>> = widths.split('x').map(|w| w.parse().ok()).collect();
+        if parsed.as_ref() == Some(&model.hidden) {
+            (rest, point.hidden) = (r, parsed);
+        }
+    }
     let (base, t) = rest.rsplit_once("-T")?;
-    Some((base.to_string(), t.parse().ok()?, widths.to_string()))
+    point.temperature = Some(t.parse::<f64>().ok().filter(|&t| t == distill.temperature)?);
+    point.base = base.to_string();
+    Some(point)
 }
 
 fn group_key(name: &str) -> String {
@@ -760,7 +799,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
 }
 
 fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
-    if run.summary.iter().all(|r| sweep_point(&r.stage).is_some()) {
+    if run.summary.iter().all(|r| run.temperature_point(r).is_some()) {
         return Ok(());
     }
     writeln!(
@@ -769,11 +808,11 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
         run.test_examples().map_or(String::new(), |n| format!(", of {n}"))
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
-    for row in run.summary.iter().filter(|r| sweep_point(&r.stage).is_none()) {
-        let stage = run.stage(row.stage.trim_end_matches("-fixed")).cloned().unwrap_or_default();
-        let classes = focus_classes(&stage);
+    for row in run.summary.iter().filter(|r| run.temperature_point(r).is_none()) {
+        let stage = run.stage(row.stage.trim_end_matches("-fixed"));
+        let classes = focus_classes(stage);
         let paper_text = if row.stage.ends_with("-fixed") || row.kind != "bias_shift" {
-            paper(&stage, &classes)
+            paper(stage, &classes)
         } else {
             "–".into()
         };
@@ -782,8 +821,8 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
             "| {} | {} | {} | {} | {} | {} |",
             row.stage,
             row.model,
-            setup(&stage, row),
-            ours(run, row, &stage, &classes),
+            setup(stage, row),
+            ours(run, row, stage, &classes),
             paper_text,
             row.val_errors.map_or("–".into(), |v| v.to_string())
         )?;
@@ -805,7 +844,7 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     )?;
     writeln!(md, "|---|---|---|---|---|---|{val_rule}")?;
     for row in &group[0].summary {
-        let stage = group[0].stage(&row.stage).cloned().unwrap_or_default();
+        let stage = group[0].stage(&row.stage);
         let rows: Vec<&SummaryRow> =
             group.iter().filter_map(|r| r.summary.iter().find(|s| s.stage == row.stage)).collect();
         let counts: Vec<f64> = rows.iter().map(|s| s.test_errors as f64).collect();
@@ -825,9 +864,9 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
             "| {} | {} | {} | {} | {spread} | {} |{val_cell}",
             row.stage,
             row.model,
-            setup(&stage, row),
+            setup(stage, row),
             list(&|s| s.test_errors.to_string()),
-            paper(&stage, &focus_classes(&stage))
+            paper(stage, &focus_classes(stage))
         )?;
     }
     writeln!(md)?;
@@ -835,35 +874,53 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
 }
 
 /// A sweep's student size: the hidden widths as numbers (the sort key), then as written.
-type Widths = (Vec<u64>, String);
+type Widths = (Vec<i64>, String);
 
+/// A table of test errors by temperature and student size for each sweep over temperatures (and
+/// a plot). A stage swept over seeds too has one count per seed in its cell, and its mean in
+/// the plot.
 fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path) -> String) -> Result<()> {
-    // base -> widths -> T -> errors; widths in numeric order (30x30 before 300x300 before 800x800)
-    let mut sweeps: BTreeMap<String, BTreeMap<Widths, Vec<(f64, i64)>>> = BTreeMap::new();
+    // base -> widths -> T -> errors per seed; widths in numeric order (30x30 before 300x300)
+    type Points = Vec<(f64, Vec<i64>)>;
+    let mut sweeps: BTreeMap<String, BTreeMap<Widths, Points>> = BTreeMap::new();
     for row in &run.summary {
-        if let Some((base, t, widths)) = sweep_point(&row.stage) {
-            let sizes = widths.split('x').map(|w| w.parse().unwrap_or(u64::MAX)).collect();
-            sweeps.entry(base).or_default().entry((sizes, widths)).or_default().push((t, row.test_errors));
+        if let Some((base, t, hidden, _)) = run.temperature_point(row) {
+            let text = hidden.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
+            let points = sweeps.entry(base).or_default().entry((hidden, text)).or_default();
+            match points.iter_mut().find(|(pt, _)| *pt == t) {
+                Some((_, errors)) => errors.push(row.test_errors),
+                None => points.push((t, vec![row.test_errors])),
+            }
         }
     }
     for (base, by_size) in &sweeps {
         let mut temps: Vec<f64> = by_size.values().flatten().map(|(t, _)| *t).collect();
         temps.sort_by(f64::total_cmp);
         temps.dedup();
-        writeln!(md, "Test errors of `{base}` by temperature (rows) and hidden layers (columns):\n")?;
+        let seeds = by_size.values().flatten().any(|(_, e)| e.len() > 1);
+        writeln!(
+            md,
+            "Test errors of `{base}` by temperature (rows) and hidden layers (columns){}:\n",
+            if seeds { ", one count per seed" } else { "" }
+        )?;
         writeln!(md, "| T | {} |", by_size.keys().map(|(_, w)| w.as_str()).collect::<Vec<_>>().join(" | "))?;
         writeln!(md, "|---|{}", "---|".repeat(by_size.len()))?;
+        let mean = |e: &[i64]| e.iter().sum::<i64>() as f64 / e.len() as f64;
         for t in &temps {
             let cells: Vec<String> = by_size
                 .values()
-                .map(|pts| pts.iter().find(|(pt, _)| pt == t).map_or("–".into(), |(_, e)| e.to_string()))
+                .map(|pts| {
+                    pts.iter()
+                        .find(|(pt, _)| pt == t)
+                        .map_or("–".into(), |(_, e)| e.iter().map(i64::to_string).collect::<Vec<_>>().join(", "))
+                })
                 .collect();
             writeln!(md, "| {t} | {} |", cells.join(" | "))?;
         }
         let series: Vec<Series> = by_size
             .iter()
             .map(|((_, w), pts)| {
-                let mut points: Vec<(f64, f64)> = pts.iter().map(|(t, e)| (*t, *e as f64)).collect();
+                let mut points: Vec<(f64, f64)> = pts.iter().map(|(t, e)| (*t, mean(e))).collect();
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
                 Series { name: format!("hidden {w}"), points }
             })
@@ -1002,6 +1059,21 @@ mod tests {
         }
     }
 
+    /// The resolved experiment of an experiment file's text: MNIST data, a train stage `teacher`,
+    /// then `stages` (TOML of `[[stages]]` tables).
+    fn experiment(stages: &str) -> Experiment {
+        let text = format!(
+            "name = \"r\"\n[data]\ndir = \"d\"\nvalidation = 10\n[defaults]\nepochs = 1\nbatch_size = 2\n\
+             optimizer = {{ kind = \"sgd\", lr = 0.1 }}\n\
+             [[stages]]\nname = \"teacher\"\nkind = \"train\"\nmodel = {{ hidden = [4] }}\n{stages}"
+        );
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = crate::testutil::TempDir::new(&format!("report-experiment-{call}"));
+        let path = dir.write("e.toml", text.as_bytes());
+        crate::config::load(&path, &[]).unwrap()
+    }
+
     /// A run named `r` with these summary rows and nothing else.
     fn run(summary: Vec<SummaryRow>) -> RunFiles {
         RunFiles {
@@ -1009,7 +1081,7 @@ mod tests {
             description: String::new(),
             command: String::new(),
             stages: vec![],
-            precision: String::new(),
+            precision: Precision::F32,
             logged_device: None,
             summary,
             class_errors: vec![],
@@ -1027,9 +1099,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let run_dir = dir.join("r");
         std::fs::create_dir_all(&run_dir).unwrap();
-        let config = "name = \"r\"\n[[stages]]\nname = \"a\"\nkind = \"train\"\n\
-                      [[stages]]\nname = \"b\"\nkind = \"bias_shift\"\nclasses = [3]\n";
-        std::fs::write(run_dir.join("config.toml"), config).unwrap();
+        let config = experiment(
+            "[[stages]]\nname = \"a\"\nkind = \"train\"\nmodel = { hidden = [4] }\n\
+             [[stages]]\nname = \"b\"\nkind = \"bias_shift\"\nfrom = \"a\"\nclasses = [3]\n\
+             shifts = { min = 0.0, max = 1.0, step = 0.5 }\n",
+        );
+        std::fs::write(run_dir.join("config.toml"), config.to_toml().unwrap()).unwrap();
         output::write_csv(&run_dir.join("summary.csv"), &[summary_row("a", 12), summary_row("b", 11)]).unwrap();
         // A row of `b` that a killed run was committing: `done.csv` names only `a`.
         output::write_csv(&run_dir.join("done.csv"), &[output::DoneRow { stage: "a".into() }]).unwrap();
@@ -1049,39 +1124,73 @@ mod tests {
 
     #[test]
     fn the_setup_names_the_distillation_settings_and_translation_averaging_only_when_set() {
-        let stage = |extra: &str| -> toml::Table {
-            format!(
-                "kind = \"distill\"\n[distill]\ntemperature = 20.0\nsoft_weight = 0.9\nhard_weight = 0.1\n{extra}\n\
-                 [distill.teacher]\nstage = \"teacher\"\n"
-            )
-            .parse()
-            .unwrap()
+        let stage = |extra: &str| -> Stage {
+            let e = experiment(&format!(
+                "[[stages]]\nname = \"student\"\nkind = \"distill\"\nteacher = \"teacher\"\nmodel = {{ hidden = [2] }}\n\
+                 temperature = 20.0\nsoft_weight = 0.9\nhard_weight = 0.1\n{extra}\n"
+            ));
+            e.stages[1].clone()
         };
         let row = summary_row("student", 80);
-        let plain = setup(&stage(""), &row);
+        let plain = setup(Some(&stage("")), &row);
         assert!(plain.contains("T = 20, weights soft 0.9 / hard 0.1, teacher: stage `teacher`"), "{plain}");
         assert!(!plain.contains("translations"), "{plain}");
-        let averaged = setup(&stage("translations = 2"), &row);
+        let averaged = setup(Some(&stage("teacher_translations = 2")), &row);
         assert!(averaged.contains("averaged over the teacher's translations of up to 2 px"), "{averaged}");
     }
 
+    /// The temperature tables of a run of the teacher and the stages of `sweep` (TOML of
+    /// `[[stages]]` tables), each with `errors(name)` test errors.
+    fn sweep_tables(sweep: &str, errors: &dyn Fn(&str) -> i64) -> String {
+        let exp = experiment(sweep);
+        let rows = exp.stages.iter().map(|s| summary_row(&s.name, errors(&s.name))).collect();
+        let run = RunFiles { stages: exp.stages, ..run(rows) };
+        let dir = crate::testutil::TempDir::new(&format!("report-sweep-{}", run.stages[1].name));
+        let mut md = String::new();
+        sweep_section(&mut md, &run, &dir.0, &|p: &Path| p.display().to_string()).unwrap();
+        md
+    }
+
+    const STUDENT: &str = "[[stages]]\nname = \"s\"\nkind = \"distill\"\nteacher = \"teacher\"\n\
+                           model = { hidden = [7] }\ntemperature = 1\n";
+
     #[test]
     fn the_temperature_table_orders_student_sizes_by_width_not_as_text() {
-        let rows = ["800x800", "30x30", "300x300"]
-            .iter()
-            .enumerate()
-            .flat_map(|(i, w)| {
-                [(1.0, 10 * (i as i64 + 1)), (2.5, 10 * (i as i64 + 1) + 1)]
-                    .map(|(t, e)| summary_row(&format!("s-T{t}-h{w}"), e))
-            })
-            .collect();
-        let dir = std::env::temp_dir().join(format!("kd-report-sweep-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut md = String::new();
-        sweep_section(&mut md, &run(rows), &dir, &|p: &Path| p.display().to_string()).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        let sweep =
+            format!("{STUDENT}sweep = {{ temperature = [1, 2.5], hidden = [[800, 800], [30, 30], [300, 300]] }}\n");
+        let width = |name: &str| ["800x800", "30x30", "300x300"].iter().position(|w| name.ends_with(w));
+        let md = sweep_tables(&sweep, &|name| {
+            let i = width(name).map_or(0, |i| 10 * (i as i64 + 1));
+            i + i64::from(name.contains("T2.5"))
+        });
         assert!(md.contains("| T | 30x30 | 300x300 | 800x800 |\n"), "{md}");
         assert!(md.contains("| 1 | 20 | 30 | 10 |\n| 2.5 | 21 | 31 | 11 |\n"), "{md}");
+    }
+
+    #[test]
+    fn a_sweep_over_seeds_keeps_the_widths_and_gives_each_seed_its_count() {
+        let sweep = format!("{STUDENT}sweep = {{ temperature = [2, 4], hidden = [[8], [4]], seed = [1, 2] }}\n");
+        let md = sweep_tables(&sweep, &|name| {
+            let t = if name.contains("-T4") { 100 } else { 0 };
+            let h = if name.contains("-h8") { 10 } else { 0 };
+            t + h + i64::from(name.ends_with("-s2"))
+        });
+        assert!(md.contains("by temperature (rows) and hidden layers (columns), one count per seed:"), "{md}");
+        assert!(md.contains("| T | 4 | 8 |\n"), "the widths are not taken for `4-s1`, `4-s2`: {md}");
+        assert!(md.contains("| 2 | 0, 1 | 10, 11 |\n| 4 | 100, 101 | 110, 111 |\n"), "{md}");
+    }
+
+    #[test]
+    fn a_sweep_over_temperatures_alone_gets_a_table_with_the_stage_s_widths() {
+        let md = sweep_tables(&format!("{STUDENT}sweep = {{ temperature = [1, 3] }}\n"), &|name| {
+            if name.ends_with("-T3") {
+                13
+            } else {
+                11
+            }
+        });
+        assert!(md.contains("Test errors of `s` by temperature (rows) and hidden layers (columns):\n"), "{md}");
+        assert!(md.contains("| T | 7 |\n|---|---|\n| 1 | 11 |\n| 3 | 13 |\n"), "{md}");
     }
 
     #[test]
@@ -1132,10 +1241,19 @@ mod tests {
     }
 
     #[test]
-    fn names_are_parsed_into_sweep_points_and_seed_groups() {
-        assert_eq!(sweep_point("student-T2.5-h30x30"), Some(("student".into(), 2.5, "30x30".into())));
-        assert_eq!(sweep_point("student-T20-h800x800"), Some(("student".into(), 20.0, "800x800".into())));
-        assert_eq!(sweep_point("student_hard"), None);
+    fn older_runs_get_sweep_points_from_names_that_agree_with_the_settings_and_seed_groups() {
+        let exp = experiment(&format!("{STUDENT}sweep = {{ temperature = [2.5], hidden = [[30, 30]], seed = [4] }}\n"));
+        let mut stage = exp.stages[1].clone();
+        let recorded = stage.sweep.take().unwrap();
+        assert_eq!(stage.name, "s-T2.5-h30x30-s4");
+        assert_eq!(legacy_sweep_point(&stage), Some(recorded));
+        stage.name = "s-T2.5-h30x30".into();
+        let point = legacy_sweep_point(&stage).unwrap();
+        assert_eq!((point.base.as_str(), point.hidden, point.seed), ("s", Some(vec![30, 30]), None));
+        stage.name = "s-T3-h30x30".into();
+        assert_eq!(legacy_sweep_point(&stage), None, "T = 2.5 in its settings");
+        stage.name = "student_hard".into();
+        assert_eq!(legacy_sweep_point(&stage), None);
         assert_eq!(group_key("mnist_headline_s3"), "mnist_headline");
         assert_eq!(group_key("mnist_s"), "mnist_s");
         assert_eq!(group_key("mnist"), "mnist");
@@ -1171,7 +1289,7 @@ mod tests {
             description: String::new(),
             command: String::new(),
             stages: vec![],
-            precision: "f32".into(),
+            precision: Precision::F32,
             logged_device: Some("cuda:0".into()),
             summary: vec![
                 row("teacher", "", 90.0),
@@ -1220,7 +1338,7 @@ mod tests {
         );
         // A run in bf16 says so; f32, the default, goes without saying. Rows that name bf16
         // say it per stage (a resumed run may have changed precision), once.
-        let run = RunFiles { precision: "bf16".into(), ..run };
+        let run = RunFiles { precision: Precision::Bf16, ..run };
         assert!(run.where_and_how_long().ends_with("a, b on cpu (2 threads), with matrix products in bf16."));
         let mut summary = run.summary.clone();
         summary[1].device = "cpu (2 threads, bf16)".into();

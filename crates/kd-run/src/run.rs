@@ -10,7 +10,9 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Stage, Training, MAX_PARAMETERS};
+use crate::config::{
+    DataSource, DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Stage, Training, MAX_PARAMETERS,
+};
 use crate::data::{self, Dataset, Split};
 use crate::device;
 use crate::run::output::{ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
@@ -132,11 +134,11 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     let data = data::load(&exp.data, device)?;
     info!(
         "data {}: {} training, {} validation, {} test examples, {} classes",
-        match (&exp.data.dir, &exp.data.speech, &exp.data.files) {
-            (_, Some(s), _) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
-            (_, None, Some(f)) => format!("files (training features {})", f.train.features.display()),
-            (Some(dir), None, None) => dir.display().to_string(),
-            (None, None, None) => String::new(),
+        match &exp.data.source {
+            DataSource::Speech(s) =>
+                format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
+            DataSource::Files(f) => format!("files (training features {})", f.train.features.display()),
+            DataSource::Mnist { dir } => dir.display().to_string(),
         },
         data.train.len(),
         data.validation.as_ref().map_or(0, |v| v.len()),

@@ -246,7 +246,7 @@ fn remove_run_files(dir: &Path) -> Result<()> {
 }
 
 /// The stages whose settings in the resolved configuration `new` differ from those of an earlier
-/// run's `old` one (the reference numbers under `paper` aside), together with every stage that
+/// run's `old` one (the reference numbers under `paper` and the sweep point aside), together with every stage that
 /// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
 /// changed, or when `old` cannot be read.
 fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
@@ -260,7 +260,10 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
     let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
         let stages = table.get("stages")?.as_array()?;
         let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
+        // What describes a stage rather than sets it: the paper's numbers, the sweep point (which
+        // runs recorded before it existed lack).
         stage.as_table_mut()?.remove("paper");
+        stage.as_table_mut()?.remove("sweep");
         Some(stage)
     };
     let differ: Vec<String> = exp

@@ -1,0 +1,530 @@
+//! Resolution: `[defaults]` merged into each stage, defaults of every unset key applied, and the
+//! checks across fields and stages, each error naming the stage's line.
+
+use super::experiment::*;
+use super::limits::{MAX_CLASSES, MAX_CONTEXT, MAX_PARAMETERS, MAX_STAGES};
+use super::names::{derived_name_clash, name_problem};
+use super::raw::*;
+use super::sweep::expand_sweep;
+use super::values::ClassId;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use toml::Spanned;
+
+pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
+    if let Some(problem) = name_problem(raw.name.get_ref()) {
+        bail!(
+            "{}: name: {:?} is not a usable run name, which becomes the folder OUT/<name>/: {problem}",
+            line_of(text, raw.name.span().start),
+            raw.name.get_ref()
+        );
+    }
+    let device = match raw.device {
+        None => "auto".to_string(),
+        Some(d) => {
+            let v = d.get_ref();
+            let ok = v == "auto"
+                || v == "cpu"
+                || v == "cuda"
+                || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            if !ok {
+                bail!(
+                    "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
+                    line_of(text, d.span().start)
+                );
+            }
+            v.clone()
+        }
+    };
+    if raw.stages.is_empty() {
+        bail!("{}: the experiment has no [[stages]]", line_of(text, raw.name.span().start));
+    }
+    let data_line = line_of(text, raw.name.span().start);
+    let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    if let Some(c) = raw.data.classes.filter(|c| c.0 > MAX_CLASSES) {
+        bail!("{data_line}: data: classes = {}: kd-run supports at most {MAX_CLASSES} classes", c.0);
+    }
+    if let Some(c) = raw.data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
+        bail!("{data_line}: data: context = {c:?}: at most {MAX_CONTEXT} frames on either side");
+    }
+    if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
+        bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
+    }
+    // Settings of the MNIST image split, which the frame data (split by speaker or by file) has not.
+    let image_split = raw.data.dir.is_some()
+        || raw.data.validation > 0
+        || raw.data.train_limit.is_some()
+        || raw.data.test_limit.is_some();
+    let source = match kind {
+        DataKind::Files => {
+            let Some(f) = raw.data.files.clone() else {
+                bail!(
+                    "{data_line}: data: kind = \"files\" needs [data.files] with `train`, `validation` and `test`, each {{ features = ..., labels = ... }}"
+                );
+            };
+            if image_split || raw.data.speech.is_some() {
+                bail!(
+                    "{data_line}: data: with kind = \"files\" the splits are the files; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
+                );
+            }
+            let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            DataSource::Files(FilesSpec {
+                left: i64::from(left),
+                right: i64::from(right),
+                classes: raw.data.classes.map(|c| c.0),
+                train: f.train,
+                validation: f.validation,
+                test: f.test,
+            })
+        }
+        DataKind::Mnist => {
+            if raw.data.speech.is_some() || raw.data.context.is_some() {
+                bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
+            }
+            let Some(dir) = raw.data.dir.clone() else {
+                bail!("{data_line}: data: `dir`, the folder with the MNIST IDX files, is missing");
+            };
+            DataSource::Mnist { dir }
+        }
+        DataKind::Speech => {
+            let corpus = raw.data.speech.clone().unwrap_or_default();
+            corpus.validate().map_err(|e| anyhow::anyhow!("{data_line}: data.speech: {e:#}"))?;
+            if image_split {
+                bail!(
+                    "{data_line}: data: a speech corpus splits by speaker (training, development = validation, test); `dir`, `validation`, `train_limit` and `test_limit` do not apply"
+                );
+            }
+            let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            DataSource::Speech(SpeechSpec { left: i64::from(left), right: i64::from(right), corpus })
+        }
+    };
+    let data = DataSpec {
+        source,
+        validation: raw.data.validation,
+        train_limit: raw.data.train_limit.map(|c| c.0),
+        test_limit: raw.data.test_limit.map(|c| c.0),
+    };
+    // Speech frames (synthetic or from files): windows, a validation split of their own.
+    let framed = !matches!(data.source, DataSource::Mnist { .. });
+    let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut expanded = Vec::new();
+    for s in raw.stages {
+        let room = MAX_STAGES.saturating_sub(expanded.len());
+        expanded.extend(expand_sweep(s, text, room)?);
+    }
+    let mut names = std::collections::HashSet::with_capacity(expanded.len());
+    for s in expanded {
+        let name = s.name.get_ref().clone();
+        if let Some(problem) = name_problem(&name) {
+            stage_bail!(text, s, "not a usable stage name: {problem}");
+        }
+        if !names.insert(name.clone()) {
+            stage_bail!(text, s, "two stages have this name");
+        }
+        if let Some(problem) = derived_name_clash(&name, s.kind == StageKind::Specialists, &stages) {
+            stage_bail!(text, s, "{problem}; rename one of them");
+        }
+        let allowed: &[&str] = match s.kind {
+            StageKind::Train => &TRAIN_KEYS,
+            StageKind::Distill => &distill_keys,
+            StageKind::Evaluate => &["from", "checkpoint", "paper"],
+            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
+            StageKind::Ensemble => &["members", "paper"],
+            StageKind::Clusters => &CLUSTER_KEYS,
+            StageKind::Specialists => &SPECIALIST_KEYS,
+        };
+        if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
+            stage_bail!(
+                text,
+                s,
+                "`{k}` does not apply to a {} stage (its keys: {})",
+                s.kind.as_str(),
+                allowed.join(", ")
+            );
+        }
+        let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
+        let job = match s.kind {
+            StageKind::Train => {
+                Job::Train { model: resolve_model(text, &s)?, training: stage_training(text, &raw.defaults, &s, seed)? }
+            }
+            StageKind::Distill => Job::Distill {
+                model: resolve_model(text, &s)?,
+                training: stage_training(text, &raw.defaults, &s, seed)?,
+                distill: resolve_distill(text, &s, &stages)?,
+            },
+            StageKind::Evaluate => {
+                Job::Evaluate { source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)? }
+            }
+            StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation + usize::from(framed))?,
+            StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
+            StageKind::Clusters => resolve_clusters(text, &s, &stages, seed, data.validation + usize::from(framed))?,
+            StageKind::Specialists => Job::Specialists {
+                source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
+                subsets: resolve_subsets(text, &s, &stages)?,
+                training: stage_training(text, &raw.defaults, &s, seed)?,
+                examples: s.examples.map(|c| c.0),
+                top_n: s.top_n.map_or(1, |c| c.0),
+                combine_iterations: s.combine_iterations.map_or(100, |c| c.0),
+            },
+        };
+        let early = matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. }
+            if training.patience.is_some());
+        if matches!(&job, Job::Distill { training, distill, .. } if distill.top_k.is_some() && training.jitter > 0) {
+            stage_bail!(
+                text,
+                s,
+                "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
+            );
+        }
+        if matches!(&job, Job::Distill { training, distill, .. } if distill.translations.is_some() && training.jitter > 0)
+        {
+            stage_bail!(
+                text,
+                s,
+                "`teacher_translations` averages a cached teacher's outputs; with `jitter` the teacher runs live"
+            );
+        }
+        if early && data.validation == 0 && !framed {
+            stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
+        }
+        if framed {
+            let jitter =
+                matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.jitter > 0);
+            let filtered = matches!(&job, Job::Distill { distill, .. }
+                if !distill.transfer_exclude.is_empty() || !distill.transfer_only.is_empty());
+            if jitter {
+                stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
+            }
+            if matches!(&job, Job::Distill { distill, .. } if distill.translations.is_some()) {
+                stage_bail!(text, s, "`teacher_translations` translates images; speech frames are not images");
+            }
+            if filtered {
+                stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
+            }
+        }
+        stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
+    }
+    Ok(Experiment {
+        name: raw.name.into_inner(),
+        description: raw.description.unwrap_or_default(),
+        seed: raw.seed,
+        device,
+        threads: raw.threads.map_or(0, |c| c.0),
+        precision: raw.precision,
+        peak_tflops: raw.peak_tflops.map(|p| p.0),
+        data,
+        stages,
+    })
+}
+
+fn resolve_model(text: &str, s: &RawStage) -> Result<ModelSpec> {
+    let Some(model) = &s.model else {
+        stage_bail!(text, s, "a {} stage needs `model = {{ hidden = [...] }}`", s.kind.as_str());
+    };
+    // The parameters between hidden layers alone, and at least one input and two classes
+    // (the run checks again with the data's sizes before allocating).
+    let h = &model.hidden.0;
+    let ends = h[0].checked_add(h[h.len() - 1]).and_then(|w| w.checked_add(1)).and_then(|w| w.checked_mul(2));
+    let least = h.windows(2).fold(ends, |acc, w| w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(acc?));
+    if least.is_none_or(|p| p > MAX_PARAMETERS) {
+        stage_bail!(
+            text,
+            s,
+            "hidden = {h:?} makes a network of more than {MAX_PARAMETERS} parameters, the most kd-run allocates"
+        );
+    }
+    Ok(ModelSpec {
+        hidden: model.hidden.0.clone(),
+        input_dropout: model.input_dropout.map_or(0.0, |r| r.0),
+        hidden_dropout: model.hidden_dropout.map_or(0.0, |r| r.0),
+        max_norm: model.max_norm.map(|p| p.0),
+    })
+}
+
+fn stage_training(text: &str, defaults: &RawTraining, s: &RawStage, seed: u64) -> Result<Training> {
+    resolve_training(defaults, &s.training(), seed)
+        .map_err(|e| anyhow::anyhow!("{}: stage `{}`: {e}", line_of(text, s.name.span().start), s.name.get_ref()))
+}
+
+fn resolve_distill(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<DistillSpec> {
+    if s.teacher.is_some() && s.teacher_checkpoint.is_some() {
+        stage_bail!(text, s, "give either `teacher` or `teacher_checkpoint`, not both");
+    }
+    let teacher = resolve_source(text, s, s.teacher.as_ref(), s.teacher_checkpoint.as_ref(), earlier)?;
+    let hard_weight = s.hard_weight.map_or(0.0, |w| w.0);
+    let soft_weight = s.soft_weight.map_or(1.0, |w| w.0);
+    if hard_weight == 0.0 && soft_weight == 0.0 {
+        stage_bail!(text, s, "hard_weight and soft_weight are both 0: nothing to train on");
+    }
+    let objective = s.objective.unwrap_or_default();
+    let temperature = match (objective, s.temperature) {
+        (Objective::Soft, Some(t)) => t.0,
+        (Objective::Soft, None) => stage_bail!(text, s, "a distill stage needs `temperature`"),
+        (Objective::Logits, Some(_)) => stage_bail!(text, s, "`temperature` does not apply to objective = \"logits\""),
+        (Objective::Logits, None) => 1.0,
+    };
+    if objective == Objective::Logits && matches!(teacher, ModelSource::Ensemble { .. }) {
+        stage_bail!(text, s, "logit matching needs one teacher network, not an ensemble");
+    }
+    let top_k = s.teacher_top_k.map(|k| k.0);
+    if top_k.is_some() && objective == Objective::Logits {
+        stage_bail!(text, s, "`teacher_top_k` keeps soft targets; logit matching needs every logit");
+    }
+    let translations = s.teacher_translations.filter(|&n| n > 0).map(i64::from);
+    if translations.is_some() && objective == Objective::Logits {
+        stage_bail!(text, s, "`teacher_translations` averages soft targets; logit matching matches raw logits");
+    }
+    if translations.is_some() && top_k.is_some() {
+        stage_bail!(text, s, "give either `teacher_translations` or `teacher_top_k`, not both");
+    }
+    let classes = |v: &Option<Vec<ClassId>>| v.iter().flatten().map(|c| c.0).collect::<Vec<_>>();
+    let (transfer_exclude, transfer_only) = (classes(&s.transfer_exclude), classes(&s.transfer_only));
+    if !transfer_exclude.is_empty() && !transfer_only.is_empty() {
+        stage_bail!(text, s, "give either `transfer_exclude` or `transfer_only`, not both");
+    }
+    if s.transfer_only.as_ref().is_some_and(Vec::is_empty) {
+        stage_bail!(text, s, "`transfer_only = []` leaves an empty transfer set");
+    }
+    Ok(DistillSpec {
+        teacher,
+        objective,
+        temperature,
+        hard_weight,
+        soft_weight,
+        transfer_exclude,
+        transfer_only,
+        top_k,
+        translations,
+    })
+}
+
+/// The members of an ensemble stage: each entry names an earlier stage that trains a model or
+/// evaluates one (a checkpoint of another run, say), or the base name of a sweep (`member` for
+/// `member-s1`, `member-s2`, ...).
+fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<ModelSource>> {
+    let entries = s.members.as_deref().unwrap_or_default();
+    let mut members: Vec<ModelSource> = Vec::new();
+    for entry in entries {
+        let at =
+            |msg: String| anyhow::anyhow!("{}: stage `{}`: {msg}", line_of(text, entry.span().start), s.name.get_ref());
+        let want = entry.get_ref();
+        let prefix = format!("{want}-");
+        let exact: Vec<&Stage> = earlier.iter().filter(|t| &t.name == want).collect();
+        let matched =
+            if exact.is_empty() { earlier.iter().filter(|t| t.name.starts_with(&prefix)).collect() } else { exact };
+        if matched.is_empty() {
+            return Err(at(format!("member `{want}` is no earlier stage (nor the base name of a sweep)")));
+        }
+        for t in matched {
+            if !matches!(t.job, Job::Train { .. } | Job::Distill { .. } | Job::Evaluate { .. }) {
+                return Err(at(format!("member `{}` neither trains nor evaluates a model", t.name)));
+            }
+            let source = ModelSource::Stage(t.name.clone());
+            if members.contains(&source) {
+                return Err(at(format!("member `{}` is listed twice", t.name)));
+            }
+            members.push(source);
+        }
+    }
+    if members.len() < 2 {
+        stage_bail!(text, s, "an ensemble needs `members = [...]` naming at least two models");
+    }
+    Ok(members)
+}
+
+fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, validation: usize) -> Result<Job> {
+    let source = resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?;
+    let Some(clusters) = s.clusters else {
+        stage_bail!(text, s, "a clusters stage needs `clusters = K`, the number of k-means clusters");
+    };
+    if validation == 0 {
+        stage_bail!(text, s, "subsets come from predictions on the validation split: set `data.validation` > 0");
+    }
+    let min_size = s.min_size.map_or(2, |c| c.0);
+    if let Some(max) = s.max_size.filter(|m| m.0 < min_size) {
+        stage_bail!(text, s, "max_size = {} is below min_size = {min_size}", max.0);
+    }
+    let kmeans = s.kmeans.unwrap_or(RawKMeans { iterations: None, batch_size: None });
+    Ok(Job::Clusters {
+        source,
+        affinity: s.affinity.unwrap_or_default(),
+        clusters: clusters.0,
+        walk_steps: i64::from(s.walk_steps.unwrap_or(4)),
+        repeats: s.repeats.map_or(1, |c| c.0),
+        min_size,
+        max_size: s.max_size.map(|c| c.0),
+        count: s.count.map(|c| c.0),
+        kmeans_iterations: kmeans.iterations.map_or(200, |c| c.0),
+        kmeans_batch: kmeans.batch_size.map_or(256, |c| c.0),
+        seed,
+    })
+}
+
+/// The `clusters` stage a `specialists` stage takes its subsets from.
+fn resolve_subsets(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<String> {
+    let Some(name) = &s.subsets else {
+        stage_bail!(text, s, "a specialists stage needs `subsets = \"<clusters stage>\"`");
+    };
+    match earlier.iter().find(|t| &t.name == name.get_ref()) {
+        Some(Stage { job: Job::Clusters { .. }, .. }) => Ok(name.get_ref().clone()),
+        _ => bail!(
+            "{}: stage `{}`: `subsets` must name an earlier clusters stage, got `{}`",
+            line_of(text, name.span().start),
+            s.name.get_ref(),
+            name.get_ref()
+        ),
+    }
+}
+
+fn resolve_bias_shift(text: &str, s: &RawStage, earlier: &[Stage], validation: usize) -> Result<Job> {
+    let source = resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?;
+    let classes: Vec<i64> = s.classes.iter().flatten().map(|c| c.0).collect();
+    if classes.is_empty() {
+        stage_bail!(text, s, "a bias_shift stage needs `classes = [...]`, the classes whose biases move");
+    }
+    let Some(shifts) = &s.shifts else {
+        stage_bail!(
+            text,
+            s,
+            "a bias_shift stage needs `shifts = {{ min = ..., max = ..., step = ... }}`, the candidates"
+        );
+    };
+    if !(shifts.min.is_finite() && shifts.max.is_finite() && shifts.min <= shifts.max) {
+        stage_bail!(text, s, "shifts: expected finite min <= max, got min = {}, max = {}", shifts.min, shifts.max);
+    }
+    if validation == 0 {
+        stage_bail!(text, s, "the shift is chosen on the validation split: set `data.validation` > 0");
+    }
+    if s.fixed_shift.is_some_and(|f| !f.is_finite()) {
+        stage_bail!(text, s, "fixed_shift must be finite");
+    }
+    Ok(Job::BiasShift { source, classes, min: shifts.min, max: shifts.max, step: shifts.step.0, fixed: s.fixed_shift })
+}
+
+fn resolve_source(
+    text: &str,
+    s: &RawStage,
+    stage: Option<&Spanned<String>>,
+    file: Option<&PathBuf>,
+    earlier: &[Stage],
+) -> Result<ModelSource> {
+    let (stage_key, file_key) =
+        if s.kind == StageKind::Distill { ("teacher", "teacher_checkpoint") } else { ("from", "checkpoint") };
+    match (stage, file) {
+        (Some(_), Some(_)) => stage_bail!(text, s, "give either `{stage_key}` or `{file_key}`, not both"),
+        (None, None) => stage_bail!(
+            text,
+            s,
+            "the model is missing: `{stage_key} = \"<earlier stage>\"` or `{file_key} = \"<file>.safetensors\"`"
+        ),
+        (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
+        (Some(name), None) => match earlier.iter().find(|t| &t.name == name.get_ref()).map(|t| &t.job) {
+            Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
+            Some(Job::Ensemble { members }) if s.kind == StageKind::Distill => {
+                Ok(ModelSource::Ensemble { stage: name.get_ref().clone(), members: members.clone() })
+            }
+            Some(Job::Ensemble { .. }) => bail!(
+                "{}: stage `{}`: `{}` is an ensemble, which has no single output layer; name one of its members",
+                line_of(text, name.span().start),
+                s.name.get_ref(),
+                name.get_ref()
+            ),
+            Some(Job::Evaluate { .. } | Job::BiasShift { .. } | Job::Clusters { .. } | Job::Specialists { .. }) => {
+                bail!(
+                    "{}: stage `{}`: `{}` makes no single model to read",
+                    line_of(text, name.span().start),
+                    s.name.get_ref(),
+                    name.get_ref()
+                )
+            }
+            None => bail!(
+                "{}: stage `{}`: no earlier stage is named `{}` (stages defined before this one: {})",
+                line_of(text, name.span().start),
+                s.name.get_ref(),
+                name.get_ref(),
+                earlier.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    }
+}
+
+fn resolve_training(defaults: &RawTraining, stage: &RawTraining, seed: u64) -> Result<Training> {
+    let epochs = stage.epochs.or(defaults.epochs).context("`epochs` is not set (in the stage or in [defaults])")?;
+    let batch_size = stage.batch_size.or(defaults.batch_size).context("`batch_size` is not set")?;
+    let o = stage.optimizer.as_ref().or(defaults.optimizer.as_ref()).context("`optimizer` is not set")?;
+    let sgd_only = [
+        ("momentum", o.momentum.is_some()),
+        ("momentum_start", o.momentum_start.is_some()),
+        ("momentum_ramp_epochs", o.momentum_ramp_epochs.is_some()),
+        ("nesterov", o.nesterov.is_some()),
+    ];
+    let adam_only = [("beta1", o.beta1.is_some()), ("beta2", o.beta2.is_some()), ("eps", o.eps.is_some())];
+    let wrong = match o.kind {
+        OptimizerKind::Sgd => adam_only.iter().find(|(_, p)| *p),
+        OptimizerKind::Adam => sgd_only.iter().find(|(_, p)| *p),
+    };
+    if let Some((k, _)) = wrong {
+        bail!("optimizer key `{k}` does not apply to kind = {:?}", o.kind);
+    }
+    let momentum = o.momentum.map_or(0.0, |r| r.0);
+    let optimizer = OptimizerSpec {
+        kind: o.kind,
+        lr: o.lr.0,
+        momentum,
+        momentum_start: o.momentum_start.map_or(momentum, |r| r.0),
+        momentum_ramp_epochs: o.momentum_ramp_epochs.unwrap_or(0),
+        nesterov: o.nesterov.unwrap_or(false),
+        weight_decay: o.weight_decay.map_or(0.0, |w| w.0),
+        beta1: o.beta1.map_or(0.9, |r| r.0),
+        beta2: o.beta2.map_or(0.999, |r| r.0),
+        eps: o.eps.map_or(1e-8, |p| p.0),
+    };
+    if optimizer.nesterov && optimizer.momentum == 0.0 {
+        bail!("nesterov = true needs momentum > 0");
+    }
+    let schedule = match stage.schedule.as_ref().or(defaults.schedule.as_ref()) {
+        None => ScheduleSpec { kind: ScheduleKind::Constant, gamma: 1.0, every: 1, min_lr: 0.0 },
+        Some(s) => {
+            let needs = match s.kind {
+                ScheduleKind::Constant => vec![],
+                ScheduleKind::Exponential => vec![("gamma", s.gamma.is_some())],
+                ScheduleKind::Step => vec![("gamma", s.gamma.is_some()), ("every", s.every.is_some())],
+                ScheduleKind::Cosine => vec![],
+            };
+            if let Some((k, _)) = needs.iter().find(|(_, p)| !*p) {
+                bail!("schedule kind = {:?} needs `{k}`", s.kind);
+            }
+            ScheduleSpec {
+                kind: s.kind,
+                gamma: s.gamma.map_or(1.0, |g| g.0),
+                every: s.every.map_or(1, |c| c.0),
+                min_lr: s.min_lr.map_or(0.0, |m| m.0),
+            }
+        }
+    };
+    let jitter = stage.jitter.or(defaults.jitter).unwrap_or(0);
+    let train_fraction = stage.train_fraction.or(defaults.train_fraction).map_or(1.0, |s| s.0);
+    let patience = stage.early_stopping.or(defaults.early_stopping).map(|e| e.patience.0);
+    Ok(Training {
+        epochs: epochs.0,
+        batch_size: batch_size.0,
+        jitter,
+        seed,
+        optimizer,
+        schedule,
+        train_fraction,
+        patience,
+    })
+}
+
+/// A stage's seed from the experiment's seed and the stage's name (FNV-1a), so that reordering
+/// or adding stages does not change the others.
+pub(crate) fn derive_seed(base: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325 ^ base;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % (1 << 31)
+}
