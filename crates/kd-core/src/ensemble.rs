@@ -58,6 +58,64 @@ pub enum EnsembleRule {
 /// # Ok::<(), kd_core::Error>(())
 /// ```
 pub fn ensemble_probs(member_logits: &[Tensor], t: f64, rule: EnsembleRule) -> Result<Tensor> {
+    let first = check_members(member_logits, t)?;
+    if member_logits.len() == 1 {
+        return softmax_t_unchecked(first, t);
+    }
+    let z = Tensor::f_stack(member_logits, 0)?; // [M, B, C]
+    match rule {
+        EnsembleRule::ArithmeticMean => Ok(softmax_t_unchecked(&z, t)?.f_mean_dim(0, false, None)?),
+        EnsembleRule::GeometricMean => {
+            let mean_log = log_softmax_t_unchecked(&z, t)?.f_mean_dim(0, false, None)?;
+            softmax_t_unchecked(&mean_log, 1.0)
+        }
+        EnsembleRule::MeanLogits => softmax_t_unchecked(&z.f_mean_dim(0, false, None)?, t),
+    }
+}
+
+/// Logits whose softmax at `T` is the ensemble's arithmetic mean at `T`, so that a cache or a
+/// loss can treat an ensemble like one network.
+///
+/// ```text
+/// M = 1:  v[b] = z_0[b]                                        (passes through)
+/// M > 1:  v[b] = T * (logsumexp_m log_softmax(z_m[b] / T) - ln M)
+///         softmax(v[b] / T) = (1/M) sum_m softmax(z_m[b] / T)  (= ensemble_probs, ArithmeticMean)
+/// ```
+///
+/// * `member_logits`, `t`: as [`ensemble_probs`] (`M >= 1` tensors `[B, classes]` of one shape,
+///   dtype and device; `T` finite and `> 0`).
+/// * Returns `[B, classes]` on the members' dtype and device, not detached. The result is
+///   meant for the temperature it was made at: at another temperature its softmax is not the
+///   members' mean (for `M > 1`).
+///
+/// # Errors
+/// As [`ensemble_probs`].
+///
+/// # Example
+/// ```
+/// use tch::Tensor;
+/// use kd_core::{ensemble_logits, softmax_t};
+/// let a = Tensor::from_slice(&[0.0f64, 0.0]).view([1, 2]);                 // at T = 2: [1/2, 1/2]
+/// let b = Tensor::from_slice(&[0.0f64, 2.0 * 3f64.ln()]).view([1, 2]);     // at T = 2: [1/4, 3/4]
+/// let v = ensemble_logits(&[a, b], 2.0)?;
+/// let p = softmax_t(&v, 2.0)?;
+/// assert!((p.double_value(&[0, 0]) - 0.375).abs() < 1e-12);
+/// assert!((p.double_value(&[0, 1]) - 0.625).abs() < 1e-12);
+/// # Ok::<(), kd_core::Error>(())
+/// ```
+pub fn ensemble_logits(member_logits: &[Tensor], t: f64) -> Result<Tensor> {
+    let first = check_members(member_logits, t)?;
+    if member_logits.len() == 1 {
+        return Ok(first.shallow_clone());
+    }
+    let log_probs = member_logits.iter().map(|z| log_softmax_t_unchecked(z, t)).collect::<Result<Vec<_>>>()?;
+    let stacked = Tensor::f_stack(&log_probs, 0)?;
+    Ok(stacked.f_logsumexp([0], false)?.f_sub_scalar((member_logits.len() as f64).ln())?.f_mul_scalar(t)?)
+}
+
+/// The checks of [`ensemble_probs`]: at least one member, `t` valid, every member of member 0's
+/// shape, dtype and device. Returns member 0.
+fn check_members(member_logits: &[Tensor], t: f64) -> Result<&Tensor> {
     let first = member_logits.first().ok_or(Error::EmptyEnsemble)?;
     check::temperature(t)?;
     let shape = check::matrix("member_logits[0]", first)?;
@@ -75,18 +133,7 @@ pub fn ensemble_probs(member_logits: &[Tensor], t: f64, rule: EnsembleRule) -> R
             return Err(Error::MemberDevice { index, device: m.device(), expected: device });
         }
     }
-    if member_logits.len() == 1 {
-        return softmax_t_unchecked(first, t);
-    }
-    let z = Tensor::f_stack(member_logits, 0)?; // [M, B, C]
-    match rule {
-        EnsembleRule::ArithmeticMean => Ok(softmax_t_unchecked(&z, t)?.f_mean_dim(0, false, None)?),
-        EnsembleRule::GeometricMean => {
-            let mean_log = log_softmax_t_unchecked(&z, t)?.f_mean_dim(0, false, None)?;
-            softmax_t_unchecked(&mean_log, 1.0)
-        }
-        EnsembleRule::MeanLogits => softmax_t_unchecked(&z.f_mean_dim(0, false, None)?, t),
-    }
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -111,6 +158,27 @@ mod tests {
             assert!(g.allclose(&l, 1e-14, 1e-14, false));
             assert!(!a.allclose(&g, 1e-6, 1e-6, false));
         }
+    }
+
+    #[test]
+    fn ensemble_logits_soften_to_the_mean_of_the_members_distributions() {
+        tch::manual_seed(7);
+        let members: Vec<Tensor> =
+            (0..3).map(|_| Tensor::randn([5, 4], (tch::Kind::Double, tch::Device::Cpu)) * 6.0).collect();
+        for t in [1.0, 2.5, 20.0] {
+            let combined = ensemble_logits(&members, t).unwrap();
+            let ours = crate::softmax_t(&combined, t).unwrap();
+            let reference = ensemble_probs(&members, t, EnsembleRule::ArithmeticMean).unwrap();
+            let gap = f64::try_from((ours - reference).abs().max()).unwrap();
+            assert!(gap < 1e-12, "T = {t}: {gap}");
+        }
+        let one = ensemble_logits(&members[..1], 3.0).unwrap();
+        assert!(one.equal(&members[0]), "a single member's logits pass through");
+        assert!(matches!(ensemble_logits(&[], 1.0), Err(Error::EmptyEnsemble)));
+        assert!(matches!(ensemble_logits(&members, 0.0), Err(Error::InvalidTemperature { .. })));
+        let other = Tensor::zeros([5, 3], (tch::Kind::Double, tch::Device::Cpu));
+        let mixed = [members[0].shallow_clone(), other];
+        assert!(matches!(ensemble_logits(&mixed, 1.0), Err(Error::MemberShape { index: 1, .. })));
     }
 
     #[test]

@@ -142,6 +142,33 @@ pub enum Error {
         /// What was expected, in words.
         expected: String,
     },
+    /// Soft targets made at one temperature were given to an objective at another.
+    #[error("the teacher's targets were made at T = {targets} but the objective's temperature is T = {objective}")]
+    TemperatureMismatch {
+        /// The temperature the targets were made at.
+        targets: f64,
+        /// The objective's temperature.
+        objective: f64,
+    },
+    /// An objective was given targets it cannot use (a teacher's targets for the hard-label
+    /// objective, none for a distillation objective, probabilities for logit matching).
+    #[error("the {objective} objective needs {needs}, got {got}")]
+    WrongTargets {
+        /// The objective, in words.
+        objective: &'static str,
+        /// What it needs, in words.
+        needs: &'static str,
+        /// What it was given, in words.
+        got: &'static str,
+    },
+    /// `k` of top-k targets is not in `1..=classes`.
+    #[error("top-k targets need 1 <= k <= classes, got k = {k} of {classes} classes")]
+    InvalidTopK {
+        /// The requested `k`.
+        k: i64,
+        /// The number of classes.
+        classes: i64,
+    },
     /// An error reported by libtorch (e.g. a class label out of range, detected on CPU).
     #[error("libtorch error: {0}")]
     Torch(#[from] TchError),

@@ -13,6 +13,7 @@
 //! combined              total = w_hard * C_hard + w_soft * C_soft
 //! logit matching        C_lm = mean_b (1/(2N)) sum_i (z_i - v_i)^2  (the T -> inf limit of C_soft, eq. 4)
 //! ensemble              p = mean_m softmax(z_m / T)                 (or geometric mean / mean logits)
+//! ensemble as logits    v = T (logsumexp_m log_softmax(z_m / T) - ln M),  softmax(v / T) = p
 //! top-k soft loss       C_soft with p kept as k (class, probability) pairs: T^2 mean_b sum_k p_k (lse(z/T) - z_c_k / T)
 //! ```
 //!
@@ -20,6 +21,11 @@
 //! mean over the batch of per-example sums over classes ("batchmean") and multiplied by `T^2`;
 //! the hard term is at `T = 1`; teachers are always detached; the student should be evaluated
 //! at `T = 1` after training.
+//!
+//! [`Objective`] holds one validated choice of loss (hard labels, soft targets at `T` with their
+//! weights, or logit matching) and computes it for a batch from dense teacher logits, cached
+//! soft targets or top-k targets ([`TeacherTargets`], which remember the `T` they were made at),
+//! or the labels alone.
 //!
 //! Every function validates its arguments from tensor metadata only (never synchronizing a
 //! GPU) and returns [`Error`] instead of panicking. Teacher tensors are cast to the student's
@@ -30,14 +36,16 @@ mod check;
 mod ensemble;
 mod error;
 mod loss;
+mod objective;
 mod softmax;
 mod topk;
 
-pub use ensemble::{ensemble_probs, EnsembleRule};
+pub use ensemble::{ensemble_logits, ensemble_probs, EnsembleRule};
 pub use error::{Error, Result};
 pub use loss::{
     distillation_loss, hard_target_loss, logit_matching_loss, soft_target_loss, soft_target_loss_from_probs,
     DistillLoss, LossWeights, SoftTargets,
 };
+pub use objective::{Objective, TeacherTargets};
 pub use softmax::{log_softmax_t, softmax_t};
 pub use topk::{top_k_distillation_loss, top_k_soft_target_loss, TopKForm, TopKTargets};

@@ -23,13 +23,12 @@
 //! side (`scripts/bench_reference.py`) is started once and asked for a measurement over its
 //! stdin, alternating with ours round by round, so both see the same machine load.
 
-use crate::config::{
-    DistillSpec, ModelSource, Objective, OptimizerKind, OptimizerSpec, ScheduleKind, ScheduleSpec, Training,
-};
+use crate::config::{OptimizerKind, OptimizerSpec};
 use crate::data::Split;
 use crate::train::optim::Optimizer;
-use crate::train::{self, BatchTargets, Geometry, Supervision, TeacherSignal, Trainer};
+use crate::train::{self, LoopSettings, Supervision, TeacherSignal, Trainer};
 use anyhow::{bail, Context, Result};
+use kd_core::{LossWeights, Objective, TeacherTargets};
 use kd_models::{Mlp, MlpConfig};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -115,80 +114,55 @@ const TEMPERATURE: f64 = 20.0;
 /// The workloads and their batch sizes.
 const WORKLOADS: [(&str, i64); 3] = [("teacher", 128), ("distill", 128), ("distill_adam", 32)];
 
-/// One epoch at a constant learning rate: SGD with momentum 0.9 (lr 0.01), or Adam (lr 5e-4).
-fn training(batch_size: i64, adam: bool) -> Training {
-    training_at(batch_size, adam, 0.01)
+/// A constant learning rate: SGD with momentum 0.9 (lr 0.01), or Adam (lr 5e-4).
+fn optimizer(adam: bool) -> OptimizerSpec {
+    optimizer_at(adam, 0.01)
 }
 
-fn training_at(batch_size: i64, adam: bool, sgd_lr: f64) -> Training {
-    Training {
-        epochs: 1,
-        batch_size,
-        jitter: 0,
-        seed: 0,
-        optimizer: OptimizerSpec {
-            kind: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
-            lr: if adam { 5e-4 } else { sgd_lr },
-            momentum: 0.9,
-            momentum_start: 0.9,
-            momentum_ramp_epochs: 0,
-            nesterov: false,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        schedule: ScheduleSpec { kind: ScheduleKind::Constant, gamma: 1.0, every: 1, min_lr: 0.0 },
-        train_fraction: 1.0,
-        patience: None,
+fn optimizer_at(adam: bool, sgd_lr: f64) -> OptimizerSpec {
+    OptimizerSpec {
+        kind: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
+        lr: if adam { 5e-4 } else { sgd_lr },
+        momentum: 0.9,
+        momentum_start: 0.9,
+        momentum_ramp_epochs: 0,
+        nesterov: false,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
     }
 }
 
-/// The cached teacher signal of a distillation workload.
-enum Targets {
-    None,
-    Soft(Tensor),
-    TopK(Tensor, Tensor),
+/// One pass in batches of `batch_size`, no jitter, the loss read at the end only.
+fn settings(batch_size: i64, geometry: Option<(i64, i64)>) -> LoopSettings {
+    LoopSettings { batch_size, jitter: 0, geometry, report_every: 0 }
 }
 
 struct Workload {
     vs: nn::VarStore,
     net: Mlp,
-    training: Training,
-    distill: Option<DistillSpec>,
-    targets: Targets,
+    settings: LoopSettings,
+    objective: Objective,
+    /// The teacher's cached targets over the examples, for distillation.
+    targets: Option<TeacherTargets>,
     data: Split,
-    geometry: Geometry,
     trainer_state: Option<Optimizer>,
 }
 
-/// A teacher's top-`k` soft targets at T over `n` examples of `classes` classes, from random
-/// logits (chunk by chunk, so that no `[n, classes]` matrix is held).
-fn random_top_k(n: i64, classes: i64, k: i64, t: f64, device: Device) -> Result<(Tensor, Tensor)> {
-    let (mut probs, mut ids) = (Vec::new(), Vec::new());
-    for start in (0..n).step_by(1024) {
-        let rows = 1024.min(n - start);
+/// A teacher's top-`k` soft targets at `objective`'s T over `n` examples of `classes` classes,
+/// from random logits (chunk by chunk, so that no `[n, classes]` matrix is held).
+fn random_top_k(n: i64, classes: i64, k: i64, objective: &Objective, device: Device) -> Result<TeacherTargets> {
+    let chunks = train::in_chunks(n, 1024, |_, rows| {
         let logits = Tensor::randn([rows, classes], (Kind::Float, device)) * 4.0;
-        let (p, c) = train::top_k_targets(&logits, k, t)?;
-        probs.push(p);
-        ids.push(c);
-    }
-    Ok((Tensor::cat(&probs, 0), Tensor::cat(&ids, 0)))
+        Ok(objective.top_k_targets(&logits, k)?)
+    })?;
+    Ok(TeacherTargets::cat(&chunks)?)
 }
 
-/// The distillation settings of the acoustic top-k workload.
-fn acoustic_distill() -> DistillSpec {
-    DistillSpec {
-        teacher: ModelSource::Stage("synthetic".into()),
-        objective: Objective::Soft,
-        temperature: ACOUSTIC_TEMPERATURE,
-        hard_weight: 0.5,
-        soft_weight: 0.5,
-        transfer_exclude: vec![],
-        transfer_only: vec![],
-        top_k: Some(ACOUSTIC_TOP_K),
-        translations: None,
-    }
+/// The objective of the acoustic top-k workload: soft targets at T = 2, weight 0.5 on each term.
+fn acoustic_objective() -> Result<Objective> {
+    Ok(Objective::soft_targets(ACOUSTIC_TEMPERATURE, LossWeights { hard: 0.5, soft: 0.5 })?)
 }
 
 impl Workload {
@@ -199,73 +173,57 @@ impl Workload {
         let vs = nn::VarStore::new(device);
         let net = Mlp::new(&vs.root(), MlpConfig::plain(sizes.to_vec()))?;
         let net = if name.ends_with("_bf16") { net.with_compute_kind(Kind::BFloat16) } else { net };
-        let training = training_at(batch, false, 0.05);
-        let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
+        let opt = Optimizer::new(&optimizer_at(false, 0.05), vs.trainable_variables());
         let data = Split::new(
             Tensor::randn([examples, ACOUSTIC_INPUT], (Kind::Float, device)),
             Tensor::randint(classes, [examples], (Kind::Int64, device)),
         );
-        let (distill, targets) = if name.starts_with("acoustic_topk") {
-            let (p, c) = random_top_k(examples, classes, ACOUSTIC_TOP_K, ACOUSTIC_TEMPERATURE, device)?;
-            (Some(acoustic_distill()), Targets::TopK(p, c))
+        let (objective, targets) = if name.starts_with("acoustic_topk") {
+            let objective = acoustic_objective()?;
+            (objective, Some(random_top_k(examples, classes, ACOUSTIC_TOP_K, &objective, device)?))
         } else {
-            (None, Targets::None)
+            (Objective::hard_labels(), None)
         };
-        Ok(Workload { vs, net, training, distill, targets, data, geometry: None, trainer_state: Some(opt) })
+        let settings = settings(batch, None);
+        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state: Some(opt) })
     }
 
     fn new(name: &str, batch: i64, examples: i64) -> Result<Self> {
         tch::manual_seed(0);
-        let (config, distill) = match name {
-            "teacher" => (MlpConfig::mnist_teacher(), None),
+        let (config, objective) = match name {
+            "teacher" => (MlpConfig::mnist_teacher(), Objective::hard_labels()),
             _ => (
                 MlpConfig::mnist_student(),
-                Some(DistillSpec {
-                    teacher: ModelSource::Stage("synthetic".into()),
-                    objective: Objective::Soft,
-                    temperature: TEMPERATURE,
-                    hard_weight: 0.0,
-                    soft_weight: 1.0,
-                    transfer_exclude: vec![],
-                    transfer_only: vec![],
-                    top_k: None,
-                    translations: None,
-                }),
+                Objective::soft_targets(TEMPERATURE, LossWeights { hard: 0.0, soft: 1.0 })?,
             ),
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let net = Mlp::new(&vs.root(), config)?;
-        let training = training(batch, name == "distill_adam");
-        let opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
+        let opt = Optimizer::new(&optimizer(name == "distill_adam"), vs.trainable_variables());
         let data = Split::new(
             Tensor::rand([examples, 784], (Kind::Float, Device::Cpu)),
             Tensor::randint(10, [examples], (Kind::Int64, Device::Cpu)),
         );
         let soft_targets =
             (Tensor::randn([examples, 10], (Kind::Float, Device::Cpu)) * 3.0 / TEMPERATURE).softmax(1, Kind::Float);
-        let targets = Targets::Soft(soft_targets);
-        Ok(Workload { vs, net, training, distill, targets, data, geometry: Some((28, 28)), trainer_state: Some(opt) })
+        let targets = objective.uses_teacher().then(|| TeacherTargets::probs(soft_targets, TEMPERATURE)).transpose()?;
+        let settings = settings(batch, Some((28, 28)));
+        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state: Some(opt) })
     }
 
     /// Runs one pass over the examples and returns examples per second.
     fn measure(&mut self) -> Result<f64> {
         let opt = self.trainer_state.take().context("optimizer")?;
         let mut trainer = Trainer::new(&self.net, self.vs.trainable_variables(), opt);
-        let supervision = match (&self.distill, &self.targets) {
-            (Some(spec), Targets::Soft(p)) => {
-                Supervision::Distill { spec, teacher: TeacherSignal::Cached(p.shallow_clone()) }
-            }
-            (Some(spec), Targets::TopK(p, c)) => Supervision::Distill {
-                spec,
-                teacher: TeacherSignal::TopK { probs: p.shallow_clone(), classes: c.shallow_clone() },
-            },
-            _ => Supervision::Hard,
+        let teacher = match &self.targets {
+            Some(targets) => TeacherSignal::Cached(targets),
+            None => TeacherSignal::None,
         };
+        let supervision = Supervision { objective: self.objective, teacher };
         let started = Instant::now();
-        let geometry = self.geometry;
         let mut guard = train::LossGuard::default();
-        let (data, training) = ((&self.data, None), &self.training);
-        train::train_epoch(&mut trainer, data, &supervision, training, geometry, 0, &mut guard, |_, _| {})?;
+        let data = (&self.data, None);
+        train::train_epoch(&mut trainer, data, &supervision, &self.settings, &mut guard, |_, _| {})?;
         let seconds = started.elapsed().as_secs_f64();
         self.trainer_state = Some(trainer.opt);
         Ok(self.data.len() as f64 / seconds)
@@ -491,38 +449,38 @@ fn memory(batch: i64) -> Result<()> {
     unsafe { mallopt(M_MMAP_THRESHOLD, 64 * 1024) };
     let config = MlpConfig::acoustic_dnn();
     let classes = config.num_classes();
-    let spec = acoustic_distill();
+    let objective = acoustic_objective()?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = Mlp::new(&vs.root(), config.clone())?;
     let mut trainer = Trainer::new(
         &net,
         vs.trainable_variables(),
-        Optimizer::new(&training_at(batch, false, 0.05).optimizer, vs.trainable_variables()),
+        Optimizer::new(&optimizer_at(false, 0.05), vs.trainable_variables()),
     );
     let x = Tensor::randn([batch, config.input_dim()], (Kind::Float, Device::Cpu));
     let y = Tensor::randint(classes, [batch], (Kind::Int64, Device::Cpu));
-    let (probs, ids) = random_top_k(batch, classes, ACOUSTIC_TOP_K, ACOUSTIC_TEMPERATURE, Device::Cpu)?;
-    let sparse = Supervision::Distill {
-        spec: &spec,
-        teacher: TeacherSignal::TopK { probs: probs.shallow_clone(), classes: ids.shallow_clone() },
+    let sparse = random_top_k(batch, classes, ACOUSTIC_TOP_K, &objective, Device::Cpu)?;
+    let top = sparse.as_top_k().context("top-k targets")?;
+    let (probs, ids) = (top.probs.shallow_clone(), top.classes.shallow_clone());
+    let supervision = Supervision { objective, teacher: TeacherSignal::None };
+    let expand = || {
+        let dense = Tensor::zeros([batch, classes], (Kind::Float, Device::Cpu)).scatter(1, &ids, &probs);
+        Ok(TeacherTargets::probs(dense, ACOUSTIC_TEMPERATURE)?)
     };
-    let dense = Supervision::Distill { spec: &spec, teacher: TeacherSignal::Cached(Tensor::new()) };
-    let expand =
-        || BatchTargets::Dense(Tensor::zeros([batch, classes], (Kind::Float, Device::Cpu)).scatter(1, &ids, &probs));
-    let top_k = || BatchTargets::TopK { probs: probs.shallow_clone(), classes: ids.shallow_clone() };
+    let top_k = || Ok(TeacherTargets::top_k(probs.shallow_clone(), ids.shallow_clone(), ACOUSTIC_TEMPERATURE)?);
     println!(
         "# peak memory above the resident memory before it, {} at batch {batch}, top-{ACOUSTIC_TOP_K} targets at T = {ACOUSTIC_TEMPERATURE}, CPU",
         config.describe()
     );
     let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
-    for (label, supervision, targets) in [
-        ("dense", &dense, &expand as &dyn Fn() -> BatchTargets),
-        ("top-k", &sparse, &top_k as &dyn Fn() -> BatchTargets),
+    for (label, targets) in [
+        ("dense", &expand as &dyn Fn() -> Result<TeacherTargets>),
+        ("top-k", &top_k as &dyn Fn() -> Result<TeacherTargets>),
     ] {
         // One step to warm up (the gradients' and momentum's first allocation), then one measured.
         let mut step = || -> Result<()> {
-            let t = targets();
+            let t = targets()?;
             let _ = trainer.step(&x, |z| supervision.loss(z, &y, Some(&t)).map(|(loss, _)| loss))?;
             Ok(())
         };
@@ -536,7 +494,7 @@ fn memory(batch: i64) -> Result<()> {
         reset_peak()?;
         let (loss_before, _) = resident()?;
         {
-            let t = targets();
+            let t = targets()?;
             let (loss, _) = supervision.loss(&z, &y, Some(&t))?;
             let _grad = Tensor::run_backward(&[&loss], &[&z], false, false);
         }

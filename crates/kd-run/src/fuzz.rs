@@ -35,7 +35,7 @@ use anyhow::Result;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::data::{idx, kaldi, npy};
-use crate::{config, run::output};
+use crate::{config, rng, run::output};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation watch: the largest single allocation a reader makes, and a hard ceiling.
@@ -120,16 +120,12 @@ fn install_hook() {
 // ---------------------------------------------------------------------------------------------
 // Random corruption.
 
-/// splitmix64: small, fast, and the same sequence everywhere.
+/// SplitMix64 ([`rng::splitmix64`]): small, fast, and the same sequence everywhere.
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        rng::splitmix64(&mut self.0)
     }
 
     /// Uniform in `0..n` (n > 0).

@@ -11,6 +11,7 @@ mod device;
 mod fuzz;
 mod logging;
 mod report;
+mod rng;
 mod run;
 #[cfg(test)]
 mod testutil;

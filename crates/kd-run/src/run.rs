@@ -19,8 +19,11 @@ use crate::run::output::{ClassErrorsRow, MetricsRow, ShiftRow, SummaryRow};
 use crate::train::optim::{self, Optimizer};
 use crate::train::progress::Progress;
 use crate::train::stopping::{Best, EarlyStopping};
-use crate::train::{self, Evaluation, Geometry, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH};
+use crate::train::{
+    self, Evaluation, Geometry, LoopSettings, Outputs, Supervision, Teacher, TeacherSignal, Trainer, EVAL_BATCH,
+};
 use anyhow::{bail, Context, Result};
+use kd_core::{Objective, TeacherTargets};
 use kd_models::{Mlp, MlpConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -201,30 +204,34 @@ impl Run<'_> {
                     Init::New(model),
                     training,
                     (&self.data.train, Sampling::All),
-                    &Supervision::Hard,
+                    &Supervision::labels(),
                     &self.targets(),
                 )?;
                 self.record_trained(tables, name, "train", &net, (fit, None), started)?;
             }
             Job::Distill { model, training, distill } => {
-                let teacher = self.load_teacher(&distill.teacher, distill.temperature)?;
+                let objective = train::objective::resolve(distill)?;
+                let teacher = self.load_teacher(&distill.teacher, objective)?;
                 let transfer = self.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
                 // (or read from the cache) once, and serve the agreement below too.
                 let mut transfer_logits = None;
-                let signal = if let Some(k) = distill.top_k {
+                let cached = if let Some(k) = distill.top_k {
                     self.check_top_k(name, k)?;
-                    let (probs, classes) = self.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?;
-                    TeacherSignal::TopK { probs, classes }
+                    Some(self.teacher_top_k(&distill.teacher, &teacher, &transfer, distill, k)?)
                 } else if training.jitter == 0 {
                     let logits = self.teacher_logits(&distill.teacher, &teacher, &transfer, distill)?;
-                    let signal = TeacherSignal::Cached(train::teacher_signal(&logits, distill)?);
+                    let targets = objective.teacher_targets(&logits)?;
                     transfer_logits = Some(logits);
-                    signal
+                    Some(targets)
                 } else {
-                    TeacherSignal::Live(&teacher)
+                    None
                 };
-                let supervision = Supervision::Distill { spec: distill, teacher: signal };
+                let signal = match &cached {
+                    Some(targets) => TeacherSignal::Cached(targets),
+                    None => TeacherSignal::Live(&teacher),
+                };
+                let supervision = Supervision { objective, teacher: signal };
                 let (_vs, net, fit) = self.train(
                     (tables, &self.dir),
                     name,
@@ -261,7 +268,8 @@ impl Run<'_> {
                 self.bias_shift(tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
             }
             Job::Ensemble { members } => {
-                let ensemble = self.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
+                // Evaluated on its own: the mean of the members' distributions at T = 1.
+                let ensemble = self.load_teacher(&ModelSource::ensemble(name, members), Objective::hard_labels())?;
                 let first = ensemble.members[0].config().describe();
                 let same = ensemble.members.iter().all(|m| m.config().describe() == first);
                 let model = format!(
@@ -379,15 +387,13 @@ impl Run<'_> {
         }
     }
 
-    /// A teacher: one network, or an ensemble's members, averaged at `temperature`; each frozen
-    /// in the compute precision once ([`Mlp::frozen`]), so its forward passes cast no weights.
-    fn load_teacher(&self, source: &ModelSource, temperature: f64) -> Result<Teacher> {
-        let sources = match source {
-            ModelSource::Ensemble { members, .. } => members.as_slice(),
-            single => std::slice::from_ref(single),
-        };
-        let members = sources.iter().map(|s| Ok(self.load_model(s)?.1.frozen())).collect::<Result<Vec<_>>>()?;
-        Ok(Teacher { members, temperature })
+    /// A teacher for `objective`: one network, or an ensemble's members, averaged at the
+    /// objective's temperature; each frozen in the compute precision once ([`Mlp::frozen`]), so
+    /// its forward passes cast no weights.
+    fn load_teacher(&self, source: &ModelSource, objective: Objective) -> Result<Teacher> {
+        let members =
+            networks(source).iter().map(|s| Ok(self.load_model(s)?.1.frozen())).collect::<Result<Vec<_>>>()?;
+        Ok(Teacher { members, objective })
     }
 
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
@@ -458,16 +464,12 @@ impl Run<'_> {
         transfer: &Split,
         spec: &DistillSpec,
     ) -> Result<Tensor> {
-        let sources = match source {
-            ModelSource::Ensemble { members, .. } => members.as_slice(),
-            single => std::slice::from_ref(single),
-        };
-        let members = sources
+        let members = networks(source)
             .iter()
             .zip(&teacher.members)
-            .map(|(s, net)| self.network_logits(s, net, transfer, spec))
+            .map(|(s, net)| self.network_logits(s, net, transfer, spec, &teacher.objective))
             .collect::<Result<Vec<_>>>()?;
-        train::combine_logits(&members, teacher.temperature)
+        Ok(teacher.objective.ensemble_logits(&members)?)
     }
 
     fn check_top_k(&self, stage: &str, k: i64) -> Result<()> {
@@ -477,9 +479,10 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The teacher's top-`k` soft targets over the transfer set (see [`train::top_k_targets`]),
-    /// computed chunk by chunk so that no full `[n, classes]` matrix is ever held, and cached on
-    /// disk keyed by every member's checkpoint, the set, T and k.
+    /// The teacher's top-`k` soft targets over the transfer set at its objective's T (see
+    /// [`Objective::top_k_targets`]), computed chunk by chunk so that no full `[n, classes]`
+    /// matrix is ever held, and cached on disk keyed by every member's checkpoint, the set, T
+    /// and k.
     fn teacher_top_k(
         &self,
         source: &ModelSource,
@@ -487,21 +490,13 @@ impl Run<'_> {
         transfer: &Split,
         spec: &DistillSpec,
         k: i64,
-    ) -> Result<(Tensor, Tensor)> {
-        let sources = match source {
-            ModelSource::Ensemble { members, .. } => members.as_slice(),
-            single => std::slice::from_ref(single),
-        };
+    ) -> Result<TeacherTargets> {
+        let t = teacher.objective.temperature().context("top-k targets are soft targets at a temperature")?;
         let mut parts: Vec<Vec<u8>> =
-            sources.iter().map(|s| Ok(std::fs::read(self.source_path(s)?)?)).collect::<Result<_>>()?;
+            networks(source).iter().map(|s| Ok(std::fs::read(self.source_path(s)?)?)).collect::<Result<_>>()?;
         let d = &self.exp.data;
-        let identity = format!(
-            "top-k|{d:?}|{:?}|{:?}|{}|T{}|k{k}",
-            spec.transfer_exclude,
-            spec.transfer_only,
-            transfer.len(),
-            spec.temperature
-        );
+        let identity =
+            format!("top-k|{d:?}|{:?}|{:?}|{}|T{t}|k{k}", spec.transfer_exclude, spec.transfer_only, transfer.len());
         parts.push(identity.into_bytes());
         let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
@@ -509,29 +504,28 @@ impl Run<'_> {
         if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)]) {
             info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
             let classes = cached.pop().expect("two tensors").to(self.device);
-            return Ok((cached.pop().expect("two tensors").to(self.device), classes));
+            let probs = cached.pop().expect("two tensors").to(self.device);
+            return Ok(TeacherTargets::top_k(probs, classes, t)?);
         }
-        let (mut probs, mut classes) = (Vec::new(), Vec::new());
-        let n = transfer.len();
-        for start in (0..n).step_by(EVAL_BATCH as usize) {
-            let logits = teacher.logits(&transfer.range(start, EVAL_BATCH.min(n - start)))?;
-            let (p, c) = train::top_k_targets(&logits, k, spec.temperature)?;
-            probs.push(p);
-            classes.push(c);
-        }
-        let (probs, classes) = (Tensor::cat(&probs, 0), Tensor::cat(&classes, 0));
-        write_cache(&path, &[("probs", &probs), ("classes", &classes)])?;
+        let chunks = train::in_chunks(transfer.len(), EVAL_BATCH, |start, len| {
+            Ok(teacher.objective.top_k_targets(&teacher.logits(&transfer.range(start, len))?, k)?)
+        })?;
+        let targets = TeacherTargets::cat(&chunks)?;
+        let top = targets.as_top_k().context("top-k targets")?;
+        write_cache(&path, &[("probs", top.probs), ("classes", top.classes)])?;
         info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
-        Ok((probs, classes))
+        Ok(targets)
     }
 
-    /// One network's logits over the transfer set, cached on disk by checkpoint and set.
+    /// One network's logits over the transfer set, cached on disk by checkpoint and set (and,
+    /// averaged over translations, at the objective's temperature).
     fn network_logits(
         &self,
         source: &ModelSource,
         teacher: &Mlp,
         transfer: &Split,
         spec: &DistillSpec,
+        objective: &Objective,
     ) -> Result<Tensor> {
         let checkpoint = std::fs::read(self.source_path(source)?)?;
         let d = &self.exp.data;
@@ -539,7 +533,7 @@ impl Run<'_> {
         // averaged over translations, also their range and T.
         let mut identity = format!("{d:?}|{:?}|{:?}|{}", spec.transfer_exclude, spec.transfer_only, transfer.len());
         if let Some(n) = spec.translations {
-            identity.push_str(&format!("|translations {n}|T{}", spec.temperature));
+            identity.push_str(&format!("|translations {n}|T{}", objective.ensemble_temperature()));
         }
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
@@ -549,13 +543,13 @@ impl Run<'_> {
             return Ok(cached[0].to(self.device));
         }
         let logits = match (spec.translations, self.data.geometry) {
-            (None, _) => train::logits(teacher, transfer, EVAL_BATCH),
+            (None, _) => train::logits(teacher, transfer, EVAL_BATCH)?,
             (Some(n), Some((rows, cols))) if n >= rows.min(cols) => {
                 bail!("teacher_translations = {n} would move {rows} x {cols} images out of the frame")
             }
             (Some(n), Some(geometry)) => {
                 info!("teacher soft targets averaged over {} translations of each image", (2 * n + 1).pow(2));
-                train::translation_averaged_logits(teacher, transfer, EVAL_BATCH, geometry, n, spec.temperature)?
+                train::translation_averaged_logits(teacher, transfer, EVAL_BATCH, geometry, n, objective)?
             }
             (Some(_), None) => bail!("`teacher_translations` needs images; this data has none"),
         };
@@ -661,6 +655,12 @@ impl Run<'_> {
         let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
         let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
         let mut guard = train::LossGuard::default();
+        let settings = LoopSettings {
+            batch_size: training.batch_size,
+            jitter: training.jitter,
+            geometry,
+            report_every: REPORT_EVERY,
+        };
         for epoch in first_epoch..training.epochs {
             let started = Instant::now();
             // Reseeding each epoch makes a resumed run identical to an uninterrupted one.
@@ -676,9 +676,7 @@ impl Run<'_> {
                 &mut trainer,
                 (split, examples.as_ref()),
                 supervision,
-                training,
-                geometry,
-                REPORT_EVERY,
+                &settings,
                 &mut guard,
                 |step, loss| progress.step(epoch as u64, step as u64, loss),
             )
@@ -795,10 +793,12 @@ impl Run<'_> {
     ) -> Result<()> {
         let model = (format!("mlp {}", net.config().describe()), net.num_params());
         let frozen = net.frozen();
-        self.record_with(tables, stage, kind, model, &|x| Ok(frozen.forward_t(x, false)), started, shift)
+        self.record_with(tables, stage, kind, model, &|x| Ok(frozen.forward_t(x, false)), started, shift)?;
+        Ok(())
     }
 
-    /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`.
+    /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`;
+    /// returns its evaluation on the test split (with each example's prediction).
     #[allow(clippy::too_many_arguments)]
     fn record_with(
         &self,
@@ -809,7 +809,7 @@ impl Run<'_> {
         logits: &dyn Fn(&Tensor) -> Result<Tensor>,
         started: Instant,
         shift: Option<f64>,
-    ) -> Result<()> {
+    ) -> Result<Evaluation> {
         let classes = self.data.num_classes;
         let val = match &self.data.validation {
             Some(v) => Some(train::evaluate_with(logits, v, None, classes)?),
@@ -861,7 +861,7 @@ impl Run<'_> {
             shared_errors: None,
             transfer_agreement: None,
         });
-        Ok(())
+        Ok(test)
     }
 
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
@@ -915,6 +915,14 @@ impl Run<'_> {
     }
 }
 
+/// The single models a source stands for: an ensemble's members, or the source itself.
+fn networks(source: &ModelSource) -> &[ModelSource] {
+    match source {
+        ModelSource::Ensemble { members, .. } => members.as_slice(),
+        single => std::slice::from_ref(single),
+    }
+}
+
 /// Checks, before allocating it, that a network of layer widths `sizes` has at most
 /// [`MAX_PARAMETERS`] parameters and, on the CPU, that its weights, gradients and optimizer
 /// state (16 bytes a parameter at most, with Adam) fit in the memory the machine has available.
@@ -963,9 +971,9 @@ fn diverged(
 ) -> anyhow::Error {
     let Some(d) = error.downcast_ref::<train::Diverged>() else { return error };
     let mut causes = vec![format!("a learning rate too high (lr = {lr} in this epoch)")];
-    if let Supervision::Distill { spec, .. } = supervision {
-        if spec.objective == crate::config::Objective::Soft {
-            causes.push(format!("the temperature (T = {})", spec.temperature));
+    if supervision.objective.uses_teacher() {
+        if let Some(t) = supervision.objective.temperature() {
+            causes.push(format!("the temperature (T = {t})"));
         }
         causes.push("a teacher whose outputs are not finite".into());
     }

@@ -22,7 +22,6 @@ use kd_specialists::{
     covariance_to_correlation, covering_specialists, dustbin_logit_shift, raise_dustbin, specialist_from_generalist,
     ClassSubset, CombineConfig, CovarianceAccumulator, KMeansConfig,
 };
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{nn, nn::ModuleT, Kind, Tensor};
@@ -76,13 +75,11 @@ impl Run<'_> {
         let val = self.data.validation.as_ref().context("subsets come from the validation split")?;
         let matrix = tch::no_grad(|| -> Result<Tensor> {
             let mut covariance = CovarianceAccumulator::new();
-            let mut predicted = Vec::new();
-            for start in (0..val.len()).step_by(EVAL_BATCH as usize) {
-                let probs =
-                    net.forward_t(&val.range(start, EVAL_BATCH.min(val.len() - start)), false).softmax(1, Kind::Float);
-                predicted.push(probs.argmax(1, false));
+            let predicted = train::in_chunks(val.len(), EVAL_BATCH, |start, len| {
+                let probs = net.forward_t(&val.range(start, len), false).softmax(1, Kind::Float);
                 covariance.add(&probs)?;
-            }
+                Ok(probs.argmax(1, false))
+            })?;
             Ok(match affinity {
                 Affinity::Covariance => covariance.finish()?,
                 Affinity::Correlation => covariance_to_correlation(&covariance.finish()?)?,
@@ -186,73 +183,25 @@ impl Run<'_> {
             .map(|m| Ok(self.load_specialist(stage, m, &subsets[m])?.1.frozen()))
             .collect::<Result<Vec<_>>>()?;
         let generalist = generalist.frozen();
-        let cfg = CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() };
-        let combined = |x: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
-            let pg = generalist.forward_t(x, false).softmax(1, Kind::Float);
-            let active = active_specialists(&pg, &subsets, *top_n)?;
-            let b = x.size()[0];
-            // Each specialist runs on the examples that consult it; the other rows are ignored.
-            let probs: Vec<Tensor> = nets
-                .iter()
-                .zip(&subsets)
-                .enumerate()
-                .map(|(m, (net, subset))| {
-                    let rows = active.select(1, m as i64).nonzero().squeeze_dim(1);
-                    let width = subset.output_width();
-                    let out = net.forward_t(&x.index_select(0, &rows), false).softmax(1, Kind::Float);
-                    Tensor::full([b, width], 1.0 / width as f64, (Kind::Float, x.device())).index_copy(0, &rows, &out)
-                })
-                .collect();
-            let pairs: Vec<(&ClassSubset, &Tensor)> = subsets.iter().zip(&probs).collect();
-            let q = combine(&pg, &pairs, &active, &cfg)?.probs;
-            Ok((pg, active, q))
+        let combination = Combination {
+            generalist: &generalist,
+            nets: &nets,
+            subsets: &subsets,
+            top_n: *top_n,
+            cfg: CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() },
         };
         let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
         let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
-        // The evaluation below runs over the validation split, then the test split, chunk by
-        // chunk; what Table 4 needs of each chunk is kept on the way, so that eq. 5 is solved
-        // once per example.
-        let kept: RefCell<Vec<(Tensor, Tensor, Tensor)>> = RefCell::new(Vec::new());
-        let logits = |x: &Tensor| {
-            let (pg, active, q) = combined(x)?;
-            kept.borrow_mut().push((pg.argmax(1, false), q.argmax(1, false), active.any_dim(1, false)));
-            Ok(q.clamp_min(1e-30).log())
-        };
-        self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
+        let logits = |x: &Tensor| combination.logits(x);
+        let test = self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
 
-        // Table 4: test examples by the number of specialists covering their class.
-        let test = &self.data.test;
-        let kept = kept.into_inner();
-        let chunks = ((test.len() + EVAL_BATCH - 1) / EVAL_BATCH) as usize;
-        let first = kept.len().checked_sub(chunks).context("fewer evaluated chunks than test chunks")?;
-        let column =
-            |i: usize| Tensor::cat(&kept[first..].iter().map(|k| [&k.0, &k.1, &k.2][i]).collect::<Vec<_>>(), 0);
-        let (generalist_top, combined_top, any_active) = (column(0), column(1), column(2));
-        if generalist_top.size()[0] != test.len() {
-            bail!("stage `{stage}`: {} test predictions for {} test examples", generalist_top.size()[0], test.len());
-        }
-        let covering = covering_specialists(&test.labels, &subsets)?;
-        let bins = subsets.len() as i64 + 1;
-        let count = |mask: &Tensor| -> Result<Vec<i64>> {
-            Ok(Vec::<i64>::try_from(covering.masked_select(mask).bincount::<Tensor>(None, bins))?)
-        };
-        let generalist_ok = count(&generalist_top.eq_tensor(&test.labels))?;
-        let combined_ok = count(&combined_top.eq_tensor(&test.labels))?;
-        let consulted = count(&any_active)?;
-        let examples = Vec::<i64>::try_from(covering.bincount::<Tensor>(None, bins))?;
+        // Table 4: test examples by the number of specialists covering their class, from the
+        // combination's predictions above (eq. 5 is solved once per example).
+        let rows = coverage(stage, &combination, &self.data.test, &test.predictions, EVAL_BATCH)?;
+        let (g, q): (i64, i64) =
+            (rows.iter().map(|r| r.generalist_correct).sum(), rows.iter().map(|r| r.combined_correct).sum());
         tables.coverage.retain(|r| r.stage != stage);
-        for c in (0..bins as usize).filter(|&c| examples[c] > 0) {
-            tables.coverage.push(CoverageRow {
-                stage: stage.to_string(),
-                split: "test".into(),
-                covering: c as i64,
-                examples: examples[c],
-                generalist_correct: generalist_ok[c],
-                combined_correct: combined_ok[c],
-                consulted: consulted[c],
-            });
-        }
-        let (g, q): (i64, i64) = (generalist_ok.iter().sum(), combined_ok.iter().sum());
+        tables.coverage.extend(rows);
         info!("stage `{stage}`: top-1 correct on the test split: generalist {g}, with specialists {q} ({:+})", q - g);
         Ok(())
     }
@@ -329,7 +278,7 @@ impl Run<'_> {
             Init::From(svs, net),
             &training,
             (&local_train, Sampling::Draw { n, draw: &draw }),
-            &Supervision::Hard,
+            &Supervision::labels(),
             &targets,
         )?;
         let shift = dustbin_logit_shift(factor);
@@ -446,4 +395,134 @@ fn relabeled(split: &Split, subset: &ClassSubset) -> Result<Split> {
     let mut view = split.view();
     view.labels = subset.to_local(&split.labels)?;
     Ok(view)
+}
+
+/// A generalist and its specialists, combined by eq. 5 for the examples for which the
+/// generalist's `top_n` most probable classes fall in some specialist's subset.
+struct Combination<'a> {
+    generalist: &'a Mlp,
+    nets: &'a [Mlp],
+    subsets: &'a [ClassSubset],
+    top_n: i64,
+    cfg: CombineConfig,
+}
+
+impl Combination<'_> {
+    /// The generalist's distributions `[b, N]` on inputs `x` and which specialists each example
+    /// consults (`[b, M]` bool).
+    fn consults(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pg = self.generalist.forward_t(x, false).softmax(1, Kind::Float);
+        let active = active_specialists(&pg, self.subsets, self.top_n)?;
+        Ok((pg, active))
+    }
+
+    /// `log q` of the combination on inputs `x`: the generalist's distribution where no
+    /// specialist is consulted, eq. 5's solution elsewhere.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (pg, active) = self.consults(x)?;
+        let b = x.size()[0];
+        // Each specialist runs on the examples that consult it; the other rows are ignored.
+        let probs: Vec<Tensor> = self
+            .nets
+            .iter()
+            .zip(self.subsets)
+            .enumerate()
+            .map(|(m, (net, subset))| {
+                let rows = active.select(1, m as i64).nonzero().squeeze_dim(1);
+                let width = subset.output_width();
+                let out = net.forward_t(&x.index_select(0, &rows), false).softmax(1, Kind::Float);
+                Tensor::full([b, width], 1.0 / width as f64, (Kind::Float, x.device())).index_copy(0, &rows, &out)
+            })
+            .collect();
+        let pairs: Vec<(&ClassSubset, &Tensor)> = self.subsets.iter().zip(&probs).collect();
+        let q = combine(&pg, &pairs, &active, &self.cfg)?.probs;
+        Ok(q.clamp_min(1e-30).log())
+    }
+}
+
+/// Table 4 for `split`: its examples by the number of specialists whose subset holds their true
+/// class, with the generalist's top-1 correct, the combination's (`combined`, its prediction
+/// for each example of the split, in order) and how many consulted a specialist. The
+/// generalist's answers come from a pass over the split in chunks of `chunk`, which only
+/// decides memory: each example's row depends on that example alone.
+fn coverage(
+    stage: &str,
+    combination: &Combination,
+    split: &Split,
+    combined: &Tensor,
+    chunk: i64,
+) -> Result<Vec<CoverageRow>> {
+    let _guard = tch::no_grad_guard();
+    if combined.size() != [split.len()] {
+        bail!("stage `{stage}`: {:?} predictions for {} examples", combined.size(), split.len());
+    }
+    let parts = train::in_chunks(split.len(), chunk, |start, len| {
+        let (pg, active) = combination.consults(&split.range(start, len))?;
+        Ok((pg.argmax(1, false), active.any_dim(1, false)))
+    })?;
+    let (tops, consulted): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+    let (generalist_top, any_active) = (Tensor::cat(&tops, 0), Tensor::cat(&consulted, 0));
+    let covering = covering_specialists(&split.labels, combination.subsets)?;
+    let bins = combination.subsets.len() as i64 + 1;
+    let count = |mask: &Tensor| -> Result<Vec<i64>> {
+        Ok(Vec::<i64>::try_from(covering.masked_select(mask).bincount::<Tensor>(None, bins))?)
+    };
+    let generalist_ok = count(&generalist_top.eq_tensor(&split.labels))?;
+    let combined_ok = count(&combined.eq_tensor(&split.labels))?;
+    let consulted = count(&any_active)?;
+    let examples = Vec::<i64>::try_from(covering.bincount::<Tensor>(None, bins))?;
+    Ok((0..bins as usize)
+        .filter(|&c| examples[c] > 0)
+        .map(|c| CoverageRow {
+            stage: stage.to_string(),
+            split: "test".into(),
+            covering: c as i64,
+            examples: examples[c],
+            generalist_correct: generalist_ok[c],
+            combined_correct: combined_ok[c],
+            consulted: consulted[c],
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kd_models::MlpConfig;
+
+    #[test]
+    fn table_4_is_the_same_whatever_the_chunks() {
+        // A random generalist over 6 classes and two specialists; the combination evaluated and
+        // Table 4 counted with chunks of 1, 4 and 1000 examples give the same rows.
+        tch::manual_seed(11);
+        let (inputs, classes, n) = (5i64, 6i64, 37i64);
+        let net = |sizes: Vec<i64>| {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let net = Mlp::new(&vs.root(), MlpConfig { sizes, ..Default::default() }).unwrap();
+            (vs, net)
+        };
+        let (_g, generalist) = net(vec![inputs, 8, classes]);
+        let subsets = vec![ClassSubset::new([0, 1, 2], classes).unwrap(), ClassSubset::new([2, 3], classes).unwrap()];
+        let specialists: Vec<_> = subsets.iter().map(|s| net(vec![inputs, 8, s.output_width()])).collect();
+        let nets: Vec<Mlp> = specialists.iter().map(|(_, m)| m.frozen()).collect();
+        // No early end of eq. 5's descent, which would depend on the other examples of a chunk.
+        let cfg = CombineConfig { iterations: 10, tolerance: 0.0, ..CombineConfig::default() };
+        let combination = Combination { generalist: &generalist, nets: &nets, subsets: &subsets, top_n: 2, cfg };
+        let x = Tensor::randn([n, inputs], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let split = Split::new(x, Tensor::randint(classes, [n], (Kind::Int64, tch::Device::Cpu)));
+        let logits = |x: &Tensor| combination.logits(x);
+        let table = |chunk: i64| {
+            let eval = train::eval::evaluate_in_chunks(&logits, &split, None, classes, chunk).unwrap();
+            coverage("s", &combination, &split, &eval.predictions, chunk).unwrap()
+        };
+        let reference = table(1000);
+        assert_eq!(reference.iter().map(|r| r.examples).sum::<i64>(), n);
+        assert!(reference.iter().any(|r| r.consulted > 0), "{reference:?}");
+        for chunk in [1, 4] {
+            assert_eq!(table(chunk), reference, "chunk {chunk}");
+        }
+        // Predictions of another length are refused, not truncated.
+        let short = Tensor::zeros([n - 1], (Kind::Int64, tch::Device::Cpu));
+        assert!(coverage("s", &combination, &split, &short, 4).is_err());
+    }
 }
