@@ -9,8 +9,9 @@
 //! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
 //! rows) and `specialist_coverage.csv` (Table 4).
 
+use super::fit::{Init, Sampling, Targets};
 use super::tables::{self, Tables};
-use super::{Init, Run, Sampling, Targets};
+use super::Run;
 use crate::config::{Affinity, Job, Training};
 use crate::data::Split;
 use crate::run::output::{self, CoverageRow, SpecialistRow, SubsetRow};

@@ -1,0 +1,148 @@
+//! Scoring a model and recording it: `summary.csv` and `class_errors.csv` rows for evaluate and
+//! ensemble stages and for every trained model.
+
+use super::device_name;
+use super::distill::Fidelity;
+use super::fit::Fit;
+use super::output::{ClassErrorsRow, SummaryRow};
+use super::tables::Tables;
+use super::Run;
+use crate::config::ModelSource;
+use crate::train::{self, Evaluation};
+use anyhow::{bail, Result};
+use kd_core::Objective;
+use kd_models::Mlp;
+use std::time::Instant;
+use tch::{nn::ModuleT, Tensor};
+use tracing::info;
+
+impl Run<'_> {
+    /// An ensemble stage: its members' mean distribution at T = 1, scored like a model.
+    pub(super) fn ensemble(
+        &self,
+        tables: &mut Tables,
+        name: &str,
+        members: &[ModelSource],
+        started: Instant,
+    ) -> Result<()> {
+        // Evaluated on its own: the mean of the members' distributions at T = 1.
+        let ensemble = self.load_teacher(&ModelSource::ensemble(name, members), Objective::hard_labels())?;
+        let first = ensemble.members[0].config().describe();
+        let same = ensemble.members.iter().all(|m| m.config().describe() == first);
+        let model =
+            format!("ensemble of {} x mlp {}", ensemble.members.len(), if same { first } else { "(mixed)".into() });
+        let parameters = ensemble.members.iter().map(Mlp::num_params).sum();
+        let logits = |x: &Tensor| ensemble.logits(x);
+        self.record_with(tables, name, "ensemble", (model, parameters), &logits, started, None)?;
+        Ok(())
+    }
+
+    /// [`Self::record`] for a model a stage trained, with its accuracy on its training examples,
+    /// the seconds of its epochs before a resume, and, for a student, how closely it follows its
+    /// teacher on the test set.
+    pub(super) fn record_trained(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        net: &Mlp,
+        (fit, fidelity): (Fit, Option<Fidelity>),
+        started: Instant,
+    ) -> Result<()> {
+        self.record(tables, stage, kind, net, started, None)?;
+        if let Some(row) = tables.summary.iter_mut().rfind(|r| r.stage == stage) {
+            row.train_accuracy = Some(fit.accuracy);
+            row.seconds += fit.earlier_seconds;
+            if let Some(Fidelity { test, transfer }) = fidelity {
+                row.teacher_agreement = Some(test.rate());
+                row.teacher_errors = Some(test.teacher_errors);
+                row.shared_errors = Some(test.shared_errors);
+                row.transfer_agreement = Some(transfer.rate());
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates `net` on the validation and test splits and records its summary and per-class rows.
+    pub(super) fn record(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        net: &Mlp,
+        started: Instant,
+        shift: Option<f64>,
+    ) -> Result<()> {
+        let model = (format!("mlp {}", net.config().describe()), net.num_params());
+        let frozen = net.frozen();
+        self.record_with(tables, stage, kind, model, &|x| Ok(frozen.forward_t(x, false)), started, shift)?;
+        Ok(())
+    }
+
+    /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`;
+    /// returns its evaluation on the test split (with each example's prediction).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn record_with(
+        &self,
+        tables: &mut Tables,
+        stage: &str,
+        kind: &str,
+        (model, parameters): (String, i64),
+        logits: &dyn Fn(&Tensor) -> Result<Tensor>,
+        started: Instant,
+        shift: Option<f64>,
+    ) -> Result<Evaluation> {
+        let classes = self.data.num_classes;
+        let val = match &self.data.validation {
+            Some(v) => Some(train::evaluate_with(logits, v, None, classes)?),
+            None => None,
+        };
+        let test = train::evaluate_with(logits, &self.data.test, None, classes)?;
+        // Finite weights can still overflow to infinite logits (a huge bias shift, say): such
+        // outputs are no result.
+        for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
+            if let Some(loss) = e.map(|e| e.loss).filter(|l| !l.is_finite()) {
+                bail!(
+                    "stage `{stage}`: the model's outputs on the {split} split are not finite (its loss is {loss}), \
+                     so no results are recorded for it"
+                );
+            }
+        }
+        info!(
+            "stage `{stage}`: {} test errors of {} ({:.2}% accuracy)",
+            test.errors,
+            test.examples,
+            100.0 * test.accuracy()
+        );
+        for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
+            let Some(e) = e else { continue };
+            for c in 0..classes as usize {
+                tables.class_errors.push(ClassErrorsRow {
+                    stage: stage.to_string(),
+                    split: split.to_string(),
+                    class: c as i64,
+                    examples: e.class_examples[c],
+                    errors: e.class_errors[c],
+                });
+            }
+        }
+        tables.summary.push(SummaryRow {
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            model,
+            parameters,
+            val_errors: val.as_ref().map(|v| v.errors),
+            test_errors: test.errors,
+            test_accuracy: test.accuracy(),
+            shift,
+            seconds: started.elapsed().as_secs_f64(),
+            device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
+            train_accuracy: None,
+            teacher_agreement: None,
+            teacher_errors: None,
+            shared_errors: None,
+            transfer_agreement: None,
+        });
+        Ok(test)
+    }
+}
