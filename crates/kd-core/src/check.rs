@@ -26,20 +26,76 @@ pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }
 
-/// A `[batch, classes]` floating-point tensor with both dimensions >= 1. Returns its shape.
-pub(crate) fn matrix(arg: &'static str, x: &Tensor) -> Result<Vec<i64>> {
+/// What makes a tensor unfit as a `[rows, cols]` floating-point matrix (of logits,
+/// probabilities, or points), as [`matrix_shape`] finds it. Its message names no argument: the
+/// caller adds the name.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum MatrixProblem {
+    /// Not of rank 2: the tensor's shape.
+    #[error("must have rank 2, got shape {0:?}")]
+    Rank(Vec<i64>),
+    /// A dimension is 0: the tensor's shape.
+    #[error("has an empty dimension: shape {0:?}")]
+    Empty(Vec<i64>),
+    /// Not half, bfloat16, float or double: the tensor's dtype.
+    #[error("must be a floating-point tensor, got dtype {0:?}")]
+    NotFloat(Kind),
+    /// A dtype tch does not know (its number in libtorch's `ScalarType`).
+    #[error("must be a floating-point tensor, got a dtype tch does not know ({0})")]
+    UnknownKind(i32),
+}
+
+/// The `(rows, cols)` of a `[rows, cols]` floating-point (half, bfloat16, float or double)
+/// tensor with both dimensions `>= 1`, read from metadata only (no GPU synchronization); the
+/// check every function of this crate applies to logits and probabilities, for crates that
+/// check their own arguments the same way.
+///
+/// ```text
+/// rank(x) = 2,  rows >= 1,  cols >= 1,  dtype(x) in {f16, bf16, f32, f64}
+/// ```
+///
+/// # Errors
+/// The first [`MatrixProblem`] found, in the order rank, empty dimension, dtype.
+///
+/// # Example
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use kd_core::{matrix_shape, MatrixProblem};
+/// assert_eq!(matrix_shape(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))), Ok((2, 3)));
+/// let flat = Tensor::zeros([6], (Kind::Float, Device::Cpu));
+/// assert_eq!(matrix_shape(&flat), Err(MatrixProblem::Rank(vec![6])));
+/// let ids = Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu));
+/// assert_eq!(matrix_shape(&ids).unwrap_err().to_string(), "must be a floating-point tensor, got dtype Int64");
+/// ```
+pub fn matrix_shape(x: &Tensor) -> std::result::Result<(i64, i64), MatrixProblem> {
     let shape = x.size();
-    if shape.len() != 2 {
-        return Err(Error::BadRank { arg, shape });
+    let &[rows, cols] = shape.as_slice() else {
+        return Err(MatrixProblem::Rank(shape));
+    };
+    if rows == 0 || cols == 0 {
+        return Err(MatrixProblem::Empty(shape));
     }
-    if shape[0] == 0 || shape[1] == 0 {
-        return Err(Error::EmptyDim { arg, shape });
-    }
-    let kind = x.f_kind()?;
+    let kind = match x.f_kind() {
+        Ok(kind) => kind,
+        Err(tch::TchError::UnknownKind(k)) => return Err(MatrixProblem::UnknownKind(k)),
+        Err(_) => return Err(MatrixProblem::UnknownKind(-1)),
+    };
     if !is_float(kind) {
-        return Err(Error::NotFloat { arg, kind });
+        return Err(MatrixProblem::NotFloat(kind));
     }
-    Ok(shape)
+    Ok((rows, cols))
+}
+
+/// A `[batch, classes]` floating-point tensor with both dimensions >= 1 ([`matrix_shape`]).
+/// Returns its shape.
+pub(crate) fn matrix(arg: &'static str, x: &Tensor) -> Result<Vec<i64>> {
+    match matrix_shape(x) {
+        Ok((rows, cols)) => Ok(vec![rows, cols]),
+        Err(MatrixProblem::Rank(shape)) => Err(Error::BadRank { arg, shape }),
+        Err(MatrixProblem::Empty(shape)) => Err(Error::EmptyDim { arg, shape }),
+        Err(MatrixProblem::NotFloat(kind)) => Err(Error::NotFloat { arg, kind }),
+        Err(MatrixProblem::UnknownKind(k)) => Err(Error::Torch(tch::TchError::UnknownKind(k))),
+    }
 }
 
 /// Student logits and a teacher-side tensor (`arg`) of the same shape on the same device.
@@ -95,6 +151,16 @@ mod tests {
         for w in [-1e-9, f64::NAN, f64::INFINITY] {
             assert!(matches!(weight("soft", w), Err(Error::InvalidWeight { name: "soft", .. })));
         }
+    }
+
+    #[test]
+    fn matrix_shape_names_the_problem_without_an_argument() {
+        let f = |shape: &[i64], kind| Tensor::zeros(shape, (kind, tch::Device::Cpu));
+        assert_eq!(matrix_shape(&f(&[4, 1], Kind::BFloat16)), Ok((4, 1)));
+        assert_eq!(matrix_shape(&f(&[2, 3, 1], Kind::Float)), Err(MatrixProblem::Rank(vec![2, 3, 1])));
+        let empty = matrix_shape(&f(&[2, 0], Kind::Float)).unwrap_err();
+        assert_eq!(empty.to_string(), "has an empty dimension: shape [2, 0]");
+        assert_eq!(matrix_shape(&f(&[2, 2], Kind::Bool)), Err(MatrixProblem::NotFloat(Kind::Bool)));
     }
 
     #[test]

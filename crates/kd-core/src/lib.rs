@@ -40,6 +40,7 @@ mod objective;
 mod softmax;
 mod topk;
 
+pub use check::{matrix_shape, MatrixProblem};
 pub use ensemble::{ensemble_logits, ensemble_probs, EnsembleRule};
 pub use error::{Error, Result};
 pub use loss::{

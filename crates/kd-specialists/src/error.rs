@@ -30,10 +30,6 @@ pub(crate) fn bad(arg: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Argument { arg: arg.into(), reason: reason.into() }
 }
 
-pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
-}
-
 /// The dtype computations run in: double stays double, everything else becomes float.
 pub(crate) fn compute_kind(kind: Kind) -> Kind {
     if kind == Kind::Double {
@@ -43,20 +39,10 @@ pub(crate) fn compute_kind(kind: Kind) -> Kind {
     }
 }
 
-/// A `[rows, cols]` floating-point tensor with both dimensions >= 1. Returns `(rows, cols)`.
+/// A `[rows, cols]` floating-point tensor with both dimensions >= 1, kd-core's check
+/// ([`kd_core::matrix_shape`]). Returns `(rows, cols)`.
 pub(crate) fn matrix(arg: &str, x: &Tensor) -> Result<(i64, i64)> {
-    let shape = x.size();
-    let &[rows, cols] = shape.as_slice() else {
-        return Err(bad(arg, format!("must have rank 2, got shape {shape:?}")));
-    };
-    if rows == 0 || cols == 0 {
-        return Err(bad(arg, format!("has an empty dimension: shape {shape:?}")));
-    }
-    let kind = x.f_kind()?;
-    if !is_float(kind) {
-        return Err(bad(arg, format!("must be a floating-point tensor, got dtype {kind:?}")));
-    }
-    Ok((rows, cols))
+    kd_core::matrix_shape(x).map_err(|problem| bad(arg, problem.to_string()))
 }
 
 /// A 1-D int64 tensor. Returns its length.
