@@ -106,7 +106,6 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     };
     // Speech frames (synthetic or from files): windows, a validation split of their own.
     let framed = !matches!(data.source, DataSource::Mnist { .. });
-    let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
     let mut expanded = Vec::new();
     for s in raw.stages {
@@ -125,15 +124,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         if let Some(problem) = derived_name_clash(&name, s.kind == StageKind::Specialists, &stages) {
             stage_bail!(text, s, "{problem}; rename one of them");
         }
-        let allowed: &[&str] = match s.kind {
-            StageKind::Train => &TRAIN_KEYS,
-            StageKind::Distill => &distill_keys,
-            StageKind::Evaluate => &["from", "checkpoint", "paper"],
-            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
-            StageKind::Ensemble => &["members", "paper"],
-            StageKind::Clusters => &CLUSTER_KEYS,
-            StageKind::Specialists => &SPECIALIST_KEYS,
-        };
+        let allowed = s.kind.accepted_keys();
         if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
             stage_bail!(
                 text,

@@ -600,3 +600,112 @@ fn an_older_config_toml_reads_with_defaults() {
     let err = toml::from_str::<Experiment>(&two).unwrap_err().to_string();
     assert!(err.contains("exactly one of `dir`, `speech` and `files`"), "{err}");
 }
+
+/// Each kind's keys as the error messages list them.
+const KIND_KEYS: [(&str, &str); 7] = [
+    (
+        "train",
+        "model, seed, epochs, batch_size, optimizer, schedule, jitter, train_fraction, early_stopping, sweep, paper",
+    ),
+    (
+        "distill",
+        "model, seed, epochs, batch_size, optimizer, schedule, jitter, train_fraction, early_stopping, sweep, paper, \
+         teacher, teacher_checkpoint, teacher_top_k, teacher_translations, temperature, hard_weight, soft_weight, \
+         objective, transfer_exclude, transfer_only",
+    ),
+    ("evaluate", "from, checkpoint, paper"),
+    ("bias_shift", "from, checkpoint, classes, shifts, fixed_shift, paper"),
+    ("ensemble", "members, paper"),
+    (
+        "clusters",
+        "from, checkpoint, affinity, clusters, walk_steps, repeats, min_size, max_size, count, kmeans, seed, paper",
+    ),
+    (
+        "specialists",
+        "from, checkpoint, subsets, seed, epochs, batch_size, optimizer, schedule, early_stopping, examples, top_n, \
+         combine_iterations, paper",
+    ),
+];
+
+#[test]
+fn each_stage_key_is_declared_once_with_a_distinct_place() {
+    let mut names: Vec<&str> = raw::STAGE_KEYS.iter().map(|k| k.key).collect();
+    let mut places: Vec<u32> = raw::STAGE_KEYS.iter().map(|k| k.place).collect();
+    names.sort_unstable();
+    names.dedup();
+    places.sort_unstable();
+    places.dedup();
+    assert_eq!(names.len(), raw::STAGE_KEYS.len());
+    assert_eq!(places.len(), raw::STAGE_KEYS.len(), "two keys share a place");
+    for (kind, keys) in KIND_KEYS {
+        let kind: StageKind = toml::Value::String(kind.into()).try_into().expect("a stage kind");
+        assert_eq!(kind.accepted_keys().join(", "), keys, "{kind:?}");
+    }
+}
+
+#[test]
+fn every_kind_accepts_its_keys_and_rejects_every_other() {
+    // One well-typed value per key; a key declared without one here fails the test.
+    let values = [
+        ("model", "{ hidden = [4] }"),
+        ("seed", "1"),
+        ("epochs", "1"),
+        ("batch_size", "8"),
+        ("optimizer", "{ kind = \"sgd\", lr = 0.1 }"),
+        ("schedule", "{ kind = \"exponential\", gamma = 0.5 }"),
+        ("jitter", "1"),
+        ("train_fraction", "0.5"),
+        ("early_stopping", "{ patience = 2 }"),
+        ("teacher", "\"teacher\""),
+        ("teacher_checkpoint", "\"t.safetensors\""),
+        ("teacher_top_k", "2"),
+        ("teacher_translations", "1"),
+        ("temperature", "2.0"),
+        ("hard_weight", "0.5"),
+        ("soft_weight", "0.5"),
+        ("objective", "\"logits\""),
+        ("transfer_exclude", "[1]"),
+        ("transfer_only", "[1]"),
+        ("from", "\"teacher\""),
+        ("checkpoint", "\"t.safetensors\""),
+        ("classes", "[1]"),
+        ("shifts", "{ min = 0.0, max = 1.0, step = 0.5 }"),
+        ("fixed_shift", "1.0"),
+        ("members", "[\"teacher\"]"),
+        ("affinity", "\"confusion\""),
+        ("clusters", "2"),
+        ("walk_steps", "1"),
+        ("repeats", "1"),
+        ("min_size", "1"),
+        ("max_size", "2"),
+        ("count", "1"),
+        ("kmeans", "{ iterations = 1 }"),
+        ("subsets", "\"groups\""),
+        ("examples", "10"),
+        ("top_n", "1"),
+        ("combine_iterations", "1"),
+        ("paper", "{ test_errors = 1.0 }"),
+    ];
+    let base = GOOD.split("[[stages]]\nname = \"student\"").next().expect("GOOD has a student");
+    for key in raw::STAGE_KEYS {
+        // A sweep is expanded into stages before the keys are checked; the keys it sets are.
+        if key.key == "sweep" {
+            continue;
+        }
+        let value = values.iter().find(|(k, _)| *k == key.key).map(|(_, v)| v);
+        let value = value.unwrap_or_else(|| panic!("no test value for the stage key `{}`", key.key));
+        for (kind, keys) in KIND_KEYS {
+            let text = format!("{base}[[stages]]\nname = \"probe\"\nkind = \"{kind}\"\n{} = {value}\n", key.key);
+            let line = text.lines().position(|l| l == "name = \"probe\"").expect("probe stage") + 1;
+            let rejected =
+                format!("{line}: stage `probe`: `{}` does not apply to a {kind} stage (its keys: {keys})", key.key);
+            let msg = parse(&text).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            let kind_value: StageKind = toml::Value::String(kind.into()).try_into().expect("a stage kind");
+            if key.kinds.contains(&kind_value) {
+                assert!(!msg.contains("does not apply to a"), "{kind} should accept `{}`: {msg}", key.key);
+            } else {
+                assert!(msg.contains(&rejected), "{kind} should reject `{}`:\n{msg}\nexpected: {rejected}", key.key);
+            }
+        }
+    }
+}
