@@ -207,6 +207,6 @@ fn flush_denormals() {
 fn print_summary(rows: &[run::output::SummaryRow]) {
     println!("{:<24} {:<26} {:>10} {:>12} {:>10}", "stage", "model", "parameters", "test errors", "seconds");
     for r in rows {
-        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.stage, r.model, r.parameters, r.test_errors, r.seconds);
+        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.label(), r.model, r.parameters, r.test_errors, r.seconds);
     }
 }

@@ -837,6 +837,7 @@ impl Run<'_> {
             for c in 0..classes as usize {
                 tables.class_errors.push(ClassErrorsRow {
                     stage: stage.to_string(),
+                    variant: String::new(),
                     split: split.to_string(),
                     class: c as i64,
                     examples: e.class_examples[c],
@@ -846,6 +847,7 @@ impl Run<'_> {
         }
         tables.summary.push(SummaryRow {
             stage: stage.to_string(),
+            variant: String::new(),
             kind: kind.to_string(),
             model,
             parameters,
@@ -866,7 +868,7 @@ impl Run<'_> {
 
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
     /// fewest validation errors (ties: the smallest in magnitude), and records the model with
-    /// it, and with `fixed` as `<stage>-fixed`.
+    /// it, and with `fixed` as the stage's variant `fixed`.
     #[allow(clippy::too_many_arguments)]
     fn bias_shift(
         &self,
@@ -909,7 +911,16 @@ impl Run<'_> {
         self.record(tables, stage, "bias_shift", &net, started, Some(chosen))?;
         if let Some(f) = fixed {
             set(f);
-            self.record(tables, &format!("{stage}-fixed"), "bias_shift", &net, started, Some(f))?;
+            let (summary, class_errors) = (tables.summary.len(), tables.class_errors.len());
+            let label = output::row_label(stage, output::FIXED);
+            self.record(tables, &label, "bias_shift", &net, started, Some(f))?;
+            // Recorded under the label (its log lines name it so), kept as the stage's variant.
+            for r in &mut tables.summary[summary..] {
+                (r.stage, r.variant) = (stage.to_string(), output::FIXED.to_string());
+            }
+            for r in &mut tables.class_errors[class_errors..] {
+                (r.stage, r.variant) = (stage.to_string(), output::FIXED.to_string());
+            }
         }
         Ok(())
     }

@@ -84,8 +84,7 @@ impl RunDir {
         output::write_atomic(&config_path, config.as_bytes())?;
         output::write_atomic(&path.join("command.txt"), format!("{command}\n").as_bytes())?;
 
-        let mut tables = Tables::read(&path)?;
-        tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+        let mut tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
         tables.shared = true;
         if legacy {
             let done: Vec<String> =
