@@ -135,7 +135,7 @@ fn try_main() -> Result<(), Failure> {
             let known = |o: &str| {
                 exp.stages.iter().any(|s| {
                     s.name == o
-                        || matches!(s.job, config::Job::Specialists { .. })
+                        || matches!(s.job, config::Job::Specialists(_))
                             && o.strip_prefix(&format!("{}.", s.name)).is_some_and(|m| m.parse::<usize>().is_ok())
                 })
             };

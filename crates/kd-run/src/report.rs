@@ -8,7 +8,10 @@
 //! temperature and student size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
 //! into a training-curves plot.
 
-use crate::config::{Experiment, Job, ModelSource, PaperFigures, Precision, ScheduleKind, Stage, SweepPoint, Training};
+use crate::config::{
+    BiasShiftJob, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, PaperFigures, Precision,
+    ScheduleKind, SpecialistsJob, Stage, SweepPoint, TrainJob, Training,
+};
 use crate::run::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
 use anyhow::{bail, Context, Result};
 use plot::{Chart, Series};
@@ -243,8 +246,8 @@ fn logged_device(log: &str) -> Option<String> {
 /// whose biases it shifts (also for the fixed variant of a shift stage).
 fn focus_classes(stage: Option<&Stage>) -> Vec<i64> {
     match stage.map(|s| &s.job) {
-        Some(Job::Distill { distill, .. }) => distill.transfer_exclude.clone(),
-        Some(Job::BiasShift { classes, .. }) => classes.clone(),
+        Some(Job::Distill(DistillJob { distill, .. })) => distill.transfer_exclude.clone(),
+        Some(Job::BiasShift(BiasShiftJob { classes, .. })) => classes.clone(),
         _ => vec![],
     }
 }
@@ -252,9 +255,9 @@ fn focus_classes(stage: Option<&Stage>) -> Vec<i64> {
 /// The training loop's settings of a stage that trains.
 fn training(stage: &Stage) -> Option<&Training> {
     match &stage.job {
-        Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. } => {
-            Some(training)
-        }
+        Job::Train(TrainJob { training, .. })
+        | Job::Distill(DistillJob { training, .. })
+        | Job::Specialists(SpecialistsJob { training, .. }) => Some(training),
         _ => None,
     }
 }
@@ -262,7 +265,7 @@ fn training(stage: &Stage) -> Option<&Training> {
 /// The hidden widths of a stage's network, for stages that train one.
 fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
     match &stage.job {
-        Job::Train { model, .. } | Job::Distill { model, .. } => Some(model.hidden.clone()),
+        Job::Train(TrainJob { model, .. }) | Job::Distill(DistillJob { model, .. }) => Some(model.hidden.clone()),
         _ => None,
     }
 }
@@ -270,13 +273,13 @@ fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
 /// The name a stage kind has in experiment files (and summary rows).
 fn kind_name(job: &Job) -> &'static str {
     match job {
-        Job::Train { .. } => "train",
-        Job::Distill { .. } => "distill",
-        Job::Evaluate { .. } => "evaluate",
-        Job::BiasShift { .. } => "bias_shift",
-        Job::Ensemble { .. } => "ensemble",
-        Job::Clusters { .. } => "clusters",
-        Job::Specialists { .. } => "specialists",
+        Job::Train(_) => "train",
+        Job::Distill(_) => "distill",
+        Job::Evaluate(_) => "evaluate",
+        Job::BiasShift(_) => "bias_shift",
+        Job::Ensemble(_) => "ensemble",
+        Job::Clusters(_) => "clusters",
+        Job::Specialists(_) => "specialists",
     }
 }
 
@@ -287,7 +290,7 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
     let mut parts = Vec::new();
     // Parts that regularize; the optimizer's parts follow them.
     let mut regularized = false;
-    if let Some(Job::Train { model: m, .. } | Job::Distill { model: m, .. }) = job {
+    if let Some(Job::Train(TrainJob { model: m, .. }) | Job::Distill(DistillJob { model: m, .. })) = job {
         let (pi, ph) = (m.input_dropout, m.hidden_dropout);
         if pi > 0.0 || ph > 0.0 {
             parts.push(format!("dropout {pi}/{ph}"));
@@ -317,7 +320,7 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
         }
         parts.push(text);
     }
-    if let Some(Job::Distill { distill: d, .. }) = job {
+    if let Some(Job::Distill(DistillJob { distill: d, .. })) = job {
         if d.objective == crate::config::Objective::Logits {
             parts.push("logit matching".into());
         } else {
@@ -335,27 +338,27 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
             parts.push(format!("transfer set of classes {:?} only", d.transfer_only));
         }
     }
-    if let Some(Job::Ensemble { members }) = job {
+    if let Some(Job::Ensemble(EnsembleJob { members })) = job {
         let members = member_names(members);
         parts.push(format!("mean of the probabilities of {}: {}", members.len(), members.join(", ")));
     }
     if kind == "evaluate" {
         let from = match job {
-            Some(Job::Evaluate { source: from }) => source(from),
+            Some(Job::Evaluate(EvaluateJob { source: from })) => source(from),
             _ => String::new(),
         };
         parts.push(format!("evaluation of {from}"));
     }
     if kind == "bias_shift" {
         let classes = match job {
-            Some(Job::BiasShift { classes, .. }) => format!("{classes:?}"),
+            Some(Job::BiasShift(BiasShiftJob { classes, .. })) => format!("{classes:?}"),
             _ => String::new(),
         };
         let how = if row.variant == output::FIXED { "fixed" } else { "chosen on the validation split" };
         let shift = (row.shift.unwrap_or(0.0) * 1e6).round() / 1e6;
         parts.push(format!("bias of classes {classes} shifted by {shift:+} ({how})"));
     }
-    if matches!(job, Some(Job::Train { .. })) && !regularized {
+    if matches!(job, Some(Job::Train(_))) && !regularized {
         parts.insert(0, "hard targets, no regularization".into());
     }
     parts.join(", ")
@@ -380,7 +383,7 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
     let accuracy =
         |stage: &str| run.summary.iter().find(|r| r.stage == stage && r.variant.is_empty()).map(|r| r.test_accuracy);
     for row in run.summary.iter().filter(|r| r.kind == "ensemble") {
-        let Some(Job::Ensemble { members }) = run.stage(&row.stage).map(|s| &s.job) else { continue };
+        let Some(Job::Ensemble(EnsembleJob { members })) = run.stage(&row.stage).map(|s| &s.job) else { continue };
         let members = member_names(members);
         let Some(accs) = members.iter().map(|m| accuracy(m)).collect::<Option<Vec<f64>>>() else { continue };
         if accs.is_empty() {
@@ -410,7 +413,7 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
         writeln!(md, "| `{}` ({} members) | {:.2}% | 100% |", row.stage, members.len(), 100.0 * row.test_accuracy)?;
         let students = run.summary.iter().filter(|r| {
             matches!(run.stage(&r.stage).map(|s| &s.job),
-                Some(Job::Distill { distill, .. })
+                Some(Job::Distill(DistillJob { distill, .. }))
                     if matches!(&distill.teacher, ModelSource::Ensemble { stage, .. } if *stage == row.stage))
         });
         for student in students {
@@ -438,7 +441,7 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     }
     let teacher_of = |stage: &str| -> Option<String> {
         match &run.stage(stage)?.job {
-            Job::Distill { distill, .. } => match &distill.teacher {
+            Job::Distill(DistillJob { distill, .. }) => match &distill.teacher {
                 ModelSource::Stage(s) => Some(s.clone()),
                 _ => None,
             },
@@ -460,7 +463,7 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     for r in rows {
         let stage = run.stage(&r.stage);
         let mut targets = match stage.map(|s| &s.job) {
-            Some(Job::Distill { distill: d, .. }) => format!(
+            Some(Job::Distill(DistillJob { distill: d, .. })) => format!(
                 "soft targets of `{}` at T = {} (weights soft {} / hard {})",
                 teacher_of(&r.stage).unwrap_or_else(|| "a checkpoint".into()),
                 d.temperature,
@@ -542,7 +545,9 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         let coverage: Vec<&CoverageRow> =
             run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "test").collect();
         let Some(stage) = run.stage(&row.stage) else { continue };
-        let Job::Specialists { source: generalist, subsets: subsets_name, .. } = &stage.job else { continue };
+        let Job::Specialists(SpecialistsJob { source: generalist, subsets: subsets_name, .. }) = &stage.job else {
+            continue;
+        };
         let generalist_name = match generalist {
             ModelSource::Stage(s) => Some(s.as_str()),
             _ => None,
@@ -704,7 +709,7 @@ fn ours(run: &RunFiles, row: &SummaryRow, stage: Option<&Stage>, classes: &[i64]
 /// `<base>-T<t>[-h<widths>][-s<seed>]` and trusted only where the recorded settings agree (the
 /// stage's temperature, hidden widths and seed are those in its name).
 fn legacy_sweep_point(stage: &Stage) -> Option<SweepPoint> {
-    let Job::Distill { model, training, distill } = &stage.job else { return None };
+    let Job::Distill(DistillJob { model, training, distill }) = &stage.job else { return None };
     let mut rest = stage.name.as_str();
     let mut point = SweepPoint { base: String::new(), temperature: None, hidden: None, seed: None };
     if let Some((r, seed)) = rest.rsplit_once("-s") {

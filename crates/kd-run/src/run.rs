@@ -11,7 +11,8 @@
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
 use crate::config::{
-    DataSource, DistillSpec, Experiment, Job, ModelSource, ModelSpec, Precision, Stage, Training, MAX_PARAMETERS,
+    BiasShiftJob, DataSource, DistillJob, DistillSpec, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource,
+    ModelSpec, Precision, Stage, TrainJob, Training, MAX_PARAMETERS,
 };
 use crate::data::{self, Dataset, Split};
 use crate::device;
@@ -194,7 +195,7 @@ impl Run<'_> {
         let started = Instant::now();
         let name = stage.name.as_str();
         match &stage.job {
-            Job::Train { model, training } => {
+            Job::Train(TrainJob { model, training }) => {
                 let (_vs, net, fit) = self.train(
                     (tables, &self.dir),
                     name,
@@ -206,7 +207,7 @@ impl Run<'_> {
                 )?;
                 self.record_trained(tables, name, "train", &net, (fit, None), started)?;
             }
-            Job::Distill { model, training, distill } => {
+            Job::Distill(DistillJob { model, training, distill }) => {
                 let teacher = self.load_teacher(&distill.teacher, distill.temperature)?;
                 let transfer = self.transfer_set(name, distill)?;
                 // Without jitter the transfer set is fixed: the teacher's outputs are computed
@@ -253,14 +254,14 @@ impl Run<'_> {
             );
                 self.record_trained(tables, name, "distill", &net, (fit, Some(fidelity)), started)?;
             }
-            Job::Evaluate { source } => {
+            Job::Evaluate(EvaluateJob { source }) => {
                 let (_vs, net) = self.load_model(source)?;
                 self.record(tables, name, "evaluate", &net.frozen(), started, None)?;
             }
-            Job::BiasShift { source, classes, min, max, step, fixed } => {
+            Job::BiasShift(BiasShiftJob { source, classes, min, max, step, fixed }) => {
                 self.bias_shift(tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
             }
-            Job::Ensemble { members } => {
+            Job::Ensemble(EnsembleJob { members }) => {
                 let ensemble = self.load_teacher(&ModelSource::ensemble(name, members), 1.0)?;
                 let first = ensemble.members[0].config().describe();
                 let same = ensemble.members.iter().all(|m| m.config().describe() == first);
@@ -273,10 +274,10 @@ impl Run<'_> {
                 let logits = |x: &Tensor| ensemble.logits(x);
                 self.record_with(tables, name, "ensemble", (model, parameters), &logits, started, None)?;
             }
-            Job::Clusters { .. } => self.clusters(tables, name, &stage.job)?,
-            Job::Specialists { .. } => {
+            Job::Clusters(job) => self.clusters(tables, name, job)?,
+            Job::Specialists(job) => {
                 let only_these = (!specialists.is_empty()).then_some(specialists);
-                self.specialists(tables, name, &stage.job, only_these, started)?;
+                self.specialists(tables, name, job, only_these, started)?;
                 if only_these.is_some() {
                     // Specialists trained alone: each has its own files; the stage commits when
                     // it combines them.
@@ -371,7 +372,7 @@ impl Run<'_> {
     fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
         match source {
             ModelSource::Stage(name) => match self.exp.stages.iter().find(|s| &s.name == name).map(|s| &s.job) {
-                Some(Job::Evaluate { source }) => self.source_path(source),
+                Some(Job::Evaluate(EvaluateJob { source })) => self.source_path(source),
                 _ => Ok(self.checkpoint(name)),
             },
             ModelSource::Checkpoint(path) => Ok(path.clone()),

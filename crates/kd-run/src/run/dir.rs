@@ -108,8 +108,8 @@ pub fn stage_facts(exp: &Experiment) -> Vec<StageFacts> {
         .map(|s| StageFacts {
             name: s.name.clone(),
             reads: s.job.reads().into_iter().map(String::from).collect(),
-            trains: matches!(s.job, Job::Train { .. } | Job::Distill { .. }),
-            specialists: matches!(s.job, Job::Specialists { .. }),
+            trains: matches!(s.job, Job::Train(_) | Job::Distill(_)),
+            specialists: matches!(s.job, Job::Specialists(_)),
         })
         .collect()
 }
