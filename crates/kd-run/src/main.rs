@@ -136,7 +136,7 @@ fn try_main() -> Result<(), Failure> {
             let known = |o: &str| {
                 exp.stages.iter().any(|s| {
                     s.name == o
-                        || matches!(s.job, config::Job::Specialists { .. })
+                        || matches!(s.job, config::Job::Specialists(_))
                             && o.strip_prefix(&format!("{}.", s.name)).is_some_and(|m| m.parse::<usize>().is_ok())
                 })
             };
@@ -208,6 +208,6 @@ fn flush_denormals() {
 fn print_summary(rows: &[run::output::SummaryRow]) {
     println!("{:<24} {:<26} {:>10} {:>12} {:>10}", "stage", "model", "parameters", "test errors", "seconds");
     for r in rows {
-        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.stage, r.model, r.parameters, r.test_errors, r.seconds);
+        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.label(), r.model, r.parameters, r.test_errors, r.seconds);
     }
 }

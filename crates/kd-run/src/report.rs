@@ -8,7 +8,10 @@
 //! temperature and student size, and a plot. Every trained stage's validation accuracy (or training loss) per epoch goes
 //! into a training-curves plot.
 
-use crate::config::{Experiment, Job, ModelSource, PaperFigures, Precision, ScheduleKind, Stage, SweepPoint, Training};
+use crate::config::{
+    BiasShiftJob, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, PaperFigures, Precision,
+    ScheduleKind, SpecialistsJob, Stage, SweepPoint, TrainJob, Training,
+};
 use crate::run::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
 use anyhow::{bail, Context, Result};
 use plot::{Chart, Series};
@@ -70,18 +73,18 @@ impl RunFiles {
         let mut summary: Vec<SummaryRow> = output::read_csv(&dir.join("summary.csv"))?;
         let mut class_errors: Vec<ClassErrorsRow> = output::read_csv(&dir.join("class_errors.csv"))?;
         let metrics: Vec<MetricsRow> = output::read_csv(&dir.join("metrics.csv"))?;
+        let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+        output::read_variants_from_names(summary.iter_mut().map(|r| (&mut r.stage, &mut r.variant)), &names);
+        output::read_variants_from_names(class_errors.iter_mut().map(|r| (&mut r.stage, &mut r.variant)), &names);
         let mut missing = Vec::new();
         // Rows of a stage that `done.csv` does not name are those of a stage a killed run was
         // committing; they are not results yet.
         let done_path = dir.join("done.csv");
         if done_path.exists() {
             let done: Vec<output::DoneRow> = output::read_csv(&done_path)?;
-            let finished = |stage: &str| {
-                let base = stage.strip_suffix("-fixed").unwrap_or(stage);
-                done.iter().any(|d| d.stage == stage || d.stage == base)
-            };
+            let finished = |stage: &str| done.iter().any(|d| d.stage == stage);
             let mut unfinished: Vec<String> =
-                summary.iter().filter(|r| !finished(&r.stage)).map(|r| format!("`{}`", r.stage)).collect();
+                summary.iter().filter(|r| !finished(&r.stage)).map(|r| format!("`{}`", r.label())).collect();
             unfinished.dedup();
             if !unfinished.is_empty() {
                 missing.push(format!(
@@ -99,7 +102,8 @@ impl RunFiles {
         if summary.is_empty() {
             bail!("{} has no finished model yet (summary.csv is empty or missing)", dir.display());
         }
-        if !class_errors.iter().any(|r| r.stage == summary[0].stage && r.split == "test") {
+        let first = &summary[0];
+        if !class_errors.iter().any(|r| (&r.stage, &r.variant) == (&first.stage, &first.variant) && r.split == "test") {
             missing.push(format!(
                 "`class_errors.csv` {}: the size of the test set and errors per class are not shown",
                 if dir.join("class_errors.csv").exists() {
@@ -169,19 +173,19 @@ impl RunFiles {
 
     /// Where the run's stages ran and how long it took, as one sentence.
     fn where_and_how_long(&self) -> String {
-        let mut by_device: Vec<(String, Vec<&str>)> = Vec::new();
+        let mut by_device: Vec<(String, Vec<String>)> = Vec::new();
         for row in &self.summary {
             let device = self.stage_device(row);
             match by_device.iter_mut().find(|(d, _)| *d == device) {
-                Some((_, stages)) => stages.push(&row.stage),
-                None => by_device.push((device, vec![&row.stage])),
+                Some((_, stages)) => stages.push(row.label()),
+                None => by_device.push((device, vec![row.label()])),
             }
         }
         let seconds: f64 = self.summary.iter().map(|r| r.seconds).sum();
         let places = if by_device.len() == 1 {
             format!("on {}", by_device[0].0)
         } else {
-            let names = |s: &[&str]| if s.len() > 4 { format!("{} stages", s.len()) } else { s.join(", ") };
+            let names = |s: &[String]| if s.len() > 4 { format!("{} stages", s.len()) } else { s.join(", ") };
             by_device.iter().map(|(d, s)| format!("{} on {d}", names(s))).collect::<Vec<_>>().join("; ")
         };
         // Runs recorded before their rows named bf16 say it from their configuration.
@@ -197,8 +201,11 @@ impl RunFiles {
     /// Size of the test set, from the per-class counts of the first model (None when they were
     /// not recorded).
     fn test_examples(&self) -> Option<i64> {
-        let first = &self.summary[0].stage;
-        let rows = self.class_errors.iter().filter(|r| &r.stage == first && r.split == "test");
+        let first = &self.summary[0];
+        let rows = self
+            .class_errors
+            .iter()
+            .filter(|r| (&r.stage, &r.variant) == (&first.stage, &first.variant) && r.split == "test");
         rows.map(|r| r.examples).reduce(|a, b| a + b)
     }
 
@@ -214,11 +221,12 @@ impl RunFiles {
         Some((point.base.clone(), point.temperature?, hidden, point.seed))
     }
 
-    /// Test errors of `stage` on `classes`, if they were recorded.
-    fn class_errors(&self, stage: &str, classes: &[i64]) -> Option<i64> {
+    /// Test errors of the model of `row` on `classes`, if they were recorded.
+    fn class_errors(&self, row: &SummaryRow, classes: &[i64]) -> Option<i64> {
         self.class_errors
             .iter()
-            .filter(|r| r.stage == stage && r.split == "test" && classes.contains(&r.class))
+            .filter(|r| (&r.stage, &r.variant) == (&row.stage, &row.variant))
+            .filter(|r| r.split == "test" && classes.contains(&r.class))
             .map(|r| r.errors)
             .reduce(|a, b| a + b)
     }
@@ -235,11 +243,11 @@ fn logged_device(log: &str) -> Option<String> {
 }
 
 /// The classes a stage's row should report errors on: those left out of its transfer set, or
-/// whose biases it shifts (also for the `-fixed` row of a shift stage).
+/// whose biases it shifts (also for the fixed variant of a shift stage).
 fn focus_classes(stage: Option<&Stage>) -> Vec<i64> {
     match stage.map(|s| &s.job) {
-        Some(Job::Distill { distill, .. }) => distill.transfer_exclude.clone(),
-        Some(Job::BiasShift { classes, .. }) => classes.clone(),
+        Some(Job::Distill(DistillJob { distill, .. })) => distill.transfer_exclude.clone(),
+        Some(Job::BiasShift(BiasShiftJob { classes, .. })) => classes.clone(),
         _ => vec![],
     }
 }
@@ -247,9 +255,9 @@ fn focus_classes(stage: Option<&Stage>) -> Vec<i64> {
 /// The training loop's settings of a stage that trains.
 fn training(stage: &Stage) -> Option<&Training> {
     match &stage.job {
-        Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. } => {
-            Some(training)
-        }
+        Job::Train(TrainJob { training, .. })
+        | Job::Distill(DistillJob { training, .. })
+        | Job::Specialists(SpecialistsJob { training, .. }) => Some(training),
         _ => None,
     }
 }
@@ -257,7 +265,7 @@ fn training(stage: &Stage) -> Option<&Training> {
 /// The hidden widths of a stage's network, for stages that train one.
 fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
     match &stage.job {
-        Job::Train { model, .. } | Job::Distill { model, .. } => Some(model.hidden.clone()),
+        Job::Train(TrainJob { model, .. }) | Job::Distill(DistillJob { model, .. }) => Some(model.hidden.clone()),
         _ => None,
     }
 }
@@ -265,13 +273,13 @@ fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
 /// The name a stage kind has in experiment files (and summary rows).
 fn kind_name(job: &Job) -> &'static str {
     match job {
-        Job::Train { .. } => "train",
-        Job::Distill { .. } => "distill",
-        Job::Evaluate { .. } => "evaluate",
-        Job::BiasShift { .. } => "bias_shift",
-        Job::Ensemble { .. } => "ensemble",
-        Job::Clusters { .. } => "clusters",
-        Job::Specialists { .. } => "specialists",
+        Job::Train(_) => "train",
+        Job::Distill(_) => "distill",
+        Job::Evaluate(_) => "evaluate",
+        Job::BiasShift(_) => "bias_shift",
+        Job::Ensemble(_) => "ensemble",
+        Job::Clusters(_) => "clusters",
+        Job::Specialists(_) => "specialists",
     }
 }
 
@@ -282,7 +290,7 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
     let mut parts = Vec::new();
     // Parts that regularize; the optimizer's parts follow them.
     let mut regularized = false;
-    if let Some(Job::Train { model: m, .. } | Job::Distill { model: m, .. }) = job {
+    if let Some(Job::Train(TrainJob { model: m, .. }) | Job::Distill(DistillJob { model: m, .. })) = job {
         let (pi, ph) = (m.input_dropout, m.hidden_dropout);
         if pi > 0.0 || ph > 0.0 {
             parts.push(format!("dropout {pi}/{ph}"));
@@ -312,7 +320,7 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
         }
         parts.push(text);
     }
-    if let Some(Job::Distill { distill: d, .. }) = job {
+    if let Some(Job::Distill(DistillJob { distill: d, .. })) = job {
         if d.objective == crate::config::Objective::Logits {
             parts.push("logit matching".into());
         } else {
@@ -330,27 +338,27 @@ fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
             parts.push(format!("transfer set of classes {:?} only", d.transfer_only));
         }
     }
-    if let Some(Job::Ensemble { members }) = job {
+    if let Some(Job::Ensemble(EnsembleJob { members })) = job {
         let members = member_names(members);
         parts.push(format!("mean of the probabilities of {}: {}", members.len(), members.join(", ")));
     }
     if kind == "evaluate" {
         let from = match job {
-            Some(Job::Evaluate { source: from }) => source(from),
+            Some(Job::Evaluate(EvaluateJob { source: from })) => source(from),
             _ => String::new(),
         };
         parts.push(format!("evaluation of {from}"));
     }
     if kind == "bias_shift" {
         let classes = match job {
-            Some(Job::BiasShift { classes, .. }) => format!("{classes:?}"),
+            Some(Job::BiasShift(BiasShiftJob { classes, .. })) => format!("{classes:?}"),
             _ => String::new(),
         };
-        let how = if row.stage.ends_with("-fixed") { "fixed" } else { "chosen on the validation split" };
+        let how = if row.variant == output::FIXED { "fixed" } else { "chosen on the validation split" };
         let shift = (row.shift.unwrap_or(0.0) * 1e6).round() / 1e6;
         parts.push(format!("bias of classes {classes} shifted by {shift:+} ({how})"));
     }
-    if matches!(job, Some(Job::Train { .. })) && !regularized {
+    if matches!(job, Some(Job::Train(_))) && !regularized {
         parts.insert(0, "hard targets, no regularization".into());
     }
     parts.join(", ")
@@ -372,9 +380,10 @@ fn member_names(members: &[ModelSource]) -> Vec<String> {
 /// student distilled from it, with the share of the ensemble's gain over the single model that
 /// the student keeps.
 fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
-    let accuracy = |stage: &str| run.summary.iter().find(|r| r.stage == stage).map(|r| r.test_accuracy);
+    let accuracy =
+        |stage: &str| run.summary.iter().find(|r| r.stage == stage && r.variant.is_empty()).map(|r| r.test_accuracy);
     for row in run.summary.iter().filter(|r| r.kind == "ensemble") {
-        let Some(Job::Ensemble { members }) = run.stage(&row.stage).map(|s| &s.job) else { continue };
+        let Some(Job::Ensemble(EnsembleJob { members })) = run.stage(&row.stage).map(|s| &s.job) else { continue };
         let members = member_names(members);
         let Some(accs) = members.iter().map(|m| accuracy(m)).collect::<Option<Vec<f64>>>() else { continue };
         if accs.is_empty() {
@@ -404,7 +413,7 @@ fn ensemble_section(md: &mut String, run: &RunFiles) -> Result<()> {
         writeln!(md, "| `{}` ({} members) | {:.2}% | 100% |", row.stage, members.len(), 100.0 * row.test_accuracy)?;
         let students = run.summary.iter().filter(|r| {
             matches!(run.stage(&r.stage).map(|s| &s.job),
-                Some(Job::Distill { distill, .. })
+                Some(Job::Distill(DistillJob { distill, .. }))
                     if matches!(&distill.teacher, ModelSource::Ensemble { stage, .. } if *stage == row.stage))
         });
         for student in students {
@@ -432,7 +441,7 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     }
     let teacher_of = |stage: &str| -> Option<String> {
         match &run.stage(stage)?.job {
-            Job::Distill { distill, .. } => match &distill.teacher {
+            Job::Distill(DistillJob { distill, .. }) => match &distill.teacher {
                 ModelSource::Stage(s) => Some(s.clone()),
                 _ => None,
             },
@@ -454,7 +463,7 @@ fn fraction_section(md: &mut String, run: &RunFiles) -> Result<()> {
     for r in rows {
         let stage = run.stage(&r.stage);
         let mut targets = match stage.map(|s| &s.job) {
-            Some(Job::Distill { distill: d, .. }) => format!(
+            Some(Job::Distill(DistillJob { distill: d, .. })) => format!(
                 "soft targets of `{}` at T = {} (weights soft {} / hard {})",
                 teacher_of(&r.stage).unwrap_or_else(|| "a checkpoint".into()),
                 d.temperature,
@@ -536,7 +545,9 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         let coverage: Vec<&CoverageRow> =
             run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "test").collect();
         let Some(stage) = run.stage(&row.stage) else { continue };
-        let Job::Specialists { source: generalist, subsets: subsets_name, .. } = &stage.job else { continue };
+        let Job::Specialists(SpecialistsJob { source: generalist, subsets: subsets_name, .. }) = &stage.job else {
+            continue;
+        };
         let generalist_name = match generalist {
             ModelSource::Stage(s) => Some(s.as_str()),
             _ => None,
@@ -686,7 +697,7 @@ fn ours(run: &RunFiles, row: &SummaryRow, stage: Option<&Stage>, classes: &[i64]
         s = format!("{s} ({:.1}%)", 100.0 * (1.0 - row.test_accuracy));
     }
     if !classes.is_empty() {
-        match run.class_errors(&row.stage, classes) {
+        match run.class_errors(row, classes) {
             Some(e) => s.push_str(&format!(" ({e} on {})", class_list(classes))),
             None => s.push_str(&format!(" (on {}: not recorded)", class_list(classes))),
         }
@@ -698,7 +709,7 @@ fn ours(run: &RunFiles, row: &SummaryRow, stage: Option<&Stage>, classes: &[i64]
 /// `<base>-T<t>[-h<widths>][-s<seed>]` and trusted only where the recorded settings agree (the
 /// stage's temperature, hidden widths and seed are those in its name).
 fn legacy_sweep_point(stage: &Stage) -> Option<SweepPoint> {
-    let Job::Distill { model, training, distill } = &stage.job else { return None };
+    let Job::Distill(DistillJob { model, training, distill }) = &stage.job else { return None };
     let mut rest = stage.name.as_str();
     let mut point = SweepPoint { base: String::new(), temperature: None, hidden: None, seed: None };
     if let Some((r, seed)) = rest.rsplit_once("-s") {
@@ -809,9 +820,9 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     for row in run.summary.iter().filter(|r| run.temperature_point(r).is_none()) {
-        let stage = run.stage(row.stage.trim_end_matches("-fixed"));
+        let stage = run.stage(&row.stage);
         let classes = focus_classes(stage);
-        let paper_text = if row.stage.ends_with("-fixed") || row.kind != "bias_shift" {
+        let paper_text = if row.variant == output::FIXED || row.kind != "bias_shift" {
             paper(stage, &classes)
         } else {
             "–".into()
@@ -819,7 +830,7 @@ fn runs_table(md: &mut String, run: &RunFiles) -> Result<()> {
         writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} |",
-            row.stage,
+            row.label(),
             row.model,
             setup(stage, row),
             ours(run, row, stage, &classes),
@@ -845,8 +856,10 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     writeln!(md, "|---|---|---|---|---|---|{val_rule}")?;
     for row in &group[0].summary {
         let stage = group[0].stage(&row.stage);
-        let rows: Vec<&SummaryRow> =
-            group.iter().filter_map(|r| r.summary.iter().find(|s| s.stage == row.stage)).collect();
+        let rows: Vec<&SummaryRow> = group
+            .iter()
+            .filter_map(|r| r.summary.iter().find(|s| (&s.stage, &s.variant) == (&row.stage, &row.variant)))
+            .collect();
         let counts: Vec<f64> = rows.iter().map(|s| s.test_errors as f64).collect();
         let (mean, sd) = mean_sd(&counts);
         let spread = match counts.len() {
@@ -862,7 +875,7 @@ fn seeds_table(md: &mut String, group: &[&RunFiles]) -> Result<()> {
         writeln!(
             md,
             "| {} | {} | {} | {} | {spread} | {} |{val_cell}",
-            row.stage,
+            row.label(),
             row.model,
             setup(stage, row),
             list(&|s| s.test_errors.to_string()),
@@ -1042,6 +1055,7 @@ mod tests {
     fn summary_row(stage: &str, test_errors: i64) -> SummaryRow {
         SummaryRow {
             stage: stage.into(),
+            variant: String::new(),
             kind: "distill".into(),
             model: "mlp 2-2".into(),
             parameters: 6,
@@ -1269,6 +1283,7 @@ mod tests {
         assert_eq!(logged_device("nothing here"), None);
         let row = |stage: &str, device: &str, seconds: f64| SummaryRow {
             stage: stage.into(),
+            variant: String::new(),
             kind: "train".into(),
             model: "mlp 2-2".into(),
             parameters: 6,

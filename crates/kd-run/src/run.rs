@@ -10,7 +10,10 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{DataSource, Experiment, Job, ModelSource, Precision, Stage};
+use crate::config::{
+    BiasShiftJob, DataSource, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, Precision, Stage,
+    TrainJob,
+};
 use crate::data::{self, Dataset};
 use crate::device;
 use crate::train::{Supervision, Teacher};
@@ -171,7 +174,7 @@ impl Run<'_> {
         let started = Instant::now();
         let name = stage.name.as_str();
         match &stage.job {
-            Job::Train { model, training } => {
+            Job::Train(TrainJob { model, training }) => {
                 let (_vs, net, fit) = self.train(
                     (tables, &self.dir),
                     name,
@@ -183,21 +186,21 @@ impl Run<'_> {
                 )?;
                 self.record_trained(tables, name, "train", &net, (fit, None), started)?;
             }
-            Job::Distill { model, training, distill } => {
+            Job::Distill(DistillJob { model, training, distill }) => {
                 self.distill(tables, name, (model, training, distill), started)?
             }
-            Job::Evaluate { source } => {
+            Job::Evaluate(EvaluateJob { source }) => {
                 let (_vs, net) = self.load_model(source)?;
                 self.record(tables, name, "evaluate", &net.frozen(), started, None)?;
             }
-            Job::BiasShift { source, classes, min, max, step, fixed } => {
+            Job::BiasShift(BiasShiftJob { source, classes, min, max, step, fixed }) => {
                 self.bias_shift(tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
             }
-            Job::Ensemble { members } => self.ensemble(tables, name, members, started)?,
-            Job::Clusters { .. } => self.clusters(tables, name, &stage.job)?,
-            Job::Specialists { .. } => {
+            Job::Ensemble(EnsembleJob { members }) => self.ensemble(tables, name, members, started)?,
+            Job::Clusters(job) => self.clusters(tables, name, job)?,
+            Job::Specialists(job) => {
                 let only_these = (!specialists.is_empty()).then_some(specialists);
-                self.specialists(tables, name, &stage.job, only_these, started)?;
+                self.specialists(tables, name, job, only_these, started)?;
                 if only_these.is_some() {
                     // Specialists trained alone: each has its own files; the stage commits when
                     // it combines them.
@@ -261,7 +264,7 @@ impl Run<'_> {
     fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
         match source {
             ModelSource::Stage(name) => match self.exp.stages.iter().find(|s| &s.name == name).map(|s| &s.job) {
-                Some(Job::Evaluate { source }) => self.source_path(source),
+                Some(Job::Evaluate(EvaluateJob { source })) => self.source_path(source),
                 _ => Ok(self.checkpoint(name)),
             },
             ModelSource::Checkpoint(path) => Ok(path.clone()),

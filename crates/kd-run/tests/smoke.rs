@@ -38,18 +38,18 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
 
     // summary.csv: one row per model, in stage order, with counts that fit the data.
     let summary = csv_rows(&dir.join("summary.csv"));
-    let stages: Vec<&str> = summary.iter().map(|r| r["stage"].as_str()).collect();
+    let stages: Vec<(&str, &str)> = summary.iter().map(|r| (r["stage"].as_str(), r["variant"].as_str())).collect();
     assert_eq!(
         stages,
         [
-            "teacher",
-            "student",
-            "distilled",
-            "eval_teacher",
-            "distilled_no3",
-            "no3_shift",
-            "no3_shift-fixed",
-            "teacher_twice"
+            ("teacher", ""),
+            ("student", ""),
+            ("distilled", ""),
+            ("eval_teacher", ""),
+            ("distilled_no3", ""),
+            ("no3_shift", ""),
+            ("no3_shift", "fixed"),
+            ("teacher_twice", "")
         ]
     );
     let params: Vec<i64> = summary.iter().map(|r| r["parameters"].parse().unwrap()).collect();
@@ -65,6 +65,9 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         assert!((accuracy - (1.0 - errors as f64 / 2000.0)).abs() < 1e-9, "accuracy agrees with errors: {r:?}");
         assert!(accuracy > 0.25, "every model learned something (10% is chance): {r:?}");
         assert!(stdout.contains(&r["stage"]), "the summary is printed");
+        if !r["variant"].is_empty() {
+            assert!(stdout.contains(&format!("{}-{} ", r["stage"], r["variant"])), "its variant is named");
+        }
     }
     assert_eq!(
         summary[0]["test_errors"], summary[3]["test_errors"],
@@ -152,7 +155,9 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     // class_errors.csv: per model, split and class; the class rows add up to the summary.
     let class_rows = csv_rows(&dir.join("class_errors.csv"));
     for r in &summary {
-        let rows: Vec<_> = class_rows.iter().filter(|c| c["stage"] == r["stage"] && c["split"] == "test").collect();
+        let ours =
+            |c: &&std::collections::HashMap<String, String>| c["stage"] == r["stage"] && c["variant"] == r["variant"];
+        let rows: Vec<_> = class_rows.iter().filter(ours).filter(|c| c["split"] == "test").collect();
         assert_eq!(rows.len(), 10);
         let total: i64 = rows.iter().map(|c| c["errors"].parse::<i64>().unwrap()).sum();
         let examples: i64 = rows.iter().map(|c| c["examples"].parse::<i64>().unwrap()).sum();
@@ -198,7 +203,10 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let md = std::fs::read_to_string(&md_path).unwrap();
     for r in &summary {
-        let row = md.lines().find(|l| l.starts_with(&format!("| {} |", r["stage"]))).expect("a row per model");
+        // A variant's row is labelled `<stage>-<variant>`.
+        let label =
+            if r["variant"].is_empty() { r["stage"].clone() } else { format!("{}-{}", r["stage"], r["variant"]) };
+        let row = md.lines().find(|l| l.starts_with(&format!("| {label} |"))).expect("a row per model");
         assert!(row.contains(&format!("| {}", r["test_errors"])), "{row}");
     }
     let no3_on_threes: i64 = class_rows

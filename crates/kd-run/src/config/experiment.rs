@@ -322,100 +322,129 @@ pub struct SweepPoint {
     pub seed: Option<u64>,
 }
 
-/// A stage's job and its settings.
+/// A stage's job and its settings: one struct per stage kind, the unit the code passes around.
+/// In `config.toml` the kind is the `kind` key beside the struct's fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Job {
     /// Train on hard labels.
-    Train {
-        /// Architecture.
-        model: ModelSpec,
-        /// Loop settings.
-        training: Training,
-    },
+    Train(TrainJob),
     /// Distill from a teacher.
-    Distill {
-        /// Student architecture.
-        model: ModelSpec,
-        /// Loop settings.
-        training: Training,
-        /// Loss settings and the teacher.
-        distill: DistillSpec,
-    },
+    Distill(DistillJob),
     /// Evaluate a model on the test set.
-    Evaluate {
-        /// The model.
-        source: ModelSource,
-    },
-    /// Shift the output biases of `classes` by the candidate with the fewest validation errors
-    /// (ties go to the smallest shift in magnitude), and by `fixed` if given.
-    BiasShift {
-        /// The model.
-        source: ModelSource,
-        /// Classes whose biases move together.
-        classes: Vec<i64>,
-        /// Candidates `min, min + step, ..., max`.
-        min: f64,
-        /// Last candidate.
-        max: f64,
-        /// Candidate spacing.
-        step: f64,
-        /// A fixed shift reported as well (the paper's value, say).
-        fixed: Option<f64>,
-    },
-    /// Evaluate the mean of several models' probabilities; a distill stage can name it as its
-    /// teacher.
-    Ensemble {
-        /// The members (earlier stages of this run).
-        members: Vec<ModelSource>,
-    },
-    /// Class subsets from a generalist's predictions over the validation split: k-means of
-    /// the columns of `affinity`, repeated with `repeats` seeds for overlapping subsets, subsets
-    /// outside `[min_size, max_size]` dropped, then the `count` most confusable kept.
-    Clusters {
-        /// The generalist.
-        source: ModelSource,
-        /// The similarity matrix clustered.
-        affinity: Affinity,
-        /// k of k-means.
-        clusters: i64,
-        /// k-means clusters the rows of `kd_specialists::class_profiles(affinity, walk_steps)`;
-        /// 0 clusters the affinity's columns themselves (the paper's literal recipe).
-        walk_steps: i64,
-        /// k-means runs (seeds `seed`, `seed + 1`, ...); more than one gives overlapping subsets.
-        repeats: i64,
-        /// Smallest subset kept.
-        min_size: i64,
-        /// Largest subset kept.
-        max_size: Option<i64>,
-        /// Keep at most this many subsets: those whose classes hold the largest share of the
-        /// generalist's confusion among themselves.
-        count: Option<i64>,
-        /// k-means updates.
-        kmeans_iterations: i64,
-        /// Points per k-means update.
-        kmeans_batch: i64,
-        /// Seed of k-means.
-        seed: u64,
-    },
-    /// One specialist per subset of a `clusters` stage, each a copy of the generalist with a
-    /// head over the subset plus a dustbin class, trained on samples half from the subset and
-    /// half from the rest; then the combination of eq. 5 evaluated against the generalist.
-    Specialists {
-        /// The generalist.
-        source: ModelSource,
-        /// The `clusters` stage whose subsets get specialists.
-        subsets: String,
-        /// Loop settings of every specialist (its seed is this seed plus its index).
-        training: Training,
-        /// Examples drawn per epoch (half inside the subset); default twice the subset's
-        /// training examples.
-        examples: Option<i64>,
-        /// Specialists are consulted for the generalist's `top_n` most probable classes.
-        top_n: i64,
-        /// Gradient steps of the eq. 5 solver.
-        combine_iterations: i64,
-    },
+    Evaluate(EvaluateJob),
+    /// Shift some classes' output biases.
+    BiasShift(BiasShiftJob),
+    /// Evaluate the mean of several models' probabilities.
+    Ensemble(EnsembleJob),
+    /// Class subsets from a generalist's predictions.
+    Clusters(ClustersJob),
+    /// Specialists for a `clusters` stage's subsets, combined with the generalist.
+    Specialists(SpecialistsJob),
+}
+
+/// Train on hard labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainJob {
+    /// Architecture.
+    pub model: ModelSpec,
+    /// Loop settings.
+    pub training: Training,
+}
+
+/// Distill from a teacher.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistillJob {
+    /// Student architecture.
+    pub model: ModelSpec,
+    /// Loop settings.
+    pub training: Training,
+    /// Loss settings and the teacher.
+    pub distill: DistillSpec,
+}
+
+/// Evaluate a model on the test set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvaluateJob {
+    /// The model.
+    pub source: ModelSource,
+}
+
+/// Shift the output biases of `classes` by the candidate with the fewest validation errors
+/// (ties go to the smallest shift in magnitude), and by `fixed` if given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BiasShiftJob {
+    /// The model.
+    pub source: ModelSource,
+    /// Classes whose biases move together.
+    pub classes: Vec<i64>,
+    /// Candidates `min, min + step, ..., max`.
+    pub min: f64,
+    /// Last candidate.
+    pub max: f64,
+    /// Candidate spacing.
+    pub step: f64,
+    /// A fixed shift reported as well (the paper's value, say).
+    pub fixed: Option<f64>,
+}
+
+/// Evaluate the mean of several models' probabilities; a distill stage can name it as its
+/// teacher.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleJob {
+    /// The members (earlier stages of this run).
+    pub members: Vec<ModelSource>,
+}
+
+/// Class subsets from a generalist's predictions over the validation split: k-means of
+/// the columns of `affinity`, repeated with `repeats` seeds for overlapping subsets, subsets
+/// outside `[min_size, max_size]` dropped, then the `count` most confusable kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClustersJob {
+    /// The generalist.
+    pub source: ModelSource,
+    /// The similarity matrix clustered.
+    pub affinity: Affinity,
+    /// k of k-means.
+    pub clusters: i64,
+    /// k-means clusters the rows of `kd_specialists::class_profiles(affinity, walk_steps)`;
+    /// 0 clusters the affinity's columns themselves (the paper's literal recipe).
+    pub walk_steps: i64,
+    /// k-means runs (seeds `seed`, `seed + 1`, ...); more than one gives overlapping subsets.
+    pub repeats: i64,
+    /// Smallest subset kept.
+    pub min_size: i64,
+    /// Largest subset kept.
+    pub max_size: Option<i64>,
+    /// Keep at most this many subsets: those whose classes hold the largest share of the
+    /// generalist's confusion among themselves.
+    pub count: Option<i64>,
+    /// k-means updates.
+    pub kmeans_iterations: i64,
+    /// Points per k-means update.
+    pub kmeans_batch: i64,
+    /// Seed of k-means.
+    pub seed: u64,
+}
+
+/// One specialist per subset of a `clusters` stage, each a copy of the generalist with a
+/// head over the subset plus a dustbin class, trained on samples half from the subset and
+/// half from the rest; then the combination of eq. 5 evaluated against the generalist.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpecialistsJob {
+    /// The generalist.
+    pub source: ModelSource,
+    /// The `clusters` stage whose subsets get specialists.
+    pub subsets: String,
+    /// Loop settings of every specialist (its seed is this seed plus its index).
+    pub training: Training,
+    /// Examples drawn per epoch (half inside the subset); default twice the subset's
+    /// training examples.
+    pub examples: Option<i64>,
+    /// Specialists are consulted for the generalist's `top_n` most probable classes.
+    pub top_n: i64,
+    /// Gradient steps of the eq. 5 solver.
+    pub combine_iterations: i64,
 }
 
 /// Hidden widths and regularization; input and output sizes come from the data.
@@ -544,12 +573,12 @@ impl Job {
     /// The stages of this run whose models the job reads.
     pub fn reads(&self) -> Vec<&str> {
         match self {
-            Job::Train { .. } => vec![],
-            Job::Distill { distill, .. } => distill.teacher.stages(),
-            Job::Evaluate { source } | Job::BiasShift { source, .. } => source.stages(),
-            Job::Ensemble { members } => members.iter().flat_map(ModelSource::stages).collect(),
-            Job::Clusters { source, .. } => source.stages(),
-            Job::Specialists { source, subsets, .. } => {
+            Job::Train(_) => vec![],
+            Job::Distill(DistillJob { distill, .. }) => distill.teacher.stages(),
+            Job::Evaluate(EvaluateJob { source }) | Job::BiasShift(BiasShiftJob { source, .. }) => source.stages(),
+            Job::Ensemble(EnsembleJob { members }) => members.iter().flat_map(ModelSource::stages).collect(),
+            Job::Clusters(ClustersJob { source, .. }) => source.stages(),
+            Job::Specialists(SpecialistsJob { source, subsets, .. }) => {
                 source.stages().into_iter().chain(std::iter::once(subsets.as_str())).collect()
             }
         }

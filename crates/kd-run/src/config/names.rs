@@ -43,8 +43,7 @@ pub(crate) fn derived_name_clash(name: &str, specialists: bool, earlier: &[Stage
         }
     }
     let fixed_of = |a: &str, b: &str| a.strip_suffix("-fixed") == Some(b);
-    let specialist_of =
-        |a: &str, b: &Stage| matches!(b.job, Job::Specialists { .. }) && name_is_specialist_of(a, &b.name);
+    let specialist_of = |a: &str, b: &Stage| matches!(b.job, Job::Specialists(_)) && name_is_specialist_of(a, &b.name);
     earlier.iter().find_map(|t| {
         let t_name = t.name.as_str();
         if fixed_of(name, t_name) || fixed_of(t_name, name) {

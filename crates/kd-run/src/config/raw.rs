@@ -121,54 +121,88 @@ pub(crate) struct RawModel {
     pub(crate) max_norm: Option<Positive>,
 }
 
-#[derive(Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawStage {
-    pub(crate) name: Spanned<String>,
-    pub(crate) kind: StageKind,
-    pub(crate) model: Option<RawModel>,
-    pub(crate) seed: Option<u64>,
+/// Declares each optional stage key once: its type, the stage kinds that accept it and its place
+/// in a kind's list of keys (error messages list a kind's keys in that order; the struct's
+/// fields, which the parser lists for an unknown key, keep the order they are declared in).
+/// From that one list come the `RawStage` struct, `STAGE_KEYS` and `RawStage::present_keys`.
+macro_rules! stage_keys {
+    ($($(#[$meta:meta])* $key:ident: $ty:ty => [$($kind:ident),+] @ $place:literal,)+) => {
+        #[derive(Deserialize, Clone)]
+        #[serde(deny_unknown_fields)]
+        pub(crate) struct RawStage {
+            pub(crate) name: Spanned<String>,
+            pub(crate) kind: StageKind,
+            $($(#[$meta])* pub(crate) $key: Option<$ty>,)+
+            /// Set by sweep expansion on each stage it makes: the values it gave the stage.
+            #[serde(skip)]
+            pub(crate) point: Option<SweepPoint>,
+        }
+
+        /// Every optional stage key, the kinds that accept it and its place in their lists.
+        pub(crate) const STAGE_KEYS: &[StageKey] =
+            &[$(StageKey { key: stringify!($key), kinds: &[$(StageKind::$kind),+], place: $place },)+];
+
+        impl RawStage {
+            /// The optional keys this stage sets, in declaration order.
+            pub(crate) fn present_keys(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $(if self.$key.is_some() {
+                    keys.push(stringify!($key));
+                })+
+                keys
+            }
+        }
+    };
+}
+
+/// An optional stage key: its name, the stage kinds that accept it, and its place in their lists.
+pub(crate) struct StageKey {
+    pub(crate) key: &'static str,
+    pub(crate) kinds: &'static [StageKind],
+    pub(crate) place: u32,
+}
+
+stage_keys! {
     // The training keys, as in [defaults] (not `#[serde(flatten)]`: it would lose line numbers).
-    pub(crate) epochs: Option<Count>,
-    pub(crate) batch_size: Option<Count>,
-    pub(crate) optimizer: Option<RawOptimizer>,
-    pub(crate) schedule: Option<RawSchedule>,
-    pub(crate) jitter: Option<u32>,
-    pub(crate) train_fraction: Option<Share>,
-    pub(crate) early_stopping: Option<RawEarlyStopping>,
-    pub(crate) teacher: Option<Spanned<String>>,
-    pub(crate) teacher_checkpoint: Option<PathBuf>,
-    pub(crate) teacher_top_k: Option<Count>,
-    pub(crate) teacher_translations: Option<u32>,
-    pub(crate) temperature: Option<Temperature>,
-    pub(crate) hard_weight: Option<NonNegative>,
-    pub(crate) soft_weight: Option<NonNegative>,
-    pub(crate) objective: Option<Objective>,
-    pub(crate) transfer_exclude: Option<Vec<ClassId>>,
-    pub(crate) transfer_only: Option<Vec<ClassId>>,
-    pub(crate) from: Option<Spanned<String>>,
-    pub(crate) checkpoint: Option<PathBuf>,
-    pub(crate) classes: Option<Vec<ClassId>>,
-    pub(crate) shifts: Option<RawShifts>,
-    pub(crate) fixed_shift: Option<f64>,
-    pub(crate) members: Option<Vec<Spanned<String>>>,
-    pub(crate) affinity: Option<Affinity>,
-    pub(crate) clusters: Option<Count>,
-    pub(crate) walk_steps: Option<u32>,
-    pub(crate) repeats: Option<Count>,
-    pub(crate) min_size: Option<Count>,
-    pub(crate) max_size: Option<Count>,
-    pub(crate) count: Option<Count>,
-    pub(crate) kmeans: Option<RawKMeans>,
-    pub(crate) subsets: Option<Spanned<String>>,
-    pub(crate) examples: Option<Count>,
-    pub(crate) top_n: Option<Count>,
-    pub(crate) combine_iterations: Option<Count>,
-    pub(crate) sweep: Option<RawSweep>,
-    pub(crate) paper: Option<PaperFigures>,
-    /// Set by sweep expansion on each stage it makes: the values it gave the stage.
-    #[serde(skip)]
-    pub(crate) point: Option<SweepPoint>,
+    model: RawModel => [Train, Distill] @ 16,
+    seed: u64 => [Train, Distill, Clusters, Specialists] @ 17,
+    epochs: Count => [Train, Distill, Specialists] @ 18,
+    batch_size: Count => [Train, Distill, Specialists] @ 19,
+    optimizer: RawOptimizer => [Train, Distill, Specialists] @ 20,
+    schedule: RawSchedule => [Train, Distill, Specialists] @ 21,
+    jitter: u32 => [Train, Distill] @ 22,
+    train_fraction: Share => [Train, Distill] @ 23,
+    early_stopping: RawEarlyStopping => [Train, Distill, Specialists] @ 24,
+    teacher: Spanned<String> => [Distill] @ 30,
+    teacher_checkpoint: PathBuf => [Distill] @ 31,
+    teacher_top_k: Count => [Distill] @ 32,
+    teacher_translations: u32 => [Distill] @ 33,
+    temperature: Temperature => [Distill] @ 34,
+    hard_weight: NonNegative => [Distill] @ 35,
+    soft_weight: NonNegative => [Distill] @ 36,
+    objective: Objective => [Distill] @ 37,
+    transfer_exclude: Vec<ClassId> => [Distill] @ 38,
+    transfer_only: Vec<ClassId> => [Distill] @ 39,
+    from: Spanned<String> => [Evaluate, BiasShift, Clusters, Specialists] @ 1,
+    checkpoint: PathBuf => [Evaluate, BiasShift, Clusters, Specialists] @ 2,
+    classes: Vec<ClassId> => [BiasShift] @ 12,
+    shifts: RawShifts => [BiasShift] @ 13,
+    fixed_shift: f64 => [BiasShift] @ 14,
+    members: Vec<Spanned<String>> => [Ensemble] @ 15,
+    affinity: Affinity => [Clusters] @ 4,
+    clusters: Count => [Clusters] @ 5,
+    walk_steps: u32 => [Clusters] @ 6,
+    repeats: Count => [Clusters] @ 7,
+    min_size: Count => [Clusters] @ 8,
+    max_size: Count => [Clusters] @ 9,
+    count: Count => [Clusters] @ 10,
+    kmeans: RawKMeans => [Clusters] @ 11,
+    subsets: Spanned<String> => [Specialists] @ 3,
+    examples: Count => [Specialists] @ 25,
+    top_n: Count => [Specialists] @ 26,
+    combine_iterations: Count => [Specialists] @ 27,
+    sweep: RawSweep => [Train, Distill] @ 28,
+    paper: PaperFigures => [Train, Distill, Evaluate, BiasShift, Ensemble, Clusters, Specialists] @ 29,
 }
 
 /// Mini-batch k-means settings of a `clusters` stage.
@@ -283,62 +317,6 @@ pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-pub(crate) const TRAIN_KEYS: [&str; 11] = [
-    "model",
-    "seed",
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "schedule",
-    "jitter",
-    "train_fraction",
-    "early_stopping",
-    "sweep",
-    "paper",
-];
-pub(crate) const DISTILL_ONLY_KEYS: [&str; 10] = [
-    "teacher",
-    "teacher_checkpoint",
-    "teacher_top_k",
-    "teacher_translations",
-    "temperature",
-    "hard_weight",
-    "soft_weight",
-    "objective",
-    "transfer_exclude",
-    "transfer_only",
-];
-
-pub(crate) const CLUSTER_KEYS: [&str; 12] = [
-    "from",
-    "checkpoint",
-    "affinity",
-    "clusters",
-    "walk_steps",
-    "repeats",
-    "min_size",
-    "max_size",
-    "count",
-    "kmeans",
-    "seed",
-    "paper",
-];
-pub(crate) const SPECIALIST_KEYS: [&str; 13] = [
-    "from",
-    "checkpoint",
-    "subsets",
-    "seed",
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "schedule",
-    "early_stopping",
-    "examples",
-    "top_n",
-    "combine_iterations",
-    "paper",
-];
-
 impl StageKind {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -350,6 +328,13 @@ impl StageKind {
             StageKind::Clusters => "clusters",
             StageKind::Specialists => "specialists",
         }
+    }
+
+    /// The optional keys a stage of this kind accepts, by their place.
+    pub(crate) fn accepted_keys(self) -> Vec<&'static str> {
+        let mut keys: Vec<&StageKey> = STAGE_KEYS.iter().filter(|k| k.kinds.contains(&self)).collect();
+        keys.sort_by_key(|k| k.place);
+        keys.into_iter().map(|k| k.key).collect()
     }
 }
 
@@ -364,53 +349,5 @@ impl RawStage {
             train_fraction: self.train_fraction,
             early_stopping: self.early_stopping,
         }
-    }
-
-    /// The optional keys this stage sets.
-    pub(crate) fn present_keys(&self) -> Vec<&'static str> {
-        [
-            ("model", self.model.is_some()),
-            ("seed", self.seed.is_some()),
-            ("epochs", self.epochs.is_some()),
-            ("batch_size", self.batch_size.is_some()),
-            ("optimizer", self.optimizer.is_some()),
-            ("schedule", self.schedule.is_some()),
-            ("jitter", self.jitter.is_some()),
-            ("train_fraction", self.train_fraction.is_some()),
-            ("early_stopping", self.early_stopping.is_some()),
-            ("teacher", self.teacher.is_some()),
-            ("teacher_checkpoint", self.teacher_checkpoint.is_some()),
-            ("teacher_top_k", self.teacher_top_k.is_some()),
-            ("teacher_translations", self.teacher_translations.is_some()),
-            ("temperature", self.temperature.is_some()),
-            ("hard_weight", self.hard_weight.is_some()),
-            ("soft_weight", self.soft_weight.is_some()),
-            ("objective", self.objective.is_some()),
-            ("transfer_exclude", self.transfer_exclude.is_some()),
-            ("transfer_only", self.transfer_only.is_some()),
-            ("from", self.from.is_some()),
-            ("checkpoint", self.checkpoint.is_some()),
-            ("classes", self.classes.is_some()),
-            ("shifts", self.shifts.is_some()),
-            ("fixed_shift", self.fixed_shift.is_some()),
-            ("members", self.members.is_some()),
-            ("affinity", self.affinity.is_some()),
-            ("clusters", self.clusters.is_some()),
-            ("walk_steps", self.walk_steps.is_some()),
-            ("repeats", self.repeats.is_some()),
-            ("min_size", self.min_size.is_some()),
-            ("max_size", self.max_size.is_some()),
-            ("count", self.count.is_some()),
-            ("kmeans", self.kmeans.is_some()),
-            ("subsets", self.subsets.is_some()),
-            ("examples", self.examples.is_some()),
-            ("top_n", self.top_n.is_some()),
-            ("combine_iterations", self.combine_iterations.is_some()),
-            ("sweep", self.sweep.is_some()),
-            ("paper", self.paper.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(k, present)| present.then_some(k))
-        .collect()
     }
 }

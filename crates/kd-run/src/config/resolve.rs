@@ -106,7 +106,6 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     };
     // Speech frames (synthetic or from files): windows, a validation split of their own.
     let framed = !matches!(data.source, DataSource::Mnist { .. });
-    let distill_keys: Vec<&str> = TRAIN_KEYS.iter().chain(&DISTILL_ONLY_KEYS).copied().collect();
     let mut stages: Vec<Stage> = Vec::new();
     let mut expanded = Vec::new();
     for s in raw.stages {
@@ -125,15 +124,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         if let Some(problem) = derived_name_clash(&name, s.kind == StageKind::Specialists, &stages) {
             stage_bail!(text, s, "{problem}; rename one of them");
         }
-        let allowed: &[&str] = match s.kind {
-            StageKind::Train => &TRAIN_KEYS,
-            StageKind::Distill => &distill_keys,
-            StageKind::Evaluate => &["from", "checkpoint", "paper"],
-            StageKind::BiasShift => &["from", "checkpoint", "classes", "shifts", "fixed_shift", "paper"],
-            StageKind::Ensemble => &["members", "paper"],
-            StageKind::Clusters => &CLUSTER_KEYS,
-            StageKind::Specialists => &SPECIALIST_KEYS,
-        };
+        let allowed = s.kind.accepted_keys();
         if let Some(k) = s.present_keys().into_iter().find(|k| !allowed.contains(k)) {
             stage_bail!(
                 text,
@@ -145,39 +136,41 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         }
         let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
         let job = match s.kind {
-            StageKind::Train => {
-                Job::Train { model: resolve_model(text, &s)?, training: stage_training(text, &raw.defaults, &s, seed)? }
-            }
-            StageKind::Distill => Job::Distill {
+            StageKind::Train => Job::Train(TrainJob {
+                model: resolve_model(text, &s)?,
+                training: stage_training(text, &raw.defaults, &s, seed)?,
+            }),
+            StageKind::Distill => Job::Distill(DistillJob {
                 model: resolve_model(text, &s)?,
                 training: stage_training(text, &raw.defaults, &s, seed)?,
                 distill: resolve_distill(text, &s, &stages)?,
-            },
-            StageKind::Evaluate => {
-                Job::Evaluate { source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)? }
-            }
+            }),
+            StageKind::Evaluate => Job::Evaluate(EvaluateJob {
+                source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
+            }),
             StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation + usize::from(framed))?,
-            StageKind::Ensemble => Job::Ensemble { members: resolve_members(text, &s, &stages)? },
+            StageKind::Ensemble => Job::Ensemble(EnsembleJob { members: resolve_members(text, &s, &stages)? }),
             StageKind::Clusters => resolve_clusters(text, &s, &stages, seed, data.validation + usize::from(framed))?,
-            StageKind::Specialists => Job::Specialists {
+            StageKind::Specialists => Job::Specialists(SpecialistsJob {
                 source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
                 subsets: resolve_subsets(text, &s, &stages)?,
                 training: stage_training(text, &raw.defaults, &s, seed)?,
                 examples: s.examples.map(|c| c.0),
                 top_n: s.top_n.map_or(1, |c| c.0),
                 combine_iterations: s.combine_iterations.map_or(100, |c| c.0),
-            },
+            }),
         };
-        let early = matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } | Job::Specialists { training, .. }
+        let early = matches!(&job, Job::Train(TrainJob { training, .. }) | Job::Distill(DistillJob { training, .. }) | Job::Specialists(SpecialistsJob { training, .. })
             if training.patience.is_some());
-        if matches!(&job, Job::Distill { training, distill, .. } if distill.top_k.is_some() && training.jitter > 0) {
+        if matches!(&job, Job::Distill(DistillJob { training, distill, .. }) if distill.top_k.is_some() && training.jitter > 0)
+        {
             stage_bail!(
                 text,
                 s,
                 "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
             );
         }
-        if matches!(&job, Job::Distill { training, distill, .. } if distill.translations.is_some() && training.jitter > 0)
+        if matches!(&job, Job::Distill(DistillJob { training, distill, .. }) if distill.translations.is_some() && training.jitter > 0)
         {
             stage_bail!(
                 text,
@@ -189,14 +182,13 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
         }
         if framed {
-            let jitter =
-                matches!(&job, Job::Train { training, .. } | Job::Distill { training, .. } if training.jitter > 0);
-            let filtered = matches!(&job, Job::Distill { distill, .. }
+            let jitter = matches!(&job, Job::Train(TrainJob { training, .. }) | Job::Distill(DistillJob { training, .. }) if training.jitter > 0);
+            let filtered = matches!(&job, Job::Distill(DistillJob { distill, .. })
                 if !distill.transfer_exclude.is_empty() || !distill.transfer_only.is_empty());
             if jitter {
                 stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
             }
-            if matches!(&job, Job::Distill { distill, .. } if distill.translations.is_some()) {
+            if matches!(&job, Job::Distill(DistillJob { distill, .. }) if distill.translations.is_some()) {
                 stage_bail!(text, s, "`teacher_translations` translates images; speech frames are not images");
             }
             if filtered {
@@ -317,7 +309,7 @@ fn resolve_members(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<Vec<Mo
             return Err(at(format!("member `{want}` is no earlier stage (nor the base name of a sweep)")));
         }
         for t in matched {
-            if !matches!(t.job, Job::Train { .. } | Job::Distill { .. } | Job::Evaluate { .. }) {
+            if !matches!(t.job, Job::Train(_) | Job::Distill(_) | Job::Evaluate(_)) {
                 return Err(at(format!("member `{}` neither trains nor evaluates a model", t.name)));
             }
             let source = ModelSource::Stage(t.name.clone());
@@ -346,7 +338,7 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         stage_bail!(text, s, "max_size = {} is below min_size = {min_size}", max.0);
     }
     let kmeans = s.kmeans.unwrap_or(RawKMeans { iterations: None, batch_size: None });
-    Ok(Job::Clusters {
+    Ok(Job::Clusters(ClustersJob {
         source,
         affinity: s.affinity.unwrap_or_default(),
         clusters: clusters.0,
@@ -358,7 +350,7 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         kmeans_iterations: kmeans.iterations.map_or(200, |c| c.0),
         kmeans_batch: kmeans.batch_size.map_or(256, |c| c.0),
         seed,
-    })
+    }))
 }
 
 /// The `clusters` stage a `specialists` stage takes its subsets from.
@@ -367,7 +359,7 @@ fn resolve_subsets(text: &str, s: &RawStage, earlier: &[Stage]) -> Result<String
         stage_bail!(text, s, "a specialists stage needs `subsets = \"<clusters stage>\"`");
     };
     match earlier.iter().find(|t| &t.name == name.get_ref()) {
-        Some(Stage { job: Job::Clusters { .. }, .. }) => Ok(name.get_ref().clone()),
+        Some(Stage { job: Job::Clusters(_), .. }) => Ok(name.get_ref().clone()),
         _ => bail!(
             "{}: stage `{}`: `subsets` must name an earlier clusters stage, got `{}`",
             line_of(text, name.span().start),
@@ -399,7 +391,14 @@ fn resolve_bias_shift(text: &str, s: &RawStage, earlier: &[Stage], validation: u
     if s.fixed_shift.is_some_and(|f| !f.is_finite()) {
         stage_bail!(text, s, "fixed_shift must be finite");
     }
-    Ok(Job::BiasShift { source, classes, min: shifts.min, max: shifts.max, step: shifts.step.0, fixed: s.fixed_shift })
+    Ok(Job::BiasShift(BiasShiftJob {
+        source,
+        classes,
+        min: shifts.min,
+        max: shifts.max,
+        step: shifts.step.0,
+        fixed: s.fixed_shift,
+    }))
 }
 
 fn resolve_source(
@@ -420,17 +419,17 @@ fn resolve_source(
         ),
         (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
         (Some(name), None) => match earlier.iter().find(|t| &t.name == name.get_ref()).map(|t| &t.job) {
-            Some(Job::Train { .. } | Job::Distill { .. }) => Ok(ModelSource::Stage(name.get_ref().clone())),
-            Some(Job::Ensemble { members }) if s.kind == StageKind::Distill => {
+            Some(Job::Train(_) | Job::Distill(_)) => Ok(ModelSource::Stage(name.get_ref().clone())),
+            Some(Job::Ensemble(EnsembleJob { members })) if s.kind == StageKind::Distill => {
                 Ok(ModelSource::Ensemble { stage: name.get_ref().clone(), members: members.clone() })
             }
-            Some(Job::Ensemble { .. }) => bail!(
+            Some(Job::Ensemble(_)) => bail!(
                 "{}: stage `{}`: `{}` is an ensemble, which has no single output layer; name one of its members",
                 line_of(text, name.span().start),
                 s.name.get_ref(),
                 name.get_ref()
             ),
-            Some(Job::Evaluate { .. } | Job::BiasShift { .. } | Job::Clusters { .. } | Job::Specialists { .. }) => {
+            Some(Job::Evaluate(_) | Job::BiasShift(_) | Job::Clusters(_) | Job::Specialists(_)) => {
                 bail!(
                     "{}: stage `{}`: `{}` makes no single model to read",
                     line_of(text, name.span().start),

@@ -68,16 +68,16 @@ fn a_syntax_error_on_a_long_line_quotes_a_clipped_excerpt() {
 fn resolves_defaults_and_stage_settings() {
     let e = parse(GOOD).unwrap();
     assert_eq!(e.device, "auto");
-    let Job::Train { model, training } = &e.stages[0].job else { panic!("train stage") };
+    let Job::Train(TrainJob { model, training }) = &e.stages[0].job else { panic!("train stage") };
     assert_eq!(model.hidden, [8, 8]);
     assert_eq!((training.epochs, training.jitter, model.max_norm), (2, 2, Some(3.5)));
-    let Job::Distill { training, distill, .. } = &e.stages[1].job else { panic!("distill stage") };
+    let Job::Distill(DistillJob { training, distill, .. }) = &e.stages[1].job else { panic!("distill stage") };
     assert_eq!(training.epochs, 5, "stage value overrides [defaults]");
     assert_eq!(training.jitter, 0, "transfer set without translations by default");
     assert_eq!(distill.teacher, ModelSource::Stage("teacher".into()));
     assert_eq!((distill.temperature, distill.hard_weight, distill.soft_weight), (20.0, 0.0, 1.0));
     let seed = |s: &Stage| match &s.job {
-        Job::Train { training, .. } | Job::Distill { training, .. } => training.seed,
+        Job::Train(TrainJob { training, .. }) | Job::Distill(DistillJob { training, .. }) => training.seed,
         _ => unreachable!(),
     };
     assert_ne!(seed(&e.stages[0]), seed(&e.stages[1]), "stages derive distinct seeds");
@@ -91,7 +91,7 @@ fn sweeps_expand_into_named_stages() {
     let e = parse(&text).unwrap();
     let names: Vec<&str> = e.stages.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["teacher", "student-T2.5-h4", "student-T2.5-h3x3", "student-T8-h4", "student-T8-h3x3"]);
-    let Job::Distill { model, distill, .. } = &e.stages[2].job else { panic!() };
+    let Job::Distill(DistillJob { model, distill, .. }) = &e.stages[2].job else { panic!() };
     assert_eq!((model.hidden.as_slice(), distill.temperature), ([3, 3].as_slice(), 2.5));
 }
 
@@ -131,8 +131,12 @@ fn ensembles_resolve_their_members_and_serve_as_teachers() {
     let e = parse(&text).unwrap();
     let members: Vec<ModelSource> =
         ["teacher-s1", "teacher-s2", "teacher-s3"].iter().map(|s| ModelSource::Stage(s.to_string())).collect();
-    assert_eq!(e.stages[3].job, Job::Ensemble { members: members.clone() }, "a sweep's base name lists its stages");
-    let Job::Distill { distill, .. } = &e.stages[4].job else { panic!() };
+    assert_eq!(
+        e.stages[3].job,
+        Job::Ensemble(EnsembleJob { members: members.clone() }),
+        "a sweep's base name lists its stages"
+    );
+    let Job::Distill(DistillJob { distill, .. }) = &e.stages[4].job else { panic!() };
     assert_eq!(distill.teacher, ModelSource::ensemble("ens", &members));
     assert_eq!(distill.teacher.stages(), ["ens", "teacher-s1", "teacher-s2", "teacher-s3"]);
     assert!(e.to_toml().is_ok());
@@ -161,7 +165,7 @@ fn ensembles_resolve_their_members_and_serve_as_teachers() {
         format!("{GOOD}{evaluated}\n[[stages]]\nname = \"both\"\nkind = \"ensemble\"\nmembers = [\"t1\", \"t2\"]\n");
     let e = parse(&text).unwrap();
     let members = vec![ModelSource::Stage("t1".into()), ModelSource::Stage("t2".into())];
-    assert_eq!(e.stages.last().unwrap().job, Job::Ensemble { members });
+    assert_eq!(e.stages.last().unwrap().job, Job::Ensemble(EnsembleJob { members }));
     let nested = text.replace(
         "kind = \"evaluate\"\ncheckpoint = \"runs/r2/t.safetensors\"",
         "kind = \"ensemble\"\nmembers = [\"t1\", \"teacher\"]",
@@ -176,14 +180,16 @@ fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
                       [[stages]]\nname = \"experts\"\nkind = \"specialists\"\nfrom = \"teacher\"\nsubsets = \"groups\"\n";
     let text = format!("{GOOD}{stages}");
     let e = parse(&text).unwrap();
-    let Job::Clusters { affinity, clusters, repeats, min_size, max_size, count, .. } = &e.stages[2].job else {
+    let Job::Clusters(ClustersJob { affinity, clusters, repeats, min_size, max_size, count, .. }) = &e.stages[2].job
+    else {
         panic!("clusters stage")
     };
     assert_eq!(
         (*affinity, *clusters, *repeats, *min_size, *max_size, *count),
         (Affinity::Covariance, 4, 1, 2, None, None)
     );
-    let Job::Specialists { training, top_n, combine_iterations, examples, .. } = &e.stages[3].job else {
+    let Job::Specialists(SpecialistsJob { training, top_n, combine_iterations, examples, .. }) = &e.stages[3].job
+    else {
         panic!("specialists stage")
     };
     assert_eq!((training.epochs, *top_n, *combine_iterations, *examples), (2, 1, 100, None), "[defaults] apply");
@@ -213,9 +219,9 @@ fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
 fn train_fraction_and_early_stopping_resolve_and_serialize_only_when_set() {
     let text = GOOD.replace("epochs = 5\n", "epochs = 5\ntrain_fraction = 0.03\nearly_stopping = { patience = 4 }\n");
     let e = parse(&text).unwrap();
-    let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+    let Job::Train(TrainJob { training, .. }) = &e.stages[0].job else { panic!() };
     assert_eq!((training.train_fraction, training.patience), (1.0, None));
-    let Job::Distill { training, .. } = &e.stages[1].job else { panic!() };
+    let Job::Distill(DistillJob { training, .. }) = &e.stages[1].job else { panic!() };
     assert_eq!((training.train_fraction, training.patience), (0.03, Some(4)));
     let toml = e.to_toml().unwrap();
     assert_eq!(toml.matches("train_fraction = 0.03").count(), 1, "{toml}");
@@ -239,7 +245,7 @@ fn train_fraction_and_early_stopping_resolve_and_serialize_only_when_set() {
 #[test]
 fn teacher_translations_are_read_and_written_only_when_set() {
     let spec = |e: &Experiment| match &e.stages[1].job {
-        Job::Distill { distill, .. } => distill.clone(),
+        Job::Distill(DistillJob { distill, .. }) => distill.clone(),
         _ => panic!("stage 1 distills"),
     };
     let e = parse(GOOD).unwrap();
@@ -294,10 +300,10 @@ fn bias_shift_and_transfer_filters_resolve() {
             GOOD
         );
     let e = parse(&text).unwrap();
-    let Job::Distill { distill, .. } = &e.stages[1].job else { panic!() };
+    let Job::Distill(DistillJob { distill, .. }) = &e.stages[1].job else { panic!() };
     assert_eq!((distill.transfer_exclude.as_slice(), distill.transfer_only.len()), ([3].as_slice(), 0));
     assert_eq!(e.stages[1].paper.as_ref().and_then(|p| p.class_errors), Some(133.0));
-    let Job::BiasShift { source, classes, min, max, step, fixed } = &e.stages[2].job else { panic!() };
+    let Job::BiasShift(BiasShiftJob { source, classes, min, max, step, fixed }) = &e.stages[2].job else { panic!() };
     assert_eq!(source, &ModelSource::Stage("student".into()));
     assert_eq!((classes.as_slice(), *min, *max, *step, *fixed), ([3].as_slice(), 0.0, 5.0, 0.5, Some(3.5)));
     let err = parse(&text.replace("validation = 100", "validation = 0")).unwrap_err().to_string();
@@ -333,7 +339,7 @@ fn speech_data_resolves_and_rejects_image_keys() {
 #[test]
 fn schedules_are_pure_functions_of_the_epoch() {
     let e = parse(GOOD).unwrap();
-    let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+    let Job::Train(TrainJob { training, .. }) = &e.stages[0].job else { panic!() };
     assert_eq!([training.lr(0), training.lr(1), training.lr(3)], [0.1, 0.05, 0.0125]);
     assert_eq!([training.momentum(0), training.momentum(2), training.momentum(9)], [0.5, 0.7, 0.9]);
 }
@@ -342,9 +348,9 @@ fn schedules_are_pure_functions_of_the_epoch() {
 fn overrides_change_values_and_are_validated() {
     let e = parse_with(GOOD, &["seed=7", "stages.student.temperature=4", "defaults.epochs=1"]).unwrap();
     assert_eq!(e.seed, 7);
-    let Job::Distill { distill, .. } = &e.stages[1].job else { panic!() };
+    let Job::Distill(DistillJob { distill, .. }) = &e.stages[1].job else { panic!() };
     assert_eq!(distill.temperature, 4.0);
-    let Job::Train { training, .. } = &e.stages[0].job else { panic!() };
+    let Job::Train(TrainJob { training, .. }) = &e.stages[0].job else { panic!() };
     assert_eq!(training.epochs, 1);
     let err = parse_with(GOOD, &["stages.student.temperature=-1"]).unwrap_err().to_string();
     assert!(
@@ -532,7 +538,7 @@ fn a_sweep_records_each_stage_s_point_beside_its_name() {
         points[1].1,
         &SweepPoint { base: "student".into(), temperature: Some(4.5), hidden: None, seed: Some(7) }
     );
-    let Job::Distill { distill, training, .. } = &e.stages[2].job else { panic!("distill stage") };
+    let Job::Distill(DistillJob { distill, training, .. }) = &e.stages[2].job else { panic!("distill stage") };
     assert_eq!((distill.temperature, training.seed), (4.5, 7), "the point is the stage's settings");
     let hidden = GOOD.replace("epochs = 5\n", "epochs = 5\nsweep = { hidden = [[3], [5, 5]] }\n");
     let e = parse(&hidden).unwrap();
@@ -593,10 +599,140 @@ fn an_older_config_toml_reads_with_defaults() {
         [stages.training.schedule]\nkind = \"constant\"\ngamma = 1.0\nevery = 1\nmin_lr = 0.0\n";
     let e: Experiment = toml::from_str(old).unwrap();
     assert_eq!((e.seed, e.threads, e.precision, e.description.as_str()), (0, 0, Precision::F32, ""));
-    let Job::Train { training, model } = &e.stages[0].job else { panic!("train stage") };
+    let Job::Train(TrainJob { training, model }) = &e.stages[0].job else { panic!("train stage") };
     assert_eq!((training.train_fraction, training.patience, model.max_norm), (1.0, None, None));
     // Data that names no source, or two, is no experiment.
     let two = old.replace("dir = \"d\"\n", "dir = \"d\"\n[data.speech]\nleft = 1\nright = 1\n[data.speech.corpus]\n");
     let err = toml::from_str::<Experiment>(&two).unwrap_err().to_string();
     assert!(err.contains("exactly one of `dir`, `speech` and `files`"), "{err}");
+}
+
+/// Each kind's keys as the error messages list them.
+const KIND_KEYS: [(&str, &str); 7] = [
+    (
+        "train",
+        "model, seed, epochs, batch_size, optimizer, schedule, jitter, train_fraction, early_stopping, sweep, paper",
+    ),
+    (
+        "distill",
+        "model, seed, epochs, batch_size, optimizer, schedule, jitter, train_fraction, early_stopping, sweep, paper, \
+         teacher, teacher_checkpoint, teacher_top_k, teacher_translations, temperature, hard_weight, soft_weight, \
+         objective, transfer_exclude, transfer_only",
+    ),
+    ("evaluate", "from, checkpoint, paper"),
+    ("bias_shift", "from, checkpoint, classes, shifts, fixed_shift, paper"),
+    ("ensemble", "members, paper"),
+    (
+        "clusters",
+        "from, checkpoint, affinity, clusters, walk_steps, repeats, min_size, max_size, count, kmeans, seed, paper",
+    ),
+    (
+        "specialists",
+        "from, checkpoint, subsets, seed, epochs, batch_size, optimizer, schedule, early_stopping, examples, top_n, \
+         combine_iterations, paper",
+    ),
+];
+
+#[test]
+fn each_stage_key_is_declared_once_with_a_distinct_place() {
+    let mut names: Vec<&str> = raw::STAGE_KEYS.iter().map(|k| k.key).collect();
+    let mut places: Vec<u32> = raw::STAGE_KEYS.iter().map(|k| k.place).collect();
+    names.sort_unstable();
+    names.dedup();
+    places.sort_unstable();
+    places.dedup();
+    assert_eq!(names.len(), raw::STAGE_KEYS.len());
+    assert_eq!(places.len(), raw::STAGE_KEYS.len(), "two keys share a place");
+    for (kind, keys) in KIND_KEYS {
+        let kind: StageKind = toml::Value::String(kind.into()).try_into().expect("a stage kind");
+        assert_eq!(kind.accepted_keys().join(", "), keys, "{kind:?}");
+    }
+}
+
+#[test]
+fn every_kind_accepts_its_keys_and_rejects_every_other() {
+    // One well-typed value per key; a key declared without one here fails the test.
+    let values = [
+        ("model", "{ hidden = [4] }"),
+        ("seed", "1"),
+        ("epochs", "1"),
+        ("batch_size", "8"),
+        ("optimizer", "{ kind = \"sgd\", lr = 0.1 }"),
+        ("schedule", "{ kind = \"exponential\", gamma = 0.5 }"),
+        ("jitter", "1"),
+        ("train_fraction", "0.5"),
+        ("early_stopping", "{ patience = 2 }"),
+        ("teacher", "\"teacher\""),
+        ("teacher_checkpoint", "\"t.safetensors\""),
+        ("teacher_top_k", "2"),
+        ("teacher_translations", "1"),
+        ("temperature", "2.0"),
+        ("hard_weight", "0.5"),
+        ("soft_weight", "0.5"),
+        ("objective", "\"logits\""),
+        ("transfer_exclude", "[1]"),
+        ("transfer_only", "[1]"),
+        ("from", "\"teacher\""),
+        ("checkpoint", "\"t.safetensors\""),
+        ("classes", "[1]"),
+        ("shifts", "{ min = 0.0, max = 1.0, step = 0.5 }"),
+        ("fixed_shift", "1.0"),
+        ("members", "[\"teacher\"]"),
+        ("affinity", "\"confusion\""),
+        ("clusters", "2"),
+        ("walk_steps", "1"),
+        ("repeats", "1"),
+        ("min_size", "1"),
+        ("max_size", "2"),
+        ("count", "1"),
+        ("kmeans", "{ iterations = 1 }"),
+        ("subsets", "\"groups\""),
+        ("examples", "10"),
+        ("top_n", "1"),
+        ("combine_iterations", "1"),
+        ("paper", "{ test_errors = 1.0 }"),
+    ];
+    let base = GOOD.split("[[stages]]\nname = \"student\"").next().expect("GOOD has a student");
+    for key in raw::STAGE_KEYS {
+        // A sweep is expanded into stages before the keys are checked; the keys it sets are.
+        if key.key == "sweep" {
+            continue;
+        }
+        let value = values.iter().find(|(k, _)| *k == key.key).map(|(_, v)| v);
+        let value = value.unwrap_or_else(|| panic!("no test value for the stage key `{}`", key.key));
+        for (kind, keys) in KIND_KEYS {
+            let text = format!("{base}[[stages]]\nname = \"probe\"\nkind = \"{kind}\"\n{} = {value}\n", key.key);
+            let line = text.lines().position(|l| l == "name = \"probe\"").expect("probe stage") + 1;
+            let rejected =
+                format!("{line}: stage `probe`: `{}` does not apply to a {kind} stage (its keys: {keys})", key.key);
+            let msg = parse(&text).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            let kind_value: StageKind = toml::Value::String(kind.into()).try_into().expect("a stage kind");
+            if key.kinds.contains(&kind_value) {
+                assert!(!msg.contains("does not apply to a"), "{kind} should accept `{}`: {msg}", key.key);
+            } else {
+                assert!(msg.contains(&rejected), "{kind} should reject `{}`:\n{msg}\nexpected: {rejected}", key.key);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_job_is_written_as_its_struct_s_fields_beside_kind_and_read_back() {
+    let text = format!(
+        "{GOOD}[[stages]]\nname = \"shift\"\nkind = \"bias_shift\"\nfrom = \"student\"\nclasses = [3]\n\
+         shifts = {{ min = 0.0, max = 4.0, step = 0.5 }}\nfixed_shift = 3.5\n"
+    );
+    let e = parse(&text).unwrap();
+    let written = e.to_toml().unwrap();
+    let at = written.find("name = \"shift\"").expect("the stage is written");
+    // The form runs wrote before jobs were structs of their own.
+    let form = "name = \"shift\"\nkind = \"bias_shift\"\nclasses = [3]\nmin = 0.0\nmax = 4.0\nstep = 0.5\n\
+                fixed = 3.5\n\n[stages.source]\nstage = \"student\"\n";
+    assert!(written[at..].starts_with(form), "{}", &written[at..]);
+    let back: Experiment = toml::from_str(&written).unwrap();
+    let Job::BiasShift(job) = &back.stages[2].job else { panic!("a bias_shift stage") };
+    assert_eq!(
+        (job.classes.as_slice(), job.fixed, &job.source),
+        (&[3][..], Some(3.5), &ModelSource::Stage("student".into()))
+    );
 }

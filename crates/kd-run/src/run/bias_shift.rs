@@ -1,11 +1,11 @@
 //! Bias-shift stages (section 3's omitted-class experiment): the output biases of some classes
 //! shifted by the amount with the fewest validation errors, and optionally by a fixed amount.
 
-use super::output::ShiftRow;
+use super::output::{self, ShiftRow};
 use super::tables::Tables;
 use super::Run;
 use crate::config::ModelSource;
-use crate::train::{self};
+use crate::train;
 use anyhow::{Context, Result};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -14,7 +14,7 @@ use tracing::info;
 impl Run<'_> {
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
     /// fewest validation errors (ties: the smallest in magnitude), and records the model with
-    /// it, and with `fixed` as `<stage>-fixed`.
+    /// it, and with `fixed` as the stage's variant `fixed`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn bias_shift(
         &self,
@@ -57,7 +57,16 @@ impl Run<'_> {
         self.record(tables, stage, "bias_shift", &net, started, Some(chosen))?;
         if let Some(f) = fixed {
             set(f);
-            self.record(tables, &format!("{stage}-fixed"), "bias_shift", &net, started, Some(f))?;
+            let (summary, class_errors) = (tables.summary.len(), tables.class_errors.len());
+            let label = output::row_label(stage, output::FIXED);
+            self.record(tables, &label, "bias_shift", &net, started, Some(f))?;
+            // Recorded under the label (its log lines name it so), kept as the stage's variant.
+            for r in &mut tables.summary[summary..] {
+                (r.stage, r.variant) = (stage.to_string(), output::FIXED.to_string());
+            }
+            for r in &mut tables.class_errors[class_errors..] {
+                (r.stage, r.variant) = (stage.to_string(), output::FIXED.to_string());
+            }
         }
         Ok(())
     }

@@ -84,8 +84,7 @@ impl RunDir {
         output::write_atomic(&config_path, config.as_bytes())?;
         output::write_atomic(&path.join("command.txt"), format!("{command}\n").as_bytes())?;
 
-        let mut tables = Tables::read(&path)?;
-        tables.order = exp.stages.iter().map(|s| s.name.clone()).collect();
+        let mut tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
         tables.shared = true;
         if legacy {
             let done: Vec<String> =
@@ -109,8 +108,8 @@ pub fn stage_facts(exp: &Experiment) -> Vec<StageFacts> {
         .map(|s| StageFacts {
             name: s.name.clone(),
             reads: s.job.reads().into_iter().map(String::from).collect(),
-            trains: matches!(s.job, Job::Train { .. } | Job::Distill { .. }),
-            specialists: matches!(s.job, Job::Specialists { .. }),
+            trains: matches!(s.job, Job::Train(_) | Job::Distill(_)),
+            specialists: matches!(s.job, Job::Specialists(_)),
         })
         .collect()
 }

@@ -119,6 +119,7 @@ impl Run<'_> {
             for c in 0..classes as usize {
                 tables.class_errors.push(ClassErrorsRow {
                     stage: stage.to_string(),
+                    variant: String::new(),
                     split: split.to_string(),
                     class: c as i64,
                     examples: e.class_examples[c],
@@ -128,6 +129,7 @@ impl Run<'_> {
         }
         tables.summary.push(SummaryRow {
             stage: stage.to_string(),
+            variant: String::new(),
             kind: kind.to_string(),
             model,
             parameters,

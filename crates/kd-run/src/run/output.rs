@@ -217,11 +217,44 @@ pub struct MetricsRow {
     pub device: String,
 }
 
+/// The variant of a bias_shift stage's model with its `fixed_shift`.
+pub const FIXED: &str = "fixed";
+
+/// A row's name in reports and logs: the stage's, or `<stage>-<variant>`.
+pub fn row_label(stage: &str, variant: &str) -> String {
+    if variant.is_empty() {
+        stage.to_string()
+    } else {
+        format!("{stage}-{variant}")
+    }
+}
+
+/// Reads the variants of rows written before the `variant` column existed, which named a
+/// bias_shift stage's fixed-shift row `<stage>-fixed`: such a row, when `<stage>` is one of
+/// `stages` and `<stage>-fixed` is not, becomes `<stage>` with variant [`FIXED`]. Each item is
+/// a row's (stage, variant).
+pub fn read_variants_from_names<'a>(rows: impl Iterator<Item = (&'a mut String, &'a mut String)>, stages: &[String]) {
+    for (stage, variant) in rows {
+        if !variant.is_empty() || stages.contains(stage) {
+            continue;
+        }
+        if let Some(base) = stage.strip_suffix("-fixed").filter(|b| stages.iter().any(|s| s == b)) {
+            *stage = base.to_string();
+            *variant = FIXED.to_string();
+        }
+    }
+}
+
 /// One row of `summary.csv`: a trained or evaluated model.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SummaryRow {
     /// Stage name.
     pub stage: String,
+    /// Which of the stage's models the row is: empty for the stage's own, [`FIXED`] for a
+    /// bias_shift stage's model with its fixed shift (files written before this column named
+    /// that row `<stage>-fixed`; see [`read_variants_from_names`]).
+    #[serde(default)]
+    pub variant: String,
     /// Stage kind (train, distill, evaluate).
     pub kind: String,
     /// Architecture, e.g. `mlp 784-800-800-10`.
@@ -268,6 +301,9 @@ pub struct SummaryRow {
 pub struct ClassErrorsRow {
     /// Stage name.
     pub stage: String,
+    /// Which of the stage's models, as in [`SummaryRow::variant`].
+    #[serde(default)]
+    pub variant: String,
     /// `validation` or `test`.
     pub split: String,
     /// True class.
@@ -384,6 +420,13 @@ fn csv_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
 }
 
 /// Reads the rows of a CSV written by [`write_csv`]; a missing file is an empty table.
+impl SummaryRow {
+    /// The row's name in reports: see [`row_label`].
+    pub fn label(&self) -> String {
+        row_label(&self.stage, &self.variant)
+    }
+}
+
 pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     if !path.exists() {
         return Ok(vec![]);
@@ -413,12 +456,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rows_written_before_variants_read_their_fixed_rows_as_variants() {
+        let text = "stage,split,class,examples,errors\nshift,test,0,5,1\nshift-fixed,test,0,5,2\n\
+                    gone-fixed,test,0,5,3\nodd-fixed,test,0,5,4\n";
+        let mut rows: Vec<ClassErrorsRow> =
+            csv::Reader::from_reader(text.as_bytes()).deserialize().collect::<Result<_, _>>().unwrap();
+        // `odd-fixed` is a stage of its own (in an experiment written before such names were
+        // reserved); `gone` is no stage.
+        let stages: Vec<String> = ["shift", "odd", "odd-fixed"].map(String::from).to_vec();
+        read_variants_from_names(rows.iter_mut().map(|r| (&mut r.stage, &mut r.variant)), &stages);
+        let read: Vec<(&str, &str, i64)> = rows.iter().map(|r| (&*r.stage, &*r.variant, r.errors)).collect();
+        assert_eq!(read, [("shift", "", 1), ("shift", FIXED, 2), ("gone-fixed", "", 3), ("odd-fixed", "", 4)]);
+        assert_eq!(row_label("shift", FIXED), "shift-fixed");
+        assert_eq!(row_label("shift", ""), "shift");
+        // Written with the column, read back as written.
+        let mut out = csv::Writer::from_writer(vec![]);
+        rows.iter().for_each(|r| out.serialize(r).unwrap());
+        let text = String::from_utf8(out.into_inner().unwrap()).unwrap();
+        assert!(
+            text.starts_with("stage,variant,split,class,examples,errors\nshift,,test,0,5,1\nshift,fixed,test,0,5,2\n"),
+            "{text}"
+        );
+        let again: Vec<ClassErrorsRow> =
+            csv::Reader::from_reader(text.as_bytes()).deserialize().collect::<Result<_, _>>().unwrap();
+        assert_eq!(again, rows);
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
         let dir = std::env::temp_dir().join(format!("kd-output-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.csv");
         let rows = vec![SummaryRow {
             stage: "s".into(),
+            variant: String::new(),
             kind: "train".into(),
             model: "mlp 2-2".into(),
             parameters: 6,

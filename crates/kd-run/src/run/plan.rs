@@ -21,7 +21,8 @@ pub struct Recorded {
     pub done: Vec<String>,
     /// Stages with result rows (summary or subsets), committed or not.
     pub results: Vec<String>,
-    /// Every stage name any table holds a row of (`<stage>-fixed` rows included).
+    /// Every stage name any table holds a row of (a variant's rows, such as a bias_shift stage's
+    /// fixed shift, are rows of their stage).
     pub rows: Vec<String>,
 }
 
@@ -93,7 +94,7 @@ pub fn with_readers(stages: &[StageFacts], names: &[String]) -> Vec<String> {
 /// checkpoint exists now.
 ///
 /// The rules: a stage with uncommitted results is discarded and runs again; rows of stages the
-/// file no longer has are dropped (a `<stage>-fixed` row belongs to `<stage>`); a changed or
+/// file no longer has are dropped (with their variants' rows); a changed or
 /// `--redo` stage is discarded with its readers. Then, in file order, a stage is skipped when its
 /// results are committed, the checkpoint a later stage reads exists, and no stage it reads runs
 /// in this process; otherwise it runs if `--only` selects it (or there is no `--only`).
@@ -105,8 +106,7 @@ pub fn plan(
     checkpoint: &dyn Fn(&str) -> bool,
 ) -> Plan {
     let mut plan = Plan::default();
-    let in_file =
-        |name: &str| stages.iter().any(|s| s.name == name || name.strip_suffix("-fixed") == Some(s.name.as_str()));
+    let in_file = |name: &str| stages.iter().any(|s| s.name == name);
     for stage in stages {
         if recorded.results.contains(&stage.name) && !recorded.done.contains(&stage.name) {
             plan.discard.push((stage.name.clone(), Discard::Partial));
@@ -233,14 +233,30 @@ mod tests {
     }
 
     #[test]
-    fn rows_of_stages_the_file_no_longer_has_are_dropped_but_fixed_rows_stay() {
-        let mut recorded = done(&["teacher"]);
-        recorded.rows.extend(names(&["gone", "teacher-fixed", "gone-fixed", "gone"]));
-        let plan = plan(&chain(), &recorded, &[], Request::default(), &|_| true);
-        assert_eq!(
-            plan.discard,
-            vec![("gone".to_string(), Discard::Stale), ("gone-fixed".to_string(), Discard::Stale)]
-        );
+    fn rows_of_stages_the_file_no_longer_has_are_dropped_with_their_variants() {
+        use super::super::output::SummaryRow;
+        use super::super::tables::Tables;
+        // summary.csv as written before rows had a variant (the fixed shift's row named
+        // `<stage>-fixed`), and since.
+        let head = "kind,model,parameters,val_errors,test_errors,test_accuracy,shift,seconds";
+        let row = "bias_shift,mlp 4-10,50,,5,0.9,1.5,1";
+        let old = format!("stage,{head}\nteacher,{row}\nteacher-fixed,{row}\ngone,{row}\ngone-fixed,{row}\n");
+        let new = format!("stage,variant,{head}\nteacher,,{row}\nteacher,fixed,{row}\ngone,,{row}\ngone,fixed,{row}\n");
+        for (text, stale) in [(old, names(&["gone", "gone-fixed"])), (new, names(&["gone"]))] {
+            let summary: Vec<SummaryRow> =
+                csv::Reader::from_reader(text.as_bytes()).deserialize().collect::<Result<_, _>>().unwrap();
+            let done = names(&["teacher", "gone"]).into_iter().map(|stage| super::super::output::DoneRow { stage });
+            let tables = Tables { summary, done: done.collect(), ..Default::default() };
+            let stages: Vec<String> = chain().into_iter().map(|s| s.name).collect();
+            let recorded = tables.in_order(stages).recorded();
+            assert!(
+                recorded.rows.contains(&"teacher".to_string()) && !recorded.rows.iter().any(|r| r == "teacher-fixed")
+            );
+            let plan = plan(&chain(), &recorded, &[], Request::default(), &|_| true);
+            let discarded: Vec<Discard> = stale.iter().map(|_| Discard::Stale).collect();
+            assert_eq!(plan.discard, stale.into_iter().zip(discarded).collect::<Vec<_>>(), "{text}");
+            assert_eq!(actions(&plan)[0], ("teacher", &Action::SkipDone));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use super::fit::{Init, Sampling, Targets};
 use super::tables::{self, Tables};
 use super::Run;
-use crate::config::{Affinity, Job, Training};
+use crate::config::{Affinity, ClustersJob, Job, SpecialistsJob, Training};
 use crate::data::Split;
 use crate::run::output::{self, CoverageRow, SpecialistRow, SubsetRow};
 use crate::train::{self, Supervision, EVAL_BATCH};
@@ -51,8 +51,8 @@ impl Run<'_> {
     /// the affinity's columns, with `walk_steps = 0`), and the subsets kept, in `subsets.csv`
     /// (most confused first). The profiles take `walk_steps - 1` products of `[N, N]`
     /// matrices: 2 N^3 flops each, 1.6e10 for 2,000 classes, 5.5e12 for 14,000.
-    pub(super) fn clusters(&self, tables: &mut Tables, stage: &str, job: &Job) -> Result<()> {
-        let Job::Clusters {
+    pub(super) fn clusters(&self, tables: &mut Tables, stage: &str, job: &ClustersJob) -> Result<()> {
+        let ClustersJob {
             source,
             affinity,
             clusters,
@@ -64,10 +64,7 @@ impl Run<'_> {
             kmeans_iterations,
             kmeans_batch,
             seed,
-        } = job
-        else {
-            bail!("stage `{stage}` is not a clusters stage");
-        };
+        } = job;
         let classes = self.data.num_classes;
         if *clusters > classes {
             bail!("stage `{stage}`: clusters = {clusters} but the data has {classes} classes");
@@ -146,13 +143,11 @@ impl Run<'_> {
         &self,
         tables: &mut Tables,
         stage: &str,
-        job: &Job,
+        job: &SpecialistsJob,
         only: Option<&[usize]>,
         started: Instant,
     ) -> Result<()> {
-        let Job::Specialists { source, subsets: from, training, examples, top_n, combine_iterations } = job else {
-            bail!("stage `{stage}` is not a specialists stage");
-        };
+        let SpecialistsJob { source, subsets: from, training, examples, top_n, combine_iterations } = job;
         let subsets = self.subsets_of(tables, from)?;
         let (gvs, generalist) = self.load_model(source)?;
         let all: Vec<usize> = (0..subsets.len()).collect();
@@ -342,7 +337,7 @@ impl Run<'_> {
     /// Deletes what the specialists of `stage` left (their checkpoints and folders), when
     /// `stage` is a specialists stage whose settings changed.
     pub(super) fn remove_specialists(&self, stage: &str) -> Result<()> {
-        if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists { .. })) {
+        if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists(_))) {
             return Ok(());
         }
         let index_of = |name: &str| -> bool {

@@ -63,12 +63,15 @@ impl Tables {
         })
     }
 
-    /// The stage a row belongs to: a `<stage>-fixed` row to `<stage>`.
-    fn owner<'a>(order: &[String], row: &'a str) -> &'a str {
-        match row.strip_suffix("-fixed") {
-            Some(base) if !order.iter().any(|s| s == row) && order.iter().any(|s| s == base) => base,
-            _ => row,
-        }
+    /// Sets the experiment's stage order, and reads the rows of files written before rows had
+    /// a `variant` column by it (`<stage>-fixed` is the fixed variant of `<stage>`).
+    pub fn in_order(mut self, order: Vec<String>) -> Self {
+        let summary = self.summary.iter_mut().map(|r| (&mut r.stage, &mut r.variant));
+        output::read_variants_from_names(summary, &order);
+        let class_errors = self.class_errors.iter_mut().map(|r| (&mut r.stage, &mut r.variant));
+        output::read_variants_from_names(class_errors, &order);
+        self.order = order;
+        self
     }
 
     pub fn touch(&mut self, stage: &str) {
@@ -79,9 +82,9 @@ impl Tables {
 
     /// Replaces the rows of the stages this process did not touch by those on disk.
     fn merge_from_disk(&mut self, dir: &Path) -> Result<()> {
-        let disk = Tables::read(dir)?;
-        let (order, touched) = (&self.order, &self.touched);
-        let mine = |stage: &str| touched.iter().any(|t| t == Self::owner(order, stage));
+        let disk = Tables::read(dir)?.in_order(self.order.clone());
+        let touched = &self.touched;
+        let mine = |stage: &str| touched.iter().any(|t| t == stage);
         fn merge<T>(mine: &dyn Fn(&str) -> bool, memory: &mut Vec<T>, disk: Vec<T>, stage: fn(&T) -> &str) {
             let mut rows: Vec<T> = disk.into_iter().filter(|r| !mine(stage(r))).collect();
             rows.extend(memory.drain(..).filter(|r| mine(stage(r))));
@@ -99,8 +102,7 @@ impl Tables {
     }
 
     /// Writes the tables; those of the specialist stages only once they have rows. The per-model
-    /// rows go in the order of their stages in the file (stable, so `<stage>-fixed` rows stay
-    /// after their stage's).
+    /// rows go in the order of their stages in the file, a stage's variants after its own rows.
     pub fn write(&mut self, dir: &Path) -> Result<()> {
         if self.shared {
             lock::with_tables_lock(dir, || {
@@ -114,12 +116,9 @@ impl Tables {
 
     fn write_files(&mut self, dir: &Path) -> Result<()> {
         let order = &self.order;
-        let rank = |stage: &str| {
-            let base = stage.strip_suffix("-fixed").unwrap_or(stage);
-            order.iter().position(|s| s == stage || s == base).unwrap_or(usize::MAX)
-        };
-        self.summary.sort_by_key(|r| rank(&r.stage));
-        self.class_errors.sort_by_key(|r| rank(&r.stage));
+        let rank = |stage: &str| order.iter().position(|s| s == stage).unwrap_or(usize::MAX);
+        self.summary.sort_by(|a, b| (rank(&a.stage), &a.variant).cmp(&(rank(&b.stage), &b.variant)));
+        self.class_errors.sort_by(|a, b| (rank(&a.stage), &a.variant).cmp(&(rank(&b.stage), &b.variant)));
         self.done.sort_by_key(|r| rank(&r.stage));
         output::write_csv_if_changed(&dir.join(METRICS), &self.metrics)?;
         output::write_csv_if_changed(&dir.join(SUMMARY), &self.summary)?;
@@ -177,14 +176,12 @@ impl Tables {
         }
     }
 
-    /// Forgets a stage's results (its summary, per-class, subset and specialist rows), not its
-    /// epochs.
+    /// Forgets a stage's results (its summary and per-class rows, of every variant, its subset
+    /// and specialist rows), not its epochs.
     pub fn forget_results(&mut self, stage: &str) {
         self.touch(stage);
-        let fixed = format!("{stage}-fixed");
-        let other = |s: &str| s != stage && s != fixed;
-        self.summary.retain(|r| other(&r.stage));
-        self.class_errors.retain(|r| other(&r.stage));
+        self.summary.retain(|r| r.stage != stage);
+        self.class_errors.retain(|r| r.stage != stage);
         self.subsets.retain(|r| r.stage != stage);
         self.specialists.retain(|r| r.stage != stage);
         self.coverage.retain(|r| r.stage != stage);
