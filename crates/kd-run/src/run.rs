@@ -11,8 +11,7 @@
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
 use crate::config::{
-    BiasShiftJob, DataSource, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, Precision, Stage,
-    TrainJob,
+    DataSource, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, Precision, Stage, TrainJob,
 };
 use crate::data::{self, Dataset};
 use crate::device;
@@ -41,7 +40,7 @@ mod tables;
 
 pub use dir::Options;
 use dir::{stage_facts, RunDir};
-use fit::{Init, Sampling, Targets};
+use fit::{Init, Sampling, StageFit, Targets};
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
 
@@ -177,12 +176,15 @@ impl Run<'_> {
             Job::Train(TrainJob { model, training }) => {
                 let (_vs, net, fit) = self.train(
                     (tables, &self.dir),
-                    name,
-                    Init::New(model),
-                    training,
-                    (&self.data.train, Sampling::All),
-                    &Supervision::labels(),
-                    &self.targets(),
+                    StageFit {
+                        stage: name,
+                        init: Init::New(model),
+                        training,
+                        split: &self.data.train,
+                        sampling: Sampling::All,
+                        supervision: &Supervision::labels(),
+                        targets: &self.targets(),
+                    },
                 )?;
                 self.record_trained(tables, name, "train", &net, (fit, None), started)?;
             }
@@ -193,9 +195,7 @@ impl Run<'_> {
                 let (_vs, net) = self.load_model(source)?;
                 self.record(tables, name, "evaluate", &net.frozen(), started, None)?;
             }
-            Job::BiasShift(BiasShiftJob { source, classes, min, max, step, fixed }) => {
-                self.bias_shift(tables, name, source, classes, (*min, *max, *step), *fixed, started)?;
-            }
+            Job::BiasShift(job) => self.bias_shift(tables, name, job, started)?,
             Job::Ensemble(EnsembleJob { members }) => self.ensemble(tables, name, members, started)?,
             Job::Clusters(job) => self.clusters(tables, name, job)?,
             Job::Specialists(job) => {

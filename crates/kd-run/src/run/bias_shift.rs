@@ -4,7 +4,7 @@
 use super::output::{self, ShiftRow};
 use super::tables::Tables;
 use super::Run;
-use crate::config::ModelSource;
+use crate::config::BiasShiftJob;
 use crate::train;
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -15,17 +15,15 @@ impl Run<'_> {
     /// Adds each candidate shift to the output biases of `classes`, keeps the one with the
     /// fewest validation errors (ties: the smallest in magnitude), and records the model with
     /// it, and with `fixed` as the stage's variant `fixed`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn bias_shift(
         &self,
         tables: &mut Tables,
         stage: &str,
-        source: &ModelSource,
-        classes: &[i64],
-        (min, max, step): (f64, f64, f64),
-        fixed: Option<f64>,
+        job: &BiasShiftJob,
         started: Instant,
     ) -> Result<()> {
+        let BiasShiftJob { source, classes, min, max, step, fixed } = job;
+        let (min, max, step, fixed) = (*min, *max, *step, *fixed);
         self.check_classes(stage, classes)?;
         tables.forget(stage, 0);
         let (vs, net) = self.load_model(source)?;

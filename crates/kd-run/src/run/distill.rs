@@ -2,7 +2,7 @@
 //! its top k), the student's training, and its fidelity to the teacher.
 
 use super::cache::{fnv1a, read_cache, write_cache};
-use super::fit::{Init, Sampling};
+use super::fit::{Init, Sampling, StageFit};
 use super::networks;
 use super::tables::Tables;
 use super::Run;
@@ -57,12 +57,15 @@ impl Run<'_> {
         let supervision = Supervision { objective, teacher: signal };
         let (_vs, net, fit) = self.train(
             (tables, &self.dir),
-            name,
-            Init::New(model),
-            training,
-            (&transfer, Sampling::All),
-            &supervision,
-            &self.targets(),
+            StageFit {
+                stage: name,
+                init: Init::New(model),
+                training,
+                split: &transfer,
+                sampling: Sampling::All,
+                supervision: &supervision,
+                targets: &self.targets(),
+            },
         )?;
         let net = net.frozen();
         let (student, teacher) = (|x: &Tensor| Ok(net.forward_t(x, false)), |x: &Tensor| teacher.logits(x));

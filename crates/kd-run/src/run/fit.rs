@@ -45,6 +45,18 @@ pub(super) struct Targets<'a> {
     pub(super) classes: i64,
 }
 
+/// What a stage trains and how: its name, the network's start, the loop settings, the examples
+/// (and which of them each epoch), what the loss is, and what the network is scored on.
+pub(super) struct StageFit<'a> {
+    pub(super) stage: &'a str,
+    pub(super) init: Init<'a>,
+    pub(super) training: &'a Training,
+    pub(super) split: &'a Split,
+    pub(super) sampling: Sampling<'a>,
+    pub(super) supervision: &'a Supervision<'a>,
+    pub(super) targets: &'a Targets<'a>,
+}
+
 /// How a trained network fit its training examples.
 pub(super) struct Fit {
     /// Accuracy on the examples it trained on, in evaluation mode.
@@ -66,65 +78,26 @@ impl Run<'_> {
 
     /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
     /// early stopping, the best epoch's weights) and how it fit the examples it trained on.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn train(
         &self,
         (tables, tables_dir): (&mut Tables, &Path),
-        stage: &str,
-        init: Init,
-        training: &Training,
-        (split, sampling): (&Split, Sampling),
-        supervision: &Supervision,
-        targets: &Targets,
+        fit: StageFit,
     ) -> Result<(nn::VarStore, Mlp, Fit)> {
+        let StageFit { stage, init, training, split, sampling, supervision, targets } = fit;
         tch::manual_seed(training.seed as i64);
-        let (vs, net) = match init {
-            Init::New(spec) => {
-                let mut sizes = vec![self.data.train.input_dim()];
-                sizes.extend(&spec.hidden);
-                sizes.push(self.data.num_classes);
-                check_network_size(stage, &sizes, self.device)?;
-                let config = MlpConfig {
-                    sizes,
-                    input_dropout: spec.input_dropout,
-                    hidden_dropout: spec.hidden_dropout,
-                    max_norm: spec.max_norm,
-                };
-                let vs = nn::VarStore::new(self.device);
-                let net = Mlp::new(&vs.root(), config)?;
-                (vs, net)
-            }
-            Init::From(vs, net) => (vs, net),
-        };
-        let net = net.with_compute_kind(self.exp.precision.kind());
+        let (vs, net) = self.network(stage, init)?;
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
-
         let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
         let resume_path = self.resume_checkpoint(stage);
-        let mut progress = resume::Progress { epochs_done: 0, best: None };
-        if resume_path.exists() {
-            let named = output::load_tensors(&resume_path)?;
-            output::check_finite(&resume_path, &named)?;
-            let (saved, rest) = resume::Progress::split(&resume_path, named)?;
-            let (state, weights): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
-            copy_weights(&vs, &weights, self.device).context("reading the resume checkpoint")?;
-            opt.load_state(&state)?;
-            progress = saved;
-            info!("stage `{stage}`: resuming after epoch {} from {}", progress.epochs_done, resume_path.display());
-        }
+        let progress = self.resume(stage, &resume_path, &vs, &mut opt)?;
         let first_epoch = progress.epochs_done;
         let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));
         tables.forget(stage, first_epoch);
         // Seconds of the epochs an earlier process ran (on this device or another).
         let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
-
         let geometry: Geometry = self.data.geometry;
-        if geometry.is_none() && training.jitter > 0 {
-            bail!("stage `{stage}`: jitter translates images; this data is not images");
-        }
-        if let Some((rows, cols)) = geometry.filter(|&(r, c)| i64::from(training.jitter) >= r.min(c)) {
-            bail!("stage `{stage}`: jitter = {} would move {rows} x {cols} images out of the frame", training.jitter);
-        }
+        check_jitter(stage, geometry, training.jitter)?;
+
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
         let n = match &sampling {
@@ -223,33 +196,101 @@ impl Run<'_> {
             // between, the resumed run drops the row and redoes the epoch; the other way round it
             // would lose the row.
             tables.write(tables_dir)?;
-            if !last {
-                let mut state = net.to_tensors(&vs);
-                state.extend(trainer.opt.state());
-                let best = stopping.and_then(|s| s.best());
-                state.extend(resume::Progress { epochs_done: epoch + 1, best }.to_tensors());
-                output::save_tensors(&resume_path, &state)?;
-            }
             if last {
                 break;
             }
+            let done = resume::Progress { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()) };
+            save_resume(&resume_path, &net, &vs, &trainer.opt, done)?;
         }
         progress.finish();
         drop(trainer);
-        if let Some(Best { errors, epoch: at }) = stopping.and_then(|s| s.best()) {
-            info!("stage `{stage}`: keeps epoch {at} ({errors} validation errors)");
-            copy_weights(&vs, &output::load_tensors(&best_path)?, self.device).context("reading the best epoch")?;
-        }
-        output::save_tensors(&self.checkpoint(stage), &net.to_tensors(&vs))?;
-        for path in [&resume_path, &best_path] {
-            if path.exists() {
-                std::fs::remove_file(path)?;
-            }
-        }
+        self.keep_final(stage, &vs, &net, stopping.and_then(|s| s.best()), [&resume_path, &best_path])?;
         let frozen = net.frozen();
         let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
         Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
     }
+
+    /// The network a stage starts from, in the run's compute precision.
+    fn network(&self, stage: &str, init: Init) -> Result<(nn::VarStore, Mlp)> {
+        let (vs, net) = match init {
+            Init::New(spec) => {
+                let mut sizes = vec![self.data.train.input_dim()];
+                sizes.extend(&spec.hidden);
+                sizes.push(self.data.num_classes);
+                check_network_size(stage, &sizes, self.device)?;
+                let config = MlpConfig {
+                    sizes,
+                    input_dropout: spec.input_dropout,
+                    hidden_dropout: spec.hidden_dropout,
+                    max_norm: spec.max_norm,
+                };
+                let vs = nn::VarStore::new(self.device);
+                let net = Mlp::new(&vs.root(), config)?;
+                (vs, net)
+            }
+            Init::From(vs, net) => (vs, net),
+        };
+        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
+    }
+
+    /// Loads the weights and optimizer state of an unfinished stage's resume checkpoint, if there
+    /// is one, and says where the stage stopped.
+    fn resume(&self, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<resume::Progress> {
+        if !path.exists() {
+            return Ok(resume::Progress { epochs_done: 0, best: None });
+        }
+        let named = output::load_tensors(path)?;
+        output::check_finite(path, &named)?;
+        let (progress, rest) = resume::Progress::split(path, named)?;
+        let (state, weights): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
+        copy_weights(vs, &weights, self.device).context("reading the resume checkpoint")?;
+        opt.load_state(&state)?;
+        info!("stage `{stage}`: resuming after epoch {} from {}", progress.epochs_done, path.display());
+        Ok(progress)
+    }
+
+    /// Saves the stage's final checkpoint (the best validation epoch's weights when early
+    /// stopping kept one) and removes the files it trained with.
+    fn keep_final(
+        &self,
+        stage: &str,
+        vs: &nn::VarStore,
+        net: &Mlp,
+        best: Option<Best>,
+        temporary: [&Path; 2],
+    ) -> Result<()> {
+        let [resume_path, best_path] = temporary;
+        if let Some(Best { errors, epoch }) = best {
+            info!("stage `{stage}`: keeps epoch {epoch} ({errors} validation errors)");
+            copy_weights(vs, &output::load_tensors(best_path)?, self.device).context("reading the best epoch")?;
+        }
+        output::save_tensors(&self.checkpoint(stage), &net.to_tensors(vs))?;
+        for path in [resume_path, best_path] {
+            if path.exists() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Jitter translates images; it must leave some of each image in the frame.
+fn check_jitter(stage: &str, geometry: Geometry, jitter: u32) -> Result<()> {
+    if geometry.is_none() && jitter > 0 {
+        bail!("stage `{stage}`: jitter translates images; this data is not images");
+    }
+    if let Some((rows, cols)) = geometry.filter(|&(r, c)| i64::from(jitter) >= r.min(c)) {
+        bail!("stage `{stage}`: jitter = {jitter} would move {rows} x {cols} images out of the frame");
+    }
+    Ok(())
+}
+
+/// Saves a resume checkpoint: the weights, the optimizer state and where the stage is.
+fn save_resume(path: &Path, net: &Mlp, vs: &nn::VarStore, opt: &Optimizer, progress: resume::Progress) -> Result<()> {
+    let mut state = net.to_tensors(vs);
+    state.extend(opt.state());
+    state.extend(progress.to_tensors());
+    output::save_tensors(path, &state)
 }
 
 /// Copies the weights of a checkpoint made by `Mlp::to_tensors` into the same network's `vs`.

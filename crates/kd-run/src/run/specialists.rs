@@ -9,7 +9,7 @@
 //! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
 //! rows) and `specialist_coverage.csv` (Table 4).
 
-use super::fit::{Init, Sampling, Targets};
+use super::fit::{Init, Sampling, StageFit, Targets};
 use super::tables::{self, Tables};
 use super::Run;
 use crate::config::{Affinity, ClustersJob, Job, SpecialistsJob, Training};
@@ -270,12 +270,15 @@ impl Run<'_> {
         let mut tables = Tables::read(&dir)?;
         let (vs, net, _) = self.train(
             (&mut tables, &dir),
-            &name,
-            Init::From(svs, net),
-            &training,
-            (&local_train, Sampling::Draw { n, draw: &draw }),
-            &Supervision::labels(),
-            &targets,
+            StageFit {
+                stage: &name,
+                init: Init::From(svs, net),
+                training: &training,
+                split: &local_train,
+                sampling: Sampling::Draw { n, draw: &draw },
+                supervision: &Supervision::labels(),
+                targets: &targets,
+            },
         )?;
         let shift = dustbin_logit_shift(factor);
         raise_dustbin(&vs, subset, shift)?;
