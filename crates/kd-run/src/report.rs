@@ -189,9 +189,11 @@ impl RunFiles {
             by_device.iter().map(|(d, s)| format!("{} on {d}", names(s))).collect::<Vec<_>>().join("; ")
         };
         // Runs recorded before their rows named bf16 say it from their configuration.
-        let named = self.summary.iter().any(|r| r.device.contains("bf16"));
+        let named = self.summary.iter().any(|r| r.device.contains("bf16") || r.device.contains("tf32"));
         let precision = match self.precision {
             Precision::F32 => String::new(),
+            Precision::Tf32 if named => String::new(),
+            Precision::Tf32 => ", precision tf32 (TF32 matrix products on a GPU)".to_string(),
             _ if named => String::new(),
             Precision::Bf16 => ", with matrix products in bf16".to_string(),
         };

@@ -103,6 +103,7 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
         tch::set_num_threads(exp.threads as i32);
     }
     let device = select_device(&exp.device)?;
+    set_tf32(device, exp.precision);
     info!(
         "experiment `{}`: device {device:?} (CUDA available: {}, {} device(s)), {} CPU threads",
         exp.name,
@@ -212,6 +213,18 @@ impl Run<'_> {
     }
 }
 
+/// Switches libtorch's TF32 matrix products and convolutions on for `precision = "tf32"` on a
+/// CUDA device, and off otherwise (the process may run several experiments).
+fn set_tf32(device: Device, precision: Precision) {
+    let on = precision == Precision::Tf32 && device.is_cuda();
+    kd_native::cuda::set_tf32(on, on);
+    match (precision, on) {
+        (Precision::Tf32, true) => info!("precision tf32: f32 matrix products on TF32 tensor cores"),
+        (Precision::Tf32, false) => info!("precision tf32: no TF32 on {device:?}; matrix products in f32"),
+        _ => {}
+    }
+}
+
 /// The dense peak TFLOP/s of CUDA device `device` at `precision`, when the driver names a GPU
 /// of [`device::peak_tflops`]'s table (logged either way).
 fn known_peak(device: Device, precision: Precision) -> Option<f64> {
@@ -220,6 +233,7 @@ fn known_peak(device: Device, precision: Precision) -> Option<f64> {
     let peak = device::peak_tflops(&name);
     let at = peak.map(|p| match precision {
         Precision::Bf16 => p.bf16,
+        Precision::Tf32 => p.tf32,
         Precision::F32 => p.fp32,
     });
     match at {
@@ -234,6 +248,7 @@ fn known_peak(device: Device, precision: Precision) -> Option<f64> {
 fn device_name(device: Device, threads: i32, precision: Precision) -> String {
     let bf16 = if precision == Precision::Bf16 { ", bf16" } else { "" };
     match device {
+        Device::Cuda(i) if precision == Precision::Tf32 => format!("cuda:{i} (tf32)"),
         Device::Cuda(i) if bf16.is_empty() => format!("cuda:{i}"),
         Device::Cuda(i) => format!("cuda:{i} (bf16)"),
         _ if threads == 1 => format!("cpu (1 thread{bf16})"),
@@ -359,5 +374,7 @@ mod tests {
         assert_eq!(device_name(Device::Cpu, 2, Precision::Bf16), "cpu (2 threads, bf16)");
         assert_eq!(device_name(Device::Cuda(0), 16, Precision::F32), "cuda:0");
         assert_eq!(device_name(Device::Cuda(1), 16, Precision::Bf16), "cuda:1 (bf16)");
+        assert_eq!(device_name(Device::Cuda(0), 16, Precision::Tf32), "cuda:0 (tf32)");
+        assert_eq!(device_name(Device::Cpu, 1, Precision::Tf32), "cpu (1 thread)");
     }
 }

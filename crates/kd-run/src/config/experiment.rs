@@ -34,6 +34,10 @@ pub enum Precision {
     F32,
     /// bfloat16 matrix products with f32 master weights, losses and optimizer state.
     Bf16,
+    /// f32 tensors whose matrix products and convolutions on a CUDA GPU run on TF32 tensor
+    /// cores (10-bit mantissa inputs, f32 accumulation; PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32 = True`). On a CPU the same as `f32`.
+    Tf32,
 }
 
 impl Precision {
@@ -44,7 +48,7 @@ impl Precision {
     /// The tensor kind of the matrix products.
     pub fn kind(self) -> tch::Kind {
         match self {
-            Precision::F32 => tch::Kind::Float,
+            Precision::F32 | Precision::Tf32 => tch::Kind::Float,
             Precision::Bf16 => tch::Kind::BFloat16,
         }
     }

@@ -267,6 +267,9 @@ fn precision_and_peak_are_read_and_written_only_when_set() {
     assert_eq!((e.precision, e.peak_tflops), (Precision::Bf16, Some(790.0)));
     assert_eq!(e.precision.kind(), tch::Kind::BFloat16);
     assert!(e.to_toml().unwrap().contains("precision = \"bf16\""));
+    let e = parse(&GOOD.replace("seed = 3\n", "seed = 3\nprecision = \"tf32\"\n")).unwrap();
+    assert_eq!((e.precision, e.precision.kind()), (Precision::Tf32, tch::Kind::Float));
+    assert!(e.to_toml().unwrap().contains("precision = \"tf32\""));
     let err = format!("{:#}", parse(&GOOD.replace("seed = 3\n", "seed = 3\nprecision = \"fp8\"\n")).unwrap_err());
     assert!(err.contains("unknown variant `fp8`"), "{err}");
 }
