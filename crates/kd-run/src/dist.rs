@@ -213,7 +213,8 @@ impl World {
         shape[0] = longest - rows;
         let device = local.device();
         let staged = if self.through_host { local.to_device(Device::Cpu) } else { local.shallow_clone() };
-        let padded = Tensor::cat(&[staged.shallow_clone(), Tensor::zeros(shape.as_slice(), (local.kind(), staged.device()))], 0);
+        let padded =
+            Tensor::cat(&[staged.shallow_clone(), Tensor::zeros(shape.as_slice(), (local.kind(), staged.device()))], 0);
         let parts = group.all_gather(&padded).map_err(|e| self.failed("gathering outputs", e))?;
         let parts: Vec<Tensor> =
             parts.iter().enumerate().map(|(r, p)| p.narrow(0, 0, share_of(r, self.size, n).1)).collect();

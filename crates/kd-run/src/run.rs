@@ -88,6 +88,14 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         world.barrier()?;
         RunDir::follow(exp, out)?
     };
+    if world.is_distributed() {
+        info!(
+            "data-parallel over {} ranks (this is rank {}); rank 0 writes {}",
+            world.size(),
+            world.rank(),
+            dir.path.display()
+        );
+    }
     let (device, data) = device_and_data(exp)?;
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops };

@@ -137,7 +137,9 @@ fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test
     let dir = fresh_dir("smoke");
     let (one, two) = (dir.join("one"), dir.join("two"));
     let args = |out: &Path| {
-        ["run", "experiments/smoke.toml", "--set", "threads=1", "--out"].map(String::from).into_iter()
+        ["run", "experiments/smoke.toml", "--set", "threads=1", "--out"]
+            .map(String::from)
+            .into_iter()
             .chain([out.display().to_string()])
             .collect::<Vec<_>>()
     };
@@ -153,7 +155,8 @@ fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test
         assert!(o.status.success(), "rank {r}:\n{}", text(o));
     }
     let names = |d: &Path| {
-        let mut v: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         v.sort();
         v
     };
@@ -164,10 +167,10 @@ fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test
     for (x, y) in s1.iter().zip(&s2) {
         assert_eq!((&x["stage"], &x["variant"]), (&y["stage"], &y["variant"]));
         let (e1, e2): (i64, i64) = (x["test_errors"].parse().unwrap(), y["test_errors"].parse().unwrap());
-        let n: i64 = x["test_examples"].parse().unwrap();
-        // Dropout and jitter draw from each rank's own stream, so trained models differ by
-        // chance; the smoke experiment's 2-epoch models vary by about as much between seeds.
-        assert!(((e1 - e2).abs() as f64) <= 0.04 * n as f64, "{}: {e1} test errors alone, {e2} on 2 ranks", x["stage"]);
+        let n = 2000; // experiments/smoke.toml's test_limit
+                      // Dropout and jitter draw from each rank's own stream, so trained models differ by
+                      // chance; the smoke experiment's 2-epoch models vary by about as much between seeds.
+        assert!((e1 - e2).abs() * 25 <= n, "{}: {e1} test errors alone, {e2} on 2 ranks", x["stage"]);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

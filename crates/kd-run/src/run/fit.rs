@@ -92,7 +92,10 @@ impl Run<'_> {
         let progress = self.resume(stage, &resume_path, &vs, &mut opt)?;
         let world = crate::dist::world();
         // Every rank starts from rank 0's weights and optimizer state, at the same epoch.
-        world.agree(&format!("stage `{stage}`: the epochs done (every rank must see the same --out)"), progress.epochs_done)?;
+        world.agree(
+            &format!("stage `{stage}`: the epochs done (every rank must see the same --out)"),
+            progress.epochs_done,
+        )?;
         broadcast_state(&vs, &mut opt)?;
         let first_epoch = progress.epochs_done;
         let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));

@@ -108,7 +108,8 @@ pub fn evaluate_in_chunks(
     let class_errors = labels.masked_select(&wrong).bincount::<Tensor>(None, num_classes);
     let class_examples = labels.bincount::<Tensor>(None, num_classes);
     // Both counts over every rank's share (bincount's length is at least `num_classes`).
-    let mut counts = Tensor::stack(&[class_errors.narrow(0, 0, num_classes), class_examples.narrow(0, 0, num_classes)], 0);
+    let mut counts =
+        Tensor::stack(&[class_errors.narrow(0, 0, num_classes), class_examples.narrow(0, 0, num_classes)], 0);
     world.sum(std::slice::from_mut(&mut counts))?;
     world.sum(std::slice::from_mut(&mut loss_sum))?;
     let predictions = world.gather_rows(&predictions, all)?;
