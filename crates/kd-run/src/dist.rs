@@ -109,6 +109,7 @@ impl World {
                 _ => bail!("KD_DIST_BUCKET_MB = {v:?}: expected a whole number of megabytes from 1 to 16384"),
             },
         };
+        say_when_stopped(l.rank, l.world_size, launcher_name(&l));
         let world = World {
             group: Some(group),
             rank: l.rank,
@@ -331,6 +332,36 @@ pub fn text_hash(text: &str) -> i64 {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(text.as_bytes());
     i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The line a rank writes when its launcher stops it with SIGTERM (torchrun does, to every rank,
+/// once one has failed, often before the survivors' collectives have failed on their own).
+static STOPPED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    if let Some(line) = STOPPED.get() {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; `line` is a 'static buffer set
+        // before the handler was installed.
+        unsafe {
+            libc::write(2, line.as_ptr().cast(), line.len());
+            libc::_exit(143);
+        }
+    }
+}
+
+/// Makes a rank stopped by SIGTERM say so (and that the launcher's report names the rank that
+/// failed first) instead of ending silently.
+fn say_when_stopped(rank: usize, size: usize, launcher: &str) {
+    let line = format!(
+        "[rank {rank}] error: rank {rank} of {size}: stopped by SIGTERM; {launcher} stops every rank once one has \
+         failed (its report names that rank)\n"
+    );
+    if STOPPED.set(line.into_bytes()).is_ok() {
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(libc::SIGTERM, on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
 }
 
 /// Rank `rank`'s share of `n` rows among `size` ranks (see [`World::share`]).
