@@ -218,3 +218,28 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
     assert!(err.contains("[rank 0] error: rank 0 of 2") && err.contains("rank 1 (the other rank)"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ranks_started_with_different_experiments_stop_at_the_start() {
+    let dir = fresh_dir("differ");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL).unwrap();
+    let out = dir.join("out");
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            let seed = format!("seed={}", 5 + r);
+            rank(&["run", file.to_str().unwrap(), "--set", &seed, "--out", out.to_str().unwrap()], r, 2, port, 20)
+        })
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    if built_without_gloo(&outputs) {
+        return;
+    }
+    for o in &outputs {
+        assert!(!o.status.success());
+        assert!(text(o).contains("differs across ranks: rank 0 has"), "{}", text(o));
+    }
+    assert!(!out.exists(), "nothing written");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
