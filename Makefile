@@ -7,14 +7,15 @@ KD_RUN := target/release/kd-run
 setup:
 	scripts/setup.sh
 
+# kd-native's Gloo process groups: data-parallel runs under torchrun or srun (and their tests,
+# over loopback); `make setup` fetched their headers.
+FEATURES := --features kd-native/gloo
+
 build: setup
-	cargo build --release -p kd-run
+	cargo build --release -p kd-run $(FEATURES)
 
 run: build
 	$(KD_RUN) run experiments/mnist.toml
-
-# kd-native's Gloo process groups are tested over loopback; `make setup` fetched their headers.
-FEATURES := --features kd-native/gloo
 
 test: setup
 	cargo test --release --workspace $(FEATURES)

@@ -11,10 +11,17 @@ use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, Env
 
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 static LOG_FILE: Mutex<Option<File>> = Mutex::new(None);
+/// `[rank R] ` before each stderr line of a rank of a data-parallel run, empty otherwise.
+static RANK_PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// Installs the subscriber; `RUST_LOG` overrides the default `info` level.
+/// Installs the subscriber; `RUST_LOG` overrides the default `info` level. A rank other than 0
+/// of a data-parallel run (by its launch variables) logs warnings and errors only, and every
+/// rank's lines start with `[rank R]`.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let rank = kd_native::launch::from_env().ok().flatten().filter(|l| l.world_size > 1).map(|l| l.rank);
+    let _ = RANK_PREFIX.set(rank.map_or_else(String::new, |r| format!("[rank {r}] ")));
+    let level = if rank.unwrap_or(0) == 0 { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::stderr().is_terminal();
     let stderr = fmt::layer().with_target(false).with_ansi(ansi).with_writer(|| StderrWriter);
     let file = fmt::layer().with_target(false).with_ansi(false).with_writer(|| FileWriter);
@@ -37,14 +44,21 @@ pub fn set_bar(bar: Option<ProgressBar>) {
     *BAR.lock().unwrap_or_else(|e| e.into_inner()) = bar;
 }
 
+/// What starts each line this process writes on stderr (`[rank R] ` for a rank of a
+/// data-parallel run).
+pub fn rank_prefix() -> &'static str {
+    RANK_PREFIX.get().map_or("", String::as_str)
+}
+
 struct StderrWriter;
 
 impl Write for StderrWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let bar = BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let line = [rank_prefix().as_bytes(), buf].concat();
         match bar {
-            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
-            None => std::io::stderr().write_all(buf)?,
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(&line))?,
+            None => std::io::stderr().write_all(&line)?,
         }
         Ok(buf.len())
     }

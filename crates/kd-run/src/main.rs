@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod data;
 mod device;
+mod dist;
 #[cfg(test)]
 mod fuzz;
 mod logging;
@@ -99,7 +100,8 @@ fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(f)) => {
             // Long lines are clipped: an error never echoes kilobytes of bad input.
-            eprintln!("error: {}", data::inputs::clip_lines(&format!("{:#}", f.error), 1000));
+            let prefix = logging::rank_prefix();
+            eprintln!("{prefix}error: {}", data::inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
         // The hook has reported it.
@@ -125,6 +127,16 @@ fn install_panic_hook() {
         let first = message.lines().next().unwrap_or("").trim();
         eprintln!("error: internal error{at}: {first} (RUST_BACKTRACE=1 shows where it came from)");
     }));
+}
+
+/// Joins the other ranks when torchrun or srun started this process as one of several
+/// (`dist::World::join`: the launch variables, the rendezvous, the same experiment everywhere);
+/// alone, a world of one. `command` is the command line without the program (the same on every
+/// rank, `--out` included).
+fn join_ranks(exp: &config::Experiment, command: &str) -> Result<()> {
+    let cuda = run::select_device(&exp.device)?.is_cuda();
+    let hash = dist::text_hash(&format!("{}\n{command}", exp.to_toml()?));
+    dist::init(dist::World::join(&|k| std::env::var(k).ok(), cuda, hash)?)
 }
 
 fn try_main() -> Result<(), Failure> {
@@ -154,10 +166,13 @@ fn try_main() -> Result<(), Failure> {
                 )));
             }
             let command = run::output::command_line("kd-run", std::env::args().skip(1));
+            join_ranks(&exp, &command)?;
             let dir = run::run(&exp, &out, run::Options { fresh, redo: &redo, only: &only }, &command)?;
-            let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
-            print_summary(&summary);
-            println!("results in {}", dir.display());
+            if dist::world().is_writer() {
+                let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
+                print_summary(&summary);
+                println!("results in {}", dir.display());
+            }
         }
         Command::Validate { experiment, overrides } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;

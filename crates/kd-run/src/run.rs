@@ -79,7 +79,23 @@ struct Run<'a> {
 /// [`plan::plan`] for what is skipped, resumed and run again); `command` is recorded in
 /// `command.txt`.
 pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Result<PathBuf> {
-    let mut dir = RunDir::open(exp, out, options, command)?;
+    // In a data-parallel run rank 0 opens the run directory and applies its plan's discards;
+    // the others then read it as it left it and must come to the same plan.
+    let world = crate::dist::world();
+    let mut dir = if world.is_writer() {
+        RunDir::open(exp, out, options, command)?
+    } else {
+        world.barrier()?;
+        RunDir::follow(exp, out)?
+    };
+    if world.is_distributed() {
+        info!(
+            "data-parallel over {} ranks (this is rank {}); rank 0 writes {}",
+            world.size(),
+            world.rank(),
+            dir.path.display()
+        );
+    }
     let (device, data) = device_and_data(exp)?;
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops };
@@ -87,6 +103,13 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     let plan =
         plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
     run.discard(&mut dir.tables, &plan)?;
+    if world.is_distributed() {
+        if world.is_writer() {
+            world.barrier()?;
+        }
+        let actions = format!("{:?}", plan.actions);
+        world.agree("the plan (which stages run, resume or are skipped)", crate::dist::text_hash(&actions))?;
+    }
     for (stage, (_, action)) in exp.stages.iter().zip(&plan.actions) {
         match action {
             Action::SkipDone => info!("stage `{}`: already done, skipped", stage.name),
@@ -102,7 +125,7 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     if exp.threads > 0 {
         tch::set_num_threads(exp.threads as i32);
     }
-    let device = select_device(&exp.device)?;
+    let device = crate::dist::world().device(select_device(&exp.device)?);
     set_tf32(device, exp.precision);
     info!(
         "experiment `{}`: device {device:?} (CUDA available: {}, {} device(s)), {} CPU threads",
@@ -153,7 +176,7 @@ impl Run<'_> {
                     }
                     tables.forget(stage, 0);
                     for path in [self.checkpoint(stage), self.resume_checkpoint(stage)] {
-                        if path.exists() {
+                        if path.exists() && crate::dist::world().is_writer() {
                             std::fs::remove_file(&path)?;
                         }
                     }
@@ -209,7 +232,9 @@ impl Run<'_> {
                 }
             }
         }
-        tables.commit(name, &self.dir)
+        tables.commit(name, &self.dir)?;
+        // The other ranks read what this stage wrote (its checkpoint) once rank 0 has written it.
+        crate::dist::world().barrier()
     }
 }
 

@@ -75,13 +75,20 @@ pub fn translation_averaged_logits(
     let _guard = tch::no_grad_guard();
     let shifts: Vec<(i64, i64)> =
         (-max_shift..=max_shift).flat_map(|dy| (-max_shift..=max_shift).map(move |dx| (dy, dx))).collect();
-    let chunks = in_chunks(split.len(), batch, |start, len| {
-        let x = split.range(start, len);
+    // Each rank its share of the examples, gathered in rank order.
+    let world = crate::dist::world();
+    let (first, n) = world.share(split.len());
+    let chunks = in_chunks(n, batch, |start, len| {
+        let x = split.range(first + start, len);
         let views: Vec<Tensor> =
             shifts.iter().map(|&(dy, dx)| net.forward_t(&data::translate(&x, rows, cols, dy, dx), false)).collect();
         Ok(objective.ensemble_logits(&views)?)
     })?;
-    Ok(Tensor::cat(&chunks, 0))
+    let mine = match chunks.as_slice() {
+        [] => net.forward_t(&split.range(0, 0), false),
+        _ => Tensor::cat(&chunks, 0),
+    };
+    world.gather_rows(&mine, split.len())
 }
 
 impl Supervision<'_> {
@@ -170,12 +177,42 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// The trainable parameters, in the optimizer's order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(Tensor::shallow_clone).collect()
+    }
+
     /// One optimization step: forward in training mode, `loss`, gradients, update, max-norm.
     /// Returns the logits and the loss, detached; nothing here waits for the device.
     pub fn step(&mut self, x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
+        self.step_share(x, 1.0, loss)
+    }
+
+    /// [`Trainer::step`] on this rank's rows `x` of a global batch, `share` = `b_r / b` of it
+    /// (1 for a process alone): the gradient of `share` times the loss of `x` is summed over
+    /// the ranks ([`crate::dist::World::sum_gradients`]) before the update, which makes it the
+    /// gradient of the mean loss over the global batch. A rank without rows adds zeros.
+    pub fn step_share(
+        &mut self,
+        x: &Tensor,
+        share: f64,
+        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let world = crate::dist::world();
         let logits = self.net.forward_t(x, true);
-        let loss = loss(&logits)?;
-        let grads = Tensor::run_backward(&[&loss], &self.params, false, false);
+        let (loss, mut grads) = if x.size()[0] == 0 {
+            let zeros = self.params.iter().map(Tensor::zeros_like).collect();
+            (Tensor::zeros([], (Kind::Float, x.device())), zeros)
+        } else {
+            let loss = loss(&logits)?;
+            let grads = if world.is_distributed() {
+                Tensor::run_backward(&[&loss * share], &self.params, false, false)
+            } else {
+                Tensor::run_backward(&[&loss], &self.params, false, false)
+            };
+            (loss, grads)
+        };
+        world.sum_gradients(&mut grads)?;
         self.opt.step(grads);
         self.net.apply_max_norm();
         Ok((logits.detach(), loss.detach()))
@@ -268,7 +305,9 @@ impl std::fmt::Display for Diverged {
 impl std::error::Error for Diverged {}
 
 /// One pass over `train` (only its `examples`, when given) in a random order, in batches of
-/// `settings.batch_size`. `on_step(done, running_loss)` is called after each step;
+/// `settings.batch_size`. In a data-parallel run every rank draws the same order and trains on
+/// its share of each batch ([`crate::dist::World::share`]); losses, accuracies and the checks
+/// are over the whole batch, summed across the ranks. `on_step(done, running_loss)` is called after each step;
 /// `running_loss` is `Some` every `settings.report_every` steps only (reading it syncs the device).
 ///
 /// Fails with [`Diverged`] when a step's loss is not finite or the loss grew past `guard`'s
@@ -290,11 +329,18 @@ pub fn train_epoch(
     // Each step's loss times its batch size, kept on the device and read at the checks.
     let step_losses = Tensor::zeros([steps], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
-    let mut kl_sum: Option<Tensor> = None;
+    let mut kl_sum = supervision.objective.reports_soft_kl().then(|| Tensor::zeros([], (Kind::Float, device)));
     let mut seen = 0i64;
     let first_batch = batch_size.min(n);
     let mut check = Check { steps: steps as usize, first_batch, checked: 0, examples: 0, total: 0.0 };
-    for (i, positions) in data::batches(n, batch_size, device).enumerate() {
+    let world = crate::dist::world();
+    let batches = data::batches(n, batch_size, device);
+    // The order is the same on every rank; dropout and jitter draw from each rank's own stream.
+    world.fork_rng();
+    for (i, global) in batches.enumerate() {
+        let batch = global.size()[0];
+        let (start, rows) = world.share(batch);
+        let positions = global.narrow(0, start, rows);
         let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
         let x = train.inputs(&idx);
         let x = match geometry {
@@ -304,17 +350,15 @@ pub fn train_epoch(
         let y = train.labels.index_select(0, &idx);
         let teacher_out = supervision.batch_targets(&idx, &x)?;
         let mut kl = None;
-        let (logits, loss) = trainer.step(&x, |z| {
+        let (logits, loss) = trainer.step_share(&x, rows as f64 / batch as f64, |z| {
             let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
             kl = soft_kl;
             Ok(loss)
         })?;
-        let b = idx.size()[0];
-        seen += b;
-        step_losses.get(i as i64).copy_(&(loss * b as f64));
-        if let Some(kl) = kl {
-            let kl = kl.to_kind(Kind::Float) * b as f64;
-            kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
+        seen += batch;
+        step_losses.get(i as i64).copy_(&(loss * rows as f64));
+        if let (Some(kl), Some(sum)) = (kl, kl_sum.as_mut()) {
+            *sum += kl.to_kind(Kind::Float) * rows as f64;
         }
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
         let report = if report_every > 0 && (i + 1) % report_every == 0 {
@@ -327,6 +371,10 @@ pub fn train_epoch(
     }
     if check.checked < check.steps {
         check.window(&step_losses, check.steps, seen, guard)?;
+    }
+    world.sum(std::slice::from_mut(&mut correct))?;
+    if let Some(sum) = kl_sum.as_mut() {
+        world.sum(std::slice::from_mut(sum))?;
     }
     let bad = i64::try_from(trainer.non_finite())?;
     if bad > 0 {
@@ -358,7 +406,9 @@ impl Check {
     /// whose examples bring the count to `seen`, and fails if they diverged.
     fn window(&mut self, step_losses: &Tensor, upto: usize, seen: i64, guard: &mut LossGuard) -> Result<()> {
         let from = self.checked;
-        let window = step_losses.narrow(0, from as i64, (upto - from) as i64);
+        let mut window = step_losses.narrow(0, from as i64, (upto - from) as i64);
+        // Each rank's losses times its rows, summed: the losses times the global batches.
+        crate::dist::world().sum(std::slice::from_mut(&mut window))?;
         let sum = f64::try_from(window.sum(Kind::Double))?;
         let examples = seen - self.examples;
         let diverged = |kind| Diverged { kind, found_after: upto, steps: self.steps };

@@ -32,7 +32,15 @@ pub(super) fn write_cache(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()
 /// exists and each has its shape and its checksum. A damaged entry (unreadable,
 /// truncated, altered, or from before entries were checksummed) is reported in the log and
 /// taken as absent, so that it is computed and written again.
-pub(super) fn read_cache(path: &Path, expected: &[(&str, &[i64])]) -> Option<Vec<Tensor>> {
+///
+/// In a data-parallel run the entry is read only if every rank could read it; otherwise every
+/// rank computes it (each its share), so that all take part in the same collectives.
+pub(super) fn read_cache(path: &Path, expected: &[(&str, &[i64])]) -> Result<Option<Vec<Tensor>>> {
+    let found = read_entry(path, expected);
+    Ok(if crate::dist::world().all(found.is_some())? { found } else { None })
+}
+
+fn read_entry(path: &Path, expected: &[(&str, &[i64])]) -> Option<Vec<Tensor>> {
     if !path.exists() {
         return None;
     }

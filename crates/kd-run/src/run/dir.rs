@@ -23,7 +23,8 @@ pub struct RunDir {
     pub tables: Tables,
     /// Stages whose settings differ from the earlier run's, with the stages that read them.
     pub changed: Vec<String>,
-    _lock: lock::RunLock,
+    /// The lock (none on the ranks of a data-parallel run that do not write).
+    _lock: Option<lock::RunLock>,
 }
 
 /// How `kd-run run` was asked to treat an earlier run in the same directory.
@@ -97,7 +98,23 @@ impl RunDir {
         if !path.join(DONE).exists() {
             output::write_csv(&path.join(DONE), &tables.done)?;
         }
-        Ok(RunDir { path, cache, tables, changed, _lock: lock })
+        Ok(RunDir { path, cache, tables, changed, _lock: Some(lock) })
+    }
+
+    /// The run directory as a rank of a data-parallel run that does not write sees it, once
+    /// rank 0 has opened it ([`RunDir::open`]) and applied its plan's discards: the tables as
+    /// on disk, nothing created, locked or removed.
+    pub fn follow(exp: &Experiment, out: &Path) -> Result<RunDir> {
+        let path = out.join(&exp.name);
+        if !path.join("config.toml").exists() {
+            bail!(
+                "{} has no config.toml after rank 0 opened it: every rank must see the same --out (a file system \
+                 shared by the machines)",
+                path.display()
+            );
+        }
+        let tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
+        Ok(RunDir { path, cache: out.join(".cache"), tables, changed: Vec::new(), _lock: None })
     }
 }
 

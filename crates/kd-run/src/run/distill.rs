@@ -161,16 +161,27 @@ impl Run<'_> {
         let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
         let shape = [transfer.len(), k];
-        if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)]) {
+        if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)])? {
             info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
             let classes = cached.pop().expect("two tensors").to(self.device);
             let probs = cached.pop().expect("two tensors").to(self.device);
             return Ok(TeacherTargets::top_k(probs, classes, t)?);
         }
-        let chunks = train::in_chunks(transfer.len(), EVAL_BATCH, |start, len| {
+        // Each rank its share of the transfer set, gathered in rank order.
+        let world = crate::dist::world();
+        let (first, n) = world.share(transfer.len());
+        let top_k = |start: i64, len: i64| -> Result<TeacherTargets> {
             Ok(teacher.objective.top_k_targets(&teacher.logits(&transfer.range(start, len))?, k)?)
-        })?;
-        let targets = TeacherTargets::cat(&chunks)?;
+        };
+        let chunks = match n {
+            0 => vec![top_k(0, 0)?],
+            _ => train::in_chunks(n, EVAL_BATCH, |start, len| top_k(first + start, len))?,
+        };
+        let mine = TeacherTargets::cat(&chunks)?;
+        let mine = mine.as_top_k().context("top-k targets")?;
+        let (probs, classes) =
+            (world.gather_rows(mine.probs, transfer.len())?, world.gather_rows(mine.classes, transfer.len())?);
+        let targets = TeacherTargets::top_k(probs, classes, t)?;
         let top = targets.as_top_k().context("top-k targets")?;
         write_cache(&path, &[("probs", top.probs), ("classes", top.classes)])?;
         info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
@@ -198,7 +209,7 @@ impl Run<'_> {
         let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
         let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
         let shape = [transfer.len(), self.data.num_classes];
-        if let Some(cached) = read_cache(&path, &[("logits", &shape)]) {
+        if let Some(cached) = read_cache(&path, &[("logits", &shape)])? {
             info!("teacher logits over the transfer set read from {}", path.display());
             return Ok(cached[0].to(self.device));
         }

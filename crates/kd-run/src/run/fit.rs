@@ -90,6 +90,13 @@ impl Run<'_> {
         let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
         let resume_path = self.resume_checkpoint(stage);
         let progress = self.resume(stage, &resume_path, &vs, &mut opt)?;
+        let world = crate::dist::world();
+        // Every rank starts from rank 0's weights and optimizer state, at the same epoch.
+        world.agree(
+            &format!("stage `{stage}`: the epochs done (every rank must see the same --out)"),
+            progress.epochs_done,
+        )?;
+        broadcast_state(&vs, &mut opt)?;
         let first_epoch = progress.epochs_done;
         let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));
         tables.forget(stage, first_epoch);
@@ -153,6 +160,7 @@ impl Run<'_> {
                 progress.finish();
                 diverged(e, stage, epoch, (lr, supervision), &resume_path)
             })?;
+            world.check_parameters(&trainer.parameters(), &format!("of stage `{stage}` after epoch {}", epoch + 1))?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
             let frozen = net.frozen();
             let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
@@ -260,17 +268,23 @@ impl Run<'_> {
         temporary: [&Path; 2],
     ) -> Result<()> {
         let [resume_path, best_path] = temporary;
+        let world = crate::dist::world();
         if let Some(Best { errors, epoch }) = best {
             info!("stage `{stage}`: keeps epoch {epoch} ({errors} validation errors)");
-            copy_weights(vs, &output::load_tensors(best_path)?, self.device).context("reading the best epoch")?;
+            // Rank 0 wrote the best epoch's weights and reads them; the others receive them.
+            if world.is_writer() {
+                copy_weights(vs, &output::load_tensors(best_path)?, self.device).context("reading the best epoch")?;
+            }
+            world.broadcast(&mut crate::dist::variables(vs))?;
         }
         output::save_tensors(&self.checkpoint(stage), &net.to_tensors(vs))?;
         for path in [resume_path, best_path] {
-            if path.exists() {
+            if path.exists() && world.is_writer() {
                 std::fs::remove_file(path)?;
             }
         }
-        Ok(())
+        // The other ranks may read the checkpoint once it is written.
+        world.barrier()
     }
 }
 
@@ -283,6 +297,19 @@ fn check_jitter(stage: &str, geometry: Geometry, jitter: u32) -> Result<()> {
         bail!("stage `{stage}`: jitter = {jitter} would move {rows} x {cols} images out of the frame");
     }
     Ok(())
+}
+
+/// Overwrites the weights and optimizer state with rank 0's in a data-parallel run.
+fn broadcast_state(vs: &nn::VarStore, opt: &mut Optimizer) -> Result<()> {
+    let world = crate::dist::world();
+    if !world.is_distributed() {
+        return Ok(());
+    }
+    world.broadcast(&mut crate::dist::variables(vs))?;
+    let state = opt.state();
+    let mut values: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
+    world.broadcast(&mut values)?;
+    opt.load_state(&state)
 }
 
 /// Saves a resume checkpoint: the weights, the optimizer state and where the stage is.

@@ -7,7 +7,11 @@ use tch::Tensor;
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`, so
 /// a reader (or a run killed half-way) sees either the old file or the new one, never a mix.
+/// Only the writing rank of a data-parallel run writes (the others return at once).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if !crate::dist::world().is_writer() {
+        return Ok(());
+    }
     let tmp = tmp_path(path);
     let write = || -> std::io::Result<()> {
         use std::io::Write;
@@ -61,8 +65,12 @@ pub fn is_tmp(name: &str) -> bool {
         .is_some_and(|(file, pid)| !file.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Saves named tensors as safetensors, atomically.
+/// Saves named tensors as safetensors, atomically (only on the writing rank of a data-parallel
+/// run, like [`write_atomic`]).
 pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    if !crate::dist::world().is_writer() {
+        return Ok(());
+    }
     let tmp = tmp_path(path);
     // safetensors wants contiguous CPU tensors.
     let cpu: Vec<(String, Tensor)> =

@@ -235,7 +235,9 @@ impl Run<'_> {
         let started = Instant::now();
         let name = format!("{stage}.{m}");
         let dir = self.specialist_dir(stage, m);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if crate::dist::world().is_writer() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         let (svs, net) = specialist_from_generalist(gvs, generalist, subset, self.device)?;
         let train = &self.data.train;
         let inside = subset.contains(&train.labels)?.sum(Kind::Int64).int64_value(&[]);
@@ -340,6 +342,9 @@ impl Run<'_> {
     /// Deletes what the specialists of `stage` left (their checkpoints and folders), when
     /// `stage` is a specialists stage whose settings changed.
     pub(super) fn remove_specialists(&self, stage: &str) -> Result<()> {
+        if !crate::dist::world().is_writer() {
+            return Ok(());
+        }
         if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists(_))) {
             return Ok(());
         }

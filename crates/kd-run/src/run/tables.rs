@@ -104,6 +104,9 @@ impl Tables {
     /// Writes the tables; those of the specialist stages only once they have rows. The per-model
     /// rows go in the order of their stages in the file, a stage's variants after its own rows.
     pub fn write(&mut self, dir: &Path) -> Result<()> {
+        if !crate::dist::world().is_writer() {
+            return Ok(());
+        }
         if self.shared {
             lock::with_tables_lock(dir, || {
                 self.merge_from_disk(dir)?;

@@ -18,10 +18,18 @@ pub fn in_chunks<T>(n: i64, chunk: i64, mut f: impl FnMut(i64, i64) -> Result<T>
 }
 
 /// Logits of `net` in evaluation mode, without gradients, over `split` in chunks of `batch`.
+/// In a data-parallel run each rank computes its share of the examples and receives the
+/// others' ([`crate::dist::World::gather_rows`]), so no rank runs the whole split.
 pub fn logits(net: &Mlp, split: &Split, batch: i64) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let chunks = in_chunks(split.len(), batch, |s, len| Ok(net.forward_t(&split.range(s, len), false)))?;
-    Ok(Tensor::cat(&chunks, 0))
+    let world = crate::dist::world();
+    let (first, n) = world.share(split.len());
+    let chunks = in_chunks(n, batch, |s, len| Ok(net.forward_t(&split.range(first + s, len), false)))?;
+    let mine = match chunks.as_slice() {
+        [] => net.forward_t(&split.range(0, 0), false),
+        _ => Tensor::cat(&chunks, 0),
+    };
+    world.gather_rows(&mine, split.len())
 }
 
 /// How a model does on a split.
@@ -57,7 +65,8 @@ pub fn evaluate(net: &Mlp, split: &Split, num_classes: i64) -> Result<Evaluation
 
 /// Evaluates a model given as `logits(x)` (log-probabilities up to a constant per row) on
 /// `split` (only its `examples`, when given), without gradients (one device sync at the end),
-/// in chunks of [`EVAL_BATCH`].
+/// in chunks of [`EVAL_BATCH`]. In a data-parallel run each rank evaluates its share of the
+/// examples; the sums and counts are summed and the predictions gathered across the ranks.
 pub fn evaluate_with(
     logits: &dyn Fn(&Tensor) -> Result<Tensor>,
     split: &Split,
@@ -76,14 +85,17 @@ pub fn evaluate_in_chunks(
     chunk: i64,
 ) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
-    let n = examples.map_or(split.len(), |e| e.size()[0]);
+    let world = crate::dist::world();
+    let all = examples.map_or(split.len(), |e| e.size()[0]);
+    let (first, n) = world.share(all);
     let labels = examples.map_or_else(|| split.labels.shallow_clone(), |e| split.labels.index_select(0, e));
+    let labels = labels.narrow(0, first, n);
     let device = split.labels.device();
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let predictions = in_chunks(n, chunk, |s, len| {
         let x = match examples {
-            Some(e) => split.inputs(&e.narrow(0, s, len)),
-            None => split.range(s, len),
+            Some(e) => split.inputs(&e.narrow(0, first + s, len)),
+            None => split.range(first + s, len),
         };
         let logits = logits(&x)?;
         let y = labels.narrow(0, s, len);
@@ -94,12 +106,19 @@ pub fn evaluate_in_chunks(
         if predictions.is_empty() { Tensor::zeros([0], (Kind::Int64, device)) } else { Tensor::cat(&predictions, 0) };
     let wrong = predictions.ne_tensor(&labels);
     let class_errors = labels.masked_select(&wrong).bincount::<Tensor>(None, num_classes);
-    let class_examples = Vec::<i64>::try_from(labels.bincount::<Tensor>(None, num_classes))?;
-    let class_errors = Vec::<i64>::try_from(class_errors)?;
+    let class_examples = labels.bincount::<Tensor>(None, num_classes);
+    // Both counts over every rank's share (bincount's length is at least `num_classes`).
+    let mut counts =
+        Tensor::stack(&[class_errors.narrow(0, 0, num_classes), class_examples.narrow(0, 0, num_classes)], 0);
+    world.sum(std::slice::from_mut(&mut counts))?;
+    world.sum(std::slice::from_mut(&mut loss_sum))?;
+    let predictions = world.gather_rows(&predictions, all)?;
+    let class_errors = Vec::<i64>::try_from(counts.get(0))?;
+    let class_examples = Vec::<i64>::try_from(counts.get(1))?;
     Ok(Evaluation {
-        loss: f64::try_from(&loss_sum)? / n.max(1) as f64,
+        loss: f64::try_from(&loss_sum)? / all.max(1) as f64,
         errors: class_errors.iter().sum(),
-        examples: n,
+        examples: all,
         class_errors,
         class_examples,
         predictions,
@@ -156,9 +175,12 @@ pub fn agreement(student: &dyn Fn(&Tensor) -> Result<Tensor>, teacher: Outputs, 
             anyhow::bail!("the teacher's cached outputs have shape {:?}, for a split of {n} examples", all.size());
         }
     }
-    // [agree, shared errors, teacher errors]
+    // [agree, shared errors, teacher errors], over this rank's share, then summed over the ranks.
     let mut counts = Tensor::zeros([3], (Kind::Int64, split.labels.device()));
-    in_chunks(n, EVAL_BATCH, |s, len| {
+    let world = crate::dist::world();
+    let (first, mine) = world.share(n);
+    in_chunks(mine, EVAL_BATCH, |s, len| {
+        let s = first + s;
         let x = split.range(s, len);
         let y = split.labels.narrow(0, s, len);
         let (a, b) = (student(&x)?.argmax(1, false), teacher.rows(&x, s, len)?.argmax(1, false));
@@ -170,6 +192,7 @@ pub fn agreement(student: &dyn Fn(&Tensor) -> Result<Tensor>, teacher: Outputs, 
         );
         Ok(())
     })?;
+    world.sum(std::slice::from_mut(&mut counts))?;
     let c = Vec::<i64>::try_from(counts)?;
     Ok(Agreement { agree: c[0], shared_errors: c[1], teacher_errors: c[2], examples: n })
 }

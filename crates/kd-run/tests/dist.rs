@@ -1,0 +1,245 @@
+//! Data-parallel runs: ranks as processes of the kd-run binary, with torchrun's variables,
+//! talking over Gloo on loopback. Two ranks train as one process does at the same global batch,
+//! write one run directory, and a rank killed mid-training ends the other with an error naming
+//! it. A kd-run built without Gloo refuses to run as one of several ranks.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kd-dist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// kd-run as rank `rank` of `world` (torchrun's variables), one thread, a 20 s timeout.
+fn rank(args: &[&str], rank: usize, world: usize, port: u16, timeout_s: u32) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(args)
+        .current_dir(root())
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("GLOO_SOCKET_IFNAME", "lo")
+        .env("KD_DIST_TIMEOUT_S", timeout_s.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kd-run starts")
+}
+
+/// Runs `args` as 2 ranks; their outputs, in rank order.
+fn two_ranks(args: &[&str]) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> = (0..2).map(|r| rank(args, r, 2, port, 20)).collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+fn alone(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kd-run")).args(args).current_dir(root()).output().expect("kd-run starts")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Whether this kd-run was built without Gloo; if so, checks that it says so as a rank of 2.
+fn built_without_gloo(outputs: &[Output]) -> bool {
+    let missing = outputs.iter().all(|o| !o.status.success() && text(o).contains("--features kd-native/gloo"));
+    if missing {
+        eprintln!("kd-run was built without kd-native/gloo: each rank refused to start, as it should");
+    }
+    missing
+}
+
+fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    r.deserialize().map(|row| row.expect("well-formed row")).collect()
+}
+
+/// A network without dropout or jitter trained for 7 steps of 75 examples (shares of 37 and 38;
+/// the last batch 50) with momentum and max-norm.
+const SMALL: &str = r#"
+name = "small"
+seed = 5
+device = "cpu"
+threads = 1
+[data]
+dir = "data/mnist"
+train_limit = 600
+validation = 100
+test_limit = 300
+[[stages]]
+name = "net"
+kind = "train"
+model = { hidden = [24], max_norm = 2.0 }
+epochs = 1
+batch_size = 75
+optimizer = { kind = "sgd", lr = 0.2, momentum = 0.9 }
+"#;
+
+#[test]
+fn two_ranks_train_as_one_process_at_the_same_global_batch() {
+    let dir = fresh_dir("equal");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL).unwrap();
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
+    let a = args(&one);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let single = alone(&a);
+    assert!(single.status.success(), "{}", text(&single));
+    let b = args(&two);
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let ranks = two_ranks(&b);
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
+    let (w1, w2) = (load(&one), load(&two));
+    assert_eq!(w1.len(), w2.len());
+    for (name, t1) in &w1 {
+        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{name}: max |1 process - 2 ranks| = {diff}");
+    }
+    // The same losses and accuracies, reduced over the ranks.
+    let (m1, m2) = (csv_rows(&one.join("small/metrics.csv")), csv_rows(&two.join("small/metrics.csv")));
+    assert_eq!(m1.len(), m2.len());
+    for key in ["train_loss", "train_accuracy", "val_accuracy", "test_errors"] {
+        let (x, y): (f64, f64) = (m1[0][key].parse().unwrap(), m2[0][key].parse().unwrap());
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{key}: {x} alone, {y} on 2 ranks");
+    }
+    // Rank 0 alone printed the summary.
+    assert!(String::from_utf8_lossy(&ranks[0].stdout).contains("results in"));
+    assert!(String::from_utf8_lossy(&ranks[1].stdout).is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test_errors() {
+    let dir = fresh_dir("smoke");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let args = |out: &Path| {
+        ["run", "experiments/smoke.toml", "--set", "threads=1", "--out"]
+            .map(String::from)
+            .into_iter()
+            .chain([out.display().to_string()])
+            .collect::<Vec<_>>()
+    };
+    let a = args(&one);
+    let single = alone(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(single.status.success(), "{}", text(&single));
+    let b = args(&two);
+    let ranks = two_ranks(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    let names = |d: &Path| {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&two), [".cache", "smoke"], "one run directory");
+    assert_eq!(names(&two.join("smoke")), names(&one.join("smoke")), "the same files");
+    let (s1, s2) = (csv_rows(&one.join("smoke/summary.csv")), csv_rows(&two.join("smoke/summary.csv")));
+    assert_eq!(s1.len(), s2.len());
+    for (x, y) in s1.iter().zip(&s2) {
+        assert_eq!((&x["stage"], &x["variant"]), (&y["stage"], &y["variant"]));
+        let (e1, e2): (i64, i64) = (x["test_errors"].parse().unwrap(), y["test_errors"].parse().unwrap());
+        let n = 2000; // experiments/smoke.toml's test_limit
+                      // Dropout and jitter draw from each rank's own stream, so trained models differ by
+                      // chance; the smoke experiment's 2-epoch models vary by about as much between seeds.
+        assert!((e1 - e2).abs() * 25 <= n, "{}: {e1} test errors alone, {e2} on 2 ranks", x["stage"]);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
+    let dir = fresh_dir("kill");
+    let file = dir.join("long.toml");
+    // Enough epochs that rank 1 dies mid-training.
+    std::fs::write(&file, SMALL.replace("epochs = 1", "epochs = 400")).unwrap();
+    let out = dir.join("out");
+    let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let port = free_port();
+    let mut children: Vec<Child> = (0..2).map(|r| rank(&args, r, 2, port, 5)).collect();
+    // Wait for an epoch to finish (rank 0 writes its row), then kill rank 1.
+    let metrics = out.join("small/metrics.csv");
+    let start = Instant::now();
+    while !metrics.exists() {
+        if let Some(status) = children[0].try_wait().unwrap() {
+            let o = children.remove(0).wait_with_output().unwrap();
+            if built_without_gloo(&[o]) {
+                return;
+            }
+            panic!("rank 0 ended before training ({status})");
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no epoch finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    children[1].kill().unwrap();
+    let _ = children[1].wait();
+    let survivor = children.remove(0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pid = survivor.id();
+    let waiter = std::thread::spawn(move || survivor.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("rank 0 still runs 2 minutes after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = waiter.join().unwrap();
+    let err = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("[rank 0] error: rank 0 of 2") && err.contains("rank 1 (the other rank)"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ranks_started_with_different_experiments_stop_at_the_start() {
+    let dir = fresh_dir("differ");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL).unwrap();
+    let out = dir.join("out");
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            let seed = format!("seed={}", 5 + r);
+            rank(&["run", file.to_str().unwrap(), "--set", &seed, "--out", out.to_str().unwrap()], r, 2, port, 20)
+        })
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    if built_without_gloo(&outputs) {
+        return;
+    }
+    for o in &outputs {
+        assert!(!o.status.success());
+        assert!(text(o).contains("differs across ranks: rank 0 has"), "{}", text(o));
+    }
+    assert!(!out.exists(), "nothing written");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
