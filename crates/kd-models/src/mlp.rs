@@ -322,9 +322,61 @@ fn load_into(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
     })
 }
 
-impl nn::ModuleT for Mlp {
-    /// Logits `[batch, classes]` for inputs `[batch, input_dim]`; dropout only when `train`.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+/// Which rows of a larger batch a forward pass holds: rows `start ..` of a batch of `batch`
+/// examples, as a rank of data-parallel training holds its share of the global batch.
+///
+/// With it, [`Mlp::forward_rows`] draws each dropout mask `m ~ Bernoulli(1 - p)` for the whole
+/// `[batch, width]` and keeps the rows it holds, so that ranks sharing one random stream draw
+/// exactly the masks one process training on the whole batch would, and results do not depend
+/// on how many ranks share a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRows {
+    /// The first row held.
+    pub start: i64,
+    /// Rows of the whole batch.
+    pub batch: i64,
+}
+
+/// `h * m / (1 - p)` with `m ~ Bernoulli(1 - p)` drawn for all of `rows`' batch (libtorch's
+/// dropout draws `m` for `h` alone; on a CPU both draw the same values for a whole batch).
+fn dropout_rows(h: &Tensor, p: f64, rows: BatchRows) -> Tensor {
+    let (n, width) = (h.size()[0], h.size()[1]);
+    let mut noise = Tensor::empty([rows.batch, width], (h.kind(), h.device()));
+    let _ = noise.bernoulli_float_(1.0 - p);
+    // A copy of the rows held, so that backward keeps `[n, width]` alive, not the whole batch's.
+    let noise = noise.narrow(0, rows.start, n).copy() / (1.0 - p);
+    h * noise
+}
+
+impl Mlp {
+    /// [`nn::ModuleT::forward_t`] for rows `rows` of a larger batch (`None`: `xs` is the whole
+    /// batch): the same logits, with dropout masks drawn for the whole batch (see
+    /// [`BatchRows`]).
+    ///
+    /// ```
+    /// use kd_models::{BatchRows, Mlp, MlpConfig};
+    /// use tch::{nn, Device, Kind, Tensor};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let config = MlpConfig { hidden_dropout: 0.5, ..MlpConfig::plain(vec![4, 8, 3]) };
+    /// let net = Mlp::new(&vs.root(), config).unwrap();
+    /// let x = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
+    /// tch::manual_seed(7);
+    /// let whole = net.forward_rows(&x, true, Some(BatchRows { start: 0, batch: 6 }));
+    /// tch::manual_seed(7);
+    /// let last = net.forward_rows(&x.narrow(0, 4, 2), true, Some(BatchRows { start: 4, batch: 6 }));
+    /// assert!(whole.narrow(0, 4, 2).allclose(&last, 1e-6, 1e-6, false));
+    /// ```
+    pub fn forward_rows(&self, xs: &Tensor, train: bool, rows: Option<BatchRows>) -> Tensor {
+        let drop = |h: Tensor, p: f64| -> Tensor {
+            if !train || p <= 0.0 {
+                return h;
+            }
+            match rows {
+                Some(rows) => dropout_rows(&h, p, rows),
+                None => h.dropout(p, true),
+            }
+        };
         let c = &self.config;
         let k = self.compute;
         let linear = |h: &Tensor, layer: &nn::Linear| -> Tensor {
@@ -335,12 +387,12 @@ impl nn::ModuleT for Mlp {
             }
         };
         let xs = if xs.kind() == k { xs.shallow_clone() } else { xs.to_kind(k) };
-        let mut h = if train && c.input_dropout > 0.0 { xs.dropout(c.input_dropout, true) } else { xs };
+        let mut h = drop(xs, c.input_dropout);
         for layer in &self.hidden {
             // In place is safe: a linear layer's backward needs its input, not its output.
             let mut z = linear(&h, layer);
             let _ = z.relu_();
-            h = if train && c.hidden_dropout > 0.0 { z.dropout(c.hidden_dropout, true) } else { z };
+            h = drop(z, c.hidden_dropout);
         }
         let logits = linear(&h, &self.output);
         if logits.kind() == Kind::Float {
@@ -348,6 +400,13 @@ impl nn::ModuleT for Mlp {
         } else {
             logits.to_kind(Kind::Float)
         }
+    }
+}
+
+impl nn::ModuleT for Mlp {
+    /// Logits `[batch, classes]` for inputs `[batch, input_dim]`; dropout only when `train`.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_rows(xs, train, None)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::config::{DataSource, DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
 use anyhow::{bail, ensure, Context, Result};
+use kd_models::BatchRows;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -336,15 +337,17 @@ pub fn batches(n: i64, batch_size: i64, device: Device) -> impl Iterator<Item = 
 
 /// Translates each image of `[b, rows * cols]` by its own random integer shift of up to
 /// `max_shift` pixels in each direction, filling with zeros. Runs on the images' device with a
-/// single gather, no per-example loop.
-pub fn jitter(images: &Tensor, rows: i64, cols: i64, max_shift: i64) -> Tensor {
+/// single gather, no per-example loop. The shifts are drawn for the whole batch `held` names
+/// and `images` get those of its rows (a data-parallel rank's share draws what one process
+/// would).
+pub fn jitter(images: &Tensor, rows: i64, cols: i64, max_shift: i64, held: BatchRows) -> Tensor {
     if max_shift == 0 {
         return images.shallow_clone();
     }
     let (b, device) = (images.size()[0], images.device());
     let s = max_shift;
-    let dy = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
-    let dx = Tensor::randint_low(-s, s + 1, [b, 1], (Kind::Int64, device));
+    let dy = Tensor::randint_low(-s, s + 1, [held.batch, 1], (Kind::Int64, device)).narrow(0, held.start, b);
+    let dx = Tensor::randint_low(-s, s + 1, [held.batch, 1], (Kind::Int64, device)).narrow(0, held.start, b);
     shift(images, (rows, cols), s, &dy, &dx)
 }
 
@@ -482,7 +485,7 @@ mod tests {
         let mut img = vec![0f32; 49];
         img[3 * 7 + 3] = 1.0;
         let images = Tensor::from_slice(&img).view([1, 49]).repeat([n, 1]);
-        let out = jitter(&images, rows, cols, 2);
+        let out = jitter(&images, rows, cols, 2, BatchRows { start: 0, batch: images.size()[0] });
         assert_eq!(out.size(), [n, 49]);
         let sums = Vec::<f32>::try_from(out.sum_dim_intlist(1, false, Kind::Float)).unwrap();
         assert!(sums.iter().all(|&s| s == 1.0), "one pixel kept per image");
@@ -497,7 +500,13 @@ mod tests {
         // A pixel at the border moved outward disappears (zero fill), never wraps around.
         let mut corner = vec![0f32; 49];
         corner[0] = 1.0;
-        let out = jitter(&Tensor::from_slice(&corner).view([1, 49]).repeat([n, 1]), rows, cols, 2);
+        let out = jitter(
+            &Tensor::from_slice(&corner).view([1, 49]).repeat([n, 1]),
+            rows,
+            cols,
+            2,
+            BatchRows { start: 0, batch: n },
+        );
         let sums = Vec::<f32>::try_from(out.sum_dim_intlist(1, false, Kind::Float)).unwrap();
         assert!(sums.contains(&0.0) && sums.contains(&1.0));
         let last_rows = out.view([n, rows, cols]).narrow(1, 3, 4).sum(Kind::Float);

@@ -269,19 +269,6 @@ impl World {
         self.agree(&format!("the parameter checksum {when}"), value)
     }
 
-    /// Seeds libtorch's generator for this rank's own draws (dropout, jitter) from the
-    /// generator's current state, which every rank shares, and the rank: per-rank streams
-    /// derived from (seed, rank). A world of one keeps the stream it has.
-    pub fn fork_rng(&self) {
-        if !self.is_distributed() {
-            return;
-        }
-        let base = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
-        let mut x = base ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let seed = crate::rng::splitmix64(&mut x) >> 1;
-        tch::manual_seed(seed as i64);
-    }
-
     /// Runs a collective on `tensors`, through host copies when Gloo carries CUDA tensors.
     fn collective(
         &self,

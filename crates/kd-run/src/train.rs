@@ -4,7 +4,7 @@ use crate::data::{self, Split};
 use crate::train::optim::Optimizer;
 use anyhow::Result;
 use kd_core::{Objective, TeacherTargets};
-use kd_models::Mlp;
+use kd_models::{BatchRows, Mlp};
 use tch::{nn::ModuleT, Kind, Tensor};
 
 pub mod eval;
@@ -185,21 +185,26 @@ impl<'a> Trainer<'a> {
     /// One optimization step: forward in training mode, `loss`, gradients, update, max-norm.
     /// Returns the logits and the loss, detached; nothing here waits for the device.
     pub fn step(&mut self, x: &Tensor, loss: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
-        self.step_share(x, 1.0, loss)
+        let batch = x.size()[0];
+        self.step_share(x, BatchRows { start: 0, batch }, loss)
     }
 
-    /// [`Trainer::step`] on this rank's rows `x` of a global batch, `share` = `b_r / b` of it
-    /// (1 for a process alone): the gradient of `share` times the loss of `x` is summed over
-    /// the ranks ([`crate::dist::World::sum_gradients`]) before the update, which makes it the
-    /// gradient of the mean loss over the global batch. A rank without rows adds zeros.
+    /// [`Trainer::step`] on this rank's rows `x` of a global batch, rows `rows.start ..` of
+    /// `rows.batch`: the gradient of `b_r / b` times the loss of `x` is summed over the ranks
+    /// ([`crate::dist::World::sum_gradients`]) before the update, which makes it the gradient
+    /// of the mean loss over the global batch. A rank without rows adds zeros. In a
+    /// data-parallel run the dropout masks are drawn for the whole batch from the stream every
+    /// rank shares ([`Mlp::forward_rows`]), so a step on N ranks draws what one process would.
     pub fn step_share(
         &mut self,
         x: &Tensor,
-        share: f64,
+        rows: BatchRows,
         loss: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let world = crate::dist::world();
-        let logits = self.net.forward_t(x, true);
+        let share = x.size()[0] as f64 / rows.batch.max(1) as f64;
+        // A process alone keeps libtorch's own dropout (fused on CUDA).
+        let logits = self.net.forward_rows(x, true, world.is_distributed().then_some(rows));
         let (loss, mut grads) = if x.size()[0] == 0 {
             let zeros = self.params.iter().map(Tensor::zeros_like).collect();
             (Tensor::zeros([], (Kind::Float, x.device())), zeros)
@@ -335,22 +340,23 @@ pub fn train_epoch(
     let mut check = Check { steps: steps as usize, first_batch, checked: 0, examples: 0, total: 0.0 };
     let world = crate::dist::world();
     let batches = data::batches(n, batch_size, device);
-    // The order is the same on every rank; dropout and jitter draw from each rank's own stream.
-    world.fork_rng();
+    // Every rank draws the same order, and the dropout masks and jitter shifts of the whole
+    // batch from the same stream, keeping its rows: N ranks train as one process would.
     for (i, global) in batches.enumerate() {
         let batch = global.size()[0];
         let (start, rows) = world.share(batch);
+        let held = BatchRows { start, batch };
         let positions = global.narrow(0, start, rows);
         let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
         let x = train.inputs(&idx);
         let x = match geometry {
-            Some((rows, cols)) if jitter > 0 => data::jitter(&x, rows, cols, i64::from(jitter)),
+            Some((rows, cols)) if jitter > 0 => data::jitter(&x, rows, cols, i64::from(jitter), held),
             _ => x,
         };
         let y = train.labels.index_select(0, &idx);
         let teacher_out = supervision.batch_targets(&idx, &x)?;
         let mut kl = None;
-        let (logits, loss) = trainer.step_share(&x, rows as f64 / batch as f64, |z| {
+        let (logits, loss) = trainer.step_share(&x, held, |z| {
             let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
             kl = soft_kl;
             Ok(loss)

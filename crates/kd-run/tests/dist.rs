@@ -70,8 +70,9 @@ fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
     r.deserialize().map(|row| row.expect("well-formed row")).collect()
 }
 
-/// A network without dropout or jitter trained for 7 steps of 75 examples (shares of 37 and 38;
-/// the last batch 50) with momentum and max-norm.
+/// A network with dropout and jitter trained for 7 steps of 75 examples (shares of 37 and 38;
+/// the last batch 50) with momentum and max-norm: the ranks draw the masks and shifts of the
+/// whole batch from one stream, so they draw what one process does.
 const SMALL: &str = r#"
 name = "small"
 seed = 5
@@ -85,7 +86,8 @@ test_limit = 300
 [[stages]]
 name = "net"
 kind = "train"
-model = { hidden = [24], max_norm = 2.0 }
+model = { hidden = [24], max_norm = 2.0, input_dropout = 0.2, hidden_dropout = 0.5 }
+jitter = 1
 epochs = 1
 batch_size = 75
 optimizer = { kind = "sgd", lr = 0.2, momentum = 0.9 }
@@ -168,9 +170,7 @@ fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test
         assert_eq!((&x["stage"], &x["variant"]), (&y["stage"], &y["variant"]));
         let (e1, e2): (i64, i64) = (x["test_errors"].parse().unwrap(), y["test_errors"].parse().unwrap());
         let n = 2000; // experiments/smoke.toml's test_limit
-                      // Dropout and jitter draw from each rank's own stream, so trained models differ by
-                      // chance; the smoke experiment's 2-epoch models vary by about as much between seeds.
-        assert!((e1 - e2).abs() * 25 <= n, "{}: {e1} test errors alone, {e2} on 2 ranks", x["stage"]);
+        assert!((e1 - e2).abs() * 50 <= n, "{}: {e1} test errors alone, {e2} on 2 ranks", x["stage"]);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
