@@ -10,6 +10,8 @@ pub mod inputs;
 pub mod kaldi;
 pub mod npy;
 pub mod speech;
+pub mod store;
+pub mod stream;
 
 /// Examples and labels of one split, on the device.
 pub struct Split {
