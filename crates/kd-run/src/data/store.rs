@@ -237,11 +237,6 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Frames written so far.
-    pub fn frames(&self) -> u64 {
-        self.frames
-    }
-
     /// Closes the last shard and writes the manifest (atomically, last: a store without one is
     /// unfinished). `source` says where the frames came from.
     pub fn finish(mut self, source: &str) -> Result<Manifest> {
@@ -500,11 +495,6 @@ impl Shard {
         self.speakers[u]
     }
 
-    /// First frame of utterance `u` within the shard.
-    pub fn utterance_start(&self, u: usize) -> u64 {
-        self.offsets[u]
-    }
-
     /// Utterance `u`'s features (decoded into `features`, `[frames, dim]`) and labels (into
     /// `labels`), after checking its checksum and that its labels are below `classes`. With
     /// `release`, the pages read are dropped from this process's memory afterwards (they stay in
@@ -651,11 +641,10 @@ impl FrameStore {
         self.shards[s as usize].read_utterance(u as usize, self.manifest.classes, features, labels, release)
     }
 
-    /// The global index of the first frame of utterance `utt` (store order).
-    pub fn first_frame(&self, utt: usize) -> u64 {
+    /// Speaker of utterance `utt` (store order).
+    pub fn speaker(&self, utt: usize) -> u32 {
         let (s, u) = self.index[utt];
-        let before: u64 = self.manifest.shards[..s as usize].iter().map(|e| e.frames).sum();
-        before + self.shards[s as usize].utterance_start(u as usize)
+        self.shards[s as usize].speaker(u as usize)
     }
 
     /// Bytes of all shards.
@@ -705,6 +694,7 @@ mod tests {
                 assert_eq!(&l, want_l);
                 let (si, ui) = store.index[i];
                 assert_eq!(store.shards[si as usize].speaker(ui as usize), *s);
+                assert_eq!(store.speaker(i), *s);
                 // Exact in f32; within half an ulp of the kind otherwise.
                 let tol = match kind {
                     FeatureKind::F32 => 0.0,

@@ -268,11 +268,6 @@ impl Producer {
         self.steps
     }
 
-    /// Examples in the epoch's stream.
-    pub fn examples(&self) -> u64 {
-        self.examples
-    }
-
     fn load(&mut self, slot: u32, utt: u32) -> Result<()> {
         let slot = slot as usize;
         if self.data.len() <= slot {
@@ -348,7 +343,6 @@ pub struct Stream {
     on_device: VecDeque<Batch>,
     device: Device,
     steps: usize,
-    examples: u64,
 }
 
 impl Stream {
@@ -361,7 +355,7 @@ impl Stream {
         device: Device,
     ) -> Result<Stream> {
         let mut producer = Producer::new(store, lengths, settings, start, device)?;
-        let (steps, examples) = (producer.steps(), producer.examples());
+        let steps = producer.steps();
         let (tx, rx) = sync_channel(settings.prefetch.max(1));
         let worker = std::thread::Builder::new().name("kd-stream".into()).spawn(move || {
             let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -375,12 +369,7 @@ impl Stream {
                 }
             }
         })?;
-        Ok(Stream { rx: Some(rx), worker: Some(worker), on_device: VecDeque::new(), device, steps, examples })
-    }
-
-    /// Examples in the stream.
-    pub fn examples(&self) -> u64 {
-        self.examples
+        Ok(Stream { rx: Some(rx), worker: Some(worker), on_device: VecDeque::new(), device, steps })
     }
 
     fn fetch(&mut self) -> Result<bool> {

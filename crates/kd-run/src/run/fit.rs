@@ -100,9 +100,15 @@ impl Run<'_> {
 
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
-        let n = match &sampling {
-            Sampling::Draw { n, .. } => *n,
-            Sampling::All => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
+        // The training split of a frame store is streamed, not held: `split` is only a sample.
+        let streamed = self.data.stream.as_ref().filter(|_| std::ptr::eq(split, &self.data.train));
+        if streamed.is_some() && (examples.is_some() || !matches!(sampling, Sampling::All)) {
+            bail!("stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed split (no train_fraction or specialists yet)");
+        }
+        let n = match (&sampling, streamed) {
+            (_, Some(s)) => s.plan(training.batch_size, training.seed, 0, 1)?.0 as i64,
+            (Sampling::Draw { n, .. }, None) => *n,
+            (Sampling::All, None) => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
         };
         if examples.is_some() {
             info!(
@@ -141,14 +147,22 @@ impl Run<'_> {
                 examples = Some(draw(epoch)?);
             }
             let steps_started = Instant::now();
-            let totals = train::train_epoch(
-                &mut trainer,
-                (split, examples.as_ref()),
-                supervision,
-                &settings,
-                &mut guard,
-                |step, loss| progress.step(epoch as u64, step as u64, loss),
-            )
+            let on_step = |step: usize, loss| progress.step(epoch as u64, step as u64, loss);
+            let totals = match streamed {
+                None => train::train_epoch(
+                    &mut trainer,
+                    (split, examples.as_ref()),
+                    supervision,
+                    &settings,
+                    &mut guard,
+                    on_step,
+                ),
+                Some(s) => s
+                    .stream(training.batch_size, training.seed, (epoch as u64, 0), (0, 1), self.device)
+                    .and_then(|mut stream| {
+                        train::train_epoch_from(&mut trainer, &mut stream, supervision, &settings, &mut guard, on_step)
+                    }),
+            }
             .map_err(|e| {
                 progress.finish();
                 diverged(e, stage, epoch, (lr, supervision), &resume_path)
