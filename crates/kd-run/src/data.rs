@@ -12,6 +12,7 @@ pub mod npy;
 pub mod speech;
 pub mod store;
 pub mod stream;
+pub mod targets;
 
 /// Examples and labels of one split, on the device.
 pub struct Split {
@@ -126,6 +127,8 @@ pub struct StoreData {
     pub lengths: std::sync::Arc<Vec<u32>>,
     /// The settings of `[data.store]`.
     pub spec: StoreSpec,
+    /// A teacher's top-k targets for the training store, streamed with the batches.
+    pub targets: Option<std::sync::Arc<targets::TopKFile>>,
 }
 
 impl StoreData {
@@ -160,7 +163,8 @@ impl StoreData {
         device: Device,
     ) -> Result<stream::Stream> {
         let start = stream::StreamStart { epoch, rank, world, batch };
-        stream::Stream::start(self.store.clone(), self.lengths.clone(), self.settings(batch_size, seed), start, device)
+        let store = (self.store.clone(), self.targets.clone());
+        stream::Stream::start(store, self.lengths.clone(), self.settings(batch_size, seed), start, device)
     }
 }
 
@@ -214,7 +218,13 @@ fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
     let stats = (to(&train.manifest.mean), to(&train.manifest.std));
     let mut data = windowed_with([sample, validation, test], (spec.left, spec.right), classes as i64, stats);
     let lengths = std::sync::Arc::new(train.utterance_lengths());
-    data.stream = Some(StoreData { store: std::sync::Arc::new(train), lengths, spec: spec.clone() });
+    let targets = match &spec.targets {
+        Some(name) => Some(std::sync::Arc::new(
+            targets::TopKFile::open(&spec.dir.join("train").join(name), &train).context("data.store.targets")?,
+        )),
+        None => None,
+    };
+    data.stream = Some(StoreData { store: std::sync::Arc::new(train), lengths, spec: spec.clone(), targets });
     Ok(data)
 }
 

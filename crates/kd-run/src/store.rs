@@ -43,6 +43,33 @@ enum StoreCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Compute a teacher's (or an ensemble's) top-k soft targets for every frame of a store in
+    /// one pass and write them beside it, as DIR/NAME.
+    Targets {
+        /// The store's folder (normally OUT/train of `store write`).
+        dir: PathBuf,
+        /// A teacher checkpoint (repeat for an ensemble: the mean of the members' softmax at T).
+        #[arg(long = "teacher", required = true)]
+        teachers: Vec<PathBuf>,
+        /// Targets kept per frame.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// The temperature T of the soft targets.
+        #[arg(long, default_value_t = 2.0)]
+        temperature: f64,
+        /// The file name inside DIR.
+        #[arg(long, default_value = "teacher.kdt")]
+        name: String,
+        /// Frames of left and right context of the teacher's windows.
+        #[arg(long, num_args = 2, default_values_t = [20, 5])]
+        context: Vec<usize>,
+        /// Windows per teacher pass.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// `cpu` or `cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Check a store: its manifest, every shard's header and every utterance's checksum.
     Check {
         /// The store's folder (one split, with store.toml).
@@ -60,7 +87,81 @@ pub fn store(args: &StoreArgs) -> Result<()> {
             write(&exp.data.source, out, *kind, *shard_frames, threads)
         }
         StoreCommand::Check { dir } => check(dir),
+        StoreCommand::Targets { dir, teachers, k, temperature, name, context, batch, device } => {
+            let device = match device.as_str() {
+                "cpu" => Device::Cpu,
+                "cuda" => Device::Cuda(0),
+                other => bail!("--device {other}: expected cpu or cuda"),
+            };
+            ensure!(!name.contains(['/', '\\']) && name.ends_with(".kdt"), "--name {name}: a file name ending in .kdt");
+            targets(dir, teachers, (*k, *temperature), name, (context[0], context[1]), *batch, device)
+        }
     }
+}
+
+fn targets(
+    dir: &Path,
+    teachers: &[PathBuf],
+    (k, temperature): (usize, f64),
+    name: &str,
+    context: (usize, usize),
+    batch: usize,
+    device: Device,
+) -> Result<()> {
+    let started = Instant::now();
+    let store = FrameStore::open(dir)?;
+    let width = (context.0 + 1 + context.1) * store.manifest.feature_dim;
+    let members = teachers
+        .iter()
+        .map(|p| {
+            let named = crate::run::output::load_tensors(p)?;
+            crate::run::output::check_finite(p, &named)?;
+            let (_, net) =
+                kd_models::Mlp::from_tensors(&named, device).with_context(|| format!("loading {}", p.display()))?;
+            let c = net.config();
+            ensure!(
+                c.input_dim() == width as i64 && c.num_classes() as u64 >= store.manifest.classes,
+                "{} is a {} network; the store's {}-frame windows have {width} inputs and {} classes",
+                p.display(),
+                c.describe(),
+                context.0 + 1 + context.1,
+                store.manifest.classes
+            );
+            ensure!(
+                c.num_classes() as u64 == store.manifest.classes,
+                "{} has {} outputs, the store {} classes",
+                p.display(),
+                c.num_classes(),
+                store.manifest.classes
+            );
+            Ok(net.frozen())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(k >= 1 && (k as u64) < store.manifest.classes, "--k {k}: between 1 and the classes minus one");
+    let objective = kd_core::Objective::soft_targets(temperature, kd_core::LossWeights::default())?;
+    let teacher = |x: &tch::Tensor| -> Result<tch::Tensor> {
+        use tch::nn::ModuleT;
+        let z: Vec<tch::Tensor> = members.iter().map(|m| m.forward_t(x, false)).collect();
+        Ok(objective.ensemble_logits(&z)?)
+    };
+    let path = dir.join(name);
+    let bytes = crate::data::targets::write_top_k(&store, &path, &teacher, &objective, k, context, batch, device)?;
+    let frames = store.manifest.frames;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}: top-{k} targets at T = {temperature} of {} teacher network{} for {frames} frames: {:.3} GB \
+         ({} bytes a frame: {k} x f16 probabilities, {k} x u{} class ids; the store's frames take {:.0}); \
+         {secs:.1} s, {:.0} frames/s",
+        path.display(),
+        members.len(),
+        if members.len() == 1 { "" } else { "s" },
+        bytes as f64 / 1e9,
+        (bytes - crate::data::store::HEADER_BYTES) / frames.max(1),
+        8 * crate::data::targets::id_bytes(store.manifest.classes),
+        store.bytes() as f64 / frames.max(1) as f64,
+        frames as f64 / secs
+    );
+    Ok(())
 }
 
 fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, threads: usize) -> Result<()> {
@@ -208,16 +309,16 @@ pub fn bench(dir: &Path, batch: usize, batches: usize, device: Device) -> Result
         seed: 1,
     };
     let start = StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 };
-    let mut producer = Producer::new(store.clone(), lengths.clone(), settings, start, device)?;
-    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut producer = Producer::new((store.clone(), None), lengths.clone(), settings, start, device)?;
+    let mut host = crate::data::stream::HostBatch::default();
     // Warm up: fill the shuffle buffer.
-    producer.next_tensors(&mut x, &mut y)?;
+    producer.next_tensors(&mut host)?;
     let started = Instant::now();
     let mut windows = 0usize;
     let mut kept = Vec::new();
     for i in 0..batches {
-        let Some((xt, yt)) = producer.next_tensors(&mut x, &mut y)? else { break };
-        windows += y.len();
+        let Some((xt, yt, _)) = producer.next_tensors(&mut host)? else { break };
+        windows += host.y.len();
         if i < 8 {
             kept.push((xt, yt));
         }

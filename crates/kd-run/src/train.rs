@@ -384,9 +384,9 @@ pub fn train_epoch_from(
     while let Some(Batch { x, y, idx, targets }) = source.next_batch()? {
         anyhow::ensure!(i < steps, "the batch source delivered more than the {steps} steps it announced");
         let teacher_out = match (targets, &idx) {
-            (Some(t), _) => Some(t),
-            (None, Some(idx)) => supervision.batch_targets(idx, &x)?,
-            (None, None) => supervision.streamed_targets(&x)?,
+            (Some(t), _) if supervision.objective.uses_teacher() => Some(t),
+            (_, Some(idx)) => supervision.batch_targets(idx, &x)?,
+            (_, None) => supervision.streamed_targets(&x)?,
         };
         let mut kl = None;
         let (logits, loss) = trainer.step(&x, |z| {

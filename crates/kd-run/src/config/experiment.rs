@@ -308,6 +308,10 @@ pub struct StoreSpec {
     /// store, all of the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_frames: Option<u64>,
+    /// A teacher's top-k targets beside the training store (`DIR/train/<targets>`, written by
+    /// `kd-run store targets`), streamed with the batches to distill stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
 }
 
 /// The synthetic speech corpus and the context window of each frame.

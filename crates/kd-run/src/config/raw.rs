@@ -81,6 +81,8 @@ pub(crate) struct RawStore {
     pub(crate) epoch_fraction: Option<f64>,
     #[serde(default)]
     pub(crate) eval_frames: Option<Count>,
+    #[serde(default)]
+    pub(crate) targets: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]

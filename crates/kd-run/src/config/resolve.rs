@@ -102,6 +102,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 prefetch: st.prefetch.map_or(4, |c| c.0 as usize),
                 epoch_fraction: fraction,
                 eval_frames: st.eval_frames.map(|c| c.0 as u64),
+                targets: st.targets,
             })
         }
         DataKind::Mnist => {

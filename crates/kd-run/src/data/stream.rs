@@ -28,6 +28,7 @@
 //!    stream would.
 
 use super::store::FrameStore;
+use super::targets::TopKFile;
 use crate::rng::Rng;
 use crate::train::{Batch, BatchSource};
 use anyhow::{anyhow, ensure, Result};
@@ -185,16 +186,36 @@ impl Shuffler {
     }
 }
 
-/// A resident utterance: normalized frames and labels.
+/// A resident utterance: normalized frames and labels, and its top-k targets when streamed.
 #[derive(Default)]
 struct SlotData {
     features: Vec<f32>,
     labels: Vec<u32>,
+    probs: Vec<f32>,
+    ids: Vec<i64>,
 }
+
+/// One batch on the host: windows `[b, width * D]` row-major, labels, and with top-k targets
+/// their `[b, k]` probabilities and class ids.
+#[derive(Default)]
+pub struct HostBatch {
+    /// Windows.
+    pub x: Vec<f32>,
+    /// Labels.
+    pub y: Vec<i64>,
+    /// Top-k probabilities (empty without targets).
+    pub probs: Vec<f32>,
+    /// Top-k class ids (empty without targets).
+    pub ids: Vec<i64>,
+}
+
+/// A batch as host tensors (pinned for a GPU): windows, labels, top-k probabilities and ids.
+pub type HostTensors = (Tensor, Tensor, Option<(Tensor, Tensor)>);
 
 /// Builds an epoch's batches on the calling thread (the producer thread runs one).
 pub struct Producer {
     store: Arc<FrameStore>,
+    targets: Option<Arc<TopKFile>>,
     settings: StreamSettings,
     lengths: Arc<Vec<u32>>,
     shuffler: Shuffler,
@@ -211,10 +232,11 @@ pub struct Producer {
 
 impl Producer {
     /// The producer of `start`'s stream, positioned at `start.batch` (replaying the draws of the
-    /// batches before it). `lengths` are the store's utterance lengths; batches are made for
+    /// batches before it). `lengths` are the store's utterance lengths; `targets`, if given, a
+    /// teacher's top-k targets for the store, delivered with each batch; batches are made for
     /// training on `device` (pinned host memory for a GPU).
     pub fn new(
-        store: Arc<FrameStore>,
+        (store, targets): (Arc<FrameStore>, Option<Arc<TopKFile>>),
         lengths: Arc<Vec<u32>>,
         settings: StreamSettings,
         start: StreamStart,
@@ -235,6 +257,7 @@ impl Producer {
         let inv_std = m.std.iter().map(|&v| (1.0 / v.max(1e-6)) as f32).collect();
         let mut p = Producer {
             store,
+            targets,
             settings,
             lengths,
             shuffler: Shuffler::new(shard.utterances, settings.buffer, rng),
@@ -281,12 +304,17 @@ impl Producer {
         for frame in self.raw.chunks_exact(d) {
             data.features.extend(frame.iter().zip(&self.mean).zip(&self.inv_std).map(|((v, m), s)| (v - m) * s));
         }
+        if let Some(t) = &self.targets {
+            data.probs.clear();
+            data.ids.clear();
+            t.read(utt as usize, &mut data.probs, &mut data.ids)?;
+        }
         Ok(())
     }
 
-    /// The next batch as host vectors: windows `[b, width * D]` and labels, or `None` after the
-    /// last.
-    pub fn next_host(&mut self, x: &mut Vec<f32>, y: &mut Vec<i64>) -> Result<bool> {
+    /// The next batch into `out`; false after the last.
+    pub fn next_host(&mut self, out: &mut HostBatch) -> Result<bool> {
+        let HostBatch { x, y, probs, ids } = out;
         if self.produced >= self.steps {
             return Ok(false);
         }
@@ -298,6 +326,9 @@ impl Producer {
         x.clear();
         x.reserve(b * width * d);
         y.clear();
+        probs.clear();
+        ids.clear();
+        let k = self.targets.as_ref().map_or(0, |t| t.k());
         for _ in 0..b {
             let (slot, frame) = self
                 .shuffler
@@ -314,6 +345,11 @@ impl Producer {
                 x.extend_from_slice(&data.features[src * d..(src + 1) * d]);
             }
             y.push(i64::from(data.labels[frame as usize]));
+            let f = frame as usize;
+            if k > 0 {
+                probs.extend_from_slice(&data.probs[f * k..(f + 1) * k]);
+                ids.extend_from_slice(&data.ids[f * k..(f + 1) * k]);
+            }
             self.shuffler.used(slot);
         }
         self.produced += 1;
@@ -321,24 +357,34 @@ impl Producer {
     }
 
     /// The next batch as host tensors (pinned for a GPU), or `None` after the last.
-    pub fn next_tensors(&mut self, x: &mut Vec<f32>, y: &mut Vec<i64>) -> Result<Option<(Tensor, Tensor)>> {
-        if !self.next_host(x, y)? {
+    pub fn next_tensors(&mut self, host: &mut HostBatch) -> Result<Option<HostTensors>> {
+        if !self.next_host(host)? {
             return Ok(None);
         }
-        let b = y.len() as i64;
-        let xt = Tensor::from_slice(x).view([b, -1]);
-        let yt = Tensor::from_slice(y);
-        Ok(Some(match self.device {
-            Device::Cpu => (xt, yt),
-            d => (xt.pin_memory(d), yt.pin_memory(d)),
-        }))
+        let b = host.y.len() as i64;
+        let pin = |t: Tensor| match self.device {
+            Device::Cpu => t,
+            d => t.pin_memory(d),
+        };
+        let xt = pin(Tensor::from_slice(&host.x).view([b, -1]));
+        let yt = pin(Tensor::from_slice(&host.y));
+        let topk = (!host.ids.is_empty()).then(|| {
+            (pin(Tensor::from_slice(&host.probs).view([b, -1])), pin(Tensor::from_slice(&host.ids).view([b, -1])))
+        });
+        Ok(Some((xt, yt, topk)))
+    }
+
+    /// The temperature of the streamed top-k targets, if any.
+    pub fn temperature(&self) -> Option<f64> {
+        self.targets.as_ref().map(|t| t.temperature())
     }
 }
 
 /// An epoch's stream as a [`BatchSource`]: a producer thread `prefetch` batches ahead, and the
 /// next batch's copy to the device issued before the current one is handed out.
 pub struct Stream {
-    rx: Option<Receiver<Result<(Tensor, Tensor)>>>,
+    rx: Option<Receiver<Result<HostTensors>>>,
+    temperature: Option<f64>,
     worker: Option<JoinHandle<()>>,
     on_device: VecDeque<Batch>,
     device: Device,
@@ -348,19 +394,19 @@ pub struct Stream {
 impl Stream {
     /// Starts the producer thread for `start`'s stream.
     pub fn start(
-        store: Arc<FrameStore>,
+        store: (Arc<FrameStore>, Option<Arc<TopKFile>>),
         lengths: Arc<Vec<u32>>,
         settings: StreamSettings,
         start: StreamStart,
         device: Device,
     ) -> Result<Stream> {
         let mut producer = Producer::new(store, lengths, settings, start, device)?;
-        let steps = producer.steps();
+        let (steps, temperature) = (producer.steps(), producer.temperature());
         let (tx, rx) = sync_channel(settings.prefetch.max(1));
         let worker = std::thread::Builder::new().name("kd-stream".into()).spawn(move || {
-            let (mut x, mut y) = (Vec::new(), Vec::new());
+            let mut host = HostBatch::default();
             loop {
-                let item = producer.next_tensors(&mut x, &mut y).transpose();
+                let item = producer.next_tensors(&mut host).transpose();
                 let Some(item) = item else { break };
                 let failed = item.is_err();
                 // A closed channel: the consumer stopped early (an error, or a slice); just stop.
@@ -369,19 +415,26 @@ impl Stream {
                 }
             }
         })?;
-        Ok(Stream { rx: Some(rx), worker: Some(worker), on_device: VecDeque::new(), device, steps })
+        Ok(Stream { rx: Some(rx), temperature, worker: Some(worker), on_device: VecDeque::new(), device, steps })
     }
 
     fn fetch(&mut self) -> Result<bool> {
         let Some(rx) = &self.rx else { return Ok(false) };
         match rx.recv() {
             Ok(item) => {
-                let (x, y) = item?;
-                let (x, y) = match self.device {
-                    Device::Cpu => (x, y),
-                    d => (x.to_device_(d, Kind::Float, true, false), y.to_device_(d, Kind::Int64, true, false)),
+                let (x, y, topk) = item?;
+                let to = |t: Tensor, kind| match self.device {
+                    Device::Cpu => t,
+                    d => t.to_device_(d, kind, true, false),
                 };
-                self.on_device.push_back(Batch { x, y, idx: None, targets: None });
+                let (x, y) = (to(x, Kind::Float), to(y, Kind::Int64));
+                let targets = match (topk, self.temperature) {
+                    (Some((p, c)), Some(t)) => {
+                        Some(kd_core::TeacherTargets::top_k(to(p, Kind::Float), to(c, Kind::Int64), t)?)
+                    }
+                    _ => None,
+                };
+                self.on_device.push_back(Batch { x, y, idx: None, targets });
                 Ok(true)
             }
             Err(_) => {
@@ -473,10 +526,10 @@ mod tests {
         .unwrap();
         let sd: Vec<f32> = store.manifest.std.iter().map(|&v| v as f32).collect();
         let m: Vec<f32> = store.manifest.mean.iter().map(|&v| v as f32).collect();
-        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut h = HostBatch::default();
         let mut seen = Vec::new();
-        while p.next_host(&mut x, &mut y).unwrap() {
-            for (w, &label) in x.chunks_exact(12).zip(&y) {
+        while p.next_host(&mut h).unwrap() {
+            for (w, &label) in h.x.chunks_exact(12).zip(&h.y) {
                 let frames: Vec<[f32; 3]> = w
                     .chunks_exact(3)
                     .map(|f| [f[0] * sd[0] + m[0], f[1] * sd[1] + m[1], f[2] * sd[2] + m[2]])
