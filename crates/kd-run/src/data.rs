@@ -139,6 +139,7 @@ impl StoreData {
             left: self.spec.left as usize,
             right: self.spec.right as usize,
             buffer: self.spec.shuffle_buffer,
+            chunk_frames: self.spec.chunk_frames,
             prefetch: self.spec.prefetch,
             epoch_fraction: self.spec.epoch_fraction,
             seed,

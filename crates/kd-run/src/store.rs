@@ -304,6 +304,7 @@ pub fn bench(dir: &Path, batch: usize, batches: usize, device: Device) -> Result
         left: 20,
         right: 5,
         buffer: 1 << 18,
+        chunk_frames: 32,
         prefetch: 4,
         epoch_fraction: 1.0,
         seed: 1,

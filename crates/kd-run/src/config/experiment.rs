@@ -299,6 +299,9 @@ pub struct StoreSpec {
     pub right: i64,
     /// Frames in the shuffle buffer.
     pub shuffle_buffer: usize,
+    /// Utterances enter the shuffle as chunks of about this many frames, in a random order.
+    #[serde(default = "default_chunk_frames")]
+    pub chunk_frames: usize,
     /// Batches the producer thread keeps ready.
     pub prefetch: usize,
     /// Share of each epoch's stream a stage trains on (1: all of it).
@@ -312,6 +315,10 @@ pub struct StoreSpec {
     /// `kd-run store targets`), streamed with the batches to distill stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
+}
+
+fn default_chunk_frames() -> usize {
+    32
 }
 
 /// The synthetic speech corpus and the context window of each frame.

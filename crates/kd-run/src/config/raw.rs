@@ -76,6 +76,8 @@ pub(crate) struct RawStore {
     #[serde(default)]
     pub(crate) shuffle_buffer: Option<Count>,
     #[serde(default)]
+    pub(crate) chunk_frames: Option<Count>,
+    #[serde(default)]
     pub(crate) prefetch: Option<Count>,
     #[serde(default)]
     pub(crate) epoch_fraction: Option<f64>,

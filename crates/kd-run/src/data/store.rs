@@ -499,9 +499,12 @@ impl Shard {
     /// `labels`), after checking its checksum and that its labels are below `classes`. With
     /// `release`, the pages read are dropped from this process's memory afterwards (they stay in
     /// the page cache), so that reading a corpus leaves no trace in the resident set.
+    ///
+    /// `frames`, if given, is a range of the utterance's frames to decode (the checksum still
+    /// covers the whole utterance).
     pub fn read_utterance(
         &self,
-        u: usize,
+        (u, frames): (usize, Option<(usize, usize)>),
         classes: u64,
         features: &mut Vec<f32>,
         labels: &mut Vec<u32>,
@@ -509,6 +512,8 @@ impl Shard {
     ) -> Result<()> {
         let (dim, kind) = (self.header.dim as usize, self.header.kind);
         let (a, b) = (self.offsets[u] as usize, self.offsets[u + 1] as usize);
+        let (from, to) = frames.unwrap_or((0, b - a));
+        ensure!(from < to && to <= b - a, "frames {from}..{to} of an utterance of {}", b - a);
         let row = dim * kind.bytes();
         let f_at = self.header.sections[0] as usize;
         let l_at = self.header.sections[1] as usize;
@@ -522,9 +527,10 @@ impl Shard {
             "{}: utterance {u} (frames {a} to {b}) does not match its checksum: the shard is damaged",
             self.path.display()
         );
-        features.resize((b - a) * dim, 0.0);
-        kind.decode(fbytes, features);
+        features.resize((to - from) * dim, 0.0);
+        kind.decode(&fbytes[from * row..to * row], features);
         labels.clear();
+        let lbytes = &lbytes[4 * from..4 * to];
         labels.extend(lbytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))));
         if let Some(l) = labels.iter().find(|&&l| u64::from(l) >= classes) {
             bail!("{}: utterance {u} has label {l}, but the store has {classes} classes", self.path.display());
@@ -654,7 +660,21 @@ impl FrameStore {
     /// Reads utterance `utt` (store order); see [`Shard::read_utterance`].
     pub fn read(&self, utt: usize, features: &mut Vec<f32>, labels: &mut Vec<u32>, release: bool) -> Result<()> {
         let (s, u) = self.index[utt];
-        self.shards[s as usize].read_utterance(u as usize, self.manifest.classes, features, labels, release)
+        self.shards[s as usize].read_utterance((u as usize, None), self.manifest.classes, features, labels, release)
+    }
+
+    /// Reads frames `from..to` of utterance `utt` (store order), checking the whole utterance's
+    /// checksum; see [`Shard::read_utterance`].
+    pub fn read_frames(
+        &self,
+        (utt, from, to): (usize, usize, usize),
+        features: &mut Vec<f32>,
+        labels: &mut Vec<u32>,
+        release: bool,
+    ) -> Result<()> {
+        let (s, u) = self.index[utt];
+        let range = Some((from, to));
+        self.shards[s as usize].read_utterance((u as usize, range), self.manifest.classes, features, labels, release)
     }
 
     /// Speaker of utterance `utt` (store order).

@@ -40,6 +40,36 @@ use tch::{Device, Kind, Tensor};
 
 const TAG_SHARD: u64 = 0x5348_4152_4400_0001;
 const TAG_DRAW: u64 = 0x4452_4157_0000_0001;
+const TAG_CHUNKS: u64 = 0x4348_554e_4b00_0001;
+
+/// A piece of an utterance: frames `start .. start + len`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Chunk {
+    utt: u32,
+    start: u32,
+    len: u32,
+}
+
+/// The rank's utterances cut into chunks of at most `size` frames (each utterance into equal
+/// parts), in a random order.
+fn chunk_order(utts: &[u32], lengths: &[u32], size: usize, rng: &mut Rng) -> Vec<Chunk> {
+    let size = size.max(1) as u32;
+    let mut out = Vec::new();
+    for &utt in utts {
+        let len = lengths[utt as usize];
+        let parts = len.div_ceil(size).max(1);
+        let mut start = 0;
+        for p in 0..parts {
+            let end = (u64::from(len) * u64::from(p + 1) / u64::from(parts)) as u32;
+            if end > start {
+                out.push(Chunk { utt, start, len: end - start });
+            }
+            start = end;
+        }
+    }
+    rng.shuffle(&mut out);
+    out
+}
 
 /// How batches are streamed from a store.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +82,8 @@ pub struct StreamSettings {
     pub right: usize,
     /// Frames in the shuffle buffer.
     pub buffer: usize,
+    /// Utterances are cut into chunks of about this many frames, shuffled over the epoch.
+    pub chunk_frames: usize,
     /// Batches the producer keeps ready.
     pub prefetch: usize,
     /// Share of each epoch trained on (the first part of its stream).
@@ -116,10 +148,10 @@ pub fn epoch_plan(common_frames: u64, settings: &StreamSettings) -> (u64, usize)
     (n, n.div_ceil(b) as usize)
 }
 
-/// One resident utterance's place in the shuffle.
+/// One resident chunk's place in the shuffle.
 #[derive(Clone, Copy, Debug)]
 struct SlotMeta {
-    utt: u32,
+    chunk: u32,
     len: u32,
     /// Frames not yet drawn; 0: the slot is free.
     remaining: u32,
@@ -127,7 +159,7 @@ struct SlotMeta {
 
 /// The shuffle's bookkeeping, from utterance lengths alone (no frames).
 struct Shuffler {
-    order: Vec<u32>,
+    order: Vec<Chunk>,
     next: usize,
     entries: Vec<(u32, u32)>,
     slots: Vec<SlotMeta>,
@@ -138,30 +170,30 @@ struct Shuffler {
 }
 
 impl Shuffler {
-    fn new(order: Vec<u32>, buffer: usize, rng: Rng) -> Self {
+    fn new(order: Vec<Chunk>, buffer: usize, rng: Rng) -> Self {
         Shuffler { order, next: 0, entries: Vec::new(), slots: Vec::new(), free: Vec::new(), resident: 0, buffer, rng }
     }
 
-    /// The next example: (slot, frame within the utterance, whether it was the slot's last).
-    /// Utterances loaded into slots on the way are pushed to `loads` as (slot, utterance).
-    fn draw(&mut self, lengths: &[u32], loads: &mut Vec<(u32, u32)>) -> Option<(u32, u32)> {
+    /// The next example: (slot, frame within the chunk). Chunks loaded into slots on the way
+    /// are pushed to `loads` as (slot, index in the order).
+    fn draw(&mut self, loads: &mut Vec<(u32, u32)>) -> Option<(u32, u32)> {
         while self.next < self.order.len()
             && (self.entries.is_empty() || (self.entries.len() < self.buffer && self.resident < 2 * self.buffer))
         {
-            let utt = self.order[self.next];
+            let chunk = self.next as u32;
+            let len = self.order[self.next].len;
             self.next += 1;
-            let len = lengths[utt as usize];
             let slot = match self.free.pop() {
                 Some(s) => s,
                 None => {
-                    self.slots.push(SlotMeta { utt, len, remaining: 0 });
+                    self.slots.push(SlotMeta { chunk, len, remaining: 0 });
                     (self.slots.len() - 1) as u32
                 }
             };
-            self.slots[slot as usize] = SlotMeta { utt, len, remaining: len };
+            self.slots[slot as usize] = SlotMeta { chunk, len, remaining: len };
             self.entries.extend((0..len).map(|f| (slot, f)));
             self.resident += len as usize;
-            loads.push((slot, utt));
+            loads.push((slot, chunk));
         }
         if self.entries.is_empty() {
             return None;
@@ -182,15 +214,18 @@ impl Shuffler {
     }
 
     fn live(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.slots.iter().enumerate().filter(|(_, s)| s.remaining > 0).map(|(i, s)| (i as u32, s.utt))
+        self.slots.iter().enumerate().filter(|(_, s)| s.remaining > 0).map(|(i, s)| (i as u32, s.chunk))
     }
 }
 
-/// A resident utterance: normalized frames and labels, and its top-k targets when streamed.
+/// A resident chunk: the normalized frames its windows need (the chunk and up to `left` and
+/// `right` frames of context, within the utterance), their labels, the chunk's first frame
+/// among them, and its top-k targets when streamed.
 #[derive(Default)]
 struct SlotData {
     features: Vec<f32>,
     labels: Vec<u32>,
+    first: usize,
     probs: Vec<f32>,
     ids: Vec<i64>,
 }
@@ -251,7 +286,14 @@ impl Producer {
             start.epoch,
             start.batch
         );
-        let rng = Rng::derive(settings.seed, TAG_DRAW, start.epoch * (start.world as u64) + start.rank as u64);
+        let stream_id = start.epoch * (start.world as u64) + start.rank as u64;
+        let rng = Rng::derive(settings.seed, TAG_DRAW, stream_id);
+        let order = chunk_order(
+            &shard.utterances,
+            &lengths,
+            settings.chunk_frames,
+            &mut Rng::derive(settings.seed, TAG_CHUNKS, stream_id),
+        );
         let m = &store.manifest;
         let mean = m.mean.iter().map(|&v| v as f32).collect();
         let inv_std = m.std.iter().map(|&v| (1.0 / v.max(1e-6)) as f32).collect();
@@ -260,7 +302,7 @@ impl Producer {
             targets,
             settings,
             lengths,
-            shuffler: Shuffler::new(shard.utterances, settings.buffer, rng),
+            shuffler: Shuffler::new(order, settings.buffer, rng),
             data: Vec::new(),
             raw: Vec::new(),
             mean,
@@ -274,14 +316,14 @@ impl Producer {
         // Replay the draws of the batches before the start, reading nothing.
         let skip = (start.batch as u64 * settings.batch_size as u64).min(examples);
         for _ in 0..skip {
-            let (slot, _) = p.shuffler.draw(&p.lengths, &mut p.loads).expect("the plan's examples are in the shard");
+            let (slot, _) = p.shuffler.draw(&mut p.loads).expect("the plan's examples are in the shard");
             p.shuffler.used(slot);
         }
         p.loads.clear();
         p.produced = start.batch;
         let live: Vec<(u32, u32)> = p.shuffler.live().collect();
-        for (slot, utt) in live {
-            p.load(slot, utt)?;
+        for (slot, chunk) in live {
+            p.load(slot, chunk)?;
         }
         Ok(p)
     }
@@ -291,13 +333,18 @@ impl Producer {
         self.steps
     }
 
-    fn load(&mut self, slot: u32, utt: u32) -> Result<()> {
+    fn load(&mut self, slot: u32, chunk: u32) -> Result<()> {
         let slot = slot as usize;
         if self.data.len() <= slot {
             self.data.resize_with(slot + 1, SlotData::default);
         }
+        let Chunk { utt, start, len } = self.shuffler.order[chunk as usize];
+        let (utt, start, len) = (utt as usize, start as usize, len as usize);
+        let lo = start.saturating_sub(self.settings.left);
+        let hi = (start + len + self.settings.right).min(self.lengths[utt] as usize);
         let data = &mut self.data[slot];
-        self.store.read(utt as usize, &mut self.raw, &mut data.labels, true)?;
+        data.first = start - lo;
+        self.store.read_frames((utt, lo, hi), &mut self.raw, &mut data.labels, true)?;
         let d = self.mean.len();
         data.features.clear();
         data.features.reserve(self.raw.len());
@@ -307,7 +354,7 @@ impl Producer {
         if let Some(t) = &self.targets {
             data.probs.clear();
             data.ids.clear();
-            t.read(utt as usize, &mut data.probs, &mut data.ids)?;
+            t.read_frames((utt, start, start + len), &mut data.probs, &mut data.ids)?;
         }
         Ok(())
     }
@@ -332,19 +379,21 @@ impl Producer {
         for _ in 0..b {
             let (slot, frame) = self
                 .shuffler
-                .draw(&self.lengths, &mut self.loads)
+                .draw(&mut self.loads)
                 .ok_or_else(|| anyhow!("the shuffle ran out of frames before the end of the epoch's plan"))?;
             for (s, u) in std::mem::take(&mut self.loads) {
                 self.load(s, u)?;
             }
             let data = &self.data[slot as usize];
+            // The slot holds exactly the frames the chunk's windows may read, so clamping to it
+            // is clamping to the utterance.
             let len = data.labels.len() as i64;
-            let t = i64::from(frame);
+            let t = (data.first + frame as usize) as i64;
             for o in -left..=right {
                 let src = (t + o).clamp(0, len - 1) as usize;
                 x.extend_from_slice(&data.features[src * d..(src + 1) * d]);
             }
-            y.push(i64::from(data.labels[frame as usize]));
+            y.push(i64::from(data.labels[t as usize]));
             let f = frame as usize;
             if k > 0 {
                 probs.extend_from_slice(&data.probs[f * k..(f + 1) * k]);
@@ -492,20 +541,29 @@ mod tests {
     }
 
     fn settings(buffer: usize) -> StreamSettings {
-        StreamSettings { batch_size: 16, left: 2, right: 1, buffer, prefetch: 2, epoch_fraction: 1.0, seed: 5 }
+        StreamSettings {
+            batch_size: 16,
+            left: 2,
+            right: 1,
+            buffer,
+            chunk_frames: 8,
+            prefetch: 2,
+            epoch_fraction: 1.0,
+            seed: 5,
+        }
     }
 
     /// The (unnormalized) centre-frame indices and labels of every batch of a stream.
     fn drain(store: &Arc<FrameStore>, s: StreamSettings, start: StreamStart) -> Vec<(Vec<i64>, Vec<i64>)> {
         let lengths = Arc::new(store.utterance_lengths());
-        let mut p = Producer::new(store.clone(), lengths, s, start, Device::Cpu).unwrap();
+        let mut p = Producer::new((store.clone(), None), lengths, s, start, Device::Cpu).unwrap();
         let (m, sd) = (store.manifest.mean[0] as f32, store.manifest.std[0] as f32);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut h = HostBatch::default();
         let mut out = Vec::new();
         let width = 3 * (s.left + 1 + s.right);
-        while p.next_host(&mut x, &mut y).unwrap() {
-            let centre: Vec<i64> = x.chunks_exact(width).map(|w| (w[3 * s.left] * sd + m).round() as i64).collect();
-            out.push((centre, y.clone()));
+        while p.next_host(&mut h).unwrap() {
+            let centre: Vec<i64> = h.x.chunks_exact(width).map(|w| (w[3 * s.left] * sd + m).round() as i64).collect();
+            out.push((centre, h.y.clone()));
         }
         out
     }
@@ -517,7 +575,7 @@ mod tests {
         let s = settings(40);
         let lengths = Arc::new(store.utterance_lengths());
         let mut p = Producer::new(
-            store.clone(),
+            (store.clone(), None),
             lengths,
             s,
             StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 },
@@ -593,21 +651,33 @@ mod tests {
     fn the_shuffle_buffer_bounds_resident_frames_and_a_full_buffer_mixes_everything() {
         let lengths: Vec<u32> = (0..200u32).map(|u| 5 + (u * 13) % 60).collect();
         let total: usize = lengths.iter().map(|&l| l as usize).sum();
-        let mut sh = Shuffler::new((0..200).collect(), 100, Rng::new(1));
+        let order = chunk_order(&(0..200).collect::<Vec<_>>(), &lengths, 16, &mut Rng::new(2));
+        // Chunks of at most 16 frames tile each utterance exactly.
+        for u in 0..200u32 {
+            let mut parts: Vec<(u32, u32)> = order.iter().filter(|c| c.utt == u).map(|c| (c.start, c.len)).collect();
+            parts.sort();
+            let mut at = 0;
+            for (start, len) in parts {
+                assert!(start == at && len <= 16 && len > 0);
+                at += len;
+            }
+            assert_eq!(at, lengths[u as usize]);
+        }
+        let mut sh = Shuffler::new(order, 100, Rng::new(1));
         let mut loads = Vec::new();
         let mut most = 0;
         let mut first_utts = std::collections::HashSet::new();
         for i in 0..total {
-            let (slot, _) = sh.draw(&lengths, &mut loads).unwrap();
+            let (slot, _) = sh.draw(&mut loads).unwrap();
             if i < 50 {
-                first_utts.insert(sh.slots[slot as usize].utt);
+                first_utts.insert(sh.order[sh.slots[slot as usize].chunk as usize].utt);
             }
             most = most.max(sh.resident);
             sh.used(slot);
         }
-        assert!(sh.draw(&lengths, &mut loads).is_none());
-        assert!(most <= 2 * 100 + 64, "resident frames {most}");
-        // The first 50 draws come from several utterances, not one.
-        assert!(first_utts.len() >= 4, "{first_utts:?}");
+        assert!(sh.draw(&mut loads).is_none());
+        assert!(most <= 2 * 100 + 16, "resident frames {most}");
+        // The first 50 draws come from many utterances, not a few.
+        assert!(first_utts.len() >= 10, "{first_utts:?}");
     }
 }

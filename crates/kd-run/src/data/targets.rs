@@ -26,7 +26,7 @@ use tch::{Device, Kind, Tensor};
 /// The first bytes of a top-k targets file.
 pub const MAGIC: &[u8; 8] = b"KDTOPK01";
 const VERSION: u32 = 1;
-const HEADER_FIELDS: usize = 92;
+const HEADER_FIELDS: usize = 88;
 
 /// Bytes per class id for `classes` classes: 1, 2 or 4.
 pub fn id_bytes(classes: u64) -> usize {
@@ -272,7 +272,20 @@ impl TopKFile {
     }
 
     /// Utterance `utt`'s rows, appended to `probs` and `ids`, after checking its checksum.
+    #[cfg(test)]
     pub fn read(&self, utt: usize, probs: &mut Vec<f32>, ids: &mut Vec<i64>) -> Result<()> {
+        let n = (self.starts[utt + 1] - self.starts[utt]) as usize;
+        self.read_frames((utt, 0, n), probs, ids)
+    }
+
+    /// Rows `from..to` of utterance `utt`, appended to `probs` and `ids`, after checking the
+    /// utterance's checksum.
+    pub fn read_frames(
+        &self,
+        (utt, from, to): (usize, usize, usize),
+        probs: &mut Vec<f32>,
+        ids: &mut Vec<i64>,
+    ) -> Result<()> {
         let k = self.k();
         let ib = self.header.id_bytes as usize;
         let (a, b) = (self.starts[utt] as usize, self.starts[utt + 1] as usize);
@@ -289,6 +302,7 @@ impl TopKFile {
                 self.path.display()
             );
         }
+        let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
         probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
         match ib {
             1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
@@ -377,7 +391,15 @@ mod tests {
         for u in 0..5usize {
             let n = 3 + u * 4;
             let f: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.37 + u as f32).sin()).collect();
-            sw.push(0, &f, &(0..n as u32).map(|t| t % 300).collect::<Vec<_>>()).unwrap();
+            // Labels up to 42: 43 classes, as the teacher has.
+            sw.push(
+                0,
+                &f,
+                &(0..n as u32)
+                    .map(|t| if u == 4 && t == 0 { 42 } else { (t * 11 + u as u32 * 3) % 42 })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
         }
         sw.finish("t").unwrap();
         let store = FrameStore::open(&dir.0.join("s")).unwrap();

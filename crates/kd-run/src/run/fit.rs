@@ -101,9 +101,15 @@ impl Run<'_> {
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
         // The training split of a frame store is streamed, not held: `split` is only a sample.
-        let streamed = self.data.stream.as_ref().filter(|_| std::ptr::eq(split, &self.data.train));
-        if streamed.is_some() && (examples.is_some() || !matches!(sampling, Sampling::All)) {
-            bail!("stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed split (no train_fraction or specialists yet)");
+        // (`split` is the training split itself or a view of it: the same storage.)
+        let streamed = self.data.stream.as_ref();
+        let whole =
+            split.len() == self.data.train.len() && split.labels.data_ptr() == self.data.train.labels.data_ptr();
+        if streamed.is_some() && (!whole || examples.is_some() || !matches!(sampling, Sampling::All)) {
+            bail!(
+                "stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed training split \
+                 (train_fraction, transfer-set class filters and specialists are not supported there yet)"
+            );
         }
         let n = match (&sampling, streamed) {
             (_, Some(s)) => s.plan(training.batch_size, training.seed, 0, 1)?.0 as i64,
