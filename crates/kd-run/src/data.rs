@@ -185,7 +185,7 @@ pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
 /// in memory), the validation and test stores read into memory (up to `eval_frames` each),
 /// all normalized with the training store's statistics.
 fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
-    let open = |split: &str| store::FrameStore::open(&spec.dir.join(split)).with_context(|| format!("data.store.dir"));
+    let open = |split: &str| store::FrameStore::open(&spec.dir.join(split)).context("data.store.dir");
     let train = open("train")?;
     let sets = [open("validation")?, open("test")?];
     let d = train.manifest.feature_dim;

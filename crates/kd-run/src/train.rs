@@ -405,7 +405,7 @@ pub fn train_epoch_from(
             kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
         }
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
-        let report = if report_every > 0 && (i + 1) % report_every == 0 {
+        let report = if report_every > 0 && (i + 1).is_multiple_of(report_every) {
             check.window(&step_losses, i + 1, seen, guard)?;
             Some(check.total / seen as f64)
         } else {

@@ -765,7 +765,7 @@ mod tests {
                 let (mut f, mut l) = (Vec::new(), Vec::new());
                 (0..s.index.len()).try_for_each(|u| s.read(u, &mut f, &mut l, false))
             });
-            format!("{:#}", e.err().expect("an error"))
+            format!("{:#}", e.expect_err("an error"))
         };
         // A flipped feature byte: the utterance's checksum.
         let mut bad = good.clone();

@@ -177,7 +177,7 @@ impl TargetsWriter {
     /// Appends the next utterance's rows: `probs` and `ids` `[frames, k]` row-major.
     pub fn push(&mut self, probs: &[f32], ids: &[i64]) -> Result<()> {
         let k = self.header.k as usize;
-        ensure!(probs.len() == ids.len() && probs.len() % k == 0, "top-k rows of {k} values expected");
+        ensure!(probs.len() == ids.len() && probs.len().is_multiple_of(k), "top-k rows of {k} values expected");
         self.pb.clear();
         self.ib.clear();
         probs.iter().for_each(|p| self.pb.extend_from_slice(&f16::from_f32(*p).to_le_bytes()));
