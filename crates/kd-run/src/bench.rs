@@ -83,6 +83,9 @@ pub struct BenchArgs {
     /// With `--store`: batches timed.
     #[arg(long, default_value_t = 400)]
     store_batches: usize,
+    /// With `--store`: frames per shuffled chunk.
+    #[arg(long, default_value_t = 8)]
+    store_chunk_frames: usize,
 }
 
 /// Size of the acoustic workloads.
@@ -360,7 +363,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     if let Some(dir) = &args.store {
-        return crate::store::bench(dir, args.store_batch.max(1), args.store_batches.max(1), device);
+        let sizes = (args.store_batch.max(1), args.store_batches.max(1), args.store_chunk_frames.max(1));
+        return crate::store::bench(dir, sizes, device);
     }
     let plans = plans(args, device);
     if plans.is_empty() {

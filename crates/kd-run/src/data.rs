@@ -154,7 +154,6 @@ impl StoreData {
 
     /// The stream of rank `rank` of `world` in `epoch`, from batch `batch` on, for training on
     /// `device`: what data-parallel training calls with its rank.
-    #[allow(clippy::too_many_arguments)]
     pub fn stream(
         &self,
         batch_size: i64,

@@ -296,7 +296,7 @@ fn check(dir: &Path) -> Result<()> {
 
 /// The `kd-run bench --store` lines: windows per second of the producer alone on this thread,
 /// and frames per second of the training step of a 4 x 512 network on its batches.
-pub fn bench(dir: &Path, batch: usize, batches: usize, device: Device) -> Result<()> {
+pub fn bench(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize), device: Device) -> Result<()> {
     let store = Arc::new(FrameStore::open(dir)?);
     let lengths = Arc::new(store.utterance_lengths());
     let settings = StreamSettings {
@@ -304,7 +304,7 @@ pub fn bench(dir: &Path, batch: usize, batches: usize, device: Device) -> Result
         left: 20,
         right: 5,
         buffer: 1 << 18,
-        chunk_frames: 32,
+        chunk_frames,
         prefetch: 4,
         epoch_fraction: 1.0,
         seed: 1,
@@ -326,7 +326,7 @@ pub fn bench(dir: &Path, batch: usize, batches: usize, device: Device) -> Result
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "store producer: {:.0} windows/s on 1 thread ({windows} windows of 26 x {}, batch {batch}, shuffle buffer {} frames)",
+        "store producer: {:.0} windows/s on 1 thread ({windows} windows of 26 x {}, batch {batch}, shuffle buffer {} frames, chunks of {chunk_frames})",
         windows as f64 / secs,
         store.manifest.feature_dim,
         settings.buffer

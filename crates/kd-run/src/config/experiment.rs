@@ -318,7 +318,7 @@ pub struct StoreSpec {
 }
 
 fn default_chunk_frames() -> usize {
-    32
+    8
 }
 
 /// The synthetic speech corpus and the context window of each frame.

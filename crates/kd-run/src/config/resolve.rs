@@ -99,7 +99,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 left: i64::from(left),
                 right: i64::from(right),
                 shuffle_buffer: st.shuffle_buffer.map_or(1 << 18, |c| c.0 as usize),
-                chunk_frames: st.chunk_frames.map_or(32, |c| c.0 as usize),
+                chunk_frames: st.chunk_frames.map_or(8, |c| c.0 as usize),
                 prefetch: st.prefetch.map_or(4, |c| c.0 as usize),
                 epoch_fraction: fraction,
                 eval_frames: st.eval_frames.map(|c| c.0 as u64),

@@ -41,6 +41,9 @@ use tch::{Device, Kind, Tensor};
 const TAG_SHARD: u64 = 0x5348_4152_4400_0001;
 const TAG_DRAW: u64 = 0x4452_4157_0000_0001;
 const TAG_CHUNKS: u64 = 0x4348_554e_4b00_0001;
+/// Chunk reads between releases of the mapped pages: each read maps up to two 2 MiB page-cache
+/// folios (features and labels), so at most about 64 MB of the store is resident at a time.
+const RELEASE_EVERY: usize = 16;
 
 /// A piece of an utterance: frames `start .. start + len`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -262,6 +265,7 @@ pub struct Producer {
     steps: usize,
     produced: usize,
     loads: Vec<(u32, u32)>,
+    reads: usize,
     device: Device,
 }
 
@@ -311,6 +315,7 @@ impl Producer {
             steps,
             produced: 0,
             loads: Vec::new(),
+            reads: 0,
             device,
         };
         // Replay the draws of the batches before the start, reading nothing.
@@ -344,7 +349,7 @@ impl Producer {
         let hi = (start + len + self.settings.right).min(self.lengths[utt] as usize);
         let data = &mut self.data[slot];
         data.first = start - lo;
-        self.store.read_frames((utt, lo, hi), &mut self.raw, &mut data.labels, true)?;
+        self.store.read_frames((utt, lo, hi), &mut self.raw, &mut data.labels, false)?;
         let d = self.mean.len();
         data.features.clear();
         data.features.reserve(self.raw.len());
@@ -355,6 +360,13 @@ impl Producer {
             data.probs.clear();
             data.ids.clear();
             t.read_frames((utt, start, start + len), &mut data.probs, &mut data.ids)?;
+        }
+        self.reads += 1;
+        if self.reads.is_multiple_of(RELEASE_EVERY) {
+            self.store.release_all();
+            if let Some(t) = &self.targets {
+                t.release_all();
+            }
         }
         Ok(())
     }

@@ -261,6 +261,13 @@ impl TopKFile {
         Ok(TopKFile { path: path.to_path_buf(), map, header, starts })
     }
 
+    /// Drops the file's pages from this process's resident set (they stay in the page cache).
+    pub fn release_all(&self) {
+        // SAFETY: as for `store::Shard::release`: a read-only private file mapping that is never
+        // written; discarded pages fault back in with the same bytes.
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
     /// Targets per frame.
     pub fn k(&self) -> usize {
         self.header.k as usize
