@@ -73,6 +73,19 @@ pub struct BenchArgs {
     /// rows (CPU; this batch size).
     #[arg(long, value_name = "BATCH")]
     memory: Option<i64>,
+    /// Instead of the workloads, time a frame store's producer alone (windows/s on one thread)
+    /// and the training step of a 4 x 512 network on its batches (frames/s).
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// With `--store`: batches of this many windows.
+    #[arg(long, default_value_t = 256)]
+    store_batch: usize,
+    /// With `--store`: batches timed.
+    #[arg(long, default_value_t = 400)]
+    store_batches: usize,
+    /// With `--store`: frames per shuffled chunk.
+    #[arg(long, default_value_t = 8)]
+    store_chunk_frames: usize,
 }
 
 /// Size of the acoustic workloads.
@@ -349,6 +362,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return memory(batch);
     }
     let device = parse_device(&args.device)?;
+    if let Some(dir) = &args.store {
+        let sizes = (args.store_batch.max(1), args.store_batches.max(1), args.store_chunk_frames.max(1));
+        return crate::store::bench(dir, sizes, device);
+    }
     let plans = plans(args, device);
     if plans.is_empty() {
         bail!("no workload to run: the MNIST workloads run on the CPU only, `--acoustic none` has no acoustic ones");
@@ -506,4 +523,40 @@ fn memory(batch: i64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Steps per second of a 4 x 512 ReLU network (SGD with momentum 0.9) on `batches` (host
+/// tensors, moved to `device` first), cycled for at least 40 steps after 3 of warm-up; returns
+/// the steps timed and frames per second.
+pub fn mlp_step_rate(batches: &[(Tensor, Tensor)], classes: i64, device: Device) -> Result<(usize, f64)> {
+    let Some((x0, _)) = batches.first() else { bail!("no batches to time") };
+    let batches: Vec<(Tensor, Tensor)> =
+        batches.iter().map(|(x, y)| (x.to_device(device), y.to_device(device))).collect();
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let config = MlpConfig { sizes: vec![x0.size()[1], 512, 512, 512, 512, classes], ..Default::default() };
+    let net = Mlp::new(&vs.root(), config)?;
+    let opt = Optimizer::new(&optimizer(false), vs.trainable_variables());
+    let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+    let objective = Objective::hard_labels();
+    let mut step = |i: usize| -> Result<Tensor> {
+        let (x, y) = &batches[i % batches.len()];
+        let (_, loss) = trainer.step(x, |z| Ok(objective.loss(z, None, Some(y))?.total))?;
+        Ok(loss)
+    };
+    for i in 0..3 {
+        let _ = step(i)?;
+    }
+    let steps = 40.max(batches.len());
+    let started = Instant::now();
+    let mut frames = 0i64;
+    let mut last = None;
+    for i in 0..steps {
+        last = Some(step(i)?);
+        frames += batches[i % batches.len()].1.size()[0];
+    }
+    if let Some(l) = last {
+        f64::try_from(l)?;
+    }
+    Ok((steps, frames as f64 / started.elapsed().as_secs_f64()))
 }

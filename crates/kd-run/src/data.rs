@@ -1,6 +1,6 @@
 //! Datasets held on the training device, their splits, minibatch order and jitter.
 
-use crate::config::{DataSource, DataSpec, FileSet, FilesSpec, SpeechSpec, MAX_CLASSES};
+use crate::config::{DataSource, DataSpec, FileSet, FilesSpec, SpeechSpec, StoreSpec, MAX_CLASSES};
 use anyhow::{bail, ensure, Context, Result};
 use kd_models::BatchRows;
 use std::path::Path;
@@ -11,6 +11,9 @@ pub mod inputs;
 pub mod kaldi;
 pub mod npy;
 pub mod speech;
+pub mod store;
+pub mod stream;
+pub mod targets;
 
 /// Examples and labels of one split, on the device.
 pub struct Split {
@@ -112,6 +115,58 @@ pub struct Dataset {
     pub geometry: Option<(i64, i64)>,
     /// Number of classes.
     pub num_classes: i64,
+    /// With `data.kind = "store"`: the training frames, streamed (`train` then holds a sample
+    /// of them, for `train_accuracy`).
+    pub stream: Option<StoreData>,
+}
+
+/// A training store opened for streaming, with how to stream it.
+pub struct StoreData {
+    /// The store.
+    pub store: std::sync::Arc<store::FrameStore>,
+    /// Its utterance lengths, in store order.
+    pub lengths: std::sync::Arc<Vec<u32>>,
+    /// The settings of `[data.store]`.
+    pub spec: StoreSpec,
+    /// A teacher's top-k targets for the training store, streamed with the batches.
+    pub targets: Option<std::sync::Arc<targets::TopKFile>>,
+}
+
+impl StoreData {
+    /// The stream settings for batches of `batch_size` and shuffles seeded with `seed`.
+    pub fn settings(&self, batch_size: i64, seed: u64) -> stream::StreamSettings {
+        stream::StreamSettings {
+            batch_size: batch_size as usize,
+            left: self.spec.left as usize,
+            right: self.spec.right as usize,
+            buffer: self.spec.shuffle_buffer,
+            chunk_frames: self.spec.chunk_frames,
+            prefetch: self.spec.prefetch,
+            epoch_fraction: self.spec.epoch_fraction,
+            seed,
+        }
+    }
+
+    /// Examples and steps of one epoch's stream on one rank of `world` (the same on every rank).
+    pub fn plan(&self, batch_size: i64, seed: u64, epoch: u64, world: usize) -> Result<(u64, usize)> {
+        let shard = stream::rank_shard(&self.lengths, seed, epoch, 0, world)?;
+        Ok(stream::epoch_plan(shard.common_frames, &self.settings(batch_size, seed)))
+    }
+
+    /// The stream of rank `rank` of `world` in `epoch`, from batch `batch` on, for training on
+    /// `device`: what data-parallel training calls with its rank.
+    pub fn stream(
+        &self,
+        batch_size: i64,
+        seed: u64,
+        (epoch, batch): (u64, usize),
+        (rank, world): (usize, usize),
+        device: Device,
+    ) -> Result<stream::Stream> {
+        let start = stream::StreamStart { epoch, rank, world, batch };
+        let store = (self.store.clone(), self.targets.clone());
+        stream::Stream::start(store, self.lengths.clone(), self.settings(batch_size, seed), start, device)
+    }
 }
 
 const NUM_CLASSES: u8 = 10;
@@ -122,7 +177,56 @@ pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
         DataSource::Speech(speech) => load_speech(speech, device),
         DataSource::Files(files) => load_files(files, device),
         DataSource::Mnist { dir } => load_images(spec, dir, device),
+        DataSource::Store(store) => load_store(store, device),
     }
+}
+
+/// Opens the three stores of `spec.dir`: the training store for streaming (and a sample of it
+/// in memory), the validation and test stores read into memory (up to `eval_frames` each),
+/// all normalized with the training store's statistics.
+fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
+    let open = |split: &str| store::FrameStore::open(&spec.dir.join(split)).context("data.store.dir");
+    let train = open("train")?;
+    let sets = [open("validation")?, open("test")?];
+    let d = train.manifest.feature_dim;
+    for s in &sets {
+        ensure!(
+            s.manifest.feature_dim == d,
+            "{}: frames of {} features, but the training store's have {d}",
+            s.dir.display(),
+            s.manifest.feature_dim
+        );
+    }
+    let classes = sets.iter().map(|s| s.manifest.classes).max().unwrap_or(0).max(train.manifest.classes);
+    ensure!(classes as i64 <= MAX_CLASSES, "{}: {classes} classes, more than kd-run supports", spec.dir.display());
+    let frames = |s: &store::FrameStore, limit: Option<u64>| -> Result<speech::FrameSet> {
+        let (mut utts, mut total) = (Vec::new(), 0u64);
+        let (mut f, mut l) = (Vec::new(), Vec::new());
+        for u in 0..s.index.len() {
+            if limit.is_some_and(|n| total >= n) {
+                break;
+            }
+            s.read(u, &mut f, &mut l, true)?;
+            total += l.len() as u64;
+            let states = l.iter().map(|&k| k as i32).collect();
+            utts.push(speech::Utterance { speaker: 0, features: f.clone(), states });
+        }
+        speech::FrameSet::from_utterances(&utts, d, device)
+    };
+    let sample = frames(&train, Some(spec.eval_frames.unwrap_or(200_000)))?;
+    let [validation, test] = [frames(&sets[0], spec.eval_frames)?, frames(&sets[1], spec.eval_frames)?];
+    let to = |v: &[f64]| Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<f32>>()).to_device(device);
+    let stats = (to(&train.manifest.mean), to(&train.manifest.std));
+    let mut data = windowed_with([sample, validation, test], (spec.left, spec.right), classes as i64, stats);
+    let lengths = std::sync::Arc::new(train.utterance_lengths());
+    let targets = match &spec.targets {
+        Some(name) => Some(std::sync::Arc::new(
+            targets::TopKFile::open(&spec.dir.join("train").join(name), &train).context("data.store.targets")?,
+        )),
+        None => None,
+    };
+    data.stream = Some(StoreData { store: std::sync::Arc::new(train), lengths, spec: spec.clone(), targets });
+    Ok(data)
 }
 
 fn load_images(spec: &DataSpec, dir: &std::path::Path, device: Device) -> Result<Dataset> {
@@ -153,7 +257,8 @@ fn load_images(spec: &DataSpec, dir: &std::path::Path, device: Device) -> Result
         bail!("data.validation = {v} leaves no training examples (the training set has {n})");
     }
     let (train, validation) = if v == 0 { (all, None) } else { (all.narrow(0, n - v), Some(all.narrow(n - v, v))) };
-    Ok(Dataset { train, validation, test, geometry: Some((rows, cols)), num_classes: i64::from(NUM_CLASSES) })
+    let num_classes = i64::from(NUM_CLASSES);
+    Ok(Dataset { train, validation, test, geometry: Some((rows, cols)), num_classes, stream: None })
 }
 
 /// Generates the synthetic speech corpus: training, development (validation) and test
@@ -180,8 +285,18 @@ fn load_speech(spec: &SpeechSpec, device: Device) -> Result<Dataset> {
 
 /// Frame sets (training, validation, test) as splits of context windows, normalized with the
 /// mean and deviation of the training frames.
-fn windowed([train, validation, test]: [speech::FrameSet; 3], (left, right): (i64, i64), num_classes: i64) -> Dataset {
-    let (mean, std) = speech::normalization(&train);
+fn windowed(sets: [speech::FrameSet; 3], context: (i64, i64), num_classes: i64) -> Dataset {
+    let stats = speech::normalization(&sets[0]);
+    windowed_with(sets, context, num_classes, stats)
+}
+
+/// [`windowed`] with the normalization statistics given (`[D]` mean and deviation).
+fn windowed_with(
+    [train, validation, test]: [speech::FrameSet; 3],
+    (left, right): (i64, i64),
+    num_classes: i64,
+    (mean, std): (Tensor, Tensor),
+) -> Dataset {
     let width = left + 1 + right;
     let (mean, std) = (mean.repeat([width]).view([1, -1]), std.clamp_min(1e-6).repeat([width]).view([1, -1]));
     let split = |set: speech::FrameSet| Split {
@@ -189,7 +304,8 @@ fn windowed([train, validation, test]: [speech::FrameSet; 3], (left, right): (i6
         labels: set.labels.shallow_clone(),
         windows: Some(Windows { frames: set, left, right, mean: mean.copy(), std: std.copy() }),
     };
-    Dataset { train: split(train), validation: Some(split(validation)), test: split(test), geometry: None, num_classes }
+    let (train, validation, test) = (split(train), Some(split(validation)), split(test));
+    Dataset { train, validation, test, geometry: None, num_classes, stream: None }
 }
 
 /// Reads the user's frames and labels (Kaldi archives or NumPy arrays, see [`FileSet`]).
@@ -222,7 +338,7 @@ fn load_files(spec: &FilesSpec, device: Device) -> Result<Dataset> {
 }
 
 /// One split's utterances as (feature dimension, utterance).
-fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
+pub(crate) fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
     let is_npy = |p: &Path| p.extension().is_some_and(|e| e == "npy");
     let utterance = |features: Vec<f32>, labels: Vec<i64>| -> Result<speech::Utterance> {
         let states = labels

@@ -14,6 +14,7 @@ mod logging;
 mod report;
 mod rng;
 mod run;
+mod store;
 #[cfg(test)]
 mod testutil;
 mod train;
@@ -70,6 +71,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a Markdown report with plots from run directories.
     Report(report::ReportArgs),
+    /// Write an experiment's frames as frame stores on disk, or check a store.
+    Store(store::StoreArgs),
 }
 
 /// An error together with its exit code.
@@ -196,6 +199,7 @@ fn try_main() -> Result<(), Failure> {
         }
         Command::Bench(args) => bench::bench(&args)?,
         Command::Report(args) => report::report(&args)?,
+        Command::Store(args) => store::store(&args)?,
     }
     Ok(())
 }

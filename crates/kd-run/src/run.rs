@@ -141,6 +141,7 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
             DataSource::Speech(s) =>
                 format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
             DataSource::Files(f) => format!("files (training features {})", f.train.features.display()),
+            DataSource::Store(s) => format!("frame stores in {}", s.dir.display()),
             DataSource::Mnist { dir } => dir.display().to_string(),
         },
         data.train.len(),

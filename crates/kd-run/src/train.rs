@@ -114,6 +114,19 @@ impl Supervision<'_> {
         })
     }
 
+    /// The teacher's targets for a streamed batch (inputs `x`, no rows of an in-memory split):
+    /// a live teacher's; targets cached over an in-memory transfer set cannot follow a stream.
+    pub fn streamed_targets(&self, x: &Tensor) -> Result<Option<TeacherTargets>> {
+        Ok(match &self.teacher {
+            TeacherSignal::None => None,
+            TeacherSignal::Cached(_) => anyhow::bail!(
+                "teacher targets cached over an in-memory transfer set cannot follow batches streamed from a frame \
+                 store; write the teacher's top-k targets beside the store (`kd-run store targets`)"
+            ),
+            TeacherSignal::Live(t) => Some(TeacherTargets::logits(t.logits(x)?)?),
+        })
+    }
+
     /// The objective for one batch: `logits` of the student, `labels`, and the batch's teacher
     /// targets (rows aligned with the batch). With it, for soft targets, the soft term's KL form
     /// (`T^2 KL(p || q)`, unweighted; `DistillLoss::soft_kl`), which shows the student
@@ -309,72 +322,155 @@ impl std::fmt::Display for Diverged {
 
 impl std::error::Error for Diverged {}
 
+/// One step's examples, as a [`BatchSource`] delivers them.
+pub struct Batch {
+    /// `[b, input_dim]` inputs, on the training device.
+    pub x: Tensor,
+    /// `[b]` int64 labels.
+    pub y: Tensor,
+    /// Rows of the in-memory split (what cached teacher targets are indexed by); `None` for
+    /// examples streamed from a frame store.
+    pub idx: Option<Tensor>,
+    /// The teacher's targets for these rows, when the source delivers them (top-k targets read
+    /// beside a frame store); otherwise they come from the [`Supervision`].
+    pub targets: Option<TeacherTargets>,
+    /// Which rows of the global batch these are (all of it for a process alone): the loss is
+    /// weighted by their share, dropout masks are drawn for the whole batch.
+    pub held: BatchRows,
+}
+
+/// The batches of one epoch (or of a slice of one), in the order they are trained on.
+pub trait BatchSource {
+    /// Steps in the pass.
+    fn steps(&self) -> usize;
+    /// The next batch, `None` after the last.
+    fn next_batch(&mut self) -> Result<Option<Batch>>;
+}
+
+/// Today's source: a random order of the examples of a split held on the device (all of them,
+/// or `examples`), cut into batches; inputs gathered per batch, images jittered.
+pub struct InMemory<'a> {
+    split: &'a Split,
+    examples: Option<&'a Tensor>,
+    batches: Box<dyn Iterator<Item = Tensor> + 'a>,
+    steps: usize,
+    jitter: u32,
+    geometry: Geometry,
+}
+
+impl<'a> InMemory<'a> {
+    /// Draws the order now (from libtorch's generator, so seed it first).
+    pub fn new((split, examples): (&'a Split, Option<&'a Tensor>), settings: &LoopSettings) -> Self {
+        let n = examples.map_or(split.len(), |e| e.size()[0]);
+        let steps = if n == 0 { 0 } else { ((n - 1) / settings.batch_size + 1) as usize };
+        let batches = Box::new(data::batches(n, settings.batch_size, split.labels.device()));
+        InMemory { split, examples, batches, steps, jitter: settings.jitter, geometry: settings.geometry }
+    }
+}
+
+impl BatchSource for InMemory<'_> {
+    fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let Some(global) = self.batches.next() else { return Ok(None) };
+        // Every rank draws the same order, and the jitter shifts of the whole batch from the
+        // same stream, keeping its rows: N ranks train as one process would.
+        let batch = global.size()[0];
+        let (start, rows) = crate::dist::world().share(batch);
+        let held = BatchRows { start, batch };
+        let positions = global.narrow(0, start, rows);
+        let idx = self.examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
+        let x = self.split.inputs(&idx);
+        let x = match self.geometry {
+            Some((rows, cols)) if self.jitter > 0 => data::jitter(&x, rows, cols, i64::from(self.jitter), held),
+            _ => x,
+        };
+        let y = self.split.labels.index_select(0, &idx);
+        Ok(Some(Batch { x, y, idx: Some(idx), targets: None, held }))
+    }
+}
+
 /// One pass over `train` (only its `examples`, when given) in a random order, in batches of
-/// `settings.batch_size`. In a data-parallel run every rank draws the same order and trains on
-/// its share of each batch ([`crate::dist::World::share`]); losses, accuracies and the checks
-/// are over the whole batch, summed across the ranks. `on_step(done, running_loss)` is called after each step;
-/// `running_loss` is `Some` every `settings.report_every` steps only (reading it syncs the device).
-///
-/// Fails with [`Diverged`] when a step's loss is not finite or the loss grew past `guard`'s
-/// bound (checked with the losses read every `report_every` steps and at the end, so up to
-/// `report_every` steps late), or when a weight or optimizer value is not finite after the last
-/// step. The per-step losses stay on the device in between: no step waits for it.
+/// `settings.batch_size`: [`train_epoch_from`] with the [`InMemory`] source. In a data-parallel
+/// run every rank draws the same order and trains on its share of each batch
+/// ([`crate::dist::World::share`]).
 pub fn train_epoch(
     trainer: &mut Trainer,
     (train, examples): (&Split, Option<&Tensor>),
     supervision: &Supervision,
     settings: &LoopSettings,
     guard: &mut LossGuard,
+    on_step: impl FnMut(usize, Option<f64>),
+) -> Result<EpochTotals> {
+    let mut source = InMemory::new((train, examples), settings);
+    train_epoch_from(trainer, &mut source, supervision, settings, guard, on_step)
+}
+
+/// One pass over the batches of `source`. `on_step(done, running_loss)` is called after each
+/// step; `running_loss` is `Some` every `settings.report_every` steps only (reading it syncs the
+/// device).
+///
+/// Fails with [`Diverged`] when a step's loss is not finite or the loss grew past `guard`'s
+/// bound (checked with the losses read every `report_every` steps and at the end, so up to
+/// `report_every` steps late), or when a weight or optimizer value is not finite after the last
+/// step. The per-step losses stay on the device in between: no step waits for it.
+pub fn train_epoch_from(
+    trainer: &mut Trainer,
+    source: &mut dyn BatchSource,
+    supervision: &Supervision,
+    settings: &LoopSettings,
+    guard: &mut LossGuard,
     mut on_step: impl FnMut(usize, Option<f64>),
 ) -> Result<EpochTotals> {
-    let LoopSettings { batch_size, jitter, geometry, report_every } = *settings;
-    let device = train.labels.device();
-    let n = examples.map_or(train.len(), |e| e.size()[0]);
-    let steps = if n == 0 { 0 } else { (n - 1) / batch_size + 1 };
+    let report_every = settings.report_every;
+    let device = trainer.params.first().map_or(tch::Device::Cpu, Tensor::device);
+    let steps = source.steps();
     // Each step's loss times its batch size, kept on the device and read at the checks.
-    let step_losses = Tensor::zeros([steps], (Kind::Float, device));
+    let step_losses = Tensor::zeros([steps as i64], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut kl_sum = supervision.objective.reports_soft_kl().then(|| Tensor::zeros([], (Kind::Float, device)));
     let mut seen = 0i64;
-    let first_batch = batch_size.min(n);
-    let mut check = Check { steps: steps as usize, first_batch, checked: 0, examples: 0, total: 0.0 };
+    let mut check = Check { steps, first_batch: 0, checked: 0, examples: 0, total: 0.0 };
     let world = crate::dist::world();
-    let batches = data::batches(n, batch_size, device);
-    // Every rank draws the same order, and the dropout masks and jitter shifts of the whole
-    // batch from the same stream, keeping its rows: N ranks train as one process would.
-    for (i, global) in batches.enumerate() {
-        let batch = global.size()[0];
-        let (start, rows) = world.share(batch);
-        let held = BatchRows { start, batch };
-        let positions = global.narrow(0, start, rows);
-        let idx = examples.map_or_else(|| positions.shallow_clone(), |e| e.index_select(0, &positions));
-        let x = train.inputs(&idx);
-        let x = match geometry {
-            Some((rows, cols)) if jitter > 0 => data::jitter(&x, rows, cols, i64::from(jitter), held),
-            _ => x,
+    let mut i = 0usize;
+    while let Some(Batch { x, y, idx, targets, held }) = source.next_batch()? {
+        anyhow::ensure!(i < steps, "the batch source delivered more than the {steps} steps it announced");
+        let teacher_out = match (targets, &idx) {
+            (Some(t), _) if supervision.objective.uses_teacher() => Some(t),
+            (_, Some(idx)) => supervision.batch_targets(idx, &x)?,
+            (_, None) => supervision.streamed_targets(&x)?,
         };
-        let y = train.labels.index_select(0, &idx);
-        let teacher_out = supervision.batch_targets(&idx, &x)?;
         let mut kl = None;
         let (logits, loss) = trainer.step_share(&x, held, |z| {
             let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
             kl = soft_kl;
             Ok(loss)
         })?;
-        seen += batch;
+        // This rank's rows; losses, counts and the checks are over the whole batch, summed
+        // across the ranks.
+        let rows = y.size()[0];
+        if i == 0 {
+            check.first_batch = held.batch;
+        }
+        seen += held.batch;
         step_losses.get(i as i64).copy_(&(loss * rows as f64));
-        if let (Some(kl), Some(sum)) = (kl, kl_sum.as_mut()) {
-            *sum += kl.to_kind(Kind::Float) * rows as f64;
+        if let Some(kl) = kl {
+            let kl = kl.to_kind(Kind::Float) * rows as f64;
+            kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
         }
         correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
-        let report = if report_every > 0 && (i + 1) % report_every == 0 {
+        let report = if report_every > 0 && (i + 1).is_multiple_of(report_every) {
             check.window(&step_losses, i + 1, seen, guard)?;
             Some(check.total / seen as f64)
         } else {
             None
         };
-        on_step(i + 1, report);
+        i += 1;
+        on_step(i, report);
     }
+    anyhow::ensure!(i == steps, "the batch source delivered {i} of the {steps} steps it announced");
     if check.checked < check.steps {
         check.window(&step_losses, check.steps, seen, guard)?;
     }

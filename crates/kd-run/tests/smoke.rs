@@ -1021,3 +1021,78 @@ fn a_damaged_teacher_logit_cache_entry_is_computed_again() {
     }
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn a_frame_store_is_written_streamed_with_top_k_targets_and_refused_when_truncated() {
+    let dir = fresh_dir("store");
+    let stores = dir.join("stores");
+    let s = stores.to_str().unwrap();
+    let w = kd_run(&["store", "write", "experiments/speech_tiny.toml", "--out", s, "--kind", "f16"]);
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let stdout = String::from_utf8_lossy(&w.stdout);
+    assert!(stdout.contains("train: 8176 frames") && stdout.contains("frames/s"), "{stdout}");
+    // An experiment on the store: a baseline, its top-k targets beside the store, a student.
+    let exp = dir.join("store.toml");
+    let write_exp = |targets: &str, stages: &str| {
+        let text = format!(
+            "name = \"st\"\nseed = 1\n[data]\nkind = \"store\"\ncontext = [4, 2]\n\
+             store = {{ dir = \"{s}\", shuffle_buffer = 1000, chunk_frames = 16 {targets} }}\n\
+             [defaults]\nepochs = 2\nbatch_size = 64\noptimizer = {{ kind = \"sgd\", lr = 0.05, momentum = 0.9 }}\n{stages}"
+        );
+        std::fs::write(&exp, text).unwrap();
+    };
+    write_exp("", "[[stages]]\nname = \"base\"\nkind = \"train\"\nmodel = { hidden = [32] }\n");
+    let out = dir.join("runs");
+    let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let metrics = csv_rows(&out.join("st/metrics.csv"));
+    assert_eq!(metrics.len(), 2);
+    // The teacher's checkpoint outside the run directory, which `--fresh` below empties.
+    let ckpt = dir.join("base.safetensors");
+    std::fs::copy(out.join("st/checkpoints/base.safetensors"), &ckpt).unwrap();
+    let t = kd_run(&[
+        "store",
+        "targets",
+        &format!("{s}/train"),
+        "--teacher",
+        ckpt.to_str().unwrap(),
+        "--k",
+        "3",
+        "--temperature",
+        "2",
+        "--context",
+        "4",
+        "2",
+        "--name",
+        "base.kdt",
+    ]);
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+    let said = String::from_utf8_lossy(&t.stdout);
+    assert!(said.contains("top-3 targets at T = 2") && said.contains("9 bytes a frame"), "{said}");
+    let student = |t: f64| {
+        format!(
+            "[[stages]]\nname = \"student\"\nkind = \"distill\"\nteacher_checkpoint = \"{}\"\nteacher_top_k = 3\n\
+             model = {{ hidden = [32] }}\ntemperature = {t}\nhard_weight = 0.5\nsoft_weight = 0.5\n",
+            ckpt.display()
+        )
+    };
+    write_exp(", targets = \"base.kdt\"", &student(2.0));
+    let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fresh"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rows = csv_rows(&out.join("st/metrics.csv"));
+    assert!(rows.iter().all(|r| r["stage"] == "student" && !r["soft_kl"].is_empty()), "soft targets were used");
+    // Targets made at T = 2 do not serve a stage at T = 3.
+    write_exp(", targets = \"base.kdt\"", &student(3.0));
+    let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fresh"]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("made at T = 2") && e.contains("T = 3"), "{e}");
+    // A truncated shard is named as such, with no panic.
+    let shard = stores.join("train/shard-00000.kdf");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let c = kd_run(&["store", "check", &format!("{s}/train")]);
+    let e = String::from_utf8_lossy(&c.stderr);
+    assert_eq!(c.status.code(), Some(1), "{e}");
+    assert!(e.contains("shard-00000.kdf is") && e.contains("the file is truncated") && !e.contains("panic"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,6 +65,8 @@ pub enum DataKind {
     Speech,
     /// Frames and labels from the user's files (`[data.files]`): Kaldi archives or NumPy.
     Files,
+    /// Frame stores written by `kd-run store write` (`[data.store]`), streamed.
+    Store,
 }
 
 /// What a stage does.
@@ -193,6 +195,8 @@ pub enum DataSource {
     Speech(SpeechSpec),
     /// A user's own frames (Kaldi archives or .npy).
     Files(FilesSpec),
+    /// Frame stores on disk, the training split streamed.
+    Store(StoreSpec),
 }
 
 /// [`DataSpec`] as `config.toml` records it.
@@ -210,15 +214,18 @@ pub struct DataRecord {
     test_limit: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     files: Option<FilesSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<StoreSpec>,
 }
 
 impl From<DataSpec> for DataRecord {
     fn from(d: DataSpec) -> Self {
-        let (mut dir, mut speech, mut files) = (None, None, None);
+        let (mut dir, mut speech, mut files, mut store) = (None, None, None, None);
         match d.source {
             DataSource::Mnist { dir: path } => dir = Some(path),
             DataSource::Speech(s) => speech = Some(s),
             DataSource::Files(f) => files = Some(f),
+            DataSource::Store(s) => store = Some(s),
         }
         DataRecord {
             dir,
@@ -227,6 +234,7 @@ impl From<DataSpec> for DataRecord {
             train_limit: d.train_limit,
             test_limit: d.test_limit,
             files,
+            store,
         }
     }
 }
@@ -235,11 +243,12 @@ impl TryFrom<DataRecord> for DataSpec {
     type Error = String;
 
     fn try_from(r: DataRecord) -> std::result::Result<Self, String> {
-        let source = match (r.dir, r.speech, r.files) {
-            (Some(dir), None, None) => DataSource::Mnist { dir },
-            (None, Some(s), None) => DataSource::Speech(s),
-            (None, None, Some(f)) => DataSource::Files(f),
-            _ => return Err("expected exactly one of `dir`, `speech` and `files`".into()),
+        let source = match (r.dir, r.speech, r.files, r.store) {
+            (Some(dir), None, None, None) => DataSource::Mnist { dir },
+            (None, Some(s), None, None) => DataSource::Speech(s),
+            (None, None, Some(f), None) => DataSource::Files(f),
+            (None, None, None, Some(s)) => DataSource::Store(s),
+            _ => return Err("expected exactly one of `dir`, `speech`, `files` and `store`".into()),
         };
         Ok(DataSpec { source, validation: r.validation, train_limit: r.train_limit, test_limit: r.test_limit })
     }
@@ -279,6 +288,41 @@ pub struct FileSet {
     /// NumPy only: frames per utterance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lengths: Option<PathBuf>,
+}
+
+/// Frame stores (`DIR/train`, `DIR/validation`, `DIR/test`, written by `kd-run store write`),
+/// the training split streamed through a shuffle buffer (docs/frame-store.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    /// The folder of the three stores.
+    pub dir: PathBuf,
+    /// Frames of left context.
+    pub left: i64,
+    /// Frames of right context.
+    pub right: i64,
+    /// Frames in the shuffle buffer.
+    pub shuffle_buffer: usize,
+    /// Utterances enter the shuffle as chunks of about this many frames, in a random order.
+    #[serde(default = "default_chunk_frames")]
+    pub chunk_frames: usize,
+    /// Batches the producer thread keeps ready.
+    pub prefetch: usize,
+    /// Share of each epoch's stream a stage trains on (1: all of it).
+    pub epoch_fraction: f64,
+    /// Read at most this many frames (whole utterances) of the validation and test stores into
+    /// memory, and of the training store for `train_accuracy` (default: 200,000 of the training
+    /// store, all of the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_frames: Option<u64>,
+    /// A teacher's top-k targets beside the training store (`DIR/train/<targets>`, written by
+    /// `kd-run store targets`), streamed with the batches to distill stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
+}
+
+fn default_chunk_frames() -> usize {
+    8
 }
 
 /// The synthetic speech corpus and the context window of each frame.

@@ -46,6 +46,8 @@ pub(crate) struct RawData {
     #[serde(default)]
     pub(crate) files: Option<RawFiles>,
     #[serde(default)]
+    pub(crate) store: Option<RawStore>,
+    #[serde(default)]
     pub(crate) classes: Option<Count>,
     #[serde(default)]
     pub(crate) context: Option<[u32; 2]>,
@@ -64,6 +66,25 @@ pub(crate) struct RawFiles {
     pub(crate) train: FileSet,
     pub(crate) validation: FileSet,
     pub(crate) test: FileSet,
+}
+
+/// Frame stores to stream (`[data.store]`).
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub(crate) dir: PathBuf,
+    #[serde(default)]
+    pub(crate) shuffle_buffer: Option<Count>,
+    #[serde(default)]
+    pub(crate) chunk_frames: Option<Count>,
+    #[serde(default)]
+    pub(crate) prefetch: Option<Count>,
+    #[serde(default)]
+    pub(crate) epoch_fraction: Option<f64>,
+    #[serde(default)]
+    pub(crate) eval_frames: Option<Count>,
+    #[serde(default)]
+    pub(crate) targets: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]

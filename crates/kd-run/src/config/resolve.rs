@@ -47,6 +47,9 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
     if let Some(c) = raw.data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
         bail!("{data_line}: data: context = {c:?}: at most {MAX_CONTEXT} frames on either side");
     }
+    if kind != DataKind::Store && raw.data.store.is_some() {
+        bail!("{data_line}: data: `store` needs kind = \"store\"");
+    }
     if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
         bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
     }
@@ -75,6 +78,32 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 train: f.train,
                 validation: f.validation,
                 test: f.test,
+            })
+        }
+        DataKind::Store => {
+            let Some(st) = raw.data.store.clone() else {
+                bail!("{data_line}: data: kind = \"store\" needs [data.store] with `dir`, the folder `kd-run store write` wrote");
+            };
+            if image_split || raw.data.speech.is_some() {
+                bail!(
+                    "{data_line}: data: with kind = \"store\" the splits are the stores; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
+                );
+            }
+            let fraction = st.epoch_fraction.unwrap_or(1.0);
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                bail!("{data_line}: data.store: epoch_fraction = {fraction} must be in (0, 1]");
+            }
+            let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            DataSource::Store(StoreSpec {
+                dir: st.dir,
+                left: i64::from(left),
+                right: i64::from(right),
+                shuffle_buffer: st.shuffle_buffer.map_or(1 << 18, |c| c.0 as usize),
+                chunk_frames: st.chunk_frames.map_or(8, |c| c.0 as usize),
+                prefetch: st.prefetch.map_or(4, |c| c.0 as usize),
+                epoch_fraction: fraction,
+                eval_frames: st.eval_frames.map(|c| c.0 as u64),
+                targets: st.targets,
             })
         }
         DataKind::Mnist => {

@@ -607,7 +607,7 @@ fn an_older_config_toml_reads_with_defaults() {
     // Data that names no source, or two, is no experiment.
     let two = old.replace("dir = \"d\"\n", "dir = \"d\"\n[data.speech]\nleft = 1\nright = 1\n[data.speech.corpus]\n");
     let err = toml::from_str::<Experiment>(&two).unwrap_err().to_string();
-    assert!(err.contains("exactly one of `dir`, `speech` and `files`"), "{err}");
+    assert!(err.contains("exactly one of `dir`, `speech`, `files` and `store`"), "{err}");
 }
 
 /// Each kind's keys as the error messages list them.

@@ -107,9 +107,25 @@ impl Run<'_> {
 
         let mut examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
-        let n = match &sampling {
-            Sampling::Draw { n, .. } => *n,
-            Sampling::All => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
+        // The training split of a frame store is streamed, not held: `split` is only a sample.
+        // (`split` is the training split itself or a view of it: the same storage.)
+        let streamed = self.data.stream.as_ref();
+        let whole =
+            split.len() == self.data.train.len() && split.labels.data_ptr() == self.data.train.labels.data_ptr();
+        if streamed.is_some() && (!whole || examples.is_some() || !matches!(sampling, Sampling::All)) {
+            bail!(
+                "stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed training split \
+                 (train_fraction, transfer-set class filters and specialists are not supported there yet)"
+            );
+        }
+        let n = match (&sampling, streamed) {
+            // Each rank streams its shard in its share of each batch.
+            (_, Some(s)) => {
+                let local = world.share(training.batch_size).1;
+                s.plan(local, training.seed, 0, world.size())?.0 as i64 * world.size() as i64
+            }
+            (Sampling::Draw { n, .. }, None) => *n,
+            (Sampling::All, None) => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
         };
         if examples.is_some() {
             info!(
@@ -148,14 +164,28 @@ impl Run<'_> {
                 examples = Some(draw(epoch)?);
             }
             let steps_started = Instant::now();
-            let totals = train::train_epoch(
-                &mut trainer,
-                (split, examples.as_ref()),
-                supervision,
-                &settings,
-                &mut guard,
-                |step, loss| progress.step(epoch as u64, step as u64, loss),
-            )
+            let on_step = |step: usize, loss| progress.step(epoch as u64, step as u64, loss);
+            let totals = match streamed {
+                None => train::train_epoch(
+                    &mut trainer,
+                    (split, examples.as_ref()),
+                    supervision,
+                    &settings,
+                    &mut guard,
+                    on_step,
+                ),
+                Some(s) => s
+                    .stream(
+                        world.share(training.batch_size).1,
+                        training.seed,
+                        (epoch as u64, 0),
+                        (world.rank(), world.size()),
+                        self.device,
+                    )
+                    .and_then(|mut stream| {
+                        train::train_epoch_from(&mut trainer, &mut stream, supervision, &settings, &mut guard, on_step)
+                    }),
+            }
             .map_err(|e| {
                 progress.finish();
                 diverged(e, stage, epoch, (lr, supervision), &resume_path)

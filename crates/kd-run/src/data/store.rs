@@ -1,0 +1,829 @@
+//! The frame store: a corpus of speech frames on disk, larger than memory, written once and
+//! memory-mapped for reading.
+//!
+//! A store is a folder with a manifest, `store.toml` (what it holds: feature kind and width,
+//! frames, utterances, classes, the per-channel mean and deviation of its frames, and each
+//! shard's name, counts and header checksum), and shards `shard-NNNNN.kdf`. A shard is
+//!
+//! ```text
+//! header (4096 bytes)  magic "KDFRAME1", version, feature kind, width, frames, utterances,
+//!                      the byte offset of each section, the file length, CRC-32 of the header
+//! features  [frames, width]  f32, f16 or bf16, little-endian
+//! labels    [frames]         u32 pdf ids
+//! offsets   [utterances + 1] u64 first frame of each utterance (the last: frames)
+//! speakers  [utterances]     u32
+//! checksums [utterances]     u32 CRC-32 of each utterance's feature and label bytes
+//! ```
+//!
+//! Opening a shard checks the magic (a foreign file), the header's CRC, the length against the
+//! header (a truncated file), the sections' sizes and the offsets; each utterance's checksum is
+//! checked every time it is read, so a damaged byte is an error naming the shard and the
+//! utterance, never a silently wrong frame. Normalization statistics are summed in f64 over the
+//! stored (rounded) values while the store is written, in one pass.
+
+use anyhow::{bail, ensure, Context, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The first bytes of every shard.
+pub const MAGIC: &[u8; 8] = b"KDFRAME1";
+/// The shard format's version.
+pub const VERSION: u32 = 1;
+/// Bytes reserved for a shard's header.
+pub const HEADER_BYTES: u64 = 4096;
+/// Bytes of the header that carry fields (the CRC-32 of these follows them).
+const HEADER_FIELDS: usize = 88;
+/// The manifest's file name.
+pub const MANIFEST: &str = "store.toml";
+
+/// How features are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureKind {
+    /// 4 bytes a value, exact.
+    F32,
+    /// IEEE half precision: 2 bytes, 11 significant bits (relative error below 5e-4).
+    F16,
+    /// bfloat16: 2 bytes, 8 significant bits, f32's range.
+    Bf16,
+}
+
+impl FeatureKind {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            FeatureKind::F32 => 4,
+            FeatureKind::F16 | FeatureKind::Bf16 => 2,
+        }
+    }
+
+    fn code(self) -> u32 {
+        self as u32
+    }
+
+    fn from_code(c: u32) -> Option<Self> {
+        [FeatureKind::F32, FeatureKind::F16, FeatureKind::Bf16].into_iter().find(|k| k.code() == c)
+    }
+
+    /// Appends `values` in this kind, little-endian.
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            FeatureKind::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            FeatureKind::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            FeatureKind::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
+    /// Decodes little-endian `bytes` of this kind into `out` (as many values as `out` holds).
+    pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            FeatureKind::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            FeatureKind::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            FeatureKind::Bf16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// What a store holds: `store.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The shard format's version.
+    pub format: u32,
+    /// How the features are stored.
+    pub feature_kind: FeatureKind,
+    /// Values per frame.
+    pub feature_dim: usize,
+    /// Frames in all shards.
+    pub frames: u64,
+    /// Utterances in all shards.
+    pub utterances: u64,
+    /// The largest label plus one.
+    pub classes: u64,
+    /// Where the frames came from.
+    pub source: String,
+    /// Per-channel mean of the stored frames.
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviation (population, at least 1e-6) of the stored frames.
+    pub std: Vec<f64>,
+    /// The shards in order.
+    pub shards: Vec<ShardEntry>,
+}
+
+/// One shard as the manifest lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    /// File name inside the store's folder.
+    pub file: String,
+    /// Frames in it.
+    pub frames: u64,
+    /// Utterances in it.
+    pub utterances: u64,
+    /// The CRC-32 of its header: ties the manifest to these very shards.
+    pub header_crc: u32,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Writes a store: utterances in, shards and the manifest out.
+pub struct StoreWriter {
+    dir: PathBuf,
+    kind: FeatureKind,
+    dim: usize,
+    shard_frames: u64,
+    shard: Option<ShardWriter>,
+    shards: Vec<ShardEntry>,
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    frames: u64,
+    utterances: u64,
+    largest_label: Option<u32>,
+    decoded: Vec<f32>,
+}
+
+impl StoreWriter {
+    /// Starts a store in `dir` (created; it must not hold a manifest yet), frames of `dim`
+    /// values stored as `kind`, a new shard after about `shard_frames` frames.
+    pub fn create(dir: &Path, kind: FeatureKind, dim: usize, shard_frames: u64) -> Result<Self> {
+        ensure!(dim > 0, "frames must have at least one feature");
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the store folder {}", dir.display()))?;
+        ensure!(
+            !dir.join(MANIFEST).exists(),
+            "{} already holds a frame store; remove it or write elsewhere",
+            dir.display()
+        );
+        Ok(StoreWriter {
+            dir: dir.to_path_buf(),
+            kind,
+            dim,
+            shard_frames: shard_frames.max(1),
+            shard: None,
+            shards: Vec::new(),
+            sum: vec![0.0; dim],
+            sum_sq: vec![0.0; dim],
+            frames: 0,
+            utterances: 0,
+            largest_label: None,
+            decoded: Vec::new(),
+        })
+    }
+
+    /// Appends one utterance: `features` `[labels.len(), dim]` row-major, finite; one label a frame.
+    pub fn push(&mut self, speaker: u32, features: &[f32], labels: &[u32]) -> Result<()> {
+        let n = labels.len();
+        ensure!(n > 0, "utterance {} has no frames", self.utterances);
+        ensure!(
+            features.len() == n * self.dim,
+            "utterance {}: {} feature values for {n} frames of {}",
+            self.utterances,
+            features.len(),
+            self.dim
+        );
+        if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "utterance {}: frame {}, feature {} is {}: features must be finite numbers",
+                self.utterances,
+                i / self.dim,
+                i % self.dim,
+                features[i]
+            );
+        }
+        if self.shard.as_ref().is_some_and(|s| s.frames >= self.shard_frames) {
+            self.close_shard()?;
+        }
+        if self.shard.is_none() {
+            let name = format!("shard-{:05}.kdf", self.shards.len());
+            self.shard = Some(ShardWriter::create(&self.dir.join(name), self.kind, self.dim)?);
+        }
+        let shard = self.shard.as_mut().expect("opened above");
+        let bytes = shard.push(speaker, features, labels)?;
+        // Statistics of the values as stored (after rounding to f16 or bf16).
+        self.decoded.resize(features.len(), 0.0);
+        self.kind.decode(bytes, &mut self.decoded);
+        for frame in self.decoded.chunks_exact(self.dim) {
+            for (c, &v) in frame.iter().enumerate() {
+                self.sum[c] += f64::from(v);
+                self.sum_sq[c] += f64::from(v) * f64::from(v);
+            }
+        }
+        self.frames += n as u64;
+        self.utterances += 1;
+        let top = labels.iter().copied().max().expect("n > 0");
+        self.largest_label = Some(self.largest_label.map_or(top, |l| l.max(top)));
+        Ok(())
+    }
+
+    fn close_shard(&mut self) -> Result<()> {
+        if let Some(shard) = self.shard.take() {
+            self.shards.push(shard.finish()?);
+        }
+        Ok(())
+    }
+
+    /// Closes the last shard and writes the manifest (atomically, last: a store without one is
+    /// unfinished). `source` says where the frames came from.
+    pub fn finish(mut self, source: &str) -> Result<Manifest> {
+        self.close_shard()?;
+        ensure!(self.frames > 0, "no frames to store in {}", self.dir.display());
+        let n = self.frames as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let std = self.sum_sq.iter().zip(&mean).map(|(s, m)| (s / n - m * m).max(0.0).sqrt().max(1e-6)).collect();
+        let manifest = Manifest {
+            format: VERSION,
+            feature_kind: self.kind,
+            feature_dim: self.dim,
+            frames: self.frames,
+            utterances: self.utterances,
+            classes: u64::from(self.largest_label.expect("frames > 0")) + 1,
+            source: source.to_string(),
+            mean,
+            std,
+            shards: self.shards,
+        };
+        let text = toml::to_string(&manifest)?;
+        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.dir.join(MANIFEST))?;
+        Ok(manifest)
+    }
+}
+
+/// One shard being written: features streamed after the reserved header, the small sections
+/// kept in memory until the end.
+struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: BufWriter<File>,
+    kind: FeatureKind,
+    dim: usize,
+    frames: u64,
+    labels: Vec<u8>,
+    offsets: Vec<u64>,
+    speakers: Vec<u32>,
+    checksums: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+impl ShardWriter {
+    fn create(path: &Path, kind: FeatureKind, dim: usize) -> Result<Self> {
+        let tmp = path.with_extension("kdf.tmp");
+        let mut file = BufWriter::with_capacity(
+            1 << 20,
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
+        file.write_all(&[0u8; HEADER_BYTES as usize])?;
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            kind,
+            dim,
+            frames: 0,
+            labels: Vec::new(),
+            offsets: vec![0],
+            speakers: Vec::new(),
+            checksums: Vec::new(),
+            bytes: Vec::new(),
+        })
+    }
+
+    /// Writes an utterance; returns its feature bytes as stored.
+    fn push(&mut self, speaker: u32, features: &[f32], labels: &[u32]) -> Result<&[u8]> {
+        self.bytes.clear();
+        self.kind.encode(features, &mut self.bytes);
+        let start = self.labels.len();
+        labels.iter().for_each(|l| self.labels.extend_from_slice(&l.to_le_bytes()));
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.bytes);
+        crc.update(&self.labels[start..]);
+        self.checksums.push(crc.finalize());
+        self.file.write_all(&self.bytes).with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        self.frames += labels.len() as u64;
+        self.offsets.push(self.frames);
+        self.speakers.push(speaker);
+        Ok(&self.bytes)
+    }
+
+    fn finish(mut self) -> Result<ShardEntry> {
+        let features_at = HEADER_BYTES;
+        let labels_at = features_at + self.frames * (self.dim * self.kind.bytes()) as u64;
+        let offsets_at = labels_at + self.labels.len() as u64;
+        let speakers_at = offsets_at + 8 * self.offsets.len() as u64;
+        let checksums_at = speakers_at + 4 * self.speakers.len() as u64;
+        let length = checksums_at + 4 * self.checksums.len() as u64;
+        self.file.write_all(&self.labels)?;
+        self.offsets.iter().try_for_each(|o| self.file.write_all(&o.to_le_bytes()))?;
+        self.speakers.iter().try_for_each(|s| self.file.write_all(&s.to_le_bytes()))?;
+        self.checksums.iter().try_for_each(|c| self.file.write_all(&c.to_le_bytes()))?;
+        let utterances = self.speakers.len() as u64;
+        let header = Header {
+            kind: self.kind,
+            dim: self.dim as u32,
+            frames: self.frames,
+            utterances,
+            sections: [features_at, labels_at, offsets_at, speakers_at, checksums_at],
+            length,
+        };
+        let bytes = header.to_bytes();
+        let mut file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&bytes)?;
+        file.sync_all().with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path)?;
+        let header_crc = crc32fast::hash(&bytes[..HEADER_FIELDS]);
+        let file = self.path.file_name().expect("a file name").to_string_lossy().into_owned();
+        Ok(ShardEntry { file, frames: self.frames, utterances, header_crc, bytes: length })
+    }
+}
+
+/// A shard's header fields.
+#[derive(Debug, Clone, PartialEq)]
+struct Header {
+    kind: FeatureKind,
+    dim: u32,
+    frames: u64,
+    utterances: u64,
+    /// Byte offsets of features, labels, offsets, speakers, checksums.
+    sections: [u64; 5],
+    length: u64,
+}
+
+impl Header {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER_BYTES as usize);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.kind.code().to_le_bytes());
+        b.extend_from_slice(&self.dim.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.frames.to_le_bytes());
+        b.extend_from_slice(&self.utterances.to_le_bytes());
+        self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
+        b.extend_from_slice(&self.length.to_le_bytes());
+        debug_assert_eq!(b.len(), HEADER_FIELDS);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.resize(HEADER_BYTES as usize, 0);
+        b
+    }
+
+    /// Parses and checks the header of `path`, whose file is `file_len` bytes.
+    fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
+        let shown = path.display();
+        if bytes.len() < HEADER_FIELDS + 4 || &bytes[..8] != MAGIC {
+            let start: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            bail!(
+                "{shown} is not a kd-run frame store shard: it does not start with \"KDFRAME1\" (its first bytes: {})",
+                if start.is_empty() { "none, the file is empty".to_string() } else { start }
+            );
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        ensure!(version == VERSION, "{shown}: shard format version {version}; this kd-run reads version {VERSION}");
+        let crc = crc32fast::hash(&bytes[..HEADER_FIELDS]);
+        ensure!(
+            crc == u32_at(HEADER_FIELDS),
+            "{shown}: the header's checksum does not match its contents: the file is damaged"
+        );
+        let kind = FeatureKind::from_code(u32_at(12))
+            .with_context(|| format!("{shown}: unknown feature kind {}", u32_at(12)))?;
+        let h = Header {
+            kind,
+            dim: u32_at(16),
+            frames: u64_at(24),
+            utterances: u64_at(32),
+            sections: [u64_at(40), u64_at(48), u64_at(56), u64_at(64), u64_at(72)],
+            length: u64_at(80),
+        };
+        ensure!(
+            file_len == h.length,
+            "{shown} is {file_len} bytes, but its header says {}: the file is {}",
+            h.length,
+            if file_len < h.length { "truncated" } else { "longer than written (appended to?)" }
+        );
+        // Each section's size follows from the counts; checked so no read can leave the file.
+        let sizes = [
+            h.frames.checked_mul(u64::from(h.dim) * kind.bytes() as u64),
+            h.frames.checked_mul(4),
+            h.utterances.checked_add(1).and_then(|u| u.checked_mul(8)),
+            h.utterances.checked_mul(4),
+            h.utterances.checked_mul(4),
+        ];
+        let mut at = HEADER_BYTES;
+        for (i, size) in sizes.into_iter().enumerate() {
+            let size = size.with_context(|| format!("{shown}: section sizes overflow"))?;
+            ensure!(h.sections[i] == at, "{shown}: section {i} starts at {}, expected {at}", h.sections[i]);
+            at = at.checked_add(size).with_context(|| format!("{shown}: section sizes overflow"))?;
+        }
+        ensure!(
+            at == h.length,
+            "{shown}: the sections end at byte {at}, but the header says the file has {}",
+            h.length
+        );
+        Ok(h)
+    }
+}
+
+/// One shard, mapped.
+pub struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+    /// First frame of each utterance, and the frame count at the end.
+    offsets: Vec<u64>,
+    speakers: Vec<u32>,
+    checksums: Vec<u32>,
+}
+
+impl Shard {
+    /// Maps `path` and checks its header, length and utterance offsets.
+    pub fn open(path: &Path) -> Result<Shard> {
+        crate::data::inputs::check_file(path, "frame store shard")?;
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = file.metadata()?.len();
+        // SAFETY: the map is read-only and private; the store's files are written once (to a
+        // temporary, then renamed) and never modified in place, which is the contract memmap2
+        // asks callers to keep. Every read below is bounds-checked against the checked header.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let header = Header::parse(&map[..map.len().min(HEADER_BYTES as usize)], path, len)?;
+        let [_, _, offsets_at, speakers_at, checksums_at] = header.sections.map(|s| s as usize);
+        let u = header.utterances as usize;
+        let offsets: Vec<u64> = map[offsets_at..offsets_at + 8 * (u + 1)]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let ok = offsets[0] == 0 && offsets[u] == header.frames && offsets.windows(2).all(|w| w[0] < w[1]);
+        ensure!(ok, "{}: the utterance offsets are not increasing from 0 to the frame count", path.display());
+        let words = |at: usize| -> Vec<u32> {
+            map[at..at + 4 * u].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+        };
+        let (speakers, checksums) = (words(speakers_at), words(checksums_at));
+        Ok(Shard { path: path.to_path_buf(), map, header, offsets, speakers, checksums })
+    }
+
+    /// Utterances in the shard.
+    pub fn utterances(&self) -> usize {
+        self.speakers.len()
+    }
+
+    /// Frames of utterance `u`.
+    pub fn utterance_frames(&self, u: usize) -> usize {
+        (self.offsets[u + 1] - self.offsets[u]) as usize
+    }
+
+    /// Speaker of utterance `u`.
+    pub fn speaker(&self, u: usize) -> u32 {
+        self.speakers[u]
+    }
+
+    /// Utterance `u`'s features (decoded into `features`, `[frames, dim]`) and labels (into
+    /// `labels`), after checking its checksum and that its labels are below `classes`. With
+    /// `release`, the pages read are dropped from this process's memory afterwards (they stay in
+    /// the page cache), so that reading a corpus leaves no trace in the resident set.
+    ///
+    /// `frames`, if given, is a range of the utterance's frames to decode (the checksum still
+    /// covers the whole utterance).
+    pub fn read_utterance(
+        &self,
+        (u, frames): (usize, Option<(usize, usize)>),
+        classes: u64,
+        features: &mut Vec<f32>,
+        labels: &mut Vec<u32>,
+        release: bool,
+    ) -> Result<()> {
+        let (dim, kind) = (self.header.dim as usize, self.header.kind);
+        let (a, b) = (self.offsets[u] as usize, self.offsets[u + 1] as usize);
+        let (from, to) = frames.unwrap_or((0, b - a));
+        ensure!(from < to && to <= b - a, "frames {from}..{to} of an utterance of {}", b - a);
+        let row = dim * kind.bytes();
+        let f_at = self.header.sections[0] as usize;
+        let l_at = self.header.sections[1] as usize;
+        let fbytes = &self.map[f_at + a * row..f_at + b * row];
+        let lbytes = &self.map[l_at + 4 * a..l_at + 4 * b];
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(fbytes);
+        crc.update(lbytes);
+        ensure!(
+            crc.finalize() == self.checksums[u],
+            "{}: utterance {u} (frames {a} to {b}) does not match its checksum: the shard is damaged",
+            self.path.display()
+        );
+        features.resize((to - from) * dim, 0.0);
+        kind.decode(&fbytes[from * row..to * row], features);
+        labels.clear();
+        let lbytes = &lbytes[4 * from..4 * to];
+        labels.extend(lbytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))));
+        if let Some(l) = labels.iter().find(|&&l| u64::from(l) >= classes) {
+            bail!("{}: utterance {u} has label {l}, but the store has {classes} classes", self.path.display());
+        }
+        if release {
+            self.release(f_at + a * row, (b - a) * row);
+            self.release(l_at + 4 * a, 4 * (b - a));
+        }
+        Ok(())
+    }
+
+    /// Drops every page of the shard from this process's resident set.
+    pub fn release_all(&self) {
+        self.release(0, self.map.len());
+    }
+
+    /// Drops the pages around `len` bytes at `at` from this process's resident set: the range
+    /// widened to whole windows of [`FAULT_AROUND`] bytes, because a read fault maps the
+    /// neighbouring pages that are in the page cache too (Linux's fault-around), and those would
+    /// otherwise stay resident and add up to the whole file. Releasing pages another reader
+    /// still needs costs that reader a fault, never a wrong byte.
+    fn release(&self, at: usize, len: usize) {
+        let start = at / FAULT_AROUND * FAULT_AROUND;
+        let end = ((at + len).div_ceil(FAULT_AROUND) * FAULT_AROUND).min(self.map.len());
+        if end > start {
+            // SAFETY: MADV_DONTNEED on a read-only private file mapping that is never written
+            // only discards this process's mappings of the pages; the next read faults the same
+            // bytes back in from the file, so no reference into the map can observe a change.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+}
+
+/// The most a read fault maps around the page it needs: Linux maps `fault_around_bytes` (64 KiB)
+/// of cached pages, or a whole large folio of the page cache, up to a 2 MiB huge page (measured:
+/// with 64 KiB windows a run over a 4.3 GB store still kept 50 MB of every shard resident).
+const FAULT_AROUND: usize = 2 << 20;
+
+/// A store opened for reading: its manifest and mapped shards.
+pub struct FrameStore {
+    /// The folder.
+    pub dir: PathBuf,
+    /// What it holds.
+    pub manifest: Manifest,
+    /// The shards in order.
+    pub shards: Vec<Shard>,
+    /// (shard, utterance within it) of each utterance, in store order.
+    pub index: Vec<(u32, u32)>,
+    /// CRC-32 of the manifest's bytes: files made for this store (top-k targets) carry it.
+    pub manifest_crc: u32,
+}
+
+impl FrameStore {
+    /// Opens the store in `dir`: reads the manifest and maps and checks every shard against it.
+    pub fn open(dir: &Path) -> Result<FrameStore> {
+        let path = dir.join(MANIFEST);
+        crate::data::inputs::check_file(&path, "frame store manifest")?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: Manifest = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a frame store manifest: {e}", path.display()))?;
+        ensure!(
+            manifest.format == VERSION,
+            "{}: store format {}; this kd-run reads format {VERSION}",
+            path.display(),
+            manifest.format
+        );
+        let d = manifest.feature_dim;
+        ensure!(
+            d > 0 && manifest.mean.len() == d && manifest.std.len() == d,
+            "{}: feature_dim = {d}, with {} means and {} deviations",
+            path.display(),
+            manifest.mean.len(),
+            manifest.std.len()
+        );
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut index = Vec::new();
+        let (mut frames, mut utterances) = (0u64, 0u64);
+        for (s, entry) in manifest.shards.iter().enumerate() {
+            ensure!(
+                !entry.file.contains(['/', '\\']) && entry.file != ".." && !entry.file.is_empty(),
+                "{}: shard name '{}' is not a file name",
+                path.display(),
+                entry.file
+            );
+            let shard = Shard::open(&dir.join(&entry.file))?;
+            let h = &shard.header;
+            let crc = crc32fast::hash(&shard.map[..HEADER_FIELDS]);
+            ensure!(
+                crc == entry.header_crc
+                    && h.frames == entry.frames
+                    && h.utterances == entry.utterances
+                    && h.kind == manifest.feature_kind
+                    && h.dim as usize == d,
+                "{}: shard {} is not the one {} lists (its header: {} frames, {} utterances, {:?} x {}; the manifest: {} frames, {} utterances, {:?} x {d})",
+                dir.display(),
+                entry.file,
+                MANIFEST,
+                h.frames,
+                h.utterances,
+                h.kind,
+                h.dim,
+                entry.frames,
+                entry.utterances,
+                manifest.feature_kind
+            );
+            index.extend((0..shard.utterances() as u32).map(|u| (s as u32, u)));
+            frames += h.frames;
+            utterances += h.utterances;
+            shards.push(shard);
+        }
+        ensure!(
+            frames == manifest.frames && utterances == manifest.utterances,
+            "{}: the shards hold {frames} frames in {utterances} utterances, the manifest says {} in {}",
+            path.display(),
+            manifest.frames,
+            manifest.utterances
+        );
+        Ok(FrameStore {
+            dir: dir.to_path_buf(),
+            manifest,
+            shards,
+            index,
+            manifest_crc: crc32fast::hash(text.as_bytes()),
+        })
+    }
+
+    /// Frames of each utterance, in store order.
+    pub fn utterance_lengths(&self) -> Vec<u32> {
+        self.index.iter().map(|&(s, u)| self.shards[s as usize].utterance_frames(u as usize) as u32).collect()
+    }
+
+    /// Reads utterance `utt` (store order); see [`Shard::read_utterance`].
+    pub fn read(&self, utt: usize, features: &mut Vec<f32>, labels: &mut Vec<u32>, release: bool) -> Result<()> {
+        let (s, u) = self.index[utt];
+        self.shards[s as usize].read_utterance((u as usize, None), self.manifest.classes, features, labels, release)
+    }
+
+    /// Reads frames `from..to` of utterance `utt` (store order), checking the whole utterance's
+    /// checksum; see [`Shard::read_utterance`].
+    pub fn read_frames(
+        &self,
+        (utt, from, to): (usize, usize, usize),
+        features: &mut Vec<f32>,
+        labels: &mut Vec<u32>,
+        release: bool,
+    ) -> Result<()> {
+        let (s, u) = self.index[utt];
+        let range = Some((from, to));
+        self.shards[s as usize].read_utterance((u as usize, range), self.manifest.classes, features, labels, release)
+    }
+
+    /// Speaker of utterance `utt` (store order).
+    pub fn speaker(&self, utt: usize) -> u32 {
+        let (s, u) = self.index[utt];
+        self.shards[s as usize].speaker(u as usize)
+    }
+
+    /// Drops every shard's pages from this process's resident set (they stay in the page
+    /// cache). A reader of many short ranges calls this every few reads instead of releasing
+    /// each one: one call per read cost more than the read (measured: 60 us per 8-frame chunk).
+    pub fn release_all(&self) {
+        self.shards.iter().for_each(Shard::release_all);
+    }
+
+    /// Bytes of all shards.
+    pub fn bytes(&self) -> u64 {
+        self.manifest.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    fn utterances() -> Vec<(u32, Vec<f32>, Vec<u32>)> {
+        (0..7u32)
+            .map(|i| {
+                let n = 3 + (i as usize * 5) % 11;
+                let f: Vec<f32> = (0..n * 4).map(|j| (i as f32) * 0.5 - (j as f32) * 0.125).collect();
+                let l: Vec<u32> = (0..n as u32).map(|j| (i + j) % 9).collect();
+                (i % 3, f, l)
+            })
+            .collect()
+    }
+
+    fn write(dir: &Path, kind: FeatureKind, shard_frames: u64) -> Manifest {
+        let mut w = StoreWriter::create(dir, kind, 4, shard_frames).unwrap();
+        for (s, f, l) in utterances() {
+            w.push(s, &f, &l).unwrap();
+        }
+        w.finish("test").unwrap()
+    }
+
+    #[test]
+    fn a_store_reads_back_what_was_written_in_every_kind() {
+        for kind in [FeatureKind::F32, FeatureKind::F16, FeatureKind::Bf16] {
+            let dir = TempDir::new(&format!("store-roundtrip-{kind:?}"));
+            let m = write(&dir.0, kind, 20);
+            assert!(m.shards.len() > 2, "several shards: {:?}", m.shards);
+            let store = FrameStore::open(&dir.0).unwrap();
+            let all = utterances();
+            assert_eq!(store.manifest.frames, all.iter().map(|u| u.2.len() as u64).sum::<u64>());
+            assert_eq!(store.manifest.classes, 9);
+            let (mut f, mut l) = (Vec::new(), Vec::new());
+            let mut values = Vec::new();
+            for (i, (s, want_f, want_l)) in all.iter().enumerate() {
+                store.read(i, &mut f, &mut l, true).unwrap();
+                assert_eq!(&l, want_l);
+                let (si, ui) = store.index[i];
+                assert_eq!(store.shards[si as usize].speaker(ui as usize), *s);
+                assert_eq!(store.speaker(i), *s);
+                // Exact in f32; within half an ulp of the kind otherwise.
+                let tol = match kind {
+                    FeatureKind::F32 => 0.0,
+                    FeatureKind::F16 => 1.0 / 1024.0,
+                    FeatureKind::Bf16 => 1.0 / 128.0,
+                };
+                for (a, b) in f.iter().zip(want_f) {
+                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{kind:?}: {a} vs {b}");
+                }
+                values.extend_from_slice(&f);
+            }
+            // The stored statistics are those of the stored values (two-pass reference).
+            for c in 0..4 {
+                let col: Vec<f64> = values.iter().skip(c).step_by(4).map(|&v| f64::from(v)).collect();
+                let mean = col.iter().sum::<f64>() / col.len() as f64;
+                let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / col.len() as f64;
+                assert!((store.manifest.mean[c] - mean).abs() < 1e-9, "mean of channel {c}");
+                assert!((store.manifest.std[c] - var.sqrt()).abs() < 1e-9, "std of channel {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_truncated_foreign_and_swapped_shards_are_clear_errors() {
+        let dir = TempDir::new("store-corrupt");
+        let m = write(&dir.0, FeatureKind::F16, 20);
+        let shard = dir.0.join(&m.shards[0].file);
+        let good = std::fs::read(&shard).unwrap();
+        let err = |bytes: &[u8]| {
+            std::fs::write(&shard, bytes).unwrap();
+            let e = FrameStore::open(&dir.0).and_then(|s| {
+                let (mut f, mut l) = (Vec::new(), Vec::new());
+                (0..s.index.len()).try_for_each(|u| s.read(u, &mut f, &mut l, false))
+            });
+            format!("{:#}", e.expect_err("an error"))
+        };
+        // A flipped feature byte: the utterance's checksum.
+        let mut bad = good.clone();
+        bad[HEADER_BYTES as usize + 3] ^= 0x40;
+        let e = err(&bad);
+        assert!(e.contains("shard-00000.kdf: utterance 0") && e.contains("does not match its checksum"), "{e}");
+        // Truncated.
+        let e = err(&good[..good.len() - 5]);
+        assert!(e.contains("is truncated"), "{e}");
+        let e = err(&good[..50]);
+        assert!(e.contains("is truncated") || e.contains("not a kd-run frame store shard"), "{e}");
+        // Foreign.
+        let e = err(b"PK\x03\x04 a zip file, not a shard");
+        assert!(e.contains("is not a kd-run frame store shard"), "{e}");
+        let e = err(b"");
+        assert!(e.contains("the file is empty"), "{e}");
+        // A damaged header field.
+        let mut bad = good.clone();
+        bad[30] ^= 1;
+        assert!(err(&bad).contains("header's checksum"));
+        // Another store's shard in its place.
+        let other = TempDir::new("store-corrupt-other");
+        let mut w = StoreWriter::create(&other.0, FeatureKind::F16, 4, 20).unwrap();
+        w.push(0, &[1.0; 8], &[0, 1]).unwrap();
+        let om = w.finish("other").unwrap();
+        let e = err(&std::fs::read(other.0.join(&om.shards[0].file)).unwrap());
+        assert!(e.contains("is not the one store.toml lists"), "{e}");
+        std::fs::write(&shard, &good).unwrap();
+        assert!(FrameStore::open(&dir.0).is_ok());
+        // No manifest: not a store (or an unfinished one).
+        std::fs::remove_file(dir.0.join(MANIFEST)).unwrap();
+        let e = format!("{:#}", FrameStore::open(&dir.0).err().unwrap());
+        assert!(e.contains("frame store manifest") && e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn bad_utterances_are_refused_when_written() {
+        let dir = TempDir::new("store-bad-input");
+        let mut w = StoreWriter::create(&dir.0, FeatureKind::F32, 2, 100).unwrap();
+        let e = format!("{:#}", w.push(0, &[1.0, f32::NAN], &[0]).err().unwrap());
+        assert!(e.contains("frame 0, feature 1 is NaN"), "{e}");
+        assert!(w.push(0, &[1.0; 3], &[0, 1]).is_err());
+        assert!(w.push(0, &[], &[]).is_err());
+        w.push(0, &[1.0; 2], &[3]).unwrap();
+        w.finish("t").unwrap();
+        let e = format!("{:#}", StoreWriter::create(&dir.0, FeatureKind::F32, 2, 100).err().unwrap());
+        assert!(e.contains("already holds a frame store"), "{e}");
+    }
+}

@@ -1,0 +1,465 @@
+//! A teacher's top-k soft targets for every frame of a [`FrameStore`], on disk beside it.
+//!
+//! One file (`<name>.kdt`):
+//!
+//! ```text
+//! header (4096 bytes)  magic "KDTOPK01", version, k, bytes per class id, classes, frames,
+//!                      utterances, the temperature, the CRC-32 of the store's manifest, the byte
+//!                      offset of each section, the file length, CRC-32 of the header
+//! probs     [frames, k]  f16, the teacher's k largest probabilities at T, renormalized over them
+//! ids       [frames, k]  their class ids: u8, u16 or u32, the smallest that holds the classes
+//! checksums [utterances] u32 CRC-32 of each utterance's probability and id bytes
+//! ```
+//!
+//! Rows follow the store's frames in store order. The file is tied to its store by the
+//! manifest's checksum, so targets computed for another store (or a rewritten one) are refused.
+
+use super::store::{FrameStore, HEADER_BYTES};
+use anyhow::{bail, ensure, Context, Result};
+use half::f16;
+use memmap2::Mmap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// The first bytes of a top-k targets file.
+pub const MAGIC: &[u8; 8] = b"KDTOPK01";
+const VERSION: u32 = 1;
+const HEADER_FIELDS: usize = 88;
+
+/// Bytes per class id for `classes` classes: 1, 2 or 4.
+pub fn id_bytes(classes: u64) -> usize {
+    if classes <= 1 << 8 {
+        1
+    } else if classes <= 1 << 16 {
+        2
+    } else {
+        4
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Header {
+    k: u32,
+    id_bytes: u32,
+    classes: u64,
+    frames: u64,
+    utterances: u64,
+    temperature: f64,
+    store_crc: u32,
+    sections: [u64; 3],
+    length: u64,
+}
+
+impl Header {
+    fn new(k: usize, classes: u64, frames: u64, utterances: u64, temperature: f64, store_crc: u32) -> Header {
+        let ib = id_bytes(classes) as u64;
+        let probs_at = HEADER_BYTES;
+        let ids_at = probs_at + frames * k as u64 * 2;
+        let checks_at = ids_at + frames * k as u64 * ib;
+        let length = checks_at + 4 * utterances;
+        Header {
+            k: k as u32,
+            id_bytes: ib as u32,
+            classes,
+            frames,
+            utterances,
+            temperature,
+            store_crc,
+            sections: [probs_at, ids_at, checks_at],
+            length,
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER_BYTES as usize);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.k.to_le_bytes());
+        b.extend_from_slice(&self.id_bytes.to_le_bytes());
+        b.extend_from_slice(&self.classes.to_le_bytes());
+        b.extend_from_slice(&self.frames.to_le_bytes());
+        b.extend_from_slice(&self.utterances.to_le_bytes());
+        b.extend_from_slice(&self.temperature.to_le_bytes());
+        b.extend_from_slice(&self.store_crc.to_le_bytes());
+        self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
+        b.extend_from_slice(&self.length.to_le_bytes());
+        debug_assert_eq!(b.len(), HEADER_FIELDS);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.resize(HEADER_BYTES as usize, 0);
+        b
+    }
+
+    fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
+        let shown = path.display();
+        ensure!(
+            bytes.len() >= HEADER_FIELDS + 4 && &bytes[..8] == MAGIC,
+            "{shown} is not a kd-run top-k targets file (it does not start with \"KDTOPK01\")"
+        );
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        ensure!(u32_at(8) == VERSION, "{shown}: version {}; this kd-run reads version {VERSION}", u32_at(8));
+        ensure!(
+            crc32fast::hash(&bytes[..HEADER_FIELDS]) == u32_at(HEADER_FIELDS),
+            "{shown}: the header's checksum does not match its contents: the file is damaged"
+        );
+        let h = Header {
+            k: u32_at(12),
+            id_bytes: u32_at(16),
+            classes: u64_at(20),
+            frames: u64_at(28),
+            utterances: u64_at(36),
+            temperature: f64::from_le_bytes(bytes[44..52].try_into().expect("8 bytes")),
+            store_crc: u32_at(52),
+            sections: [u64_at(56), u64_at(64), u64_at(72)],
+            length: u64_at(80),
+        };
+        ensure!(
+            file_len == h.length,
+            "{shown} is {file_len} bytes, but its header says {}: the file is {}",
+            h.length,
+            if file_len < h.length { "truncated" } else { "longer than written" }
+        );
+        let expect = Header::new(h.k as usize, h.classes, h.frames, h.utterances, h.temperature, h.store_crc);
+        ensure!(
+            h.k > 0 && expect == h && h.frames.checked_mul(u64::from(h.k) * 6).is_some(),
+            "{shown}: the header's sizes do not fit together"
+        );
+        Ok(h)
+    }
+}
+
+/// Writes top-k targets utterance by utterance, in store order.
+pub struct TargetsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    probs: BufWriter<File>,
+    ids_tmp: PathBuf,
+    ids: BufWriter<File>,
+    header: Header,
+    checksums: Vec<u32>,
+    frames: u64,
+    pb: Vec<u8>,
+    ib: Vec<u8>,
+}
+
+impl TargetsWriter {
+    /// Starts `path` for `store`'s frames: `k` targets a frame made at `temperature`.
+    pub fn create(path: &Path, store: &FrameStore, k: usize, temperature: f64) -> Result<Self> {
+        let m = &store.manifest;
+        let header = Header::new(k, m.classes, m.frames, m.utterances, temperature, store.manifest_crc);
+        let tmp = path.with_extension("kdt.tmp");
+        let ids_tmp = path.with_extension("ids.tmp");
+        let open = |p: &Path| -> Result<BufWriter<File>> {
+            Ok(BufWriter::with_capacity(
+                1 << 20,
+                File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+            ))
+        };
+        let mut probs = open(&tmp)?;
+        probs.write_all(&[0u8; HEADER_BYTES as usize])?;
+        Ok(TargetsWriter {
+            path: path.to_path_buf(),
+            tmp,
+            probs,
+            ids: open(&ids_tmp)?,
+            ids_tmp,
+            header,
+            checksums: Vec::new(),
+            frames: 0,
+            pb: Vec::new(),
+            ib: Vec::new(),
+        })
+    }
+
+    /// Appends the next utterance's rows: `probs` and `ids` `[frames, k]` row-major.
+    pub fn push(&mut self, probs: &[f32], ids: &[i64]) -> Result<()> {
+        let k = self.header.k as usize;
+        ensure!(probs.len() == ids.len() && probs.len().is_multiple_of(k), "top-k rows of {k} values expected");
+        self.pb.clear();
+        self.ib.clear();
+        probs.iter().for_each(|p| self.pb.extend_from_slice(&f16::from_f32(*p).to_le_bytes()));
+        for &c in ids {
+            ensure!(c >= 0 && (c as u64) < self.header.classes, "class id {c} outside the store's classes");
+            match self.header.id_bytes {
+                1 => self.ib.push(c as u8),
+                2 => self.ib.extend_from_slice(&(c as u16).to_le_bytes()),
+                _ => self.ib.extend_from_slice(&(c as u32).to_le_bytes()),
+            }
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.pb);
+        crc.update(&self.ib);
+        self.checksums.push(crc.finalize());
+        self.probs.write_all(&self.pb)?;
+        self.ids.write_all(&self.ib)?;
+        self.frames += (probs.len() / k) as u64;
+        Ok(())
+    }
+
+    /// Finishes the file (the ids appended after the probabilities, then the checksums, the
+    /// header last) and returns its size in bytes.
+    pub fn finish(mut self) -> Result<u64> {
+        ensure!(
+            self.frames == self.header.frames && self.checksums.len() as u64 == self.header.utterances,
+            "top-k targets for {} frames in {} utterances, but the store has {} in {}",
+            self.frames,
+            self.checksums.len(),
+            self.header.frames,
+            self.header.utterances
+        );
+        self.ids.flush()?;
+        drop(self.ids);
+        let mut ids = File::open(&self.ids_tmp)?;
+        std::io::copy(&mut ids, &mut self.probs)?;
+        std::fs::remove_file(&self.ids_tmp)?;
+        self.checksums.iter().try_for_each(|c| self.probs.write_all(&c.to_le_bytes()))?;
+        let mut file = self.probs.into_inner().map_err(|e| e.into_error())?;
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&self.header.to_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        Ok(self.header.length)
+    }
+}
+
+/// A top-k targets file, mapped, checked against its store.
+pub struct TopKFile {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+    /// First frame of each utterance (store order), and the frame count at the end.
+    starts: Vec<u64>,
+}
+
+impl TopKFile {
+    /// Maps `path` and checks it belongs to `store`.
+    pub fn open(path: &Path, store: &FrameStore) -> Result<TopKFile> {
+        crate::data::inputs::check_file(path, "top-k targets file")?;
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = file.metadata()?.len();
+        // SAFETY: read-only private map of a file written once and renamed into place; every
+        // read is bounds-checked against the checked header (see `store::Shard::open`).
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let header = Header::parse(&map[..map.len().min(HEADER_BYTES as usize)], path, len)?;
+        let m = &store.manifest;
+        ensure!(
+            header.store_crc == store.manifest_crc && header.frames == m.frames && header.utterances == m.utterances,
+            "{} was computed for another frame store than {} (or before it was rewritten)",
+            path.display(),
+            store.dir.display()
+        );
+        let mut starts = Vec::with_capacity(store.index.len() + 1);
+        let mut at = 0u64;
+        starts.push(0);
+        for l in store.utterance_lengths() {
+            at += u64::from(l);
+            starts.push(at);
+        }
+        Ok(TopKFile { path: path.to_path_buf(), map, header, starts })
+    }
+
+    /// Drops the file's pages from this process's resident set (they stay in the page cache).
+    pub fn release_all(&self) {
+        // SAFETY: as for `store::Shard::release`: a read-only private file mapping that is never
+        // written; discarded pages fault back in with the same bytes.
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
+    /// Targets per frame.
+    pub fn k(&self) -> usize {
+        self.header.k as usize
+    }
+
+    /// The temperature they were made at.
+    pub fn temperature(&self) -> f64 {
+        self.header.temperature
+    }
+
+    /// Utterance `utt`'s rows, appended to `probs` and `ids`, after checking its checksum.
+    #[cfg(test)]
+    pub fn read(&self, utt: usize, probs: &mut Vec<f32>, ids: &mut Vec<i64>) -> Result<()> {
+        let n = (self.starts[utt + 1] - self.starts[utt]) as usize;
+        self.read_frames((utt, 0, n), probs, ids)
+    }
+
+    /// Rows `from..to` of utterance `utt`, appended to `probs` and `ids`, after checking the
+    /// utterance's checksum.
+    pub fn read_frames(
+        &self,
+        (utt, from, to): (usize, usize, usize),
+        probs: &mut Vec<f32>,
+        ids: &mut Vec<i64>,
+    ) -> Result<()> {
+        let k = self.k();
+        let ib = self.header.id_bytes as usize;
+        let (a, b) = (self.starts[utt] as usize, self.starts[utt + 1] as usize);
+        let [p_at, i_at, c_at] = self.header.sections.map(|s| s as usize);
+        let pbytes = &self.map[p_at + a * k * 2..p_at + b * k * 2];
+        let ibytes = &self.map[i_at + a * k * ib..i_at + b * k * ib];
+        let want = u32::from_le_bytes(self.map[c_at + 4 * utt..c_at + 4 * utt + 4].try_into().expect("4 bytes"));
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(pbytes);
+        crc.update(ibytes);
+        if crc.finalize() != want {
+            bail!(
+                "{}: the targets of utterance {utt} do not match their checksum: the file is damaged",
+                self.path.display()
+            );
+        }
+        let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
+        probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
+        match ib {
+            1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
+            2 => ids.extend(ibytes.chunks_exact(2).map(|c| i64::from(u16::from_le_bytes([c[0], c[1]])))),
+            _ => ids.extend(ibytes.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes(c.try_into().expect("4"))))),
+        }
+        Ok(())
+    }
+}
+
+/// Computes a teacher's top-k targets for every frame of `store` in one pass, in store order,
+/// `batch` windows of `left + 1 + right` frames at a time through `teacher` (logits at T = 1
+/// in; `objective` makes the top k at its temperature), and writes them to `path`. Returns the
+/// file's size in bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn write_top_k(
+    store: &FrameStore,
+    path: &Path,
+    teacher: &dyn Fn(&Tensor) -> Result<Tensor>,
+    objective: &kd_core::Objective,
+    k: usize,
+    (left, right): (usize, usize),
+    batch: usize,
+    device: Device,
+) -> Result<u64> {
+    let temperature = objective.temperature().context("top-k targets need a soft-target objective")?;
+    let mut w = TargetsWriter::create(path, store, k, temperature)?;
+    let d = store.manifest.feature_dim;
+    let mean: Vec<f32> = store.manifest.mean.iter().map(|&v| v as f32).collect();
+    let inv: Vec<f32> = store.manifest.std.iter().map(|&v| (1.0 / v) as f32).collect();
+    let (mut f, mut l) = (Vec::new(), Vec::new());
+    let mut x: Vec<f32> = Vec::new();
+    let mut lens: Vec<usize> = Vec::new();
+    let n = store.index.len();
+    let flush = |x: &mut Vec<f32>, lens: &mut Vec<usize>, w: &mut TargetsWriter| -> Result<()> {
+        if lens.is_empty() {
+            return Ok(());
+        }
+        let rows: usize = lens.iter().sum();
+        let xt = Tensor::from_slice(x).view([rows as i64, -1]).to_device(device);
+        let z = tch::no_grad(|| teacher(&xt))?;
+        let t = objective.top_k_targets(&z.to_kind(Kind::Float), k as i64)?;
+        let top = t.as_top_k().context("top-k targets")?;
+        let probs = Vec::<f32>::try_from(top.probs.to_device(Device::Cpu).to_kind(Kind::Float).view([-1]))?;
+        let ids = Vec::<i64>::try_from(top.classes.to_device(Device::Cpu).view([-1]))?;
+        let mut at = 0;
+        for &len in lens.iter() {
+            w.push(&probs[at * k..(at + len) * k], &ids[at * k..(at + len) * k])?;
+            at += len;
+        }
+        x.clear();
+        lens.clear();
+        Ok(())
+    };
+    for u in 0..n {
+        store.read(u, &mut f, &mut l, true)?;
+        let len = l.len() as i64;
+        for v in f.chunks_exact_mut(d) {
+            v.iter_mut().zip(&mean).zip(&inv).for_each(|((v, m), s)| *v = (*v - m) * s);
+        }
+        for t in 0..len {
+            for o in -(left as i64)..=right as i64 {
+                let src = (t + o).clamp(0, len - 1) as usize;
+                x.extend_from_slice(&f[src * d..(src + 1) * d]);
+            }
+        }
+        lens.push(len as usize);
+        if lens.iter().sum::<usize>() >= batch {
+            flush(&mut x, &mut lens, &mut w)?;
+        }
+    }
+    flush(&mut x, &mut lens, &mut w)?;
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::store::{FeatureKind, StoreWriter};
+    use crate::testutil::TempDir;
+
+    #[test]
+    fn top_k_targets_round_trip_and_refuse_damage_and_other_stores() {
+        let dir = TempDir::new("topk");
+        let mut sw = StoreWriter::create(&dir.0.join("s"), FeatureKind::F16, 2, 50).unwrap();
+        for u in 0..5usize {
+            let n = 3 + u * 4;
+            let f: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.37 + u as f32).sin()).collect();
+            // Labels up to 42: 43 classes, as the teacher has.
+            sw.push(
+                0,
+                &f,
+                &(0..n as u32)
+                    .map(|t| if u == 4 && t == 0 { 42 } else { (t * 11 + u as u32 * 3) % 42 })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        }
+        sw.finish("t").unwrap();
+        let store = FrameStore::open(&dir.0.join("s")).unwrap();
+        assert_eq!(store.manifest.classes, 43);
+        // A linear teacher over the 3-frame windows, 43 classes (ids fit in one byte).
+        tch::manual_seed(1);
+        let wt = Tensor::randn([6, 43], (Kind::Float, Device::Cpu));
+        let teacher = |x: &Tensor| Ok(x.matmul(&wt));
+        let objective = kd_core::Objective::soft_targets(2.0, kd_core::LossWeights::default()).unwrap();
+        let path = dir.0.join("s/teacher.kdt");
+        let bytes = write_top_k(&store, &path, &teacher, &objective, 4, (1, 1), 7, Device::Cpu).unwrap();
+        let frames = store.manifest.frames;
+        assert_eq!(bytes, HEADER_BYTES + frames * 4 * (2 + 1) + 4 * 5, "f16 probabilities, u8 ids");
+        let file = TopKFile::open(&path, &store).unwrap();
+        assert_eq!((file.k(), file.temperature()), (4, 2.0));
+        // Against the same teacher run on the whole corpus at once.
+        let (mut f, mut l) = (Vec::new(), Vec::new());
+        for u in 0..5 {
+            store.read(u, &mut f, &mut l, false).unwrap();
+            let n = l.len() as i64;
+            let x = Tensor::from_slice(&f).view([n, 2]);
+            let m = Tensor::from_slice(&store.manifest.mean.iter().map(|&v| v as f32).collect::<Vec<_>>());
+            let s = Tensor::from_slice(&store.manifest.std.iter().map(|&v| v as f32).collect::<Vec<_>>());
+            let x = (x - m) / s;
+            let idx = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+            let prev = (&idx - 1).clamp(0, n - 1);
+            let next = (&idx + 1).clamp(0, n - 1);
+            let windows = Tensor::cat(&[x.index_select(0, &prev), x.shallow_clone(), x.index_select(0, &next)], 1);
+            let want = objective.top_k_targets(&teacher(&windows).unwrap(), 4).unwrap();
+            let want = want.as_top_k().unwrap();
+            let (mut p, mut c) = (Vec::new(), Vec::new());
+            file.read(u, &mut p, &mut c).unwrap();
+            assert_eq!(c, Vec::<i64>::try_from(want.classes.view([-1])).unwrap(), "utterance {u}");
+            for (a, b) in p.iter().zip(Vec::<f32>::try_from(want.probs.view([-1])).unwrap()) {
+                assert!((a - b).abs() <= 1e-3, "{a} vs {b}");
+            }
+        }
+        drop(file);
+        // A flipped byte, a truncated file, another store.
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        bad[HEADER_BYTES as usize + 1] ^= 8;
+        std::fs::write(&path, &bad).unwrap();
+        let e = TopKFile::open(&path, &store).unwrap().read(0, &mut vec![], &mut vec![]).err().unwrap();
+        assert!(format!("{e}").contains("utterance 0 do not match their checksum"), "{e}");
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(format!("{:#}", TopKFile::open(&path, &store).err().unwrap()).contains("truncated"));
+        std::fs::write(&path, &good).unwrap();
+        let mut other = StoreWriter::create(&dir.0.join("o"), FeatureKind::F16, 2, 50).unwrap();
+        other.push(0, &[0.0; 4], &[1, 2]).unwrap();
+        other.finish("o").unwrap();
+        let other = FrameStore::open(&dir.0.join("o")).unwrap();
+        let e = format!("{:#}", TopKFile::open(&path, &other).err().unwrap());
+        assert!(e.contains("was computed for another frame store"), "{e}");
+    }
+}

@@ -1,0 +1,341 @@
+//! `kd-run store`: writes an experiment's frames as frame stores, checks a store, and times
+//! its producer against the training step (see docs/frame-store.md).
+
+use crate::config::{self, DataSource};
+use crate::data::speech::{self, CorpusModel, Utterance};
+use crate::data::store::{FeatureKind, FrameStore, StoreWriter};
+use crate::data::stream::{Producer, StreamSettings, StreamStart};
+use anyhow::{bail, ensure, Context, Result};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::Device;
+
+/// Options of `kd-run store`.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    command: StoreCommand,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Write the frames of an experiment's data (`kind = "speech"` or `"files"`) as three frame
+    /// stores, OUT/train, OUT/validation and OUT/test.
+    Write {
+        /// The experiment file whose [data] to write.
+        experiment: PathBuf,
+        /// Override a setting, as for `run` (e.g. `data.speech.speakers=2000`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The folder of the three stores (created; must not hold stores yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// How features are stored.
+        #[arg(long, value_enum, default_value_t = FeatureKind::F16)]
+        kind: FeatureKind,
+        /// Frames per shard (a new shard starts after this many).
+        #[arg(long, default_value_t = 1 << 22)]
+        shard_frames: u64,
+        /// Threads generating synthetic speakers (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Compute a teacher's (or an ensemble's) top-k soft targets for every frame of a store in
+    /// one pass and write them beside it, as DIR/NAME.
+    Targets {
+        /// The store's folder (normally OUT/train of `store write`).
+        dir: PathBuf,
+        /// A teacher checkpoint (repeat for an ensemble: the mean of the members' softmax at T).
+        #[arg(long = "teacher", required = true)]
+        teachers: Vec<PathBuf>,
+        /// Targets kept per frame.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// The temperature T of the soft targets.
+        #[arg(long, default_value_t = 2.0)]
+        temperature: f64,
+        /// The file name inside DIR.
+        #[arg(long, default_value = "teacher.kdt")]
+        name: String,
+        /// Frames of left and right context of the teacher's windows.
+        #[arg(long, num_args = 2, default_values_t = [20, 5])]
+        context: Vec<usize>,
+        /// Windows per teacher pass.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// `cpu` or `cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Check a store: its manifest, every shard's header and every utterance's checksum.
+    Check {
+        /// The store's folder (one split, with store.toml).
+        dir: PathBuf,
+    },
+}
+
+/// Runs `kd-run store`.
+pub fn store(args: &StoreArgs) -> Result<()> {
+    match &args.command {
+        StoreCommand::Write { experiment, overrides, out, kind, shard_frames, threads } => {
+            let exp = config::load(experiment, overrides)?;
+            let threads =
+                if *threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { *threads };
+            write(&exp.data.source, out, *kind, *shard_frames, threads)
+        }
+        StoreCommand::Check { dir } => check(dir),
+        StoreCommand::Targets { dir, teachers, k, temperature, name, context, batch, device } => {
+            let device = match device.as_str() {
+                "cpu" => Device::Cpu,
+                "cuda" => Device::Cuda(0),
+                other => bail!("--device {other}: expected cpu or cuda"),
+            };
+            ensure!(!name.contains(['/', '\\']) && name.ends_with(".kdt"), "--name {name}: a file name ending in .kdt");
+            targets(dir, teachers, (*k, *temperature), name, (context[0], context[1]), *batch, device)
+        }
+    }
+}
+
+fn targets(
+    dir: &Path,
+    teachers: &[PathBuf],
+    (k, temperature): (usize, f64),
+    name: &str,
+    context: (usize, usize),
+    batch: usize,
+    device: Device,
+) -> Result<()> {
+    let started = Instant::now();
+    let store = FrameStore::open(dir)?;
+    let width = (context.0 + 1 + context.1) * store.manifest.feature_dim;
+    let members = teachers
+        .iter()
+        .map(|p| {
+            let named = crate::run::output::load_tensors(p)?;
+            crate::run::output::check_finite(p, &named)?;
+            let (_, net) =
+                kd_models::Mlp::from_tensors(&named, device).with_context(|| format!("loading {}", p.display()))?;
+            let c = net.config();
+            ensure!(
+                c.input_dim() == width as i64 && c.num_classes() as u64 >= store.manifest.classes,
+                "{} is a {} network; the store's {}-frame windows have {width} inputs and {} classes",
+                p.display(),
+                c.describe(),
+                context.0 + 1 + context.1,
+                store.manifest.classes
+            );
+            ensure!(
+                c.num_classes() as u64 == store.manifest.classes,
+                "{} has {} outputs, the store {} classes",
+                p.display(),
+                c.num_classes(),
+                store.manifest.classes
+            );
+            Ok(net.frozen())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(k >= 1 && (k as u64) < store.manifest.classes, "--k {k}: between 1 and the classes minus one");
+    let objective = kd_core::Objective::soft_targets(temperature, kd_core::LossWeights::default())?;
+    let teacher = |x: &tch::Tensor| -> Result<tch::Tensor> {
+        use tch::nn::ModuleT;
+        let z: Vec<tch::Tensor> = members.iter().map(|m| m.forward_t(x, false)).collect();
+        Ok(objective.ensemble_logits(&z)?)
+    };
+    let path = dir.join(name);
+    let bytes = crate::data::targets::write_top_k(&store, &path, &teacher, &objective, k, context, batch, device)?;
+    let frames = store.manifest.frames;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}: top-{k} targets at T = {temperature} of {} teacher network{} for {frames} frames: {:.3} GB \
+         ({} bytes a frame: {k} x f16 probabilities, {k} x u{} class ids; the store's frames take {:.0}); \
+         {secs:.1} s, {:.0} frames/s",
+        path.display(),
+        members.len(),
+        if members.len() == 1 { "" } else { "s" },
+        bytes as f64 / 1e9,
+        (bytes - crate::data::store::HEADER_BYTES) / frames.max(1),
+        8 * crate::data::targets::id_bytes(store.manifest.classes),
+        store.bytes() as f64 / frames.max(1) as f64,
+        frames as f64 / secs
+    );
+    Ok(())
+}
+
+fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, threads: usize) -> Result<()> {
+    for split in SPLITS {
+        ensure!(
+            !out.join(split).join(crate::data::store::MANIFEST).exists(),
+            "{} already holds a frame store; remove it or write elsewhere",
+            out.join(split).display()
+        );
+    }
+    match source {
+        DataSource::Speech(spec) => {
+            let model = CorpusModel::new(&spec.corpus)?;
+            let (train, dev, test) = speech::split_speakers(&spec.corpus);
+            let what = format!("synthetic speech {:?}", spec.corpus);
+            for (split, speakers) in SPLITS.iter().zip([train, dev, test]) {
+                let dir = out.join(split);
+                let started = Instant::now();
+                let mut w = StoreWriter::create(&dir, kind, spec.corpus.feature_dim, shard_frames)?;
+                generate(&model, &speakers, threads, |speaker, utts| {
+                    for u in utts {
+                        let labels: Vec<u32> = u.states.iter().map(|&k| k as u32).collect();
+                        w.push(speaker as u32, &u.features, &labels)?;
+                    }
+                    Ok(())
+                })?;
+                let m = w.finish(&format!("{what}, {} speakers", speakers.len()))?;
+                report(&dir, &m, started, &format!("{threads} generator threads"));
+            }
+        }
+        DataSource::Files(files) => {
+            for (split, set) in SPLITS.iter().zip([&files.train, &files.validation, &files.test]) {
+                let dir = out.join(split);
+                let started = Instant::now();
+                let utts = crate::data::read_file_set(set).with_context(|| format!("data.files.{split}"))?;
+                let dim = utts.first().map_or(0, |u| u.0);
+                let mut w = StoreWriter::create(&dir, kind, dim, shard_frames)?;
+                for (i, (d, u)) in utts.iter().enumerate() {
+                    ensure!(*d == dim, "data.files.{split}: utterance {i} has {d} features, the first {dim}");
+                    let labels: Vec<u32> = u.states.iter().map(|&k| k as u32).collect();
+                    w.push(0, &u.features, &labels).with_context(|| format!("data.files.{split}"))?;
+                }
+                let m = w.finish(&format!("{} with labels {}", set.features.display(), set.labels.display()))?;
+                report(&dir, &m, started, "one thread");
+            }
+        }
+        DataSource::Mnist { .. } => bail!("a frame store holds speech frames; MNIST images are read as they are"),
+        DataSource::Store(_) => bail!("the experiment already reads a frame store"),
+    }
+    Ok(())
+}
+
+const SPLITS: [&str; 3] = ["train", "validation", "test"];
+
+fn report(dir: &Path, m: &crate::data::store::Manifest, started: Instant, how: &str) {
+    let secs = started.elapsed().as_secs_f64();
+    let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    println!(
+        "{}: {} frames ({:.1} hours at 10 ms), {} utterances, {} classes, {} shards, {:.2} GB ({:?}); \
+         {:.1} s, {:.0} frames/s, {:.0} MB/s ({how})",
+        dir.display(),
+        m.frames,
+        m.frames as f64 / 360_000.0,
+        m.utterances,
+        m.classes,
+        m.shards.len(),
+        bytes as f64 / 1e9,
+        m.feature_kind,
+        secs,
+        m.frames as f64 / secs,
+        bytes as f64 / 1e6 / secs
+    );
+}
+
+/// Generates `speakers` on `threads` threads and hands each speaker's utterances to `sink` in
+/// the order of `speakers` (so the store does not depend on the thread count). Worker `i`
+/// generates speakers `i, i + threads, ...`, each at most two speakers ahead of the writer.
+fn generate(
+    model: &CorpusModel,
+    speakers: &[usize],
+    threads: usize,
+    mut sink: impl FnMut(usize, Vec<Utterance>) -> Result<()>,
+) -> Result<()> {
+    let threads = threads.clamp(1, speakers.len().max(1));
+    std::thread::scope(|scope| {
+        let receivers: Vec<_> = (0..threads)
+            .map(|i| {
+                let (tx, rx) = sync_channel::<Vec<Utterance>>(2);
+                scope.spawn(move || {
+                    for &s in speakers.iter().skip(i).step_by(threads) {
+                        if tx.send(model.generate_speaker(s)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        for (n, &s) in speakers.iter().enumerate() {
+            let utts = receivers[n % threads].recv().context("a generator thread stopped")?;
+            sink(s, utts)?;
+        }
+        Ok(())
+    })
+}
+
+fn check(dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    let store = FrameStore::open(dir)?;
+    let (mut f, mut l) = (Vec::new(), Vec::new());
+    let mut speakers = std::collections::HashSet::new();
+    for u in 0..store.index.len() {
+        store.read(u, &mut f, &mut l, true)?;
+        speakers.insert(store.speaker(u));
+    }
+    let m = &store.manifest;
+    println!(
+        "{}: ok: {} frames, {} utterances, {} speakers, {} classes, {} x {:?}, {} shards, {:.2} GB; every checksum read in {:.1} s",
+        dir.display(),
+        m.frames,
+        m.utterances,
+        speakers.len(),
+        m.classes,
+        m.feature_dim,
+        m.feature_kind,
+        m.shards.len(),
+        store.bytes() as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The `kd-run bench --store` lines: windows per second of the producer alone on this thread,
+/// and frames per second of the training step of a 4 x 512 network on its batches.
+pub fn bench(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize), device: Device) -> Result<()> {
+    let store = Arc::new(FrameStore::open(dir)?);
+    let lengths = Arc::new(store.utterance_lengths());
+    let settings = StreamSettings {
+        batch_size: batch,
+        left: 20,
+        right: 5,
+        buffer: 1 << 18,
+        chunk_frames,
+        prefetch: 4,
+        epoch_fraction: 1.0,
+        seed: 1,
+    };
+    let start = StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 };
+    let mut producer = Producer::new((store.clone(), None), lengths.clone(), settings, start, device)?;
+    let mut host = crate::data::stream::HostBatch::default();
+    // Warm up: fill the shuffle buffer.
+    producer.next_tensors(&mut host)?;
+    let started = Instant::now();
+    let mut windows = 0usize;
+    let mut kept = Vec::new();
+    for i in 0..batches {
+        let Some((xt, yt, _)) = producer.next_tensors(&mut host)? else { break };
+        windows += host.y.len();
+        if i < 8 {
+            kept.push((xt, yt));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "store producer: {:.0} windows/s on 1 thread ({windows} windows of 26 x {}, batch {batch}, shuffle buffer {} frames, chunks of {chunk_frames})",
+        windows as f64 / secs,
+        store.manifest.feature_dim,
+        settings.buffer
+    );
+    let (steps, per_second) = crate::bench::mlp_step_rate(&kept, store.manifest.classes as i64, device)?;
+    println!(
+        "training step 4 x 512 ({} classes, batch {batch}, {} threads): {per_second:.0} frames/s over {steps} steps",
+        store.manifest.classes,
+        tch::get_num_threads()
+    );
+    Ok(())
+}
