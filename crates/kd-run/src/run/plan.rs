@@ -97,7 +97,8 @@ pub fn with_readers(stages: &[StageFacts], names: &[String]) -> Vec<String> {
 /// file no longer has are dropped (with their variants' rows); a changed or
 /// `--redo` stage is discarded with its readers. Then, in file order, a stage is skipped when its
 /// results are committed, the checkpoint a later stage reads exists, and no stage it reads runs
-/// in this process; otherwise it runs if `--only` selects it (or there is no `--only`).
+/// in this process; otherwise it runs if `--only` selects it (or there is no `--only`). An
+/// `--only` process discards only the stages it runs, and rows of stages gone from the file.
 pub fn plan(
     stages: &[StageFacts],
     recorded: &Recorded,
@@ -157,6 +158,13 @@ pub fn plan(
         actions.push((stage.name.clone(), action));
     }
     plan.actions = actions;
+    // An `--only` process discards only what it runs (and stages gone from the file): another
+    // process may be running the other stages into the same directory right now, and dropping
+    // their rows here would lose the results it commits.
+    if !request.only.is_empty() {
+        let runs = |name: &str| plan.actions.iter().any(|(s, a)| s == name && matches!(a, Action::Run { .. }));
+        plan.discard.retain(|(stage, why)| *why == Discard::Stale || runs(stage));
+    }
     plan
 }
 
@@ -297,6 +305,24 @@ mod tests {
         assert_eq!(a[2], ("eval", &Action::NotSelected), "`eval.1` names no specialist of a non-specialists stage");
         assert_eq!(a[3], ("other", &RUN));
         assert_eq!(a[4], ("spec", &Action::Run { specialists: vec![2, 0] }));
+    }
+
+    #[test]
+    fn an_only_process_leaves_the_records_of_stages_it_does_not_run_alone() {
+        // `eval` is new to the recorded configuration (changed) and has partial results, as when
+        // another `--only` process is running it; this one runs `student` only.
+        let mut recorded = done(&["teacher"]);
+        recorded.results.push("eval".into());
+        recorded.rows.extend(["eval".to_string(), "gone".to_string()]);
+        let changed = names(&["student", "eval"]);
+        let only = names(&["student"]);
+        let plan = plan(&chain(), &recorded, &changed, Request { only: &only, redo: &[] }, &|_| true);
+        assert_eq!(
+            plan.discard,
+            vec![("gone".to_string(), Discard::Stale), ("student".to_string(), Discard::Changed)],
+            "{plan:?}"
+        );
+        assert_eq!(actions(&plan)[2], ("eval", &Action::NotSelected));
     }
 
     #[test]
