@@ -37,6 +37,16 @@ pub const VERSION: u32 = 1;
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of the header that carry fields (the CRC-32 of these follows them).
 const HEADER_FIELDS: usize = 88;
+
+/// A header's fields followed by their CRC-32 and zeros up to [`HEADER_BYTES`]: the first block
+/// of a store shard and of a top-k targets file.
+pub(super) fn sealed(mut fields: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&fields);
+    fields.extend_from_slice(&crc.to_le_bytes());
+    fields.resize(HEADER_BYTES as usize, 0);
+    fields
+}
+
 /// The manifest's file name.
 pub const MANIFEST: &str = "store.toml";
 
@@ -379,10 +389,7 @@ impl Header {
         self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
         b.extend_from_slice(&self.length.to_le_bytes());
         debug_assert_eq!(b.len(), HEADER_FIELDS);
-        let crc = crc32fast::hash(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
-        b.resize(HEADER_BYTES as usize, 0);
-        b
+        sealed(b)
     }
 
     /// Parses and checks the header of `path`, whose file is `file_len` bytes.

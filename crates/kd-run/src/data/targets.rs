@@ -14,7 +14,7 @@
 //! Rows follow the store's frames in store order. The file is tied to its store by the
 //! manifest's checksum, so targets computed for another store (or a rewritten one) are refused.
 
-use super::store::{FrameStore, HEADER_BYTES};
+use super::store::{sealed, FrameStore, HEADER_BYTES};
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 use memmap2::Mmap;
@@ -86,10 +86,7 @@ impl Header {
         self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
         b.extend_from_slice(&self.length.to_le_bytes());
         debug_assert_eq!(b.len(), HEADER_FIELDS);
-        let crc = crc32fast::hash(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
-        b.resize(HEADER_BYTES as usize, 0);
-        b
+        sealed(b)
     }
 
     fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
