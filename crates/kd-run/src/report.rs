@@ -750,6 +750,9 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
             )?;
         }
         writeln!(md)?;
+        let validation: Vec<&CoverageRow> =
+            run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "validation").collect();
+        covering_diagnostics(md, &validation)?;
         let inside: Vec<f64> = specialists.iter().filter_map(|s| s.val_inside_accuracy).collect();
         let seconds: f64 = specialists.iter().map(|s| s.seconds).sum();
         writeln!(
@@ -777,6 +780,60 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         plot::line_chart(&path, &chart, &series)?;
         writeln!(md, "![relative change by covering specialists]({})\n", rel(&path))?;
     }
+    Ok(())
+}
+
+/// Table 4 on the validation split, with what the covering specialists get right on their
+/// own: each (example, covering specialist) pair compared with the generalist seen in that
+/// specialist's labels (its subset's classes and a dustbin), and whether 2+ covering
+/// specialists agree. Nothing for runs recorded before these columns existed.
+fn covering_diagnostics(md: &mut String, rows: &[&CoverageRow]) -> Result<()> {
+    if rows.is_empty() || rows.iter().any(|c| c.pairs.is_none()) {
+        return Ok(());
+    }
+    let pct = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0 => format!("{:.1}%", 100.0 * a as f64 / b as f64),
+        _ => "–".into(),
+    };
+    writeln!(
+        md,
+        "On the validation split, by the number of specialists covering the true class: the change in top-1 \
+         correct, how often a consulted specialist covers the true class, and each covering specialist on its own \
+         (right: its top-1 is the true class) against the generalist seen in that specialist's labels (its subset's \
+         classes and a dustbin), on all (example, covering specialist) pairs; then whether 2+ covering \
+         specialists give the same answer:\n"
+    )?;
+    writeln!(
+        md,
+        "| covering | examples | change in top-1 correct | consulted a covering specialist | specialist right | \
+         generalist right (its labels) | only the specialist right | only the generalist right | covering agree | \
+         agree and wrong |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for c in rows {
+        let only = |a: Option<i64>| a.zip(c.both_right).map(|(a, b)| a - b);
+        let change = c.combined_correct - c.generalist_correct;
+        let relative = if c.generalist_correct > 0 {
+            format!("{change:+} ({:+.1}%)", 100.0 * change as f64 / c.generalist_correct as f64)
+        } else {
+            format!("{change:+}")
+        };
+        let several = (c.covering >= 2).then_some(c.examples);
+        writeln!(
+            md,
+            "| {} | {} | {relative} | {} | {} | {} | {} | {} | {} | {} |",
+            c.covering,
+            c.examples,
+            pct(c.consulted_covering, Some(c.examples)),
+            pct(c.specialist_right, c.pairs),
+            pct(c.generalist_right, c.pairs),
+            pct(only(c.specialist_right), c.pairs),
+            pct(only(c.generalist_right), c.pairs),
+            pct(c.covering_agree.filter(|_| c.covering >= 2), several),
+            pct(c.covering_agree_wrong.filter(|_| c.covering >= 2), c.covering_agree.filter(|_| c.covering >= 2)),
+        )?;
+    }
+    writeln!(md)?;
     Ok(())
 }
 

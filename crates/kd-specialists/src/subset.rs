@@ -124,6 +124,34 @@ impl ClassSubset {
         Ok(self.lookup_table(labels.device()).f_take(labels)?)
     }
 
+    /// A distribution over all `N` classes seen in the specialist's label space, eq. 5's
+    /// `D_m(q)`: `[B, |S| + 1]`, `q` on the subset's classes in order, then the sum of `q`
+    /// over every other class as the dustbin, for `probs: [B, N]` float. The dustbin column
+    /// is `1 - sum_S q` (clamped at 0), exact for rows that sum to one.
+    ///
+    /// ```
+    /// use kd_specialists::ClassSubset;
+    /// use tch::Tensor;
+    ///
+    /// let s = ClassSubset::new([2, 0], 4).unwrap();
+    /// let q = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4]).view([1, 4]);
+    /// let d = s.merge_outside(&q).unwrap();
+    /// let d = Vec::<f32>::try_from(d.view([-1])).unwrap();
+    /// assert!((d[0] - 0.1).abs() < 1e-6 && (d[1] - 0.3).abs() < 1e-6 && (d[2] - 0.6).abs() < 1e-6);
+    /// ```
+    pub fn merge_outside(&self, probs: &Tensor) -> Result<Tensor> {
+        let size = probs.size();
+        if size.len() != 2 || size[1] != self.num_classes {
+            return Err(bad(
+                "probs",
+                format!("must be [B, {}] (the full label space), got {size:?}", self.num_classes),
+            ));
+        }
+        let inside = probs.f_index_select(1, &Tensor::from_slice(&self.classes).to_device(probs.device()))?;
+        let outside = (inside.sum_dim_intlist(1, true, inside.kind()).neg() + 1.0).clamp_min(0.0);
+        Ok(Tensor::cat(&[inside, outside], 1))
+    }
+
     /// Boolean mask of the labels' shape: whether each label is in the subset.
     ///
     /// ```

@@ -80,7 +80,8 @@ impl Run<'_> {
     }
 
     /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`;
-    /// returns its evaluation on the test split (with each example's prediction).
+    /// returns its evaluations on the validation split (if any) and the test split (with each
+    /// example's prediction).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record_with(
         &self,
@@ -91,7 +92,7 @@ impl Run<'_> {
         logits: &dyn Fn(&Tensor) -> Result<Tensor>,
         started: Instant,
         shift: Option<f64>,
-    ) -> Result<Evaluation> {
+    ) -> Result<(Option<Evaluation>, Evaluation)> {
         let classes = self.data.num_classes;
         let val = match &self.data.validation {
             Some(v) => Some(train::evaluate_with(logits, v, None, classes)?),
@@ -145,6 +146,6 @@ impl Run<'_> {
             shared_errors: None,
             transfer_agreement: None,
         });
-        Ok(test)
+        Ok((val, test))
     }
 }

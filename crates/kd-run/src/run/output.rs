@@ -385,8 +385,9 @@ pub struct SpecialistRow {
     pub seconds: f64,
 }
 
-/// Test examples of a `specialists` stage by the number of specialists covering their true
-/// class (the paper's Table 4), with the top-1 correct of the generalist and of the combination.
+/// Test (and validation) examples of a `specialists` stage by the number of specialists
+/// covering their true class (the paper's Table 4), with the top-1 correct of the generalist
+/// and of the combination, and what the covering specialists get right on their own.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CoverageRow {
     /// The specialists stage.
@@ -403,6 +404,30 @@ pub struct CoverageRow {
     pub combined_correct: i64,
     /// Examples on which at least one specialist was consulted.
     pub consulted: i64,
+    /// Examples on which a consulted specialist holds the true class (the others can only
+    /// move probability into or out of their dustbins).
+    #[serde(default)]
+    pub consulted_covering: Option<i64>,
+    /// (example, covering specialist) pairs: `covering` per example, summed.
+    #[serde(default)]
+    pub pairs: Option<i64>,
+    /// Pairs whose specialist's top-1 is the true class (all examples, consulted or not).
+    #[serde(default)]
+    pub specialist_right: Option<i64>,
+    /// Pairs on which the generalist seen in that specialist's labels (`D_m(p^g)`, the
+    /// subset's classes and a dustbin) has the true class top-1: what the specialist must beat.
+    #[serde(default)]
+    pub generalist_right: Option<i64>,
+    /// Pairs on which both are right.
+    #[serde(default)]
+    pub both_right: Option<i64>,
+    /// Examples with 2+ covering specialists on which they all pick the same class (a dustbin
+    /// counts as its own answer).
+    #[serde(default)]
+    pub covering_agree: Option<i64>,
+    /// Of those, the examples on which that shared answer is wrong.
+    #[serde(default)]
+    pub covering_agree_wrong: Option<i64>,
 }
 
 /// Writes rows as CSV with a header, atomically.

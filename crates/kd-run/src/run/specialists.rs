@@ -189,16 +189,25 @@ impl Run<'_> {
         let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
         let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
         let logits = |x: &Tensor| combination.logits(x);
-        let test = self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
+        let (val, test) =
+            self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
 
-        // Table 4: test examples by the number of specialists covering their class, from the
-        // combination's predictions above (eq. 5 is solved once per example).
-        let rows = coverage(stage, &combination, &self.data.test, &test.predictions, EVAL_BATCH)?;
-        let (g, q): (i64, i64) =
-            (rows.iter().map(|r| r.generalist_correct).sum(), rows.iter().map(|r| r.combined_correct).sum());
+        // Table 4: examples by the number of specialists covering their class, from the
+        // combination's predictions above (eq. 5 is solved once per example); on the
+        // validation split too, where the specialists' settings may be chosen.
         tables.coverage.retain(|r| r.stage != stage);
-        tables.coverage.extend(rows);
-        info!("stage `{stage}`: top-1 correct on the test split: generalist {g}, with specialists {q} ({:+})", q - g);
+        let splits = [("validation", self.data.validation.as_ref().zip(val)), ("test", Some((&self.data.test, test)))];
+        for (name, split) in splits {
+            let Some((split, eval)) = split else { continue };
+            let rows = coverage((stage, name), &combination, split, &eval.predictions, EVAL_BATCH)?;
+            let (g, q): (i64, i64) =
+                (rows.iter().map(|r| r.generalist_correct).sum(), rows.iter().map(|r| r.combined_correct).sum());
+            tables.coverage.extend(rows);
+            info!(
+                "stage `{stage}`: top-1 correct on the {name} split: generalist {g}, with specialists {q} ({:+})",
+                q - g
+            );
+        }
         Ok(())
     }
 
@@ -444,13 +453,15 @@ impl Combination<'_> {
     }
 }
 
-/// Table 4 for `split`: its examples by the number of specialists whose subset holds their true
-/// class, with the generalist's top-1 correct, the combination's (`combined`, its prediction
-/// for each example of the split, in order) and how many consulted a specialist. The
-/// generalist's answers come from a pass over the split in chunks of `chunk`, which only
-/// decides memory: each example's row depends on that example alone.
+/// Table 4 for `split` (named `name` in the rows): its examples by the number of specialists
+/// whose subset holds their true class, with the generalist's top-1 correct, the
+/// combination's (`combined`, its prediction for each example of the split, in order), how
+/// many consulted a specialist, and what the covering specialists get right on their own
+/// against the generalist seen in their labels. The generalist's and specialists' answers come
+/// from a pass over the split in chunks of `chunk`, which only decides memory: each example's
+/// row depends on that example alone.
 fn coverage(
-    stage: &str,
+    (stage, name): (&str, &str),
     combination: &Combination,
     split: &Split,
     combined: &Tensor,
@@ -460,31 +471,91 @@ fn coverage(
     if combined.size() != [split.len()] {
         bail!("stage `{stage}`: {:?} predictions for {} examples", combined.size(), split.len());
     }
+    let subsets = combination.subsets;
+    let classes = subsets.first().map_or(0, ClassSubset::num_classes);
+    // Per example: generalist right, any consulted, consulted covering, and counts over the
+    // covering specialists (specialist right, generalist right, both), all agree, agree wrongly.
     let parts = train::in_chunks(split.len(), chunk, |start, len| {
-        let (pg, active) = combination.consults(&split.range(start, len))?;
-        Ok((pg.argmax(1, false), active.any_dim(1, false)))
+        let x = split.range(start, len);
+        let labels = split.labels.narrow(0, start, len);
+        let (pg, active) = combination.consults(&x)?;
+        let zeros = || Tensor::zeros([len], (Kind::Int64, x.device()));
+        let (mut spec_right, mut gen_right, mut both_right) = (zeros(), zeros(), zeros());
+        let mut covers = Vec::with_capacity(subsets.len());
+        let mut picks = Vec::with_capacity(subsets.len());
+        for (net, subset) in combination.nets.iter().zip(subsets) {
+            let cover = subset.contains(&labels)?;
+            let rows = cover.nonzero().squeeze_dim(1);
+            let local = subset.to_local(&labels.index_select(0, &rows))?;
+            let s = net.forward_t(&x.index_select(0, &rows), false).argmax(1, false);
+            let g = subset.merge_outside(&pg.index_select(0, &rows))?.argmax(1, false);
+            let (s_ok, g_ok) = (s.eq_tensor(&local), g.eq_tensor(&local));
+            let both = s_ok.logical_and(&g_ok);
+            for (acc, ok) in [(&mut spec_right, s_ok), (&mut gen_right, g_ok), (&mut both_right, both)] {
+                *acc = acc.index_add(0, &rows, &ok.to_kind(Kind::Int64));
+            }
+            // The specialist's answer as a class id; its dustbin as `classes` (no class).
+            let table = Tensor::from_slice(&[subset.classes(), &[classes]].concat()).to_device(x.device());
+            picks.push(Tensor::full([len], -1, (Kind::Int64, x.device())).index_copy(0, &rows, &table.take(&s)));
+            covers.push(cover);
+        }
+        let (top, any_active) = (pg.argmax(1, false), active.any_dim(1, false));
+        let (agree, agree_wrong) = if subsets.is_empty() {
+            (zeros().to_kind(Kind::Bool), zeros().to_kind(Kind::Bool))
+        } else {
+            let cover = Tensor::stack(&covers, 1);
+            let picks = Tensor::stack(&picks, 1);
+            let most = picks.masked_fill(&cover.logical_not(), -1).amax(1, false);
+            let least = picks.masked_fill(&cover.logical_not(), classes + 1).amin(1, false);
+            let several = cover.sum_dim_intlist(1, false, Kind::Int64).ge(2);
+            let agree = most.eq_tensor(&least).logical_and(&several);
+            let wrong = agree.logical_and(&most.ne_tensor(&labels));
+            (agree, wrong)
+        };
+        let consulted_covering = if subsets.is_empty() {
+            zeros().to_kind(Kind::Bool)
+        } else {
+            active.logical_and(&Tensor::stack(&covers, 1)).any_dim(1, false)
+        };
+        Ok(Tensor::stack(
+            &[top.eq_tensor(&labels), any_active, consulted_covering, agree, agree_wrong]
+                .map(|t| t.to_kind(Kind::Int64))
+                .into_iter()
+                .chain([spec_right, gen_right, both_right])
+                .collect::<Vec<_>>(),
+            1,
+        ))
     })?;
-    let (tops, consulted): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-    let (generalist_top, any_active) = (Tensor::cat(&tops, 0), Tensor::cat(&consulted, 0));
-    let covering = covering_specialists(&split.labels, combination.subsets)?;
-    let bins = combination.subsets.len() as i64 + 1;
-    let count = |mask: &Tensor| -> Result<Vec<i64>> {
-        Ok(Vec::<i64>::try_from(covering.masked_select(mask).bincount::<Tensor>(None, bins))?)
+    let per_example = Tensor::cat(&parts, 0);
+    let covering = covering_specialists(&split.labels, subsets)?;
+    let bins = subsets.len() as i64 + 1;
+    let sum_by_bin = |values: &Tensor| -> Result<Vec<i64>> {
+        let sums = covering.bincount(Some(&values.to_kind(Kind::Double)), bins);
+        Ok(Vec::<f64>::try_from(sums)?.into_iter().map(|v| v.round() as i64).collect())
     };
-    let generalist_ok = count(&generalist_top.eq_tensor(&split.labels))?;
-    let combined_ok = count(&combined.eq_tensor(&split.labels))?;
-    let consulted = count(&any_active)?;
+    let column = |i: i64| sum_by_bin(&per_example.select(1, i));
+    let (generalist_ok, consulted, consulted_covering) = (column(0)?, column(1)?, column(2)?);
+    let (agree, agree_wrong) = (column(3)?, column(4)?);
+    let (spec_right, gen_right, both_right) = (column(5)?, column(6)?, column(7)?);
+    let combined_ok = sum_by_bin(&combined.eq_tensor(&split.labels))?;
     let examples = Vec::<i64>::try_from(covering.bincount::<Tensor>(None, bins))?;
     Ok((0..bins as usize)
         .filter(|&c| examples[c] > 0)
         .map(|c| CoverageRow {
             stage: stage.to_string(),
-            split: "test".into(),
+            split: name.into(),
             covering: c as i64,
             examples: examples[c],
             generalist_correct: generalist_ok[c],
             combined_correct: combined_ok[c],
             consulted: consulted[c],
+            consulted_covering: Some(consulted_covering[c]),
+            pairs: Some(c as i64 * examples[c]),
+            specialist_right: Some(spec_right[c]),
+            generalist_right: Some(gen_right[c]),
+            both_right: Some(both_right[c]),
+            covering_agree: Some(agree[c]),
+            covering_agree_wrong: Some(agree_wrong[c]),
         })
         .collect())
 }
@@ -517,7 +588,7 @@ mod tests {
         let logits = |x: &Tensor| combination.logits(x);
         let table = |chunk: i64| {
             let eval = train::eval::evaluate_in_chunks(&logits, &split, None, classes, chunk).unwrap();
-            coverage("s", &combination, &split, &eval.predictions, chunk).unwrap()
+            coverage(("s", "test"), &combination, &split, &eval.predictions, chunk).unwrap()
         };
         let reference = table(1000);
         assert_eq!(reference.iter().map(|r| r.examples).sum::<i64>(), n);
@@ -525,8 +596,33 @@ mod tests {
         for chunk in [1, 4] {
             assert_eq!(table(chunk), reference, "chunk {chunk}");
         }
+        // The covering specialists' own answers, counted example by example.
+        let labels = Vec::<i64>::try_from(&split.labels).unwrap();
+        let mut right = vec![0i64; subsets.len() + 1];
+        let mut generalist_right = vec![0i64; subsets.len() + 1];
+        for (i, &y) in labels.iter().enumerate() {
+            let x = split.images.narrow(0, i as i64, 1);
+            let pg = Vec::<f32>::try_from(generalist.forward_t(&x, false).softmax(1, Kind::Float).view([-1])).unwrap();
+            let covering: Vec<usize> = (0..subsets.len()).filter(|&m| subsets[m].contains_class(y)).collect();
+            for &m in &covering {
+                let local = subsets[m].local_index(y).unwrap();
+                right[covering.len()] +=
+                    i64::from(nets[m].forward_t(&x, false).argmax(1, false).int64_value(&[0]) == local);
+                let mut seen: Vec<f32> = subsets[m].classes().iter().map(|&c| pg[c as usize]).collect();
+                seen.push(1.0 - seen.iter().sum::<f32>());
+                let top = (0..seen.len()).max_by(|&a, &b| seen[a].total_cmp(&seen[b])).unwrap();
+                generalist_right[covering.len()] += i64::from(top as i64 == local);
+            }
+        }
+        for r in &reference {
+            assert_eq!(r.specialist_right, Some(right[r.covering as usize]), "{r:?}");
+            assert_eq!(r.generalist_right, Some(generalist_right[r.covering as usize]), "{r:?}");
+            assert_eq!(r.pairs, Some(r.covering * r.examples));
+            assert!(r.both_right <= r.specialist_right.min(r.generalist_right), "{r:?}");
+        }
+        assert!(reference.iter().any(|r| r.specialist_right > Some(0)), "{reference:?}");
         // Predictions of another length are refused, not truncated.
         let short = Tensor::zeros([n - 1], (Kind::Int64, tch::Device::Cpu));
-        assert!(coverage("s", &combination, &split, &short, 4).is_err());
+        assert!(coverage(("s", "test"), &combination, &split, &short, 4).is_err());
     }
 }
