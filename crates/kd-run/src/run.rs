@@ -102,7 +102,7 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     let request = Request { only: options.only, redo: options.redo };
     let plan =
         plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
-    run.discard(&mut dir.tables, &plan)?;
+    run.discard(&mut dir.tables, &plan, &dir.recombined)?;
     if world.is_distributed() {
         if world.is_writer() {
             world.barrier()?;
@@ -154,8 +154,8 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
 
 impl Run<'_> {
     /// Discards what the plan says (results, epochs, checkpoints) and writes the tables if that
-    /// changed them.
-    fn discard(&self, tables: &mut Tables, plan: &Plan) -> Result<()> {
+    /// changed them. The trained specialists of the `recombined` stages stay.
+    fn discard(&self, tables: &mut Tables, plan: &Plan, recombined: &[String]) -> Result<()> {
         for (stage, why) in &plan.discard {
             match why {
                 Discard::Partial => {
@@ -181,7 +181,11 @@ impl Run<'_> {
                             std::fs::remove_file(&path)?;
                         }
                     }
-                    self.remove_specialists(stage)?;
+                    if *why == Discard::Changed && recombined.contains(stage) {
+                        info!("stage `{stage}`: only how its specialists are combined changed; they are kept");
+                    } else {
+                        self.remove_specialists(stage)?;
+                    }
                 }
             }
         }

@@ -632,8 +632,17 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
     let summary = csv_rows(&dir.join("summary.csv"));
     let errors =
         |stage: &str| -> i64 { summary.iter().find(|r| r["stage"] == stage).unwrap()["test_errors"].parse().unwrap() };
-    let coverage = csv_rows(&dir.join("specialist_coverage.csv"));
+    let rows = csv_rows(&dir.join("specialist_coverage.csv"));
+    let coverage: Vec<_> = rows.iter().filter(|r| r["split"] == "test").collect();
     let sum = |key: &str| -> i64 { coverage.iter().map(|r| r[key].parse::<i64>().unwrap()).sum() };
+    let validation: i64 =
+        rows.iter().filter(|r| r["split"] == "validation").map(|r| r["examples"].parse::<i64>().unwrap()).sum();
+    let val_frames: i64 = csv_rows(&dir.join("class_errors.csv"))
+        .iter()
+        .filter(|c| c["stage"] == "generalist" && c["split"] == "validation")
+        .map(|c| c["examples"].parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(validation, val_frames, "Table 4 on the validation split too");
     let frames: i64 = csv_rows(&dir.join("class_errors.csv"))
         .iter()
         .filter(|c| c["stage"] == "generalist" && c["split"] == "test")
@@ -692,6 +701,24 @@ fn specialists_train_by_index_then_combine_and_count_their_coverage() {
     let rows = csv_rows(&dir.join("specialists.csv"));
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|r| r["epochs"] == "1"), "retrained for one epoch: {rows:?}");
+    // A change in how they are combined keeps the trained specialists: only eq. 5 runs again.
+    let specialist = std::fs::read(dir.join("checkpoints/specialists.0.safetensors")).unwrap();
+    let r = kd_run(&[
+        "run",
+        "experiments/specialists_tiny.toml",
+        "--out",
+        again.to_str().unwrap(),
+        "--set",
+        "stages.specialists.epochs=1",
+        "--set",
+        "stages.specialists.combine_iterations=3",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("specialists are combined changed; they are kept"));
+    assert_eq!(std::fs::read(dir.join("checkpoints/specialists.0.safetensors")).unwrap(), specialist);
+    assert_eq!(csv_rows(&dir.join("specialists.csv")), rows, "the specialists' rows are theirs, not retrained");
+    let combined = csv_rows(&dir.join("summary.csv"));
+    assert!(combined.iter().any(|r| r["stage"] == "specialists"), "the combination is recorded again: {combined:?}");
     // --fresh forgets the subsets and the specialists too.
     let r = kd_run(&[
         "run",

@@ -23,6 +23,9 @@ pub struct RunDir {
     pub tables: Tables,
     /// Stages whose settings differ from the earlier run's, with the stages that read them.
     pub changed: Vec<String>,
+    /// Of those, the specialists stages whose trained specialists stay: only how they are
+    /// combined (`top_n`, `combine_iterations`) changed, so only the combination runs again.
+    pub recombined: Vec<String>,
     /// The lock (none on the ranks of a data-parallel run that do not write).
     _lock: Option<lock::RunLock>,
 }
@@ -56,11 +59,11 @@ impl RunDir {
             remove_run_files(&path)?;
             refuse_links(out, &path, true)?;
         }
-        let mut changed = Vec::new();
+        let (mut changed, mut recombined) = (Vec::new(), Vec::new());
         if config_path.exists() {
             let old = std::fs::read_to_string(&config_path)?;
             if old != config {
-                changed = changed_stages(exp, &old, &config).with_context(|| {
+                (changed, recombined) = changed_stages(exp, &old, &config).with_context(|| {
                     format!(
                         "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
                         path.display()
@@ -98,7 +101,7 @@ impl RunDir {
         if !path.join(DONE).exists() {
             output::write_csv(&path.join(DONE), &tables.done)?;
         }
-        Ok(RunDir { path, cache, tables, changed, _lock: Some(lock) })
+        Ok(RunDir { path, cache, tables, changed, recombined, _lock: Some(lock) })
     }
 
     /// The run directory as a rank of a data-parallel run that does not write sees it, once
@@ -114,7 +117,7 @@ impl RunDir {
             );
         }
         let tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
-        Ok(RunDir { path, cache: out.join(".cache"), tables, changed: Vec::new(), _lock: None })
+        Ok(RunDir { path, cache: out.join(".cache"), tables, changed: Vec::new(), recombined: Vec::new(), _lock: None })
     }
 }
 
@@ -263,9 +266,10 @@ fn remove_run_files(dir: &Path) -> Result<()> {
 
 /// The stages whose settings in the resolved configuration `new` differ from those of an earlier
 /// run's `old` one (the reference numbers under `paper` and the sweep point aside), together with every stage that
-/// reads a model from one of them. Fails when what every stage depends on (the data, the seed)
-/// changed, or when `old` cannot be read.
-fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>> {
+/// reads a model from one of them; and, of those, the specialists stages that differ only in how
+/// their specialists are combined (which keep their trained specialists). Fails when what every
+/// stage depends on (the data, the seed) changed, or when `old` cannot be read.
+fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<(Vec<String>, Vec<String>)> {
     let old: toml::Table = old.parse().context("the earlier run's config.toml is not valid TOML")?;
     let new: toml::Table = new.parse().context("the resolved configuration is not valid TOML")?;
     for key in ["seed", "data"] {
@@ -273,20 +277,31 @@ fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<Vec<String>>
             bail!("its `{key}` differs, and every stage depends on it");
         }
     }
-    let stage_settings = |table: &toml::Table, name: &str| -> Option<toml::Value> {
+    // What describes a stage rather than sets it: the paper's numbers, the sweep point (which runs
+    // recorded before it existed lack); and, for its trained models, how specialists are combined.
+    const DESCRIPTIVE: [&str; 2] = ["paper", "sweep"];
+    const COMBINATION: [&str; 2] = ["top_n", "combine_iterations"];
+    let stage_settings = |table: &toml::Table, name: &str, ignored: &[&str]| -> Option<toml::Value> {
         let stages = table.get("stages")?.as_array()?;
         let mut stage = stages.iter().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))?.clone();
-        // What describes a stage rather than sets it: the paper's numbers, the sweep point (which
-        // runs recorded before it existed lack).
-        stage.as_table_mut()?.remove("paper");
-        stage.as_table_mut()?.remove("sweep");
+        for key in ignored {
+            stage.as_table_mut()?.remove(*key);
+        }
         Some(stage)
     };
-    let differ: Vec<String> = exp
+    let differ = |ignored: &[&str]| -> Vec<String> {
+        let stages = exp.stages.iter().filter(|s| {
+            stage_settings(&old, &s.name, ignored).is_none_or(|o| Some(o) != stage_settings(&new, &s.name, ignored))
+        });
+        plan::with_readers(&stage_facts(exp), &stages.map(|s| s.name.clone()).collect::<Vec<_>>())
+    };
+    let changed = differ(&DESCRIPTIVE);
+    let retrained = differ(&[DESCRIPTIVE, COMBINATION].concat());
+    let recombined = exp
         .stages
         .iter()
-        .filter(|s| stage_settings(&old, &s.name).is_none_or(|o| Some(o) != stage_settings(&new, &s.name)))
+        .filter(|s| matches!(s.job, Job::Specialists(_)) && changed.contains(&s.name) && !retrained.contains(&s.name))
         .map(|s| s.name.clone())
         .collect();
-    Ok(plan::with_readers(&stage_facts(exp), &differ))
+    Ok((changed, recombined))
 }
