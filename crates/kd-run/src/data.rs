@@ -337,13 +337,34 @@ fn load_files(spec: &FilesSpec, device: Device) -> Result<Dataset> {
     Ok(windowed(sets, (spec.left, spec.right), num_classes))
 }
 
-/// One split's utterances as (feature dimension, utterance).
+/// One split's utterances as (feature dimension, utterance): [`for_each_utterance`] collected.
 pub(crate) fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utterance)>> {
+    let mut out = Vec::new();
+    for_each_utterance(set, |dim, u| {
+        out.push((dim, u));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Reads one split's utterances one at a time, in file order, and hands each to `each` with
+/// the feature dimension: Kaldi archives entry by entry (the alignments indexed by utterance id
+/// and read back as their features arrive), NumPy arrays a few rows at a time, so a split
+/// larger than memory streams through (an utterance at a time is held; a `.npy` file without
+/// `lengths` is one utterance). Checked on the way: finite features, labels below
+/// `MAX_CLASSES`, NumPy lengths > 0 adding up to the frames, no utterance without frames, one
+/// feature width. A mismatch between feature and alignment utterance ids is known only at the
+/// end: once a feature utterance has no alignment, `each` is called no more and the error
+/// names them all when the features are read.
+pub(crate) fn for_each_utterance(
+    set: &FileSet,
+    mut each: impl FnMut(usize, speech::Utterance) -> Result<()>,
+) -> Result<()> {
     let is_npy = |p: &Path| p.extension().is_some_and(|e| e == "npy");
-    let utterance = |features: Vec<f32>, labels: Vec<i64>| -> Result<speech::Utterance> {
+    let utterance = |features: Vec<f32>, labels: &[i64]| -> Result<speech::Utterance> {
         let states = labels
-            .into_iter()
-            .map(|l| {
+            .iter()
+            .map(|&l| {
                 i32::try_from(l).ok().filter(|&k| k >= 0 && i64::from(k) < MAX_CLASSES).with_context(|| {
                     format!(
                         "{}: label {l} is not a class id (0 to {}, the most classes kd-run supports)",
@@ -357,71 +378,73 @@ pub(crate) fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utteran
     };
     match (is_npy(&set.features), is_npy(&set.labels)) {
         (true, true) => {
-            let m = npy::read_npy_matrix(&set.features)?;
-            check_finite(&m.data, m.cols, |at| format!("{}: {at}", set.features.display()))?;
-            let labels = npy::read_npy_labels(&set.labels)?;
+            let mut feats = npy::NpyRows::matrix(&set.features)?;
+            let (rows, cols) = (feats.rows(), feats.width());
+            let mut labels = npy::NpyRows::labels(&set.labels)?;
             ensure!(
-                labels.len() == m.rows,
-                "{} has {} labels for the {} frames of {}",
+                labels.rows() == rows,
+                "{} has {} labels for the {rows} frames of {}",
                 set.labels.display(),
-                labels.len(),
-                m.rows,
+                labels.rows(),
                 set.features.display()
             );
             let lengths = match &set.lengths {
                 Some(p) => npy::read_npy_labels(p)?,
-                None => vec![m.rows as i64],
+                None => vec![rows as i64],
             };
             // Checked: lengths near i64::MAX must not wrap around to the right total.
             let total = lengths.iter().try_fold(0i64, |sum, &l| sum.checked_add(l));
             ensure!(
-                lengths.iter().all(|&l| l > 0) && total == i64::try_from(m.rows).ok(),
-                "{}: utterance lengths must be > 0 and add up to the {} frames of {} (they add up to {})",
+                lengths.iter().all(|&l| l > 0) && total == i64::try_from(rows).ok(),
+                "{}: utterance lengths must be > 0 and add up to the {rows} frames of {} (they add up to {})",
                 set.lengths.as_deref().unwrap_or(Path::new("lengths")).display(),
-                m.rows,
                 set.features.display(),
                 total.map_or_else(|| "more than 2^63".to_string(), |t| t.to_string())
             );
-            let mut out = Vec::with_capacity(lengths.len());
             let mut start = 0usize;
+            let mut states = Vec::new();
             for l in lengths {
-                let end = start + l as usize;
-                let features = m.data[start * m.cols..end * m.cols].to_vec();
-                out.push((m.cols, utterance(features, labels[start..end].to_vec())?));
-                start = end;
+                let l = l as usize;
+                let mut features = Vec::new();
+                feats.matrix_rows(l, &mut features)?;
+                check_finite(&features, cols, start, |at| format!("{}: {at}", set.features.display()))?;
+                labels.labels_next(l, &mut states)?;
+                each(cols, utterance(features, &states)?)?;
+                start += l;
             }
-            Ok(out)
+            Ok(())
         }
         (false, false) => {
             ensure!(set.lengths.is_none(), "`lengths` is for .npy features; Kaldi archives hold utterances");
-            let feats = if set.features.extension().is_some_and(|e| e == "scp") {
-                kaldi::read_matrix_scp(&set.features)?
+            let mut feats = if set.features.extension().is_some_and(|e| e == "scp") {
+                kaldi::MatrixEntries::scp(&set.features)?
             } else {
-                kaldi::read_matrix_ark(&set.features)?
+                kaldi::MatrixEntries::ark(&set.features)?
             };
-            let ali = kaldi::read_int_vector_ark(&set.labels)?;
-            let paired = kaldi::pair_features_alignments(feats, ali)
-                .with_context(|| format!("pairing {} with {}", set.features.display(), set.labels.display()))?;
-            let count = paired.len();
-            for (i, (id, m, _)) in paired.iter().enumerate() {
-                let (first, m0, _) = &paired[0];
-                let at = format!("{}: utterance '{id}' ({} of {count})", set.features.display(), i + 1);
+            let mut ali = kaldi::Alignments::open(&set.labels)?;
+            let pairing = || format!("pairing {} with {}", set.features.display(), set.labels.display());
+            let mut first: Option<(String, usize)> = None;
+            let mut entry = 0usize;
+            while let Some((id, m)) = feats.next_entry()? {
+                entry += 1;
+                let Some(pdf_ids) = ali.take(&id, m.rows).with_context(pairing)? else {
+                    continue; // ali.finish() names the utterances without alignments
+                };
+                let at = format!("{}: utterance '{id}' (entry {entry})", set.features.display());
                 ensure!(m.rows > 0, "{at} has no frames");
-                ensure!(
-                    m.cols == m0.cols,
-                    "{at} has frames of {} features, but utterance '{first}' has {}",
-                    m.cols,
-                    m0.cols
-                );
+                match &first {
+                    Some((first, cols)) => ensure!(
+                        m.cols == *cols,
+                        "{at} has frames of {} features, but utterance '{first}' has {cols}",
+                        m.cols
+                    ),
+                    None => first = Some((id.clone(), m.cols)),
+                }
+                check_finite(&m.data, m.cols, 0, |at| format!("{}: utterance '{id}', {at}", set.features.display()))?;
+                let labels: Vec<i64> = pdf_ids.into_iter().map(i64::from).collect();
+                each(m.cols, utterance(m.data, &labels).with_context(|| format!("utterance '{id}'"))?)?;
             }
-            paired
-                .into_iter()
-                .map(|(id, m, ali)| {
-                    check_finite(&m.data, m.cols, |at| format!("{}: utterance '{id}', {at}", set.features.display()))?;
-                    let labels = ali.into_iter().map(i64::from).collect();
-                    Ok((m.cols, utterance(m.data, labels).with_context(|| format!("utterance '{id}'"))?))
-                })
-                .collect()
+            ali.finish().with_context(pairing)
         }
         _ => bail!(
             "features {} and labels {} must both be .npy arrays or both Kaldi archives",
@@ -431,14 +454,14 @@ pub(crate) fn read_file_set(set: &FileSet) -> Result<Vec<(usize, speech::Utteran
     }
 }
 
-/// Fails if a value of the row-major `[_, cols]` features is NaN or infinite: the error is
-/// `place("frame R, feature C")` and what is wrong. Training on such a frame makes every weight
-/// it reaches NaN.
-fn check_finite(data: &[f32], cols: usize, place: impl FnOnce(String) -> String) -> Result<()> {
+/// Fails if a value of the row-major `[_, cols]` features, frames `first ..` of their file, is
+/// NaN or infinite: the error is `place("frame R, feature C")` and what is wrong. Training on
+/// such a frame makes every weight it reaches NaN.
+fn check_finite(data: &[f32], cols: usize, first: usize, place: impl FnOnce(String) -> String) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => {
-            let at = format!("frame {}, feature {}", i / cols.max(1), i % cols.max(1));
+            let at = format!("frame {}, feature {}", first + i / cols.max(1), i % cols.max(1));
             bail!("{} is {}: features must be finite numbers", place(at), data[i])
         }
     }
@@ -573,13 +596,49 @@ mod tests {
             format!("{:#}", load(&spec, Device::Cpu).err().expect("an error"))
         };
         let e = err(&feats, &labels);
-        assert!(e.contains("feats.ark: utterance 'empty' (1 of 4) has no frames"), "{e}");
+        assert!(e.contains("feats.ark: utterance 'empty' (entry 1) has no frames"), "{e}");
         // A 1 x 3 text matrix where the others have 40 features.
         let narrow = dir.write("narrow.ark", &[b"empty [ 1 2 3 ]\n".as_slice(), &ark].concat());
         let one = dir.write("one.ark", &[b"empty 0\n".as_slice(), &ali].concat());
         let e = err(&narrow, &one);
-        let want = "utterance 'spk1-utt1' (2 of 4) has frames of 40 features, but utterance 'empty' has 3";
+        let want = "utterance 'spk1-utt1' (entry 2) has frames of 40 features, but utterance 'empty' has 3";
         assert!(e.contains(want), "{e}");
+    }
+
+    #[test]
+    fn a_split_streams_one_utterance_at_a_time() {
+        // 200,000 frames x 40 f32: 32 MB of features, in utterances of at most 999 frames
+        // (160 KB each).
+        let dir = crate::testutil::TempDir::new("data-stream-bound");
+        let frames = 200_000;
+        let set = crate::testutil::npy_corpus(&dir, frames);
+        let frame_value = crate::testutil::corpus_value;
+        let (mut seen, mut utts, mut largest) = (0usize, 0usize, 0usize);
+        let (result, peak) = crate::fuzz::peak_live_bytes(|| {
+            for_each_utterance(&set, |dim, u| {
+                assert_eq!(dim, 40);
+                assert_eq!(u.features.len(), u.states.len() * 40);
+                for (j, (frame, &k)) in u.features.chunks_exact(40).zip(&u.states).enumerate() {
+                    let i = seen + j;
+                    assert_eq!(k as usize, i * 7 % 61, "label of frame {i}");
+                    assert!(frame.iter().enumerate().all(|(c, &v)| v == frame_value(i, c)), "frame {i}");
+                }
+                seen += u.states.len();
+                utts += 1;
+                largest = largest.max(u.features.len() * 4);
+                Ok(())
+            })
+        });
+        result.unwrap();
+        assert_eq!(seen, frames);
+        assert!(utts > 200, "{utts} utterances");
+        // At most a few utterances' worth held at once (the one handed over, the rows being
+        // read, their labels), and the lengths: far below the 32 MB of the split.
+        assert!(peak < 3 * largest + (256 << 10), "{peak} bytes held at once; an utterance is at most {largest}");
+        // The counter sees a whole split held: the collected split holds all 32 MB.
+        let (all, peak_all) = crate::fuzz::peak_live_bytes(|| read_file_set(&set).unwrap());
+        assert_eq!(all.iter().map(|(_, u)| u.states.len()).sum::<usize>(), frames);
+        assert!(peak_all > frames * 40 * 4, "{peak_all}");
     }
 
     #[test]

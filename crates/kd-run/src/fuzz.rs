@@ -38,7 +38,8 @@ use crate::data::{idx, kaldi, npy};
 use crate::{config, rng, run::output};
 
 // ---------------------------------------------------------------------------------------------
-// Allocation watch: the largest single allocation a reader makes, and a hard ceiling.
+// Allocation watch: the largest single allocation a reader makes, a hard ceiling, and the most
+// bytes held at once (for the streaming readers' memory bound).
 
 /// Allocations above this while a reader runs are refused (the test then aborts with "memory
 /// allocation of N bytes failed"), so a reader that trusts a huge size cannot exhaust memory.
@@ -47,6 +48,8 @@ const CEILING: usize = 256 << 20;
 thread_local! {
     static WATCHING: Cell<bool> = const { Cell::new(false) };
     static LARGEST: Cell<usize> = const { Cell::new(0) };
+    static LIVE: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
     static QUIET: Cell<bool> = const { Cell::new(false) };
     static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
 }
@@ -66,11 +69,37 @@ fn allowed(size: usize) -> bool {
         .unwrap_or(true)
 }
 
+/// On a watched thread, adds `added` bytes to the live total and removes `removed`, noting the
+/// peak.
+fn account(added: usize, removed: usize) {
+    let _ = WATCHING.try_with(|w| {
+        if w.get() {
+            let _ = LIVE.try_with(|l| {
+                let live = l.get().saturating_sub(removed) + added;
+                l.set(live);
+                let _ = PEAK.try_with(|p| p.set(p.get().max(live)));
+            });
+        }
+    });
+}
+
+/// Runs `f` and returns what it returned and the most bytes it held allocated at once on this
+/// thread (what it allocated minus what it freed).
+pub(crate) fn peak_live_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LIVE.with(|l| l.set(0));
+    PEAK.with(|p| p.set(0));
+    WATCHING.with(|w| w.set(true));
+    let out = f();
+    WATCHING.with(|w| w.set(false));
+    (out, PEAK.with(Cell::get))
+}
+
 // SAFETY: every call is forwarded to `System` unchanged, or refused with a null pointer, which
 // the `GlobalAlloc` contract allows.
 unsafe impl GlobalAlloc for Watch {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if allowed(layout.size()) {
+            account(layout.size(), 0);
             System.alloc(layout)
         } else {
             std::ptr::null_mut()
@@ -79,6 +108,7 @@ unsafe impl GlobalAlloc for Watch {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if allowed(layout.size()) {
+            account(layout.size(), 0);
             System.alloc_zeroed(layout)
         } else {
             std::ptr::null_mut()
@@ -87,6 +117,7 @@ unsafe impl GlobalAlloc for Watch {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if allowed(new_size) {
+            account(new_size, layout.size());
             System.realloc(ptr, layout, new_size)
         } else {
             std::ptr::null_mut()
@@ -94,6 +125,7 @@ unsafe impl GlobalAlloc for Watch {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        account(0, layout.size());
         System.dealloc(ptr, layout)
     }
 }

@@ -196,16 +196,24 @@ fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, 
             for (split, set) in SPLITS.iter().zip([&files.train, &files.validation, &files.test]) {
                 let dir = out.join(split);
                 let started = Instant::now();
-                let utts = crate::data::read_file_set(set).with_context(|| format!("data.files.{split}"))?;
-                let dim = utts.first().map_or(0, |u| u.0);
-                let mut w = StoreWriter::create(&dir, kind, dim, shard_frames)?;
-                for (i, (d, u)) in utts.iter().enumerate() {
-                    ensure!(*d == dim, "data.files.{split}: utterance {i} has {d} features, the first {dim}");
-                    let labels: Vec<u32> = u.states.iter().map(|&k| k as u32).collect();
-                    w.push(0, &u.features, &labels).with_context(|| format!("data.files.{split}"))?;
-                }
+                // One utterance at a time: the store is created with the first one's width.
+                let mut writer: Option<StoreWriter> = None;
+                let mut labels = Vec::new();
+                crate::data::for_each_utterance(set, |dim, u| {
+                    let w = match &mut writer {
+                        Some(w) => w,
+                        None => writer.insert(StoreWriter::create(&dir, kind, dim, shard_frames)?),
+                    };
+                    labels.clear();
+                    labels.extend(u.states.iter().map(|&k| k as u32));
+                    w.push(0, &u.features, &labels)
+                })
+                .with_context(|| format!("data.files.{split}"))?;
+                let Some(w) = writer else {
+                    bail!("data.files.{split}: no frames in {}", set.features.display());
+                };
                 let m = w.finish(&format!("{} with labels {}", set.features.display(), set.labels.display()))?;
-                report(&dir, &m, started, "one thread");
+                report(&dir, &m, started, "one thread, one utterance at a time");
             }
         }
         DataSource::Mnist { .. } => bail!("a frame store holds speech frames; MNIST images are read as they are"),
@@ -338,4 +346,91 @@ pub fn bench(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize), 
         tch::get_num_threads()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileSet, FilesSpec};
+    use crate::testutil::TempDir;
+
+    fn kaldi(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kaldi").join(name)
+    }
+
+    fn set(features: PathBuf, labels: PathBuf) -> FileSet {
+        FileSet { features, labels, lengths: None }
+    }
+
+    /// Writes the three splits as f32 stores of `shard_frames`-frame shards and checks each
+    /// reads back frame for frame as `read_file_set` reads the files.
+    fn round_trip(out: &Path, [train, validation, test]: [FileSet; 3], shard_frames: u64) {
+        let sets = [train.clone(), validation.clone(), test.clone()];
+        let spec = FilesSpec { left: 0, right: 0, classes: None, train, validation, test };
+        write(&DataSource::Files(spec), out, FeatureKind::F32, shard_frames, 1).unwrap();
+        for (split, set) in SPLITS.iter().zip(&sets) {
+            let store = FrameStore::open(&out.join(split)).unwrap();
+            let want = crate::data::read_file_set(set).unwrap();
+            assert_eq!(store.index.len(), want.len(), "{split}: utterances");
+            let (mut f, mut l) = (Vec::new(), Vec::new());
+            for (u, (dim, w)) in want.iter().enumerate() {
+                assert_eq!(store.manifest.feature_dim, *dim);
+                store.read(u, &mut f, &mut l, true).unwrap();
+                assert_eq!(f, w.features, "{split}: utterance {u}");
+                assert!(l.iter().zip(&w.states).all(|(&a, &b)| a as i32 == b) && l.len() == w.states.len());
+            }
+            let frames: usize = want.iter().map(|(_, u)| u.states.len()).sum();
+            assert_eq!(store.manifest.frames, frames as u64, "{split}");
+        }
+    }
+
+    #[test]
+    fn kaldi_and_npy_files_are_written_as_stores_equal_to_what_the_readers_read() {
+        let out = TempDir::new("store-write-kaldi");
+        round_trip(
+            &out.0,
+            [
+                set(kaldi("feats.scp"), kaldi("ali.ark")),
+                set(kaldi("feats_cm.ark"), kaldi("ali_text.ark")),
+                set(kaldi("feats_reordered.scp"), kaldi("ali.ark")),
+            ],
+            5,
+        );
+        let store = FrameStore::open(&out.0.join("train")).unwrap();
+        assert_eq!((store.manifest.utterances, store.manifest.frames), (3, 21));
+        assert!(store.manifest.shards.len() >= 2, "{:?}", store.manifest.shards);
+
+        let dir = TempDir::new("store-write-npy-in");
+        let corpus = crate::testutil::npy_corpus(&dir, 20_000);
+        let out = TempDir::new("store-write-npy");
+        round_trip(&out.0, [corpus.clone(), corpus.clone(), corpus], 4096);
+        let store = FrameStore::open(&out.0.join("test")).unwrap();
+        assert_eq!(store.manifest.frames, 20_000);
+        assert!(store.manifest.shards.len() >= 4);
+    }
+
+    #[test]
+    fn features_without_alignments_leave_the_store_unfinished() {
+        let dir = TempDir::new("store-write-mismatch");
+        let ali = crate::data::kaldi::read_int_vector_ark(&kaldi("ali.ark")).unwrap();
+        let text: String = ali[..2]
+            .iter()
+            .map(|(id, v)| format!("{id} {}\n", v.iter().map(i32::to_string).collect::<Vec<_>>().join(" ")))
+            .collect();
+        let two = dir.write("two.ark", text.as_bytes());
+        let good = set(kaldi("feats.scp"), kaldi("ali.ark"));
+        let spec = FilesSpec {
+            left: 0,
+            right: 0,
+            classes: None,
+            train: set(kaldi("feats_f32.ark"), two),
+            validation: good.clone(),
+            test: good,
+        };
+        let out = dir.0.join("out");
+        let e = format!("{:#}", write(&DataSource::Files(spec), &out, FeatureKind::F16, 100, 1).unwrap_err());
+        assert!(e.contains("data.files.train") && e.contains("pairing"), "{e}");
+        assert!(e.contains("1 of 3 feature utterances have no alignment ('spk2-utt1')"), "{e}");
+        assert!(!out.join("train").join(crate::data::store::MANIFEST).exists(), "no manifest: unfinished");
+    }
 }

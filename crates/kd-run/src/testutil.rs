@@ -27,3 +27,44 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A format 1.0 `.npy` file of `descr` and `shape` holding `data`.
+pub fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let shape = match shape {
+        [n] => format!("({n},)"),
+        s => format!("({})", s.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+    };
+    let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Value `c` of frame `i` of [`npy_corpus`].
+pub fn corpus_value(i: usize, c: usize) -> f32 {
+    ((i * 40 + c) % 4099) as f32 * 0.125 - 100.0
+}
+
+/// An NPY corpus of `frames` x 40 f32 frames in utterances of 50 to 999 frames: features,
+/// labels and lengths files in `dir`.
+pub fn npy_corpus(dir: &TempDir, frames: usize) -> crate::config::FileSet {
+    let mut lengths = Vec::new();
+    let (mut total, mut x) = (0usize, 12345u64);
+    while total < frames {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let l = (50 + (x >> 33) as usize % 950).min(frames - total);
+        lengths.push(l as i64);
+        total += l;
+    }
+    let feats: Vec<u8> =
+        (0..frames).flat_map(|i| (0..40).map(move |c| corpus_value(i, c))).flat_map(f32::to_le_bytes).collect();
+    let labels: Vec<u8> = (0..frames as i64).flat_map(|i| (i * 7 % 61).to_le_bytes()).collect();
+    let lens: Vec<u8> = lengths.iter().flat_map(|l| l.to_le_bytes()).collect();
+    crate::config::FileSet {
+        features: dir.write("feats.npy", &npy("<f4", &[frames, 40], &feats)),
+        labels: dir.write("labels.npy", &npy("<i8", &[frames], &labels)),
+        lengths: Some(dir.write("lengths.npy", &npy("<i8", &[lengths.len()], &lens))),
+    }
+}

@@ -46,12 +46,16 @@ const MAX_NUMBER_LEN: usize = 64;
 const INV_65535: f32 = 1.0 / 65535.0;
 const MATRIX_TOKENS: &str = "FM, DM, CM, CM2 or CM3";
 
-/// Reads every (utt-id, matrix) of a binary (or text) Kaldi archive, in file order.
+/// Reads every (utt-id, matrix) of a binary (or text) Kaldi archive, in file order. (The
+/// in-memory readers serve the tests; `data::for_each_utterance` streams with
+/// [`MatrixEntries`] and [`Alignments`].)
+#[cfg(test)]
 pub fn read_matrix_ark(path: &Path) -> Result<Vec<(String, Matrix)>> {
-    read_entries(Source::open(path)?, Source::read_matrix)
+    MatrixEntries::ark(path)?.collect()
 }
 
 /// Reads every (utt-id, int32 vector) of an alignment archive (pdf ids per frame).
+#[cfg(test)]
 pub fn read_int_vector_ark(path: &Path) -> Result<Vec<(String, Vec<i32>)>> {
     read_entries(Source::open(path)?, Source::read_int_vector)
 }
@@ -74,24 +78,107 @@ pub fn parse_int_vector_ark(bytes: &[u8]) -> Result<Vec<(String, Vec<i32>)>> {
 /// optional ranges inclusive as in Kaldi (`[0:99]`, `[0:99,0:12]`; an empty range means all).
 /// A relative path is taken relative to the current directory, or, if it does not exist there,
 /// relative to the scp file's folder.
+#[cfg(test)]
 pub fn read_matrix_scp(path: &Path) -> Result<Vec<(String, Matrix)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read scp file {}", path.display()))?;
-    let dir = path.parent().unwrap_or_else(|| Path::new(""));
-    let mut sources: HashMap<PathBuf, Source> = HashMap::new();
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
+    MatrixEntries::scp(path)?.collect()
+}
+
+/// The (utt-id, matrix) entries of an archive or an scp file, read one at a time in file
+/// order: what [`read_matrix_ark`] and [`read_matrix_scp`] collect, for corpora larger than
+/// memory. An scp file is read line by line; each archive it names is opened once and kept open.
+///
+/// ```ignore
+/// let mut feats = MatrixEntries::scp(Path::new("data/train/feats.scp"))?;
+/// while let Some((utt, m)) = feats.next_entry()? {
+///     println!("{utt}: {} x {}", m.rows, m.cols);
+/// }
+/// ```
+pub struct MatrixEntries(Entries);
+
+enum Entries {
+    Ark(Source),
+    Scp(ScpReader),
+}
+
+impl MatrixEntries {
+    /// The entries of a binary (or text) Kaldi archive.
+    pub fn ark(path: &Path) -> Result<Self> {
+        Ok(MatrixEntries(Entries::Ark(Source::open(path)?)))
+    }
+
+    /// The matrices an scp file points to (see [`read_matrix_scp`]).
+    pub fn scp(path: &Path) -> Result<Self> {
+        crate::data::inputs::check_file(path, "scp file")?;
+        let file = File::open(path).with_context(|| format!("cannot read scp file {}", path.display()))?;
+        Ok(MatrixEntries(Entries::Scp(ScpReader {
+            path: path.to_path_buf(),
+            dir: path.parent().unwrap_or_else(|| Path::new("")).to_path_buf(),
+            lines: BufReader::new(file),
+            line: Vec::new(),
+            number: 0,
+            sources: HashMap::new(),
+        })))
+    }
+
+    /// The next entry, or `None` after the last.
+    pub fn next_entry(&mut self) -> Result<Option<(String, Matrix)>> {
+        match &mut self.0 {
+            Entries::Ark(src) => next_entry(src, Source::read_matrix),
+            Entries::Scp(scp) => scp.next_entry(),
         }
-        let here = format!("{}:{}", path.display(), i + 1);
+    }
+
+    /// Every entry left, or the first error.
+    #[cfg(test)]
+    fn collect(mut self) -> Result<Vec<(String, Matrix)>> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.next_entry()? {
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// An scp file being read line by line, with the archives its lines have named so far.
+struct ScpReader {
+    path: PathBuf,
+    dir: PathBuf,
+    lines: BufReader<File>,
+    line: Vec<u8>,
+    /// The number of the line last read (from 1).
+    number: usize,
+    sources: HashMap<PathBuf, Source>,
+}
+
+impl ScpReader {
+    fn next_entry(&mut self) -> Result<Option<(String, Matrix)>> {
+        let path = &self.path;
+        let line = loop {
+            self.line.clear();
+            let n = self
+                .lines
+                .read_until(b'\n', &mut self.line)
+                .with_context(|| format!("cannot read scp file {}", path.display()))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.number += 1;
+            let Ok(line) = std::str::from_utf8(&self.line) else {
+                bail!("cannot read scp file {}: line {} is not UTF-8 text", path.display(), self.number);
+            };
+            let line = line.trim();
+            if !line.is_empty() {
+                break line;
+            }
+        };
+        let here = format!("{}:{}", path.display(), self.number);
         let Some((utt, spec)) = line.split_once(|c: char| c.is_ascii_whitespace()) else {
             bail!("{here}: expected '<utterance-id> <ark path>:<byte offset>', found '{line}' (no path)");
         };
         let spec = spec.trim();
         let entry = ScpEntry::parse(spec).with_context(|| format!("{here}: utterance '{utt}'"))?;
-        let ark = resolve(&entry.file, dir).with_context(|| format!("{here}: utterance '{utt}'"))?;
-        let src = match sources.entry(ark) {
+        let ark = resolve(&entry.file, &self.dir).with_context(|| format!("{here}: utterance '{utt}'"))?;
+        let src = match self.sources.entry(ark) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let src = Source::open(e.key()).with_context(|| format!("{here}: utterance '{utt}'"))?;
@@ -112,63 +199,107 @@ pub fn read_matrix_scp(path: &Path) -> Result<Vec<(String, Matrix)>> {
         if let Some(ranges) = &entry.ranges {
             m = ranges.apply(&m).with_context(|| format!("{here}: utterance '{utt}'"))?;
         }
-        out.push((utt.to_string(), m));
+        Ok(Some((utt.to_string(), m)))
     }
-    Ok(out)
 }
 
-/// Pairs features and alignments by utterance id, in feature order: checks every utterance has
-/// both (and appears once in each), and equal frame counts.
-pub fn pair_features_alignments(
-    feats: Vec<(String, Matrix)>,
-    ali: Vec<(String, Vec<i32>)>,
-) -> Result<Vec<(String, Matrix, Vec<i32>)>> {
-    let n_ali = ali.len();
-    let mut by_id: HashMap<String, Vec<i32>> = HashMap::with_capacity(n_ali);
-    for (id, v) in ali {
-        if by_id.contains_key(&id) {
-            bail!("utterance '{id}' appears twice in the alignments");
+/// The alignments of an archive, read one utterance at a time as its features arrive: opening
+/// reads the archive once, checking every entry and keeping where each utterance's object starts
+/// (an id and an offset per utterance, not the alignments); [`Alignments::take`] reads one back
+/// and checks its length, [`Alignments::finish`] that features and alignments name the same
+/// utterances.
+///
+/// ```ignore
+/// let mut ali = Alignments::open(Path::new("ali.ark"))?;
+/// while let Some((utt, m)) = feats.next_entry()? {
+///     let Some(pdf_ids) = ali.take(&utt, m.rows)? else { continue }; // reported by finish
+///     // ... one pdf id per frame of m
+/// }
+/// ali.finish()?; // features without alignments, alignments without features
+/// ```
+pub struct Alignments {
+    src: Source,
+    /// Utterance id -> (offset of its object, whether its features have arrived).
+    at: HashMap<String, (u64, bool)>,
+    /// Feature utterances seen.
+    features: usize,
+    /// Feature utterances without an alignment, in feature order.
+    missing: Vec<String>,
+    missing_set: HashSet<String>,
+}
+
+impl Alignments {
+    /// Indexes the alignment archive `path`; an utterance id appearing twice is an error.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut src = Source::open(path)?;
+        let mut at = HashMap::new();
+        while let Some(id) = src.read_key()? {
+            let offset = src.pos;
+            src.read_int_vector()?;
+            if at.insert(id.clone(), (offset, false)).is_some() {
+                bail!("utterance '{id}' appears twice in the alignments");
+            }
         }
-        by_id.insert(id, v);
+        Ok(Alignments { src, at, features: 0, missing: Vec::new(), missing_set: HashSet::new() })
     }
-    let mut seen = HashSet::with_capacity(feats.len());
-    for (id, _) in &feats {
-        if !seen.insert(id.as_str()) {
+
+    /// The alignment of feature utterance `id` of `frames` frames, or `None` if there is none
+    /// (noted for [`Alignments::finish`], which then fails; from there on every utterance is
+    /// only noted). Errors: `id` seen before, or an alignment of another length.
+    pub fn take(&mut self, id: &str, frames: usize) -> Result<Option<Vec<i32>>> {
+        self.features += 1;
+        let Some((offset, used)) = self.at.get_mut(id) else {
+            if !self.missing_set.insert(id.to_string()) {
+                bail!("utterance '{id}' appears twice in the features");
+            }
+            self.missing.push(id.to_string());
+            return Ok(None);
+        };
+        if *used {
             bail!("utterance '{id}' appears twice in the features");
         }
+        *used = true;
+        if !self.missing.is_empty() {
+            return Ok(None); // finish() fails anyway
+        }
+        let offset = *offset;
+        self.src.utt = Some(id.to_string());
+        self.src.seek(offset)?;
+        let v = self.src.read_int_vector()?;
+        if v.len() != frames {
+            bail!("utterance '{id}': the features have {frames} frames but the alignment has {} pdf ids", v.len());
+        }
+        Ok(Some(v))
     }
-    let no_ali: Vec<&str> = feats.iter().map(|(id, _)| id.as_str()).filter(|id| !by_id.contains_key(*id)).collect();
-    let mut no_feats: Vec<&str> = by_id.keys().map(String::as_str).filter(|id| !seen.contains(id)).collect();
-    no_feats.sort_unstable();
-    if !no_ali.is_empty() || !no_feats.is_empty() {
-        let mut parts = Vec::new();
-        if !no_ali.is_empty() {
-            parts.push(format!(
-                "{} of {} feature utterances have no alignment ({})",
-                no_ali.len(),
-                feats.len(),
-                first_few(&no_ali)
-            ));
-        }
-        if !no_feats.is_empty() {
-            parts.push(format!(
-                "{} of {} alignments have no features ({})",
-                no_feats.len(),
-                n_ali,
-                first_few(&no_feats)
-            ));
-        }
+
+    /// Fails if a feature utterance had no alignment or an alignment no features.
+    pub fn finish(self) -> Result<()> {
+        let no_ali: Vec<&str> = self.missing.iter().map(String::as_str).collect();
+        let mut no_feats: Vec<&str> =
+            self.at.iter().filter(|(_, (_, used))| !used).map(|(id, _)| id.as_str()).collect();
+        no_feats.sort_unstable();
+        check_matched((&no_ali, self.features), (&no_feats, self.at.len()))
+    }
+}
+
+/// The error for feature utterances without alignments (of `features` in all) and alignments
+/// without features (of `alignments`), if there are any.
+fn check_matched((no_ali, features): (&[&str], usize), (no_feats, alignments): (&[&str], usize)) -> Result<()> {
+    let mut parts = Vec::new();
+    if !no_ali.is_empty() {
+        parts.push(format!(
+            "{} of {features} feature utterances have no alignment ({})",
+            no_ali.len(),
+            first_few(no_ali)
+        ));
+    }
+    if !no_feats.is_empty() {
+        parts.push(format!("{} of {alignments} alignments have no features ({})", no_feats.len(), first_few(no_feats)));
+    }
+    if !parts.is_empty() {
         bail!("features and alignments do not match: {}", parts.join("; "));
     }
-    let mut out = Vec::with_capacity(feats.len());
-    for (id, m) in feats {
-        let v = by_id.remove(&id).ok_or_else(|| anyhow!("utterance '{id}' has no alignment"))?;
-        if v.len() != m.rows {
-            bail!("utterance '{id}': the features have {} frames but the alignment has {} pdf ids", m.rows, v.len());
-        }
-        out.push((id, m, v));
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Up to five names, quoted, and "..." if there are more.
@@ -181,16 +312,27 @@ fn first_few(names: &[&str]) -> String {
 }
 
 /// Reads `<key> <object>` entries until the end of the file.
+#[cfg(test)]
 fn read_entries<R: Input, T>(
     mut src: Source<R>,
     mut read_object: impl FnMut(&mut Source<R>) -> Result<T>,
 ) -> Result<Vec<(String, T)>> {
     let mut out = Vec::new();
-    while let Some(key) = src.read_key()? {
-        let object = read_object(&mut src)?;
-        out.push((key, object));
+    while let Some(entry) = next_entry(&mut src, &mut read_object)? {
+        out.push(entry);
     }
     Ok(out)
+}
+
+/// The next `<key> <object>` entry, or `None` at the end of the file.
+fn next_entry<R: Input, T>(
+    src: &mut Source<R>,
+    mut read_object: impl FnMut(&mut Source<R>) -> Result<T>,
+) -> Result<Option<(String, T)>> {
+    let Some(key) = src.read_key()? else {
+        return Ok(None);
+    };
+    Ok(Some((key, read_object(src)?)))
 }
 
 /// What a [`Source`] reads: a buffered file, or bytes in memory.
@@ -985,32 +1127,70 @@ mod tests {
         assert_eq!(got[4].1.data, [ark[2].1.data[39]]);
     }
 
+    /// Pairs `feats` with the alignments `ali` (written as a text archive in `dir`) as a stream
+    /// does: [`Alignments::take`] per feature utterance, then [`Alignments::finish`].
+    fn pair(
+        dir: &TempDir,
+        feats: &[(String, Matrix)],
+        ali: &[(String, Vec<i32>)],
+    ) -> Result<Vec<(String, Matrix, Vec<i32>)>> {
+        let text: String = ali
+            .iter()
+            .map(|(id, v)| format!("{id} {}\n", v.iter().map(i32::to_string).collect::<Vec<_>>().join(" ")))
+            .collect();
+        let mut alignments = Alignments::open(&dir.write("ali.ark", text.as_bytes()))?;
+        let mut out = Vec::new();
+        for (id, m) in feats {
+            if let Some(v) = alignments.take(id, m.rows)? {
+                out.push((id.clone(), m.clone(), v));
+            }
+        }
+        alignments.finish()?;
+        Ok(out)
+    }
+
     #[test]
     fn kaldi_pairing_succeeds_and_reports_mismatches() {
+        let dir = TempDir::new("kaldi-pairing");
         let feats = read_matrix_ark(&fixture("feats_f32.ark")).unwrap();
         let ali = read_int_vector_ark(&fixture("ali.ark")).unwrap();
         let mut ali_shuffled = ali.clone();
         ali_shuffled.reverse();
-        let paired = pair_features_alignments(feats.clone(), ali_shuffled).unwrap();
+        let paired = pair(&dir, &feats, &ali_shuffled).unwrap();
         assert_eq!(paired.len(), 3);
         for ((id, m, v), ((fid, fm), (aid, av))) in paired.iter().zip(feats.iter().zip(&ali)) {
             assert_eq!((id, m, v), (fid, fm, av));
             assert_eq!(id, aid);
         }
+        // The binary alignment archive, read back by offset.
+        let mut binary = Alignments::open(&fixture("ali.ark")).unwrap();
+        for ((id, m), (_, v)) in feats.iter().zip(&ali).rev() {
+            assert_eq!(binary.take(id, m.rows).unwrap().as_ref(), Some(v));
+        }
+        binary.finish().unwrap();
 
         let err = |r: Result<Vec<(String, Matrix, Vec<i32>)>>| format!("{:#}", r.expect_err("expected an error"));
-        let msg = err(pair_features_alignments(feats.clone(), ali[..2].to_vec()));
+        let msg = err(pair(&dir, &feats, &ali[..2]));
         assert!(msg.contains("1 of 3 feature utterances have no alignment ('spk2-utt1')"), "{msg}");
-        let msg = err(pair_features_alignments(feats[1..].to_vec(), ali.clone()));
+        let msg = err(pair(&dir, &feats[1..], &ali));
         assert!(msg.contains("1 of 3 alignments have no features ('spk1-utt1')"), "{msg}");
+        let msg = err(pair(&dir, &feats[..1], &ali[2..]));
+        assert!(
+            msg.contains("1 of 1 feature utterances have no alignment ('spk1-utt1'); 1 of 1 alignments have no features ('spk2-utt1')"),
+            "{msg}"
+        );
         let mut short = ali.clone();
         short[1].1.pop();
-        let msg = err(pair_features_alignments(feats.clone(), short));
+        let msg = err(pair(&dir, &feats, &short));
         assert!(msg.contains("utterance 'spk1-utt2': the features have 3 frames but the alignment has 2"), "{msg}");
         let mut twice = ali.clone();
         twice.push(ali[0].clone());
-        let msg = err(pair_features_alignments(feats, twice));
+        let msg = err(pair(&dir, &feats, &twice));
         assert!(msg.contains("'spk1-utt1' appears twice in the alignments"), "{msg}");
+        for feats_twice in [[&feats[..], &feats[1..2]].concat(), [&feats[..], &feats[..]].concat()] {
+            let msg = err(pair(&dir, &feats_twice, &ali[1..]));
+            assert!(msg.contains("appears twice in the features"), "{msg}");
+        }
     }
 
     #[test]
@@ -1112,6 +1292,10 @@ mod tests {
         let p = write("past.scp", format!("u1 {}:10\nu2 {}:{len}\n", ark.display(), ark.display()));
         let msg = assert_err(read_matrix_scp(&p), &p, &["past.scp:2: utterance 'u2': offset", "is past the end"]);
         assert!(msg.contains(&ark.display().to_string()), "{msg}");
+        // Read line by line: the first entry comes before the second line is looked at.
+        let mut entries = MatrixEntries::scp(&p).unwrap();
+        assert_eq!(entries.next_entry().unwrap().map(|(id, m)| (id, m.rows)), Some(("u1".to_string(), 7)));
+        assert_err(entries.next_entry(), &p, &["past.scp:2"]);
         let p = write("mid.scp", format!("u1 {}:3\n", ark.display()));
         assert_err(read_matrix_scp(&p), &p, &["mid.scp:1", "utterance 'u1' at byte 3", "found 0x31 ('1')"]);
         let p = write("missing.scp", "u1 nowhere.ark:10\n".to_string());

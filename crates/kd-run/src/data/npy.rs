@@ -15,38 +15,31 @@
 //! makes it allocate 48 GB before reading; and its errors name neither the file nor the field.
 //! Here every size is checked against the bytes present before anything is allocated.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+#[cfg(test)]
 use crate::data::kaldi::Matrix;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
-/// npy: 2-D float array (`<f4` or `<f8`, converted to f32) -> Matrix.
+/// npy: 2-D float array (`<f4` or `<f8`, converted to f32) -> Matrix, read whole (the tests;
+/// features are read with [`NpyRows`]).
+#[cfg(test)]
 pub fn read_npy_matrix(path: &Path) -> Result<Matrix> {
     parse_npy_matrix(&read(path)?, path)
 }
 
 /// [`read_npy_matrix`] on the file's bytes; errors name `path`.
+#[cfg(test)]
 pub fn parse_npy_matrix(bytes: &[u8], path: &Path) -> Result<Matrix> {
     let array = parse(bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
-    let [rows, cols] = array.shape[..] else {
-        bail!("{}: expected a 2-D array (frames x features), found shape {}", path.display(), array.shape_text());
-    };
-    let data = match array.dtype {
-        Dtype::F4 => array.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F8 => array
-            .data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        Dtype::I4 | Dtype::I8 => bail!(
-            "{}: expected a float array ('<f4' or '<f8') for features, found dtype '{}'",
-            path.display(),
-            array.dtype.descr()
-        ),
-    };
+    let (rows, cols) = matrix_shape(&array.layout, path)?;
+    let mut data = Vec::new();
+    decode_f32(array.layout.dtype, array.data, &mut data);
     Ok(Matrix { rows, cols, data })
 }
 
@@ -58,24 +51,176 @@ pub fn read_npy_labels(path: &Path) -> Result<Vec<i64>> {
 /// [`read_npy_labels`] on the file's bytes; errors name `path`.
 pub fn parse_npy_labels(bytes: &[u8], path: &Path) -> Result<Vec<i64>> {
     let array = parse(bytes).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
-    if array.shape.len() != 1 {
-        bail!("{}: expected a 1-D array of labels, found shape {}", path.display(), array.shape_text());
+    labels_len(&array.layout, path)?;
+    let mut out = Vec::new();
+    decode_i64(array.layout.dtype, array.data, &mut out);
+    Ok(out)
+}
+
+/// A `.npy` file read a few rows at a time, for arrays larger than memory: opening reads only
+/// the header and checks the file's length against its shape (the errors of
+/// [`read_npy_matrix`]); [`NpyRows::matrix_rows`] and [`NpyRows::labels`] then read the rows
+/// in order, holding no more than the rows asked for.
+///
+/// ```ignore
+/// let mut feats = NpyRows::matrix(Path::new("feats.npy"))?; // [frames, dim] '<f4' or '<f8'
+/// let mut rows = Vec::new();
+/// feats.matrix_rows(100, &mut rows)?; // the first 100 frames as f32, 100 x dim values
+/// ```
+pub struct NpyRows {
+    path: PathBuf,
+    file: File,
+    layout: Layout,
+    /// Values of one row: the columns of a matrix, 1 for labels.
+    width: usize,
+    /// Rows read so far.
+    next: usize,
+    bytes: Vec<u8>,
+}
+
+impl NpyRows {
+    /// Opens a 2-D float array (frames x features).
+    pub fn matrix(path: &Path) -> Result<Self> {
+        let (file, layout) = open(path)?;
+        let (_, cols) = matrix_shape(&layout, path)?;
+        Ok(NpyRows { path: path.to_path_buf(), file, layout, width: cols, next: 0, bytes: Vec::new() })
     }
-    Ok(match array.dtype {
-        Dtype::I4 => {
-            array.data.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+
+    /// Opens a 1-D integer array (labels).
+    pub fn labels(path: &Path) -> Result<Self> {
+        let (file, layout) = open(path)?;
+        labels_len(&layout, path)?;
+        Ok(NpyRows { path: path.to_path_buf(), file, layout, width: 1, next: 0, bytes: Vec::new() })
+    }
+
+    /// Rows of the array (frames of a matrix, labels of a 1-D array).
+    pub fn rows(&self) -> usize {
+        self.layout.shape[0]
+    }
+
+    /// Values of a row (features of a matrix, 1 for labels).
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Bytes the reader holds for the rows it last read (at most those of the most rows asked
+    /// for at once).
+    #[cfg(test)]
+    pub fn buffer_bytes(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// The next `n` rows of a matrix as f32, row-major, into `out` (replacing its contents).
+    pub fn matrix_rows(&mut self, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        matrix_shape(&self.layout, &self.path)?;
+        self.read_rows(n)?;
+        out.clear();
+        decode_f32(self.layout.dtype, &self.bytes, out);
+        Ok(())
+    }
+
+    /// The next `n` labels into `out` (replacing its contents).
+    pub fn labels_next(&mut self, n: usize, out: &mut Vec<i64>) -> Result<()> {
+        labels_len(&self.layout, &self.path)?;
+        self.read_rows(n)?;
+        out.clear();
+        decode_i64(self.layout.dtype, &self.bytes, out);
+        Ok(())
+    }
+
+    /// Reads the bytes of the next `n` rows into `self.bytes`.
+    fn read_rows(&mut self, n: usize) -> Result<()> {
+        let left = self.rows() - self.next;
+        if n > left {
+            bail!("{}: asked for {n} rows after row {}, but {left} are left", self.path.display(), self.next);
         }
-        Dtype::I8 => array
-            .data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-        Dtype::F4 | Dtype::F8 => bail!(
+        // The sizes fit: the whole array was checked against the file's length when opened.
+        let row_bytes = self.width * self.layout.dtype.size();
+        self.bytes.clear();
+        self.bytes.reserve_exact(n * row_bytes);
+        self.bytes.resize(n * row_bytes, 0);
+        self.file
+            .read_exact(&mut self.bytes)
+            .with_context(|| format!("{}: cannot read rows {} to {}", self.path.display(), self.next, self.next + n))?;
+        self.next += n;
+        Ok(())
+    }
+}
+
+/// Opens `path`, parses its header (reading only the header's bytes) and leaves the file at
+/// the first data byte.
+fn open(path: &Path) -> Result<(File, Layout)> {
+    crate::data::inputs::check_file(path, "NumPy file")?;
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
+    if len == 0 {
+        bail!("{} is empty: expected a .npy file", path.display());
+    }
+    let layout = parse_header(len, |n| {
+        let mut head = vec![0; n];
+        file.seek(SeekFrom::Start(0))?;
+        file.read_exact(&mut head)?;
+        Ok(head)
+    })
+    .with_context(|| format!("{}: not a readable .npy file", path.display()))?;
+    file.seek(SeekFrom::Start(layout.data_start as u64)).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((file, layout))
+}
+
+/// Rows and columns of a 2-D float array, or an error naming `path`.
+fn matrix_shape(layout: &Layout, path: &Path) -> Result<(usize, usize)> {
+    let [rows, cols] = layout.shape[..] else {
+        bail!(
+            "{}: expected a 2-D array (frames x features), found shape {}",
+            path.display(),
+            shape_text(&layout.shape)
+        );
+    };
+    if let Dtype::I4 | Dtype::I8 = layout.dtype {
+        bail!(
+            "{}: expected a float array ('<f4' or '<f8') for features, found dtype '{}'",
+            path.display(),
+            layout.dtype.descr()
+        );
+    }
+    Ok((rows, cols))
+}
+
+/// The length of a 1-D integer array, or an error naming `path`.
+fn labels_len(layout: &Layout, path: &Path) -> Result<usize> {
+    let [n] = layout.shape[..] else {
+        bail!("{}: expected a 1-D array of labels, found shape {}", path.display(), shape_text(&layout.shape));
+    };
+    if let Dtype::F4 | Dtype::F8 = layout.dtype {
+        bail!(
             "{}: expected an integer array ('<i4' or '<i8') for labels, found dtype '{}'",
             path.display(),
-            array.dtype.descr()
+            layout.dtype.descr()
+        );
+    }
+    Ok(n)
+}
+
+/// Appends the little-endian `<f4` / `<f8` values of `bytes` to `out` as f32.
+fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F4 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        Dtype::F8 => out.extend(
+            bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32),
         ),
-    })
+        Dtype::I4 | Dtype::I8 => unreachable!("matrix_shape refuses integer arrays"),
+    }
+}
+
+/// Appends the little-endian `<i4` / `<i8` values of `bytes` to `out` as i64.
+fn decode_i64(dtype: Dtype, bytes: &[u8], out: &mut Vec<i64>) {
+    match dtype {
+        Dtype::I4 => out.extend(bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
+        Dtype::I8 => out.extend(
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        ),
+        Dtype::F4 | Dtype::F8 => unreachable!("labels_len refuses float arrays"),
+    }
 }
 
 /// The bytes of a file that must exist, be a regular file and not be empty.
@@ -114,17 +259,18 @@ impl Dtype {
     }
 }
 
-/// A parsed array; `data` holds exactly the product of `shape` elements.
-struct Array<'a> {
+/// What a header says: the dtype, the shape and where the data starts; the file's length was
+/// checked to hold exactly the data the shape needs.
+struct Layout {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: &'a [u8],
+    data_start: usize,
 }
 
-impl Array<'_> {
-    fn shape_text(&self) -> String {
-        shape_text(&self.shape)
-    }
+/// A parsed array; `data` holds exactly the product of `shape` elements.
+struct Array<'a> {
+    layout: Layout,
+    data: &'a [u8],
 }
 
 /// Python's tuple notation: `(5,)`, `(3, 40)`.
@@ -136,6 +282,18 @@ fn shape_text(shape: &[usize]) -> String {
 }
 
 fn parse(bytes: &[u8]) -> Result<Array<'_>> {
+    let layout = parse_header(bytes.len() as u64, |n| Ok(bytes[..n].to_vec()))?;
+    let data = &bytes[layout.data_start..];
+    Ok(Array { layout, data })
+}
+
+/// Parses the header of a file of `len` bytes whose first `n` bytes `head(n)` returns (`n` is
+/// never more than `len`), and checks `len` against the shape: the one header parser of the
+/// in-memory and the streaming reader.
+fn parse_header(len: u64, mut head: impl FnMut(usize) -> std::io::Result<Vec<u8>>) -> Result<Layout> {
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut read = |n: usize| head(n.min(len)).context("cannot read the header");
+    let bytes = read(MAGIC.len() + 2 + 4)?;
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         let head = &bytes[..bytes.len().min(MAGIC.len())];
         bail!("bad magic: expected '\\x93NUMPY' at byte 0, found '{}'", head.escape_ascii());
@@ -154,39 +312,40 @@ fn parse(bytes: &[u8]) -> Result<Array<'_>> {
     };
     let header_len = len_bytes.iter().rev().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
     let start = 8 + len_size;
-    let Some(header) = bytes.get(start..start + header_len) else {
+    if header_len > len - start {
         bail!(
             "truncated header: the header length says {header_len} bytes from byte {start}, but the file has {}",
-            bytes.len() - start
+            len - start
         );
-    };
+    }
+    let data_start = start + header_len;
+    let bytes = read(data_start)?;
+    let header = &bytes[start..];
     let header = match std::str::from_utf8(header) {
         Ok(h) if utf8 || h.is_ascii() => h,
         _ => bail!("the header at byte {start} is not {} text", if utf8 { "UTF-8" } else { "ASCII" }),
     };
     let header = Header::parse(header).with_context(|| format!("bad header at byte {start}: {}", header.trim_end()))?;
-    let data_start = start + header_len;
     let shape = shape_text(&header.shape);
     let count = header.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let Some(size) = count.and_then(|n| n.checked_mul(header.dtype.size())) else {
         bail!("shape {shape} overflows");
     };
-    let data = &bytes[data_start..];
-    if data.len() < size {
+    let present = len - data_start;
+    if present < size {
         bail!(
-            "truncated data: shape {shape} of '{}' needs {size} bytes from byte {data_start}, found {}",
-            header.dtype.descr(),
-            data.len()
-        );
-    }
-    if data.len() > size {
-        bail!(
-            "{} unexpected bytes after the data: shape {shape} of '{}' needs {size} bytes from byte {data_start}",
-            data.len() - size,
+            "truncated data: shape {shape} of '{}' needs {size} bytes from byte {data_start}, found {present}",
             header.dtype.descr()
         );
     }
-    Ok(Array { dtype: header.dtype, shape: header.shape, data })
+    if present > size {
+        bail!(
+            "{} unexpected bytes after the data: shape {shape} of '{}' needs {size} bytes from byte {data_start}",
+            present - size,
+            header.dtype.descr()
+        );
+    }
+    Ok(Layout { dtype: header.dtype, shape: header.shape, data_start })
 }
 
 /// The three keys of an npy header.
@@ -362,7 +521,7 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::TempDir;
+    use crate::testutil::{npy, TempDir};
     use std::path::PathBuf;
     use tch::{Kind, Tensor};
 
@@ -466,6 +625,52 @@ mod tests {
         for (name, bytes, needle) in cases {
             let p = dir.write(name, &bytes);
             assert_err(read_npy_matrix(&p), &p, &[needle]);
+            // The streaming reader finds the same from the header and the file's length.
+            assert_err(NpyRows::matrix(&p).map(|r| r.rows()), &p, &[needle]);
+        }
+    }
+
+    #[test]
+    fn npy_rows_are_read_in_pieces_holding_only_the_rows_asked_for() {
+        let dir = TempDir::new("npy-rows");
+        let (rows, cols) = (1000usize, 8usize);
+        let values: Vec<f64> = (0..rows * cols).map(|i| i as f64 * 0.25 - 7.0).collect();
+        let f4: Vec<u8> = values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+        let f8: Vec<u8> = values.iter().flat_map(|&v| v.to_le_bytes()).collect();
+        let labels: Vec<i64> = (0..rows as i64).map(|i| i * 1_000_003 % 4093 - 11).collect();
+        let i4: Vec<u8> = labels.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        let i8: Vec<u8> = labels.iter().flat_map(|&v| v.to_le_bytes()).collect();
+        for (descr, data, size) in [("<f4", f4, 4), ("<f8", f8, 8)] {
+            let p = dir.write("m.npy", &npy(descr, &[rows, cols], &data));
+            let whole = read_npy_matrix(&p).unwrap();
+            let mut reader = NpyRows::matrix(&p).unwrap();
+            assert_eq!((reader.rows(), reader.width()), (rows, cols));
+            let (mut got, mut piece) = (Vec::new(), Vec::new());
+            let mut left = rows;
+            while left > 0 {
+                let n = left.min(7);
+                reader.matrix_rows(n, &mut piece).unwrap();
+                assert_eq!(piece.len(), n * cols);
+                assert!(reader.buffer_bytes() <= 7 * cols * size, "{descr}: {} bytes held", reader.buffer_bytes());
+                got.extend_from_slice(&piece);
+                left -= n;
+            }
+            assert_eq!(got, whole.data, "{descr}");
+            assert_eq!(got[3 * cols + 5], (3 * cols + 5) as f32 * 0.25 - 7.0);
+            assert_err(reader.matrix_rows(1, &mut piece), &p, &["asked for 1 rows after row 1000, but 0 are left"]);
+            assert_err(reader.labels_next(1, &mut Vec::new()), &p, &["expected a 1-D array of labels"]);
+        }
+        for (descr, data) in [("<i4", i4), ("<i8", i8)] {
+            let p = dir.write("l.npy", &npy(descr, &[rows], &data));
+            let mut reader = NpyRows::labels(&p).unwrap();
+            let (mut got, mut piece) = (Vec::new(), Vec::new());
+            for n in [1, 998, 1] {
+                reader.labels_next(n, &mut piece).unwrap();
+                got.extend_from_slice(&piece);
+            }
+            assert_eq!(got, labels, "{descr}");
+            assert_eq!(got, read_npy_labels(&p).unwrap());
+            assert_err(NpyRows::matrix(&p).map(|r| r.rows()), &p, &["expected a 2-D array"]);
         }
     }
 }
