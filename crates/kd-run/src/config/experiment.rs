@@ -445,8 +445,9 @@ pub struct EnsembleJob {
 }
 
 /// Class subsets from a generalist's predictions over the validation split: k-means of
-/// the columns of `affinity`, repeated with `repeats` seeds for overlapping subsets, subsets
-/// outside `[min_size, max_size]` dropped, then the `count` most confusable kept.
+/// the columns of `affinity`, repeated with `repeats` seeds (and other numbers of clusters)
+/// for overlapping subsets, subsets outside `[min_size, max_size]` dropped, then the most
+/// confusable kept (`count` of them, none overlapping a kept one by more than `max_overlap`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClustersJob {
     /// The generalist.
@@ -460,6 +461,14 @@ pub struct ClustersJob {
     pub walk_steps: i64,
     /// k-means runs (seeds `seed`, `seed + 1`, ...); more than one gives overlapping subsets.
     pub repeats: i64,
+    /// More k-means runs (`repeats` each) with these numbers of clusters: subsets of other
+    /// sizes, which overlap those of `clusters` without repeating them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_clusters: Vec<i64>,
+    /// Drop a subset whose overlap `|A ∩ B| / |A ∪ B|` with a subset kept before it (in the
+    /// order of `count`) exceeds this; `None` keeps near-duplicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_overlap: Option<f64>,
     /// Smallest subset kept.
     pub min_size: i64,
     /// Largest subset kept.

@@ -218,6 +218,8 @@ stage_keys! {
     max_size: Count => [Clusters] @ 9,
     count: Count => [Clusters] @ 10,
     kmeans: RawKMeans => [Clusters] @ 11,
+    extra_clusters: Vec<Count> => [Clusters] @ 40,
+    max_overlap: Share => [Clusters] @ 41,
     subsets: Spanned<String> => [Specialists] @ 3,
     examples: Count => [Specialists] @ 25,
     top_n: Count => [Specialists] @ 26,

@@ -373,6 +373,8 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         clusters: clusters.0,
         walk_steps: i64::from(s.walk_steps.unwrap_or(4)),
         repeats: s.repeats.map_or(1, |c| c.0),
+        extra_clusters: s.extra_clusters.iter().flatten().map(|c| c.0).collect(),
+        max_overlap: s.max_overlap.map(|v| v.0),
         min_size,
         max_size: s.max_size.map(|c| c.0),
         count: s.count.map(|c| c.0),

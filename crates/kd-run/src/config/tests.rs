@@ -195,6 +195,13 @@ fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
     assert_eq!((training.epochs, *top_n, *combine_iterations, *examples), (2, 1, 100, None), "[defaults] apply");
     assert_eq!(e.stages[3].job.reads(), ["teacher", "groups"]);
     assert!(e.to_toml().unwrap().contains("affinity = \"covariance\""));
+    assert!(!e.to_toml().unwrap().contains("extra_clusters"), "unset, so earlier runs' files stay the same");
+    let more =
+        parse(&text.replace("clusters = 4\n", "clusters = 4\nextra_clusters = [3, 6]\nmax_overlap = 0.5\n")).unwrap();
+    let Job::Clusters(ClustersJob { extra_clusters, max_overlap, .. }) = &more.stages[2].job else {
+        panic!("clusters stage")
+    };
+    assert_eq!((extra_clusters.as_slice(), *max_overlap), (&[3i64, 6][..], Some(0.5)));
 
     for (bad, msg) in [
         (text.replace("clusters = 4\n", ""), "needs `clusters = K`"),
@@ -207,6 +214,8 @@ fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
         (text.replace("subsets = \"groups\"", "subsets = \"groups\"\ntemperature = 2"), "`temperature` does not apply"),
         (text.replace("clusters = 4\n", "clusters = 4\nepochs = 3\n"), "`epochs` does not apply to a clusters stage"),
         (text.replace("clusters = 4\n", "clusters = 4\naffinity = \"cosine\"\n"), "unknown variant `cosine`"),
+        (text.replace("clusters = 4\n", "clusters = 4\nmax_overlap = 1.5\n"), "a number in (0, 1]"),
+        (text.replace("clusters = 4\n", "clusters = 4\nextra_clusters = [0]\n"), "extra_clusters"),
         (format!("{text}[[stages]]\nname = \"e\"\nkind = \"evaluate\"\nfrom = \"experts\"\n"), "makes no single model"),
         (text.replace("validation = 100", "validation = 0"), "predictions on the validation split"),
     ] {
@@ -627,7 +636,8 @@ const KIND_KEYS: [(&str, &str); 7] = [
     ("ensemble", "members, paper"),
     (
         "clusters",
-        "from, checkpoint, affinity, clusters, walk_steps, repeats, min_size, max_size, count, kmeans, seed, paper",
+        "from, checkpoint, affinity, clusters, walk_steps, repeats, min_size, max_size, count, kmeans, seed, paper, \
+         extra_clusters, max_overlap",
     ),
     (
         "specialists",
@@ -689,6 +699,8 @@ fn every_kind_accepts_its_keys_and_rejects_every_other() {
         ("max_size", "2"),
         ("count", "1"),
         ("kmeans", "{ iterations = 1 }"),
+        ("extra_clusters", "[1]"),
+        ("max_overlap", "0.5"),
         ("subsets", "\"groups\""),
         ("examples", "10"),
         ("top_n", "1"),

@@ -58,6 +58,8 @@ impl Run<'_> {
             clusters,
             walk_steps,
             repeats,
+            extra_clusters,
+            max_overlap,
             min_size,
             max_size,
             count,
@@ -66,8 +68,9 @@ impl Run<'_> {
             seed,
         } = job;
         let classes = self.data.num_classes;
-        if *clusters > classes {
-            bail!("stage `{stage}`: clusters = {clusters} but the data has {classes} classes");
+        let ks: Vec<i64> = std::iter::once(*clusters).chain(extra_clusters.iter().copied()).collect();
+        if let Some(k) = ks.iter().find(|&&k| k > classes) {
+            bail!("stage `{stage}`: {k} clusters asked for, but the data has {classes} classes");
         }
         let net = self.load_model(source)?.1.frozen();
         let val = self.data.validation.as_ref().context("subsets come from the validation split")?;
@@ -84,14 +87,13 @@ impl Run<'_> {
                 Affinity::Confusion => confusion_affinity(&Tensor::cat(&predicted, 0), &val.labels, classes)?,
             })
         })?;
-        let cfg = KMeansConfig {
-            clusters: *clusters,
-            batch_size: *kmeans_batch,
-            iterations: *kmeans_iterations,
-            seed: *seed,
-        };
         let points = if *walk_steps > 0 { class_profiles(&matrix, *walk_steps)? } else { matrix.shallow_clone() };
-        let found = class_subsets(&points, &cfg, *repeats as usize)?;
+        let mut found = std::collections::BTreeSet::new();
+        for &k in &ks {
+            let cfg =
+                KMeansConfig { clusters: k, batch_size: *kmeans_batch, iterations: *kmeans_iterations, seed: *seed };
+            found.extend(class_subsets(&points, &cfg, *repeats as usize)?);
+        }
         let total = found.len();
         // Confusion between different classes only: the positive off-diagonal entries.
         let off_diagonal: Tensor = 1.0 - Tensor::eye(classes, (Kind::Double, matrix.device()));
@@ -108,6 +110,9 @@ impl Run<'_> {
             })
             .collect();
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if let Some(bound) = max_overlap {
+            scored = distinct(scored, |(s, _, _)| s, *bound);
+        }
         scored.truncate(count.map_or(usize::MAX, |c| c as usize));
         if scored.is_empty() {
             bail!(
@@ -402,6 +407,23 @@ impl Run<'_> {
     }
 }
 
+/// The `items` (in order) whose subset overlaps none kept before it by more than `bound`.
+fn distinct<T>(items: Vec<T>, subset: impl Fn(&T) -> &ClassSubset, bound: f64) -> Vec<T> {
+    let mut kept: Vec<T> = Vec::new();
+    for item in items {
+        if kept.iter().all(|k| overlap(subset(k), subset(&item)) <= bound) {
+            kept.push(item);
+        }
+    }
+    kept
+}
+
+/// `|A ∩ B| / |A ∪ B|` of two subsets' classes.
+fn overlap(a: &ClassSubset, b: &ClassSubset) -> f64 {
+    let shared = a.classes().iter().filter(|&&c| b.contains_class(c)).count() as f64;
+    shared / ((a.len() + b.len()) as f64 - shared)
+}
+
 /// `split` with its labels mapped to a specialist's: the subset's classes in order, then the
 /// dustbin for every other class.
 fn relabeled(split: &Split, subset: &ClassSubset) -> Result<Split> {
@@ -564,6 +586,21 @@ fn coverage(
 mod tests {
     use super::*;
     use kd_models::MlpConfig;
+
+    #[test]
+    fn near_duplicate_subsets_give_way_to_those_kept_before_them() {
+        let s = |c: &[i64]| ClassSubset::new(c.to_vec(), 10).unwrap();
+        assert_eq!(overlap(&s(&[0, 1, 2, 3]), &s(&[2, 3, 4, 5])), 2.0 / 6.0);
+        assert_eq!(overlap(&s(&[0, 1]), &s(&[0, 1])), 1.0);
+        assert_eq!(overlap(&s(&[0, 1]), &s(&[2])), 0.0);
+        let items = vec![s(&[0, 1, 2, 3]), s(&[0, 1, 2, 3, 4]), s(&[2, 3, 4, 5]), s(&[6, 7]), s(&[6, 7, 8])];
+        // [0..4] overlaps [0..3] by 4/5; [6, 7, 8] overlaps [6, 7] by 2/3.
+        let kept = distinct(items.clone(), |s| s, 0.5);
+        assert_eq!(kept, [items[0].clone(), items[2].clone(), items[3].clone()]);
+        let loose = [&items[0], &items[2], &items[3], &items[4]].map(Clone::clone);
+        assert_eq!(distinct(items.clone(), |s| s, 0.7), loose);
+        assert_eq!(distinct(items.clone(), |s| s, 1.0), items);
+    }
 
     #[test]
     fn table_4_is_the_same_whatever_the_chunks() {
