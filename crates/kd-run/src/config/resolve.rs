@@ -374,7 +374,8 @@ fn resolve_clusters(text: &str, s: &RawStage, earlier: &[Stage], seed: u64, vali
         walk_steps: i64::from(s.walk_steps.unwrap_or(4)),
         repeats: s.repeats.map_or(1, |c| c.0),
         extra_clusters: s.extra_clusters.iter().flatten().map(|c| c.0).collect(),
-        max_overlap: s.max_overlap.map(|v| v.0),
+        // A bound of 1 drops nothing: the same as none, and recorded as none.
+        max_overlap: s.max_overlap.map(|v| v.0).filter(|&v| v < 1.0),
         min_size,
         max_size: s.max_size.map(|c| c.0),
         count: s.count.map(|c| c.0),

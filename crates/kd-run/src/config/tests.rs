@@ -202,6 +202,8 @@ fn clusters_and_specialists_resolve_with_defaults_and_check_their_references() {
         panic!("clusters stage")
     };
     assert_eq!((extra_clusters.as_slice(), *max_overlap), (&[3i64, 6][..], Some(0.5)));
+    let all = parse(&text.replace("clusters = 4\n", "clusters = 4\nextra_clusters = []\nmax_overlap = 1\n")).unwrap();
+    assert_eq!(all.to_toml().unwrap(), e.to_toml().unwrap(), "no extra clusters and a bound of 1 are the defaults");
 
     for (bad, msg) in [
         (text.replace("clusters = 4\n", ""), "needs `clusters = K`"),
