@@ -672,7 +672,8 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
         let coverage: Vec<&CoverageRow> =
             run.coverage.iter().filter(|c| c.stage == row.stage && c.split == "test").collect();
         let Some(stage) = run.stage(&row.stage) else { continue };
-        let Job::Specialists(SpecialistsJob { source: generalist, subsets: subsets_name, .. }) = &stage.job else {
+        let Job::Specialists(SpecialistsJob { source: generalist, subsets: subsets_name, top_n, .. }) = &stage.job
+        else {
             continue;
         };
         let generalist_name = match generalist {
@@ -698,8 +699,9 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
             md,
             "Generalist and specialists (the paper's Table 3): {} specialists over subsets of {min} to {max} \
              classes (stage `{subsets_name}`), covering {covered} of the {all} test examples; the combination \
-             consults the specialists of the generalist's top class (eq. 5).\n",
-            specialists.len()
+             consults the specialists of the generalist's {} (eq. 5).\n",
+            specialists.len(),
+            if *top_n == 1 { "top class".to_string() } else { format!("{top_n} most probable classes") }
         )?;
         writeln!(md, "| system | conditional test accuracy | test accuracy | paper: conditional | paper: test |")?;
         writeln!(md, "|---|---|---|---|---|")?;
