@@ -37,7 +37,7 @@
 
 mod mlp;
 
-pub use mlp::{BatchRows, Mlp, MlpConfig, CONFIG_PREFIX};
+pub use mlp::{BatchRows, LayerwiseForward, Mlp, MlpConfig, CONFIG_PREFIX};
 
 /// Errors of model construction and checkpoint loading.
 #[derive(Debug, thiserror::Error)]

@@ -69,8 +69,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Instead of timing, measure the peak memory of one top-k distillation step of the 8 x 2560 /
-    /// 14,000-class network with the loss from top-k targets and with them expanded into dense
-    /// rows (CPU; this batch size).
+    /// 14,000-class network with the loss from top-k targets, with them expanded into dense
+    /// rows, and with the optimizer stepping inside the backward pass (CPU; this batch size).
     #[arg(long, value_name = "BATCH")]
     memory: Option<i64>,
     /// Instead of the workloads, time a frame store's producer alone (windows/s on one thread)
@@ -450,9 +450,10 @@ fn reset_peak() -> Result<()> {
 }
 
 /// Peak memory of one distillation step from top-k targets of the 8 x 2560 / 14,000-class network
-/// at `batch` on the CPU, with the sparse loss and with the targets expanded into dense rows
-/// first (as the training loop did before), and of the loss alone (forward and backward to the
-/// logits). Prints MiB above the resident memory before the step.
+/// at `batch` on the CPU: with the targets expanded into dense rows first (as the training loop
+/// did before), with the sparse loss, and with the sparse loss and the optimizer stepping each
+/// layer inside the backward pass ([`Trainer::update_in_backward`]); and of the loss alone
+/// (forward and backward to the logits). Prints MiB above the resident memory before the step.
 fn memory(batch: i64) -> Result<()> {
     // Every allocation of 64 KiB or more gets its own mapping and is returned when freed, so the
     // resident memory follows what is allocated (glibc otherwise raises the threshold and keeps
@@ -491,10 +492,15 @@ fn memory(batch: i64) -> Result<()> {
         config.describe()
     );
     let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
-    for (label, targets) in [
-        ("dense", &expand as &dyn Fn() -> Result<TeacherTargets>),
-        ("top-k", &top_k as &dyn Fn() -> Result<TeacherTargets>),
+    for (label, targets, in_backward) in [
+        ("dense", &expand as &dyn Fn() -> Result<TeacherTargets>, false),
+        ("top-k", &top_k as &dyn Fn() -> Result<TeacherTargets>, false),
+        ("top-k, optimizer in backward", &top_k as &dyn Fn() -> Result<TeacherTargets>, true),
     ] {
+        anyhow::ensure!(
+            trainer.update_in_backward(in_backward) == in_backward,
+            "the optimizer cannot step in backward"
+        );
         // One step to warm up (the gradients' and momentum's first allocation), then one measured.
         let mut step = || -> Result<()> {
             let t = targets()?;

@@ -163,12 +163,55 @@ pub struct Trainer<'a> {
     params: Vec<Tensor>,
     /// Its optimizer.
     pub opt: Optimizer,
+    /// With the optimizer step in the backward pass: the positions in `params` of each layer's
+    /// `[weight, bias]` ([`Mlp::layer_parameters`]).
+    layers: Option<Vec<Vec<usize>>>,
 }
 
 impl<'a> Trainer<'a> {
     /// Wraps `net`, whose trainable parameters are `params`, with `opt`.
     pub fn new(net: &'a Mlp, params: Vec<Tensor>, opt: Optimizer) -> Self {
-        Trainer { net, params, opt }
+        Trainer { net, params, opt, layers: None }
+    }
+
+    /// Makes each step update the network layer by layer during the backward pass, from the
+    /// output layer down, each layer as soon as its gradients exist
+    /// ([`kd_models::LayerwiseForward`]), instead of after the whole backward pass: one
+    /// layer's gradients live at a time instead of the whole network's. The updates are the
+    /// same: every gradient is the one backward pass's, and the optimizer's arithmetic is
+    /// per parameter. Returns whether it is on: it needs the trainer's parameters to be exactly
+    /// the network's layers' (otherwise the steps stay whole, with a warning).
+    pub fn update_in_backward(&mut self, on: bool) -> bool {
+        self.layers = None;
+        if !on {
+            return false;
+        }
+        let mut taken = vec![false; self.params.len()];
+        let mut layers = vec![];
+        for layer in self.net.layer_parameters() {
+            let mut positions = vec![];
+            for p in &layer {
+                match self.params.iter().position(|q| q.is_set_to(p)) {
+                    Some(i) if !taken[i] => {
+                        taken[i] = true;
+                        positions.push(i);
+                    }
+                    _ => break,
+                }
+            }
+            layers.push(positions);
+        }
+        let complete =
+            taken.iter().all(|&t| t) && layers.iter().zip(self.net.layer_parameters()).all(|(p, l)| p.len() == l.len());
+        if complete {
+            self.layers = Some(layers);
+        } else {
+            tracing::warn!(
+                "the optimizer cannot step inside the backward pass: the trained parameters are not exactly the \
+                 network's layers; stepping after the backward pass"
+            );
+        }
+        complete
     }
 
     /// How many of the parameters and optimizer-state values are NaN or infinite, as a device
@@ -216,6 +259,9 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Tensor, Tensor)> {
         let world = crate::dist::world();
         let share = x.size()[0] as f64 / rows.batch.max(1) as f64;
+        if let Some(layers) = &self.layers {
+            return step_in_backward(self.net, &mut self.opt, layers, x, rows, loss);
+        }
         // A process alone keeps libtorch's own dropout (fused on CUDA).
         let logits = self.net.forward_rows(x, true, world.is_distributed().then_some(rows));
         let (loss, mut grads) = if x.size()[0] == 0 {
@@ -235,6 +281,46 @@ impl<'a> Trainer<'a> {
         self.net.apply_max_norm();
         Ok((logits.detach(), loss.detach()))
     }
+}
+
+/// [`Trainer::step_share`] with the optimizer applied to each layer as the backward pass reaches
+/// it (`layers`: each layer's positions among the optimizer's parameters). In a data-parallel
+/// run each layer's gradients are summed over the ranks before its update, in the same order on
+/// every rank (a rank without rows sums zeros).
+fn step_in_backward(
+    net: &Mlp,
+    opt: &mut Optimizer,
+    layers: &[Vec<usize>],
+    x: &Tensor,
+    rows: BatchRows,
+    loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let world = crate::dist::world();
+    opt.begin_step();
+    let mut update = |l: usize, mut grads: Vec<Tensor>| -> Result<()> {
+        world.sum_gradients(&mut grads)?;
+        opt.update_part(&layers[l], grads);
+        Ok(())
+    };
+    let out = if x.size()[0] == 0 {
+        for (l, params) in net.layer_parameters().iter().enumerate().rev() {
+            update(l, params.iter().map(Tensor::zeros_like).collect())?;
+        }
+        (net.forward_rows(x, true, Some(rows)), Tensor::zeros([], (Kind::Float, x.device())))
+    } else {
+        let forward = net.forward_layerwise(x, true, world.is_distributed().then_some(rows));
+        let logits = forward.logits().shallow_clone();
+        let loss = loss(&logits)?;
+        let root = if world.is_distributed() {
+            &loss * (x.size()[0] as f64 / rows.batch.max(1) as f64)
+        } else {
+            loss.shallow_clone()
+        };
+        forward.backward(&root, &mut update)?;
+        (logits, loss)
+    };
+    net.apply_max_norm();
+    Ok((out.0.detach(), out.1.detach()))
 }
 
 /// Sums over an epoch, kept on the device until the epoch ends.

@@ -134,6 +134,53 @@ fn two_ranks_train_as_one_process_at_the_same_global_batch() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// With the optimizer stepping inside the backward pass (`optimizer_in_backward`), a process
+/// alone trains to the weights it trains to without, value for value; two ranks, which sum each
+/// layer's gradients as the backward pass reaches it, to the same within float tolerance.
+#[test]
+fn the_optimizer_in_the_backward_pass_trains_to_the_same_weights() {
+    let dir = fresh_dir("in_backward");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL).unwrap();
+    let args = |out: &Path, in_backward: bool| {
+        let mut a = vec!["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
+        if in_backward {
+            a.extend(["--set".to_string(), "optimizer_in_backward=true".to_string()]);
+        }
+        a
+    };
+    let (plain, layerwise, two) = (dir.join("plain"), dir.join("layerwise"), dir.join("two"));
+    for (out, in_backward) in [(&plain, false), (&layerwise, true)] {
+        let a = args(out, in_backward);
+        let o = alone(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
+    let weights = |out: &Path| {
+        let mut w = load(out);
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        w
+    };
+    let (a, b) = (weights(&plain), weights(&layerwise));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{name}: max |whole step - step in backward| = {:?}", (x - y).abs().max());
+    }
+    let a2 = args(&two, true);
+    let ranks = two_ranks(&a2.iter().map(String::as_str).collect::<Vec<_>>());
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    for ((name, x), (_, y)) in a.iter().zip(&weights(&two)) {
+        let diff = (x - y).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{name}: max |1 process - 2 ranks, step in backward| = {diff}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test_errors() {
     let dir = fresh_dir("smoke");

@@ -160,6 +160,16 @@ pub struct Experiment {
     /// The device's peak TFLOP/s at `precision`, to log the share of it training reaches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_tflops: Option<f64>,
+    /// Update each layer inside the backward pass as soon as its gradients exist, so that one
+    /// layer's gradients are in memory at a time instead of the whole network's; the updates
+    /// are the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer_in_backward: bool,
+    /// Capture the training step in a CUDA graph and replay it: one launch per step instead of
+    /// one per kernel (CUDA only; elsewhere, or where capture is not possible, the steps run as
+    /// they are, with a warning naming why).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cuda_graphs: bool,
     /// The dataset.
     pub data: DataSpec,
     /// The stages, run in order.

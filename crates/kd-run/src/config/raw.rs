@@ -27,6 +27,10 @@ pub(crate) struct RawExperiment {
     pub(crate) precision: Precision,
     #[serde(default)]
     pub(crate) peak_tflops: Option<Positive>,
+    #[serde(default)]
+    pub(crate) optimizer_in_backward: bool,
+    #[serde(default)]
+    pub(crate) cuda_graphs: bool,
     pub(crate) data: RawData,
     #[serde(default)]
     pub(crate) defaults: RawTraining,

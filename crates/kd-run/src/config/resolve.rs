@@ -234,6 +234,8 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         threads: raw.threads.map_or(0, |c| c.0),
         precision: raw.precision,
         peak_tflops: raw.peak_tflops.map(|p| p.0),
+        optimizer_in_backward: raw.optimizer_in_backward,
+        cuda_graphs: raw.cuda_graphs,
         data,
         stages,
     })

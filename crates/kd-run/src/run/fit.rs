@@ -146,6 +146,9 @@ impl Run<'_> {
         );
         let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
         let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+        if trainer.update_in_backward(self.exp.optimizer_in_backward) {
+            info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
+        }
         let mut guard = train::LossGuard::default();
         let settings = LoopSettings {
             batch_size: training.batch_size,

@@ -52,8 +52,8 @@ pub struct Optimizer {
     steps: i64,
     /// Fused Adam: its per-parameter step counts, created on first use.
     adam_steps: Vec<Tensor>,
-    /// The count `adam_steps` hold (-1: none yet, or out of step).
-    adam_steps_at: i64,
+    /// The count each of `adam_steps` holds (-1: out of step).
+    adam_steps_at: Vec<i64>,
     /// A fused step failed: [`Path::Auto`] takes the libtorch-op path from then on.
     fused_failed: bool,
 }
@@ -83,7 +83,7 @@ impl Optimizer {
             second,
             steps: 0,
             adam_steps: vec![],
-            adam_steps_at: -1,
+            adam_steps_at: vec![],
             fused_failed: false,
         }
     }
@@ -111,19 +111,33 @@ impl Optimizer {
         self.step_with(grads, Path::Auto);
     }
 
-    /// The path [`Path::Auto`] takes for these parameters and gradients.
-    fn auto_path(&self, grads: &[Tensor]) -> Path {
-        let Some(first) = self.params.first() else { return Path::Ops };
+    /// Starts a step whose parameters are then updated in parts, by [`Optimizer::update_part`]
+    /// (the optimizer step fused into a backward pass that delivers gradients layer by layer).
+    /// Every parameter must be updated once before the next step begins; the parts together
+    /// make the update [`Optimizer::step`] makes.
+    pub fn begin_step(&mut self) {
+        self.steps += 1;
+    }
+
+    /// Updates the parameters at positions `indices` (of the list the optimizer was built with)
+    /// from their gradients `grads`, same order, within the step [`Optimizer::begin_step`] began.
+    pub fn update_part(&mut self, indices: &[usize], grads: Vec<Tensor>) {
+        self.update(indices, grads, Path::Auto);
+    }
+
+    /// The path [`Path::Auto`] takes for the parameters at `indices` and their gradients.
+    fn auto_path(&self, indices: &[usize], grads: &[Tensor]) -> Path {
+        let Some(first) = indices.first().map(|&i| &self.params[i]) else { return Path::Ops };
         let (device, kind) = (first.device(), first.kind());
-        let uniform = self
-            .params
+        let state = |list: &[Tensor]| if list.is_empty() { vec![] } else { pick(list, indices) };
+        let uniform = pick(&self.params, indices)
             .iter()
             .chain(grads)
-            .chain(&self.first)
-            .chain(&self.second)
+            .chain(&state(&self.first))
+            .chain(&state(&self.second))
             .all(|t| t.device() == device && t.kind() == kind);
         let float = matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
-        let fused = uniform && float && grads.len() == self.params.len() && !self.fused_failed;
+        let fused = uniform && float && grads.len() == indices.len() && !self.fused_failed;
         match (self.spec.kind, device) {
             (OptimizerKind::Adam, tch::Device::Cpu) => Path::OnePass,
             (OptimizerKind::Sgd, tch::Device::Cpu) if !FUSED_SGD_ON_CPU => Path::Ops,
@@ -134,13 +148,19 @@ impl Optimizer {
 
     /// [`Optimizer::step`] on a chosen path (the tests compare them).
     fn step_with(&mut self, grads: Vec<Tensor>, path: Path) {
+        self.begin_step();
+        let all: Vec<usize> = (0..self.params.len()).collect();
+        self.update(&all, grads, path);
+    }
+
+    /// The update of the parameters at `indices` on a chosen path.
+    fn update(&mut self, indices: &[usize], grads: Vec<Tensor>, path: Path) {
         let _guard = tch::no_grad_guard();
-        self.steps += 1;
-        let path = if path == Path::Auto { self.auto_path(&grads) } else { path };
+        let path = if path == Path::Auto { self.auto_path(indices, &grads) } else { path };
         if path == Path::Fused {
             let done = match self.spec.kind {
-                OptimizerKind::Sgd => self.fused_sgd(&grads),
-                OptimizerKind::Adam => self.fused_adam(&grads),
+                OptimizerKind::Sgd => self.fused_sgd(indices, &grads),
+                OptimizerKind::Adam => self.fused_adam(indices, &grads),
             };
             match done {
                 Ok(()) => return,
@@ -152,8 +172,8 @@ impl Optimizer {
             }
         }
         if path == Path::OnePass && self.spec.kind == OptimizerKind::Adam {
-            let groups: Vec<cpu::Group> = (self.params.iter().zip(&grads).zip(&self.first).zip(&self.second))
-                .map(|(((p, g), m), v)| [p, g, m, v])
+            let groups: Vec<cpu::Group> = (indices.iter().zip(&grads))
+                .map(|(&i, g)| [&self.params[i], g, &self.first[i], &self.second[i]])
                 .collect();
             if cpu::supported(&groups) {
                 let (t, s) = (self.steps as i32, &self.spec);
@@ -169,25 +189,27 @@ impl Optimizer {
                 return;
             }
         }
-        self.ops_step(grads);
+        self.ops_step(indices, grads);
     }
 
     /// SGD through libtorch's fused kernel, all parameters in one call. The buffers hold what
     /// the libtorch-op path leaves in them (`b <- mu b + g`, `g` with weight decay), so a
     /// checkpoint from either path resumes on the other.
-    fn fused_sgd(&mut self, grads: &[Tensor]) -> kd_native::Result<()> {
+    fn fused_sgd(&mut self, indices: &[usize], grads: &[Tensor]) -> kd_native::Result<()> {
         let s = &self.spec;
         let lr = Lr::Value(self.lr);
-        if self.momentum == 0.0 && !self.first.is_empty() {
+        let mut params = pick(&self.params, indices);
+        let mut first = if self.first.is_empty() { vec![] } else { pick(&self.first, indices) };
+        if self.momentum == 0.0 && !first.is_empty() {
             // Momentum 0 (the start of a ramp): libtorch takes no buffers then, yet the buffer
             // must become the gradient for the steps after the ramp. It is the step's direction.
-            for ((b, g), p) in self.first.iter_mut().zip(grads).zip(&self.params) {
+            for ((b, g), p) in first.iter_mut().zip(grads).zip(&params) {
                 b.copy_(g);
                 if s.weight_decay > 0.0 {
                     let _ = b.g_add_(&p.multiply_scalar(s.weight_decay));
                 }
             }
-            return kd_native::optim::fused_sgd(&mut self.params, &self.first, &mut [], &SgdOptions::default(), lr);
+            return kd_native::optim::fused_sgd(&mut params, &first, &mut [], &SgdOptions::default(), lr);
         }
         let opts = SgdOptions {
             momentum: self.momentum,
@@ -196,19 +218,24 @@ impl Optimizer {
             nesterov: s.nesterov,
             is_first_step: false,
         };
-        kd_native::optim::fused_sgd(&mut self.params, grads, &mut self.first, &opts, lr)
+        kd_native::optim::fused_sgd(&mut params, grads, &mut first, &opts, lr)
     }
 
-    /// Adam through libtorch's fused kernel, all parameters in one call. Its step counts (one
-    /// 0-dim tensor per parameter) follow `steps`, which alone is checkpointed.
-    fn fused_adam(&mut self, grads: &[Tensor]) -> kd_native::Result<()> {
+    /// Adam through libtorch's fused kernel, the parameters at `indices` in one call. Its step
+    /// counts (one 0-dim tensor per parameter) follow `steps`, which alone is checkpointed.
+    fn fused_adam(&mut self, indices: &[usize], grads: &[Tensor]) -> kd_native::Result<()> {
         // The kernel increments the counts before reading them.
         let before = self.steps - 1;
-        if self.adam_steps.len() != self.params.len() || self.adam_steps_at != before {
+        if self.adam_steps.len() != self.params.len() {
             self.adam_steps = kd_native::optim::adam_steps(&self.params);
-            for t in &mut self.adam_steps {
-                let _ = t.fill_(before as f64);
+            self.adam_steps_at = vec![-1; self.params.len()];
+        }
+        for &i in indices {
+            if self.adam_steps_at[i] != before {
+                let _ = self.adam_steps[i].fill_(before as f64);
             }
+            // Out of step until the kernel has run: a failed call refills the count next time.
+            self.adam_steps_at[i] = -1;
         }
         let s = &self.spec;
         let opts = AdamOptions {
@@ -218,26 +245,27 @@ impl Optimizer {
             weight_decay: s.weight_decay,
             decoupled_weight_decay: false,
         };
-        // Out of step until the kernel has run: a failed call rebuilds the counts next time.
-        self.adam_steps_at = -1;
+        let mut counts = pick(&self.adam_steps, indices);
         kd_native::optim::fused_adam(
-            &mut self.params,
+            &mut pick(&self.params, indices),
             grads,
-            &mut self.first,
-            &mut self.second,
-            &mut self.adam_steps,
+            &mut pick(&self.first, indices),
+            &mut pick(&self.second, indices),
+            &mut counts,
             &opts,
             Lr::Value(self.lr),
         )?;
-        self.adam_steps_at = self.steps;
+        for &i in indices {
+            self.adam_steps_at[i] = self.steps;
+        }
         Ok(())
     }
 
-    /// The update in per-parameter libtorch ops.
-    fn ops_step(&mut self, grads: Vec<Tensor>) {
+    /// The update of the parameters at `indices` in per-parameter libtorch ops.
+    fn ops_step(&mut self, indices: &[usize], grads: Vec<Tensor>) {
         let wd = self.spec.weight_decay;
-        for (i, (p, g)) in self.params.iter().zip(grads).enumerate() {
-            let mut p = p.shallow_clone();
+        for (&i, g) in indices.iter().zip(grads) {
+            let mut p = self.params[i].shallow_clone();
             let mut g = if wd > 0.0 { g + p.multiply_scalar(wd) } else { g };
             match self.spec.kind {
                 OptimizerKind::Sgd => {
@@ -292,7 +320,7 @@ impl Optimizer {
         let get = |key: String| named.iter().find(|(k, _)| *k == key).map(|(_, t)| t);
         let Some(steps) = get(format!("{STATE_PREFIX}steps")) else { bail!("the checkpoint holds no optimizer state") };
         self.steps = i64::try_from(steps)?;
-        self.adam_steps_at = -1;
+        self.adam_steps_at.fill(-1);
         let _guard = tch::no_grad_guard();
         for (name, list) in [("first", &mut self.first), ("second", &mut self.second)] {
             for (i, t) in list.iter_mut().enumerate() {
@@ -307,6 +335,11 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// Shallow copies of the tensors of `list` at `indices`, in that order.
+fn pick(list: &[Tensor], indices: &[usize]) -> Vec<Tensor> {
+    indices.iter().map(|&i| list[i].shallow_clone()).collect()
 }
 
 /// Whether a checkpoint entry belongs to the optimizer.
@@ -566,6 +599,46 @@ mod tests {
                 let state =
                     |st: &[(String, Tensor)]| st.iter().skip(1).map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>();
                 assert!(max_rel_diff(&state(&got_state), &state(&want_state)) < 1e-5);
+            }
+        }
+    }
+
+    /// A step made of parts, the parameters grouped and ordered as a layer-by-layer backward
+    /// pass delivers them, leaves the parameters and the state the whole step leaves, on every
+    /// path, through a checkpoint resumed on the other kind of step.
+    #[test]
+    fn a_step_in_parts_equals_the_whole_step() {
+        let n = 6;
+        let (params, grads) = mlp_problem(n);
+        let mut adam = spec(OptimizerKind::Adam, 0.0, false, 0.01);
+        adam.lr = 1e-2;
+        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), spec(OptimizerKind::Sgd, 0.9, true, 0.0), adam] {
+            for path in [Path::Ops, Path::Fused, Path::OnePass, Path::Auto] {
+                let copies = || params.iter().map(|p| p.copy().set_requires_grad(true)).collect::<Vec<_>>();
+                let (a, b) = (copies(), copies());
+                let mut whole = Optimizer::new(&s, a.iter().map(Tensor::shallow_clone).collect());
+                let mut parts = Optimizer::new(&s, b.iter().map(Tensor::shallow_clone).collect());
+                for (step, g) in grads.iter().enumerate() {
+                    if step == 3 {
+                        let saved: Vec<(String, Tensor)> =
+                            parts.state().into_iter().map(|(k, t)| (k, t.copy())).collect();
+                        parts = Optimizer::new(&s, b.iter().map(Tensor::shallow_clone).collect());
+                        parts.load_state(&saved).unwrap();
+                    }
+                    whole.step_with(g.iter().map(Tensor::copy).collect(), path);
+                    parts.begin_step();
+                    for part in [&[2usize, 3][..], &[0, 1]] {
+                        parts.update(part, part.iter().map(|&i| g[i].copy()).collect(), path);
+                    }
+                }
+                let what = format!("{:?} nesterov {} {path:?}", s.kind, s.nesterov);
+                assert!(max_rel_diff(&a, &params) > 0.01, "{what}: the parameters barely moved");
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(x.equal(y), "{what}: parameters differ by {:?}", (x - y).abs().max());
+                }
+                for ((k, x), (_, y)) in whole.state().iter().zip(&parts.state()) {
+                    assert!(x.equal(y), "{what}: state `{k}` differs");
+                }
             }
         }
     }
