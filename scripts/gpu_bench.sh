@@ -7,6 +7,9 @@
 #   bench.txt   the whole `kd-run bench` output
 #   ratios.txt  its `ratio <workload> <kd-run / PyTorch>` lines
 #   speed.txt   frames/s, TFLOP/s and share of the GPU's dense peak of both sides, per workload
+#   bench_graphs.txt  the bf16 workloads again with kd-run's steps captured in CUDA graphs
+#   graphs_check.txt  speech_tiny's baseline trained eagerly and with CUDA graphs: the same
+#               test errors (summary.csv rows of both)
 #   speech/     the speech check's runs and report; speech_speed.txt, its epochs' speed lines
 # Extra arguments go to every `kd-run run` of the speech check (e.g. `--set
 # data.speech.speakers=100 --set defaults.epochs=2` for a shorter one).
@@ -16,8 +19,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 PYTHON=${PYTHON:-/opt/torch/.venv/bin/python}
+dry=0
 if [ "${1:-}" = "--dry-run" ]; then
     shift
+    dry=1
     bench=(--device cpu --acoustic tiny --acoustic-steps 4 --rounds 1)
     check=(--set data.speech.states=200 --set data.speech.speakers=12 --set data.speech.utterances_per_speaker=10
         --set defaults.epochs=1 --set 'stages.baseline.model.hidden=[64,64]'
@@ -34,6 +39,17 @@ start=$(date +%s)
 grep '^ratio ' "$OUT/bench.txt" > "$OUT/ratios.txt"
 grep '^# acoustic' "$OUT/bench.txt" > "$OUT/speed.txt"
 echo "bench: $(( $(date +%s) - start )) s"
+if [ "$dry" = 0 ]; then
+    "$KD_RUN" bench "${bench[@]}" --python "$PYTHON" --cuda-graphs \
+        --only acoustic_bf16 --only acoustic_topk_bf16 | tee "$OUT/bench_graphs.txt" || true
+fi
+for graphs in false true; do
+    "$KD_RUN" run experiments/speech_tiny.toml --out "$OUT/graphs_$graphs" --set cuda_graphs=$graphs \
+        --only baseline 2>&1 | tee "$OUT/graphs_$graphs.log" | grep -i 'graph\|test errors' || true
+done
+for graphs in false true; do
+    echo "cuda_graphs = $graphs: $(sed -n 2p "$OUT/graphs_$graphs/speech_tiny/summary.csv")"
+done | tee "$OUT/graphs_check.txt"
 OUT="$OUT/speech" scripts/gpu_check.sh "${check[@]}" "$@"
 grep -h 'TFLOP/s' "$OUT"/speech/*/run.log > "$OUT/speech_speed.txt" || true
 echo "wall time of the GPU bench and check: $(( $(date +%s) - start )) s"

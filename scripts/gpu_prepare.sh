@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p kd-run
+# With kd-native's `cuda` feature: CUDA graphs and device properties (the CUDA runtime headers
+# come with the PyTorch wheel's CUDA libraries).
+cargo build --release -p kd-run --features kd-native/cuda
 mkdir -p dist
 strip -o dist/kd-run target/release/kd-run
 ls -l dist/kd-run

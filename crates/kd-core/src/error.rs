@@ -142,6 +142,14 @@ pub enum Error {
         /// What was expected, in words.
         expected: String,
     },
+    /// Targets copied into targets of other shapes ([`crate::TeacherTargets::copy_from`]).
+    #[error("the targets copied have shape {shape:?} but the targets they are copied into have {expected:?}")]
+    TargetsShape {
+        /// The shape of the source tensor that differs.
+        shape: Vec<i64>,
+        /// The shape of the tensor it was to be copied into.
+        expected: Vec<i64>,
+    },
     /// Soft targets made at one temperature were given to an objective at another.
     #[error("the teacher's targets were made at T = {targets} but the objective's temperature is T = {objective}")]
     TemperatureMismatch {

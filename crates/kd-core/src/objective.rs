@@ -720,6 +720,74 @@ impl TeacherTargets {
         }
     }
 
+    /// A copy with its own memory (the tensors copied, not shared).
+    ///
+    /// ```text
+    /// out = self, copied
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Torch`] when the copy fails.
+    ///
+    /// # Example
+    /// ```
+    /// let v = tch::Tensor::ones([1, 2], (tch::Kind::Float, tch::Device::Cpu));
+    /// let t = kd_core::TeacherTargets::logits(v.shallow_clone())?;
+    /// let c = t.copy()?;
+    /// assert_ne!(c.dense().unwrap().data_ptr(), v.data_ptr());
+    /// # Ok::<(), kd_core::Error>(())
+    /// ```
+    pub fn copy(&self) -> Result<Self> {
+        self.inner.map(|t| {
+            let mut copy = t.f_empty_like()?;
+            copy.f_copy_(t)?;
+            Ok(copy)
+        })
+    }
+
+    /// Copies the values of `src` into these targets' tensors, in place: the inputs of a
+    /// training step captured once and replayed (a CUDA graph reads the same memory at every
+    /// replay). `src` must have the same form, temperature and shapes.
+    ///
+    /// ```text
+    /// self <- src, in place
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::WrongTargets`] for another form, [`Error::TemperatureMismatch`] for another
+    /// temperature, [`Error::TargetsShape`] for other shapes, [`Error::Torch`] when the copy fails.
+    ///
+    /// # Example
+    /// ```
+    /// use tch::{Device, Kind, Tensor};
+    /// let mut t = kd_core::TeacherTargets::probs(Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)), 2.0)?;
+    /// let before = t.dense().unwrap().data_ptr();
+    /// t.copy_from(&kd_core::TeacherTargets::probs(Tensor::full([2, 3], 1.0 / 3.0, (Kind::Float, Device::Cpu)), 2.0)?)?;
+    /// assert_eq!(t.dense().unwrap().data_ptr(), before);
+    /// assert!((t.dense().unwrap().double_value(&[1, 2]) - 1.0 / 3.0).abs() < 1e-7);
+    /// assert!(t.copy_from(&kd_core::TeacherTargets::logits(Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))?).is_err());
+    /// # Ok::<(), kd_core::Error>(())
+    /// ```
+    pub fn copy_from(&mut self, src: &TeacherTargets) -> Result<()> {
+        if std::mem::discriminant(&self.inner) != std::mem::discriminant(&src.inner) {
+            return Err(Error::WrongTargets { objective: "copy", needs: self.inner.name(), got: src.inner.name() });
+        }
+        if let (Some(want), Some(got)) = (self.temperature(), src.temperature()) {
+            if want != got {
+                return Err(Error::TemperatureMismatch { targets: got, objective: want });
+            }
+        }
+        let (dst, from) = (self.inner.tensors(), src.inner.tensors());
+        if let Some((d, s)) = dst.iter().zip(&from).find(|(d, s)| d.size() != s.size()) {
+            return Err(Error::TargetsShape { shape: s.size(), expected: d.size() });
+        }
+        for (d, s) in dst.into_iter().zip(from) {
+            let _guard = tch::no_grad_guard();
+            d.shallow_clone().f_copy_(s)?;
+        }
+        Ok(())
+    }
+
     /// The same targets on `device`.
     ///
     /// ```text
@@ -938,5 +1006,32 @@ mod tests {
         assert!(matches!(wrong_kind, Err(Error::ClassesKind { .. })));
         let wrong_shape = TeacherTargets::top_k(p, Tensor::zeros([2, 2], (Kind::Int64, Device::Cpu)), 1.0);
         assert!(matches!(wrong_shape, Err(Error::TopKShape { arg: "teacher_classes", .. })));
+    }
+
+    #[test]
+    fn copy_from_writes_in_place_and_refuses_other_forms_temperatures_and_shapes() {
+        let o = Objective::soft_targets(3.0, LossWeights::default()).unwrap();
+        let (v, w) = (Tensor::randn([6, 5], OPTS), Tensor::randn([6, 5], OPTS));
+        let mut dst = o.top_k_targets(&v, 2).unwrap().copy().unwrap();
+        let ptrs = |t: &TeacherTargets| {
+            let k = t.as_top_k().unwrap();
+            (k.probs.data_ptr(), k.classes.data_ptr())
+        };
+        let before = ptrs(&dst);
+        let src = o.top_k_targets(&w, 2).unwrap();
+        dst.copy_from(&src).unwrap();
+        assert_eq!(ptrs(&dst), before, "the same memory");
+        let (a, b) = (dst.as_top_k().unwrap(), src.as_top_k().unwrap());
+        assert!(a.probs.equal(b.probs) && a.classes.equal(b.classes));
+        // A copy owns its memory.
+        assert_ne!(ptrs(&src.copy().unwrap()), ptrs(&src));
+        assert!(matches!(dst.copy_from(&o.top_k_targets(&w, 3).unwrap()), Err(Error::TargetsShape { .. })));
+        assert!(matches!(
+            dst.copy_from(&o.top_k_targets(&w.narrow(0, 0, 5), 2).unwrap()),
+            Err(Error::TargetsShape { .. })
+        ));
+        assert!(matches!(dst.copy_from(&o.teacher_targets(&w).unwrap()), Err(Error::WrongTargets { .. })));
+        let other = Objective::soft_targets(4.0, LossWeights::default()).unwrap();
+        assert!(matches!(dst.copy_from(&other.top_k_targets(&w, 2).unwrap()), Err(Error::TemperatureMismatch { .. })));
     }
 }

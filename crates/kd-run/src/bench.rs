@@ -26,7 +26,7 @@
 use crate::config::{OptimizerKind, OptimizerSpec};
 use crate::data::Split;
 use crate::train::optim::Optimizer;
-use crate::train::{self, LoopSettings, Supervision, TeacherSignal, Trainer};
+use crate::train::{self, LoopSettings, Supervision, TeacherSignal, Trainer, TrainerState};
 use anyhow::{bail, Context, Result};
 use kd_core::{LossWeights, Objective, TeacherTargets};
 use kd_models::{Mlp, MlpConfig};
@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// Where both sides run: `cpu`, or `cuda` (the first GPU).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// kd-run's steps update each layer inside the backward pass (`optimizer_in_backward`).
+    #[arg(long)]
+    optimizer_in_backward: bool,
+    /// kd-run's steps are captured in a CUDA graph and replayed (`cuda_graphs`; CUDA only).
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Instead of timing, measure the peak memory of one top-k distillation step of the 8 x 2560 /
     /// 14,000-class network with the loss from top-k targets, with them expanded into dense
     /// rows, and with the optimizer stepping inside the backward pass (CPU; this batch size).
@@ -160,7 +166,7 @@ struct Workload {
     /// The teacher's cached targets over the examples, for distillation.
     targets: Option<TeacherTargets>,
     data: Split,
-    trainer_state: Option<Optimizer>,
+    trainer_state: Option<TrainerState>,
 }
 
 /// A teacher's top-`k` soft targets at `objective`'s T over `n` examples of `classes` classes,
@@ -198,7 +204,8 @@ impl Workload {
             (Objective::hard_labels(), None)
         };
         let settings = settings(batch, None);
-        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state: Some(opt) })
+        let trainer_state = Some(Trainer::new(&net, vs.trainable_variables(), opt).into_state());
+        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state })
     }
 
     fn new(name: &str, batch: i64, examples: i64) -> Result<Self> {
@@ -221,13 +228,29 @@ impl Workload {
             (Tensor::randn([examples, 10], (Kind::Float, Device::Cpu)) * 3.0 / TEMPERATURE).softmax(1, Kind::Float);
         let targets = objective.uses_teacher().then(|| TeacherTargets::probs(soft_targets, TEMPERATURE)).transpose()?;
         let settings = settings(batch, Some((28, 28)));
-        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state: Some(opt) })
+        let trainer_state = Some(Trainer::new(&net, vs.trainable_variables(), opt).into_state());
+        Ok(Workload { vs, net, settings, objective, targets, data, trainer_state })
+    }
+
+    /// Has kd-run's steps run with the optimizer inside the backward pass, or captured in a CUDA
+    /// graph (kept from one measurement to the next); fails where that is not possible.
+    fn configure(&mut self, in_backward: bool, cuda_graphs: bool) -> Result<()> {
+        let state = self.trainer_state.take().context("optimizer")?;
+        let mut trainer = Trainer::from_state(&self.net, self.vs.trainable_variables(), state);
+        if trainer.update_in_backward(in_backward) != in_backward {
+            bail!("--optimizer-in-backward: the optimizer cannot step inside the backward pass here");
+        }
+        if let Some(why) = trainer.use_cuda_graphs(cuda_graphs) {
+            bail!("--cuda-graphs: {why}");
+        }
+        self.trainer_state = Some(trainer.into_state());
+        Ok(())
     }
 
     /// Runs one pass over the examples and returns examples per second.
     fn measure(&mut self) -> Result<f64> {
-        let opt = self.trainer_state.take().context("optimizer")?;
-        let mut trainer = Trainer::new(&self.net, self.vs.trainable_variables(), opt);
+        let state = self.trainer_state.take().context("optimizer")?;
+        let mut trainer = Trainer::from_state(&self.net, self.vs.trainable_variables(), state);
         let teacher = match &self.targets {
             Some(targets) => TeacherSignal::Cached(targets),
             None => TeacherSignal::None,
@@ -238,7 +261,7 @@ impl Workload {
         let data = (&self.data, None);
         train::train_epoch(&mut trainer, data, &supervision, &self.settings, &mut guard, |_, _| {})?;
         let seconds = started.elapsed().as_secs_f64();
-        self.trainer_state = Some(trainer.opt);
+        self.trainer_state = Some(trainer.into_state());
         Ok(self.data.len() as f64 / seconds)
     }
 }
@@ -391,6 +414,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
             _ => Workload::new(name, batch, examples)?,
         };
+        ours.configure(args.optimizer_in_backward, args.cuda_graphs)?;
         let (mut rust, mut torch) = (Vec::new(), Vec::new());
         for round in 0..=args.rounds {
             // Alternate which side goes first; round 0 warms both up and is not counted.

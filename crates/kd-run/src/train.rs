@@ -8,6 +8,7 @@ use kd_models::{BatchRows, Mlp};
 use tch::{nn::ModuleT, Kind, Tensor};
 
 pub mod eval;
+mod graph;
 pub mod objective;
 pub mod optim;
 pub mod progress;
@@ -156,6 +157,15 @@ pub struct LoopSettings {
     pub report_every: usize,
 }
 
+/// What a [`Trainer`] holds besides its network and parameters: the optimizer, whether it steps
+/// inside the backward pass, and the captured CUDA graph, if any ([`Trainer::into_state`]).
+pub struct TrainerState {
+    /// The optimizer.
+    pub opt: Optimizer,
+    layers: Option<Vec<Vec<usize>>>,
+    graphs: Option<graph::Graphs>,
+}
+
 /// A network with its optimizer.
 pub struct Trainer<'a> {
     /// The network being trained.
@@ -166,12 +176,44 @@ pub struct Trainer<'a> {
     /// With the optimizer step in the backward pass: the positions in `params` of each layer's
     /// `[weight, bias]` ([`Mlp::layer_parameters`]).
     layers: Option<Vec<Vec<usize>>>,
+    /// With CUDA graphs: the captured step ([`graph`]).
+    graphs: Option<graph::Graphs>,
 }
 
 impl<'a> Trainer<'a> {
     /// Wraps `net`, whose trainable parameters are `params`, with `opt`.
     pub fn new(net: &'a Mlp, params: Vec<Tensor>, opt: Optimizer) -> Self {
-        Trainer { net, params, opt, layers: None }
+        Trainer { net, params, opt, layers: None, graphs: None }
+    }
+
+    /// Ends the trainer, keeping its optimizer, how it steps and its captured CUDA graph for
+    /// another trainer of the same network and parameters ([`Trainer::from_state`]).
+    pub fn into_state(self) -> TrainerState {
+        TrainerState { opt: self.opt, layers: self.layers, graphs: self.graphs }
+    }
+
+    /// A trainer of `net` and `params` that goes on from `state` (taken from a trainer of the
+    /// same network and parameters), its captured graph included.
+    pub fn from_state(net: &'a Mlp, params: Vec<Tensor>, state: TrainerState) -> Self {
+        Trainer { net, params, opt: state.opt, layers: state.layers, graphs: state.graphs }
+    }
+
+    /// Makes the epoch loop capture the training step in a CUDA graph and replay it (see
+    /// [`graph`]: full batches only, captured again when the learning rate or momentum
+    /// changes). Returns why it cannot, if it cannot (the steps then run eagerly).
+    pub fn use_cuda_graphs(&mut self, on: bool) -> Option<String> {
+        self.graphs = None;
+        if !on {
+            return None;
+        }
+        let device = self.params.first().map_or(tch::Device::Cpu, Tensor::device);
+        if let Some(why) = graph::unavailable(device) {
+            return Some(why);
+        }
+        if let tch::Device::Cuda(index) = device {
+            self.graphs = Some(graph::Graphs::new(index));
+        }
+        None
     }
 
     /// Makes each step update the network layer by layer during the backward pass, from the
@@ -521,19 +563,27 @@ pub fn train_epoch_from(
     let mut check = Check { steps, first_batch: 0, checked: 0, examples: 0, total: 0.0 };
     let world = crate::dist::world();
     let mut i = 0usize;
-    while let Some(Batch { x, y, idx, targets, held }) = source.next_batch()? {
+    while let Some(mut batch) = source.next_batch()? {
         anyhow::ensure!(i < steps, "the batch source delivered more than the {steps} steps it announced");
-        let teacher_out = match (targets, &idx) {
+        let teacher_out = match (batch.targets.take(), &batch.idx) {
             (Some(t), _) if supervision.objective.uses_teacher() => Some(t),
-            (_, Some(idx)) => supervision.batch_targets(idx, &x)?,
-            (_, None) => supervision.streamed_targets(&x)?,
+            (_, Some(idx)) => supervision.batch_targets(idx, &batch.x)?,
+            (_, None) => supervision.streamed_targets(&batch.x)?,
         };
+        let (x, y, held) = (&batch.x, &batch.y, batch.held);
         let mut kl = None;
-        let (logits, loss) = trainer.step_share(&x, held, |z| {
-            let (loss, soft_kl) = supervision.loss(z, &y, teacher_out.as_ref())?;
-            kl = soft_kl;
-            Ok(loss)
-        })?;
+        let (logits, loss) =
+            match trainer.graphed_step(&batch, teacher_out.as_ref(), supervision, settings.batch_size)? {
+                Some((logits, loss, soft_kl)) => {
+                    kl = soft_kl;
+                    (logits, loss)
+                }
+                None => trainer.step_share(x, held, |z| {
+                    let (loss, soft_kl) = supervision.loss(z, y, teacher_out.as_ref())?;
+                    kl = soft_kl;
+                    Ok(loss)
+                })?,
+            };
         // This rank's rows; losses, counts and the checks are over the whole batch, summed
         // across the ranks.
         let rows = y.size()[0];
@@ -546,7 +596,7 @@ pub fn train_epoch_from(
             let kl = kl.to_kind(Kind::Float) * rows as f64;
             kl_sum = Some(kl_sum.map_or_else(|| kl.shallow_clone(), |sum| sum + &kl));
         }
-        correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
+        correct += logits.argmax(1, false).eq_tensor(y).sum(Kind::Int64);
         let report = if report_every > 0 && (i + 1).is_multiple_of(report_every) {
             check.window(&step_losses, i + 1, seen, guard)?;
             Some(check.total / seen as f64)

@@ -1123,3 +1123,26 @@ fn a_frame_store_is_written_streamed_with_top_k_targets_and_refused_when_truncat
     assert!(e.contains("shard-00000.kdf is") && e.contains("the file is truncated") && !e.contains("panic"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `cuda_graphs = true` where no graph can be captured (a CPU) trains eagerly to the same
+/// results, saying why; `kd-run bench --cuda-graphs` there is an error naming the flag.
+#[test]
+fn cuda_graphs_off_the_gpu_train_eagerly_and_say_why() {
+    let out = fresh_dir("graphs");
+    let (plain, graphs) = (out.join("plain"), out.join("graphs"));
+    let plain_run = kd_run(&["run", "experiments/smoke.toml", "--out", plain.to_str().unwrap()]);
+    assert!(plain_run.status.success(), "{}", String::from_utf8_lossy(&plain_run.stderr));
+    let run =
+        kd_run(&["run", "experiments/smoke.toml", "--out", graphs.to_str().unwrap(), "--set", "cuda_graphs=true"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("stage `teacher`: cuda_graphs = true, but CUDA graphs need a CUDA device"), "{stderr}");
+    let errors = |dir: &Path| -> Vec<String> {
+        csv_rows(&dir.join("smoke/summary.csv")).iter().map(|r| r["test_errors"].clone()).collect()
+    };
+    assert_eq!(errors(&plain), errors(&graphs));
+    let bench = kd_run(&["bench", "--cuda-graphs", "--acoustic", "tiny", "--only", "acoustic", "--rounds", "1"]);
+    let stderr = String::from_utf8_lossy(&bench.stderr);
+    assert!(!bench.status.success() && stderr.contains("--cuda-graphs: CUDA graphs need a CUDA device"), "{stderr}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -149,6 +149,9 @@ impl Run<'_> {
         if trainer.update_in_backward(self.exp.optimizer_in_backward) {
             info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
         }
+        if let Some(why) = trainer.use_cuda_graphs(self.exp.cuda_graphs) {
+            tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
+        }
         let mut guard = train::LossGuard::default();
         let settings = LoopSettings {
             batch_size: training.batch_size,

@@ -125,6 +125,48 @@ impl Optimizer {
         self.update(indices, grads, Path::Auto);
     }
 
+    /// Whether a step can be captured in a CUDA graph now: every parameter takes libtorch's
+    /// fused kernel (which updates the state in place; the op path replaces SGD's buffers with
+    /// the gradients' storage) and fused Adam's step counts agree with `steps` (so the capture
+    /// records no refill).
+    pub fn capturable(&self) -> bool {
+        let all: Vec<usize> = (0..self.params.len()).collect();
+        let in_step = self.spec.kind == OptimizerKind::Sgd
+            || (self.adam_steps.len() == self.params.len() && self.adam_steps_at.iter().all(|&at| at == self.steps));
+        self.params.first().is_some_and(|p| p.device().is_cuda())
+            && self.auto_path(&all, &self.params) == Path::Fused
+            && in_step
+    }
+
+    /// The learning rate and momentum a captured step has baked in (libtorch's fused kernels
+    /// take them as numbers): a captured step replays only while they are unchanged.
+    pub fn hyperparameters(&self) -> (f64, f64) {
+        (self.lr, self.momentum)
+    }
+
+    /// Counts a step that a replayed CUDA graph made on the device: what [`Optimizer::step`]
+    /// does on the host (the step count, fused Adam's counts, which the kernel advanced).
+    pub fn replayed_step(&mut self) {
+        self.steps += 1;
+        for at in &mut self.adam_steps_at {
+            if *at == self.steps - 1 {
+                *at = self.steps;
+            }
+        }
+    }
+
+    /// Takes the host's count back to `steps` after a capture that failed (whose kernels never
+    /// ran): fused Adam's counts are refilled at the next step.
+    pub fn rewind(&mut self, steps: i64) {
+        self.steps = steps;
+        self.adam_steps_at.fill(-1);
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> i64 {
+        self.steps
+    }
+
     /// The path [`Path::Auto`] takes for the parameters at `indices` and their gradients.
     fn auto_path(&self, indices: &[usize], grads: &[Tensor]) -> Path {
         let Some(first) = indices.first().map(|&i| &self.params[i]) else { return Path::Ops };
