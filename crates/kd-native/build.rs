@@ -88,6 +88,9 @@ fn main() {
                 println!("cargo:rustc-link-search=native={}", dir.display());
                 println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
                 println!("cargo:rustc-link-arg=-Wl,-rpath={}", dir.display());
+                // Link arguments reach only this package's binaries: dependents add the rpath
+                // themselves from DEP_KD_NATIVE_CUDART_DIR.
+                println!("cargo:cudart_dir={}", dir.display());
             }
             None => fail(
                 "feature `cuda` needs libcudart.so.N, which the CUDA build of the PyTorch wheel installs \

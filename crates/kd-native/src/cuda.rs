@@ -44,6 +44,11 @@ const NO_CUDA: Error = Error::NotBuilt {
     hint: "build with `--features kd-native/cuda` on a machine with the CUDA build of the PyTorch wheel",
 };
 
+/// Whether this build has the CUDA parts (feature `cuda`): graphs and device properties.
+pub fn built() -> bool {
+    cfg!(feature = "cuda")
+}
+
 /// The properties of CUDA device `index` (`at::cuda::getDeviceProperties`).
 pub fn device_properties(index: usize) -> Result<DeviceProperties> {
     if !cfg!(feature = "cuda") {

@@ -195,6 +195,10 @@ fn try_main() -> Result<(), Failure> {
                 println!("cuda:{i}: {name}, {peak}");
             }
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!(
+                "cuda graphs: {}",
+                if kd_native::cuda::built() { "in this build" } else { "not in this build (kd-native/cuda)" }
+            );
             println!("cpu threads: {}", tch::get_num_threads());
         }
         Command::Bench(args) => bench::bench(&args)?,
