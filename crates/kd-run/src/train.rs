@@ -302,7 +302,7 @@ impl<'a> Trainer<'a> {
         let world = crate::dist::world();
         let share = x.size()[0] as f64 / rows.batch.max(1) as f64;
         if let Some(layers) = &self.layers {
-            return step_in_backward(self.net, &mut self.opt, layers, x, rows, loss);
+            return step_in_backward(self.net, &mut self.opt, layers, (x, rows, share), loss);
         }
         // A process alone keeps libtorch's own dropout (fused on CUDA).
         let logits = self.net.forward_rows(x, true, world.is_distributed().then_some(rows));
@@ -326,15 +326,14 @@ impl<'a> Trainer<'a> {
 }
 
 /// [`Trainer::step_share`] with the optimizer applied to each layer as the backward pass reaches
-/// it (`layers`: each layer's positions among the optimizer's parameters). In a data-parallel
-/// run each layer's gradients are summed over the ranks before its update, in the same order on
-/// every rank (a rank without rows sums zeros).
+/// it (`layers`: each layer's positions among the optimizer's parameters; `share`: this rank's
+/// share of the global batch). In a data-parallel run each layer's gradients are summed over the
+/// ranks before its update, in the same order on every rank (a rank without rows sums zeros).
 fn step_in_backward(
     net: &Mlp,
     opt: &mut Optimizer,
     layers: &[Vec<usize>],
-    x: &Tensor,
-    rows: BatchRows,
+    (x, rows, share): (&Tensor, BatchRows, f64),
     loss: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let world = crate::dist::world();
@@ -353,11 +352,7 @@ fn step_in_backward(
         let forward = net.forward_layerwise(x, true, world.is_distributed().then_some(rows));
         let logits = forward.logits().shallow_clone();
         let loss = loss(&logits)?;
-        let root = if world.is_distributed() {
-            &loss * (x.size()[0] as f64 / rows.batch.max(1) as f64)
-        } else {
-            loss.shallow_clone()
-        };
+        let root = if world.is_distributed() { &loss * share } else { loss.shallow_clone() };
         forward.backward(&root, &mut update)?;
         (logits, loss)
     };

@@ -685,6 +685,66 @@ mod tests {
         }
     }
 
+    /// What a replayed CUDA graph does, run here on the CPU: the fused kernel called on the
+    /// optimizer's own tensors (the device's part of a step) and `replayed_step` (the host's).
+    /// Steps taken that way and ordinary ones interleave to the parameters and state ordinary
+    /// steps alone reach; a rewound count refills fused Adam's step tensors.
+    #[test]
+    fn replayed_steps_keep_the_host_count_in_step_with_the_device() {
+        let n = 5;
+        let (params, grads) = mlp_problem(n);
+        let mut adam = spec(OptimizerKind::Adam, 0.0, false, 0.01);
+        adam.lr = 1e-2;
+        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), adam] {
+            let copies = || params.iter().map(|p| p.copy().set_requires_grad(true)).collect::<Vec<_>>();
+            let (a, b) = (copies(), copies());
+            let mut plain = Optimizer::new(&s, a.iter().map(Tensor::shallow_clone).collect());
+            let mut replayed = Optimizer::new(&s, b.iter().map(Tensor::shallow_clone).collect());
+            for (step, g) in grads.iter().enumerate() {
+                plain.step_with(g.iter().map(Tensor::copy).collect(), Path::Fused);
+                if step == 0 || step == 3 {
+                    replayed.step_with(g.iter().map(Tensor::copy).collect(), Path::Fused);
+                    continue;
+                }
+                if step == 2 {
+                    // A capture that failed: its step counted on the host, never ran.
+                    replayed.begin_step();
+                    replayed.rewind(replayed.steps() - 1);
+                    if s.kind == OptimizerKind::Adam {
+                        // The next ordinary step refills the counts; replay only after it.
+                        replayed.step_with(g.iter().map(Tensor::copy).collect(), Path::Fused);
+                        continue;
+                    }
+                }
+                let (lr, momentum) = replayed.hyperparameters();
+                let mut ps = pick(&replayed.params, &(0..replayed.params.len()).collect::<Vec<_>>());
+                match s.kind {
+                    OptimizerKind::Sgd => {
+                        let opts = SgdOptions { momentum, weight_decay: s.weight_decay, ..SgdOptions::default() };
+                        kd_native::optim::fused_sgd(&mut ps, g, &mut replayed.first, &opts, Lr::Value(lr)).unwrap();
+                    }
+                    OptimizerKind::Adam => {
+                        let opts = AdamOptions {
+                            beta1: s.beta1,
+                            beta2: s.beta2,
+                            eps: s.eps,
+                            weight_decay: s.weight_decay,
+                            decoupled_weight_decay: false,
+                        };
+                        let (m, v, counts) = (&mut replayed.first, &mut replayed.second, &mut replayed.adam_steps);
+                        kd_native::optim::fused_adam(&mut ps, g, m, v, counts, &opts, Lr::Value(lr)).unwrap();
+                    }
+                }
+                replayed.replayed_step();
+            }
+            assert_eq!(replayed.steps(), plain.steps());
+            for (x, y) in a.iter().zip(&b) {
+                let diff = (x - y).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "{:?}: replayed and ordinary steps differ by {diff}", s.kind);
+            }
+        }
+    }
+
     /// Not a check: times SGD steps of the MNIST teacher's parameters on the op and the fused
     /// paths, alternating, and prints the sorted ms/step (`KD_T` sets the thread count, default 1):
     /// `cargo test --release -p kd-run --bin kd-run time_sgd_paths -- --ignored --nocapture`.
