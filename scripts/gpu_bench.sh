@@ -10,6 +10,8 @@
 #   bench_graphs.txt  the bf16 workloads again with kd-run's steps captured in CUDA graphs
 #   graphs_check.txt  speech_tiny's baseline trained eagerly and with CUDA graphs: the same
 #               test errors (summary.csv rows of both)
+#   gpu_batch/, gpu_batch.txt  experiments/speech/gpu_batch.toml (the 8 x 2560 baseline at
+#               batch 1024 to 4096): each stage's last epoch line (val_acc, frames/s, TFLOP/s)
 #   speech/     the speech check's runs and report; speech_speed.txt, its epochs' speed lines
 # Extra arguments go to every `kd-run run` of the speech check (e.g. `--set
 # data.speech.speakers=100 --set defaults.epochs=2` for a shorter one).
@@ -27,9 +29,15 @@ if [ "${1:-}" = "--dry-run" ]; then
     check=(--set data.speech.states=200 --set data.speech.speakers=12 --set data.speech.utterances_per_speaker=10
         --set defaults.epochs=1 --set 'stages.baseline.model.hidden=[64,64]'
         --set 'stages.member.model.hidden=[64,64]' --set 'stages.distilled.model.hidden=[64,64]')
+    sweep=(--set data.speech.states=200 --set data.speech.speakers=12 --set data.speech.utterances_per_speaker=10
+        --set defaults.epochs=1)
+    for s in b1024-lr0_05 b2048-lr0_05 b2048-lr0_1 b4096-lr0_1 b4096-lr0_2; do
+        sweep+=(--set "stages.$s.model.hidden=[64,64]")
+    done
 else
     bench=(--device cuda --acoustic full --acoustic-steps 50 --rounds 5)
     check=()
+    sweep=()
 fi
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -50,6 +58,8 @@ done
 for graphs in false true; do
     echo "cuda_graphs = $graphs: $(sed -n 2p "$OUT/graphs_$graphs/speech_tiny/summary.csv")"
 done | tee "$OUT/graphs_check.txt"
+"$KD_RUN" run experiments/speech/gpu_batch.toml --out "$OUT/gpu_batch" "${sweep[@]}" 2>&1 \
+    | tee "$OUT/gpu_batch.log" | grep -E 'epoch ([0-9]+)/\1 ' | tee "$OUT/gpu_batch.txt" || true
 OUT="$OUT/speech" scripts/gpu_check.sh "${check[@]}" "$@"
 grep -h 'TFLOP/s' "$OUT"/speech/*/run.log > "$OUT/speech_speed.txt" || true
 echo "wall time of the GPU bench and check: $(( $(date +%s) - start )) s"
