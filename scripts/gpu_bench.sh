@@ -8,6 +8,7 @@
 #   ratios.txt  its `ratio <workload> <kd-run / PyTorch>` lines
 #   speed.txt   frames/s, TFLOP/s and share of the GPU's dense peak of both sides, per workload
 #   bench_graphs.txt  the bf16 workloads again with kd-run's steps captured in CUDA graphs
+#   bench_b2048.txt, bench_b4096.txt  the bf16 workloads at batch 2048 and 4096
 #   graphs_check.txt  speech_tiny's baseline trained eagerly and with CUDA graphs: the same
 #               test errors (summary.csv rows of both)
 #   gpu_batch/, gpu_batch.txt  experiments/speech/gpu_batch.toml (the 8 x 2560 baseline at
@@ -50,6 +51,11 @@ echo "bench: $(( $(date +%s) - start )) s"
 if [ "$dry" = 0 ]; then
     "$KD_RUN" bench "${bench[@]}" --python "$PYTHON" --cuda-graphs \
         --only acoustic_bf16 --only acoustic_topk_bf16 | tee "$OUT/bench_graphs.txt" || true
+    # The bf16 workloads at the larger batches of experiments/speech/gpu_batch.toml.
+    for b in 2048 4096; do
+        "$KD_RUN" bench "${bench[@]}" --python "$PYTHON" --acoustic-batch "$b" \
+            --only acoustic_bf16 --only acoustic_topk_bf16 | tee "$OUT/bench_b$b.txt" || true
+    done
 fi
 for graphs in false true; do
     "$KD_RUN" run experiments/speech_tiny.toml --out "$OUT/graphs_$graphs" --set cuda_graphs=$graphs \

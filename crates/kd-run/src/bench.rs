@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// 2560, 14,000 classes, batch 1024, for a GPU), `tiny` (a dry run), or `none`.
     #[arg(long, value_enum, default_value_t = AcousticSize::Small)]
     acoustic: AcousticSize,
+    /// Batch size of the acoustic workloads, instead of the size's own (256 small, 1024 full).
+    #[arg(long, value_name = "N")]
+    acoustic_batch: Option<i64>,
     /// Timed steps per measurement of the acoustic workloads.
     #[arg(long, default_value_t = 10)]
     acoustic_steps: i64,
@@ -343,6 +346,7 @@ fn plans(args: &BenchArgs, device: Device) -> Vec<Plan> {
         }
     }
     if let Some((sizes, batch)) = args.acoustic.shape() {
+        let batch = args.acoustic_batch.unwrap_or(batch);
         let macs = sizes.windows(2).map(|w| w[0] * w[1]).sum();
         let kinds: &[&str] = if has_bf16(device) { &["", "_bf16"] } else { &[""] };
         for base in ["acoustic", "acoustic_topk"] {
@@ -367,8 +371,8 @@ fn parse_device(name: &str) -> Result<Device> {
 
 /// Runs the comparison and prints one `ratio <workload> <value>` line per workload.
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    if args.steps < 1 || args.rounds < 1 || args.acoustic_steps < 1 {
-        bail!("--steps, --acoustic-steps and --rounds must be at least 1");
+    if args.steps < 1 || args.rounds < 1 || args.acoustic_steps < 1 || args.acoustic_batch.is_some_and(|b| b < 1) {
+        bail!("--steps, --acoustic-steps, --acoustic-batch and --rounds must be at least 1");
     }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
