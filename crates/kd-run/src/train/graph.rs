@@ -122,9 +122,14 @@ impl Trainer<'_> {
             graphs.warmup = graphs.warmup.saturating_sub(1);
             return Ok(None);
         }
+        let steps = self.opt.steps();
         let mut c = self.capture(graphs.device, batch, targets, supervision, key)?;
-        // The capture recorded the step without running it: run it on this batch.
-        c.graph.replay()?;
+        // The capture recorded the step without running it (the host counted it): run it on
+        // this batch.
+        if let Err(e) = c.graph.replay() {
+            self.opt.rewind(steps);
+            return Err(e.into());
+        }
         let out = outputs(&c);
         graphs.captured = Some(c);
         Ok(Some(out))
