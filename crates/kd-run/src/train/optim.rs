@@ -279,14 +279,7 @@ impl Optimizer {
             // Out of step until the kernel has run: a failed call refills the count next time.
             self.adam_steps_at[i] = -1;
         }
-        let s = &self.spec;
-        let opts = AdamOptions {
-            beta1: s.beta1,
-            beta2: s.beta2,
-            eps: s.eps,
-            weight_decay: s.weight_decay,
-            decoupled_weight_decay: false,
-        };
+        let opts = adam_options(&self.spec);
         let mut counts = pick(&self.adam_steps, indices);
         kd_native::optim::fused_adam(
             &mut pick(&self.params, indices),
@@ -376,6 +369,17 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+}
+
+/// The fused Adam kernel's options for `spec` (L2 weight decay, as `torch.optim.Adam`).
+fn adam_options(spec: &OptimizerSpec) -> AdamOptions {
+    AdamOptions {
+        beta1: spec.beta1,
+        beta2: spec.beta2,
+        eps: spec.eps,
+        weight_decay: spec.weight_decay,
+        decoupled_weight_decay: false,
     }
 }
 
@@ -648,18 +652,27 @@ mod tests {
     /// A step made of parts, the parameters grouped and ordered as a layer-by-layer backward
     /// pass delivers them, leaves the parameters and the state the whole step leaves, on every
     /// path, through a checkpoint resumed on the other kind of step.
+    /// Adam at lr 0.01 with weight decay 0.01.
+    fn adam_spec() -> OptimizerSpec {
+        OptimizerSpec { lr: 1e-2, ..spec(OptimizerKind::Adam, 0.0, false, 0.01) }
+    }
+
+    /// Two copies of `params`, each with an optimizer of `s` over it.
+    fn twins(s: &OptimizerSpec, params: &[Tensor]) -> [(Vec<Tensor>, Optimizer); 2] {
+        [(); 2].map(|()| {
+            let ps: Vec<Tensor> = params.iter().map(|p| p.copy().set_requires_grad(true)).collect();
+            let opt = Optimizer::new(s, ps.iter().map(Tensor::shallow_clone).collect());
+            (ps, opt)
+        })
+    }
+
     #[test]
     fn a_step_in_parts_equals_the_whole_step() {
         let n = 6;
         let (params, grads) = mlp_problem(n);
-        let mut adam = spec(OptimizerKind::Adam, 0.0, false, 0.01);
-        adam.lr = 1e-2;
-        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), spec(OptimizerKind::Sgd, 0.9, true, 0.0), adam] {
+        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), spec(OptimizerKind::Sgd, 0.9, true, 0.0), adam_spec()] {
             for path in [Path::Ops, Path::Fused, Path::OnePass, Path::Auto] {
-                let copies = || params.iter().map(|p| p.copy().set_requires_grad(true)).collect::<Vec<_>>();
-                let (a, b) = (copies(), copies());
-                let mut whole = Optimizer::new(&s, a.iter().map(Tensor::shallow_clone).collect());
-                let mut parts = Optimizer::new(&s, b.iter().map(Tensor::shallow_clone).collect());
+                let [(a, mut whole), (b, mut parts)] = twins(&s, &params);
                 for (step, g) in grads.iter().enumerate() {
                     if step == 3 {
                         let saved: Vec<(String, Tensor)> =
@@ -693,13 +706,8 @@ mod tests {
     fn replayed_steps_keep_the_host_count_in_step_with_the_device() {
         let n = 5;
         let (params, grads) = mlp_problem(n);
-        let mut adam = spec(OptimizerKind::Adam, 0.0, false, 0.01);
-        adam.lr = 1e-2;
-        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), adam] {
-            let copies = || params.iter().map(|p| p.copy().set_requires_grad(true)).collect::<Vec<_>>();
-            let (a, b) = (copies(), copies());
-            let mut plain = Optimizer::new(&s, a.iter().map(Tensor::shallow_clone).collect());
-            let mut replayed = Optimizer::new(&s, b.iter().map(Tensor::shallow_clone).collect());
+        for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), adam_spec()] {
+            let [(a, mut plain), (b, mut replayed)] = twins(&s, &params);
             for (step, g) in grads.iter().enumerate() {
                 plain.step_with(g.iter().map(Tensor::copy).collect(), Path::Fused);
                 if step == 0 || step == 3 {
@@ -724,13 +732,7 @@ mod tests {
                         kd_native::optim::fused_sgd(&mut ps, g, &mut replayed.first, &opts, Lr::Value(lr)).unwrap();
                     }
                     OptimizerKind::Adam => {
-                        let opts = AdamOptions {
-                            beta1: s.beta1,
-                            beta2: s.beta2,
-                            eps: s.eps,
-                            weight_decay: s.weight_decay,
-                            decoupled_weight_decay: false,
-                        };
+                        let opts = adam_options(&s);
                         let (m, v, counts) = (&mut replayed.first, &mut replayed.second, &mut replayed.adam_steps);
                         kd_native::optim::fused_adam(&mut ps, g, m, v, counts, &opts, Lr::Value(lr)).unwrap();
                     }
