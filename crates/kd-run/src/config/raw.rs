@@ -322,14 +322,20 @@ pub(crate) fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<
     while i < path.len() {
         let part = path[i];
         if part == "stages" {
-            let name = path.get(i + 1).with_context(|| "expected stages.<stage name>.<key>")?;
+            let first = path.get(i + 1).with_context(|| "expected stages.<stage name>.<key>")?;
             let stages = table.get_mut("stages").and_then(|s| s.as_array_mut()).context("the file has no stages")?;
-            let stage = stages
-                .iter_mut()
-                .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
-                .with_context(|| format!("no stage named `{name}`"))?;
-            table = stage.as_table_mut().context("a stage is not a table")?;
-            i += 2;
+            // A stage name may hold dots (`b512-lr0.05`): the longest run of parts that names a
+            // stage is the name.
+            let named = |s: &toml::Value, name: &str| s.get("name").and_then(|n| n.as_str()) == Some(name);
+            let (stage, parts) = (1..path.len() - i)
+                .rev()
+                .find_map(|k| {
+                    let name = path[i + 1..i + 1 + k].join(".");
+                    stages.iter().position(|s| named(s, &name)).map(|at| (at, k))
+                })
+                .with_context(|| format!("no stage named `{first}`"))?;
+            table = stages[stage].as_table_mut().context("a stage is not a table")?;
+            i += 1 + parts;
         } else {
             let entry = table.entry(part).or_insert_with(|| toml::Value::Table(Default::default()));
             table = entry.as_table_mut().with_context(|| format!("`{part}` is not a table"))?;

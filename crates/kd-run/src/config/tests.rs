@@ -373,6 +373,14 @@ fn overrides_change_values_and_are_validated() {
     );
     let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
     assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
+    // A stage name with dots is found whole.
+    let dotted = GOOD.replace("name = \"student\"", "name = \"student.v1.2\"");
+    let e =
+        parse_with(&dotted, &["stages.student.v1.2.temperature=6", "stages.student.v1.2.model.hidden=[7]"]).unwrap();
+    let Job::Distill(DistillJob { distill, .. }) = &e.stages[1].job else { panic!() };
+    assert_eq!(distill.temperature, 6.0);
+    let err = parse_with(&dotted, &["stages.student.epochs=1"]).unwrap_err();
+    assert!(format!("{err:#}").contains("no stage named `student`"), "{err:#}");
     // A value is exactly one TOML value: more TOML after it is an error, not silently dropped.
     for (bad, msg) in [
         ("seed=7\nname = \"other\"", "more TOML follows it (`name`)"),
