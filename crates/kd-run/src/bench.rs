@@ -410,6 +410,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let where_ = if device.is_cuda() { "cuda:0" } else { "CPU" };
     println!("# {} rounds, {threads} CPU threads, {where_}", args.rounds);
     let mut results = Vec::new();
+    let mut ceilings: Vec<(Kind, f64)> = Vec::new();
     for plan in &plans {
         let (name, batch, examples) = (plan.name.as_str(), plan.batch, plan.examples);
         let mut ours = match args.acoustic.shape() {
@@ -451,12 +452,67 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             speed(r),
             speed(t)
         );
+        if let (Some(macs), Some((sizes, _))) = (plan.macs, args.acoustic.shape()) {
+            let kind = if name.ends_with("_bf16") { Kind::BFloat16 } else { Kind::Float };
+            let ceiling = match ceilings.iter().find(|(k, _)| *k == kind) {
+                Some(&(_, c)) => c,
+                None => {
+                    let c = products_tflops(&sizes, batch, kind, device);
+                    ceilings.push((kind, c));
+                    c
+                }
+            };
+            let share = |rate: f64| 100.0 * rate * 6.0 * macs as f64 / 1e12 / ceiling;
+            println!(
+                "# {name}: the step's matrix products alone run at {ceiling:.3} TFLOP/s here; kd-run reaches {:.0}% of that, \
+                 PyTorch {:.0}%",
+                share(r),
+                share(t)
+            );
+        }
         results.push((name, r / t));
     }
     for (name, ratio) in results {
         println!("ratio {name} {ratio:.3}");
     }
     Ok(())
+}
+
+/// TFLOP/s of the matrix products of one training step of an MLP of `sizes` at `batch` in `kind`
+/// on `device`, run alone: for every layer the forward product, the input gradient's and the
+/// weight gradient's (`6 sum fan_in fan_out` FLOP per example, the count the workloads' TFLOP/s
+/// use), repeated for half a second after one warm-up. What a step could reach if nothing else
+/// took time.
+fn products_tflops(sizes: &[i64], batch: i64, kind: Kind, device: Device) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let layers: Vec<(Tensor, Tensor, Tensor)> = sizes
+        .windows(2)
+        .map(|w| {
+            let x = Tensor::randn([batch, w[0]], (kind, device));
+            let weight = Tensor::randn([w[1], w[0]], (kind, device));
+            let g = Tensor::randn([batch, w[1]], (kind, device));
+            (x, weight, g)
+        })
+        .collect();
+    let step = || {
+        for (x, w, g) in &layers {
+            let _ = x.matmul(&w.tr());
+            let _ = g.matmul(w);
+            let _ = g.tr().matmul(x);
+        }
+        if let Device::Cuda(_) = device {
+            tch::Cuda::synchronize(0);
+        }
+    };
+    step();
+    let started = Instant::now();
+    let mut steps = 0u32;
+    while started.elapsed().as_secs_f64() < 0.5 {
+        step();
+        steps += 1;
+    }
+    let macs: i64 = sizes.windows(2).map(|w| w[0] * w[1]).sum();
+    f64::from(steps) * 6.0 * (batch * macs) as f64 / started.elapsed().as_secs_f64() / 1e12
 }
 
 /// This process's resident memory now and at its peak since the last reset, in bytes
