@@ -8,6 +8,11 @@ fn main() {
             // Find libtorch at run time where it was at build time.
             println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
         }
+        // kd-native's `cuda` feature links the CUDA runtime of the PyTorch wheel, found beside
+        // libtorch rather than in it.
+        if let Ok(dir) = std::env::var("DEP_KD_NATIVE_CUDART_DIR") {
+            println!("cargo:rustc-link-arg=-Wl,-rpath={dir}");
+        }
         // Keep libtorch.so, which nothing references by symbol: it loads libtorch_cuda.so,
         // without which CUDA looks absent.
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
