@@ -7,18 +7,14 @@ KD_RUN := target/release/kd-run
 setup:
 	scripts/setup.sh
 
-# kd-native's Gloo process groups: data-parallel runs under torchrun or srun (and their tests,
-# over loopback); `make setup` fetched their headers.
-FEATURES := --features kd-native/gloo
-
 build: setup
-	cargo build --release -p kd-run $(FEATURES)
+	cargo build --release -p kd-run
 
 run: build
 	$(KD_RUN) run experiments/mnist.toml
 
 test: setup
-	cargo test --release --workspace $(FEATURES)
+	cargo test --release --workspace
 	scripts/test_external.sh
 
 bench: build
@@ -33,8 +29,8 @@ mnist-section: build
 check: setup
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path examples/external/Cargo.toml -- --check
-	cargo clippy --release --all-targets $(FEATURES) -- -D warnings
-	cargo test --release --workspace $(FEATURES)
+	cargo clippy --release --all-targets -- -D warnings
+	cargo test --release --workspace
 	scripts/test_external.sh
 
 clean-runs:

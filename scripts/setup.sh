@@ -41,9 +41,11 @@ if [ -z "${KD_GLOO_INCLUDE:-}" ] && [ ! -f deps/gloo/include/gloo/algorithm.h ];
         mv deps/gloo.tmp/usr/include/gloo deps/gloo.tmp/include/gloo
         rm -rf deps/gloo.tmp/usr deps/gloo "$tmp"
         mv deps/gloo.tmp deps/gloo
+        # kd-native's build script looks for the headers when it runs: make the next build rerun it.
+        touch crates/kd-native/build.rs
     else
-        echo "setup: no apt-get here, so no Gloo headers: the build without '--features kd-native/gloo'" \
-             "works; for it, set KD_GLOO_INCLUDE to a directory holding gloo/algorithm.h" >&2
+        echo "setup: no apt-get here, so no Gloo headers: kd-run builds without data parallelism" \
+             "(one-process runs work); for it, set KD_GLOO_INCLUDE to a directory holding gloo/algorithm.h" >&2
     fi
 fi
 

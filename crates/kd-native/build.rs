@@ -1,9 +1,13 @@
 //! Compiles `src/shim.cpp` (one translation unit) against the headers of the libtorch that tch
 //! links, and links the test and example binaries to libtorch like the other crates' build.rs.
 //!
+//! Gloo (c10d's ProcessGroupGloo, data parallelism on CPUs) is built wherever its headers are
+//! found, which the PyTorch wheel lacks: `KD_GLOO_INCLUDE`, else `deps/gloo/include` (written by
+//! `make setup`), else `/usr/include`. Without them the shim builds without process groups and
+//! the build says so once (a warning); `kd_native::dist::available` tells at run time. The
+//! feature `gloo` makes the headers required (an error when they are missing).
+//!
 //! Features add headers and defines:
-//! - `gloo`: c10d's ProcessGroupGloo. The PyTorch wheel lacks the Gloo headers; they come from
-//!   `KD_GLOO_INCLUDE`, else `deps/gloo/include` (written by `make setup`), else `/usr/include`.
 //! - `cuda`: CUDA graphs and device properties; the CUDA runtime headers come from
 //!   `KD_CUDA_INCLUDE` (directories separated by `:`), else the `nvidia` wheels beside torch.
 //! - `nccl`: c10d's ProcessGroupNCCL; `nccl.h` from `KD_NCCL_INCLUDE`, else the `nvidia-nccl`
@@ -46,18 +50,25 @@ fn main() {
         .warnings(false)
         .flag_if_supported("-Wno-unused-parameter");
 
-    if gloo {
-        let dir =
-            find_dir("KD_GLOO_INCLUDE", &[root.join("deps/gloo/include"), "/usr/include".into()], "gloo/algorithm.h")
-                .unwrap_or_else(|| {
-                    fail(
-                        "feature `gloo` needs the Gloo headers, which the PyTorch wheel lacks. Run `make setup` \
-                     (downloads Debian's libgloo-dev and unpacks it into deps/gloo without root), or set \
-                     KD_GLOO_INCLUDE to a directory holding gloo/algorithm.h",
-                    )
-                });
-        build.include(dir).define("USE_C10D_GLOO", None).define("KD_NATIVE_GLOO", None);
+    const GET_GLOO: &str = "Run `make setup` (downloads Debian's libgloo-dev and unpacks it into deps/gloo \
+        without root), or set KD_GLOO_INCLUDE to a directory holding gloo/algorithm.h";
+    let gloo_dir =
+        find_dir("KD_GLOO_INCLUDE", &[root.join("deps/gloo/include"), "/usr/include".into()], "gloo/algorithm.h");
+    match gloo_dir {
+        Some(dir) => {
+            println!("cargo:rerun-if-changed={}", dir.join("gloo/algorithm.h").display());
+            println!("cargo:rustc-cfg=kd_native_gloo");
+            build.include(dir).define("USE_C10D_GLOO", None).define("KD_NATIVE_GLOO", None);
+        }
+        None if gloo => {
+            fail(&format!("feature `gloo` needs the Gloo headers, which the PyTorch wheel lacks. {GET_GLOO}"))
+        }
+        None => println!(
+            "cargo:warning=kd-native: no Gloo headers found, so this build has no data-parallel process groups \
+             (one-process runs are unaffected). {GET_GLOO}; `make setup` also makes the next build pick them up"
+        ),
     }
+    println!("cargo::rustc-check-cfg=cfg(kd_native_gloo)");
     if cuda {
         let defaults = [site.join("nvidia/cu13/include"), site.join("nvidia/cuda_runtime/include")];
         let dirs = find_dirs("KD_CUDA_INCLUDE", &defaults, "cuda_runtime_api.h").unwrap_or_else(|| {

@@ -146,6 +146,7 @@ mod tests {
 
     #[test]
     fn geometric_equals_mean_logits() {
+        let _generator = crate::lock_global_generator();
         let ms = [
             m(&[1.0, 2.0, -1.0, 0.5, 0.0, 3.0]),
             m(&[-2.0, 0.1, 0.4, 2.5, -1.0, 1.0]),
@@ -162,7 +163,7 @@ mod tests {
 
     #[test]
     fn ensemble_logits_soften_to_the_mean_of_the_members_distributions() {
-        tch::manual_seed(7);
+        let _generator = crate::seed_global_generator(7);
         let members: Vec<Tensor> =
             (0..3).map(|_| Tensor::randn([5, 4], (tch::Kind::Double, tch::Device::Cpu)) * 6.0).collect();
         for t in [1.0, 2.5, 20.0] {

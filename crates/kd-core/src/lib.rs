@@ -35,6 +35,7 @@
 mod check;
 mod ensemble;
 mod error;
+mod generator;
 mod loss;
 mod objective;
 mod softmax;
@@ -43,6 +44,7 @@ mod topk;
 pub use check::{matrix_shape, MatrixProblem};
 pub use ensemble::{ensemble_logits, ensemble_probs, EnsembleRule};
 pub use error::{Error, Result};
+pub use generator::{lock_global_generator, seed_global_generator, GeneratorGuard};
 pub use loss::{
     distillation_loss, hard_target_loss, logit_matching_loss, soft_target_loss, soft_target_loss_from_probs,
     DistillLoss, LossWeights, SoftTargets,

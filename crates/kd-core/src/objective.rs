@@ -834,6 +834,7 @@ mod tests {
 
     #[test]
     fn constructors_validate_once() {
+        let _generator = crate::lock_global_generator();
         let w = LossWeights { hard: 0.3, soft: 0.7 };
         for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert!(matches!(Objective::soft_targets(t, w), Err(Error::InvalidTemperature { .. })), "{t}");
@@ -850,7 +851,7 @@ mod tests {
 
     #[test]
     fn soft_targets_equal_the_dense_losses_from_logits_and_from_cached_probabilities() {
-        tch::manual_seed(1);
+        let _generator = crate::seed_global_generator(1);
         let z = Tensor::randn([5, 7], OPTS) * 2.0;
         let v = Tensor::randn([5, 7], OPTS) * 3.0;
         let y = Tensor::from_slice(&[0i64, 6, 2, 2, 5]);
@@ -872,6 +873,7 @@ mod tests {
 
     #[test]
     fn targets_made_at_another_temperature_are_refused() {
+        let _generator = crate::lock_global_generator();
         let v = Tensor::randn([3, 4], OPTS);
         let z = Tensor::zeros([3, 4], OPTS);
         let at = |t: f64| Objective::soft_targets(t, LossWeights::default()).unwrap();
@@ -899,6 +901,7 @@ mod tests {
 
     #[test]
     fn hard_labels_are_the_cross_entropy_and_logit_matching_its_closed_form() {
+        let _generator = crate::lock_global_generator();
         let z = Tensor::from_slice(&[1.0f64, -0.5, 2.0, 0.0, 0.3, 0.3]).view([2, 3]);
         let v = Tensor::from_slice(&[0.2f64, 1.5, -1.0, 0.7, -2.0, 0.1]).view([2, 3]);
         let y = Tensor::from_slice(&[2i64, 0]);
@@ -925,6 +928,7 @@ mod tests {
 
     #[test]
     fn top_k_targets_are_the_softened_distribution_renormalized_over_the_k_largest() {
+        let _generator = crate::lock_global_generator();
         let logits = Tensor::from_slice(&[2.0f64, -1.0, 0.5, 3.0, 0.0]).view([1, 5]);
         let t = 2.0;
         let o = Objective::soft_targets(t, LossWeights::default()).unwrap();
@@ -946,6 +950,7 @@ mod tests {
 
     #[test]
     fn top_k_loss_matches_the_dense_expansion_of_its_targets() {
+        let _generator = crate::lock_global_generator();
         // Value, KL form and gradient from top-k targets against the same targets expanded into
         // full rows, by batch rows picked from a cached set, for both weights.
         tch::manual_seed(5);
@@ -981,6 +986,7 @@ mod tests {
 
     #[test]
     fn rows_cat_and_devices_keep_the_form_and_temperature() {
+        let _generator = crate::lock_global_generator();
         let o = Objective::soft_targets(3.0, LossWeights::default()).unwrap();
         let v = Tensor::randn([6, 5], OPTS);
         let whole = o.top_k_targets(&v, 2).unwrap();
@@ -1010,6 +1016,7 @@ mod tests {
 
     #[test]
     fn copy_from_writes_in_place_and_refuses_other_forms_temperatures_and_shapes() {
+        let _generator = crate::lock_global_generator();
         let o = Objective::soft_targets(3.0, LossWeights::default()).unwrap();
         let (v, w) = (Tensor::randn([6, 5], OPTS), Tensor::randn([6, 5], OPTS));
         let mut dst = o.top_k_targets(&v, 2).unwrap().copy().unwrap();

@@ -341,6 +341,7 @@ mod tests {
 
     #[test]
     fn equals_the_dense_loss_on_the_expanded_target_value_and_gradient() {
+        let _generator = crate::lock_global_generator();
         for (t, k, w) in [(1.0, 5, (0.0, 1.0)), (2.5, 3, (0.0, 1.0)), (1.0, 4, (0.3, 0.7)), (4.0, 6, (0.5, 0.5))] {
             let (z, p, c, y) = batch(3, 11, k, 7);
             let weights = LossWeights::new(w.0, w.1).unwrap();
@@ -359,6 +360,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
+        let _generator = crate::lock_global_generator();
         let (z, p, c, y) = batch(2, 7, 3, 11);
         // Unnormalized top-k mass too: the loss is the dense one for any weights p.
         let p_half = &p * 0.5;
@@ -385,6 +387,7 @@ mod tests {
 
     #[test]
     fn kl_form_is_the_cross_entropy_less_the_teacher_entropy() {
+        let _generator = crate::lock_global_generator();
         let (z, p, c, _) = batch(4, 9, 4, 3);
         let targets = TopKTargets { probs: &p, classes: &c };
         let t = 2.0;
@@ -401,6 +404,7 @@ mod tests {
 
     #[test]
     fn bf16_logits_go_through_an_f32_log_softmax() {
+        let _generator = crate::lock_global_generator();
         let (z, p, c, y) = batch(4, 50, 5, 5);
         let zb = z.to_kind(Kind::BFloat16);
         let weights = LossWeights::new(0.5, 0.5).unwrap();
@@ -422,6 +426,7 @@ mod tests {
 
     #[test]
     fn large_logits_stay_finite() {
+        let _generator = crate::lock_global_generator();
         let z = Tensor::from_slice(&[1234.0f32, 0.0, -1234.0, 5.0]).view([1, 4]);
         let p = Tensor::from_slice(&[0.5f32, 0.5]).view([1, 2]);
         let c = Tensor::from_slice(&[2i64, 0]).view([1, 2]);
@@ -434,6 +439,7 @@ mod tests {
 
     #[test]
     fn skipped_terms_are_zero_and_only_total_has_a_gradient() {
+        let _generator = crate::lock_global_generator();
         let (z, p, c, y) = batch(2, 6, 2, 1);
         let z = z.set_requires_grad(true);
         let targets = TopKTargets { probs: &p, classes: &c };
@@ -455,6 +461,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_named() {
+        let _generator = crate::lock_global_generator();
         let z = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
         let p = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)) / 3.0;
         let c = Tensor::from_slice(&[0i64, 1, 2, 2, 3, 4]).view([2, 3]);

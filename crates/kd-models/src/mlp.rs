@@ -525,7 +525,7 @@ mod tests {
 
     #[test]
     fn bf16_compute_tracks_f32_and_trains_the_f32_weights() {
-        tch::manual_seed(3);
+        let _generator = kd_core::seed_global_generator(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let net = Mlp::new(&vs.root(), MlpConfig::plain([20, 64, 64, 5])).unwrap();
         let x = Tensor::randn([16, 20], (Kind::Float, Device::Cpu));
@@ -548,6 +548,7 @@ mod tests {
 
     #[test]
     fn layerwise_backward_gives_the_gradients_of_one_backward_pass() {
+        let _generator = kd_core::lock_global_generator();
         // Dropout on the input and hidden layers (the same masks from the same seed), f32 and
         // bf16 compute: the cut graph's gradients, layer by layer, equal the uncut graph's.
         let config = MlpConfig { input_dropout: 0.2, hidden_dropout: 0.5, ..MlpConfig::plain([12, 16, 16, 16, 5]) };
@@ -587,6 +588,7 @@ mod tests {
 
     #[test]
     fn frozen_copy_holds_compute_kind_weights_and_gives_the_same_outputs() {
+        let _generator = kd_core::lock_global_generator();
         let x = Tensor::randn([8, 10], (Kind::Float, Device::Cpu));
         for kind in [Kind::Float, Kind::BFloat16] {
             let vs = nn::VarStore::new(Device::Cpu);
@@ -610,6 +612,7 @@ mod tests {
 
     #[test]
     fn built_network_has_the_counted_parameters_and_named_layers() {
+        let _generator = kd_core::lock_global_generator();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = Mlp::new(&vs.root(), MlpConfig::mnist_teacher()).unwrap();
         let counted: i64 = vs.trainable_variables().iter().map(Tensor::numel).sum::<usize>() as i64;
@@ -625,6 +628,7 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_rejected_naming_the_field() {
+        let _generator = kd_core::lock_global_generator();
         let cases: [(MlpConfig, &str); 5] = [
             (MlpConfig::plain([784]), "at least an input and an output"),
             (MlpConfig::plain([784, 0, 10]), "positive"),
@@ -640,6 +644,7 @@ mod tests {
 
     #[test]
     fn dropout_is_active_only_in_training() {
+        let _generator = kd_core::lock_global_generator();
         let vs = nn::VarStore::new(Device::Cpu);
         let config = MlpConfig { input_dropout: 0.5, hidden_dropout: 0.5, ..MlpConfig::plain([20, 30, 5]) };
         let net = Mlp::new(&vs.root(), config).unwrap();
@@ -653,6 +658,7 @@ mod tests {
 
     #[test]
     fn max_norm_bounds_every_row_and_leaves_small_rows_alone() {
+        let _generator = kd_core::lock_global_generator();
         let vs = nn::VarStore::new(Device::Cpu);
         let config = MlpConfig { max_norm: Some(1.0), ..MlpConfig::plain([4, 3, 2]) };
         let net = Mlp::new(&vs.root(), config).unwrap();
@@ -672,6 +678,7 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trip_restores_config_and_outputs() {
+        let _generator = kd_core::lock_global_generator();
         tch::no_grad(|| {
             let vs = nn::VarStore::new(Device::Cpu);
             let config = MlpConfig {
@@ -691,6 +698,7 @@ mod tests {
 
     #[test]
     fn loading_reports_missing_unexpected_and_misshapen_entries() {
+        let _generator = kd_core::lock_global_generator();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = Mlp::new(&vs.root(), MlpConfig::plain([6, 5, 3])).unwrap();
         let mut named = net.to_tensors(&vs);

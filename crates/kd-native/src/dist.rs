@@ -136,8 +136,8 @@ pub fn available(backend: Backend) -> bool {
 fn not_built(backend: Backend) -> Error {
     match backend {
         Backend::Gloo => Error::NotBuilt {
-            what: "Gloo (feature `gloo`)",
-            hint: "run `make setup` (it fetches the Gloo headers) and build with `--features kd-native/gloo`",
+            what: "Gloo (no Gloo headers were found when kd-native was built)",
+            hint: "run `make setup` (it fetches the Gloo headers) and rebuild",
         },
         Backend::Nccl => Error::NotBuilt {
             what: "NCCL (feature `nccl`)",

@@ -34,6 +34,7 @@ mod raw {
     extern "C" {
         pub fn kd_native_free_error(message: *mut c_char);
         pub fn kd_native_features() -> c_int;
+        pub fn kd_native_libtorch_text(which: c_int) -> *mut c_char;
         pub fn kd_native_fused_sgd(
             params: *const *mut C_tensor,
             grads: *const *mut C_tensor,
@@ -129,6 +130,20 @@ fn ptrs<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Vec<*mut C_tensor> {
 
 fn ptr_or_null(t: Option<&Tensor>) -> *const C_tensor {
     t.map_or(std::ptr::null(), Tensor::as_ptr)
+}
+
+/// A text about libtorch: 0 its version, 1 the CPU capability its kernels dispatch to.
+pub(crate) fn libtorch_text(which: i32) -> String {
+    // SAFETY: the shim returns a malloc'd NUL-terminated string (or null), freed here once.
+    unsafe {
+        let p = raw::kd_native_libtorch_text(which);
+        if p.is_null() {
+            return "unknown".into();
+        }
+        let text = CStr::from_ptr(p).to_string_lossy().into_owned();
+        raw::kd_native_free_error(p);
+        text
+    }
 }
 
 /// Bit 0: built with Gloo; bit 1: built with NCCL.

@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod build;
 pub mod cuda;
 pub mod dist;
 mod ffi;

@@ -9,6 +9,8 @@
 // One translation unit on purpose: the torch headers make each one cost a minute or more.
 
 #include <ATen/Context.h>
+#include <ATen/Version.h>
+#include <torch/headeronly/version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/_fused_adamw.h>
@@ -139,6 +141,17 @@ extern "C" {
 
 void kd_native_free_error(char* message) {
   std::free(message);
+}
+
+// A text about the libtorch this library runs on, to free with kd_native_free_error:
+// 0 its version, 1 the CPU kernels it dispatches to (ATen's CPU capability: DEFAULT, AVX2, AVX512).
+char* kd_native_libtorch_text(int which) {
+  try {
+    std::string text = which == 0 ? std::string(TORCH_VERSION) : at::get_cpu_capability();
+    return copy_message(text.c_str());
+  } catch (...) {
+    return copy_message("unknown");
+  }
 }
 
 // Which optional parts this library was compiled with: bit 0 Gloo, bit 1 NCCL.

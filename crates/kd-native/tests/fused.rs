@@ -74,6 +74,7 @@ fn adam_reference(params: &mut [Tensor], grads: &[Vec<Tensor>], o: &AdamOptions,
 
 #[test]
 fn fused_sgd_equals_the_reference() {
+    let _generator = kd_core::lock_global_generator();
     let table = [
         SgdOptions { momentum: 0.0, ..Default::default() },
         SgdOptions { momentum: 0.9, ..Default::default() },
@@ -107,6 +108,7 @@ fn fused_sgd_equals_the_reference() {
 
 #[test]
 fn fused_sgd_first_step_sets_the_buffer_to_the_gradient() {
+    let _generator = kd_core::lock_global_generator();
     // With dampening, PyTorch's first step sets b <- g (no (1 - d) factor); a zero buffer gives
     // (1 - d) g instead. `is_first_step` selects the former.
     let mut p = vec![Tensor::from_slice(&[1.0f64])];
@@ -120,6 +122,7 @@ fn fused_sgd_first_step_sets_the_buffer_to_the_gradient() {
 
 #[test]
 fn fused_adam_equals_the_reference() {
+    let _generator = kd_core::lock_global_generator();
     let table = [
         AdamOptions::default(),
         AdamOptions { weight_decay: 0.1, ..Default::default() },
@@ -154,6 +157,7 @@ fn fused_adam_equals_the_reference() {
 /// A resumed run restores the moments and step counts and continues exactly.
 #[test]
 fn fused_adam_resumes_from_saved_state() {
+    let _generator = kd_core::lock_global_generator();
     let (start, grads) = problem(Device::Cpu, Kind::Float, 4);
     let o = AdamOptions::default();
     let run = |split: Option<usize>| {
@@ -175,6 +179,7 @@ fn fused_adam_resumes_from_saved_state() {
 
 #[test]
 fn fused_steps_reject_mismatched_lists() {
+    let _generator = kd_core::lock_global_generator();
     let (mut p, grads) = problem(Device::Cpu, Kind::Float, 1);
     let mut bufs: Vec<Tensor> = p.iter().map(Tensor::zeros_like).collect();
     let o = SgdOptions { momentum: 0.9, ..Default::default() };

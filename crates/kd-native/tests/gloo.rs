@@ -1,6 +1,6 @@
 //! c10d over Gloo on loopback, with ranks as processes: this test binary starts copies of
 //! itself that run only the `rank` test below, told their part by environment variables.
-#![cfg(feature = "gloo")]
+#![cfg(kd_native_gloo)]
 
 use kd_native::dist::{Backend, GlooDevice, GroupOptions, ProcessGroup, Reduce};
 use std::process::{Child, Command, Stdio};

@@ -643,7 +643,7 @@ mod tests {
 
     #[test]
     fn batches_cover_every_example_once() {
-        tch::manual_seed(0);
+        let _generator = kd_core::seed_global_generator(0);
         let seen: Vec<i64> = batches(10, 4, Device::Cpu).flat_map(|b| Vec::<i64>::try_from(b).unwrap()).collect();
         let sizes: Vec<i64> = batches(10, 4, Device::Cpu).map(|b| b.size()[0]).collect();
         assert_eq!(sizes, [4, 4, 2]);
@@ -654,6 +654,7 @@ mod tests {
 
     #[test]
     fn jitter_is_a_zero_filled_translation_within_bounds() {
+        let _generator = kd_core::lock_global_generator();
         // One bright pixel in the middle of a 7x7 image, many copies: every copy must hold the
         // pixel exactly once, moved by at most 2 in each direction, and every shift must occur.
         let (rows, cols, n) = (7i64, 7i64, 400i64);

@@ -87,9 +87,10 @@ impl World {
         let backend = if cuda && kd_native::dist::available(Backend::Nccl) { Backend::Nccl } else { Backend::Gloo };
         if !kd_native::dist::available(backend) {
             bail!(
-                "started as rank {} of {} by {}, but this kd-run was built without data parallelism: rebuild it with \
-                 `cargo build --release -p kd-run --features kd-native/gloo` (Gloo; add `kd-native/nccl` for NCCL on \
-                 GPUs), or start one process",
+                "started as rank {} of {} by {}, but this kd-run was built without data parallelism (no Gloo \
+                 headers were found at build time): run `make setup` (it fetches them) and rebuild with \
+                 `cargo build --release -p kd-run` (add `--features kd-native/nccl` for NCCL on GPUs), or start \
+                 one process",
                 l.rank,
                 l.world_size,
                 launcher_name(&l)
@@ -416,7 +417,7 @@ mod tests {
         if !kd_native::dist::available(Backend::Gloo) {
             let two = |k: &str| if k == "WORLD_SIZE" { Some("2".into()) } else { one(k) };
             let e = World::join(&two, false, 0).err().unwrap().to_string();
-            assert!(e.contains("kd-native/gloo") && e.contains("rank 0 of 2"), "{e}");
+            assert!(e.contains("make setup") && e.contains("rank 0 of 2"), "{e}");
         }
     }
 }

@@ -10,6 +10,7 @@ mod device;
 mod dist;
 #[cfg(test)]
 mod fuzz;
+mod info;
 mod logging;
 mod report;
 mod rng;
@@ -65,8 +66,13 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Report the libtorch build and whether CUDA is available.
-    Info,
+    /// Report the libtorch version, what this build holds (Gloo, NCCL, CUDA graphs), the CPU and its
+    /// vector extensions, the thread count and the GPUs.
+    Info {
+        /// One JSON object instead of lines of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time training steps against the PyTorch eager reference, alternating, and print ratios.
     Bench(bench::BenchArgs),
     /// Write a Markdown report with plots from run directories.
@@ -115,17 +121,25 @@ fn main() -> ExitCode {
 /// Reports a panic (a bug: bad input is an error, never a panic) as one line on stderr, with
 /// the first line of its message and where it happened; with `RUST_BACKTRACE` set, Rust's own
 /// report with the backtrace instead.
+///
+/// Output into a closed pipe (`kd-run info | head -1`) is not a bug: `print!` panics on it, and
+/// the process ends quietly with status 141, as a process killed by SIGPIPE does in a shell.
 fn install_panic_hook() {
-    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
-        return;
-    }
-    std::panic::set_hook(Box::new(|info| {
+    let rust_hook = std::panic::take_hook();
+    let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
         let message = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        if backtrace {
+            return rust_hook(info);
+        }
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         let first = message.lines().next().unwrap_or("").trim();
         eprintln!("error: internal error{at}: {first} (RUST_BACKTRACE=1 shows where it came from)");
@@ -183,23 +197,13 @@ fn try_main() -> Result<(), Failure> {
             let n = exp.stages.len();
             eprintln!("{}: ok ({n} stage{})", experiment.display(), if n == 1 { "" } else { "s" });
         }
-        Command::Info => {
-            println!("kd-run {}", env!("CARGO_PKG_VERSION"));
-            println!("cuda available: {}", tch::Cuda::is_available());
-            println!("cuda devices: {}", tch::Cuda::device_count());
-            for i in 0..tch::Cuda::device_count().max(0) as usize {
-                let name = device::cuda_device_name(i).unwrap_or_else(|| "(unnamed)".into());
-                let peak = device::peak_tflops(&name).map_or("peak unknown".into(), |p| {
-                    format!("dense peak {} TFLOP/s bf16, {} TF32, {} f32", p.bf16, p.tf32, p.fp32)
-                });
-                println!("cuda:{i}: {name}, {peak}");
+        Command::Info { json } => {
+            let info = info::Info::gather();
+            if json {
+                println!("{}", info.to_json()?);
+            } else {
+                print!("{}", info.to_text());
             }
-            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-            println!(
-                "cuda graphs: {}",
-                if kd_native::cuda::built() { "in this build" } else { "not in this build (kd-native/cuda)" }
-            );
-            println!("cpu threads: {}", tch::get_num_threads());
         }
         Command::Bench(args) => bench::bench(&args)?,
         Command::Report(args) => report::report(&args)?,

@@ -1295,8 +1295,8 @@ mod tests {
 
     #[test]
     fn a_report_says_which_files_a_run_lacks_instead_of_leaving_gaps() {
-        let dir = std::env::temp_dir().join(format!("kd-report-gaps-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let temp = crate::testutil::TempDir::new("report-gaps");
+        let dir = temp.0.clone();
         let run_dir = dir.join("r");
         std::fs::create_dir_all(&run_dir).unwrap();
         let config = experiment(
@@ -1319,7 +1319,6 @@ mod tests {
         assert!(md.contains("`metrics.csv` has no rows: no training curves"), "{md}");
         assert!(md.contains("stage `b` is not finished"), "{md}");
         assert!(md.contains("| a |") && !md.contains("| b |"), "{md}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

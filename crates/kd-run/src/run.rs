@@ -374,9 +374,8 @@ mod tests {
 
     #[test]
     fn two_processes_writing_the_tables_keep_each_others_rows() {
-        let dir = std::env::temp_dir().join(format!("kd-tables-merge-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = crate::testutil::TempDir::new("tables-merge");
+        let dir = temp.0.clone();
         let open = || {
             let mut t = Tables::read(&dir).unwrap();
             t.order = vec!["a".into(), "b".into()];
@@ -394,7 +393,6 @@ mod tests {
         let on_disk = Tables::read(&dir).unwrap();
         assert_eq!(on_disk.shifts.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(on_disk.done.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,13 +2,17 @@
 
 use std::path::PathBuf;
 
-/// A fresh directory under the system temp dir, removed on drop.
+/// A fresh directory under the system temp dir, of one test alone, removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// `<temp>/kd-run-<pid>-<name>`, emptied first.
+    /// `<temp>/kd-run-<pid>-<n>-<name>`, `n` counting the directories this process made: no two
+    /// tests share one, whatever names they pass. Emptied first (a process of the same pid may
+    /// have left it behind).
     pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("kd-run-{}-{name}", std::process::id()));
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("kd-run-{}-{n}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         Self(path)

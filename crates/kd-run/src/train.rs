@@ -676,6 +676,7 @@ mod tests {
 
     #[test]
     fn translation_averaged_logits_soften_to_the_mean_over_every_shift() {
+        let _generator = kd_core::lock_global_generator();
         // A small net on 3x4 images; the reference shifts each image by hand (zero fill),
         // runs the net on it and averages the softened distributions in f64.
         let (rows, cols, t) = (3i64, 4i64, 2.5);

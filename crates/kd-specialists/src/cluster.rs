@@ -500,6 +500,7 @@ mod tests {
 
     #[test]
     fn accumulated_covariance_equals_the_one_shot_covariance() {
+        let _generator = kd_core::lock_global_generator();
         let p = uniform(&[50, 7], 3).to_kind(Kind::Double);
         let whole = prediction_covariance(&p).unwrap();
         let mut acc = CovarianceAccumulator::new();
@@ -515,6 +516,7 @@ mod tests {
 
     #[test]
     fn correlation_has_a_unit_diagonal_and_recovers_the_planted_groups() {
+        let _generator = kd_core::lock_global_generator();
         let (p, groups) = grouped_predictions(300, 3);
         let r = covariance_to_correlation(&prediction_covariance(&p).unwrap()).unwrap();
         let cfg = KMeansConfig { clusters: 3, batch_size: 6, iterations: 100, seed: 0 };
@@ -530,6 +532,7 @@ mod tests {
 
     #[test]
     fn covariance_clusters_recover_the_planted_groups() {
+        let _generator = kd_core::lock_global_generator();
         let (p, groups) = grouped_predictions(600, 11);
         let cov = prediction_covariance(&p).unwrap();
         for seed in 0..5 {
@@ -542,6 +545,7 @@ mod tests {
 
     #[test]
     fn profiles_are_unit_rows_that_follow_the_links_and_recover_the_planted_groups() {
+        let _generator = kd_core::lock_global_generator();
         // A chain 0 - 1 - 2 and a class 3 linked to nothing (negative entries are no links).
         let a = Tensor::from_slice(&[
             1.0f64, 0.3, -0.2, -0.1, //
@@ -580,6 +584,7 @@ mod tests {
 
     #[test]
     fn confusion_clusters_recover_the_planted_groups() {
+        let _generator = kd_core::lock_global_generator();
         let (p, groups) = grouped_predictions(600, 5);
         // Labels: the most probable class; predictions: a sample from p, so mistakes stay in
         // the group.
@@ -598,6 +603,7 @@ mod tests {
 
     #[test]
     fn a_pair_confused_only_with_each_other_is_one_cluster() {
+        let _generator = kd_core::lock_global_generator();
         // 0 <-> 1 and 2 <-> 3 are confused; without the self-weight rows 0 and 1 would be e_1 and e_0.
         let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 2]);
         let predicted = Tensor::from_slice(&[1i64, 0, 3, 2, 0, 2]);
@@ -608,6 +614,7 @@ mod tests {
 
     #[test]
     fn kmeans_is_deterministic_for_a_seed_and_repeats_add_overlapping_subsets() {
+        let _generator = kd_core::lock_global_generator();
         let points = uniform(&[40, 40], 1);
         let cfg = KMeansConfig { clusters: 4, batch_size: 8, iterations: 30, seed: 7 };
         let a = minibatch_kmeans(&points, &cfg).unwrap();
@@ -631,6 +638,7 @@ mod tests {
 
     #[test]
     fn kmeans_seeding_spreads_over_separated_blobs() {
+        let _generator = kd_core::lock_global_generator();
         // 5 tight blobs of 30 points in 30 dimensions: k-means++ must find every blob.
         let mut rows = Vec::new();
         let noise = uniform(&[150, 30], 4);
@@ -657,6 +665,7 @@ mod tests {
     #[test]
     #[ignore = "large: 14,000 x 14,000 on a GPU"]
     fn kmeans_at_acoustic_scale() {
+        let _generator = kd_core::lock_global_generator();
         let device = Device::cuda_if_available();
         let n = if device.is_cuda() { 14_000 } else { 1_000 };
         let k = 61;
@@ -677,6 +686,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_rejected_naming_them() {
+        let _generator = kd_core::lock_global_generator();
         let square = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu));
         let ok = KMeansConfig { clusters: 2, batch_size: 2, iterations: 1, seed: 0 };
         let labels = Tensor::from_slice(&[0i64, 1]);

@@ -161,6 +161,7 @@ mod tests {
 
     #[test]
     fn hidden_weights_are_copied_and_subset_logits_match_the_generalist() {
+        let _generator = kd_core::lock_global_generator();
         let (gvs, g) = generalist(&[6, 9, 7, 8]);
         let subset = ClassSubset::new([1, 4, 6], 8).unwrap();
         let (svs, s) = specialist_from_generalist(&gvs, &g, &subset, Device::Cpu).unwrap();
@@ -189,6 +190,7 @@ mod tests {
 
     #[test]
     fn raise_dustbin_moves_only_the_dustbin_probability_up() {
+        let _generator = kd_core::lock_global_generator();
         let (gvs, g) = generalist(&[3, 5, 4]);
         let subset = ClassSubset::new([0, 2], 4).unwrap();
         let (svs, s) = specialist_from_generalist(&gvs, &g, &subset, Device::Cpu).unwrap();
@@ -203,6 +205,7 @@ mod tests {
 
     #[test]
     fn a_subset_of_every_class_gets_a_zero_dustbin() {
+        let _generator = kd_core::lock_global_generator();
         let (gvs, g) = generalist(&[3, 4, 2]);
         let subset = ClassSubset::new([0, 1], 2).unwrap();
         let (svs, _) = specialist_from_generalist(&gvs, &g, &subset, Device::Cpu).unwrap();
@@ -213,6 +216,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_rejected_naming_them() {
+        let _generator = kd_core::lock_global_generator();
         let (gvs, g) = generalist(&[3, 4, 5]);
         let (other_vs, _) = generalist(&[3, 6, 5]);
         let empty_vs = nn::VarStore::new(Device::Cpu);

@@ -390,6 +390,7 @@ mod tests {
 
     #[test]
     fn top_k_targets_round_trip_and_refuse_damage_and_other_stores() {
+        let _generator = kd_core::lock_global_generator();
         let dir = TempDir::new("topk");
         let mut sw = StoreWriter::create(&dir.0.join("s"), FeatureKind::F16, 2, 50).unwrap();
         for u in 0..5usize {

@@ -71,7 +71,9 @@ impl Run<'_> {
     /// with the same fraction (hard targets, soft targets) sees the same examples.
     pub(super) fn fraction_examples(&self, n: i64, fraction: f64) -> Tensor {
         let k = ((fraction * n as f64).ceil() as i64).clamp(1, n);
-        tch::manual_seed((self.exp.seed as i64).wrapping_mul(1_000_003) ^ (fraction.to_bits() as i64 & 0x7fff_ffff));
+        let _generator = kd_core::seed_global_generator(
+            (self.exp.seed as i64).wrapping_mul(1_000_003) ^ (fraction.to_bits() as i64 & 0x7fff_ffff),
+        );
         let (sorted, _) = Tensor::randperm(n, (Kind::Int64, self.device)).narrow(0, 0, k).sort(0, false);
         sorted
     }
@@ -84,7 +86,9 @@ impl Run<'_> {
         fit: StageFit,
     ) -> Result<(nn::VarStore, Mlp, Fit)> {
         let StageFit { stage, init, training, split, sampling, supervision, targets } = fit;
-        tch::manual_seed(training.seed as i64);
+        // The stage's initial weights, dropout masks and example order come from libtorch's global
+        // generator: held for the whole stage, so that nothing else in the process draws between.
+        let _generator = kd_core::seed_global_generator(training.seed as i64);
         let (vs, net) = self.network(stage, init)?;
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
         let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));

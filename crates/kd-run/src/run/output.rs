@@ -517,8 +517,8 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("kd-output-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = crate::testutil::TempDir::new("atomic-write");
+        let dir = temp.0.clone();
         let path = dir.join("a.csv");
         let rows = vec![SummaryRow {
             stage: "s".into(),
@@ -551,13 +551,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_csv::<SummaryRow>(&old).unwrap()[0].device, "");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn metrics_written_before_the_soft_kl_column_still_read() {
-        let dir = std::env::temp_dir().join(format!("kd-run-metrics-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = crate::testutil::TempDir::new("metrics");
+        let dir = temp.0.clone();
         let old = dir.join("metrics.csv");
         std::fs::write(
             &old,
@@ -571,7 +570,6 @@ mod tests {
         let rows = vec![MetricsRow { soft_kl: Some(2.25), ..rows[0].clone() }];
         write_csv(&new, &rows).unwrap();
         assert_eq!(read_csv::<MetricsRow>(&new).unwrap(), rows);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -77,8 +77,8 @@ mod tests {
 
     #[test]
     fn a_checkpoint_is_checked_against_its_provenance_file() {
-        let dir = std::env::temp_dir().join(format!("kd-provenance-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = crate::testutil::TempDir::new("provenance");
+        let dir = temp.0.clone();
         let ckpt = dir.join("teacher.safetensors");
         assert_eq!(path_for(&ckpt), dir.join("teacher.provenance.toml"));
 
@@ -99,6 +99,5 @@ mod tests {
         // A provenance file with a key it does not know is rejected, not ignored.
         std::fs::write(path_for(&ckpt), format!("{}extra = 1\n", toml::to_string(&record(abc)).unwrap())).unwrap();
         assert!(format!("{:#}", verify(&ckpt, b"abc").unwrap_err()).contains("not a provenance file"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

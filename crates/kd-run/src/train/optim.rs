@@ -435,6 +435,7 @@ mod tests {
 
     #[test]
     fn updates_match_the_torch_optim_formulas() {
+        let _generator = kd_core::lock_global_generator();
         for s in [
             spec(OptimizerKind::Sgd, 0.0, false, 0.0),
             spec(OptimizerKind::Sgd, 0.9, false, 0.0),
@@ -507,6 +508,7 @@ mod tests {
     /// buffers); and a checkpoint of either path resumes on the other to the same parameters.
     #[test]
     fn fused_sgd_matches_the_op_path() {
+        let _generator = kd_core::lock_global_generator();
         let n = 8;
         let (params, grads) = mlp_problem(n);
         let ramp: Vec<f64> = (0..n).map(|i| if i < 3 { 0.0 } else { 0.9 * (i - 2) as f64 / 5.0 }).collect();
@@ -548,6 +550,7 @@ mod tests {
     /// with weight decay, a learning-rate change, and resumes across paths from a checkpoint.
     #[test]
     fn fused_adam_matches_the_op_path() {
+        let _generator = kd_core::lock_global_generator();
         let n = 8;
         let (params, grads) = mlp_problem(n);
         for wd in [0.0, 0.01] {
@@ -588,6 +591,7 @@ mod tests {
 
     #[test]
     fn a_step_in_parts_equals_the_whole_step() {
+        let _generator = kd_core::lock_global_generator();
         let n = 6;
         let (params, grads) = mlp_problem(n);
         for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), spec(OptimizerKind::Sgd, 0.9, true, 0.0), adam_spec()] {
@@ -624,6 +628,7 @@ mod tests {
     /// steps alone reach; a rewound count refills fused Adam's step tensors.
     #[test]
     fn replayed_steps_keep_the_host_count_in_step_with_the_device() {
+        let _generator = kd_core::lock_global_generator();
         let n = 5;
         let (params, grads) = mlp_problem(n);
         for s in [spec(OptimizerKind::Sgd, 0.9, false, 1e-3), adam_spec()] {
@@ -673,7 +678,7 @@ mod tests {
     #[test]
     #[ignore]
     fn time_sgd_paths() {
-        tch::manual_seed(1);
+        let _generator = kd_core::seed_global_generator(1);
         let shapes: [&[i64]; 6] = [&[1200, 784], &[1200], &[1200, 1200], &[1200], &[10, 1200], &[10]];
         let params: Vec<Tensor> = shapes.iter().map(|&d| Tensor::randn(d, (Kind::Float, tch::Device::Cpu))).collect();
         let grads: Vec<Tensor> = params.iter().map(|p| p.randn_like() * 0.01).collect();
@@ -700,6 +705,7 @@ mod tests {
 
     #[test]
     fn momentum_changes_take_effect() {
+        let _generator = kd_core::lock_global_generator();
         let s = spec(OptimizerKind::Sgd, 0.9, false, 0.0);
         let p = Tensor::from_slice(&[1.0f64]).set_requires_grad(true);
         let mut opt = Optimizer::new(&s, vec![p.shallow_clone()]);
@@ -711,6 +717,7 @@ mod tests {
 
     #[test]
     fn state_round_trip_continues_identically() {
+        let _generator = kd_core::lock_global_generator();
         let s = spec(OptimizerKind::Adam, 0.0, false, 0.0);
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut a = Optimizer::new(&s, vec![p.shallow_clone()]);
