@@ -141,7 +141,7 @@ fn optimizer(adam: bool) -> OptimizerSpec {
     optimizer_at(adam, 0.01)
 }
 
-fn optimizer_at(adam: bool, sgd_lr: f64) -> OptimizerSpec {
+pub(crate) fn optimizer_at(adam: bool, sgd_lr: f64) -> OptimizerSpec {
     OptimizerSpec {
         kind: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
         lr: if adam { 5e-4 } else { sgd_lr },

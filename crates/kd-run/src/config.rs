@@ -36,6 +36,8 @@ use std::path::Path;
 /// Relative paths in the file (`data.dir`, checkpoints) are taken relative to the current
 /// directory, like the path of the file itself.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    // A pipe or a device would block or never end: only regular files (or links to them).
+    crate::data::inputs::check_file(path, "experiment file")?;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let origin = path.display().to_string();
     // The file as written first, so that its errors carry its own line numbers.
@@ -45,12 +47,23 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
     } else {
         let mut doc: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         for o in overrides {
-            apply_override(&mut doc, o).with_context(|| format!("--set {o}"))?;
+            apply_override(&mut doc, o).with_context(|| format!("--set `{o}`"))?;
         }
         let text = toml::to_string(&doc)?;
-        let origin = format!("{origin} after --set {}", overrides.join(" "));
+        let quoted: Vec<String> = overrides.iter().map(|o| format!("`{o}`")).collect();
+        let origin = format!("{origin} with --set {}", quoted.join(" "));
         let raw = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         (raw, text, origin)
     };
-    resolve(raw, &text).map_err(|e| anyhow::anyhow!("{origin}:{e}"))
+    resolve(raw, &text).map_err(|e| {
+        if overrides.is_empty() {
+            anyhow::anyhow!("{origin}:{e}")
+        } else {
+            // Line numbers of the file rewritten with the overrides would point nowhere the user
+            // can look: the message names the key instead.
+            let e = e.to_string();
+            let message = e.split_once(": ").filter(|(n, _)| n.parse::<usize>().is_ok()).map_or(e.as_str(), |(_, m)| m);
+            anyhow::anyhow!("{origin}: {message}")
+        }
+    })
 }

@@ -122,6 +122,7 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
 
 /// Sets the CPU threads, picks the device and loads the experiment's data onto it.
 fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
+    crate::config::check_threads(exp.threads)?;
     if exp.threads > 0 {
         tch::set_num_threads(exp.threads as i32);
     }

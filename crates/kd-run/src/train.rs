@@ -550,6 +550,12 @@ pub fn train_epoch_from(
     let report_every = settings.report_every;
     let device = trainer.params.first().map_or(tch::Device::Cpu, Tensor::device);
     let steps = source.steps();
+    // An epoch without a step would record an untrained network as trained.
+    anyhow::ensure!(
+        steps > 0,
+        "no training batch reaches this process: the training (transfer) set, or this rank's share of \
+         it in a data-parallel run, is empty; nothing would train, so nothing is recorded"
+    );
     // Each step's loss times its batch size, kept on the device and read at the checks.
     let step_losses = Tensor::zeros([steps as i64], (Kind::Float, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
@@ -673,6 +679,27 @@ impl Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_epoch_without_a_batch_is_an_error_not_an_untrained_model() {
+        let _generator = kd_core::lock_global_generator();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = Mlp::new(&vs.root(), kd_models::MlpConfig::plain([4, 3])).unwrap();
+        let spec = crate::bench::optimizer_at(false, 0.1);
+        let mut trainer =
+            Trainer::new(&net, vs.trainable_variables(), crate::train::Optimizer::new(&spec, vs.trainable_variables()));
+        let empty = Split::new(
+            Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu)),
+            Tensor::zeros([0], (Kind::Int64, tch::Device::Cpu)),
+        );
+        let supervision = Supervision { objective: Objective::hard_labels(), teacher: TeacherSignal::None };
+        let settings = LoopSettings { batch_size: 8, jitter: 0, geometry: None, report_every: 0 };
+        let err =
+            train_epoch(&mut trainer, (&empty, None), &supervision, &settings, &mut LossGuard::default(), |_, _| {})
+                .err()
+                .expect("an empty epoch fails");
+        assert!(err.to_string().contains("no training batch reaches this process"), "{err}");
+    }
 
     #[test]
     fn translation_averaged_logits_soften_to_the_mean_over_every_shift() {

@@ -23,6 +23,30 @@ pub const MAX_PARAMETERS: i64 = 1 << 30;
 /// The most frames of context on either side of a speech frame.
 pub const MAX_CONTEXT: u32 = 1000;
 
+/// The most CPU threads an experiment may ask for on any machine; [`check_threads`] also bounds
+/// them by the machine's cores when a run starts.
+pub const MAX_THREADS: i64 = 1024;
+/// How many threads per logical core a run may ask for: more only adds switching.
+pub const THREADS_PER_CORE: i64 = 4;
+/// The most batches a streamed store may read ahead (each holds a batch's windows in memory).
+pub const MAX_PREFETCH: u64 = 256;
+
+/// Fails unless `threads` (0: libtorch's default) fits this machine: at most
+/// [`THREADS_PER_CORE`] per logical core. Checked when a run starts, not when a file is
+/// validated, since the file may be meant for another machine.
+pub fn check_threads(threads: i64) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    if threads > THREADS_PER_CORE * cores {
+        anyhow::bail!(
+            "threads = {threads}: this machine has {cores} logical core{}; expected at most {} (or 0 for \
+             libtorch's default, one per core)",
+            if cores == 1 { "" } else { "s" },
+            THREADS_PER_CORE * cores
+        );
+    }
+    Ok(())
+}
+
 /// The most stages an experiment may have, its sweeps expanded: a small file must not expand
 /// into millions of stages (each one a run of its own) and exhaust memory before anything runs.
 pub const MAX_STAGES: usize = 10_000;

@@ -264,7 +264,8 @@ pub(crate) struct RawSweep {
 /// clipped: a 200 KB line is shown as the 120 characters around the column.
 pub(crate) fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
     use crate::data::inputs::{clip_lines, MAX_ECHO};
-    let message = clip_lines(e.message().trim_end(), MAX_ECHO);
+    let message =
+        explain_unknown_name(e.message().trim_end()).unwrap_or_else(|| clip_lines(e.message().trim_end(), MAX_ECHO));
     let Some(span) = e.span() else { return anyhow::anyhow!("{origin}: TOML parse error: {message}") };
     let mut at = span.start.min(text.len());
     while !text.is_char_boundary(at) {
@@ -292,6 +293,68 @@ pub(crate) fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyho
         column + 1,
         " ".repeat(caret)
     )
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`, ..." (or "unknown variant", or
+/// "expected `a` or `b`") rewritten with the closest valid name suggested and every valid name
+/// listed: the list is the program's own, so it is never cut; the unknown name, the user's, is.
+fn explain_unknown_name(message: &str) -> Option<String> {
+    use crate::data::inputs::clip;
+    let (what, rest) = ["field", "variant"].into_iter().find_map(|w| {
+        let rest = message.strip_prefix(&format!("unknown {w} `"))?;
+        Some((w, rest))
+    })?;
+    let (name, rest) = rest.split_once("`, expected ")?;
+    // The valid names are the quoted words: between the first and second backtick, the third and
+    // fourth, and so on.
+    let valid: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    if valid.is_empty() {
+        return None;
+    }
+    let listed = valid.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ");
+    let shown = clip(name, 60);
+    Some(match closest(name, &valid) {
+        Some(best) => format!("unknown {what} `{shown}`: did you mean `{best}`? (expected one of {listed})"),
+        None => format!("unknown {what} `{shown}`, expected one of {listed}"),
+    })
+}
+
+/// The name in `valid` nearest to `name` by edit distance (ignoring case), if it is near enough
+/// to be a slip: at most a third of the longer name's characters differ, or one contains the other.
+pub(crate) fn closest<'a>(name: &str, valid: &[&'a str]) -> Option<&'a str> {
+    let name = name.to_lowercase();
+    let (best, distance) =
+        valid.iter().map(|v| (*v, edit_distance(&name, &v.to_lowercase()))).min_by_key(|&(_, d)| d)?;
+    if distance * 3 <= name.chars().count().max(best.chars().count()) {
+        return Some(best);
+    }
+    let related = |v: &&&str| {
+        let v = v.to_lowercase();
+        name.chars().count() >= 3 && (v.contains(name.as_str()) || name.contains(v.as_str()))
+    };
+    valid.iter().filter(related).min_by_key(|v| v.len()).copied()
+}
+
+/// Levenshtein distance counting an exchange of two neighbouring characters as one edit (the
+/// optimal string alignment distance).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    rows[0] = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 /// Applies `key=value`, where key is a dotted path (`seed`, `data.train_limit`,

@@ -94,6 +94,13 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 bail!("{data_line}: data.store: epoch_fraction = {fraction} must be in (0, 1]");
             }
             let [left, right] = raw.data.context.unwrap_or([20, 5]);
+            if let Some(p) = st.prefetch.filter(|p| p.0 as u64 > super::limits::MAX_PREFETCH) {
+                bail!(
+                    "{data_line}: data.store: prefetch = {}: expected at most {} batches read ahead",
+                    p.0,
+                    super::limits::MAX_PREFETCH
+                );
+            }
             DataSource::Store(StoreSpec {
                 dir: st.dir,
                 left: i64::from(left),
@@ -225,6 +232,13 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             }
         }
         stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
+    }
+    if let Some(t) = raw.threads.filter(|t| t.0 > super::limits::MAX_THREADS) {
+        bail!(
+            "threads = {}: expected at most {} (0: libtorch's default, one per core)",
+            t.0,
+            super::limits::MAX_THREADS
+        );
     }
     Ok(Experiment {
         name: raw.name.into_inner(),

@@ -368,8 +368,17 @@ fn overrides_change_values_and_are_validated() {
     assert_eq!(training.epochs, 1);
     let err = parse_with(GOOD, &["stages.student.temperature=-1"]).unwrap_err().to_string();
     assert!(
-        err.contains("after --set") && err.contains("expected a temperature in [0.01, 1e6]") && err.contains("got -1"),
-        "{err}"
+        err.contains("with --set `stages.student.temperature=-1`: ")
+            && err.contains("expected a temperature in [0.01, 1e6]")
+            && err.contains("got -1"),
+        "the override quoted as typed: {err}"
+    );
+    let err = parse_with(GOOD, &["device=gpu"]).unwrap_err().to_string();
+    assert!(
+        err.ends_with(
+            ".toml with --set `device=gpu`: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got \"gpu\""
+        ),
+        "no line of the rewritten file: {err}"
     );
     let err = parse_with(GOOD, &["stages.nobody.epochs=1"]).unwrap_err();
     assert!(format!("{err:#}").contains("no stage named `nobody`"), "{err:#}");
@@ -760,4 +769,67 @@ fn a_job_is_written_as_its_struct_s_fields_beside_kind_and_read_back() {
         (job.classes.as_slice(), job.fixed, &job.source),
         (&[3][..], Some(3.5), &ModelSource::Stage("student".into()))
     );
+}
+
+#[test]
+fn unknown_keys_name_the_closest_valid_key_and_list_every_key() {
+    let err = format!("{:#}", parse(&GOOD.replace("temperature = 20", "tempreature = 20")).unwrap_err());
+    assert!(err.contains("unknown field `tempreature`: did you mean `temperature`?"), "{err}");
+    // The stage's keys are many: the list is the program's, shown whole, up to the last key.
+    assert!(!err.contains("more characters") && err.contains("`temperature`") && err.contains("`paper`"), "{err}");
+    let err = format!("{:#}", parse(&GOOD.replace("seed = 3", "sed = 3")).unwrap_err());
+    assert!(err.contains("did you mean `seed`?"), "{err}");
+    let err = format!("{:#}", parse(&GOOD.replace("seed = 3", "colour = 3")).unwrap_err());
+    assert!(err.contains("unknown field `colour`, expected one of `name`") && !err.contains("did you mean"), "{err}");
+    let err = format!("{:#}", parse_with(GOOD, &["stages.student.temprature=3"]).unwrap_err());
+    assert!(
+        err.contains("--set `stages.student.temprature=3`") && err.contains("did you mean `temperature`?"),
+        "{err}"
+    );
+    // A user's long unknown name is cut; the valid names are not.
+    let long = "x".repeat(500);
+    let err = format!("{:#}", parse(&GOOD.replace("seed = 3", &format!("{long} = 3"))).unwrap_err());
+    assert!(err.contains("(440 more characters)") && err.contains("`stages`"), "{err}");
+}
+
+#[test]
+fn closest_names_slips_and_nothing_else() {
+    use super::raw::closest;
+    let valid = ["temperature", "teacher", "teacher_checkpoint", "epochs", "seed"];
+    assert_eq!(closest("temprature", &valid), Some("temperature"));
+    assert_eq!(closest("Temperature", &valid), Some("temperature"));
+    assert_eq!(closest("ephocs", &valid), Some("epochs"), "a swap of neighbours is one edit");
+    assert_eq!(closest("checkpoint", &valid), Some("teacher_checkpoint"), "contained");
+    assert_eq!(closest("lr", &valid), None);
+    assert_eq!(closest("batch_size", &valid), None);
+}
+
+#[test]
+fn an_experiment_file_that_is_not_a_regular_file_is_refused_before_reading() {
+    let dir = crate::testutil::TempDir::new("config-special");
+    let err = format!("{:#}", load(&dir.0, &[]).unwrap_err());
+    assert!(err.contains("is a directory"), "{err}");
+    let fifo = dir.0.join("fifo.toml");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    if made {
+        // Reading a FIFO with no writer would block for ever: refused from its metadata.
+        let err = format!("{:#}", load(&fifo, &[]).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+}
+
+#[test]
+fn resource_settings_are_bounded_before_use() {
+    let err = format!("{:#}", parse(&GOOD.replace("seed = 3", "seed = 3\nthreads = 100000")).unwrap_err());
+    assert!(err.contains("threads = 100000: expected at most 1024"), "{err}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    assert!(check_threads(0).is_ok() && check_threads(cores).is_ok() && check_threads(4 * cores).is_ok());
+    let err = check_threads(4 * cores + 1).unwrap_err().to_string();
+    assert!(err.contains(&format!("this machine has {cores} logical core")), "{err}");
+    let store = GOOD.replace(
+        "dir = \"data/mnist\"\nvalidation = 100",
+        "kind = \"store\"\nstore = { dir = \"s\", prefetch = 1000000 }",
+    );
+    let err = format!("{:#}", parse(&store).unwrap_err());
+    assert!(err.contains("prefetch = 1000000: expected at most 256"), "{err}");
 }

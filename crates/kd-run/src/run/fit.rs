@@ -422,7 +422,9 @@ pub(super) fn diverged(
     (lr, supervision): (f64, &Supervision),
     resume: &Path,
 ) -> anyhow::Error {
-    let Some(d) = error.downcast_ref::<train::Diverged>() else { return error };
+    let Some(d) = error.downcast_ref::<train::Diverged>() else {
+        return error.context(format!("stage `{stage}`, epoch {}", epoch + 1));
+    };
     let mut causes = vec![format!("a learning rate too high (lr = {lr} in this epoch)")];
     if supervision.objective.uses_teacher() {
         if let Some(t) = supervision.objective.temperature() {
