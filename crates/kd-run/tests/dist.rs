@@ -262,7 +262,12 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
     let o = waiter.join().unwrap();
     let err = text(&o);
     assert!(!o.status.success());
-    assert!(err.contains("[rank 0] error: rank 0 of 2") && err.contains("rank 1 (the other rank)"), "{err}");
+    assert!(
+        err.contains("[rank 0] error: stage `net`, epoch ")
+            && err.contains(": rank 0 of 2: ")
+            && err.contains("rank 1 (the other rank)"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
