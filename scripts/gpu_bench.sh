@@ -43,6 +43,7 @@ fi
 mkdir -p "$OUT"
 start=$(date +%s)
 "$KD_RUN" info | tee "$OUT/info.txt"
+"$KD_RUN" info --json >"$OUT/info.json"
 "$KD_RUN" bench "${bench[@]}" --python "$PYTHON" \
     --only acoustic --only acoustic_bf16 --only acoustic_topk --only acoustic_topk_bf16 | tee "$OUT/bench.txt"
 grep '^ratio ' "$OUT/bench.txt" > "$OUT/ratios.txt"
