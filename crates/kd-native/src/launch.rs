@@ -59,6 +59,28 @@ const TORCHRUN: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", 
 /// The variable that bounds the rendezvous and each collective, in seconds.
 pub const TIMEOUT_VAR: &str = "KD_DIST_TIMEOUT_S";
 
+/// A port on 127.0.0.1 for rank 0's store when all ranks run on this machine (tests, a
+/// workstation), free when checked. It lies below the kernel's ephemeral range (32768-60999 on
+/// Linux), where every client socket and Gloo's own connections get their ports, so that no
+/// connection takes it between this check and rank 0's bind (a port from `bind(0)` can be), and
+/// above the 15000-19999 that Slurm jobs derive. Successive calls in a process return different
+/// ports; processes start at different ports (by their id).
+///
+/// ```
+/// let (a, b) = (kd_native::launch::free_loopback_port(), kd_native::launch::free_loopback_port());
+/// assert!(a != b && (20_000..32_000).contains(&a));
+/// ```
+pub fn free_loopback_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (std::process::id().wrapping_mul(7919).wrapping_add(n.wrapping_mul(13)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// The timeout of the process group from `KD_DIST_TIMEOUT_S` (seconds, may be fractional) as
 /// `var` returns it, else [`crate::dist::DEFAULT_TIMEOUT`] (600 s, PyTorch's).
 ///

@@ -3,16 +3,12 @@
 #![cfg(kd_native_gloo)]
 
 use kd_native::dist::{Backend, GlooDevice, GroupOptions, ProcessGroup, Reduce};
+use kd_native::launch::free_loopback_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 const SCENARIO: &str = "KD_NATIVE_TEST_SCENARIO";
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn options(port: u16, rank: usize, world: usize, timeout: Duration) -> GroupOptions {
     GroupOptions {
@@ -26,7 +22,7 @@ fn options(port: u16, rank: usize, world: usize, timeout: Duration) -> GroupOpti
 /// Starts `world` ranks of `scenario` and returns their outputs and exit statuses, killing any
 /// rank still running after `deadline` (and then failing).
 fn launch(scenario: &str, world: usize, deadline: Duration) -> Vec<(bool, String)> {
-    let port = free_port();
+    let port = free_loopback_port();
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<Child> = (0..world)
         .map(|rank| {
@@ -97,7 +93,7 @@ fn a_hung_peer_is_an_error_after_the_timeout() {
 /// A rank whose peers never come fails the rendezvous within its timeout, naming the address.
 #[test]
 fn a_missing_peer_fails_the_rendezvous() {
-    let port = free_port();
+    let port = free_loopback_port();
     let err = ProcessGroup::new(&options(port, 0, 2, Duration::from_secs(2))).unwrap_err().to_string();
     assert!(err.starts_with("rendezvous failed: rank 0 of 2 at 127.0.0.1:"), "{err}");
 }
@@ -113,7 +109,7 @@ fn a_port_in_use_fails_the_rendezvous() {
 /// A world of one needs no peer: collectives are the identity (a mean divides by 1).
 #[test]
 fn a_world_of_one() {
-    let group = ProcessGroup::new(&options(free_port(), 0, 1, Duration::from_secs(10))).unwrap();
+    let group = ProcessGroup::new(&options(free_loopback_port(), 0, 1, Duration::from_secs(10))).unwrap();
     let mut ts = vec![Tensor::from_slice(&[1.5f32, -2.0])];
     group.all_reduce(&mut ts, Reduce::Mean).unwrap();
     assert_eq!(Vec::<f32>::try_from(&ts[0]).unwrap(), [1.5, -2.0]);

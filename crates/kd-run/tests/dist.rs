@@ -3,6 +3,7 @@
 //! write one run directory, and a rank killed mid-training ends the other with an error naming
 //! it. A kd-run built without Gloo refuses to run as one of several ranks.
 
+use kd_native::launch::free_loopback_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,10 +18,6 @@ fn fresh_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// kd-run as rank `rank` of `world` (torchrun's variables), one thread, a 20 s timeout.
@@ -43,7 +40,7 @@ fn rank(args: &[&str], rank: usize, world: usize, port: u16, timeout_s: u32) -> 
 
 /// Runs `args` as 2 ranks; their outputs, in rank order.
 fn two_ranks(args: &[&str]) -> Vec<Output> {
-    let port = free_port();
+    let port = free_loopback_port();
     let children: Vec<Child> = (0..2).map(|r| rank(args, r, 2, port, 20)).collect();
     children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
 }
@@ -230,7 +227,7 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
     std::fs::write(&file, SMALL.replace("epochs = 1", "epochs = 400")).unwrap();
     let out = dir.join("out");
     let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
-    let port = free_port();
+    let port = free_loopback_port();
     let mut children: Vec<Child> = (0..2).map(|r| rank(&args, r, 2, port, 5)).collect();
     // Wait for an epoch to finish (rank 0 writes its row), then kill rank 1.
     let metrics = out.join("small/metrics.csv");
@@ -276,7 +273,7 @@ fn ranks_started_with_different_experiments_stop_at_the_start() {
     let file = dir.join("small.toml");
     std::fs::write(&file, SMALL).unwrap();
     let out = dir.join("out");
-    let port = free_port();
+    let port = free_loopback_port();
     let children: Vec<Child> = (0..2)
         .map(|r| {
             let seed = format!("seed={}", 5 + r);
