@@ -73,6 +73,11 @@ pub struct GroupOptions {
     /// says so with `TORCHELASTIC_USE_AGENT_STORE=True`), so rank 0 connects to it like the
     /// others instead of starting its own.
     pub launcher_store: bool,
+    /// The keys of this group live under this prefix of the store ("" for none). torchrun's
+    /// agent keeps one store across restarts, so each restart meets under its own prefix
+    /// (`/worker/attempt_<n>`, as PyTorch's `init_process_group`), never reading a key that an
+    /// earlier attempt left.
+    pub store_prefix: String,
 }
 
 impl GroupOptions {
@@ -87,6 +92,7 @@ impl GroupOptions {
             timeout: DEFAULT_TIMEOUT,
             gloo_device: GlooDevice::Default,
             launcher_store: false,
+            store_prefix: String::new(),
         }
     }
 
@@ -96,6 +102,11 @@ impl GroupOptions {
         GroupOptions {
             timeout,
             launcher_store: launch.launcher_store,
+            store_prefix: if launch.launcher_store {
+                format!("/worker/attempt_{}", launch.restart)
+            } else {
+                String::new()
+            },
             ..GroupOptions::new(backend, &launch.master_addr, launch.master_port, launch.rank, launch.world_size)
         }
     }
@@ -131,6 +142,16 @@ pub fn available(backend: Backend) -> bool {
         Backend::Nccl => 2,
     };
     ffi::features() & bit != 0
+}
+
+/// Makes the failures of the collective library read as one line of this process's own: a C++
+/// exception that escapes one of its threads (Gloo throws in its transport threads when ranks
+/// exchange data of different sizes, which would abort the process) ends the process with
+/// status 1 and one line, `prefix` followed by what failed; and libtorch's own warnings and
+/// errors, logged with C++ stack traces, stay off stderr unless `TORCH_CPP_LOG_LEVEL` is set.
+/// Call it once, before the first [`ProcessGroup::new`]; every other failure is an [`Error`].
+pub fn quiet_failures(prefix: &str) {
+    ffi::quiet_failures(prefix)
 }
 
 fn not_built(backend: Backend) -> Error {
@@ -183,6 +204,7 @@ impl ProcessGroup {
             opts.rank as i32,
             opts.world_size as i32,
             opts.launcher_store,
+            &opts.store_prefix,
             millis(opts.timeout),
             device,
         )

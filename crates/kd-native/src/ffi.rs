@@ -73,12 +73,14 @@ mod raw {
             rank: c_int,
             size: c_int,
             launcher_store: bool,
+            store_prefix: *const c_char,
             timeout_ms: i64,
             device_kind: c_int,
             device_arg: *const c_char,
             out: *mut *mut KdGroup,
         ) -> *mut c_char;
         pub fn kd_native_group_free(group: *mut KdGroup);
+        pub fn kd_native_quiet_failures(prefix: *const c_char);
         pub fn kd_native_cuda_device_properties(
             device: c_int,
             name: *mut c_char,
@@ -144,6 +146,15 @@ pub(crate) fn libtorch_text(which: i32) -> String {
         raw::kd_native_free_error(p);
         text
     }
+}
+
+/// See `kd_native_quiet_failures` in the shim: an exception escaping a thread of the collective
+/// library ends the process with one line starting with `prefix` (status 1), and libtorch's own
+/// warnings stay off stderr unless `TORCH_CPP_LOG_LEVEL` is set.
+pub(crate) fn quiet_failures(prefix: &str) {
+    let prefix = CString::new(prefix.replace('\0', " ")).expect("no NUL byte left");
+    // SAFETY: the shim copies the string before returning.
+    unsafe { raw::kd_native_quiet_failures(prefix.as_ptr()) }
 }
 
 /// Bit 0: built with Gloo; bit 1: built with NCCL.
@@ -328,10 +339,12 @@ impl Group {
         rank: i32,
         size: i32,
         launcher_store: bool,
+        store_prefix: &str,
         timeout_ms: i64,
         device: GlooDeviceArg,
     ) -> ShimResult<Group> {
         let host = cstring(host, "the master address")?;
+        let store_prefix = cstring(store_prefix, "the store prefix")?;
         let (device_kind, device_arg) = match device {
             GlooDeviceArg::Default => (0, cstring("", "")?),
             GlooDeviceArg::Interface(s) => (1, cstring(s, "the network interface")?),
@@ -348,6 +361,7 @@ impl Group {
                 rank,
                 size,
                 launcher_store,
+                store_prefix.as_ptr(),
                 timeout_ms,
                 device_kind,
                 device_arg.as_ptr(),

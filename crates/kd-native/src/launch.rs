@@ -52,6 +52,9 @@ pub struct Launch {
     /// The launcher serves the rendezvous store itself (torchrun's agent sets
     /// `TORCHELASTIC_USE_AGENT_STORE=True`); see [`crate::dist::GroupOptions::launcher_store`].
     pub launcher_store: bool,
+    /// How many times torchrun has restarted the ranks (`TORCHELASTIC_RESTART_COUNT`; 0 for a
+    /// first start and for other launchers). Each restart meets in its own part of the store.
+    pub restart: u32,
 }
 
 const TORCHRUN: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
@@ -141,7 +144,23 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
         return Err(Error::Launch("MASTER_ADDR is empty; expected the host of rank 0".into()));
     }
     let launcher_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    Ok(Launch { rank, world_size, local_rank, master_addr, master_port, launcher: Launcher::Torchrun, launcher_store })
+    let restart = match var("TORCHELASTIC_RESTART_COUNT") {
+        None => 0,
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Launch(format!("TORCHELASTIC_RESTART_COUNT = `{v}` is not a non-negative integer")))?,
+    };
+    Ok(Launch {
+        rank,
+        world_size,
+        local_rank,
+        master_addr,
+        master_port,
+        launcher: Launcher::Torchrun,
+        launcher_store,
+        restart,
+    })
 }
 
 fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
@@ -190,6 +209,7 @@ fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<Launch> {
         master_port,
         launcher: Launcher::Slurm,
         launcher_store: false,
+        restart: 0,
     })
 }
 
@@ -343,11 +363,18 @@ mod tests {
                 master_port: 29500,
                 launcher: Launcher::Torchrun,
                 launcher_store: false,
+                restart: 0,
             }
         );
         let mut vars = torchrun_vars("0", "2", "0");
         vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True".into()));
-        assert!(run(&with(&vars)).unwrap().unwrap().launcher_store);
+        vars.push(("TORCHELASTIC_RESTART_COUNT", "3".into()));
+        let l = run(&with(&vars)).unwrap().unwrap();
+        assert!(l.launcher_store && l.restart == 3);
+        vars.pop();
+        vars.push(("TORCHELASTIC_RESTART_COUNT", "x".into()));
+        let e = run(&with(&vars)).unwrap_err().to_string();
+        assert!(e.contains("TORCHELASTIC_RESTART_COUNT"), "{e}");
     }
 
     #[test]

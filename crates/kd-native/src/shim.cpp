@@ -16,6 +16,7 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/_fused_sgd.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Logging.h>
 
 #include <chrono>
 #include <cstdint>
@@ -25,10 +26,14 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #endif
@@ -110,17 +115,110 @@ struct KdGroup {
 
 namespace {
 
-// Rank 0 serves the store unless the launcher already does (torchrun's agent store).
+// Rank 0 serves the store unless the launcher already does (torchrun's agent store). The
+// server does not wait for the others here: check_launch does, and names who is missing.
 c10::intrusive_ptr<c10d::Store> connect_store(const char* host, uint16_t port, int rank, int size,
-                                              bool launcher_store,
+                                              bool launcher_store, const std::string& prefix,
                                               std::chrono::milliseconds timeout) {
   c10d::TCPStoreOptions opts;
   opts.port = port;
   opts.isServer = rank == 0 && !launcher_store;
   opts.numWorkers = static_cast<size_t>(size);
-  opts.waitWorkers = true;
+  opts.waitWorkers = false;
   opts.timeout = timeout;
-  return c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  if (!prefix.empty()) {
+    store = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+  }
+  return store;
+}
+
+std::string text_of(const std::vector<uint8_t>& bytes) {
+  return std::string(bytes.begin(), bytes.end());
+}
+
+// Every rank announces itself (its rank, once, and its world size) in the store before the
+// backend connects, and waits until every rank of its world has: a rank started twice, ranks
+// started with different world sizes, and ranks that never start are named at once or when
+// the timeout expires, not found by a backend that waits for connections that never come.
+void check_launch(c10d::Store& store, int rank, int size, std::chrono::milliseconds timeout) {
+  const std::string me = std::to_string(rank);
+  const std::string world = std::to_string(size);
+  if (store.add("kd/join/" + me, 1) > 1) {
+    throw std::runtime_error("another process already joined as rank " + me +
+                             ": two processes were started with RANK=" + me +
+                             " (each rank must be started once)");
+  }
+  store.set("kd/size/" + me, std::vector<uint8_t>(world.begin(), world.end()));
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<bool> seen(static_cast<size_t>(size), false);
+  seen[static_cast<size_t>(rank)] = true;
+  for (;;) {
+    for (int r = 0; r <= size; ++r) {
+      if (r < size && seen[static_cast<size_t>(r)]) {
+        continue;
+      }
+      const std::string key = "kd/size/" + std::to_string(r);
+      if (!store.check({key})) {
+        continue;
+      }
+      const std::string theirs = text_of(store.get(key));
+      if (theirs != world) {
+        throw std::runtime_error("rank " + std::to_string(r) + " was started with WORLD_SIZE=" + theirs +
+                                 ", this rank with WORLD_SIZE=" + world +
+                                 ": every rank must be started with the same world size");
+      }
+      if (r == size) {
+        throw std::runtime_error("a process joined as rank " + world + ", but WORLD_SIZE is " + world +
+                                 " (ranks are 0 to " + std::to_string(size - 1) + ")");
+      }
+      seen[static_cast<size_t>(r)] = true;
+    }
+    std::string missing;
+    for (int r = 0; r < size; ++r) {
+      if (!seen[static_cast<size_t>(r)]) {
+        missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      }
+    }
+    if (missing.empty()) {
+      return;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      throw std::runtime_error("waited " + std::to_string(timeout.count() / 1000) + " s for rank(s) " + missing +
+                               " of " + world + " to join; they were not started, or started with another "
+                               "MASTER_ADDR or MASTER_PORT");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// What a rank prints when a C++ exception escapes a thread of the collective library (Gloo
+// throws in its transport threads when ranks exchange data of different sizes): one line and
+// exit status 1 instead of std::terminate's abort.
+std::string terminate_prefix = "error: ";
+
+[[noreturn]] void on_terminate() {
+  std::string what = "an uncaught C++ exception";
+  if (std::exception_ptr e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const c10::Error& x) {
+      what = x.what_without_backtrace();
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+    }
+  }
+  if (auto nl = what.find('\n'); nl != std::string::npos) {
+    what.resize(nl);
+  }
+  std::string line = terminate_prefix +
+                     "the collective library failed in one of its threads (the ranks exchanged data of different "
+                     "sizes: they disagree on the data, the model or a setting): " +
+                     what + "\n";
+  ssize_t written = ::write(2, line.data(), line.size());
+  (void)written;
+  ::_exit(1);
 }
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout,
@@ -235,14 +333,17 @@ bool kd_native_tf32_cudnn() {
 
 // kind: 0 Gloo, 1 NCCL. device_kind (Gloo): 0 default device, 1 interface named by device_arg,
 // 2 hostname or address in device_arg.
+// store_prefix: keys of this group's store live under it ("" for none; torchrun's restarts
+// each get their own).
 char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, int size,
-                          bool launcher_store, int64_t timeout_ms, int device_kind,
-                          const char* device_arg, KdGroup** out) {
+                          bool launcher_store, const char* store_prefix, int64_t timeout_ms,
+                          int device_kind, const char* device_arg, KdGroup** out) {
   *out = nullptr;
 #if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
   return guarded([&] {
     std::chrono::milliseconds timeout(timeout_ms);
-    auto store = connect_store(host, port, rank, size, launcher_store, timeout);
+    auto store = connect_store(host, port, rank, size, launcher_store, store_prefix, timeout);
+    check_launch(*store, rank, size, timeout);
     c10::intrusive_ptr<c10d::Backend> backend;
     if (kind == 0) {
 #ifdef KD_NATIVE_GLOO
@@ -271,10 +372,26 @@ char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, i
   });
 #else
   (void)kind, (void)host, (void)port, (void)rank, (void)size, (void)launcher_store;
-  (void)timeout_ms;
+  (void)store_prefix, (void)timeout_ms;
   (void)device_kind, (void)device_arg;
   return copy_message("kd-native was built without c10d process groups");
 #endif
+}
+
+// Makes an exception that escapes a thread of the collective library end the process with one
+// line starting with `prefix` and status 1 (see on_terminate), and keeps libtorch's own
+// warnings and errors (logged with C++ stack traces) off stderr unless TORCH_CPP_LOG_LEVEL
+// asks for them: the caller reports every failure itself.
+void kd_native_quiet_failures(const char* prefix) {
+#if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
+  terminate_prefix = prefix;
+  std::set_terminate(on_terminate);
+#else
+  (void)prefix;
+#endif
+  if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) {
+    FLAGS_caffe2_log_level = 3;  // FATAL only
+  }
 }
 
 void kd_native_group_free(KdGroup* group) {

@@ -4,7 +4,8 @@
 
 use kd_native::dist::{Backend, GlooDevice, GroupOptions, ProcessGroup, Reduce};
 use kd_native::launch::free_loopback_port;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -22,10 +23,18 @@ fn options(port: u16, rank: usize, world: usize, timeout: Duration) -> GroupOpti
 /// Starts `world` ranks of `scenario` and returns their outputs and exit statuses, killing any
 /// rank still running after `deadline` (and then failing).
 fn launch(scenario: &str, world: usize, deadline: Duration) -> Vec<(bool, String)> {
+    let ranks: Vec<(usize, usize)> = (0..world).map(|r| (r, world)).collect();
+    launch_as(scenario, &ranks, deadline).into_iter().map(|(status, out)| (status.success(), out)).collect()
+}
+
+/// Starts one process of `scenario` per `(rank, world size)` (a launch gone wrong may repeat a
+/// rank or give ranks different world sizes) and returns their exit statuses and outputs.
+fn launch_as(scenario: &str, ranks: &[(usize, usize)], deadline: Duration) -> Vec<(ExitStatus, String)> {
     let port = free_loopback_port();
     let exe = std::env::current_exe().unwrap();
-    let mut children: Vec<Child> = (0..world)
-        .map(|rank| {
+    let mut children: Vec<Child> = ranks
+        .iter()
+        .map(|&(rank, world)| {
             Command::new(&exe)
                 .args(["rank", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
                 .env(SCENARIO, scenario)
@@ -54,8 +63,8 @@ fn launch(scenario: &str, world: usize, deadline: Duration) -> Vec<(bool, String
     children
         .into_iter()
         .map(|mut c| {
-            let ok = c.wait().unwrap().success();
-            (ok, output(c))
+            let status = c.wait().unwrap();
+            (status, output(c))
         })
         .collect()
 }
@@ -90,12 +99,63 @@ fn a_hung_peer_is_an_error_after_the_timeout() {
     assert!(results[0].1.contains("survivor saw: all-reduce failed"), "{}", results[0].1);
 }
 
-/// A rank whose peers never come fails the rendezvous within its timeout, naming the address.
+/// A rank whose peers never come fails the rendezvous within its timeout, naming the address
+/// and the ranks that did not join.
 #[test]
 fn a_missing_peer_fails_the_rendezvous() {
     let port = free_loopback_port();
+    let started = Instant::now();
     let err = ProcessGroup::new(&options(port, 0, 2, Duration::from_secs(2))).unwrap_err().to_string();
     assert!(err.starts_with("rendezvous failed: rank 0 of 2 at 127.0.0.1:"), "{err}");
+    assert!(err.contains("waited 2 s for rank(s) 1 of 2 to join"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
+/// Ranks started with different world sizes are named at once, well within the timeout (30 s).
+#[test]
+fn ranks_with_different_world_sizes_are_named_at_the_rendezvous() {
+    let started = Instant::now();
+    let results = launch_as("join", &[(0, 2), (1, 3)], Duration::from_secs(120));
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let [(s0, out0), (s1, out1)] = &results[..] else { unreachable!() };
+    assert!(s0.success() && out0.contains("join error: rendezvous failed: rank 0 of 2"), "{out0}");
+    assert!(out0.contains("rank 1 was started with WORLD_SIZE=3, this rank with WORLD_SIZE=2"), "{out0}");
+    assert!(
+        s1.success() && out1.contains("rank 0 was started with WORLD_SIZE=2, this rank with WORLD_SIZE=3"),
+        "{out1}"
+    );
+}
+
+/// A rank started twice: the second process to join as that rank is told so at once; the
+/// others form the group.
+#[test]
+fn a_rank_started_twice_is_named() {
+    let results = launch_as("join", &[(0, 2), (1, 2), (1, 2)], Duration::from_secs(120));
+    let joined = results.iter().filter(|(s, out)| s.success() && out.contains("rank ... joined")).count();
+    let twice: Vec<&String> = results
+        .iter()
+        .filter(|(s, out)| s.success() && out.contains("another process already joined as rank 1"))
+        .map(|(_, out)| out)
+        .collect();
+    assert!(joined == 2 && twice.len() == 1, "{results:#?}");
+    assert!(twice[0].contains("two processes were started with RANK=1"), "{}", twice[0]);
+}
+
+/// Ranks that exchange tensors of different sizes make Gloo throw in its transport thread,
+/// which would abort the process: with [`kd_native::dist::quiet_failures`] a rank ends with
+/// status 1 and one line, or sees an error, never a signal.
+#[test]
+fn mismatched_collectives_end_without_an_abort() {
+    let results = launch_as("sizes_differ", &[(0, 2), (1, 2)], Duration::from_secs(120));
+    for (rank, (status, out)) in results.iter().enumerate() {
+        assert!(status.signal().is_none(), "rank {rank} died by signal {:?}:\n{out}", status.signal());
+        assert!(
+            (status.code() == Some(1) && out.contains(&format!("[rank {rank}] error: the collective library failed")))
+                || (status.success() && out.contains("saw: ")),
+            "rank {rank} ({status}):\n{out}"
+        );
+        assert!(!out.contains("terminate called") && !out.contains("frame #"), "rank {rank}:\n{out}");
+    }
 }
 
 #[test]
@@ -129,9 +189,35 @@ fn rank() {
         "peer_hangs" => Duration::from_secs(1),
         _ => Duration::from_secs(10),
     };
-    let group = ProcessGroup::new(&options(launch.master_port, rank, world, timeout)).unwrap();
+    kd_native::dist::quiet_failures(&format!("[rank {rank}] error: "));
+    let group = match ProcessGroup::new(&options(launch.master_port, rank, world, timeout)) {
+        Ok(group) => group,
+        Err(e) if scenario == "join" => {
+            println!("join error: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let r = rank as f64;
     match scenario.as_str() {
+        "join" => {
+            group.barrier().unwrap();
+            println!("joined");
+            // Stay, as a training rank would, so that a late duplicate finds the store.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        "sizes_differ" => {
+            let mut ts = vec![Tensor::ones([4 + 1000 * rank as i64], (Kind::Float, Device::Cpu))];
+            if let Err(e) = group.all_reduce(&mut ts, Reduce::Sum) {
+                println!("saw: {e}");
+                return;
+            }
+            let mut ts = vec![Tensor::ones([4], (Kind::Float, Device::Cpu))];
+            match group.all_reduce(&mut ts, Reduce::Sum) {
+                Ok(()) => panic!("a mismatched all-reduce went through"),
+                Err(e) => println!("saw: {e}"),
+            }
+        }
         "collectives" => collectives(&group, r, world as f64),
         "peer_dies" | "peer_hangs" => {
             let mut ts = vec![Tensor::ones([4], (Kind::Float, Device::Cpu))];

@@ -120,6 +120,49 @@ pub struct Dataset {
     pub stream: Option<StoreData>,
 }
 
+impl Dataset {
+    /// What every rank of a data-parallel run must have read alike, each with a 64-bit hash:
+    /// the examples of each split as loaded (values and labels, and for speech the frames and
+    /// their utterance bounds); for a frame store also the training store's manifest (its
+    /// shards' checksums) and the header of its top-k targets file.
+    pub fn fingerprints(&self) -> Result<Vec<(&'static str, i64)>> {
+        let split = |s: &Split| {
+            let mut named = vec![("images", &s.images), ("labels", &s.labels)];
+            if let Some(w) = &s.windows {
+                let f = &w.frames;
+                named.extend([
+                    ("features", &f.features),
+                    ("states", &f.labels),
+                    ("utt_start", &f.utt_start),
+                    ("utt_end", &f.utt_end),
+                    ("mean", &w.mean),
+                    ("std", &w.std),
+                ]);
+            }
+            crate::dist::tensors_hash(named)
+        };
+        let mut out = vec![("the training examples", split(&self.train)), ("the test examples", split(&self.test))];
+        if let Some(v) = &self.validation {
+            out.push(("the validation examples", split(v)));
+        }
+        if let Some(s) = &self.stream {
+            let manifest = toml::to_string(&s.store.manifest).context("the training store's manifest")?;
+            out.push(("the training store's manifest", crate::dist::text_hash(&manifest)));
+            if let Some(name) = &s.spec.targets {
+                let path = s.spec.dir.join("train").join(name);
+                let mut header = vec![0u8; store::HEADER_BYTES as usize];
+                let mut f = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                let read = std::io::Read::read(&mut f, &mut header)?;
+                header.truncate(read);
+                let len = f.metadata()?.len();
+                let text = format!("{len} {header:?}");
+                out.push(("the top-k targets file's header", crate::dist::text_hash(&text)));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A training store opened for streaming, with how to stream it.
 pub struct StoreData {
     /// The store.

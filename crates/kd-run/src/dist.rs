@@ -101,6 +101,7 @@ impl World {
         if let Some(interface) = env("GLOO_SOCKET_IFNAME") {
             options.gloo_device = kd_native::dist::GlooDevice::Interface(interface);
         }
+        kd_native::dist::quiet_failures(&format!("[rank {0}] error: rank {0} of {1}: ", l.rank, l.world_size));
         let group = ProcessGroup::new(&options)
             .with_context(|| format!("rank {} of {}: meeting the other ranks", l.rank, l.world_size))?;
         let bucket_bytes = match env("KD_DIST_BUCKET_MB") {
@@ -120,6 +121,19 @@ impl World {
             bucket_bytes,
             timeout,
         };
+        let build = kd_native::build::info();
+        let version = format!(
+            "kd-run {} on libtorch {} (NCCL: {}, CUDA graphs: {})",
+            env!("CARGO_PKG_VERSION"),
+            build.libtorch_version,
+            build.nccl,
+            build.cuda_graphs
+        );
+        world.agree(&format!("the build (this rank runs {version})"), text_hash(&version))?;
+        world.agree(
+            "KD_DIST_BUCKET_MB (the size of the buckets gradients are summed in must be the same on every rank)",
+            world.bucket_bytes as i64,
+        )?;
         world.agree(
             "the hash of the resolved experiment and command options (every rank must run the same experiment file \
              with the same options)",
@@ -322,6 +336,29 @@ pub fn text_hash(text: &str) -> i64 {
     i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
+/// A 64-bit hash (SHA-256's first bytes) of named tensors: each name, element type, shape and
+/// the bytes of its values, in order. For [`World::agree`] on what every rank must have read
+/// alike (the data as loaded, a checkpoint's weights).
+pub fn tensors_hash<'a>(named: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (name, t) in named {
+        h.update(format!("{name} {:?} {:?};", t.kind(), t.size()).as_bytes());
+        let bytes = t.to_device(Device::Cpu).contiguous().view_dtype(Kind::Uint8).reshape([-1]);
+        // In pieces of 16 MiB, so that hashing a large split copies little at a time.
+        let n = bytes.size()[0];
+        let mut buf = Vec::new();
+        for start in (0..n).step_by(1 << 24) {
+            let piece = bytes.narrow(0, start, (1i64 << 24).min(n - start));
+            let len = piece.size()[0] as usize;
+            buf.resize(len, 0u8);
+            piece.copy_data_u8(&mut buf, len);
+            h.update(&buf);
+        }
+    }
+    i64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
 /// The line a rank writes when its launcher stops it with SIGTERM (torchrun does, to every rank,
 /// once one has failed, often before the survivors' collectives have failed on their own).
 static STOPPED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -384,6 +421,28 @@ mod tests {
                 assert_eq!(next, n);
             }
         }
+    }
+
+    #[test]
+    fn tensors_hash_sees_values_order_shapes_and_names() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]);
+        let base = tensors_hash([("x", &t)]);
+        assert_eq!(base, tensors_hash([("x", &t.copy())]));
+        let swapped = Tensor::from_slice(&[2.0f32, 1.0, 3.0, 4.0]);
+        let changed = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.000001]);
+        for other in [
+            tensors_hash([("x", &swapped)]),
+            tensors_hash([("x", &changed)]),
+            tensors_hash([("x", &t.view([2, 2]))]),
+            tensors_hash([("y", &t)]),
+            tensors_hash([("x", &t.to_kind(Kind::Double))]),
+            tensors_hash([("x", &t), ("x", &t)]),
+        ] {
+            assert_ne!(base, other);
+        }
+        // A transposed view hashes as its values in row-major order.
+        let m = Tensor::from_slice(&[1i64, 2, 3, 4]).view([2, 2]);
+        assert_eq!(tensors_hash([("m", &m.tr())]), tensors_hash([("m", &m.tr().contiguous())]));
     }
 
     #[test]

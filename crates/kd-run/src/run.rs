@@ -21,7 +21,7 @@ use kd_core::Objective;
 use kd_models::Mlp;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 use tracing::info;
 
 mod bias_shift;
@@ -107,6 +107,16 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         if world.is_writer() {
             world.barrier()?;
         }
+        // A data path that names other bytes on some rank (another working directory, another
+        // node's copy) would train every rank on a different set and average the mix.
+        let source = data_source(&exp.data.source);
+        for (what, hash) in run.data.fingerprints()? {
+            let what = format!(
+                "{what} as read from {source} (every rank must read the same bytes: a relative path in another \
+                 working directory, or another node's copy, gives a rank other data)"
+            );
+            world.agree(&what, hash)?;
+        }
         let actions = format!("{:?}", plan.actions);
         world.agree("the plan (which stages run, resume or are skipped)", crate::dist::text_hash(&actions))?;
     }
@@ -138,19 +148,30 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     let data = data::load(&exp.data, device)?;
     info!(
         "data {}: {} training, {} validation, {} test examples, {} classes",
-        match &exp.data.source {
-            DataSource::Speech(s) =>
-                format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
-            DataSource::Files(f) => format!("files (training features {})", f.train.features.display()),
-            DataSource::Store(s) => format!("frame stores in {}", s.dir.display()),
-            DataSource::Mnist { dir } => dir.display().to_string(),
-        },
+        data_source(&exp.data.source),
         data.train.len(),
         data.validation.as_ref().map_or(0, |v| v.len()),
         data.test.len(),
         data.num_classes
     );
     Ok((device, data))
+}
+
+/// Named tensors in the order of their names.
+fn sorted_by_name(named: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
+    let mut v: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    v.sort_by_key(|(n, _)| *n);
+    v
+}
+
+/// The data an experiment reads, in words.
+fn data_source(source: &DataSource) -> String {
+    match source {
+        DataSource::Speech(s) => format!("synthetic speech (seed {}, {} speakers)", s.corpus.seed, s.corpus.speakers),
+        DataSource::Files(f) => format!("files (training features {})", f.train.features.display()),
+        DataSource::Store(s) => format!("frame stores in {}", s.dir.display()),
+        DataSource::Mnist { dir } => dir.display().to_string(),
+    }
 }
 
 impl Run<'_> {
@@ -336,6 +357,14 @@ impl Run<'_> {
         }
         let named = output::load_tensors(&path)?;
         output::check_finite(&path, &named)?;
+        let world = crate::dist::world();
+        if world.is_distributed() {
+            world.agree(
+                &format!("checkpoint {} as read (every rank must read the same file)", path.display()),
+                // By name: a safetensors file's entries come back in no fixed order.
+                crate::dist::tensors_hash(sorted_by_name(&named)),
+            )?;
+        }
         let (vs, net) =
             Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
         let want = self.data.train.input_dim();

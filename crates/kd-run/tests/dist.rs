@@ -20,11 +20,24 @@ fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// kd-run as rank `rank` of `world` (torchrun's variables), one thread, a 20 s timeout.
+/// kd-run as rank `rank` of `world` (torchrun's variables) with a timeout of `timeout_s`.
 fn rank(args: &[&str], rank: usize, world: usize, port: u16, timeout_s: u32) -> Child {
+    rank_in(&root(), &[], args, (rank, world), port, timeout_s)
+}
+
+/// [`rank`] in the working directory `cwd`, with the variables `env` besides.
+fn rank_in(
+    cwd: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    (rank, world): (usize, usize),
+    port: u16,
+    timeout_s: u32,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kd-run"))
         .args(args)
-        .current_dir(root())
+        .current_dir(cwd)
+        .envs(env.iter().copied())
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
@@ -289,5 +302,133 @@ fn ranks_started_with_different_experiments_stop_at_the_start() {
         assert!(text(o).contains("differs across ranks: rank 0 has"), "{}", text(o));
     }
     assert!(!out.exists(), "nothing written");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Starts 2 ranks, rank `r` in `cwd[r]` with `env[r]`, and returns their outputs.
+fn two_ranks_in(cwd: [&Path; 2], env: [&[(&str, &str)]; 2], args: &[&str]) -> Vec<Output> {
+    let port = free_loopback_port();
+    let children: Vec<Child> = (0..2).map(|r| rank_in(cwd[r], env[r], args, (r, 2), port, 20)).collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+/// Both ranks failed, by an exit status (no signal), each with an error line containing `what`,
+/// and no result was recorded.
+fn both_stopped_naming(outputs: &[Output], what: &str, out: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    for (r, o) in outputs.iter().enumerate() {
+        let err = text(o);
+        assert!(o.status.code().is_some_and(|c| c != 0), "rank {r} ({:?}):\n{err}", o.status.signal());
+        let line = err.lines().find(|l| l.starts_with(&format!("[rank {r}] error: "))).unwrap_or_default();
+        assert!(line.contains(what), "rank {r}:\n{err}");
+        assert!(!err.contains("terminate called") && !err.contains("frame #"), "rank {r}:\n{err}");
+    }
+    let summaries: Vec<PathBuf> = walk(out).into_iter().filter(|p| p.ends_with("summary.csv")).collect();
+    for s in summaries {
+        assert!(csv_rows(&s).is_empty(), "a result was recorded in {}", s.display());
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
+}
+
+/// An IDX pair of the first `n` training images and labels of MNIST, with `flip` pixels of
+/// image 10 changed, in `dir/d/mnist` beside links to the test files.
+fn mnist_copy(dir: &Path, n: usize, flip: usize) {
+    let (from, to) = (root().join("data/mnist"), dir.join("d/mnist"));
+    std::fs::create_dir_all(&to).unwrap();
+    let images = std::fs::read(from.join("train-images-idx3-ubyte")).unwrap();
+    let labels = std::fs::read(from.join("train-labels-idx1-ubyte")).unwrap();
+    let mut im = images[..16 + n * 784].to_vec();
+    im[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    for b in &mut im[16 + 10 * 784..16 + 10 * 784 + flip] {
+        *b = 255 - *b;
+    }
+    let mut lb = labels[..8 + n].to_vec();
+    lb[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    std::fs::write(to.join("train-images-idx3-ubyte"), im).unwrap();
+    std::fs::write(to.join("train-labels-idx1-ubyte"), lb).unwrap();
+    for f in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        std::os::unix::fs::symlink(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// The same relative data path names different bytes on the two ranks (their working
+/// directories differ): the ranks stop before training, naming the data, instead of training
+/// on the mix.
+#[test]
+fn ranks_that_read_different_data_stop_naming_it() {
+    let dir = fresh_dir("data");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL.replace("data/mnist", "d/mnist")).unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    mnist_copy(&a, 700, 0);
+    mnist_copy(&b, 700, 3);
+    let out = dir.join("out");
+    let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let ranks = two_ranks_in([&a, &b], [&[], &[]], &args);
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    both_stopped_naming(&ranks, "the training examples as read from d/mnist", &out);
+    // The same bytes in both folders train.
+    let ranks = two_ranks_in([&a, &a], [&[], &[]], &args);
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A setting that shapes the collectives (the gradient bucket size) differs between ranks: an
+/// error at the start, not an abort inside Gloo.
+#[test]
+fn a_bucket_size_that_differs_between_ranks_stops_at_the_start() {
+    let dir = fresh_dir("bucket");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, SMALL.replace("[24]", "[400]")).unwrap();
+    let out = dir.join("out");
+    let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let ranks = two_ranks_in([&root(), &root()], [&[], &[("KD_DIST_BUCKET_MB", "1")]], &args);
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    both_stopped_naming(&ranks, "KD_DIST_BUCKET_MB", &out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A frame store with fewer training utterances than ranks: some rank would stream nothing, so
+/// the stage is an error naming the store, and no untrained model is recorded.
+#[test]
+fn a_store_with_fewer_utterances_than_ranks_is_an_error() {
+    let dir = fresh_dir("store");
+    let stores = dir.join("stores");
+    let w = alone(&[
+        "store",
+        "write",
+        "experiments/speech_tiny.toml",
+        "--out",
+        stores.to_str().unwrap(),
+        "--set",
+        "data.speech.speakers=3",
+        "--set",
+        "data.speech.utterances_per_speaker=1",
+    ]);
+    assert!(w.status.success(), "{}", text(&w));
+    let file = dir.join("st.toml");
+    let text_ = format!(
+        "name = \"st\"\nseed = 1\nthreads = 1\n[data]\nkind = \"store\"\ncontext = [4, 2]\n\
+         store = {{ dir = \"{}\" }}\n[[stages]]\nname = \"base\"\nkind = \"train\"\nmodel = {{ hidden = [16] }}\n\
+         epochs = 1\nbatch_size = 32\noptimizer = {{ kind = \"sgd\", lr = 0.05 }}\n",
+        stores.display()
+    );
+    std::fs::write(&file, text_).unwrap();
+    let out = dir.join("out");
+    let ranks = two_ranks(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    both_stopped_naming(&ranks, "holds 1 utterance(s)", &out);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -122,11 +122,32 @@ impl Run<'_> {
                  (train_fraction, transfer-set class filters and specialists are not supported there yet)"
             );
         }
+        // Every rank takes a share of each batch: a rank with none would train nothing.
+        if (training.batch_size as usize) < world.size() {
+            bail!(
+                "stage `{stage}`: batch_size = {} is smaller than the {} ranks of this data-parallel run: each rank \
+                 takes a share of every batch, and some would get no example",
+                training.batch_size,
+                world.size()
+            );
+        }
         let n = match (&sampling, streamed) {
             // Each rank streams its shard in its share of each batch.
             (_, Some(s)) => {
                 let local = world.share(training.batch_size).1;
-                s.plan(local, training.seed, 0, world.size())?.0 as i64 * world.size() as i64
+                let n = s.plan(local, training.seed, 0, world.size())?.0 as i64 * world.size() as i64;
+                if n == 0 {
+                    bail!(
+                        "stage `{stage}`: the training store {} holds {} utterance(s) ({} frames) for {} rank(s): \
+                         each rank streams whole utterances, so some rank would get no frame and nothing would \
+                         train; write a larger store, or start fewer ranks",
+                        s.store.dir.display(),
+                        s.store.manifest.utterances,
+                        s.store.manifest.frames,
+                        world.size()
+                    );
+                }
+                n
             }
             (Sampling::Draw { n, .. }, None) => *n,
             (Sampling::All, None) => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
