@@ -182,7 +182,7 @@ fn try_main() -> Result<(), Failure> {
                     names.join(", ")
                 )));
             }
-            let command = run::output::command_line("kd-run", std::env::args().skip(1));
+            let command = run::output::command_line("kd-run", std::env::args_os().skip(1));
             join_ranks(&exp, &command)?;
             let dir = run::run(&exp, &out, run::Options { fresh, redo: &redo, only: &only }, &command)?;
             if dist::world().is_writer() {

@@ -939,7 +939,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         p.strip_prefix(base).unwrap_or(p).display().to_string()
     };
     let mut md = String::new();
-    let command = output::command_line("kd-run report", std::env::args().skip(2));
+    let command = output::command_line("kd-run report", std::env::args_os().skip(2));
     writeln!(md, "# {}\n", args.title)?;
     writeln!(
         md,

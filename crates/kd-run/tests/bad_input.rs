@@ -356,3 +356,39 @@ fn absurd_sizes_are_errors_before_anything_is_allocated() {
     assert!(error.contains("lengths.npy: utterance lengths must be > 0 and add up to the 30 frames"), "{error}");
     assert!(error.contains("they add up to more than 2^63"), "{error}");
 }
+
+/// File names may be any bytes: an experiment file and an output folder whose names are not
+/// UTF-8 run, the command recorded in `command.txt` reads back through bash as the same bytes,
+/// and a report of the run works.
+#[test]
+fn names_that_are_not_utf8_work() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Scratch::new("not-utf8");
+    write_images(&s, "data", 120, (8, 8), (8, 8));
+    let stages = "[[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = { hidden = [8] }\n";
+    let file = s.write("exp.toml", image_experiment(stages));
+    let odd_file = file.with_file_name(std::ffi::OsStr::from_bytes(b"exp-\xe9.toml"));
+    std::fs::rename(&file, &odd_file).unwrap();
+    let out = std::ffi::OsStr::from_bytes(b"out-\xfe");
+    let status = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+            .args(args)
+            .current_dir(&s.0)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("kd-run starts");
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success() && !stderr.contains("panicked"), "{stderr}");
+    };
+    let run = std::ffi::OsStr::new("run");
+    status(&[run, odd_file.file_name().unwrap(), std::ffi::OsStr::new("--out"), out]);
+    let dir = s.0.join(out).join("bad");
+    assert_eq!(csv_stages(&dir.join("summary.csv")), ["net"]);
+    let command = std::fs::read_to_string(dir.join("command.txt")).unwrap();
+    assert!(command.contains("$'exp-\\xe9.toml' --out $'out-\\xfe'"), "{command}");
+    let echoed = Command::new("bash").arg("-c").arg(format!("printf '%s|' {}", &command["kd-run ".len()..])).output();
+    assert_eq!(echoed.unwrap().stdout, b"run|exp-\xe9.toml|--out|out-\xfe|");
+    let report = s.0.join(out).join("report.md");
+    status(&[std::ffi::OsStr::new("report"), dir.as_os_str(), std::ffi::OsStr::new("--out"), report.as_os_str()]);
+    assert!(std::fs::read_to_string(&report).unwrap().contains("$'"));
+}

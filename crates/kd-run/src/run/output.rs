@@ -471,11 +471,28 @@ pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 /// The command line `kd-run` was started with, `program` first, each argument written so that a
 /// POSIX shell reads it back as one word: as it is when it holds only characters a shell leaves
 /// alone, else in single quotes (an inner `'` as `'\''`).
-pub fn command_line(program: &str, args: impl Iterator<Item = String>) -> String {
+pub fn command_line(program: &str, args: impl Iterator<Item = std::ffi::OsString>) -> String {
     std::iter::once(program.to_string()).chain(args.map(|a| shell_word(&a))).collect::<Vec<_>>().join(" ")
 }
 
-fn shell_word(arg: &str) -> String {
+/// `arg` as one shell word: as it is when nothing in it is special, else single-quoted; an
+/// argument that is not UTF-8 (a file name may be any bytes) in bash's `$'...'` quoting, its
+/// other bytes as `\xNN`.
+fn shell_word(arg: &std::ffi::OsStr) -> String {
+    let Some(arg) = arg.to_str() else {
+        use std::os::unix::ffi::OsStrExt;
+        let mut word = String::from("$'");
+        for &b in arg.as_bytes() {
+            match b {
+                b'\\' => word.push_str("\\\\"),
+                b'\'' => word.push_str("\\x27"),
+                0x20..=0x7e => word.push(char::from(b)),
+                _ => word.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        word.push('\'');
+        return word;
+    };
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
     if !arg.is_empty() && arg.chars().all(plain) {
         arg.to_string()
@@ -575,9 +592,22 @@ mod tests {
     #[test]
     fn the_command_line_reads_back_through_a_shell_as_the_same_words() {
         let args = ["run", "a.toml", "--set", "name=a b", "--title", "the teacher's \"best\" $HOME `x` \\", ""];
-        let line = command_line("printf '%s|'", args.iter().map(|a| a.to_string()));
+        let line = command_line("printf '%s|'", args.iter().map(std::ffi::OsString::from));
         assert!(line.starts_with("printf '%s|' run a.toml --set 'name=a b' --title 'the teacher'\\''s"), "{line}");
         let out = std::process::Command::new("sh").arg("-c").arg(&line).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}|", args.join("|")));
+    }
+
+    #[test]
+    fn arguments_that_are_not_utf8_read_back_through_bash_as_the_same_bytes() {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let odd = std::ffi::OsString::from_vec(b"out/\xfe\xff it's a \\ $x\n".to_vec());
+        let line = command_line("printf '%s|'", [std::ffi::OsString::from("--out"), odd.clone()].into_iter());
+        assert!(line.is_ascii() && line.contains("$'out/\\xfe\\xff it\\x27s a \\\\ $x\\x0a'"), "{line}");
+        let out = std::process::Command::new("bash").arg("-c").arg(&line).output().unwrap();
+        let mut want = b"--out|".to_vec();
+        want.extend_from_slice(odd.as_bytes());
+        want.push(b'|');
+        assert_eq!(out.stdout, want);
     }
 }
