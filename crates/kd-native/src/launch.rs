@@ -250,6 +250,10 @@ pub fn first_host(list: &str) -> Result<String> {
     expand_hosts(list)?.into_iter().next().ok_or_else(|| Error::Launch(format!("node list `{list}` names no host")))
 }
 
+/// The most hosts a node list may expand to (a list that claims more is a mistake, and its
+/// expansion would take memory out of proportion to the text).
+const MAX_HOSTS: usize = 1 << 20;
+
 /// Expands a Slurm compressed node list: comma-separated hosts, each with bracketed ranges and
 /// numbers whose zero padding is kept (`n[08-10]` -> `n08, n09, n10`); several bracket groups
 /// in one name expand as their product (`r[1-2]-n[1-2]` -> `r1-n1, r1-n2, r2-n1, r2-n2`).
@@ -271,6 +275,9 @@ pub fn expand_hosts(list: &str) -> Result<Vec<String>> {
             let close = rest[open..].find(']').map(|c| open + c).ok_or_else(|| bad("unclosed `[`"))?;
             let literal = &rest[..open];
             let choices = expand_group(&rest[open + 1..close]).map_err(|e| bad(&e))?;
+            if (hosts.len() + names.len()).saturating_mul(choices.len()) > MAX_HOSTS {
+                return Err(bad(&format!("expands to more than {MAX_HOSTS} hosts")));
+            }
             names = names.iter().flat_map(|n| choices.iter().map(move |c| format!("{n}{literal}{c}"))).collect();
             rest = &rest[close + 1..];
         }
@@ -467,5 +474,126 @@ mod tests {
             let err = expand_hosts(list).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains(list), "{list}: `{err}` lacks `{want}`");
         }
+    }
+
+    /// Launch variables drawn at random from valid, edge and nonsense values: parsing never
+    /// panics or allocates out of proportion, and whatever it accepts is consistent.
+    #[test]
+    fn random_launch_variables_parse_or_fail_cleanly() {
+        const VARS: [&str; 15] = [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "TORCHELASTIC_USE_AGENT_STORE",
+            "TORCHELASTIC_RESTART_COUNT",
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "SLURM_LOCALID",
+            "SLURM_JOB_NODELIST",
+            "SLURM_NODELIST",
+            "SLURM_JOB_ID",
+            "KD_DIST_TIMEOUT_S",
+            "PATH",
+        ];
+        const VALUES: [&str; 34] = [
+            "0",
+            "1",
+            "2",
+            "3",
+            "7",
+            " 1 ",
+            "",
+            " ",
+            "-1",
+            "+1",
+            "1.5",
+            "1e3",
+            "0x10",
+            "65535",
+            "65536",
+            "4294967296",
+            "18446744073709551615",
+            "18446744073709551616",
+            "\u{ff10}",
+            "\u{0}",
+            "True",
+            "true",
+            "nan",
+            "inf",
+            "127.0.0.1",
+            "host",
+            "gpu[07-10,12]",
+            "gpu[",
+            "n[1-0]",
+            "a[0-99999]b[0-99999]",
+            "[]",
+            "x[1-2]-y[01-03],z",
+            "n[,]",
+            "n[0-18446744073709551615]",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut accepted, mut rejected) = (0, 0);
+        for _ in 0..20_000 {
+            // Each variable unset or one of the values; torchrun's or Slurm's core set more often.
+            // A valid torchrun or Slurm launch, or nothing, with up to 3 variables set to a
+            // random value or removed.
+            let mut vars: Vec<(&str, &str)> = match next(3) {
+                0 => vec![
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", "1"),
+                    ("MASTER_ADDR", "host"),
+                    ("MASTER_PORT", "29500"),
+                ],
+                1 => vec![
+                    ("SLURM_PROCID", "1"),
+                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_LOCALID", "0"),
+                    ("SLURM_JOB_NODELIST", "gpu[07-10,12]"),
+                    ("SLURM_JOB_ID", "7"),
+                ],
+                _ => Vec::new(),
+            };
+            for _ in 0..next(4) {
+                let k = VARS[next(VARS.len())];
+                vars.retain(|(n, _)| *n != k);
+                if next(4) > 0 {
+                    vars.push((k, VALUES[next(VALUES.len())]));
+                }
+            }
+            let parsed = std::panic::catch_unwind(|| run(&vars)).unwrap_or_else(|_| panic!("panicked on {vars:?}"));
+            let _ = std::panic::catch_unwind(|| {
+                dist_timeout(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+            })
+            .unwrap_or_else(|_| panic!("dist_timeout panicked on {vars:?}"));
+            match parsed {
+                Ok(Some(l)) => {
+                    accepted += 1;
+                    assert!(l.world_size >= 1 && l.rank < l.world_size && l.local_rank <= l.rank, "{vars:?}: {l:?}");
+                    assert!(l.master_port > 0 && !l.master_addr.trim().is_empty(), "{vars:?}: {l:?}");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    rejected += 1;
+                    assert!(e.to_string().len() < 400, "{e}");
+                }
+            }
+        }
+        assert!(accepted > 100 && rejected > 100, "{accepted} accepted, {rejected} rejected");
+    }
+
+    #[test]
+    fn a_node_list_that_expands_past_the_limit_is_an_error() {
+        let e = expand_hosts("a[0-99999]b[0-99999]").unwrap_err().to_string();
+        assert!(e.contains("expands to more than"), "{e}");
+        assert_eq!(first_host("a[000-999]b[0-999]").unwrap(), "a000b0");
     }
 }
