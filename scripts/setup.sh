@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup, idempotent: a project-local Python venv with the PyTorch 2.11.0 wheel (which
-# carries libtorch), a stable link .venv/libtorch that .cargo/config.toml points cargo at, the
+# carries libtorch) and TensorBoard, a stable link .venv/libtorch that .cargo/config.toml points cargo at, the
 # Gloo headers for kd-native's `gloo` feature under deps/gloo, and MNIST under data/mnist. Each
 # step is skipped when its result is already there.
 set -euo pipefail
@@ -13,6 +13,13 @@ if ! .venv/bin/python -c "import torch, numpy, sys; sys.exit(torch.__version__.s
     echo "setup: installing torch==$TORCH_VERSION into .venv (about 5 GB with its CUDA libraries)"
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+fi
+
+# TensorBoard's own event-file reader checks the event files kd-run writes (a test does).
+TENSORBOARD_VERSION=2.20.0
+if ! .venv/bin/python -c "import tensorboard, sys; sys.exit(tensorboard.__version__ != '$TENSORBOARD_VERSION')" 2>/dev/null; then
+    echo "setup: installing tensorboard==$TENSORBOARD_VERSION into .venv"
+    .venv/bin/pip install --quiet --disable-pip-version-check "tensorboard==$TENSORBOARD_VERSION"
 fi
 
 torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch.__file__))")

@@ -29,6 +29,7 @@ mod cache;
 mod dir;
 mod distill;
 mod evaluate;
+pub mod events;
 mod fit;
 mod lock;
 pub mod output;
@@ -73,6 +74,8 @@ struct Run<'a> {
     /// The TFLOP/s each epoch's log line gives the share of: `peak_tflops`, else the GPU's
     /// known peak at the run's precision.
     peak_tflops: Option<f64>,
+    /// The run's TensorBoard event file (rank 0), made at the first scalar.
+    events: std::cell::RefCell<Option<events::EventWriter>>,
 }
 
 /// Runs `exp` under `out/<name>`, resuming what an earlier run of it left unfinished (see
@@ -98,7 +101,8 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     }
     let (device, data) = device_and_data(exp)?;
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
-    let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops };
+    let events = std::cell::RefCell::new(None);
+    let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops, events };
     let request = Request { only: options.only, redo: options.redo };
     let plan =
         plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
@@ -175,6 +179,35 @@ fn data_source(source: &DataSource) -> String {
 }
 
 impl Run<'_> {
+    /// Adds scalars (tag, value) at `step` to the run's TensorBoard event file (rank 0 only;
+    /// the file is made at the first call), and writes them out when `flush`. A file that cannot
+    /// be written stops the run, as any other output would.
+    fn scalars(&self, step: i64, values: &[(String, f64)], flush: bool) -> Result<()> {
+        if !crate::dist::world().is_writer() {
+            return Ok(());
+        }
+        let mut events = self.events.borrow_mut();
+        let writer = match events.as_mut() {
+            Some(w) => w,
+            None => {
+                let writer = events::EventWriter::create(&self.dir.join(events::FOLDER))?;
+                info!(
+                    "TensorBoard events in {} (tensorboard --logdir {})",
+                    writer.path().display(),
+                    self.dir.display()
+                );
+                events.insert(writer)
+            }
+        };
+        for (tag, value) in values {
+            writer.scalar(tag, step, *value)?;
+        }
+        if flush {
+            writer.flush()?;
+        }
+        Ok(())
+    }
+
     /// Discards what the plan says (results, epochs, checkpoints) and writes the tables if that
     /// changed them. The trained specialists of the `recombined` stages stay.
     fn discard(&self, tables: &mut Tables, plan: &Plan, recombined: &[String]) -> Result<()> {

@@ -531,9 +531,9 @@ pub fn train_epoch(
     train_epoch_from(trainer, &mut source, supervision, settings, guard, on_step)
 }
 
-/// One pass over the batches of `source`. `on_step(done, running_loss)` is called after each
-/// step; `running_loss` is `Some` every `settings.report_every` steps only (reading it syncs the
-/// device).
+/// One pass over the batches of `source`. `on_step(done, loss)` is called after each step;
+/// `loss` is `Some` every `settings.report_every` steps only (reading it syncs the device): the
+/// mean loss per example of the steps since the last report.
 ///
 /// Fails with [`Diverged`] when a step's loss is not finite or the loss grew past `guard`'s
 /// bound (checked with the losses read every `report_every` steps and at the end, so up to
@@ -599,8 +599,7 @@ pub fn train_epoch_from(
         }
         correct += logits.argmax(1, false).eq_tensor(y).sum(Kind::Int64);
         let report = if report_every > 0 && (i + 1).is_multiple_of(report_every) {
-            check.window(&step_losses, i + 1, seen, guard)?;
-            Some(check.total / seen as f64)
+            Some(check.window(&step_losses, i + 1, seen, guard)?)
         } else {
             None
         };
@@ -642,8 +641,9 @@ struct Check {
 
 impl Check {
     /// Reads the losses of the steps after the last check up to `upto` (1-based, inclusive),
-    /// whose examples bring the count to `seen`, and fails if they diverged.
-    fn window(&mut self, step_losses: &Tensor, upto: usize, seen: i64, guard: &mut LossGuard) -> Result<()> {
+    /// whose examples bring the count to `seen`, and fails if they diverged; returns their mean
+    /// loss per example.
+    fn window(&mut self, step_losses: &Tensor, upto: usize, seen: i64, guard: &mut LossGuard) -> Result<f64> {
         let from = self.checked;
         let mut window = step_losses.narrow(0, from as i64, (upto - from) as i64);
         // Each rank's losses times its rows, summed: the losses times the global batches.
@@ -672,7 +672,7 @@ impl Check {
         self.checked = upto;
         self.examples = seen;
         self.total += sum;
-        Ok(())
+        Ok(mean)
     }
 }
 

@@ -1146,3 +1146,93 @@ fn cuda_graphs_off_the_gpu_train_eagerly_and_say_why() {
     assert!(!bench.status.success() && stderr.contains("--cuda-graphs: CUDA graphs need a CUDA device"), "{stderr}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The run's TensorBoard event file, read back by TensorBoard's own reader (its
+/// `EventAccumulator`, which checks every record's CRC): the per-epoch scalars are those of
+/// `metrics.csv`, the training loss comes every 50 steps, and `--fresh` removes the file.
+#[test]
+fn tensorboard_reads_the_scalars_the_run_logged() {
+    let python = root().join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("no .venv/bin/python (run `make setup`): TensorBoard's reader is not checked");
+        return;
+    }
+    let dir = fresh_dir("tensorboard");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exp = dir.join("tb.toml");
+    std::fs::write(
+        &exp,
+        "name = \"tb\"\nseed = 3\ndevice = \"cpu\"\nthreads = 1\n[data]\ndir = \"data/mnist\"\ntrain_limit = 1300\n\
+         validation = 100\ntest_limit = 200\n[[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = { hidden = [16] }\n\
+         epochs = 2\nbatch_size = 10\noptimizer = { kind = \"sgd\", lr = 0.05, momentum = 0.9 }\n\
+         schedule = { kind = \"exponential\", gamma = 0.5 }\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let events = out.join("tb/tensorboard");
+    let files: Vec<PathBuf> = std::fs::read_dir(&events).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let read = Command::new(&python)
+        .arg("-c")
+        .arg(
+            "import sys\n\
+             from tensorboard.backend.event_processing import event_accumulator as ea\n\
+             acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})\n\
+             acc.Reload()\n\
+             for tag in sorted(acc.Tags()['scalars']):\n\
+             \x20   for e in acc.Scalars(tag):\n\
+             \x20       print(tag, e.step, repr(e.value))\n",
+        )
+        .arg(&files[0])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&read.stderr);
+    assert!(
+        read.status.success(),
+        "TensorBoard's reader failed (is tensorboard installed? `make setup` installs it):\n{stderr}"
+    );
+    let text = String::from_utf8(read.stdout).unwrap();
+    let scalars: Vec<(String, i64, f64)> = text
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            (w[0].to_string(), w[1].parse().unwrap(), w[2].parse().unwrap())
+        })
+        .collect();
+    let get = |tag: &str| -> Vec<(i64, f64)> {
+        scalars.iter().filter(|(t, _, _)| t == tag).map(|(_, s, v)| (*s, *v)).collect()
+    };
+    // 1200 training examples in batches of 10: 120 steps an epoch, a loss every 50.
+    let losses = get("net/train_loss");
+    assert_eq!(losses.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [50, 100, 170, 220], "{text}");
+    assert!(losses.iter().all(|(_, v)| v.is_finite() && *v > 0.0 && *v < 5.0), "{losses:?}");
+    let metrics = csv_rows(&out.join("tb/metrics.csv"));
+    assert_eq!(metrics.len(), 2);
+    for (tag, column) in [
+        ("net/lr", "lr"),
+        ("net/epoch_train_loss", "train_loss"),
+        ("net/train_accuracy", "train_accuracy"),
+        ("net/val_loss", "val_loss"),
+        ("net/val_accuracy", "val_accuracy"),
+        ("net/examples_per_second", "examples_per_second"),
+    ] {
+        let logged = get(tag);
+        assert_eq!(logged.len(), 2, "{tag}: {text}");
+        for ((step, value), row) in logged.iter().zip(&metrics) {
+            let epoch: i64 = row["epoch"].parse().unwrap();
+            let want: f64 = row[column].parse().unwrap();
+            assert_eq!(*step, epoch * 120, "{tag}");
+            // Event values are f32.
+            assert!((value - want).abs() <= 1e-6 * want.abs().max(1.0), "{tag} epoch {epoch}: {value} vs {want}");
+        }
+    }
+    assert_eq!(get("net/lr").iter().map(|(_, v)| *v).collect::<Vec<_>>(), [0.05f32 as f64, 0.025f32 as f64]);
+    // Run again with --fresh: the old file goes, the new run writes one of its own.
+    let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fresh"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let again: Vec<PathBuf> = std::fs::read_dir(&events).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(again.len() == 1 && again[0] != files[0], "{again:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

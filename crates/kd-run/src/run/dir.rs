@@ -148,8 +148,13 @@ fn refuse_links(out: &Path, dir: &Path, all: bool) -> Result<()> {
         vec![dir.to_path_buf(), out.join(".cache"), dir.join(lock::LOCKS), dir.join("run.log")];
     places.extend(std::fs::read_dir(dir.join(lock::LOCKS)).into_iter().flatten().flatten().map(|e| e.path()));
     if all {
-        places.extend(["checkpoints", "specialists"].iter().chain(RUN_FILES.iter()).map(|name| dir.join(name)));
-        for folder in [dir.join("specialists"), dir.join("checkpoints")] {
+        places.extend(
+            ["checkpoints", "specialists", super::events::FOLDER]
+                .iter()
+                .chain(RUN_FILES.iter())
+                .map(|name| dir.join(name)),
+        );
+        for folder in [dir.join("specialists"), dir.join("checkpoints"), dir.join(super::events::FOLDER)] {
             places.extend(std::fs::read_dir(&folder).into_iter().flatten().flatten().map(|e| e.path()));
         }
     }
@@ -201,7 +206,7 @@ fn remove_stale_temporaries(dir: &Path, only: Option<&[String]>) -> Result<()> {
 }
 
 /// What `--fresh` removes: the files of [`RUN_FILES`], the checkpoints (`*.safetensors`) in
-/// `checkpoints/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
+/// `checkpoints/`, the TensorBoard event files in `tensorboard/`, the files kd-run writes in each `specialists/<stage>.<m>/`, and temporary
 /// files beside any of them; then those folders if that left them empty. Anything else (a file
 /// of the user's, a folder kd-run did not make) stays, and a symbolic link is never followed:
 /// one in the place of a file or folder of the run is removed as a link, its target untouched.
@@ -243,6 +248,13 @@ fn remove_run_files(dir: &Path) -> Result<()> {
     clear(&checkpoints, &|name, kind| {
         if !kind.is_dir() && (name.ends_with(".safetensors") || output::is_tmp(name)) {
             remove_file(&checkpoints.join(name))?;
+        }
+        Ok(())
+    })?;
+    let events = dir.join(super::events::FOLDER);
+    clear(&events, &|name, kind| {
+        if !kind.is_dir() && name.starts_with(super::events::FILE_PREFIX) {
+            remove_file(&events.join(name))?;
         }
         Ok(())
     })?;

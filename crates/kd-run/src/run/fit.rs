@@ -195,7 +195,15 @@ impl Run<'_> {
                 examples = Some(draw(epoch)?);
             }
             let steps_started = Instant::now();
-            let on_step = |step: usize, loss| progress.step(epoch as u64, step as u64, loss);
+            let first_step = epoch * steps_per_epoch;
+            let mut event_error = None;
+            let mut on_step = |step: usize, loss: Option<f64>| {
+                progress.step(epoch as u64, step as u64, loss);
+                if let (Some(loss), None) = (loss, &event_error) {
+                    event_error =
+                        self.scalars(first_step + step as i64, &[(format!("{stage}/train_loss"), loss)], false).err();
+                }
+            };
             let totals = match streamed {
                 None => train::train_epoch(
                     &mut trainer,
@@ -203,7 +211,7 @@ impl Run<'_> {
                     supervision,
                     &settings,
                     &mut guard,
-                    on_step,
+                    &mut on_step,
                 ),
                 Some(s) => s
                     .stream(
@@ -214,13 +222,23 @@ impl Run<'_> {
                         self.device,
                     )
                     .and_then(|mut stream| {
-                        train::train_epoch_from(&mut trainer, &mut stream, supervision, &settings, &mut guard, on_step)
+                        train::train_epoch_from(
+                            &mut trainer,
+                            &mut stream,
+                            supervision,
+                            &settings,
+                            &mut guard,
+                            &mut on_step,
+                        )
                     }),
             }
             .map_err(|e| {
                 progress.finish();
                 diverged(e, stage, epoch, (lr, supervision), &resume_path)
             })?;
+            if let Some(e) = event_error {
+                return Err(e);
+            }
             world.check_parameters(&trainer.parameters(), &format!("of stage `{stage}` after epoch {}", epoch + 1))?;
             let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
             let frozen = net.frozen();
@@ -260,6 +278,19 @@ impl Run<'_> {
                 device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
             };
             progress.epoch_done(&row, self.peak_tflops);
+            let epoch_scalars: Vec<(String, f64)> = [
+                ("lr", Some(row.lr)),
+                ("epoch_train_loss", Some(row.train_loss)),
+                ("train_accuracy", Some(row.train_accuracy)),
+                ("val_loss", row.val_loss),
+                ("val_accuracy", row.val_accuracy),
+                ("soft_kl", row.soft_kl),
+                ("examples_per_second", row.examples_per_second),
+            ]
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| (format!("{stage}/{name}"), v)))
+            .collect();
+            self.scalars((epoch + 1) * steps_per_epoch, &epoch_scalars, true)?;
             tables.metrics.push(row);
             // The epoch's row first, then the checkpoint that says the epoch is done: killed in
             // between, the resumed run drops the row and redoes the epoch; the other way round it
