@@ -206,7 +206,7 @@ fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
             if limit.is_some_and(|n| total >= n) {
                 break;
             }
-            s.read(u, &mut f, &mut l, true)?;
+            s.read(u, &mut f, &mut l)?;
             total += l.len() as u64;
             let states = l.iter().map(|&k| k as i32).collect();
             utts.push(speech::Utterance { speaker: 0, features: f.clone(), states });

@@ -282,7 +282,7 @@ fn check(dir: &Path) -> Result<()> {
     let (mut f, mut l) = (Vec::new(), Vec::new());
     let mut speakers = std::collections::HashSet::new();
     for u in 0..store.index.len() {
-        store.read(u, &mut f, &mut l, true)?;
+        store.read(u, &mut f, &mut l)?;
         speakers.insert(store.speaker(u));
     }
     let m = &store.manifest;
@@ -375,7 +375,7 @@ mod tests {
             let (mut f, mut l) = (Vec::new(), Vec::new());
             for (u, (dim, w)) in want.iter().enumerate() {
                 assert_eq!(store.manifest.feature_dim, *dim);
-                store.read(u, &mut f, &mut l, true).unwrap();
+                store.read(u, &mut f, &mut l).unwrap();
                 assert_eq!(f, w.features, "{split}: utterance {u}");
                 assert!(l.iter().zip(&w.states).all(|(&a, &b)| a as i32 == b) && l.len() == w.states.len());
             }

@@ -801,3 +801,116 @@ fn adversarial_inputs_end_in_clean_errors_or_correct_results() {
     std::fs::remove_dir_all(&root).unwrap();
     assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Frame stores changed under a run.
+
+/// A synthetic speech corpus written as stores in `dir/s` (small f32 shards).
+const SPEECH: &str = r#"name = "adv"
+seed = 1
+device = "cpu"
+threads = 1
+
+[data]
+kind = "speech"
+context = [2, 2]
+speech = { seed = 1, phones = 8, states = 30, speakers = 30, utterances_per_speaker = 10, mean_phones_per_utterance = 8, feature_dim = 8 }
+
+[defaults]
+epochs = 1
+batch_size = 32
+optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
+
+[[stages]]
+name = "net"
+kind = "train"
+model = { hidden = [16] }
+"#;
+
+/// Runs `kd-run args` in `dir` to the end; its status and stderr.
+fn kd_run(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("kd-run starts");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// [`SPEECH`] in `dir/speech.toml`, written as the stores `dir/s/{train,validation,test}`.
+fn speech_stores(dir: &Path, shard_frames: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("speech.toml"), SPEECH).unwrap();
+    let (status, err) =
+        kd_run(dir, &["store", "write", "speech.toml", "--kind", "f32", "--shard-frames", shard_frames, "--out", "s"]);
+    assert!(status.success(), "store write: {err}");
+}
+
+/// An experiment that streams `dir/s` for `epochs` epochs through a small shuffle buffer.
+fn store_experiment(epochs: usize) -> String {
+    SPEECH
+        .replace(
+            "kind = \"speech\"",
+            "kind = \"store\"\nstore = { dir = \"s\", shuffle_buffer = 512, chunk_frames = 8, prefetch = 1 }",
+        )
+        .replace("speech = {", "# speech = {")
+        .replace("epochs = 1", &format!("epochs = {epochs}"))
+}
+
+#[test]
+fn a_store_changed_under_a_run_ends_in_a_clean_error_naming_the_shard_or_a_correct_finish() {
+    let root = std::env::temp_dir().join(format!("kd-run-store-changed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    type Change = fn(&Path, &[u8]);
+    let changes: [(&str, Change); 3] = [
+        ("truncated", |p, good| {
+            std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(good.len() as u64 / 3).unwrap()
+        }),
+        // What `cp` of the same file over it does: truncate, then write the same bytes.
+        ("copied over with identical bytes", |p, good| std::fs::write(p, good).unwrap()),
+        ("rewritten in place with other bytes", |p, good| {
+            let mut other = good.to_vec();
+            other[4096..].iter_mut().for_each(|b| *b = b.wrapping_add(1));
+            std::fs::write(p, other).unwrap()
+        }),
+    ];
+    for (i, (what, change)) in changes.iter().enumerate() {
+        let dir = root.join(format!("case{i}"));
+        speech_stores(&dir, "4000");
+        std::fs::write(dir.join("exp.toml"), store_experiment(40)).unwrap();
+        let shard = dir.join("s/train/shard-00001.kdf");
+        let good = std::fs::read(&shard).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+            .args(["run", "exp.toml", "--out", "out"])
+            .current_dir(&dir)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kd-run starts");
+        // Change the shard once the stage trains (its first epoch is logged).
+        let log = dir.join("out/adv/run.log");
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("epoch 1/")) {
+            assert!(child.try_wait().unwrap().is_none(), "{what}: the run ended before training");
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}: no epoch logged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        change(&shard, &good);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code().is_some(), "{what}: killed by a signal ({}): {}", out.status, tail(&stderr));
+        assert!(!stderr.contains("panicked"), "{what}: {}", tail(&stderr));
+        if !out.status.success() {
+            let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+            assert!(error.contains("shard-00001.kdf"), "{what}: the error does not name the shard: {}", tail(&stderr));
+        } else {
+            assert!(*what != "rewritten in place with other bytes", "{what}: other bytes read silently");
+        }
+        println!("{what}: {}", if out.status.success() { "finished" } else { "clean error" });
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -1,5 +1,5 @@
 //! The frame store: a corpus of speech frames on disk, larger than memory, written once and
-//! memory-mapped for reading.
+//! read with positioned reads (`pread`) into reusable buffers.
 //!
 //! A store is a folder with a manifest, `store.toml` (what it holds: feature kind and width,
 //! frames, utterances, classes, the per-channel mean and deviation of its frames, and each
@@ -20,13 +20,19 @@
 //! checked every time it is read, so a damaged byte is an error naming the shard and the
 //! utterance, never a silently wrong frame. Normalization statistics are summed in f64 over the
 //! stored (rounded) values while the store is written, in one pass.
+//!
+//! Shards are read through their open file descriptors, never mapped: a shard truncated while a
+//! run reads it is a short read (an error naming the shard), one rewritten in place fails the
+//! utterance's checksum, and one replaced by a rename keeps being read from the file opened
+//! (a consistent copy). A mapped file would kill the process with SIGBUS instead.
 
 use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The first bytes of every shard.
@@ -450,11 +456,36 @@ impl Header {
     }
 }
 
-/// One shard, mapped.
+/// Reads `buf.len()` bytes of `file` at `at`: a short read (the file shrank since it was opened
+/// and checked) is an error naming `path` and `what` was read.
+pub(super) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], at: u64, what: &str) -> Result<()> {
+    file.read_exact_at(buf, at).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            anyhow::anyhow!(
+                "{}: {what} (bytes {at} to {}) lies past the end of the file: it was truncated or rewritten \
+                 after it was opened; a store must not change while it is read",
+                path.display(),
+                at + buf.len() as u64
+            )
+        } else {
+            anyhow::anyhow!("{}: cannot read {what}: {e}", path.display())
+        }
+    })
+}
+
+thread_local! {
+    /// The bytes of the last utterance read on this thread (features then labels, or a top-k
+    /// file's probabilities then ids): one buffer reused by every read.
+    pub(super) static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One shard, open for positioned reads.
 pub struct Shard {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     header: Header,
+    /// The header's first [`HEADER_FIELDS`] bytes, as read when opened.
+    fields: Vec<u8>,
     /// First frame of each utterance, and the frame count at the end.
     offsets: Vec<u64>,
     speakers: Vec<u32>,
@@ -462,29 +493,31 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Maps `path` and checks its header, length and utterance offsets.
+    /// Opens `path` and checks its header, length and utterance offsets.
     pub fn open(path: &Path) -> Result<Shard> {
         crate::data::inputs::check_file(path, "frame store shard")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata()?.len();
-        // SAFETY: the map is read-only and private; the store's files are written once (to a
-        // temporary, then renamed) and never modified in place, which is the contract memmap2
-        // asks callers to keep. Every read below is bounds-checked against the checked header.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let header = Header::parse(&map[..map.len().min(HEADER_BYTES as usize)], path, len)?;
-        let [_, _, offsets_at, speakers_at, checksums_at] = header.sections.map(|s| s as usize);
+        let mut head = vec![0u8; len.min(HEADER_BYTES) as usize];
+        read_exact_at(&file, path, &mut head, 0, "the header")?;
+        let header = Header::parse(&head, path, len)?;
+        let [_, _, offsets_at, speakers_at, _] = header.sections;
         let u = header.utterances as usize;
-        let offsets: Vec<u64> = map[offsets_at..offsets_at + 8 * (u + 1)]
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect();
+        // Offsets, speakers and checksums: one read (they are adjacent, and end the file).
+        let mut tail = vec![0u8; (header.length - offsets_at) as usize];
+        read_exact_at(&file, path, &mut tail, offsets_at, "the offsets, speakers and checksums")?;
+        let (offset_bytes, rest) = tail.split_at(8 * (u + 1));
+        let (speaker_bytes, checksum_bytes) = rest.split_at((header.sections[4] - speakers_at) as usize);
+        let offsets: Vec<u64> =
+            offset_bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
         let ok = offsets[0] == 0 && offsets[u] == header.frames && offsets.windows(2).all(|w| w[0] < w[1]);
         ensure!(ok, "{}: the utterance offsets are not increasing from 0 to the frame count", path.display());
-        let words = |at: usize| -> Vec<u32> {
-            map[at..at + 4 * u].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+        let words = |b: &[u8]| -> Vec<u32> {
+            b.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
         };
-        let (speakers, checksums) = (words(speakers_at), words(checksums_at));
-        Ok(Shard { path: path.to_path_buf(), map, header, offsets, speakers, checksums })
+        let (speakers, checksums) = (words(speaker_bytes), words(checksum_bytes));
+        head.truncate(HEADER_FIELDS);
+        Ok(Shard { path: path.to_path_buf(), file, header, fields: head, offsets, speakers, checksums })
     }
 
     /// Utterances in the shard.
@@ -503,9 +536,8 @@ impl Shard {
     }
 
     /// Utterance `u`'s features (decoded into `features`, `[frames, dim]`) and labels (into
-    /// `labels`), after checking its checksum and that its labels are below `classes`. With
-    /// `release`, the pages read are dropped from this process's memory afterwards (they stay in
-    /// the page cache), so that reading a corpus leaves no trace in the resident set.
+    /// `labels`), after checking its checksum and that its labels are below `classes`. The whole
+    /// utterance is read (positioned reads into a buffer this thread reuses) and checked.
     ///
     /// `frames`, if given, is a range of the utterance's frames to decode (the checksum still
     /// covers the whole utterance).
@@ -515,68 +547,45 @@ impl Shard {
         classes: u64,
         features: &mut Vec<f32>,
         labels: &mut Vec<u32>,
-        release: bool,
     ) -> Result<()> {
         let (dim, kind) = (self.header.dim as usize, self.header.kind);
         let (a, b) = (self.offsets[u] as usize, self.offsets[u + 1] as usize);
         let (from, to) = frames.unwrap_or((0, b - a));
         ensure!(from < to && to <= b - a, "frames {from}..{to} of an utterance of {}", b - a);
         let row = dim * kind.bytes();
-        let f_at = self.header.sections[0] as usize;
-        let l_at = self.header.sections[1] as usize;
-        let fbytes = &self.map[f_at + a * row..f_at + b * row];
-        let lbytes = &self.map[l_at + 4 * a..l_at + 4 * b];
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(fbytes);
-        crc.update(lbytes);
-        ensure!(
-            crc.finalize() == self.checksums[u],
-            "{}: utterance {u} (frames {a} to {b}) does not match its checksum: the shard is damaged",
-            self.path.display()
-        );
-        features.resize((to - from) * dim, 0.0);
-        kind.decode(&fbytes[from * row..to * row], features);
-        labels.clear();
-        let lbytes = &lbytes[4 * from..4 * to];
-        labels.extend(lbytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))));
+        let f_at = self.header.sections[0] + (a * row) as u64;
+        let l_at = self.header.sections[1] + 4 * a as u64;
+        let (fn_, ln) = ((b - a) * row, 4 * (b - a));
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.resize(fn_ + ln, 0);
+            let (fbytes, lbytes) = buf.split_at_mut(fn_);
+            let what = || format!("utterance {u} (frames {a} to {b})");
+            read_exact_at(&self.file, &self.path, fbytes, f_at, &format!("the features of {}", what()))?;
+            read_exact_at(&self.file, &self.path, lbytes, l_at, &format!("the labels of {}", what()))?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(fbytes);
+            crc.update(lbytes);
+            ensure!(
+                crc.finalize() == self.checksums[u],
+                "{}: {} does not match its checksum: the shard is damaged (or was rewritten while being read)",
+                self.path.display(),
+                what()
+            );
+            features.resize((to - from) * dim, 0.0);
+            kind.decode(&fbytes[from * row..to * row], features);
+            labels.clear();
+            let lbytes = &lbytes[4 * from..4 * to];
+            labels.extend(lbytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))));
+            Ok(())
+        })?;
         if let Some(l) = labels.iter().find(|&&l| u64::from(l) >= classes) {
             bail!("{}: utterance {u} has label {l}, but the store has {classes} classes", self.path.display());
         }
-        if release {
-            self.release(f_at + a * row, (b - a) * row);
-            self.release(l_at + 4 * a, 4 * (b - a));
-        }
         Ok(())
-    }
-
-    /// Drops every page of the shard from this process's resident set.
-    pub fn release_all(&self) {
-        self.release(0, self.map.len());
-    }
-
-    /// Drops the pages around `len` bytes at `at` from this process's resident set: the range
-    /// widened to whole windows of [`FAULT_AROUND`] bytes, because a read fault maps the
-    /// neighbouring pages that are in the page cache too (Linux's fault-around), and those would
-    /// otherwise stay resident and add up to the whole file. Releasing pages another reader
-    /// still needs costs that reader a fault, never a wrong byte.
-    fn release(&self, at: usize, len: usize) {
-        let start = at / FAULT_AROUND * FAULT_AROUND;
-        let end = ((at + len).div_ceil(FAULT_AROUND) * FAULT_AROUND).min(self.map.len());
-        if end > start {
-            // SAFETY: MADV_DONTNEED on a read-only private file mapping that is never written
-            // only discards this process's mappings of the pages; the next read faults the same
-            // bytes back in from the file, so no reference into the map can observe a change.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-        }
     }
 }
 
-/// The most a read fault maps around the page it needs: Linux maps `fault_around_bytes` (64 KiB)
-/// of cached pages, or a whole large folio of the page cache, up to a 2 MiB huge page (measured:
-/// with 64 KiB windows a run over a 4.3 GB store still kept 50 MB of every shard resident).
-const FAULT_AROUND: usize = 2 << 20;
-
-/// A store opened for reading: its manifest and mapped shards.
+/// A store opened for reading: its manifest and open shards.
 pub struct FrameStore {
     /// The folder.
     pub dir: PathBuf,
@@ -591,7 +600,7 @@ pub struct FrameStore {
 }
 
 impl FrameStore {
-    /// Opens the store in `dir`: reads the manifest and maps and checks every shard against it.
+    /// Opens the store in `dir`: reads the manifest and opens and checks every shard against it.
     pub fn open(dir: &Path) -> Result<FrameStore> {
         let path = dir.join(MANIFEST);
         crate::data::inputs::check_file(&path, "frame store manifest")?;
@@ -624,7 +633,7 @@ impl FrameStore {
             );
             let shard = Shard::open(&dir.join(&entry.file))?;
             let h = &shard.header;
-            let crc = crc32fast::hash(&shard.map[..HEADER_FIELDS]);
+            let crc = crc32fast::hash(&shard.fields);
             ensure!(
                 crc == entry.header_crc
                     && h.frames == entry.frames
@@ -670,9 +679,9 @@ impl FrameStore {
     }
 
     /// Reads utterance `utt` (store order); see [`Shard::read_utterance`].
-    pub fn read(&self, utt: usize, features: &mut Vec<f32>, labels: &mut Vec<u32>, release: bool) -> Result<()> {
+    pub fn read(&self, utt: usize, features: &mut Vec<f32>, labels: &mut Vec<u32>) -> Result<()> {
         let (s, u) = self.index[utt];
-        self.shards[s as usize].read_utterance((u as usize, None), self.manifest.classes, features, labels, release)
+        self.shards[s as usize].read_utterance((u as usize, None), self.manifest.classes, features, labels)
     }
 
     /// Reads frames `from..to` of utterance `utt` (store order), checking the whole utterance's
@@ -682,24 +691,16 @@ impl FrameStore {
         (utt, from, to): (usize, usize, usize),
         features: &mut Vec<f32>,
         labels: &mut Vec<u32>,
-        release: bool,
     ) -> Result<()> {
         let (s, u) = self.index[utt];
         let range = Some((from, to));
-        self.shards[s as usize].read_utterance((u as usize, range), self.manifest.classes, features, labels, release)
+        self.shards[s as usize].read_utterance((u as usize, range), self.manifest.classes, features, labels)
     }
 
     /// Speaker of utterance `utt` (store order).
     pub fn speaker(&self, utt: usize) -> u32 {
         let (s, u) = self.index[utt];
         self.shards[s as usize].speaker(u as usize)
-    }
-
-    /// Drops every shard's pages from this process's resident set (they stay in the page
-    /// cache). A reader of many short ranges calls this every few reads instead of releasing
-    /// each one: one call per read cost more than the read (measured: 60 us per 8-frame chunk).
-    pub fn release_all(&self) {
-        self.shards.iter().for_each(Shard::release_all);
     }
 
     /// Bytes of all shards.
@@ -745,7 +746,7 @@ mod tests {
             let (mut f, mut l) = (Vec::new(), Vec::new());
             let mut values = Vec::new();
             for (i, (s, want_f, want_l)) in all.iter().enumerate() {
-                store.read(i, &mut f, &mut l, true).unwrap();
+                store.read(i, &mut f, &mut l).unwrap();
                 assert_eq!(&l, want_l);
                 let (si, ui) = store.index[i];
                 assert_eq!(store.shards[si as usize].speaker(ui as usize), *s);
@@ -782,7 +783,7 @@ mod tests {
             std::fs::write(&shard, bytes).unwrap();
             let e = FrameStore::open(&dir.0).and_then(|s| {
                 let (mut f, mut l) = (Vec::new(), Vec::new());
-                (0..s.index.len()).try_for_each(|u| s.read(u, &mut f, &mut l, false))
+                (0..s.index.len()).try_for_each(|u| s.read(u, &mut f, &mut l))
             });
             format!("{:#}", e.expect_err("an error"))
         };
@@ -818,6 +819,42 @@ mod tests {
         std::fs::remove_file(dir.0.join(MANIFEST)).unwrap();
         let e = format!("{:#}", FrameStore::open(&dir.0).err().unwrap());
         assert!(e.contains("frame store manifest") && e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn a_shard_changed_while_open_is_an_error_naming_it_or_read_consistently() {
+        let dir = TempDir::new("store-changed");
+        let m = write(&dir.0, FeatureKind::F32, 1000);
+        assert_eq!(m.shards.len(), 1);
+        let shard = dir.0.join(&m.shards[0].file);
+        let good = std::fs::read(&shard).unwrap();
+        let read_all = |s: &FrameStore| {
+            let (mut f, mut l) = (Vec::new(), Vec::new());
+            (0..s.index.len()).try_for_each(|u| s.read(u, &mut f, &mut l)).map(|_| (f, l))
+        };
+        let want = read_all(&FrameStore::open(&dir.0).unwrap()).unwrap();
+        // Truncated in place (as `cp` does before writing): a short read naming the shard.
+        let store = FrameStore::open(&dir.0).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(HEADER_BYTES + 16).unwrap();
+        let e = format!("{:#}", read_all(&store).unwrap_err());
+        assert!(e.contains("shard-00000.kdf") && e.contains("past the end of the file"), "{e}");
+        // Rewritten in place with other bytes of the same length: the utterance's checksum.
+        let mut other = good.clone();
+        other[HEADER_BYTES as usize..HEADER_BYTES as usize + 64].iter_mut().for_each(|b| *b ^= 0x55);
+        std::fs::write(&shard, &good).unwrap();
+        let store = FrameStore::open(&dir.0).unwrap();
+        std::fs::write(&shard, &other).unwrap();
+        let e = format!("{:#}", read_all(&store).unwrap_err());
+        assert!(e.contains("shard-00000.kdf: utterance 0") && e.contains("checksum"), "{e}");
+        // Rewritten with identical bytes: read as before.
+        std::fs::write(&shard, &good).unwrap();
+        assert_eq!(read_all(&store).unwrap(), want);
+        // Replaced by a rename: the open file is still read, whole and unchanged.
+        let store = FrameStore::open(&dir.0).unwrap();
+        let tmp = dir.0.join("replacement");
+        std::fs::write(&tmp, &other[..other.len() / 2]).unwrap();
+        std::fs::rename(&tmp, &shard).unwrap();
+        assert_eq!(read_all(&store).unwrap(), want);
     }
 
     #[test]

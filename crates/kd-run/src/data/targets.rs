@@ -13,11 +13,12 @@
 //!
 //! Rows follow the store's frames in store order. The file is tied to its store by the
 //! manifest's checksum, so targets computed for another store (or a rewritten one) are refused.
+//! It is read like a shard: positioned reads through the descriptor opened, each utterance's
+//! rows checked against their checksum (see [`super::store`]).
 
-use super::store::{sealed, FrameStore, HEADER_BYTES};
+use super::store::{read_exact_at, sealed, FrameStore, HEADER_BYTES, SCRATCH};
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
-use memmap2::Mmap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -222,25 +223,26 @@ impl TargetsWriter {
     }
 }
 
-/// A top-k targets file, mapped, checked against its store.
+/// A top-k targets file, open for positioned reads, checked against its store.
 pub struct TopKFile {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     header: Header,
     /// First frame of each utterance (store order), and the frame count at the end.
     starts: Vec<u64>,
+    /// Each utterance's checksum, read when opened.
+    checksums: Vec<u32>,
 }
 
 impl TopKFile {
-    /// Maps `path` and checks it belongs to `store`.
+    /// Opens `path` and checks it belongs to `store`.
     pub fn open(path: &Path, store: &FrameStore) -> Result<TopKFile> {
         crate::data::inputs::check_file(path, "top-k targets file")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata()?.len();
-        // SAFETY: read-only private map of a file written once and renamed into place; every
-        // read is bounds-checked against the checked header (see `store::Shard::open`).
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let header = Header::parse(&map[..map.len().min(HEADER_BYTES as usize)], path, len)?;
+        let mut head = vec![0u8; len.min(HEADER_BYTES) as usize];
+        read_exact_at(&file, path, &mut head, 0, "the header")?;
+        let header = Header::parse(&head, path, len)?;
         let m = &store.manifest;
         ensure!(
             header.store_crc == store.manifest_crc && header.frames == m.frames && header.utterances == m.utterances,
@@ -255,14 +257,10 @@ impl TopKFile {
             at += u64::from(l);
             starts.push(at);
         }
-        Ok(TopKFile { path: path.to_path_buf(), map, header, starts })
-    }
-
-    /// Drops the file's pages from this process's resident set (they stay in the page cache).
-    pub fn release_all(&self) {
-        // SAFETY: as for `store::Shard::release`: a read-only private file mapping that is never
-        // written; discarded pages fault back in with the same bytes.
-        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let mut bytes = vec![0u8; 4 * header.utterances as usize];
+        read_exact_at(&file, path, &mut bytes, header.sections[2], "the checksums")?;
+        let checksums = bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        Ok(TopKFile { path: path.to_path_buf(), file, header, starts, checksums })
     }
 
     /// Targets per frame.
@@ -292,28 +290,36 @@ impl TopKFile {
     ) -> Result<()> {
         let k = self.k();
         let ib = self.header.id_bytes as usize;
-        let (a, b) = (self.starts[utt] as usize, self.starts[utt + 1] as usize);
-        let [p_at, i_at, c_at] = self.header.sections.map(|s| s as usize);
-        let pbytes = &self.map[p_at + a * k * 2..p_at + b * k * 2];
-        let ibytes = &self.map[i_at + a * k * ib..i_at + b * k * ib];
-        let want = u32::from_le_bytes(self.map[c_at + 4 * utt..c_at + 4 * utt + 4].try_into().expect("4 bytes"));
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(pbytes);
-        crc.update(ibytes);
-        if crc.finalize() != want {
-            bail!(
-                "{}: the targets of utterance {utt} do not match their checksum: the file is damaged",
-                self.path.display()
-            );
-        }
-        let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
-        probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
-        match ib {
-            1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
-            2 => ids.extend(ibytes.chunks_exact(2).map(|c| i64::from(u16::from_le_bytes([c[0], c[1]])))),
-            _ => ids.extend(ibytes.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes(c.try_into().expect("4"))))),
-        }
-        Ok(())
+        let (a, b) = (self.starts[utt], self.starts[utt + 1]);
+        let [p_at, i_at, _] = self.header.sections;
+        let (pn, inn) = ((b - a) as usize * k * 2, (b - a) as usize * k * ib);
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.resize(pn + inn, 0);
+            let (pbytes, ibytes) = buf.split_at_mut(pn);
+            let what = |part: &str| format!("the {part} of utterance {utt}");
+            read_exact_at(&self.file, &self.path, pbytes, p_at + a * k as u64 * 2, &what("probabilities"))?;
+            read_exact_at(&self.file, &self.path, ibytes, i_at + a * (k * ib) as u64, &what("class ids"))?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(pbytes);
+            crc.update(ibytes);
+            if crc.finalize() != self.checksums[utt] {
+                bail!(
+                    "{}: the targets of utterance {utt} do not match their checksum: the file is damaged (or was \
+                     rewritten while being read)",
+                    self.path.display()
+                );
+            }
+            let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
+            probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
+            match ib {
+                1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
+                2 => ids.extend(ibytes.chunks_exact(2).map(|c| i64::from(u16::from_le_bytes([c[0], c[1]])))),
+                _ => {
+                    ids.extend(ibytes.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes(c.try_into().expect("4")))))
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -362,7 +368,7 @@ pub fn write_top_k(
         Ok(())
     };
     for u in 0..n {
-        store.read(u, &mut f, &mut l, true)?;
+        store.read(u, &mut f, &mut l)?;
         let len = l.len() as i64;
         for v in f.chunks_exact_mut(d) {
             v.iter_mut().zip(&mean).zip(&inv).for_each(|((v, m), s)| *v = (*v - m) * s);
@@ -423,7 +429,7 @@ mod tests {
         // Against the same teacher run on the whole corpus at once.
         let (mut f, mut l) = (Vec::new(), Vec::new());
         for u in 0..5 {
-            store.read(u, &mut f, &mut l, false).unwrap();
+            store.read(u, &mut f, &mut l).unwrap();
             let n = l.len() as i64;
             let x = Tensor::from_slice(&f).view([n, 2]);
             let m = Tensor::from_slice(&store.manifest.mean.iter().map(|&v| v as f32).collect::<Vec<_>>());
