@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! header (4096 bytes)  magic "KDFRAME1", version, feature kind, width, frames, utterances,
-//!                      the byte offset of each section, the file length, CRC-32 of the header
+//!                      the byte offset of each section, the file length, the CRC-32 of the
+//!                      offsets, speakers and checksums sections, CRC-32 of the header
 //! features  [frames, width]  f32, f16 or bf16, little-endian
 //! labels    [frames]         u32 pdf ids
 //! offsets   [utterances + 1] u64 first frame of each utterance (the last: frames)
@@ -15,8 +16,14 @@
 //! checksums [utterances]     u32 CRC-32 of each utterance's feature and label bytes
 //! ```
 //!
+//! Every byte is under a checksum: the header's CRC covers its fields, the header holds the CRCs
+//! of the offsets, speakers and checksums sections, and each utterance's CRC its features and
+//! labels. The manifest is validated whole ([`Manifest::validate`]: finite statistics, positive
+//! deviations, shard names well-formed and unique, counts that add up, its `id` a hash of the
+//! rest) and lists each shard's header CRC; the splits written together share a `set`.
+//!
 //! Opening a shard checks the magic (a foreign file), the header's CRC, the length against the
-//! header (a truncated file), the sections' sizes and the offsets; each utterance's checksum is
+//! header (a truncated file), the sections' sizes, checksums and the offsets; each utterance's checksum is
 //! checked every time it is read, so a damaged byte is an error naming the shard and the
 //! utterance, never a silently wrong frame. Normalization statistics are summed in f64 over the
 //! stored (rounded) values while the store is written, in one pass.
@@ -37,12 +44,13 @@ use std::path::{Path, PathBuf};
 
 /// The first bytes of every shard.
 pub const MAGIC: &[u8; 8] = b"KDFRAME1";
-/// The shard format's version.
-pub const VERSION: u32 = 1;
+/// The shard format's version (and the manifest's `format`). Version 1 had no checksums over
+/// the offsets and speakers and no store identity; it is refused.
+pub const VERSION: u32 = 2;
 /// Bytes reserved for a shard's header.
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of the header that carry fields (the CRC-32 of these follows them).
-const HEADER_FIELDS: usize = 88;
+const HEADER_FIELDS: usize = 100;
 
 /// A header's fields followed by their CRC-32 and zeros up to [`HEADER_BYTES`]: the first block
 /// of a store shard and of a top-k targets file.
@@ -122,6 +130,12 @@ impl FeatureKind {
 pub struct Manifest {
     /// The shard format's version.
     pub format: u32,
+    /// The store's identity: 16 hex digits of the SHA-256 of the rest of the manifest (which
+    /// lists each shard's header CRC). Top-k target files record it.
+    pub id: String,
+    /// 16 hex digits shared by the splits one `kd-run store write` wrote (train, validation,
+    /// test): a run refuses splits of different writes.
+    pub set: String,
     /// How the features are stored.
     pub feature_kind: FeatureKind,
     /// Values per frame.
@@ -140,6 +154,172 @@ pub struct Manifest {
     pub std: Vec<f64>,
     /// The shards in order.
     pub shards: Vec<ShardEntry>,
+}
+
+impl Manifest {
+    /// Parses `text`, the manifest `path`, and validates it ([`Manifest::validate`]).
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
+        // The format first, so that an older store is named as such, not as unknown fields.
+        #[derive(Deserialize)]
+        struct Format {
+            format: Option<u32>,
+        }
+        if let Ok(Format { format: Some(f) }) = toml::from_str::<Format>(text) {
+            ensure!(
+                f == VERSION,
+                "{}: store format {f}; this kd-run reads format {VERSION} (format 1 had no checksums over \
+                 shard offsets and speakers and no store identity): write the store again with `kd-run store write`",
+                path.display()
+            );
+        }
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: not a frame store manifest: {e}", path.display()))?;
+        manifest.validate(path)?;
+        Ok(manifest)
+    }
+
+    /// Checks everything a manifest says, naming `path` and the field: the format; the width
+    /// and one finite mean and one finite deviation > 0 a channel; classes in 1..=`MAX_CLASSES`;
+    /// at least one shard; shard names `shard-NNNNN.kdf`, each listed once; each shard's
+    /// frames, utterances (at least one, at most one a frame) and size in bytes consistent; the
+    /// totals the shards' sums; `id` the hash of the rest and `set` 16 hex digits. The one
+    /// check every command that opens a store runs (through [`FrameStore::open`]).
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let shown = path.display();
+        ensure!(self.format == VERSION, "{shown}: store format {}; this kd-run reads format {VERSION}", self.format);
+        let d = self.feature_dim;
+        ensure!(
+            d > 0 && self.mean.len() == d && self.std.len() == d,
+            "{shown}: feature_dim = {d}, with {} means and {} deviations: expected feature_dim > 0 of each",
+            self.mean.len(),
+            self.std.len()
+        );
+        if let Some((c, m)) = self.mean.iter().enumerate().find(|(_, m)| !m.is_finite()) {
+            bail!("{shown}: mean[{c}] = {m}: expected a finite number");
+        }
+        if let Some((c, s)) = self.std.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
+            bail!("{shown}: std[{c}] = {s}: expected a finite deviation > 0");
+        }
+        let max = crate::config::MAX_CLASSES as u64;
+        ensure!((1..=max).contains(&self.classes), "{shown}: classes = {}: expected 1 to {max}", self.classes);
+        ensure!(!self.shards.is_empty(), "{shown}: lists no shards: expected at least one");
+        let mut seen = std::collections::HashSet::new();
+        let (mut frames, mut utterances) = (0u64, 0u64);
+        let row = (d * self.feature_kind.bytes()) as u64 + 4;
+        for (i, e) in self.shards.iter().enumerate() {
+            let well_formed = e.file.len() > 10
+                && e.file.starts_with("shard-")
+                && e.file.ends_with(".kdf")
+                && e.file[6..e.file.len() - 4].bytes().all(|b| b.is_ascii_digit());
+            ensure!(well_formed, "{shown}: shards[{i}].file = '{}': expected a name shard-NNNNN.kdf", e.file);
+            ensure!(seen.insert(&e.file), "{shown}: shard {} is listed twice", e.file);
+            ensure!(
+                e.frames > 0 && (1..=e.frames).contains(&e.utterances),
+                "{shown}: {}: {} frames in {} utterances: expected at least one utterance of at least one frame",
+                e.file,
+                e.frames,
+                e.utterances
+            );
+            let bytes = e
+                .frames
+                .checked_mul(row)
+                .and_then(|b| b.checked_add(HEADER_BYTES + 8 + 16 * e.utterances))
+                .with_context(|| format!("{shown}: {}: {} frames overflow", e.file, e.frames))?;
+            ensure!(
+                e.bytes == bytes,
+                "{shown}: {}: bytes = {}, but {} frames of {d} x {:?} in {} utterances take {bytes}",
+                e.file,
+                e.bytes,
+                e.frames,
+                self.feature_kind,
+                e.utterances
+            );
+            frames = frames.checked_add(e.frames).context("frame count overflows")?;
+            utterances += e.utterances;
+        }
+        ensure!(
+            frames == self.frames && utterances == self.utterances,
+            "{shown}: frames = {}, utterances = {}, but the shards it lists hold {frames} and {utterances}",
+            self.frames,
+            self.utterances
+        );
+        ensure!(is_hex16(&self.set), "{shown}: set = '{}': expected 16 hex digits", self.set);
+        let id = self.content_id()?;
+        ensure!(
+            self.id == id,
+            "{shown}: id = '{}', but the manifest's contents hash to '{id}': it was changed after it was written",
+            self.id
+        );
+        Ok(())
+    }
+
+    /// The identity of the manifest's contents: 16 hex digits of the SHA-256 of the manifest
+    /// written with an empty `id`.
+    pub fn content_id(&self) -> Result<String> {
+        use sha2::Digest;
+        let text = toml::to_string(&Manifest { id: String::new(), ..self.clone() })?;
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The identity as a number (what top-k target files record).
+    pub fn id_number(&self) -> u64 {
+        u64::from_str_radix(&self.id, 16).unwrap_or(0)
+    }
+}
+
+/// Whether `s` is 16 lowercase hex digits.
+fn is_hex16(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A new identity for the splits one `kd-run store write` writes: 16 hex digits from the time,
+/// the process and a counter.
+pub fn new_set_id() -> String {
+    use sha2::Digest;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = format!("{} {} {n}", now.as_nanos(), std::process::id());
+    sha2::Sha256::digest(seed.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fails if `a` and `b` (splits of one store folder) were not written by the same
+/// `kd-run store write`, naming both.
+pub fn check_same_set(a: &FrameStore, b: &FrameStore) -> Result<()> {
+    ensure!(
+        a.manifest.set == b.manifest.set,
+        "{} and {} are splits of different `kd-run store write`s (store sets {} and {}): the splits of a \
+         store must be written together",
+        a.dir.display(),
+        b.dir.display(),
+        a.manifest.set,
+        b.manifest.set
+    );
+    Ok(())
+}
+
+/// Fails if `path` is a symbolic link: kd-run writes through none.
+pub fn refuse_link(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!("{} is a symbolic link; kd-run does not write through links: give the folder itself", path.display());
+    }
+    Ok(())
+}
+
+/// Creates `path` for writing, new: a stale file (or link) of that name is removed first, and the
+/// file is created exclusively, so no link is followed.
+pub(super) fn new_file(path: &Path) -> Result<File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove the stale {}", path.display())),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
 }
 
 /// One shard as the manifest lists it.
@@ -161,6 +341,7 @@ pub struct ShardEntry {
 /// Writes a store: utterances in, shards and the manifest out.
 pub struct StoreWriter {
     dir: PathBuf,
+    set: String,
     kind: FeatureKind,
     dim: usize,
     shard_frames: u64,
@@ -175,11 +356,15 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
-    /// Starts a store in `dir` (created; it must not hold a manifest yet), frames of `dim`
-    /// values stored as `kind`, a new shard after about `shard_frames` frames.
-    pub fn create(dir: &Path, kind: FeatureKind, dim: usize, shard_frames: u64) -> Result<Self> {
+    /// Starts a store in `dir` (created; not a symbolic link, and it must not hold a manifest
+    /// yet), frames of `dim` values stored as `kind`, a new shard after about `shard_frames`
+    /// frames, one of the splits of `set` (16 hex digits, [`new_set_id`]).
+    pub fn create(dir: &Path, set: &str, kind: FeatureKind, dim: usize, shard_frames: u64) -> Result<Self> {
         ensure!(dim > 0, "frames must have at least one feature");
+        ensure!(is_hex16(set), "store set '{set}': expected 16 hex digits");
+        refuse_link(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the store folder {}", dir.display()))?;
+        refuse_link(dir)?;
         ensure!(
             !dir.join(MANIFEST).exists(),
             "{} already holds a frame store; remove it or write elsewhere",
@@ -187,6 +372,7 @@ impl StoreWriter {
         );
         Ok(StoreWriter {
             dir: dir.to_path_buf(),
+            set: set.to_string(),
             kind,
             dim,
             shard_frames: shard_frames.max(1),
@@ -261,8 +447,10 @@ impl StoreWriter {
         let n = self.frames as f64;
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
         let std = self.sum_sq.iter().zip(&mean).map(|(s, m)| (s / n - m * m).max(0.0).sqrt().max(1e-6)).collect();
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format: VERSION,
+            id: String::new(),
+            set: self.set,
             feature_kind: self.kind,
             feature_dim: self.dim,
             frames: self.frames,
@@ -273,9 +461,10 @@ impl StoreWriter {
             std,
             shards: self.shards,
         };
+        manifest.id = manifest.content_id()?;
         let text = toml::to_string(&manifest)?;
         let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        new_file(&tmp)?.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, self.dir.join(MANIFEST))?;
         Ok(manifest)
     }
@@ -300,10 +489,7 @@ struct ShardWriter {
 impl ShardWriter {
     fn create(path: &Path, kind: FeatureKind, dim: usize) -> Result<Self> {
         let tmp = path.with_extension("kdf.tmp");
-        let mut file = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
+        let mut file = BufWriter::with_capacity(1 << 20, new_file(&tmp)?);
         file.write_all(&[0u8; HEADER_BYTES as usize])?;
         Ok(ShardWriter {
             path: path.to_path_buf(),
@@ -349,6 +535,8 @@ impl ShardWriter {
         self.speakers.iter().try_for_each(|s| self.file.write_all(&s.to_le_bytes()))?;
         self.checksums.iter().try_for_each(|c| self.file.write_all(&c.to_le_bytes()))?;
         let utterances = self.speakers.len() as u64;
+        let words = |w: &[u32]| crc32fast::hash(&w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let offset_bytes: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         let header = Header {
             kind: self.kind,
             dim: self.dim as u32,
@@ -356,6 +544,7 @@ impl ShardWriter {
             utterances,
             sections: [features_at, labels_at, offsets_at, speakers_at, checksums_at],
             length,
+            section_crcs: [crc32fast::hash(&offset_bytes), words(&self.speakers), words(&self.checksums)],
         };
         let bytes = header.to_bytes();
         let mut file = self.file.into_inner().map_err(|e| e.into_error())?;
@@ -380,6 +569,8 @@ struct Header {
     /// Byte offsets of features, labels, offsets, speakers, checksums.
     sections: [u64; 5],
     length: u64,
+    /// CRC-32 of the offsets, speakers and checksums sections.
+    section_crcs: [u32; 3],
 }
 
 impl Header {
@@ -394,6 +585,7 @@ impl Header {
         b.extend_from_slice(&self.utterances.to_le_bytes());
         self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
         b.extend_from_slice(&self.length.to_le_bytes());
+        self.section_crcs.iter().for_each(|c| b.extend_from_slice(&c.to_le_bytes()));
         debug_assert_eq!(b.len(), HEADER_FIELDS);
         sealed(b)
     }
@@ -411,7 +603,11 @@ impl Header {
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
-        ensure!(version == VERSION, "{shown}: shard format version {version}; this kd-run reads version {VERSION}");
+        ensure!(
+            version == VERSION,
+            "{shown}: shard format version {version}; this kd-run reads version {VERSION} (version 1 had no \
+             checksums over its offsets and speakers): write the store again with `kd-run store write`"
+        );
         let crc = crc32fast::hash(&bytes[..HEADER_FIELDS]);
         ensure!(
             crc == u32_at(HEADER_FIELDS),
@@ -426,6 +622,7 @@ impl Header {
             utterances: u64_at(32),
             sections: [u64_at(40), u64_at(48), u64_at(56), u64_at(64), u64_at(72)],
             length: u64_at(80),
+            section_crcs: [u32_at(88), u32_at(92), u32_at(96)],
         };
         ensure!(
             file_len == h.length,
@@ -508,6 +705,17 @@ impl Shard {
         read_exact_at(&file, path, &mut tail, offsets_at, "the offsets, speakers and checksums")?;
         let (offset_bytes, rest) = tail.split_at(8 * (u + 1));
         let (speaker_bytes, checksum_bytes) = rest.split_at((header.sections[4] - speakers_at) as usize);
+        for (name, bytes, want) in [
+            ("utterance offsets", offset_bytes, header.section_crcs[0]),
+            ("speakers", speaker_bytes, header.section_crcs[1]),
+            ("utterance checksums", checksum_bytes, header.section_crcs[2]),
+        ] {
+            ensure!(
+                crc32fast::hash(bytes) == want,
+                "{}: the {name} section does not match its checksum in the header: the shard is damaged",
+                path.display()
+            );
+        }
         let offsets: Vec<u64> =
             offset_bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
         let ok = offsets[0] == 0 && offsets[u] == header.frames && offsets.windows(2).all(|w| w[0] < w[1]);
@@ -595,8 +803,6 @@ pub struct FrameStore {
     pub shards: Vec<Shard>,
     /// (shard, utterance within it) of each utterance, in store order.
     pub index: Vec<(u32, u32)>,
-    /// CRC-32 of the manifest's bytes: files made for this store (top-k targets) carry it.
-    pub manifest_crc: u32,
 }
 
 impl FrameStore {
@@ -605,37 +811,18 @@ impl FrameStore {
         let path = dir.join(MANIFEST);
         crate::data::inputs::check_file(&path, "frame store manifest")?;
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let manifest: Manifest = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a frame store manifest: {e}", path.display()))?;
-        ensure!(
-            manifest.format == VERSION,
-            "{}: store format {}; this kd-run reads format {VERSION}",
-            path.display(),
-            manifest.format
-        );
+        let manifest = Manifest::parse(&text, &path)?;
         let d = manifest.feature_dim;
-        ensure!(
-            d > 0 && manifest.mean.len() == d && manifest.std.len() == d,
-            "{}: feature_dim = {d}, with {} means and {} deviations",
-            path.display(),
-            manifest.mean.len(),
-            manifest.std.len()
-        );
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut index = Vec::new();
         let (mut frames, mut utterances) = (0u64, 0u64);
         for (s, entry) in manifest.shards.iter().enumerate() {
-            ensure!(
-                !entry.file.contains(['/', '\\']) && entry.file != ".." && !entry.file.is_empty(),
-                "{}: shard name '{}' is not a file name",
-                path.display(),
-                entry.file
-            );
             let shard = Shard::open(&dir.join(&entry.file))?;
             let h = &shard.header;
             let crc = crc32fast::hash(&shard.fields);
             ensure!(
                 crc == entry.header_crc
+                    && h.length == entry.bytes
                     && h.frames == entry.frames
                     && h.utterances == entry.utterances
                     && h.kind == manifest.feature_kind
@@ -664,13 +851,7 @@ impl FrameStore {
             manifest.frames,
             manifest.utterances
         );
-        Ok(FrameStore {
-            dir: dir.to_path_buf(),
-            manifest,
-            shards,
-            index,
-            manifest_crc: crc32fast::hash(text.as_bytes()),
-        })
+        Ok(FrameStore { dir: dir.to_path_buf(), manifest, shards, index })
     }
 
     /// Frames of each utterance, in store order.
@@ -710,9 +891,12 @@ impl FrameStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testutil::TempDir;
+
+    /// The set of the test stores.
+    pub(crate) const SET: &str = "0123456789abcdef";
 
     fn utterances() -> Vec<(u32, Vec<f32>, Vec<u32>)> {
         (0..7u32)
@@ -726,7 +910,7 @@ mod tests {
     }
 
     fn write(dir: &Path, kind: FeatureKind, shard_frames: u64) -> Manifest {
-        let mut w = StoreWriter::create(dir, kind, 4, shard_frames).unwrap();
+        let mut w = StoreWriter::create(dir, SET, kind, 4, shard_frames).unwrap();
         for (s, f, l) in utterances() {
             w.push(s, &f, &l).unwrap();
         }
@@ -808,7 +992,7 @@ mod tests {
         assert!(err(&bad).contains("header's checksum"));
         // Another store's shard in its place.
         let other = TempDir::new("store-corrupt-other");
-        let mut w = StoreWriter::create(&other.0, FeatureKind::F16, 4, 20).unwrap();
+        let mut w = StoreWriter::create(&other.0, SET, FeatureKind::F16, 4, 20).unwrap();
         w.push(0, &[1.0; 8], &[0, 1]).unwrap();
         let om = w.finish("other").unwrap();
         let e = err(&std::fs::read(other.0.join(&om.shards[0].file)).unwrap());
@@ -858,16 +1042,110 @@ mod tests {
     }
 
     #[test]
+    fn every_manifest_field_is_validated_and_every_shard_byte_is_checksummed() {
+        let dir = TempDir::new("store-manifest");
+        let m = write(&dir.0, FeatureKind::F16, 20);
+        let path = dir.0.join(MANIFEST);
+        let good = std::fs::read_to_string(&path).unwrap();
+        let open_with = |edit: &dyn Fn(&mut toml::Table)| {
+            let mut t: toml::Table = toml::from_str(&good).unwrap();
+            edit(&mut t);
+            std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+            format!("{:#}", FrameStore::open(&dir.0).err().expect("an error"))
+        };
+        let set = |key: &'static str, v: toml::Value| move |t: &mut toml::Table| drop(t.insert(key.into(), v.clone()));
+        let floats = |v: [f64; 4]| toml::Value::Array(v.iter().map(|&x| toml::Value::Float(x)).collect());
+        for (edit, want) in [
+            (
+                Box::new(set("mean", floats([0.0, f64::NAN, 0.0, 0.0]))) as Box<dyn Fn(&mut toml::Table)>,
+                "mean[1] = NaN",
+            ),
+            (Box::new(set("mean", floats([f64::INFINITY, 0.0, 0.0, 0.0]))), "mean[0] = inf"),
+            (Box::new(set("std", floats([1.0, 1.0, 0.0, 1.0]))), "std[2] = 0: expected a finite deviation > 0"),
+            (Box::new(set("std", floats([1.0, -1.0, 1.0, 1.0]))), "std[1] = -1"),
+            (Box::new(set("shards", toml::Value::Array(vec![]))), "lists no shards"),
+            (
+                Box::new(|t: &mut toml::Table| {
+                    let shards = t["shards"].as_array_mut().unwrap();
+                    shards[1] = shards[0].clone();
+                }),
+                "shard shard-00000.kdf is listed twice",
+            ),
+            (
+                Box::new(|t: &mut toml::Table| {
+                    t["shards"].as_array_mut().unwrap()[0]["file"] = toml::Value::String("../x.kdf".into())
+                }),
+                "expected a name shard-NNNNN.kdf",
+            ),
+            (Box::new(set("frames", toml::Value::Integer(3))), "frames = 3, utterances = 7"),
+            (Box::new(set("classes", toml::Value::Integer(0))), "classes = 0"),
+            (Box::new(set("source", toml::Value::String("edited".into()))), "it was changed after it was written"),
+            (Box::new(set("set", toml::Value::String("x".into()))), "set = 'x': expected 16 hex digits"),
+            (Box::new(set("format", toml::Value::Integer(1))), "store format 1"),
+        ] {
+            let e = open_with(&*edit);
+            assert!(e.contains(want) && e.contains("store.toml"), "{want}: {e}");
+        }
+        std::fs::write(&path, &good).unwrap();
+        FrameStore::open(&dir.0).unwrap();
+        // A flipped byte in each section the utterance checksums do not cover.
+        let shard = dir.0.join(&m.shards[0].file);
+        let bytes = std::fs::read(&shard).unwrap();
+        let h = Header::parse(&bytes[..HEADER_BYTES as usize], &shard, bytes.len() as u64).unwrap();
+        for (section, name) in [(2, "utterance offsets"), (3, "speakers"), (4, "utterance checksums")] {
+            let mut bad = bytes.clone();
+            bad[h.sections[section] as usize] ^= 0x01;
+            std::fs::write(&shard, &bad).unwrap();
+            let e = format!("{:#}", FrameStore::open(&dir.0).err().unwrap());
+            assert!(e.contains("shard-00000.kdf") && e.contains(&format!("the {name} section does not match")), "{e}");
+        }
+        // A shard of format 1.
+        let mut old = bytes.clone();
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&shard, &old).unwrap();
+        let e = format!("{:#}", FrameStore::open(&dir.0).err().unwrap());
+        assert!(e.contains("shard format version 1") && e.contains("kd-run store write"), "{e}");
+        std::fs::write(&shard, &bytes).unwrap();
+        // Splits of different writes.
+        let other = TempDir::new("store-manifest-other");
+        let mut w = StoreWriter::create(&other.0, "fedcba9876543210", FeatureKind::F16, 4, 20).unwrap();
+        w.push(0, &[1.0; 8], &[0, 1]).unwrap();
+        w.finish("other").unwrap();
+        let (a, b) = (FrameStore::open(&dir.0).unwrap(), FrameStore::open(&other.0).unwrap());
+        let e = format!("{:#}", check_same_set(&a, &b).unwrap_err());
+        assert!(e.contains("0123456789abcdef") && e.contains("fedcba9876543210"), "{e}");
+        check_same_set(&a, &a).unwrap();
+    }
+
+    #[test]
+    fn a_store_is_never_written_through_a_symbolic_link() {
+        let dir = TempDir::new("store-link");
+        std::fs::create_dir_all(dir.0.join("victim")).unwrap();
+        std::os::unix::fs::symlink(dir.0.join("victim"), dir.0.join("link")).unwrap();
+        let e = format!("{:#}", StoreWriter::create(&dir.0.join("link"), SET, FeatureKind::F32, 2, 10).err().unwrap());
+        assert!(e.contains("is a symbolic link"), "{e}");
+        // A link planted where a temporary goes is replaced, not written through.
+        let store = dir.0.join("s");
+        let mut w = StoreWriter::create(&store, SET, FeatureKind::F32, 2, 10).unwrap();
+        std::os::unix::fs::symlink(dir.0.join("victim/m"), store.join(format!("{MANIFEST}.tmp"))).unwrap();
+        w.push(0, &[1.0; 2], &[0]).unwrap();
+        w.finish("t").unwrap();
+        assert!(!dir.0.join("victim/m").exists());
+        assert!(std::fs::read_dir(dir.0.join("victim")).unwrap().next().is_none());
+        FrameStore::open(&store).unwrap();
+    }
+
+    #[test]
     fn bad_utterances_are_refused_when_written() {
         let dir = TempDir::new("store-bad-input");
-        let mut w = StoreWriter::create(&dir.0, FeatureKind::F32, 2, 100).unwrap();
+        let mut w = StoreWriter::create(&dir.0, SET, FeatureKind::F32, 2, 100).unwrap();
         let e = format!("{:#}", w.push(0, &[1.0, f32::NAN], &[0]).err().unwrap());
         assert!(e.contains("frame 0, feature 1 is NaN"), "{e}");
         assert!(w.push(0, &[1.0; 3], &[0, 1]).is_err());
         assert!(w.push(0, &[], &[]).is_err());
         w.push(0, &[1.0; 2], &[3]).unwrap();
         w.finish("t").unwrap();
-        let e = format!("{:#}", StoreWriter::create(&dir.0, FeatureKind::F32, 2, 100).err().unwrap());
+        let e = format!("{:#}", StoreWriter::create(&dir.0, SET, FeatureKind::F32, 2, 100).err().unwrap());
         assert!(e.contains("already holds a frame store"), "{e}");
     }
 }

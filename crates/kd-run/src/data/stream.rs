@@ -541,7 +541,7 @@ mod tests {
     /// A store of `utts` utterances of 5 to 40 frames, 3 features each, frame values that name
     /// the frame: (global frame index, utterance, offset).
     fn store(dir: &std::path::Path, utts: usize) -> Arc<FrameStore> {
-        let mut w = StoreWriter::create(dir, FeatureKind::F32, 3, 300).unwrap();
+        let mut w = StoreWriter::create(dir, crate::data::store::tests::SET, FeatureKind::F32, 3, 300).unwrap();
         let mut global = 0u32;
         for u in 0..utts {
             let n = 5 + (u * 7) % 36;
