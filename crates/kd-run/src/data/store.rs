@@ -613,6 +613,11 @@ impl Header {
             crc == u32_at(HEADER_FIELDS),
             "{shown}: the header's checksum does not match its contents: the file is damaged"
         );
+        // The rest of the header block is zeros (so no byte of the file is outside a check).
+        ensure!(
+            bytes[HEADER_FIELDS + 4..].iter().all(|&b| b == 0),
+            "{shown}: the header's padding is not zeros: the file is damaged"
+        );
         let kind = FeatureKind::from_code(u32_at(12))
             .with_context(|| format!("{shown}: unknown feature kind {}", u32_at(12)))?;
         let h = Header {

@@ -142,6 +142,11 @@ impl Header {
             crc32fast::hash(&bytes[..HEADER_FIELDS]) == u32_at(HEADER_FIELDS),
             "{shown}: the header's checksum does not match its contents: the file is damaged"
         );
+        // The rest of the header block is zeros (so no byte of the file is outside a check).
+        ensure!(
+            bytes[HEADER_FIELDS + 4..].iter().all(|&b| b == 0),
+            "{shown}: the header's padding is not zeros: the file is damaged"
+        );
         let h = Header {
             k: u32_at(12),
             id_bytes: u32_at(16),
