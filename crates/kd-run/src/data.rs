@@ -233,6 +233,7 @@ fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
     let sets = [open("validation")?, open("test")?];
     let d = train.manifest.feature_dim;
     for s in &sets {
+        store::check_same_set(&train, s).context("data.store.dir")?;
         ensure!(
             s.manifest.feature_dim == d,
             "{}: frames of {} features, but the training store's have {d}",
@@ -249,7 +250,7 @@ fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
             if limit.is_some_and(|n| total >= n) {
                 break;
             }
-            s.read(u, &mut f, &mut l, true)?;
+            s.read(u, &mut f, &mut l)?;
             total += l.len() as u64;
             let states = l.iter().map(|&k| k as i32).collect();
             utts.push(speech::Utterance { speaker: 0, features: f.clone(), states });
@@ -264,7 +265,8 @@ fn load_store(spec: &StoreSpec, device: Device) -> Result<Dataset> {
     let lengths = std::sync::Arc::new(train.utterance_lengths());
     let targets = match &spec.targets {
         Some(name) => Some(std::sync::Arc::new(
-            targets::TopKFile::open(&spec.dir.join("train").join(name), &train).context("data.store.targets")?,
+            targets::TopKFile::open(&spec.dir.join("train").join(name), &train, (spec.left as u32, spec.right as u32))
+                .context("data.store.targets")?,
         )),
         None => None,
     };

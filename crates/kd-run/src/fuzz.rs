@@ -13,7 +13,9 @@
 //! Readers: IDX image sets (`idx`), Kaldi matrix archives with FM, DM, CM, CM2, CM3 and text
 //! entries (`kaldi-ark`), alignment archives (`kaldi-ali`), scp files (`kaldi-scp`), NumPy
 //! arrays as features and as labels (`npy`), safetensors checkpoints read and loaded as an MLP
-//! (`checkpoint`), and experiment files parsed and validated (`toml`).
+//! (`checkpoint`), experiment files parsed and validated (`toml`), frame store manifests and
+//! shards opened and read whole (`store-toml`, `store-shard`), and top-k target files opened
+//! against their store and read whole (`store-topk`).
 //!
 //! The test command runs a few thousand inputs per reader. The long run, a million inputs per
 //! reader (about four minutes on a busy two-core machine), prints what each reader did:
@@ -684,12 +686,106 @@ fn toml_target(tmp: &Path) -> Target {
     }
 }
 
+/// A small frame store in `tmp/fuzz-store` (two shards, f16) with a top-k targets file
+/// `t.kdt` (k = 2, context [1, 1]); the three readers of a store, each on one of its files
+/// corrupted, the others left valid.
+fn store_targets(tmp: &Path) -> Vec<Target> {
+    use crate::data::store::{FeatureKind, FrameStore, StoreWriter, MANIFEST};
+    use crate::data::targets::{TargetsWriter, TopKFile};
+    let dir = tmp.join("fuzz-store");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut w = StoreWriter::create(&dir, "0123456789abcdef", FeatureKind::F16, 3, 20).expect("store");
+    for u in 0..6u32 {
+        let n = 3 + u as usize * 2;
+        let f: Vec<f32> = (0..3 * n).map(|i| (i as f32 * 0.3 + u as f32).sin()).collect();
+        w.push(u % 2, &f, &(0..n as u32).map(|t| (t + u) % 5).collect::<Vec<_>>()).expect("push");
+    }
+    w.finish("fuzz").expect("finish");
+    let store = FrameStore::open(&dir).expect("the seed store");
+    let mut t = TargetsWriter::create(&dir.join("t.kdt"), &store, 2, 2.0, (1, 1)).expect("targets");
+    for n in store.utterance_lengths() {
+        let probs: Vec<f32> = (0..2 * n as usize).map(|i| if i % 2 == 0 { 0.75 } else { 0.25 }).collect();
+        let ids: Vec<i64> = (0..2 * n as i64).map(|i| i % 5).collect();
+        t.push(&probs, &ids).expect("push targets");
+    }
+    t.finish().expect("finish targets");
+    let read_all = |dir: &Path| -> Result<FrameStore> {
+        let store = FrameStore::open(dir)?;
+        let (mut f, mut l) = (Vec::new(), Vec::new());
+        (0..store.index.len()).try_for_each(|u| store.read(u, &mut f, &mut l))?;
+        Ok(store)
+    };
+    let file = |name: &str| std::fs::read(dir.join(name)).expect("store file");
+    let (manifest, shard, topk) = (file(MANIFEST), file("shard-00000.kdf"), file("t.kdt"));
+    // Each target corrupts its own copy of the store.
+    let copy = |name: &str| {
+        let to = tmp.join(name);
+        std::fs::create_dir_all(&to).expect("fuzz store copy");
+        for f in std::fs::read_dir(&dir).expect("fuzz store").flatten() {
+            std::fs::copy(f.path(), to.join(f.file_name())).expect("copy");
+        }
+        to
+    };
+    let (a, b, c) = (copy("fuzz-store-toml"), copy("fuzz-store-shard"), copy("fuzz-store-topk"));
+    vec![
+        Target {
+            name: "store-toml",
+            seeds: vec![manifest],
+            dict: vec![
+                b"shard-00000.kdf",
+                b"nan",
+                b"inf",
+                b"-1",
+                b"0",
+                b"=",
+                b"[",
+                b"]",
+                b"\n",
+                b"\"",
+                b"[[shards]]\n",
+            ],
+            prepare: None,
+            call: Box::new(move |bytes| {
+                std::fs::write(a.join(MANIFEST), bytes)?;
+                read_all(&a).map(drop)
+            }),
+        },
+        Target {
+            name: "store-shard",
+            seeds: vec![shard],
+            dict: vec![b"KDFRAME1", b"\x02\0\0\0", b"\x01\0\0\0"],
+            prepare: None,
+            call: Box::new(move |bytes| {
+                std::fs::write(b.join("shard-00000.kdf"), bytes)?;
+                read_all(&b).map(drop)
+            }),
+        },
+        Target {
+            name: "store-topk",
+            seeds: vec![topk],
+            dict: vec![b"KDTOPK01", b"\x02\0\0\0", b"\x01\0\0\0"],
+            prepare: None,
+            call: Box::new(move |bytes| {
+                std::fs::write(c.join("t.kdt"), bytes)?;
+                let store = FrameStore::open(&c)?;
+                let file = TopKFile::open(&c.join("t.kdt"), &store, (1, 1))?;
+                let (mut p, mut i) = (Vec::new(), Vec::new());
+                for (u, n) in store.utterance_lengths().into_iter().enumerate() {
+                    file.read_frames((u, 0, n as usize), &mut p, &mut i)?;
+                }
+                Ok(())
+            }),
+        },
+    ]
+}
+
 fn targets(tmp: &Path) -> Vec<Target> {
     let mut all = idx_targets();
     all.extend(kaldi_targets(tmp));
     all.push(npy_target());
     all.push(checkpoint_target());
     all.push(toml_target(tmp));
+    all.extend(store_targets(tmp));
     all
 }
 

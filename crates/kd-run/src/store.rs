@@ -3,7 +3,7 @@
 
 use crate::config::{self, DataSource};
 use crate::data::speech::{self, CorpusModel, Utterance};
-use crate::data::store::{FeatureKind, FrameStore, StoreWriter};
+use crate::data::store::{self as frames, FeatureKind, FrameStore, StoreWriter, MANIFEST};
 use crate::data::stream::{Producer, StreamSettings, StreamStart};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Subcommand;
@@ -30,9 +30,13 @@ enum StoreCommand {
         /// Override a setting, as for `run` (e.g. `data.speech.speakers=2000`).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// The folder of the three stores (created; must not hold stores yet).
+        /// The folder of the three stores (created; must not hold stores yet, unless --replace;
+        /// not a symbolic link). Locked (OUT/store.lock) while written: one writer at a time.
         #[arg(long)]
         out: PathBuf,
+        /// Replace the stores OUT already holds (their manifests first, then their shards).
+        #[arg(long)]
+        replace: bool,
         /// How features are stored.
         #[arg(long, value_enum, default_value_t = FeatureKind::F16)]
         kind: FeatureKind,
@@ -70,9 +74,11 @@ enum StoreCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Check a store: its manifest, every shard's header and every utterance's checksum.
+    /// Check a store: its manifest, every shard's header and sections and every utterance's
+    /// checksum; given the folder of `store write`'s three splits, each of them and that they
+    /// were written together.
     Check {
-        /// The store's folder (one split, with store.toml).
+        /// The store's folder (one split, with store.toml), or the folder of the three.
         dir: PathBuf,
     },
 }
@@ -80,11 +86,11 @@ enum StoreCommand {
 /// Runs `kd-run store`.
 pub fn store(args: &StoreArgs) -> Result<()> {
     match &args.command {
-        StoreCommand::Write { experiment, overrides, out, kind, shard_frames, threads } => {
+        StoreCommand::Write { experiment, overrides, out, replace, kind, shard_frames, threads } => {
             let exp = config::load(experiment, overrides)?;
             let threads =
                 if *threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { *threads };
-            write(&exp.data.source, out, *kind, *shard_frames, threads)
+            write(&exp.data.source, (out, *replace), *kind, *shard_frames, threads)
         }
         StoreCommand::Check { dir } => check(dir),
         StoreCommand::Targets { dir, teachers, k, temperature, name, context, batch, device } => {
@@ -93,7 +99,18 @@ pub fn store(args: &StoreArgs) -> Result<()> {
                 "cuda" => Device::Cuda(0),
                 other => bail!("--device {other}: expected cpu or cuda"),
             };
-            ensure!(!name.contains(['/', '\\']) && name.ends_with(".kdt"), "--name {name}: a file name ending in .kdt");
+            ensure!(
+                !name.contains(['/', '\\']) && name.len() > 4 && name.ends_with(".kdt"),
+                "--name {name}: expected a file name ending in .kdt"
+            );
+            crate::data::targets::check_temperature(*temperature, "--temperature")?;
+            let max = crate::config::MAX_CONTEXT as usize;
+            ensure!(
+                context.iter().all(|&c| c <= max),
+                "--context {} {}: expected at most {max} frames each side",
+                context[0],
+                context[1]
+            );
             targets(dir, teachers, (*k, *temperature), name, (context[0], context[1]), *batch, device)
         }
     }
@@ -145,6 +162,7 @@ fn targets(
         Ok(objective.ensemble_logits(&z)?)
     };
     let path = dir.join(name);
+    frames::refuse_link(dir)?;
     let bytes = crate::data::targets::write_top_k(&store, &path, &teacher, &objective, k, context, batch, device)?;
     let frames = store.manifest.frames;
     let secs = started.elapsed().as_secs_f64();
@@ -164,14 +182,83 @@ fn targets(
     Ok(())
 }
 
-fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, threads: usize) -> Result<()> {
-    for split in SPLITS {
-        ensure!(
-            !out.join(split).join(crate::data::store::MANIFEST).exists(),
-            "{} already holds a frame store; remove it or write elsewhere",
-            out.join(split).display()
-        );
+/// The lock file `store write` holds in its `--out` folder.
+const LOCK: &str = "store.lock";
+
+/// Takes `dir/store.lock` exclusively (an advisory `flock`, released when the process ends,
+/// however it ends) and writes this process's id and command line into it; fails, naming the
+/// holder, while another process holds it. The lock file is never a link.
+fn lock_folder(dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {} (a symbolic link is refused)", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "{} is being written by another kd-run process ({}); wait until it ends, or write elsewhere",
+                dir.display(),
+                crate::data::inputs::clip(holder.trim(), 200)
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
+    let command: Vec<String> = std::env::args().collect();
+    file.set_len(0)?;
+    std::io::Write::write_all(&mut file, format!("pid {} {}\n", std::process::id(), command.join(" ")).as_bytes())?;
+    Ok(file)
+}
+
+/// Removes the store in `dir` for `--replace`: its manifest first (from then on the store is
+/// unfinished), then its shards and temporaries. Names are removed, never followed; a run still
+/// reading the old shards keeps reading the files it opened.
+fn remove_store(dir: &Path) -> Result<()> {
+    std::fs::remove_file(dir.join(MANIFEST))
+        .with_context(|| format!("cannot remove {}", dir.join(MANIFEST).display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if (name.starts_with("shard-") && name.ends_with(".kdf")) || name.ends_with(".tmp") {
+            std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn write(
+    source: &DataSource,
+    (out, replace): (&Path, bool),
+    kind: FeatureKind,
+    shard_frames: u64,
+    threads: usize,
+) -> Result<()> {
+    frames::refuse_link(out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    frames::refuse_link(out)?;
+    let _lock = lock_folder(out)?;
+    for split in SPLITS {
+        let dir = out.join(split);
+        frames::refuse_link(&dir)?;
+        if dir.join(MANIFEST).exists() {
+            ensure!(
+                replace,
+                "{} already holds a frame store; remove it, write elsewhere, or pass --replace",
+                dir.display()
+            );
+            remove_store(&dir)?;
+        }
+    }
+    let set_id = frames::new_set_id();
     match source {
         DataSource::Speech(spec) => {
             let model = CorpusModel::new(&spec.corpus)?;
@@ -180,7 +267,7 @@ fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, 
             for (split, speakers) in SPLITS.iter().zip([train, dev, test]) {
                 let dir = out.join(split);
                 let started = Instant::now();
-                let mut w = StoreWriter::create(&dir, kind, spec.corpus.feature_dim, shard_frames)?;
+                let mut w = StoreWriter::create(&dir, &set_id, kind, spec.corpus.feature_dim, shard_frames)?;
                 generate(&model, &speakers, threads, |speaker, utts| {
                     for u in utts {
                         let labels: Vec<u32> = u.states.iter().map(|&k| k as u32).collect();
@@ -202,7 +289,7 @@ fn write(source: &DataSource, out: &Path, kind: FeatureKind, shard_frames: u64, 
                 crate::data::for_each_utterance(set, |dim, u| {
                     let w = match &mut writer {
                         Some(w) => w,
-                        None => writer.insert(StoreWriter::create(&dir, kind, dim, shard_frames)?),
+                        None => writer.insert(StoreWriter::create(&dir, &set_id, kind, dim, shard_frames)?),
                     };
                     labels.clear();
                     labels.extend(u.states.iter().map(|&k| k as u32));
@@ -277,12 +364,24 @@ fn generate(
 }
 
 fn check(dir: &Path) -> Result<()> {
+    if !dir.join(MANIFEST).exists() && SPLITS.iter().all(|s| dir.join(s).join(MANIFEST).exists()) {
+        for split in SPLITS {
+            check(&dir.join(split))?;
+        }
+        let open = |s: &str| FrameStore::open(&dir.join(s));
+        let train = open("train")?;
+        for split in &SPLITS[1..] {
+            frames::check_same_set(&train, &open(split)?)?;
+        }
+        println!("{}: ok: its three splits were written together (store set {})", dir.display(), train.manifest.set);
+        return Ok(());
+    }
     let started = Instant::now();
     let store = FrameStore::open(dir)?;
     let (mut f, mut l) = (Vec::new(), Vec::new());
     let mut speakers = std::collections::HashSet::new();
     for u in 0..store.index.len() {
-        store.read(u, &mut f, &mut l, true)?;
+        store.read(u, &mut f, &mut l)?;
         speakers.insert(store.speaker(u));
     }
     let m = &store.manifest;
@@ -367,7 +466,7 @@ mod tests {
     fn round_trip(out: &Path, [train, validation, test]: [FileSet; 3], shard_frames: u64) {
         let sets = [train.clone(), validation.clone(), test.clone()];
         let spec = FilesSpec { left: 0, right: 0, classes: None, train, validation, test };
-        write(&DataSource::Files(spec), out, FeatureKind::F32, shard_frames, 1).unwrap();
+        write(&DataSource::Files(spec), (out, false), FeatureKind::F32, shard_frames, 1).unwrap();
         for (split, set) in SPLITS.iter().zip(&sets) {
             let store = FrameStore::open(&out.join(split)).unwrap();
             let want = crate::data::read_file_set(set).unwrap();
@@ -375,7 +474,7 @@ mod tests {
             let (mut f, mut l) = (Vec::new(), Vec::new());
             for (u, (dim, w)) in want.iter().enumerate() {
                 assert_eq!(store.manifest.feature_dim, *dim);
-                store.read(u, &mut f, &mut l, true).unwrap();
+                store.read(u, &mut f, &mut l).unwrap();
                 assert_eq!(f, w.features, "{split}: utterance {u}");
                 assert!(l.iter().zip(&w.states).all(|(&a, &b)| a as i32 == b) && l.len() == w.states.len());
             }
@@ -410,6 +509,38 @@ mod tests {
     }
 
     #[test]
+    fn one_writer_at_a_time_and_a_store_is_replaced_only_when_asked() {
+        let out = TempDir::new("store-write-lock");
+        let held = lock_folder(&out.0).unwrap();
+        let e = format!("{:#}", lock_folder(&out.0).unwrap_err());
+        assert!(e.contains("being written by another kd-run process (pid "), "{e}");
+        let npy = crate::testutil::npy_corpus(&out, 2000);
+        let spec = || {
+            let (t, v, s) = (npy.clone(), npy.clone(), npy.clone());
+            DataSource::Files(FilesSpec { left: 0, right: 0, classes: None, train: t, validation: v, test: s })
+        };
+        let stores = out.0.join("s");
+        std::fs::create_dir_all(&stores).unwrap();
+        let lock = lock_folder(&stores).unwrap();
+        let e = format!("{:#}", write(&spec(), (&stores, false), FeatureKind::F32, 100, 1).unwrap_err());
+        assert!(e.contains("being written by another"), "{e}");
+        assert!(!stores.join("train").exists(), "nothing written");
+        drop((held, lock));
+        write(&spec(), (&stores, false), FeatureKind::F32, 100, 1).unwrap();
+        let first = FrameStore::open(&stores.join("train")).unwrap().manifest;
+        let e = format!("{:#}", write(&spec(), (&stores, false), FeatureKind::F32, 1 << 20, 1).unwrap_err());
+        assert!(e.contains("already holds a frame store") && e.contains("--replace"), "{e}");
+        write(&spec(), (&stores, true), FeatureKind::F32, 1 << 20, 1).unwrap();
+        let second = FrameStore::open(&stores.join("train")).unwrap().manifest;
+        assert!(second.set != first.set && second.shards.len() < first.shards.len(), "replaced");
+        let shards = std::fs::read_dir(stores.join("train"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".kdf"));
+        assert_eq!(shards.count(), second.shards.len(), "no shard of the old store left");
+        check(&stores).unwrap();
+    }
+
+    #[test]
     fn features_without_alignments_leave_the_store_unfinished() {
         let dir = TempDir::new("store-write-mismatch");
         let ali = crate::data::kaldi::read_int_vector_ark(&kaldi("ali.ark")).unwrap();
@@ -428,9 +559,9 @@ mod tests {
             test: good,
         };
         let out = dir.0.join("out");
-        let e = format!("{:#}", write(&DataSource::Files(spec), &out, FeatureKind::F16, 100, 1).unwrap_err());
+        let e = format!("{:#}", write(&DataSource::Files(spec), (&out, false), FeatureKind::F16, 100, 1).unwrap_err());
         assert!(e.contains("data.files.train") && e.contains("pairing"), "{e}");
         assert!(e.contains("1 of 3 feature utterances have no alignment ('spk2-utt1')"), "{e}");
-        assert!(!out.join("train").join(crate::data::store::MANIFEST).exists(), "no manifest: unfinished");
+        assert!(!out.join("train").join(MANIFEST).exists(), "no manifest: unfinished");
     }
 }

@@ -196,6 +196,115 @@ fn cases() -> Vec<Case> {
             c.experiment(&files_experiment("in/f.npy", "in/l.npy", ", lengths = \"in/n.npy\""));
             run_args()
         }),
+        case("valid frame store", Succeed, |c| {
+            store_case(c, "", "");
+            run_args()
+        }),
+        case("valid frame store with streamed top-k targets", Succeed, |c| {
+            store_case(c, ", targets = \"t.kdt\"", &streamed_student(3));
+            store_targets(c, 2, 3);
+            run_args()
+        }),
+        case("store: a NaN mean in the manifest", Reject("mean[3] = NaN"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "train", |t| t["mean"].as_array_mut().unwrap()[3] = toml::Value::Float(f64::NAN));
+            run_args()
+        }),
+        case("store: an infinite mean in the manifest", Reject("mean[0] = inf"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "validation", |t| {
+                t["mean"].as_array_mut().unwrap()[0] = toml::Value::Float(f64::INFINITY)
+            });
+            run_args()
+        }),
+        case("store: a zero deviation in the manifest", Reject("std[1] = 0"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "train", |t| t["std"].as_array_mut().unwrap()[1] = toml::Value::Float(0.0));
+            run_args()
+        }),
+        case("store: a negative deviation in the manifest", Reject("std[2] = -1"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "test", |t| t["std"].as_array_mut().unwrap()[2] = toml::Value::Float(-1.0));
+            run_args()
+        }),
+        case("store: a shard listed twice", Reject("listed twice"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "train", |t| {
+                let shards = t["shards"].as_array_mut().unwrap();
+                shards[1] = shards[0].clone();
+            });
+            run_args()
+        }),
+        case("store: no shards", Reject("lists no shards"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "train", |t| drop(t.insert("shards".into(), toml::Value::Array(vec![]))));
+            run_args()
+        }),
+        case("store: a manifest edited after it was written", Reject("changed after it was written"), |c| {
+            store_case(c, "", "");
+            edit_manifest(c, "train", |t| drop(t.insert("classes".into(), toml::Value::Integer(29))));
+            run_args()
+        }),
+        case("store: a split of another store", Reject("different `kd-run store write`s"), |c| {
+            store_case(c, "", "");
+            speech_stores_at(&c.dir, "s2", "2000", &["data.speech.seed=2"]);
+            std::fs::remove_dir_all(c.path("s/validation")).unwrap();
+            std::fs::rename(c.path("s2/validation"), c.path("s/validation")).unwrap();
+            run_args()
+        }),
+        case("store check: a flipped byte in the speaker section", Reject("speakers section does not match"), |c| {
+            store_case(c, "", "");
+            c.edit("s/train/shard-00000.kdf", |b| {
+                let speakers_at = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize;
+                b[speakers_at] ^= 1;
+            });
+            ["store", "check", "s"].map(String::from).to_vec()
+        }),
+        case("store check: splits of different writes", Reject("different `kd-run store write`s"), |c| {
+            store_case(c, "", "");
+            speech_stores_at(&c.dir, "s2", "2000", &[]);
+            std::fs::remove_dir_all(c.path("s/test")).unwrap();
+            std::fs::rename(c.path("s2/test"), c.path("s/test")).unwrap();
+            ["store", "check", "s"].map(String::from).to_vec()
+        }),
+        case("store write: into a folder that holds a store", Reject("pass --replace"), |c| {
+            speech_stores_at(&c.dir, "out/s", "2000", &[]);
+            ["store", "write", "speech.toml", "--out", "out/s"].map(String::from).to_vec()
+        }),
+        case("store write: a split folder that is a link out of --out", Reject("symbolic link"), |c| {
+            c.write("speech.toml", SPEECH.as_bytes());
+            plant_link(c, "out/s/train");
+            ["store", "write", "speech.toml", "--out", "out/s"].map(String::from).to_vec()
+        }),
+        case("store write: --out is a link out of the working folder", Reject("symbolic link"), |c| {
+            c.write("speech.toml", SPEECH.as_bytes());
+            plant_link(c, "out/s");
+            ["store", "write", "speech.toml", "--out", "out/s"].map(String::from).to_vec()
+        }),
+        case("store targets: a temperature run refuses", Reject("expected a temperature in [0.01"), |c| {
+            store_case(c, "", "");
+            let args = ["store", "targets", "s/train", "--teacher", "in/ck.safetensors", "--temperature", "1e-9"];
+            args.map(String::from).to_vec()
+        }),
+        case("store targets: the teacher's context is not the run's", Reject("teacher of context [1, 1]"), |c| {
+            store_case(c, ", targets = \"t.kdt\"", &streamed_student(3));
+            store_targets(c, 1, 3);
+            run_args()
+        }),
+        case("store targets: teacher_top_k is not the file's k", Reject("teacher_top_k = 5"), |c| {
+            store_case(c, ", targets = \"t.kdt\"", &streamed_student(5));
+            store_targets(c, 2, 3);
+            run_args()
+        }),
+        case("store targets: a file of another store", Reject("was computed for another frame store"), |c| {
+            store_case(c, ", targets = \"t.kdt\"", &streamed_student(3));
+            store_targets(c, 2, 3);
+            let t = c.read("s/train/t.kdt");
+            std::fs::remove_dir_all(c.path("s")).unwrap();
+            speech_stores_at(&c.dir, "s", "2000", &[]);
+            c.write("s/train/t.kdt", &t);
+            run_args()
+        }),
         case("valid kaldi frames", Succeed, |c| {
             c.experiment(&files_experiment("in/feats.scp", "in/ali.ark", ""));
             run_args()
@@ -800,4 +909,160 @@ fn adversarial_inputs_end_in_clean_errors_or_correct_results() {
     );
     std::fs::remove_dir_all(&root).unwrap();
     assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame stores changed under a run.
+
+/// A synthetic speech corpus written as stores in `dir/s` (small f32 shards).
+const SPEECH: &str = r#"name = "adv"
+seed = 1
+device = "cpu"
+threads = 1
+
+[data]
+kind = "speech"
+context = [2, 2]
+speech = { seed = 1, phones = 8, states = 30, speakers = 30, utterances_per_speaker = 10, mean_phones_per_utterance = 8, feature_dim = 8 }
+
+[defaults]
+epochs = 1
+batch_size = 32
+optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
+
+[[stages]]
+name = "net"
+kind = "train"
+model = { hidden = [16] }
+"#;
+
+/// Runs `kd-run args` in `dir` to the end; its status and stderr.
+fn kd_run(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("kd-run starts");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// [`SPEECH`] in `dir/speech.toml`, written as the stores `dir/s/{train,validation,test}`.
+fn speech_stores(dir: &Path, shard_frames: &str) {
+    speech_stores_at(dir, "s", shard_frames, &[]);
+}
+
+/// [`SPEECH`] (with `--set` overrides `sets`) written as the stores `dir/out/{train,...}`.
+fn speech_stores_at(dir: &Path, out: &str, shard_frames: &str, sets: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("speech.toml"), SPEECH).unwrap();
+    let mut args = vec!["store", "write", "speech.toml", "--kind", "f32", "--shard-frames", shard_frames, "--out", out];
+    sets.iter().for_each(|s| args.extend(["--set", s]));
+    let (status, err) = kd_run(dir, &args);
+    assert!(status.success(), "store write: {err}");
+}
+
+/// The stores `s/` of a case and `exp.toml` streaming them for an epoch (with `store_extra` in
+/// `data.store` and `stages` after the train stage).
+fn store_case(c: &Ctx, store_extra: &str, stages: &str) {
+    speech_stores(&c.dir, "2000");
+    let exp = store_experiment(1).replace("prefetch = 1", &format!("prefetch = 1{store_extra}"));
+    c.experiment(&format!("{exp}{stages}"));
+}
+
+/// Edits the manifest `s/<split>/store.toml` as TOML.
+fn edit_manifest(c: &Ctx, split: &str, f: impl FnOnce(&mut toml::Table)) {
+    let name = format!("s/{split}/store.toml");
+    let mut t: toml::Table = toml::from_str(&String::from_utf8(c.read(&name)).unwrap()).unwrap();
+    f(&mut t);
+    c.write(&name, toml::to_string(&t).unwrap().as_bytes());
+}
+
+/// A teacher checkpoint `in/teacher.safetensors` for [`SPEECH`]'s frames with `context` frames
+/// each side, and its top-`k` targets at T = 2 as `s/train/t.kdt`.
+fn store_targets(c: &Ctx, context: usize, k: usize) {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let width = (2 * context + 1) as i64 * 8;
+    let net = kd_models::Mlp::new(&vs.root(), kd_models::MlpConfig::plain([width, 8, 30])).expect("mlp");
+    tch::Tensor::write_safetensors(&net.to_tensors(&vs), c.path("in/teacher.safetensors")).expect("checkpoint");
+    let (context, k) = (context.to_string(), k.to_string());
+    let args = ["store", "targets", "s/train", "--teacher", "in/teacher.safetensors", "--k", &k, "--temperature", "2"];
+    let (status, err) = kd_run(&c.dir, &[&args[..], &["--context", &context, &context, "--name", "t.kdt"]].concat());
+    assert!(status.success(), "store targets: {err}");
+}
+
+/// A distill stage streaming `s/train/t.kdt` with `teacher_top_k = k`.
+fn streamed_student(k: usize) -> String {
+    format!(
+        "\n[[stages]]\nname = \"student\"\nkind = \"distill\"\nteacher_checkpoint = \"in/teacher.safetensors\"\n\
+         teacher_top_k = {k}\nmodel = {{ hidden = [8] }}\ntemperature = 2\n"
+    )
+}
+
+/// An experiment that streams `dir/s` for `epochs` epochs through a small shuffle buffer.
+fn store_experiment(epochs: usize) -> String {
+    SPEECH
+        .replace(
+            "kind = \"speech\"",
+            "kind = \"store\"\nstore = { dir = \"s\", shuffle_buffer = 512, chunk_frames = 8, prefetch = 1 }",
+        )
+        .replace("speech = {", "# speech = {")
+        .replace("epochs = 1", &format!("epochs = {epochs}"))
+}
+
+#[test]
+fn a_store_changed_under_a_run_ends_in_a_clean_error_naming_the_shard_or_a_correct_finish() {
+    let root = std::env::temp_dir().join(format!("kd-run-store-changed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    type Change = fn(&Path, &[u8]);
+    let changes: [(&str, Change); 3] = [
+        ("truncated", |p, good| {
+            std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(good.len() as u64 / 3).unwrap()
+        }),
+        // What `cp` of the same file over it does: truncate, then write the same bytes.
+        ("copied over with identical bytes", |p, good| std::fs::write(p, good).unwrap()),
+        ("rewritten in place with other bytes", |p, good| {
+            let mut other = good.to_vec();
+            other[4096..].iter_mut().for_each(|b| *b = b.wrapping_add(1));
+            std::fs::write(p, other).unwrap()
+        }),
+    ];
+    for (i, (what, change)) in changes.iter().enumerate() {
+        let dir = root.join(format!("case{i}"));
+        speech_stores(&dir, "4000");
+        std::fs::write(dir.join("exp.toml"), store_experiment(40)).unwrap();
+        let shard = dir.join("s/train/shard-00001.kdf");
+        let good = std::fs::read(&shard).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+            .args(["run", "exp.toml", "--out", "out"])
+            .current_dir(&dir)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kd-run starts");
+        // Change the shard once the stage trains (its first epoch is logged).
+        let log = dir.join("out/adv/run.log");
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("epoch 1/")) {
+            assert!(child.try_wait().unwrap().is_none(), "{what}: the run ended before training");
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}: no epoch logged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        change(&shard, &good);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code().is_some(), "{what}: killed by a signal ({}): {}", out.status, tail(&stderr));
+        assert!(!stderr.contains("panicked"), "{what}: {}", tail(&stderr));
+        if !out.status.success() {
+            let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+            assert!(error.contains("shard-00001.kdf"), "{what}: the error does not name the shard: {}", tail(&stderr));
+        } else {
+            assert!(*what != "rewritten in place with other bytes", "{what}: other bytes read silently");
+        }
+        println!("{what}: {}", if out.status.success() { "finished" } else { "clean error" });
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }

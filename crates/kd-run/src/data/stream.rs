@@ -11,7 +11,7 @@
 //!    of steps.
 //! 2. **Shuffle.** The rank's utterances, in their dealt (random) order, feed a shuffle buffer of
 //!    `buffer` frames: whole utterances are read (each one read once per epoch, contiguously from
-//!    the mapped shard) and their frames become entries; each example is an entry drawn uniformly
+//!    its shard) and their frames become entries; each example is an entry drawn uniformly
 //!    from the buffer, which is refilled before each draw. A frame's window is built from its
 //!    utterance while that utterance is resident, so windows never need a second read. A buffer
 //!    as large as the shard is an exact uniform permutation; a smaller one mixes about
@@ -42,9 +42,6 @@ use tch::{Device, Kind, Tensor};
 const TAG_SHARD: u64 = 0x5348_4152_4400_0001;
 const TAG_DRAW: u64 = 0x4452_4157_0000_0001;
 const TAG_CHUNKS: u64 = 0x4348_554e_4b00_0001;
-/// Chunk reads between releases of the mapped pages: each read maps up to two 2 MiB page-cache
-/// folios (features and labels), so at most about 64 MB of the store is resident at a time.
-const RELEASE_EVERY: usize = 16;
 
 /// A piece of an utterance: frames `start .. start + len`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -266,7 +263,6 @@ pub struct Producer {
     steps: usize,
     produced: usize,
     loads: Vec<(u32, u32)>,
-    reads: usize,
     device: Device,
 }
 
@@ -316,7 +312,6 @@ impl Producer {
             steps,
             produced: 0,
             loads: Vec::new(),
-            reads: 0,
             device,
         };
         // Replay the draws of the batches before the start, reading nothing.
@@ -350,7 +345,7 @@ impl Producer {
         let hi = (start + len + self.settings.right).min(self.lengths[utt] as usize);
         let data = &mut self.data[slot];
         data.first = start - lo;
-        self.store.read_frames((utt, lo, hi), &mut self.raw, &mut data.labels, false)?;
+        self.store.read_frames((utt, lo, hi), &mut self.raw, &mut data.labels)?;
         let d = self.mean.len();
         data.features.clear();
         data.features.reserve(self.raw.len());
@@ -361,13 +356,6 @@ impl Producer {
             data.probs.clear();
             data.ids.clear();
             t.read_frames((utt, start, start + len), &mut data.probs, &mut data.ids)?;
-        }
-        self.reads += 1;
-        if self.reads.is_multiple_of(RELEASE_EVERY) {
-            self.store.release_all();
-            if let Some(t) = &self.targets {
-                t.release_all();
-            }
         }
         Ok(())
     }
@@ -553,7 +541,7 @@ mod tests {
     /// A store of `utts` utterances of 5 to 40 frames, 3 features each, frame values that name
     /// the frame: (global frame index, utterance, offset).
     fn store(dir: &std::path::Path, utts: usize) -> Arc<FrameStore> {
-        let mut w = StoreWriter::create(dir, FeatureKind::F32, 3, 300).unwrap();
+        let mut w = StoreWriter::create(dir, crate::data::store::tests::SET, FeatureKind::F32, 3, 300).unwrap();
         let mut global = 0u32;
         for u in 0..utts {
             let n = 5 + (u * 7) % 36;

@@ -4,20 +4,24 @@
 //!
 //! ```text
 //! header (4096 bytes)  magic "KDTOPK01", version, k, bytes per class id, classes, frames,
-//!                      utterances, the temperature, the CRC-32 of the store's manifest, the byte
-//!                      offset of each section, the file length, CRC-32 of the header
+//!                      utterances, the temperature, the store's id, the teacher's left and right
+//!                      context, the byte offset of each section, the file length, the CRC-32 of
+//!                      the checksums section, CRC-32 of the header
 //! probs     [frames, k]  f16, the teacher's k largest probabilities at T, renormalized over them
 //! ids       [frames, k]  their class ids: u8, u16 or u32, the smallest that holds the classes
 //! checksums [utterances] u32 CRC-32 of each utterance's probability and id bytes
 //! ```
 //!
-//! Rows follow the store's frames in store order. The file is tied to its store by the
-//! manifest's checksum, so targets computed for another store (or a rewritten one) are refused.
+//! Rows follow the store's frames in store order. The file is tied to its store by the store's
+//! id (a hash of its manifest, which lists every shard's header CRC), so targets computed for
+//! another store (or a rewritten one) are refused, naming both ids; and to the context its
+//! teacher's windows had, which a run must use too.
+//! It is read like a shard: positioned reads through the descriptor opened, each utterance's
+//! rows checked against their checksum (see [`super::store`]).
 
-use super::store::{sealed, FrameStore, HEADER_BYTES};
+use super::store::{new_file, read_exact_at, refuse_link, sealed, FrameStore, HEADER_BYTES, SCRATCH};
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
-use memmap2::Mmap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -25,8 +29,20 @@ use tch::{Device, Kind, Tensor};
 
 /// The first bytes of a top-k targets file.
 pub const MAGIC: &[u8; 8] = b"KDTOPK01";
-const VERSION: u32 = 1;
-const HEADER_FIELDS: usize = 88;
+const VERSION: u32 = 2;
+const HEADER_FIELDS: usize = 104;
+
+/// Checks a temperature by the rule `run` applies to a stage's (`config::Temperature`): within
+/// [`crate::config::MIN_TEMPERATURE`, `crate::config::MAX_TEMPERATURE`].
+pub fn check_temperature(t: f64, what: &str) -> Result<()> {
+    use crate::config::{MAX_TEMPERATURE, MIN_TEMPERATURE};
+    ensure!(
+        (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t),
+        "{what} = {t}: expected a temperature in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (outside it f32 rounding \
+         erases the soft targets: see docs/experiment-files.md)"
+    );
+    Ok(())
+}
 
 /// Bytes per class id for `classes` classes: 1, 2 or 4.
 pub fn id_bytes(classes: u64) -> usize {
@@ -47,13 +63,27 @@ struct Header {
     frames: u64,
     utterances: u64,
     temperature: f64,
-    store_crc: u32,
+    store_id: u64,
+    context: (u32, u32),
     sections: [u64; 3],
     length: u64,
+    checks_crc: u32,
+}
+
+/// What a targets file is for: its store, k, temperature and the teacher's context.
+struct Params {
+    k: usize,
+    classes: u64,
+    frames: u64,
+    utterances: u64,
+    temperature: f64,
+    store_id: u64,
+    context: (u32, u32),
 }
 
 impl Header {
-    fn new(k: usize, classes: u64, frames: u64, utterances: u64, temperature: f64, store_crc: u32) -> Header {
+    fn new(p: Params, checks_crc: u32) -> Header {
+        let Params { k, classes, frames, utterances, temperature, store_id, context } = p;
         let ib = id_bytes(classes) as u64;
         let probs_at = HEADER_BYTES;
         let ids_at = probs_at + frames * k as u64 * 2;
@@ -66,9 +96,11 @@ impl Header {
             frames,
             utterances,
             temperature,
-            store_crc,
+            store_id,
+            context,
             sections: [probs_at, ids_at, checks_at],
             length,
+            checks_crc,
         }
     }
 
@@ -82,9 +114,12 @@ impl Header {
         b.extend_from_slice(&self.frames.to_le_bytes());
         b.extend_from_slice(&self.utterances.to_le_bytes());
         b.extend_from_slice(&self.temperature.to_le_bytes());
-        b.extend_from_slice(&self.store_crc.to_le_bytes());
+        b.extend_from_slice(&self.store_id.to_le_bytes());
+        b.extend_from_slice(&self.context.0.to_le_bytes());
+        b.extend_from_slice(&self.context.1.to_le_bytes());
         self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
         b.extend_from_slice(&self.length.to_le_bytes());
+        b.extend_from_slice(&self.checks_crc.to_le_bytes());
         debug_assert_eq!(b.len(), HEADER_FIELDS);
         sealed(b)
     }
@@ -97,10 +132,20 @@ impl Header {
         );
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        ensure!(u32_at(8) == VERSION, "{shown}: version {}; this kd-run reads version {VERSION}", u32_at(8));
+        ensure!(
+            u32_at(8) == VERSION,
+            "{shown}: version {}; this kd-run reads version {VERSION} (version 1 recorded neither the store's id \
+             nor the teacher's context): compute the targets again with `kd-run store targets`",
+            u32_at(8)
+        );
         ensure!(
             crc32fast::hash(&bytes[..HEADER_FIELDS]) == u32_at(HEADER_FIELDS),
             "{shown}: the header's checksum does not match its contents: the file is damaged"
+        );
+        // The rest of the header block is zeros (so no byte of the file is outside a check).
+        ensure!(
+            bytes[HEADER_FIELDS + 4..].iter().all(|&b| b == 0),
+            "{shown}: the header's padding is not zeros: the file is damaged"
         );
         let h = Header {
             k: u32_at(12),
@@ -109,9 +154,11 @@ impl Header {
             frames: u64_at(28),
             utterances: u64_at(36),
             temperature: f64::from_le_bytes(bytes[44..52].try_into().expect("8 bytes")),
-            store_crc: u32_at(52),
-            sections: [u64_at(56), u64_at(64), u64_at(72)],
-            length: u64_at(80),
+            store_id: u64_at(52),
+            context: (u32_at(60), u32_at(64)),
+            sections: [u64_at(68), u64_at(76), u64_at(84)],
+            length: u64_at(92),
+            checks_crc: u32_at(100),
         };
         ensure!(
             file_len == h.length,
@@ -119,11 +166,23 @@ impl Header {
             h.length,
             if file_len < h.length { "truncated" } else { "longer than written" }
         );
-        let expect = Header::new(h.k as usize, h.classes, h.frames, h.utterances, h.temperature, h.store_crc);
-        ensure!(
-            h.k > 0 && expect == h && h.frames.checked_mul(u64::from(h.k) * 6).is_some(),
-            "{shown}: the header's sizes do not fit together"
+        // The sizes, checked before `Header::new` multiplies them.
+        let fits = h.frames.checked_mul(u64::from(h.k) * 6).is_some() && h.utterances.checked_mul(4).is_some();
+        ensure!(h.k > 0 && fits, "{shown}: the header's sizes do not fit together");
+        let expect = Header::new(
+            Params {
+                k: h.k as usize,
+                classes: h.classes,
+                frames: h.frames,
+                utterances: h.utterances,
+                temperature: h.temperature,
+                store_id: h.store_id,
+                context: h.context,
+            },
+            h.checks_crc,
         );
+        ensure!(expect == h, "{shown}: the header's sizes do not fit together");
+        check_temperature(h.temperature, &format!("{shown}: the temperature"))?;
         Ok(h)
     }
 }
@@ -143,18 +202,28 @@ pub struct TargetsWriter {
 }
 
 impl TargetsWriter {
-    /// Starts `path` for `store`'s frames: `k` targets a frame made at `temperature`.
-    pub fn create(path: &Path, store: &FrameStore, k: usize, temperature: f64) -> Result<Self> {
+    /// Starts `path` (not a symbolic link, nor its folder) for `store`'s frames: `k` targets a
+    /// frame made at `temperature` by a teacher of `context` (left, right) frames.
+    pub fn create(path: &Path, store: &FrameStore, k: usize, temperature: f64, context: (u32, u32)) -> Result<Self> {
+        check_temperature(temperature, "the temperature")?;
+        refuse_link(path)?;
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            refuse_link(dir)?;
+        }
         let m = &store.manifest;
-        let header = Header::new(k, m.classes, m.frames, m.utterances, temperature, store.manifest_crc);
+        let params = Params {
+            k,
+            classes: m.classes,
+            frames: m.frames,
+            utterances: m.utterances,
+            temperature,
+            store_id: m.id_number(),
+            context,
+        };
+        let header = Header::new(params, 0);
         let tmp = path.with_extension("kdt.tmp");
         let ids_tmp = path.with_extension("ids.tmp");
-        let open = |p: &Path| -> Result<BufWriter<File>> {
-            Ok(BufWriter::with_capacity(
-                1 << 20,
-                File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-            ))
-        };
+        let open = |p: &Path| -> Result<BufWriter<File>> { Ok(BufWriter::with_capacity(1 << 20, new_file(p)?)) };
         let mut probs = open(&tmp)?;
         probs.write_all(&[0u8; HEADER_BYTES as usize])?;
         Ok(TargetsWriter {
@@ -212,7 +281,9 @@ impl TargetsWriter {
         let mut ids = File::open(&self.ids_tmp)?;
         std::io::copy(&mut ids, &mut self.probs)?;
         std::fs::remove_file(&self.ids_tmp)?;
-        self.checksums.iter().try_for_each(|c| self.probs.write_all(&c.to_le_bytes()))?;
+        let checks: Vec<u8> = self.checksums.iter().flat_map(|c| c.to_le_bytes()).collect();
+        self.probs.write_all(&checks)?;
+        self.header.checks_crc = crc32fast::hash(&checks);
         let mut file = self.probs.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&self.header.to_bytes())?;
@@ -222,31 +293,45 @@ impl TargetsWriter {
     }
 }
 
-/// A top-k targets file, mapped, checked against its store.
+/// A top-k targets file, open for positioned reads, checked against its store.
 pub struct TopKFile {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     header: Header,
     /// First frame of each utterance (store order), and the frame count at the end.
     starts: Vec<u64>,
+    /// Each utterance's checksum, read when opened.
+    checksums: Vec<u32>,
 }
 
 impl TopKFile {
-    /// Maps `path` and checks it belongs to `store`.
-    pub fn open(path: &Path, store: &FrameStore) -> Result<TopKFile> {
+    /// Opens `path` and checks it belongs to `store` (its id and counts) and was made by a
+    /// teacher of `context` (left, right) frames.
+    pub fn open(path: &Path, store: &FrameStore, context: (u32, u32)) -> Result<TopKFile> {
         crate::data::inputs::check_file(path, "top-k targets file")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata()?.len();
-        // SAFETY: read-only private map of a file written once and renamed into place; every
-        // read is bounds-checked against the checked header (see `store::Shard::open`).
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let header = Header::parse(&map[..map.len().min(HEADER_BYTES as usize)], path, len)?;
+        let mut head = vec![0u8; len.min(HEADER_BYTES) as usize];
+        read_exact_at(&file, path, &mut head, 0, "the header")?;
+        let header = Header::parse(&head, path, len)?;
         let m = &store.manifest;
         ensure!(
-            header.store_crc == store.manifest_crc && header.frames == m.frames && header.utterances == m.utterances,
-            "{} was computed for another frame store than {} (or before it was rewritten)",
+            header.store_id == m.id_number() && header.frames == m.frames && header.utterances == m.utterances,
+            "{} was computed for another frame store than {} (the file's store id {:016x}, the store's {}; or the \
+             store was rewritten since)",
             path.display(),
-            store.dir.display()
+            store.dir.display(),
+            header.store_id,
+            m.id
+        );
+        ensure!(
+            header.context == context,
+            "{} was computed by a teacher of context [{}, {}], but the run's windows are [{}, {}] (data.context)",
+            path.display(),
+            header.context.0,
+            header.context.1,
+            context.0,
+            context.1
         );
         let mut starts = Vec::with_capacity(store.index.len() + 1);
         let mut at = 0u64;
@@ -255,14 +340,34 @@ impl TopKFile {
             at += u64::from(l);
             starts.push(at);
         }
-        Ok(TopKFile { path: path.to_path_buf(), map, header, starts })
+        let mut bytes = vec![0u8; 4 * header.utterances as usize];
+        read_exact_at(&file, path, &mut bytes, header.sections[2], "the checksums")?;
+        ensure!(
+            crc32fast::hash(&bytes) == header.checks_crc,
+            "{}: the checksums section does not match its checksum in the header: the file is damaged",
+            path.display()
+        );
+        let checksums = bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        Ok(TopKFile { path: path.to_path_buf(), file, header, starts, checksums })
     }
 
-    /// Drops the file's pages from this process's resident set (they stay in the page cache).
-    pub fn release_all(&self) {
-        // SAFETY: as for `store::Shard::release`: a read-only private file mapping that is never
-        // written; discarded pages fault back in with the same bytes.
-        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    /// Fails unless a distill stage `stage` that streams these targets asks for them: its
+    /// `teacher_top_k` is this file's k and its temperature the file's.
+    pub fn check_stage(&self, stage: &str, top_k: Option<i64>, temperature: Option<f64>) -> Result<()> {
+        let (k, t) = (self.k(), self.temperature());
+        ensure!(
+            top_k == Some(k as i64),
+            "stage `{stage}`: teacher_top_k = {}, but the targets it streams ({}) keep the top {k}: set teacher_top_k = {k}",
+            top_k.map_or("(unset)".to_string(), |k| k.to_string()),
+            self.path.display()
+        );
+        ensure!(
+            temperature == Some(t),
+            "stage `{stage}`: temperature T = {}, but the targets it streams ({}) were made at T = {t}",
+            temperature.map_or("(none)".to_string(), |t| t.to_string()),
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// Targets per frame.
@@ -292,28 +397,36 @@ impl TopKFile {
     ) -> Result<()> {
         let k = self.k();
         let ib = self.header.id_bytes as usize;
-        let (a, b) = (self.starts[utt] as usize, self.starts[utt + 1] as usize);
-        let [p_at, i_at, c_at] = self.header.sections.map(|s| s as usize);
-        let pbytes = &self.map[p_at + a * k * 2..p_at + b * k * 2];
-        let ibytes = &self.map[i_at + a * k * ib..i_at + b * k * ib];
-        let want = u32::from_le_bytes(self.map[c_at + 4 * utt..c_at + 4 * utt + 4].try_into().expect("4 bytes"));
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(pbytes);
-        crc.update(ibytes);
-        if crc.finalize() != want {
-            bail!(
-                "{}: the targets of utterance {utt} do not match their checksum: the file is damaged",
-                self.path.display()
-            );
-        }
-        let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
-        probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
-        match ib {
-            1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
-            2 => ids.extend(ibytes.chunks_exact(2).map(|c| i64::from(u16::from_le_bytes([c[0], c[1]])))),
-            _ => ids.extend(ibytes.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes(c.try_into().expect("4"))))),
-        }
-        Ok(())
+        let (a, b) = (self.starts[utt], self.starts[utt + 1]);
+        let [p_at, i_at, _] = self.header.sections;
+        let (pn, inn) = ((b - a) as usize * k * 2, (b - a) as usize * k * ib);
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.resize(pn + inn, 0);
+            let (pbytes, ibytes) = buf.split_at_mut(pn);
+            let what = |part: &str| format!("the {part} of utterance {utt}");
+            read_exact_at(&self.file, &self.path, pbytes, p_at + a * k as u64 * 2, &what("probabilities"))?;
+            read_exact_at(&self.file, &self.path, ibytes, i_at + a * (k * ib) as u64, &what("class ids"))?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(pbytes);
+            crc.update(ibytes);
+            if crc.finalize() != self.checksums[utt] {
+                bail!(
+                    "{}: the targets of utterance {utt} do not match their checksum: the file is damaged (or was \
+                     rewritten while being read)",
+                    self.path.display()
+                );
+            }
+            let (pbytes, ibytes) = (&pbytes[from * k * 2..to * k * 2], &ibytes[from * k * ib..to * k * ib]);
+            probs.extend(pbytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()));
+            match ib {
+                1 => ids.extend(ibytes.iter().map(|&c| i64::from(c))),
+                2 => ids.extend(ibytes.chunks_exact(2).map(|c| i64::from(u16::from_le_bytes([c[0], c[1]])))),
+                _ => {
+                    ids.extend(ibytes.chunks_exact(4).map(|c| i64::from(u32::from_le_bytes(c.try_into().expect("4")))))
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -333,7 +446,7 @@ pub fn write_top_k(
     device: Device,
 ) -> Result<u64> {
     let temperature = objective.temperature().context("top-k targets need a soft-target objective")?;
-    let mut w = TargetsWriter::create(path, store, k, temperature)?;
+    let mut w = TargetsWriter::create(path, store, k, temperature, (left as u32, right as u32))?;
     let d = store.manifest.feature_dim;
     let mean: Vec<f32> = store.manifest.mean.iter().map(|&v| v as f32).collect();
     let inv: Vec<f32> = store.manifest.std.iter().map(|&v| (1.0 / v) as f32).collect();
@@ -362,7 +475,7 @@ pub fn write_top_k(
         Ok(())
     };
     for u in 0..n {
-        store.read(u, &mut f, &mut l, true)?;
+        store.read(u, &mut f, &mut l)?;
         let len = l.len() as i64;
         for v in f.chunks_exact_mut(d) {
             v.iter_mut().zip(&mean).zip(&inv).for_each(|((v, m), s)| *v = (*v - m) * s);
@@ -385,6 +498,7 @@ pub fn write_top_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::store::tests::SET;
     use crate::data::store::{FeatureKind, StoreWriter};
     use crate::testutil::TempDir;
 
@@ -392,7 +506,7 @@ mod tests {
     fn top_k_targets_round_trip_and_refuse_damage_and_other_stores() {
         let _generator = kd_core::lock_global_generator();
         let dir = TempDir::new("topk");
-        let mut sw = StoreWriter::create(&dir.0.join("s"), FeatureKind::F16, 2, 50).unwrap();
+        let mut sw = StoreWriter::create(&dir.0.join("s"), SET, FeatureKind::F16, 2, 50).unwrap();
         for u in 0..5usize {
             let n = 3 + u * 4;
             let f: Vec<f32> = (0..2 * n).map(|i| (i as f32 * 0.37 + u as f32).sin()).collect();
@@ -418,12 +532,12 @@ mod tests {
         let bytes = write_top_k(&store, &path, &teacher, &objective, 4, (1, 1), 7, Device::Cpu).unwrap();
         let frames = store.manifest.frames;
         assert_eq!(bytes, HEADER_BYTES + frames * 4 * (2 + 1) + 4 * 5, "f16 probabilities, u8 ids");
-        let file = TopKFile::open(&path, &store).unwrap();
+        let file = TopKFile::open(&path, &store, (1, 1)).unwrap();
         assert_eq!((file.k(), file.temperature()), (4, 2.0));
         // Against the same teacher run on the whole corpus at once.
         let (mut f, mut l) = (Vec::new(), Vec::new());
         for u in 0..5 {
-            store.read(u, &mut f, &mut l, false).unwrap();
+            store.read(u, &mut f, &mut l).unwrap();
             let n = l.len() as i64;
             let x = Tensor::from_slice(&f).view([n, 2]);
             let m = Tensor::from_slice(&store.manifest.mean.iter().map(|&v| v as f32).collect::<Vec<_>>());
@@ -448,16 +562,33 @@ mod tests {
         let mut bad = good.clone();
         bad[HEADER_BYTES as usize + 1] ^= 8;
         std::fs::write(&path, &bad).unwrap();
-        let e = TopKFile::open(&path, &store).unwrap().read(0, &mut vec![], &mut vec![]).err().unwrap();
+        let e = TopKFile::open(&path, &store, (1, 1)).unwrap().read(0, &mut vec![], &mut vec![]).err().unwrap();
         assert!(format!("{e}").contains("utterance 0 do not match their checksum"), "{e}");
         std::fs::write(&path, &good[..good.len() - 1]).unwrap();
-        assert!(format!("{:#}", TopKFile::open(&path, &store).err().unwrap()).contains("truncated"));
+        assert!(format!("{:#}", TopKFile::open(&path, &store, (1, 1)).err().unwrap()).contains("truncated"));
         std::fs::write(&path, &good).unwrap();
-        let mut other = StoreWriter::create(&dir.0.join("o"), FeatureKind::F16, 2, 50).unwrap();
+        let mut other = StoreWriter::create(&dir.0.join("o"), SET, FeatureKind::F16, 2, 50).unwrap();
         other.push(0, &[0.0; 4], &[1, 2]).unwrap();
         other.finish("o").unwrap();
         let other = FrameStore::open(&dir.0.join("o")).unwrap();
-        let e = format!("{:#}", TopKFile::open(&path, &other).err().unwrap());
+        let e = format!("{:#}", TopKFile::open(&path, &other, (1, 1)).err().unwrap());
         assert!(e.contains("was computed for another frame store"), "{e}");
+        assert!(e.contains(&store.manifest.id) && e.contains(&other.manifest.id), "both ids: {e}");
+        // Another context than the teacher's, a stage's k or temperature other than the file's.
+        let e = format!("{:#}", TopKFile::open(&path, &store, (20, 5)).err().unwrap());
+        assert!(e.contains("teacher of context [1, 1]") && e.contains("[20, 5]"), "{e}");
+        let file = TopKFile::open(&path, &store, (1, 1)).unwrap();
+        file.check_stage("s", Some(4), Some(2.0)).unwrap();
+        let e = format!("{:#}", file.check_stage("s", Some(10), Some(2.0)).unwrap_err());
+        assert!(e.contains("teacher_top_k = 10") && e.contains("keep the top 4"), "{e}");
+        let e = format!("{:#}", file.check_stage("s", None, Some(2.0)).unwrap_err());
+        assert!(e.contains("teacher_top_k = (unset)"), "{e}");
+        let e = format!("{:#}", file.check_stage("s", Some(4), Some(3.0)).unwrap_err());
+        assert!(e.contains("made at T = 2"), "{e}");
+        // Temperatures `run` refuses are refused here too.
+        for t in [0.0, -1.0, f64::NAN, 1e7] {
+            let e = format!("{:#}", TargetsWriter::create(&dir.0.join("t.kdt"), &store, 4, t, (1, 1)).err().unwrap());
+            assert!(e.contains("expected a temperature in [0.01, 1000000]"), "{t}: {e}");
+        }
     }
 }

@@ -34,6 +34,9 @@ impl Run<'_> {
         started: Instant,
     ) -> Result<()> {
         let objective = train::objective::resolve(distill)?;
+        if let Some(file) = self.data.stream.as_ref().and_then(|s| s.targets.as_ref()) {
+            file.check_stage(name, distill.top_k, objective.temperature())?;
+        }
         let teacher = self.load_teacher(&distill.teacher, objective)?;
         let transfer = self.transfer_set(name, distill)?;
         // Without jitter the transfer set is fixed: the teacher's outputs are computed
