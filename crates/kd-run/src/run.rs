@@ -38,8 +38,8 @@ mod resume;
 mod specialists;
 mod tables;
 
-pub use dir::Options;
 use dir::{stage_facts, RunDir};
+pub use dir::{Options, CONFIG_HASH};
 use fit::{Init, Sampling, StageFit, Targets};
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
