@@ -863,6 +863,7 @@ fn source(v: &ModelSource) -> String {
         ModelSource::Stage(s) => format!("stage `{s}`"),
         ModelSource::Ensemble { stage, .. } => format!("ensemble `{stage}`"),
         ModelSource::Checkpoint(c) => format!("checkpoint `{}`", c.display()),
+        ModelSource::PinnedCheckpoint { path, .. } => format!("checkpoint `{}` (SHA-256 pinned)", path.display()),
     }
 }
 

@@ -208,6 +208,36 @@ fn with_checkpoint_stages() -> String {
     )
 }
 
+/// [`IMAGES`] plus a stage evaluating `checkpoint`, with `extra` lines (a `sha256`, say).
+fn evaluating(checkpoint: &str, extra: &str) -> String {
+    format!("{IMAGES}\n[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\ncheckpoint = \"{checkpoint}\"\n{extra}\n")
+}
+
+/// Lower-case hex SHA-256 of a case file.
+fn sha256_of(c: &Ctx, name: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(c.read(name)).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `in/ck.provenance.toml`, the provenance record of `in/ck.safetensors` as it is now.
+fn write_record(c: &Ctx) {
+    let record = format!(
+        "sha256 = \"{}\"\ncommand = \"kd-run run exp.toml --only net\"\ncommit = \"0123abc\"\nstage = \"net\"\n\
+         test_errors = 3\ntest_examples = 40\n",
+        sha256_of(c, "in/ck.safetensors")
+    );
+    c.write("in/ck.provenance.toml", record.as_bytes());
+}
+
+/// Replaces `name` with another network of the checkpoint's shape (other weights: another
+/// draw of the initialization).
+fn replace_checkpoint(c: &Ctx, name: &str) {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = kd_models::Mlp::new(&vs.root(), kd_models::MlpConfig::plain([16, 8, 10])).expect("mlp");
+    let _ = std::fs::remove_file(c.path(name));
+    tch::Tensor::write_safetensors(&net.to_tensors(&vs), c.path(name)).expect("checkpoint");
+}
+
 /// Frames from files: `features` and `labels` (and `extra`, e.g. a `lengths` entry) for every split.
 fn files_experiment(features: &str, labels: &str, extra: &str) -> String {
     let set = format!("{{ features = \"{features}\", labels = \"{labels}\"{extra} }}");
@@ -467,6 +497,60 @@ fn cases() -> Vec<Case> {
             }
             tch::Tensor::write_safetensors(&named, c.path("in/ck.safetensors")).unwrap();
             c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        // Checkpoints with provenance records that cannot be read, renamed checkpoints, and
+        // SHA-256 values pinned in the experiment.
+        case("provenance: the record is a directory", Reject("is a directory"), |c| {
+            std::fs::create_dir(c.path("in/ck.provenance.toml")).unwrap();
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: the record is a dangling link", Reject("symbolic link to nothing"), |c| {
+            std::os::unix::fs::symlink(c.path("in/gone.toml"), c.path("in/ck.provenance.toml")).unwrap();
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: the record does not match", Reject("does not match"), |c| {
+            write_record(c);
+            replace_checkpoint(c, "in/ck.safetensors");
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: a renamed checkpoint, replaced", Reject("ck.provenance.toml"), |c| {
+            write_record(c);
+            std::fs::remove_file(c.path("in/ck.safetensors")).unwrap();
+            replace_checkpoint(c, "in/renamed.safetensors");
+            c.experiment(&evaluating("in/renamed.safetensors", ""));
+            run_args()
+        }),
+        case("provenance: a renamed checkpoint, intact", Succeed, |c| {
+            write_record(c);
+            std::fs::rename(c.path("in/ck.safetensors"), c.path("in/renamed.safetensors")).unwrap();
+            c.experiment(&evaluating("in/renamed.safetensors", ""));
+            run_args()
+        }),
+        case("sha256: a pinned hash that does not match", Reject("is not the file the experiment pins"), |c| {
+            let pin = sha256_of(c, "in/ck.safetensors");
+            replace_checkpoint(c, "in/ck.safetensors");
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{pin}\"")));
+            run_args()
+        }),
+        case("sha256: a pinned hash that matches", Succeed, |c| {
+            let pin = sha256_of(c, "in/ck.safetensors").to_ascii_uppercase();
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{pin}\"")));
+            run_args()
+        }),
+        case("sha256: 63 hexadecimal digits", Reject("64 hexadecimal digits"), |c| {
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{}\"", "a".repeat(63))));
+            run_args()
+        }),
+        case("sha256: on a stage that reads an earlier stage", Reject("pins the file of `checkpoint`"), |c| {
+            let text = format!(
+                "{IMAGES}\n[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\nfrom = \"net\"\nsha256 = \"{}\"\n",
+                "0".repeat(64)
+            );
+            c.experiment(&text);
             run_args()
         }),
         // Reports: runs that are not seeds of one configuration, a configuration edited after
