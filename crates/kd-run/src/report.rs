@@ -13,6 +13,7 @@ use crate::config::{
     ScheduleKind, SpecialistsJob, Stage, SweepPoint, TrainJob, Training,
 };
 use crate::run::output::{self, ClassErrorsRow, CoverageRow, MetricsRow, SpecialistRow, SubsetRow, SummaryRow};
+use crate::run::CONFIG_HASH;
 use anyhow::{bail, Context, Result};
 use plot::{Chart, Series};
 use std::collections::BTreeMap;
@@ -37,6 +38,11 @@ pub struct ReportArgs {
 
 /// What a run directory holds.
 struct RunFiles {
+    /// The run directory as given, and canonical.
+    given: PathBuf,
+    dir: PathBuf,
+    /// `config.toml` as a TOML table, to compare runs' configurations.
+    config: toml::Table,
     name: String,
     description: String,
     command: String,
@@ -63,6 +69,10 @@ impl RunFiles {
             .with_context(|| format!("{} is not a run directory (no config.toml)", dir.display()))?;
         let config: Experiment =
             toml::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
+        let table: toml::Table = text.parse().with_context(|| format!("malformed {}", config_path.display()))?;
+        let canonical = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve the run directory {}", dir.display()))?;
+        let config_checked = check_config_hash(dir, &text)?;
         let mut stages = config.stages;
         // Runs recorded before stages carried their sweep point: read it from the names.
         if !stages.iter().any(|s| s.sweep.is_some()) {
@@ -77,6 +87,12 @@ impl RunFiles {
         output::read_variants_from_names(summary.iter_mut().map(|r| (&mut r.stage, &mut r.variant)), &names);
         output::read_variants_from_names(class_errors.iter_mut().map(|r| (&mut r.stage, &mut r.variant)), &names);
         let mut missing = Vec::new();
+        if !config_checked {
+            missing.push(format!(
+                "`{CONFIG_HASH}` is missing (a run made before kd-run recorded it): `config.toml` is not checked \
+                 against the configuration the run used"
+            ));
+        }
         // Rows of a stage that `done.csv` does not name are those of a stage a killed run was
         // committing; they are not results yet.
         let done_path = dir.join("done.csv");
@@ -123,6 +139,9 @@ impl RunFiles {
             eprintln!("warning: {}: {note}", dir.display());
         }
         Ok(RunFiles {
+            given: dir.to_path_buf(),
+            dir: canonical,
+            config: table,
             name: config.name,
             description: config.description,
             command: reproducing_command(std::fs::read_to_string(dir.join("command.txt")).unwrap_or_default().trim()),
@@ -779,8 +798,7 @@ fn specialists_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn 
             log_x: false,
             log_y: false,
         };
-        plot::line_chart(&path, &chart, &series)?;
-        writeln!(md, "![relative change by covering specialists]({})\n", rel(&path))?;
+        draw(md, &path, &chart, &series, "relative change by covering specialists", rel)?;
     }
     Ok(())
 }
@@ -845,6 +863,7 @@ fn source(v: &ModelSource) -> String {
         ModelSource::Stage(s) => format!("stage `{s}`"),
         ModelSource::Ensemble { stage, .. } => format!("ensemble `{stage}`"),
         ModelSource::Checkpoint(c) => format!("checkpoint `{}`", c.display()),
+        ModelSource::PinnedCheckpoint { path, .. } => format!("checkpoint `{}` (SHA-256 pinned)", path.display()),
     }
 }
 
@@ -922,6 +941,144 @@ fn group_key(name: &str) -> String {
     }
 }
 
+/// Checks `config.toml` (its text) against the SHA-256 the run recorded in `config.sha256`:
+/// `Ok(false)` for a run made before it was recorded, an error naming both files when the
+/// configuration was edited after the run, or the record is unreadable.
+fn check_config_hash(dir: &Path, text: &str) -> Result<bool> {
+    let record = dir.join(CONFIG_HASH);
+    let recorded = match std::fs::read_to_string(&record) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&record).is_err() => {
+            return Ok(false)
+        }
+        Err(e) => bail!("cannot read {}: {e}", record.display()),
+        Ok(t) => t,
+    };
+    let recorded = recorded.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
+    if recorded.len() != 64 || !recorded.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{} is not a SHA-256 record (64 hexadecimal digits, then `config.toml`)", record.display());
+    }
+    let actual = crate::run::provenance::sha256_hex(text.as_bytes());
+    if actual != recorded {
+        bail!(
+            "{} is not the configuration the run used: its SHA-256 is {actual}, the run recorded {recorded} in {} \
+             (edited after the run?); restore it, or run the experiment again",
+            dir.join("config.toml").display(),
+            record.display()
+        );
+    }
+    Ok(true)
+}
+
+/// A run's configuration without what tells seeds apart: the run's name and every `seed` key
+/// (the experiment's, stages' and sweep points'). Runs of one group agree on the rest.
+fn without_seeds(config: &toml::Table) -> toml::Value {
+    fn strip(v: &mut toml::Value) {
+        match v {
+            toml::Value::Table(t) => {
+                t.remove("seed");
+                t.iter_mut().for_each(|(_, v)| strip(v));
+            }
+            toml::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = toml::Value::Table(config.clone());
+    if let toml::Value::Table(t) = &mut v {
+        t.remove("name");
+    }
+    strip(&mut v);
+    v
+}
+
+/// The first key at which two configurations differ, with both values (`a`'s first), as
+/// `stages.<name>.training.epochs`: stages and other named tables in arrays go by name.
+fn first_difference(a: &toml::Value, b: &toml::Value, at: &str) -> Option<(String, String, String)> {
+    use toml::Value::{Array, Table};
+    let join = |key: &str| if at.is_empty() { key.to_string() } else { format!("{at}.{key}") };
+    let shown =
+        |v: Option<&toml::Value>| v.map_or("nothing".to_string(), |v| crate::data::inputs::clip(&v.to_string(), 80));
+    match (a, b) {
+        (Table(x), Table(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(v), Some(w)) => first_difference(v, w, &join(k)),
+                (v, w) => Some((join(k), shown(v), shown(w))),
+            })
+        }
+        (Array(x), Array(y)) if x.len() == y.len() => x.iter().zip(y).enumerate().find_map(|(i, (v, w))| {
+            let name = |t: &toml::Value| t.get("name").and_then(|n| n.as_str()).map(str::to_string);
+            let key = match (name(v), name(w)) {
+                (Some(m), Some(n)) if m == n => m,
+                _ => i.to_string(),
+            };
+            first_difference(v, w, &join(&key))
+        }),
+        _ if a == b => None,
+        _ => Some((at.to_string(), shown(Some(a)), shown(Some(b)))),
+    }
+}
+
+/// The runs in groups of seeds: runs named `<base>_s<seed>` whose configurations differ in the
+/// seed alone (see [`without_seeds`]). A run of the same base whose configuration differs in
+/// more gets a group of its own, with a note naming the first key that differs. Two runs of
+/// the same directory, or of the same configuration and seed, are refused: they are not two
+/// seeds.
+fn group_runs(runs: &[RunFiles]) -> Result<Vec<Group<'_>>> {
+    for (i, run) in runs.iter().enumerate() {
+        if let Some(other) = runs[..i].iter().find(|o| o.dir == run.dir) {
+            bail!(
+                "{} and {} are the same run directory ({}): a run given twice would be averaged as two seeds",
+                other.given.display(),
+                run.given.display(),
+                run.dir.display()
+            );
+        }
+        if let Some(other) = runs[..i].iter().find(|o| o.config == run.config) {
+            bail!(
+                "{} and {} hold runs of the same configuration and seed (a copy?): they are not two seeds; give one",
+                other.given.display(),
+                run.given.display()
+            );
+        }
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for run in runs {
+        let key = group_key(&run.name);
+        let config = without_seeds(&run.config);
+        match groups.iter_mut().find(|g| g.key == key && without_seeds(&g.runs[0].config) == config) {
+            Some(g) => g.runs.push(run),
+            None => {
+                let mut group = Group { title: key.clone(), key, runs: vec![run], note: None };
+                if let Some(first) = groups.iter().find(|g| g.key == group.key) {
+                    let (at, theirs, ours) =
+                        first_difference(&without_seeds(&first.runs[0].config), &config, "").unwrap_or_default();
+                    let note = format!(
+                        "`{}` is not averaged with `{}` as a seed of `{}`: their configurations differ in `{at}` \
+                         ({ours}, not {theirs}), not in the seed alone",
+                        run.name, first.runs[0].name, group.key
+                    );
+                    eprintln!("warning: {note}");
+                    group.title = format!("{} ({})", group.key, run.name);
+                    group.note = Some(note);
+                }
+                groups.push(group);
+            }
+        }
+    }
+    Ok(groups)
+}
+
+/// Runs reported together: seeds of one configuration.
+struct Group<'a> {
+    /// The name of the runs less their `_s<seed>` suffix.
+    key: String,
+    /// The section's heading.
+    title: String,
+    runs: Vec<&'a RunFiles>,
+    /// Why the group is not part of an earlier group of the same name.
+    note: Option<String>,
+}
+
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
@@ -929,10 +1086,104 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Writes the report.
+/// The folder of a report's plots: `<out>` less its extension, or `<out>.plots` for a file
+/// name without one (which would be the report itself).
+fn plots_folder(out: &Path) -> PathBuf {
+    let stem = out.with_extension("");
+    if stem == out || stem.file_name().is_none() {
+        let mut name = out.as_os_str().to_owned();
+        name.push(".plots");
+        PathBuf::from(name)
+    } else {
+        stem
+    }
+}
+
+/// `path` made absolute with its links resolved, as far as it exists (the rest appended).
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(found) = std::fs::canonicalize(existing) {
+            return Ok(rest.iter().rev().fold(found, |p: PathBuf, part| p.join(part)));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return Ok(absolute),
+        }
+    }
+}
+
+/// Refuses a report whose file or plot folder would be in a run directory (a report never
+/// writes into one: `--out runs/x/summary.csv` would replace the run's table) or would hold one,
+/// and a plot folder holding anything but the charts a report draws.
+fn check_destination(out: &Path, plots: &Path, runs: &[RunFiles]) -> Result<()> {
+    if out.is_dir() {
+        bail!("--out {} is a directory; name the Markdown file to write", out.display());
+    }
+    let (out_at, plots_at) = (resolved(out)?, resolved(plots)?);
+    for run in runs {
+        for (what, at, given) in [("--out", &out_at, out), ("the plot folder", &plots_at, plots)] {
+            if at.starts_with(&run.dir) {
+                bail!(
+                    "{what} {} is inside the run directory {}: a report never writes into a run directory; \
+                     choose another --out",
+                    given.display(),
+                    run.dir.display()
+                );
+            }
+        }
+        if run.dir.starts_with(&plots_at) {
+            bail!(
+                "the plot folder {} of --out {} holds the run directory {}; choose another --out",
+                plots.display(),
+                out.display(),
+                run.dir.display()
+            );
+        }
+    }
+    let Ok(meta) = std::fs::symlink_metadata(plots) else { return Ok(()) };
+    if !meta.is_dir() {
+        bail!("the plot folder {} of --out {} is not a folder; choose another --out", plots.display(), out.display());
+    }
+    for entry in std::fs::read_dir(plots).with_context(|| format!("cannot read {}", plots.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_file() || !(name.ends_with(".svg") || output::is_tmp(&name)) {
+            bail!(
+                "the plot folder {} of --out {} holds {name}, which is no chart of a report; choose another --out",
+                plots.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the charts of the plot folder the report no longer links to (an earlier report's),
+/// and temporary files a killed report left.
+fn remove_stale_plots(plots: &Path, md: &str, rel: &dyn Fn(&Path) -> String) -> Result<()> {
+    for entry in std::fs::read_dir(plots).with_context(|| format!("cannot read {}", plots.display()))? {
+        let path = entry?.path();
+        if !md.contains(&format!("]({})", rel(&path))) {
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the report: the Markdown file `--out` (atomically) and its charts in the plot folder
+/// beside it ([`plots_folder`]), whose earlier charts it replaces, so that it can be run again
+/// into the same `--out`. Never writes into a run directory.
 pub fn report(args: &ReportArgs) -> Result<()> {
     let runs: Vec<RunFiles> = args.runs.iter().map(|d| RunFiles::read(d)).collect::<Result<_>>()?;
-    let plots_dir = args.out.with_extension("");
+    let groups = group_runs(&runs)?;
+    let plots_dir = plots_folder(&args.out);
+    check_destination(&args.out, &plots_dir, &runs)?;
     std::fs::create_dir_all(&plots_dir).with_context(|| format!("cannot create {}", plots_dir.display()))?;
     let rel = |p: &Path| -> String {
         let base = args.out.parent().unwrap_or(Path::new(""));
@@ -948,17 +1199,12 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         command
     )?;
 
-    let mut groups: Vec<(String, Vec<&RunFiles>)> = Vec::new();
-    for run in &runs {
-        let key = group_key(&run.name);
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(run),
-            None => groups.push((key, vec![run])),
-        }
-    }
-    for (key, group) in &groups {
+    for Group { title, runs: group, note, .. } in &groups {
         let first = group[0];
-        writeln!(md, "## {key}\n")?;
+        writeln!(md, "## {title}\n")?;
+        if let Some(note) = note {
+            writeln!(md, "> {note}.\n")?;
+        }
         if !first.description.is_empty() {
             writeln!(md, "{}\n", first.description)?;
         }
@@ -991,6 +1237,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         curves_plot(&mut md, first, &plots_dir, &rel)?;
     }
     output::write_atomic(&args.out, md.as_bytes())?;
+    remove_stale_plots(&plots_dir, &md, &rel)?;
     eprintln!("wrote {} and its plots in {}", args.out.display(), plots_dir.display());
     Ok(())
 }
@@ -1132,8 +1379,8 @@ fn sweep_section(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Pa
             log_x: true,
             log_y: true,
         };
-        plot::line_chart(&path, &chart, &series)?;
-        writeln!(md, "\n![{base}: test errors vs temperature]({})\n", rel(&path))?;
+        writeln!(md)?;
+        draw(md, &path, &chart, &series, &format!("{base}: test errors vs temperature"), rel)?;
     }
     Ok(())
 }
@@ -1178,8 +1425,35 @@ fn curves_plot(md: &mut String, run: &RunFiles, plots: &Path, rel: &dyn Fn(&Path
         log_x: false,
         log_y: false,
     };
-    plot::line_chart(&path, &chart, &series)?;
-    writeln!(md, "![{}: training curves]({})\n", run.name, rel(&path))?;
+    draw(md, &path, &chart, &series, &format!("{}: training curves", run.name), rel)
+}
+
+/// Draws `series` into `path` and links the chart from the report. Points a chart cannot show
+/// (values read off disk may be anything: not finite, beyond ±1e300, not positive on a log
+/// axis) are left out with a note saying how many; with none left, the note replaces the chart.
+fn draw(
+    md: &mut String,
+    path: &Path,
+    chart: &Chart,
+    series: &[Series],
+    alt: &str,
+    rel: &dyn Fn(&Path) -> String,
+) -> Result<()> {
+    let (drawn, skipped) = plot::drawable_series(chart, series);
+    let why = format!(
+        "not finite, beyond ±{:e}{}",
+        plot::MAX_MAGNITUDE,
+        if chart.log_x || chart.log_y { ", or not positive on a log axis" } else { "" }
+    );
+    if drawn.is_empty() {
+        writeln!(md, "> No chart of {alt}: none of its {skipped} values can be drawn ({why}).\n")?;
+        return Ok(());
+    }
+    plot::line_chart(path, chart, &drawn)?;
+    writeln!(md, "![{alt}]({})\n", rel(path))?;
+    if skipped > 0 {
+        writeln!(md, "> {skipped} of the chart's values are not drawn ({why}).\n")?;
+    }
     Ok(())
 }
 
@@ -1277,6 +1551,9 @@ mod tests {
     /// A run named `r` with these summary rows and nothing else.
     fn run(summary: Vec<SummaryRow>) -> RunFiles {
         RunFiles {
+            given: PathBuf::from("runs/r"),
+            dir: PathBuf::from("/runs/r"),
+            config: toml::Table::new(),
             name: "r".into(),
             description: String::new(),
             command: String::new(),
@@ -1291,6 +1568,102 @@ mod tests {
             coverage: vec![],
             missing: vec![],
         }
+    }
+
+    /// A run `name` in `/runs/<dir>` of `experiment("")` with its seed and the first stage's
+    /// epochs set.
+    fn configured(dir: &str, name: &str, seed: u64, epochs: i64) -> RunFiles {
+        let mut exp = experiment("");
+        (exp.name, exp.seed) = (name.into(), seed);
+        for stage in &mut exp.stages {
+            if let Job::Train(TrainJob { training, .. }) = &mut stage.job {
+                (training.seed, training.epochs) = (seed * 7, epochs);
+            }
+        }
+        let mut r = run(vec![summary_row("teacher", 10)]);
+        (r.name, r.dir, r.config) =
+            (name.into(), PathBuf::from("/runs").join(dir), exp.to_toml().unwrap().parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn seeds_are_averaged_only_when_their_configurations_differ_in_the_seed_alone() {
+        let runs = [
+            configured("x_s1", "x_s1", 1, 1),
+            configured("x_s2", "x_s2", 2, 1),
+            configured("x_s3", "x_s3", 3, 7),
+            configured("x_s4", "x_s4", 4, 7),
+            configured("y", "y", 1, 1),
+        ];
+        let groups = group_runs(&runs).unwrap();
+        let names = |g: &Group| g.runs.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            groups.iter().map(names).collect::<Vec<_>>(),
+            [vec!["x_s1", "x_s2"], vec!["x_s3", "x_s4"], vec!["y"]]
+        );
+        assert_eq!(groups[1].title, "x (x_s3)");
+        let note = groups[1].note.as_deref().unwrap();
+        assert!(note.contains("`stages.teacher.training.epochs` (7, not 1)"), "{note}");
+        assert!(groups[0].note.is_none() && groups[2].note.is_none());
+    }
+
+    #[test]
+    fn a_run_given_twice_or_copied_is_not_two_seeds() {
+        let twice = [configured("x_s1", "x_s1", 1, 1), configured("x_s1", "x_s1", 1, 1)];
+        let err = format!("{:#}", group_runs(&twice).err().unwrap());
+        assert!(err.contains("same run directory") && err.contains("/runs/x_s1"), "{err}");
+        let copied = [configured("x_s1", "x_s1", 1, 1), configured("copy", "x_s1", 1, 1)];
+        let err = format!("{:#}", group_runs(&copied).err().unwrap());
+        assert!(err.contains("same configuration and seed"), "{err}");
+    }
+
+    #[test]
+    fn a_config_toml_edited_after_the_run_is_refused() {
+        let temp = crate::testutil::TempDir::new("report-config-hash");
+        let dir = &temp.0;
+        let text = "name = \"r\"\n";
+        // A run made before the hash was recorded: not checked, and said so.
+        assert!(!check_config_hash(dir, text).unwrap());
+        let hash = crate::run::provenance::sha256_hex(text.as_bytes());
+        temp.write(CONFIG_HASH, format!("{hash}  config.toml\n").as_bytes());
+        assert!(check_config_hash(dir, text).unwrap());
+        let err = format!("{:#}", check_config_hash(dir, "name = \"edited\"\n").unwrap_err());
+        assert!(err.contains("config.toml is not the configuration the run used") && err.contains(&hash), "{err}");
+        temp.write(CONFIG_HASH, b"not a hash\n");
+        assert!(format!("{:#}", check_config_hash(dir, text).unwrap_err()).contains("not a SHA-256 record"));
+        std::fs::remove_file(dir.join(CONFIG_HASH)).unwrap();
+        std::fs::create_dir(dir.join(CONFIG_HASH)).unwrap();
+        assert!(format!("{:#}", check_config_hash(dir, text).unwrap_err()).contains("cannot read"));
+    }
+
+    #[test]
+    fn a_report_never_writes_into_a_run_directory_and_keeps_its_plot_folder_its_own() {
+        let temp = crate::testutil::TempDir::new("report-destination");
+        let root = std::fs::canonicalize(&temp.0).unwrap();
+        std::fs::create_dir_all(root.join("runs/r")).unwrap();
+        let mut r = run(vec![]);
+        r.dir = root.join("runs/r");
+        let runs = [r];
+        let check = |out: &str| check_destination(&root.join(out), &plots_folder(&root.join(out)), &runs);
+        for (out, want) in [
+            ("runs/r/summary.csv", "inside the run directory"),
+            ("runs/r", "is a directory"),
+            ("runs/r/new/report.md", "inside the run directory"),
+            ("runs.md", "holds the run directory"),
+        ] {
+            let err = format!("{:#}", check(out).unwrap_err());
+            assert!(err.contains(want), "{out}: {err}");
+        }
+        // A Markdown file without an extension gets `<name>.plots`, not a folder of its own name.
+        assert_eq!(plots_folder(Path::new("a/report")), Path::new("a/report.plots"));
+        assert_eq!(plots_folder(Path::new("a/report.md")), Path::new("a/report"));
+        check("out/report").unwrap();
+        // A plot folder of charts is the report's own; one with anything else is not.
+        std::fs::create_dir_all(root.join("out/report")).unwrap();
+        std::fs::write(root.join("out/report/a.svg"), "<svg/>").unwrap();
+        check("out/report.md").unwrap();
+        std::fs::write(root.join("out/report/notes.txt"), "mine").unwrap();
+        assert!(format!("{:#}", check("out/report.md").unwrap_err()).contains("notes.txt"));
     }
 
     #[test]
@@ -1536,23 +1909,8 @@ mod tests {
             transfer_agreement: None,
         };
         let run = RunFiles {
-            name: "r".into(),
-            description: String::new(),
-            command: String::new(),
-            stages: vec![],
-            precision: Precision::F32,
             logged_device: Some("cuda:0".into()),
-            summary: vec![
-                row("teacher", "", 90.0),
-                row("a", "cpu (2 threads)", 20.0),
-                row("b", "cpu (2 threads)", 10.0),
-            ],
-            class_errors: vec![],
-            metrics: vec![],
-            subsets: vec![],
-            specialists: vec![],
-            coverage: vec![],
-            missing: vec![],
+            ..run(vec![row("teacher", "", 90.0), row("a", "cpu (2 threads)", 20.0), row("b", "cpu (2 threads)", 10.0)])
         };
         assert_eq!(run.where_and_how_long(), "`r`: 2.0 min of stage time, teacher on cuda:0; a, b on cpu (2 threads).");
 

@@ -39,8 +39,8 @@ mod resume;
 mod specialists;
 mod tables;
 
-pub use dir::Options;
 use dir::{stage_facts, RunDir};
+pub use dir::{Options, CONFIG_HASH};
 use fit::{Init, Sampling, StageFit, Targets};
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
@@ -362,12 +362,19 @@ impl Run<'_> {
     /// The checkpoint file of a single model (an ensemble has one per member). An evaluate stage
     /// stands for the model it evaluates.
     fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
+        Ok(self.source_file(source)?.0)
+    }
+
+    /// [`Run::source_path`], and whether the file is one the experiment names (`Some`, with the
+    /// SHA-256 its stage pins, if any) rather than a checkpoint of this run (`None`).
+    fn source_file(&self, source: &ModelSource) -> Result<(PathBuf, Option<Option<String>>)> {
         match source {
             ModelSource::Stage(name) => match self.exp.stages.iter().find(|s| &s.name == name).map(|s| &s.job) {
-                Some(Job::Evaluate(EvaluateJob { source })) => self.source_path(source),
-                _ => Ok(self.checkpoint(name)),
+                Some(Job::Evaluate(EvaluateJob { source })) => self.source_file(source),
+                _ => Ok((self.checkpoint(name), None)),
             },
-            ModelSource::Checkpoint(path) => Ok(path.clone()),
+            ModelSource::Checkpoint(path) => Ok((path.clone(), Some(None))),
+            ModelSource::PinnedCheckpoint { path, sha256 } => Ok((path.clone(), Some(Some(sha256.clone())))),
             ModelSource::Ensemble { stage, .. } => bail!("`{stage}` is an ensemble, not one checkpoint"),
         }
     }
@@ -382,13 +389,16 @@ impl Run<'_> {
     }
 
     fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
-        let path = self.source_path(source)?;
+        let (path, named_file) = self.source_file(source)?;
         if let ModelSource::Stage(stage) = source {
             if !path.exists() && path == self.checkpoint(stage) {
                 bail!("stage `{stage}` has not run yet: run it first (or add `--only {stage}`)");
             }
         }
-        let named = output::load_tensors(&path)?;
+        let named = match named_file {
+            Some(pin) => output::load_checkpoint(&path, pin.as_deref())?,
+            None => output::load_tensors(&path)?,
+        };
         output::check_finite(&path, &named)?;
         let world = crate::dist::world();
         if world.is_distributed() {

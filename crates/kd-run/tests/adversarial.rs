@@ -20,6 +20,8 @@ enum Expect {
     Reject(&'static str),
     /// Exit 0 and a `summary.csv` in the run directory.
     Succeed,
+    /// Exit 0 and `out/report.md` (or `out/report`) containing this text (`kd-run report` cases).
+    Report(&'static str),
 }
 
 /// What a case gets to work with: its folder (the working directory), the valid inputs already
@@ -71,6 +73,43 @@ struct Case {
 
 fn case(name: &'static str, expect: Expect, setup: Setup) -> Case {
     Case { name, expect, setup }
+}
+
+/// Runs [`IMAGES`] into `runs/<name>` with `sets` (`--set` assignments), for report cases.
+fn make_run(c: &Ctx, name: &str, sets: &[&str]) -> String {
+    c.experiment(IMAGES);
+    let mut args: Vec<String> = ["run", "exp.toml", "--out", "runs", "--set"].map(String::from).to_vec();
+    args.push(format!("name={name}"));
+    for set in sets {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(&args)
+        .current_dir(&c.dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("kd-run starts");
+    assert!(status.success(), "making run {name} failed");
+    format!("runs/{name}")
+}
+
+/// `report --out <out> RUNS...`.
+fn report_args(out: &str, runs: &[&str]) -> Vec<String> {
+    ["report", "--out", out].iter().chain(runs).map(|s| s.to_string()).collect()
+}
+
+/// Rewrites column `column` of a CSV file's data rows with `values`, one per row.
+fn set_column(c: &Ctx, file: &str, column: &str, values: &[&str]) {
+    let text = String::from_utf8(c.read(file)).unwrap();
+    let mut lines: Vec<Vec<String>> = text.lines().map(|l| l.split(',').map(String::from).collect()).collect();
+    let at = lines[0].iter().position(|h| h == column).unwrap_or_else(|| panic!("{file} has no {column}"));
+    for (line, value) in lines[1..].iter_mut().zip(values) {
+        line[at] = value.to_string();
+    }
+    let joined: Vec<String> = lines.iter().map(|l| l.join(",")).collect();
+    c.write(file, format!("{}\n", joined.join("\n")).as_bytes());
 }
 
 /// `run exp.toml --out out`, the arguments most cases use.
@@ -169,6 +208,36 @@ fn with_checkpoint_stages() -> String {
     )
 }
 
+/// [`IMAGES`] plus a stage evaluating `checkpoint`, with `extra` lines (a `sha256`, say).
+fn evaluating(checkpoint: &str, extra: &str) -> String {
+    format!("{IMAGES}\n[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\ncheckpoint = \"{checkpoint}\"\n{extra}\n")
+}
+
+/// Lower-case hex SHA-256 of a case file.
+fn sha256_of(c: &Ctx, name: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(c.read(name)).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `in/ck.provenance.toml`, the provenance record of `in/ck.safetensors` as it is now.
+fn write_record(c: &Ctx) {
+    let record = format!(
+        "sha256 = \"{}\"\ncommand = \"kd-run run exp.toml --only net\"\ncommit = \"0123abc\"\nstage = \"net\"\n\
+         test_errors = 3\ntest_examples = 40\n",
+        sha256_of(c, "in/ck.safetensors")
+    );
+    c.write("in/ck.provenance.toml", record.as_bytes());
+}
+
+/// Replaces `name` with another network of the checkpoint's shape (other weights: another
+/// draw of the initialization).
+fn replace_checkpoint(c: &Ctx, name: &str) {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = kd_models::Mlp::new(&vs.root(), kd_models::MlpConfig::plain([16, 8, 10])).expect("mlp");
+    let _ = std::fs::remove_file(c.path(name));
+    tch::Tensor::write_safetensors(&net.to_tensors(&vs), c.path(name)).expect("checkpoint");
+}
+
 /// Frames from files: `features` and `labels` (and `extra`, e.g. a `lengths` entry) for every split.
 fn files_experiment(features: &str, labels: &str, extra: &str) -> String {
     let set = format!("{{ features = \"{features}\", labels = \"{labels}\"{extra} }}");
@@ -183,7 +252,7 @@ fn files_experiment(features: &str, labels: &str, extra: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // The cases.
 
-use Expect::{Reject, Succeed};
+use Expect::{Reject, Report, Succeed};
 
 fn cases() -> Vec<Case> {
     vec![
@@ -539,6 +608,106 @@ fn cases() -> Vec<Case> {
             c.experiment(&with_checkpoint_stages());
             run_args()
         }),
+        // Checkpoints with provenance records that cannot be read, renamed checkpoints, and
+        // SHA-256 values pinned in the experiment.
+        case("provenance: the record is a directory", Reject("is a directory"), |c| {
+            std::fs::create_dir(c.path("in/ck.provenance.toml")).unwrap();
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: the record is a dangling link", Reject("symbolic link to nothing"), |c| {
+            std::os::unix::fs::symlink(c.path("in/gone.toml"), c.path("in/ck.provenance.toml")).unwrap();
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: the record does not match", Reject("does not match"), |c| {
+            write_record(c);
+            replace_checkpoint(c, "in/ck.safetensors");
+            c.experiment(&with_checkpoint_stages());
+            run_args()
+        }),
+        case("provenance: a renamed checkpoint, replaced", Reject("ck.provenance.toml"), |c| {
+            write_record(c);
+            std::fs::remove_file(c.path("in/ck.safetensors")).unwrap();
+            replace_checkpoint(c, "in/renamed.safetensors");
+            c.experiment(&evaluating("in/renamed.safetensors", ""));
+            run_args()
+        }),
+        case("provenance: a renamed checkpoint, intact", Succeed, |c| {
+            write_record(c);
+            std::fs::rename(c.path("in/ck.safetensors"), c.path("in/renamed.safetensors")).unwrap();
+            c.experiment(&evaluating("in/renamed.safetensors", ""));
+            run_args()
+        }),
+        case("sha256: a pinned hash that does not match", Reject("is not the file the experiment pins"), |c| {
+            let pin = sha256_of(c, "in/ck.safetensors");
+            replace_checkpoint(c, "in/ck.safetensors");
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{pin}\"")));
+            run_args()
+        }),
+        case("sha256: a pinned hash that matches", Succeed, |c| {
+            let pin = sha256_of(c, "in/ck.safetensors").to_ascii_uppercase();
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{pin}\"")));
+            run_args()
+        }),
+        case("sha256: 63 hexadecimal digits", Reject("64 hexadecimal digits"), |c| {
+            c.experiment(&evaluating("in/ck.safetensors", &format!("sha256 = \"{}\"", "a".repeat(63))));
+            run_args()
+        }),
+        case("sha256: on a stage that reads an earlier stage", Reject("pins the file of `checkpoint`"), |c| {
+            let text = format!(
+                "{IMAGES}\n[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\nfrom = \"net\"\nsha256 = \"{}\"\n",
+                "0".repeat(64)
+            );
+            c.experiment(&text);
+            run_args()
+        }),
+        // Reports: runs that are not seeds of one configuration, a configuration edited after
+        // its run, an --out in a run directory, a rerun into the same --out, extreme values.
+        case("report: two configurations of one name are not averaged", Report("not averaged"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            let two = make_run(c, "adv_s2", &["seed=2", "defaults.epochs=2"]);
+            report_args("out/report.md", &[&one, &two])
+        }),
+        case("report: the same run given twice", Reject("same run directory"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            report_args("out/report.md", &[&one, &format!("./{one}")])
+        }),
+        case("report: a copied run given as a second seed", Reject("same configuration and seed"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            std::fs::create_dir_all(c.path("copy")).unwrap();
+            std::fs::rename(c.path(&one), c.path("copy/adv_s1")).unwrap();
+            let two = make_run(c, "adv_s1", &[]);
+            report_args("out/report.md", &[&two, "copy/adv_s1"])
+        }),
+        case("report: a config.toml edited after the run", Reject("not the configuration the run used"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            c.edit(&format!("{one}/config.toml"), |b| {
+                *b = String::from_utf8_lossy(b).replace("lr = 0.1", "lr = 0.5").into()
+            });
+            report_args("out/report.md", &[&one])
+        }),
+        case("report: --out the run's own summary.csv", Reject("inside the run directory"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            report_args(&format!("{one}/summary.csv"), &[&one])
+        }),
+        case("report: again into the same --out, named without an extension", Report("adv_s1"), |c| {
+            let one = make_run(c, "adv_s1", &[]);
+            let args = report_args("out/report", &[&one]);
+            let _ = Command::new(env!("CARGO_BIN_EXE_kd-run")).args(&args).current_dir(&c.dir).output();
+            args
+        }),
+        case("report: metrics and summaries of 1e306, -1e306, inf, NaN, negative", Report("not drawn"), |c| {
+            let one = make_run(c, "adv_s1", &["defaults.epochs=4"]);
+            let metrics = format!("{one}/metrics.csv");
+            set_column(c, &metrics, "val_accuracy", &["1e306", "-1e306", "NaN", "0.5"]);
+            set_column(c, &metrics, "train_loss", &["inf", "-inf", "-5", "1e308"]);
+            let summary = format!("{one}/summary.csv");
+            set_column(c, &summary, "test_accuracy", &["1e308"]);
+            set_column(c, &summary, "seconds", &["NaN"]);
+            set_column(c, &summary, "val_errors", &["-9223372036854775808"]);
+            report_args("out/report.md", &[&one])
+        }),
         // Experiment files: TOML bombs and absurd settings.
         case("toml: 100,000 nested arrays", Reject("TOML parse error"), |c| {
             c.experiment(&format!("{IMAGES}x = {}{}\n", "[".repeat(100_000), "]".repeat(100_000)));
@@ -826,6 +995,17 @@ fn judge(case: &Case, status: Option<std::process::ExitStatus>, stderr: &str, di
                 Outcome::Fail(format!("expected success: {status}, summary.csv {summary}: {}", tail(stderr)))
             }
         }
+        Report(want) => {
+            let md = ["out/report.md", "out/report"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+                .unwrap_or_default();
+            if status.success() && md.contains(want) {
+                Outcome::Pass
+            } else {
+                Outcome::Fail(format!("expected a report with {want:?}: {status}: {}", tail(stderr)))
+            }
+        }
         Reject(want) => {
             if status.success() {
                 return Outcome::Fail("exit 0: accepted silently".into());
@@ -886,7 +1066,7 @@ fn adversarial_inputs_end_in_clean_errors_or_correct_results() {
             Outcome::Pass => {
                 match case.expect {
                     Reject(_) => clean += 1,
-                    Succeed => succeeded += 1,
+                    Succeed | Report(_) => succeeded += 1,
                 }
                 println!("ok    {seconds:5.1}s {}", case.name);
             }

@@ -634,6 +634,14 @@ pub enum ModelSource {
     },
     /// A checkpoint file (made by an earlier run).
     Checkpoint(PathBuf),
+    /// A checkpoint file whose SHA-256 the experiment pins (the stage's `sha256` key): read only
+    /// if its bytes have that hash.
+    PinnedCheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// Lower-case hex SHA-256 of its bytes.
+        sha256: String,
+    },
 }
 
 impl Job {
@@ -662,7 +670,7 @@ impl ModelSource {
     pub fn stages(&self) -> Vec<&str> {
         match self {
             ModelSource::Stage(s) => vec![s.as_str()],
-            ModelSource::Checkpoint(_) => vec![],
+            ModelSource::Checkpoint(_) | ModelSource::PinnedCheckpoint { .. } => vec![],
             ModelSource::Ensemble { stage, members } => {
                 std::iter::once(stage.as_str()).chain(members.iter().flat_map(ModelSource::stages)).collect()
             }

@@ -5,7 +5,7 @@
 use super::experiment::{
     Affinity, DataKind, FileSet, Objective, OptimizerKind, PaperFigures, Precision, ScheduleKind, StageKind, SweepPoint,
 };
-use super::values::{ClassId, Count, NonNegative, Positive, Rate, Share, Temperature, Widths};
+use super::values::{ClassId, Count, NonNegative, Positive, Rate, Sha256, Share, Temperature, Widths};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -230,6 +230,7 @@ stage_keys! {
     combine_iterations: Count => [Specialists] @ 27,
     sweep: RawSweep => [Train, Distill] @ 28,
     paper: PaperFigures => [Train, Distill, Evaluate, BiasShift, Ensemble, Clusters, Specialists] @ 29,
+    sha256: Sha256 => [Distill, Evaluate, BiasShift, Clusters, Specialists] @ 42,
 }
 
 /// Mini-batch k-means settings of a `clusters` stage.

@@ -465,7 +465,16 @@ fn resolve_source(
             s,
             "the model is missing: `{stage_key} = \"<earlier stage>\"` or `{file_key} = \"<file>.safetensors\"`"
         ),
-        (None, Some(path)) => Ok(ModelSource::Checkpoint(path.clone())),
+        (None, Some(path)) => Ok(match &s.sha256 {
+            Some(pin) => ModelSource::PinnedCheckpoint { path: path.clone(), sha256: pin.0.clone() },
+            None => ModelSource::Checkpoint(path.clone()),
+        }),
+        (Some(_), None) if s.sha256.is_some() => stage_bail!(
+            text,
+            s,
+            "`sha256` pins the file of `{file_key}`; this stage reads the earlier stage `{stage_key}` names, whose \
+             checkpoint this run writes"
+        ),
         (Some(name), None) => match earlier.iter().find(|t| &t.name == name.get_ref()).map(|t| &t.job) {
             Some(Job::Train(_) | Job::Distill(_)) => Ok(ModelSource::Stage(name.get_ref().clone())),
             Some(Job::Ensemble(EnsembleJob { members })) if s.kind == StageKind::Distill => {

@@ -648,20 +648,20 @@ const KIND_KEYS: [(&str, &str); 7] = [
         "distill",
         "model, seed, epochs, batch_size, optimizer, schedule, jitter, train_fraction, early_stopping, sweep, paper, \
          teacher, teacher_checkpoint, teacher_top_k, teacher_translations, temperature, hard_weight, soft_weight, \
-         objective, transfer_exclude, transfer_only",
+         objective, transfer_exclude, transfer_only, sha256",
     ),
-    ("evaluate", "from, checkpoint, paper"),
-    ("bias_shift", "from, checkpoint, classes, shifts, fixed_shift, paper"),
+    ("evaluate", "from, checkpoint, paper, sha256"),
+    ("bias_shift", "from, checkpoint, classes, shifts, fixed_shift, paper, sha256"),
     ("ensemble", "members, paper"),
     (
         "clusters",
         "from, checkpoint, affinity, clusters, walk_steps, repeats, min_size, max_size, count, kmeans, seed, paper, \
-         extra_clusters, max_overlap",
+         extra_clusters, max_overlap, sha256",
     ),
     (
         "specialists",
         "from, checkpoint, subsets, seed, epochs, batch_size, optimizer, schedule, early_stopping, examples, top_n, \
-         combine_iterations, paper",
+         combine_iterations, paper, sha256",
     ),
 ];
 
@@ -725,6 +725,7 @@ fn every_kind_accepts_its_keys_and_rejects_every_other() {
         ("top_n", "1"),
         ("combine_iterations", "1"),
         ("paper", "{ test_errors = 1.0 }"),
+        ("sha256", "\"0000000000000000000000000000000000000000000000000000000000000000\""),
     ];
     let base = GOOD.split("[[stages]]\nname = \"student\"").next().expect("GOOD has a student");
     for key in raw::STAGE_KEYS {
@@ -748,6 +749,36 @@ fn every_kind_accepts_its_keys_and_rejects_every_other() {
             }
         }
     }
+}
+
+#[test]
+fn a_checkpoint_file_s_sha256_is_pinned_in_lower_case_and_checked_for_form() {
+    let hex = "ADE61437b8f9b89858130477257f16cf9a57fcdbf72384f76c96135ffd420c4f";
+    let stage = |extra: &str| {
+        format!("{GOOD}[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\ncheckpoint = \"t.safetensors\"\n{extra}\n")
+    };
+    let e = parse(&stage(&format!("sha256 = \"{hex}\""))).unwrap();
+    let pinned = ModelSource::PinnedCheckpoint { path: "t.safetensors".into(), sha256: hex.to_ascii_lowercase() };
+    assert_eq!(e.stages[2].job, Job::Evaluate(EvaluateJob { source: pinned.clone() }));
+    // Recorded in config.toml and read back; without a pin the form runs wrote before stays.
+    let back: Experiment = toml::from_str(&e.to_toml().unwrap()).unwrap();
+    assert_eq!(back.stages[2].job, Job::Evaluate(EvaluateJob { source: pinned }));
+    let plain = parse(&stage("")).unwrap();
+    assert_eq!(
+        plain.stages[2].job,
+        Job::Evaluate(EvaluateJob { source: ModelSource::Checkpoint("t.safetensors".into()) })
+    );
+    // Not 64 hexadecimal digits: the parser's error, at the key's line.
+    for bad in [&hex[1..], &format!("{}g", &hex[1..]), "", &format!("{hex}0")] {
+        let text = stage(&format!("sha256 = \"{bad}\""));
+        let line = text.lines().position(|l| l.starts_with("sha256")).unwrap() + 1;
+        let msg = format!("{:#}", parse(&text).unwrap_err());
+        assert!(msg.contains("64 hexadecimal digits") && msg.contains(&format!("line {line}")), "{bad}: {msg}");
+    }
+    // A pin beside a stage of this run (whose checkpoint the run writes) is an error, not ignored.
+    let text = GOOD.replace("teacher = \"teacher\"\n", &format!("teacher = \"teacher\"\nsha256 = \"{hex}\"\n"));
+    let msg = format!("{:#}", parse(&text).unwrap_err());
+    assert!(msg.contains("stage `student`") && msg.contains("pins the file of `teacher_checkpoint`"), "{msg}");
 }
 
 #[test]

@@ -48,6 +48,23 @@ checked_number!(
     /// A class id (>= 0; checked against the data's classes when the run starts).
     ClassId, i64, |v| v >= 0, "a class id >= 0");
 
+/// A SHA-256 pinned in an experiment file: 64 hexadecimal digits, kept in lower case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sha256(pub String);
+impl<'de> Deserialize<'de> for Sha256 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let shown = crate::data::inputs::clip(&v, 80);
+            return Err(serde::de::Error::custom(format!(
+                "expected a SHA-256: 64 hexadecimal digits (as `sha256sum FILE` prints), got {shown:?} ({} characters)",
+                v.chars().count()
+            )));
+        }
+        Ok(Sha256(v.to_ascii_lowercase()))
+    }
+}
+
 /// A non-empty list of layer widths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Widths(pub Vec<i64>);

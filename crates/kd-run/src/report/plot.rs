@@ -49,6 +49,33 @@ pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
         .with_context(|| format!("cannot write chart {}", path.display()))
 }
 
+/// The largest magnitude drawn: beyond it a point is off the chart (the axis arithmetic, a range
+/// and its padding, must stay finite).
+pub const MAX_MAGNITUDE: f64 = 1e300;
+
+/// Whether a point can be drawn on `chart`: finite, within [`MAX_MAGNITUDE`], and positive on a
+/// log axis.
+fn drawable(chart: &Chart, (x, y): (f64, f64)) -> bool {
+    let fits = |v: f64, log: bool| v.is_finite() && v.abs() <= MAX_MAGNITUDE && (!log || v > 0.0);
+    fits(x, chart.log_x) && fits(y, chart.log_y)
+}
+
+/// The points of `series` that `chart` can draw (see [`line_chart`]'s errors), series left with
+/// none dropped, and how many points were left out: what a report draws from values read off
+/// disk, which may be anything a CSV holds.
+pub fn drawable_series(chart: &Chart, series: &[Series]) -> (Vec<Series>, usize) {
+    let mut skipped = 0;
+    let kept = series
+        .iter()
+        .filter_map(|s| {
+            let points: Vec<(f64, f64)> = s.points.iter().copied().filter(|&p| drawable(chart, p)).collect();
+            skipped += s.points.len() - points.len();
+            (!points.is_empty()).then(|| Series { name: s.name.clone(), points })
+        })
+        .collect();
+    (kept, skipped)
+}
+
 /// One axis: the plotted range and ticks, both in plot space (log10 of the data on a log axis).
 struct Axis {
     range: (f64, f64),
@@ -60,8 +87,10 @@ impl Axis {
         let to_plot = |v: f64| if log { v.log10() } else { v };
         let lo = values.clone().map(to_plot).fold(f64::INFINITY, f64::min);
         let hi = values.map(to_plot).fold(f64::NEG_INFINITY, f64::max);
-        let pad = if hi > lo {
-            (hi - lo) * 0.05
+        let spread = (hi - lo) * 0.05;
+        // A spread lost to rounding (a range of a few ulps) counts as a single value.
+        let pad = if hi > lo && lo - spread < lo && hi + spread > hi {
+            spread
         } else if log {
             0.15
         } else {
@@ -73,7 +102,11 @@ impl Axis {
             if ticks.len() >= 2 {
                 ticks
             } else {
-                linear_ticks(10f64.powf(lo), 10f64.powf(hi)).into_iter().map(|(v, l)| (v.log10(), l)).collect()
+                linear_ticks(10f64.powf(lo), 10f64.powf(hi))
+                    .into_iter()
+                    .map(|(v, l)| (v.log10(), l))
+                    .filter(|(p, _)| p.is_finite())
+                    .collect()
             }
         } else {
             linear_ticks(lo, hi)
@@ -136,9 +169,14 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
     ticks
 }
 
-/// About 6 ticks at multiples of a 1-2-5 step inside `[lo, hi]`.
+/// About 6 ticks at multiples of a 1-2-5 step inside `[lo, hi]`; the two ends alone where no
+/// such step exists (a range too narrow or too wide for f64 steps).
 fn linear_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let ends = || vec![(lo, format!("{lo:.3e}")), (hi, format!("{hi:.3e}"))];
     let raw = (hi - lo) / 6.0;
+    if !(raw.is_normal() && raw > 0.0) {
+        return ends();
+    }
     let mut e = raw.log10().floor() as i32;
     let norm = raw / 10f64.powi(e);
     let m = match norm {
@@ -154,6 +192,9 @@ fn linear_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
     // The tolerance keeps ticks at the very ends despite rounding (-0.3 / 0.1 = -2.9999999999999996).
     let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
+    if !step.is_normal() || last.saturating_sub(first) > 20 {
+        return ends();
+    }
     (first..=last).map(|i| (i as f64 * step, number_label(i * i64::from(m), e))).collect()
 }
 
@@ -177,6 +218,9 @@ fn check(chart: &Chart, series: &[Series]) -> Result<()> {
         for (i, &(x, y)) in s.points.iter().enumerate() {
             if !x.is_finite() || !y.is_finite() {
                 bail!("series \"{}\" point {i} ({x}, {y}) is not finite", s.name);
+            }
+            if x.abs() > MAX_MAGNITUDE || y.abs() > MAX_MAGNITUDE {
+                bail!("series \"{}\" point {i} ({x}, {y}) is beyond ±{MAX_MAGNITUDE:e}", s.name);
             }
             if chart.log_x && x <= 0.0 {
                 bail!("series \"{}\" point {i} ({x}, {y}): x must be positive on a log axis", s.name);
@@ -446,6 +490,40 @@ mod tests {
             assert!(err.contains(&path.display().to_string()), "{err:?} lacks the path");
         }
         assert!(!path.exists());
+        no_temp_files(&dir);
+    }
+
+    #[test]
+    fn extreme_values_are_drawn_or_left_out_never_a_panic() {
+        let dir = test_dir("extreme");
+        let path = dir.join("extreme.svg");
+        // Values that overflowed the range arithmetic (1e306 - -1e306 padded) or left no 1-2-5
+        // step (a range of a few ulps, subnormals).
+        for (log_y, points) in [
+            (false, vec![(1.0, 1e300), (2.0, -1e300)]),
+            (false, vec![(1.0, 1e-320), (2.0, 1.5e-320)]),
+            (false, vec![(1.0, 0.5), (2.0, 0.5000000000000001)]),
+            (false, vec![(1.0, -1e300), (1e300, 1e300)]),
+            (true, vec![(1.0, 5e-324), (2.0, 1e300)]),
+        ] {
+            line_chart(&path, &chart(false, log_y), &[series("s", &points)]).unwrap();
+            assert_eq!(polylines_in(&std::fs::read_to_string(&path).unwrap(), PALETTE[0]).len(), 1, "{points:?}");
+        }
+        // What cannot be drawn is left out and counted; a series with nothing left is dropped.
+        let raw = vec![
+            series(
+                "mixed",
+                &[(1.0, 1.0), (2.0, f64::NAN), (3.0, f64::INFINITY), (4.0, 1e306), (5.0, -2.0), (6.0, 3.0)],
+            ),
+            series("none", &[(1.0, f64::NEG_INFINITY)]),
+        ];
+        let (linear, skipped) = drawable_series(&chart(false, false), &raw);
+        assert_eq!((linear.len(), linear[0].points.len(), skipped), (1, 3, 4));
+        let (log, skipped) = drawable_series(&chart(false, true), &raw);
+        assert_eq!((log[0].points.clone(), skipped), (vec![(1.0, 1.0), (6.0, 3.0)], 5));
+        line_chart(&path, &chart(false, true), &log).unwrap();
+        let err = format!("{:#}", line_chart(&path, &chart(false, false), &raw[..1]).unwrap_err());
+        assert!(err.contains("not finite"), "{err}");
         no_temp_files(&dir);
     }
 

@@ -86,6 +86,8 @@ impl RunDir {
             !old.summary.is_empty() || !old.subsets.is_empty()
         };
         output::write_atomic(&config_path, config.as_bytes())?;
+        let hash = format!("{}  config.toml\n", super::provenance::sha256_hex(config.as_bytes()));
+        output::write_atomic(&path.join(CONFIG_HASH), hash.as_bytes())?;
         output::write_atomic(&path.join("command.txt"), format!("{command}\n").as_bytes())?;
 
         let mut tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
@@ -134,10 +136,25 @@ pub fn stage_facts(exp: &Experiment) -> Vec<StageFacts> {
         .collect()
 }
 
+/// The SHA-256 of the run's `config.toml`, written beside it (`<hex>  config.toml`, as
+/// `sha256sum` writes it): `kd-run report` refuses a `config.toml` edited after the run.
+pub const CONFIG_HASH: &str = "config.sha256";
+
 /// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
 /// keeps and appends to).
-pub const RUN_FILES: [&str; 10] =
-    ["config.toml", "command.txt", METRICS, SUMMARY, CLASS_ERRORS, SHIFTS, SUBSETS, SPECIALISTS, COVERAGE, DONE];
+pub const RUN_FILES: [&str; 11] = [
+    "config.toml",
+    CONFIG_HASH,
+    "command.txt",
+    METRICS,
+    SUMMARY,
+    CLASS_ERRORS,
+    SHIFTS,
+    SUBSETS,
+    SPECIALISTS,
+    COVERAGE,
+    DONE,
+];
 
 /// kd-run writes only inside `--out` and follows no link out of it: the run directory, the
 /// folders and the files it writes into or appends to must not be symbolic links (a link at a

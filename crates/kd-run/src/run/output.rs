@@ -1,5 +1,6 @@
 //! Files a run writes: atomic writes, checkpoints, and the CSV tables.
 
+use crate::run::provenance::Checked;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -89,23 +90,48 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     result
 }
 
-/// Loads a safetensors file on the CPU, after checking it against its provenance file if it has
-/// one (`provenance::verify`).
+/// Loads a safetensors file on the CPU, after checking it against its provenance record if it
+/// has one (`provenance::verify`).
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    load_checked(path, None).map(|(named, _)| named)
+}
+
+/// Loads a checkpoint file an experiment names (not one of the run's own), checked against the
+/// SHA-256 the stage pins (`pin`) and its provenance record (`provenance::verify`); one that has
+/// neither is loaded with a warning that gives its SHA-256 to pin.
+pub fn load_checkpoint(path: &Path, pin: Option<&str>) -> Result<Vec<(String, Tensor)>> {
+    let (named, checked) = load_checked(path, pin)?;
+    if let Checked::Unchecked { sha256 } = checked {
+        tracing::warn!(
+            "{} has no provenance file and its stage pins no SHA-256, so its bytes are not checked; to pin them, \
+             add `sha256 = \"{sha256}\"` to the stage",
+            path.display()
+        );
+    }
+    Ok(named)
+}
+
+fn load_checked(path: &Path, pin: Option<&str>) -> Result<(Vec<(String, Tensor)>, Checked)> {
     crate::data::inputs::check_file(path, "checkpoint")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    if let Some(made) = crate::run::provenance::verify(path, &bytes)? {
-        tracing::info!(
-            "{}: SHA-256 checked; stage `{}` of `{}` at commit {}, {} test errors of {}",
+    let checked = crate::run::provenance::verify(path, &bytes, pin)?;
+    match &checked {
+        Checked::Record(made, record) => tracing::info!(
+            "{}: SHA-256 checked against {}; stage `{}` of `{}` at commit {}, {} test errors of {}",
             path.display(),
+            record.display(),
             made.stage,
             made.command,
             made.commit,
             made.test_errors,
             made.test_examples
-        );
+        ),
+        Checked::Pinned => tracing::info!("{}: SHA-256 checked against the stage's `sha256`", path.display()),
+        Checked::Unchecked { .. } => {}
     }
-    parse_tensors(&bytes).with_context(|| format!("checkpoint {} is not a readable safetensors file", path.display()))
+    let named = parse_tensors(&bytes)
+        .with_context(|| format!("checkpoint {} is not a readable safetensors file", path.display()))?;
+    Ok((named, checked))
 }
 
 /// The named tensors of the bytes of a safetensors file, on the CPU. The header's shapes and
