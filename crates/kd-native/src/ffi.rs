@@ -64,6 +64,8 @@ mod raw {
             decoupled_weight_decay: bool,
         ) -> *mut c_char;
         pub fn kd_native_set_tf32(cublas: bool, cudnn: bool);
+        pub fn kd_native_generator_state(device: c_int, out: *mut C_tensor) -> *mut c_char;
+        pub fn kd_native_set_generator_state(device: c_int, state: *const C_tensor) -> *mut c_char;
         pub fn kd_native_tf32_cublas() -> bool;
         pub fn kd_native_tf32_cudnn() -> bool;
         pub fn kd_native_group_new(
@@ -245,6 +247,20 @@ pub(crate) fn fused_adam(
             a.decoupled_weight_decay,
         )
     })
+}
+
+/// The state of the default generator of `device` (-1: the CPU).
+pub(crate) fn generator_state(device: i32) -> ShimResult<Tensor> {
+    let mut out = Tensor::empty([0], (tch::Kind::Uint8, tch::Device::Cpu));
+    // SAFETY: `out` is a live tensor owned here; the shim assigns the state to it.
+    check(unsafe { raw::kd_native_generator_state(device, out.as_mut_ptr()) })?;
+    Ok(out)
+}
+
+/// Restores a state [`generator_state`] returned.
+pub(crate) fn set_generator_state(device: i32, state: &Tensor) -> ShimResult<()> {
+    // SAFETY: a live tensor, borrowed for the call.
+    check(unsafe { raw::kd_native_set_generator_state(device, state.as_ptr()) })
 }
 
 pub(crate) fn set_tf32(cublas: bool, cudnn: bool) {

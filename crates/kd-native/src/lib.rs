@@ -10,6 +10,7 @@
 //!   or hung peer becomes an [`Error`], never an endless wait.
 //! - [`optim`]: libtorch's fused optimizer kernels `_fused_sgd_` and `_fused_adam_` (one kernel
 //!   over a whole list of parameters, on CPU and CUDA).
+//! - [`rng`]: the state of libtorch's default random generators, read and restored.
 //! - [`cuda`]: the TF32 switches for cuBLAS and cuDNN; with feature `cuda`, CUDA-graph capture
 //!   and replay and device properties.
 //!
@@ -36,6 +37,7 @@ pub mod dist;
 mod ffi;
 pub mod launch;
 pub mod optim;
+pub mod rng;
 
 /// What can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -314,6 +315,31 @@ char* kd_native_fused_adam(at::Tensor* const* params, at::Tensor* const* grads,
 }
 
 // ---- TF32 ---------------------------------------------------------------------------------
+
+// ---- random generators ----------------------------------------------------------------------
+
+// The state of libtorch's default generator of a device (device < 0: the CPU's, else CUDA
+// device `device`'s), copied into *out (a uint8 tensor), under the generator's lock.
+char* kd_native_generator_state(int device, at::Tensor* out) {
+  return guarded([&] {
+    c10::Device d = device < 0 ? c10::Device(c10::kCPU)
+                               : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device));
+    at::Generator gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = gen.get_state();
+  });
+}
+
+// Restores a state that kd_native_generator_state returned.
+char* kd_native_set_generator_state(int device, const at::Tensor* state) {
+  return guarded([&] {
+    c10::Device d = device < 0 ? c10::Device(c10::kCPU)
+                               : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device));
+    at::Generator gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*state);
+  });
+}
 
 void kd_native_set_tf32(bool cublas, bool cudnn) {
   at::globalContext().setAllowTF32CuBLAS(cublas);

@@ -12,6 +12,7 @@ mod dist;
 mod fuzz;
 mod info;
 mod logging;
+mod preemption;
 mod report;
 mod rng;
 mod run;
@@ -107,6 +108,11 @@ fn main() -> ExitCode {
     install_panic_hook();
     match std::panic::catch_unwind(try_main) {
         Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) if f.error.downcast_ref::<preemption::Preempted>().is_some() => {
+            // Not an error: the run stopped where it can resume.
+            eprintln!("{}stopped: {:#}", logging::rank_prefix(), f.error);
+            ExitCode::from(preemption::EXIT_STATUS)
+        }
         Ok(Err(f)) => {
             // Long lines are clipped: an error never echoes kilobytes of bad input.
             let prefix = logging::rank_prefix();
@@ -184,6 +190,7 @@ fn try_main() -> Result<(), Failure> {
             }
             let command = run::output::command_line("kd-run", std::env::args_os().skip(1));
             join_ranks(&exp, &command)?;
+            preemption::install(!dist::world().is_distributed());
             let dir = run::run(&exp, &out, run::Options { fresh, redo: &redo, only: &only }, &command)?;
             if dist::world().is_writer() {
                 let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;

@@ -491,6 +491,18 @@ impl<'a> InMemory<'a> {
     }
 }
 
+impl InMemory<'_> {
+    /// Passes over the first `steps` batches without drawing anything: the rest of an epoch
+    /// resumed from a checkpoint inside it.
+    pub fn skip(mut self, steps: usize) -> Self {
+        for _ in 0..steps {
+            self.batches.next();
+        }
+        self.steps = self.steps.saturating_sub(steps);
+        self
+    }
+}
+
 impl BatchSource for InMemory<'_> {
     fn steps(&self) -> usize {
         self.steps
@@ -545,11 +557,101 @@ pub fn train_epoch_from(
     supervision: &Supervision,
     settings: &LoopSettings,
     guard: &mut LossGuard,
-    mut on_step: impl FnMut(usize, Option<f64>),
+    on_step: impl FnMut(usize, Option<f64>),
+) -> Result<EpochTotals> {
+    train_epoch_resumable(trainer, source, supervision, settings, guard, None, &mut OnStep(on_step))
+}
+
+/// What a checkpoint inside an epoch keeps of the epoch's accounting, so that the epoch resumed
+/// from it reports what the uninterrupted epoch does: the steps done, the examples seen, the
+/// losses read (summed over the ranks), the training-mode correct predictions and soft-KL sum
+/// (summed over the ranks: rank 0 resumes with them, the others from zero), and the divergence
+/// guard's reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochPosition {
+    /// Steps of the epoch done.
+    pub step: usize,
+    /// Examples of those steps (global batches).
+    pub seen: i64,
+    /// Examples of the epoch's first step.
+    pub first_batch: i64,
+    /// Sum of the losses times batch sizes of those steps.
+    pub loss_sum: f64,
+    /// Correct training-mode predictions.
+    pub correct: i64,
+    /// Sum of the soft term's KL form times batch sizes, for soft targets.
+    pub kl_sum: Option<f64>,
+    /// The divergence guard's reference loss, once set.
+    pub reference: Option<f64>,
+}
+
+/// What a step hook asks for after a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterStep {
+    /// Go on.
+    Continue,
+    /// Save a checkpoint ([`StepHook::save`]) and go on.
+    Checkpoint,
+    /// Save a checkpoint and stop the epoch with [`Stopped`].
+    CheckpointAndStop,
+}
+
+/// Called by [`train_epoch_resumable`] after each step. In a data-parallel run every rank must
+/// ask for the same thing at the same step.
+pub trait StepHook {
+    /// After `done` steps of the epoch (`loss`: as for [`train_epoch_from`]'s `on_step`).
+    fn after_step(&mut self, done: usize, loss: Option<f64>) -> Result<AfterStep>;
+    /// Saves a checkpoint inside the epoch: the trainer's weights and optimizer state, `at`, and
+    /// whatever else resuming needs (the generators' states).
+    fn save(&mut self, trainer: &Trainer, at: &EpochPosition) -> Result<()>;
+}
+
+/// A [`StepHook`] that only watches the steps.
+struct OnStep<F>(F);
+
+impl<F: FnMut(usize, Option<f64>)> StepHook for OnStep<F> {
+    fn after_step(&mut self, done: usize, loss: Option<f64>) -> Result<AfterStep> {
+        (self.0)(done, loss);
+        Ok(AfterStep::Continue)
+    }
+
+    fn save(&mut self, _: &Trainer, _: &EpochPosition) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An epoch stopped at a step boundary after a checkpoint, as its [`StepHook`] asked (a
+/// preemption signal): the error [`train_epoch_resumable`] returns then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Steps of the epoch done and saved.
+    pub step: usize,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped after step {} of the epoch, with a checkpoint", self.step)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// [`train_epoch_from`], from `start` (a checkpoint inside the epoch: `source` then delivers
+/// the batches after its step), with `hook` after each step.
+pub fn train_epoch_resumable(
+    trainer: &mut Trainer,
+    source: &mut dyn BatchSource,
+    supervision: &Supervision,
+    settings: &LoopSettings,
+    guard: &mut LossGuard,
+    start: Option<&EpochPosition>,
+    hook: &mut dyn StepHook,
 ) -> Result<EpochTotals> {
     let report_every = settings.report_every;
     let device = trainer.params.first().map_or(tch::Device::Cpu, Tensor::device);
-    let steps = source.steps();
+    let world = crate::dist::world();
+    let first = start.map_or(0, |p| p.step);
+    let steps = first + source.steps();
     // An epoch without a step would record an untrained network as trained.
     anyhow::ensure!(
         steps > 0,
@@ -562,8 +664,21 @@ pub fn train_epoch_from(
     let mut kl_sum = supervision.objective.reports_soft_kl().then(|| Tensor::zeros([], (Kind::Float, device)));
     let mut seen = 0i64;
     let mut check = Check { steps, first_batch: 0, checked: 0, examples: 0, total: 0.0 };
-    let world = crate::dist::world();
-    let mut i = 0usize;
+    if let Some(p) = start {
+        seen = p.seen;
+        check = Check { steps, first_batch: p.first_batch, checked: p.step, examples: p.seen, total: p.loss_sum };
+        if let Some(r) = p.reference {
+            guard.reference = Some(r);
+        }
+        // The sums over the ranks: rank 0 carries them on, the others start from zero.
+        if world.is_writer() {
+            correct = Tensor::from(p.correct).to_device(device);
+            if let (Some(sum), Some(kl)) = (kl_sum.as_mut(), p.kl_sum) {
+                *sum = Tensor::from(kl as f32).to_device(device);
+            }
+        }
+    }
+    let mut i = first;
     while let Some(mut batch) = source.next_batch()? {
         anyhow::ensure!(i < steps, "the batch source delivered more than the {steps} steps it announced");
         let teacher_out = match (batch.targets.take(), &batch.idx) {
@@ -604,7 +719,35 @@ pub fn train_epoch_from(
             None
         };
         i += 1;
-        on_step(i, report);
+        let asked = hook.after_step(i, report)?;
+        if asked != AfterStep::Continue {
+            // Every loss so far read and summed over the ranks, the counts summed: the position
+            // is the same on every rank.
+            if check.checked < i {
+                check.window(&step_losses, i, seen, guard)?;
+            }
+            let mut sums = vec![correct.shallow_clone().copy()];
+            if let Some(kl) = &kl_sum {
+                sums.push(kl.to_kind(Kind::Double).copy());
+            }
+            world.sum(&mut sums[..1])?;
+            if sums.len() > 1 {
+                world.sum(&mut sums[1..])?;
+            }
+            let at = EpochPosition {
+                step: i,
+                seen,
+                first_batch: check.first_batch,
+                loss_sum: check.total,
+                correct: i64::try_from(&sums[0])?,
+                kl_sum: sums.get(1).map(f64::try_from).transpose()?,
+                reference: guard.reference,
+            };
+            hook.save(trainer, &at)?;
+            if asked == AfterStep::CheckpointAndStop {
+                return Err(Stopped { step: i }.into());
+            }
+        }
     }
     anyhow::ensure!(i == steps, "the batch source delivered {i} of the {steps} steps it announced");
     if check.checked < check.steps {

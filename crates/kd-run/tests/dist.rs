@@ -203,8 +203,13 @@ fn the_smoke_experiment_on_two_ranks_writes_one_run_directory_with_the_same_test
             .collect::<Vec<_>>()
     };
     let a = args(&one);
-    let single = alone(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(single.status.success(), "{}", text(&single));
+    let whole = two_ranks(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    if built_without_gloo(&whole) {
+        return;
+    }
+    for (r, o) in whole.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
     let b = args(&two);
     let ranks = two_ranks(&b.iter().map(String::as_str).collect::<Vec<_>>());
     if built_without_gloo(&ranks) {
@@ -430,5 +435,71 @@ fn a_store_with_fewer_utterances_than_ranks_is_an_error() {
         return;
     }
     both_stopped_naming(&ranks, "holds 1 utterance(s)", &out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGUSR1 to one rank: both stop at the same step boundary after one checkpoint, with status
+/// 75; the 2 ranks started again resume there and end with the weights of 2 ranks trained
+/// without a stop.
+#[test]
+fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume() {
+    let dir = fresh_dir("preempt");
+    let file = dir.join("ck.toml");
+    let experiment = SMALL
+        .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
+        .replace("epochs = 1", "epochs = 3")
+        .replace("batch_size = 75", "batch_size = 5")
+        .replace("[24]", "[400]");
+    std::fs::write(&file, experiment).unwrap();
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
+    let a = args(&one);
+    let whole = two_ranks(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    if built_without_gloo(&whole) {
+        return;
+    }
+    for (r, o) in whole.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    let b = args(&two);
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let port = free_loopback_port();
+    let children: Vec<Child> = (0..2).map(|r| rank(&b, r, 2, port, 20)).collect();
+    let first = two.join("small/checkpoints/net.resume.safetensors");
+    let started = Instant::now();
+    while !first.exists() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+            if built_without_gloo(&outs) {
+                return;
+            }
+            panic!("no checkpoint inside an epoch: {}", text(&outs[0]));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: signals a child of this test that has not been waited for.
+    unsafe { libc::kill(children[1].id() as i32, libc::SIGUSR1) };
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let mut steps = Vec::new();
+    for (r, o) in outputs.iter().enumerate() {
+        let err = text(o);
+        assert_eq!(o.status.code(), Some(75), "rank {r}:\n{err}");
+        let line = err.lines().find(|l| l.contains("stopped: stage `net`: stopped by ")).unwrap_or_default();
+        assert!(line.contains("run the same command again to resume"), "rank {r}:\n{err}");
+        steps.push(line.split(" at ").nth(1).unwrap_or_default().to_string());
+    }
+    assert_eq!(steps[0], steps[1], "the same step on both ranks");
+    let ranks = two_ranks(&b);
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    assert!(text(&ranks[0]).contains("resuming at step"), "{}", text(&ranks[0]));
+    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
+    let (w1, w2) = (load(&one), load(&two));
+    for (name, t1) in &w1 {
+        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name}: max |2 ranks - 2 ranks stopped and resumed| = {diff}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1236,3 +1236,154 @@ fn tensorboard_reads_the_scalars_the_run_logged() {
     assert!(again.len() == 1 && again[0] != files[0], "{again:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts `kd-run args`, sends it `signal` once its first checkpoint inside an epoch exists
+/// (`first`), and returns its output.
+fn signalled_at_first_checkpoint(args: &[&str], first: &Path, signal: i32) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_kd-run"))
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kd-run starts");
+    let started = std::time::Instant::now();
+    while !first.exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint inside an epoch");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: signals a child process of this test that has not been waited for.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    child.wait_with_output().unwrap()
+}
+
+fn max_weight_difference(a: &Path, b: &Path) -> f64 {
+    let (wa, wb) = (tch::Tensor::read_safetensors(a).unwrap(), tch::Tensor::read_safetensors(b).unwrap());
+    assert_eq!(wa.len(), wb.len());
+    wa.iter()
+        .map(|(name, t)| {
+            let u = &wb.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+            (t.to_kind(tch::Kind::Double) - u.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// An experiment with dropout, jitter, max-norm and momentum, 100 steps an epoch, and a
+/// checkpoint every 10 steps (3 kept).
+const STEPPED: &str = r#"
+name = "ck"
+seed = 5
+device = "cpu"
+threads = 1
+[checkpoint]
+every_steps = 10
+keep = 3
+[data]
+dir = "data/mnist"
+train_limit = 2100
+validation = 100
+test_limit = 300
+[[stages]]
+name = "net"
+kind = "train"
+model = { hidden = [800], input_dropout = 0.2, hidden_dropout = 0.5, max_norm = 2.0 }
+jitter = 1
+epochs = 3
+batch_size = 20
+optimizer = { kind = "sgd", lr = 0.1, momentum = 0.9 }
+"#;
+
+/// SIGUSR1 (Slurm's warning) stops a stage at the next step boundary after a checkpoint, with
+/// status 75 and one line saying how to resume; the run resumed from it (here from the
+/// checkpoint before it, the newest one being damaged) ends with the weights and metrics of the
+/// uninterrupted run.
+#[test]
+fn a_run_preempted_inside_an_epoch_resumes_to_the_uninterrupted_weights() {
+    let dir = fresh_dir("preempt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exp = dir.join("ck.toml");
+    std::fs::write(&exp, STEPPED).unwrap();
+    let (whole, cut) = (dir.join("whole"), dir.join("cut"));
+    let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
+    let args = run(&whole);
+    let r = kd_run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args = run(&cut);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = cut.join("ck/checkpoints/net.resume.safetensors");
+    let stopped = signalled_at_first_checkpoint(&args, &first, libc::SIGUSR1);
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(75), "{stderr}");
+    let line = stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("stopped: stage `net`: stopped by SIGUSR1 at step ")
+            && line.ends_with("run the same command again to resume"),
+        "{stderr}"
+    );
+    // The newest checkpoint damaged: the one before it is used.
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() / 3]).unwrap();
+    let resumed = kd_run(&args);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("trying the checkpoint before it") && stderr.contains("resuming at step "), "{stderr}");
+    let ckpt = |out: &Path| out.join("ck/checkpoints/net.safetensors");
+    let diff = max_weight_difference(&ckpt(&whole), &ckpt(&cut));
+    // The same kernels in the same order on one thread; a tolerance all the same, for
+    // libraries whose kernels depend on memory alignment.
+    assert!(diff <= 1e-6, "max |uninterrupted - resumed| = {diff}");
+    let columns = |out: &Path| -> Vec<Vec<String>> {
+        csv_rows(&out.join("ck/metrics.csv"))
+            .iter()
+            .map(|r| {
+                ["epoch", "train_loss", "train_accuracy", "val_loss", "test_errors"].map(|c| r[c].clone()).to_vec()
+            })
+            .collect()
+    };
+    assert_eq!(columns(&whole), columns(&cut));
+    let left: Vec<_> = std::fs::read_dir(cut.join("ck/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["net.safetensors"], "the resume checkpoints are removed at the end");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stage streaming from a frame store, stopped by SIGTERM (a process alone) inside an epoch:
+/// status 75, and resumed it ends with the weights of the uninterrupted run (the stream starts
+/// again at the checkpoint's batch, the shuffle buffer rebuilt).
+#[test]
+fn a_streamed_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_weights() {
+    let dir = fresh_dir("preempt-store");
+    let stores = dir.join("stores");
+    let w = kd_run(&["store", "write", "experiments/speech_tiny.toml", "--out", stores.to_str().unwrap()]);
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let exp = dir.join("st.toml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name = \"st\"\nseed = 1\nthreads = 1\ndevice = \"cpu\"\n[checkpoint]\nevery_steps = 5\n[data]\nkind = \"store\"\n\
+             context = [4, 2]\nstore = {{ dir = \"{}\", shuffle_buffer = 500, chunk_frames = 16 }}\n[[stages]]\n\
+             name = \"net\"\nkind = \"train\"\nmodel = {{ hidden = [256], hidden_dropout = 0.3 }}\nepochs = 2\n\
+             batch_size = 16\noptimizer = {{ kind = \"sgd\", lr = 0.01, momentum = 0.9 }}\n",
+            stores.display()
+        ),
+    )
+    .unwrap();
+    let (whole, cut) = (dir.join("whole"), dir.join("cut"));
+    let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
+    let args = run(&whole);
+    let r = kd_run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args = run(&cut);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = cut.join("st/checkpoints/net.resume.safetensors");
+    let stopped = signalled_at_first_checkpoint(&args, &first, libc::SIGTERM);
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM at step "), "{stderr}");
+    let resumed = kd_run(&args);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success() && stderr.contains("resuming at step "), "{stderr}");
+    let ckpt = |out: &Path| out.join("st/checkpoints/net.safetensors");
+    let diff = max_weight_difference(&ckpt(&whole), &ckpt(&cut));
+    assert!(diff <= 1e-6, "max |uninterrupted - resumed| = {diff}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -170,10 +170,49 @@ pub struct Experiment {
     /// they are, with a warning naming why).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cuda_graphs: bool,
+    /// Checkpoints inside an epoch (`[checkpoint]`); none by default.
+    #[serde(default, skip_serializing_if = "CheckpointSpec::is_default")]
+    pub checkpoint: CheckpointSpec,
     /// The dataset.
     pub data: DataSpec,
     /// The stages, run in order.
     pub stages: Vec<Stage>,
+}
+
+/// When a training stage also saves its resume checkpoint inside an epoch (besides after each
+/// epoch): every `every_steps` steps, and every `every_minutes` minutes (checked every 50
+/// steps); 0 turns either off. The last `keep` checkpoints are kept
+/// (`<stage>.resume.safetensors`, then `.resume.1`, ...); a damaged newest one falls back to
+/// the one before. Resuming from any gives the weights of the uninterrupted run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Steps between checkpoints (0: none by count).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Minutes between checkpoints (0: none by time).
+    #[serde(default)]
+    pub every_minutes: f64,
+    /// Checkpoints kept.
+    #[serde(default = "CheckpointSpec::default_keep")]
+    pub keep: usize,
+}
+
+impl CheckpointSpec {
+    fn default_keep() -> usize {
+        2
+    }
+
+    /// No checkpoint inside epochs, two kept.
+    pub fn is_default(&self) -> bool {
+        *self == CheckpointSpec::default()
+    }
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec { every_steps: 0, every_minutes: 0.0, keep: CheckpointSpec::default_keep() }
+    }
 }
 
 /// Where the data comes from and how it is split.

@@ -31,11 +31,24 @@ pub(crate) struct RawExperiment {
     pub(crate) optimizer_in_backward: bool,
     #[serde(default)]
     pub(crate) cuda_graphs: bool,
+    #[serde(default)]
+    pub(crate) checkpoint: Option<RawCheckpoint>,
     pub(crate) data: RawData,
     #[serde(default)]
     pub(crate) defaults: RawTraining,
     #[serde(default)]
     pub(crate) stages: Vec<RawStage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCheckpoint {
+    #[serde(default)]
+    pub(crate) every_steps: Option<u64>,
+    #[serde(default)]
+    pub(crate) every_minutes: Option<f64>,
+    #[serde(default)]
+    pub(crate) keep: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -240,6 +240,20 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             super::limits::MAX_THREADS
         );
     }
+    let checkpoint = match &raw.checkpoint {
+        None => CheckpointSpec::default(),
+        Some(c) => {
+            let every_minutes = c.every_minutes.unwrap_or(0.0);
+            if !(every_minutes.is_finite() && (0.0..=1e6).contains(&every_minutes)) {
+                bail!("checkpoint.every_minutes = {every_minutes}: expected minutes from 0 (off) to 1000000");
+            }
+            let keep = c.keep.unwrap_or(2);
+            if !(1..=100).contains(&keep) {
+                bail!("checkpoint.keep = {keep}: expected from 1 to 100 checkpoints");
+            }
+            CheckpointSpec { every_steps: c.every_steps.unwrap_or(0), every_minutes, keep: keep as usize }
+        }
+    };
     Ok(Experiment {
         name: raw.name.into_inner(),
         description: raw.description.unwrap_or_default(),
@@ -250,6 +264,7 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         peak_tflops: raw.peak_tflops.map(|p| p.0),
         optimizer_in_backward: raw.optimizer_in_backward,
         cuda_graphs: raw.cuda_graphs,
+        checkpoint,
         data,
         stages,
     })

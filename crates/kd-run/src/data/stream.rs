@@ -454,9 +454,10 @@ impl Stream {
         start: StreamStart,
         device: Device,
     ) -> Result<Stream> {
-        let (rank, world) = (start.rank, start.world);
+        let (rank, world, first) = (start.rank, start.world, start.batch);
         let mut producer = Producer::new(store, lengths, settings, start, device)?;
-        let (steps, temperature) = (producer.steps(), producer.temperature());
+        // The batches it delivers: those from its start on.
+        let (steps, temperature) = (producer.steps() - first, producer.temperature());
         let (tx, rx) = sync_channel(settings.prefetch.max(1));
         let worker = std::thread::Builder::new().name("kd-stream".into()).spawn(move || {
             let mut host = HostBatch::default();

@@ -9,6 +9,7 @@ use super::tables::Tables;
 use super::Run;
 use crate::config::{ModelSpec, Training, MAX_PARAMETERS};
 use crate::data::Split;
+use crate::preemption;
 use crate::train::optim::{self, Optimizer};
 use crate::train::progress::Progress;
 use crate::train::stopping::{Best, EarlyStopping};
@@ -89,19 +90,21 @@ impl Run<'_> {
         // The stage's initial weights, dropout masks and example order come from libtorch's global
         // generator: held for the whole stage, so that nothing else in the process draws between.
         let _generator = kd_core::seed_global_generator(training.seed as i64);
+        let _training = preemption::Training::enter();
         let (vs, net) = self.network(stage, init)?;
         let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
         let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
         let resume_path = self.resume_checkpoint(stage);
-        let progress = self.resume(stage, &resume_path, &vs, &mut opt)?;
+        let (progress, generators) = self.resume(stage, &resume_path, &vs, &mut opt)?;
         let world = crate::dist::world();
-        // Every rank starts from rank 0's weights and optimizer state, at the same epoch.
+        // Every rank starts from rank 0's weights and optimizer state, at the same epoch and step.
         world.agree(
-            &format!("stage `{stage}`: the epochs done (every rank must see the same --out)"),
-            progress.epochs_done,
+            &format!("stage `{stage}`: the epochs and steps done (every rank must see the same --out)"),
+            progress.epochs_done * (1 << 32) + progress.position.map_or(0, |p| p.step as i64),
         )?;
         broadcast_state(&vs, &mut opt)?;
         let first_epoch = progress.epochs_done;
+        let progress_start = progress;
         let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));
         tables.forget(stage, first_epoch);
         // Seconds of the epochs an earlier process ran (on this device or another).
@@ -195,48 +198,73 @@ impl Run<'_> {
                 examples = Some(draw(epoch)?);
             }
             let steps_started = Instant::now();
-            let first_step = epoch * steps_per_epoch;
-            let mut event_error = None;
-            let mut on_step = |step: usize, loss: Option<f64>| {
-                progress.step(epoch as u64, step as u64, loss);
-                if let (Some(loss), None) = (loss, &event_error) {
-                    event_error =
-                        self.scalars(first_step + step as i64, &[(format!("{stage}/train_loss"), loss)], false).err();
+            // A checkpoint inside this epoch to resume from: its step, and the generators as
+            // they were there (set once the epoch's order is drawn).
+            let position = if epoch == first_epoch { progress_start.position } else { None };
+            let resumed_at = position.map_or(0, |p| p.step);
+            let restore = |resumed: bool| -> Result<()> {
+                match (&generators, resumed) {
+                    (Some(g), true) => g.restore(self.device, &resume_path),
+                    _ => Ok(()),
                 }
             };
+            let mut hook = StageHook {
+                run: self,
+                stage,
+                epoch,
+                steps_per_epoch,
+                progress: &progress,
+                event_error: None,
+                save: SaveTo { net: &net, vs: &vs, path: &resume_path, keep: self.exp.checkpoint.keep },
+                best: stopping.as_ref().and_then(EarlyStopping::best),
+                every_steps: self.exp.checkpoint.every_steps,
+                every_minutes: self.exp.checkpoint.every_minutes,
+                last_save: Instant::now(),
+            };
             let totals = match streamed {
-                None => train::train_epoch(
-                    &mut trainer,
-                    (split, examples.as_ref()),
-                    supervision,
-                    &settings,
-                    &mut guard,
-                    &mut on_step,
-                ),
+                None => {
+                    let mut source = train::InMemory::new((split, examples.as_ref()), &settings).skip(resumed_at);
+                    restore(position.is_some()).and_then(|()| {
+                        train::train_epoch_resumable(
+                            &mut trainer,
+                            &mut source,
+                            supervision,
+                            &settings,
+                            &mut guard,
+                            position.as_ref(),
+                            &mut hook,
+                        )
+                    })
+                }
                 Some(s) => s
                     .stream(
                         world.share(training.batch_size).1,
                         training.seed,
-                        (epoch as u64, 0),
+                        (epoch as u64, resumed_at),
                         (world.rank(), world.size()),
                         self.device,
                     )
                     .and_then(|mut stream| {
-                        train::train_epoch_from(
+                        restore(position.is_some())?;
+                        train::train_epoch_resumable(
                             &mut trainer,
                             &mut stream,
                             supervision,
                             &settings,
                             &mut guard,
-                            &mut on_step,
+                            position.as_ref(),
+                            &mut hook,
                         )
                     }),
             }
             .map_err(|e| {
                 progress.finish();
-                diverged(e, stage, epoch, (lr, supervision), &resume_path)
+                match e.downcast_ref::<train::Stopped>() {
+                    Some(stopped) => preempted(stage, epoch, stopped.step),
+                    None => diverged(e, stage, epoch, (lr, supervision), &resume_path),
+                }
             })?;
-            if let Some(e) = event_error {
+            if let Some(e) = hook.event_error {
                 return Err(e);
             }
             world.check_parameters(&trainer.parameters(), &format!("of stage `{stage}` after epoch {}", epoch + 1))?;
@@ -299,8 +327,18 @@ impl Run<'_> {
             if last {
                 break;
             }
-            let done = resume::Progress { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()) };
-            save_resume(&resume_path, &net, &vs, &trainer.opt, done)?;
+            let done =
+                resume::Progress { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()), position: None };
+            SaveTo { net: &net, vs: &vs, path: &resume_path, keep: self.exp.checkpoint.keep }.save(
+                &trainer.opt,
+                done,
+                None,
+            )?;
+            // A preemption signal during the epoch's last steps: the epoch's checkpoint is it.
+            if preemption::agree(false)?.1 {
+                progress.finish();
+                return Err(preempted(stage, epoch + 1, 0));
+            }
         }
         progress.finish();
         drop(trainer);
@@ -335,18 +373,63 @@ impl Run<'_> {
 
     /// Loads the weights and optimizer state of an unfinished stage's resume checkpoint, if there
     /// is one, and says where the stage stopped.
-    fn resume(&self, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<resume::Progress> {
-        if !path.exists() {
-            return Ok(resume::Progress { epochs_done: 0, best: None });
+    /// The newest readable one of the kept checkpoints (`<stage>.resume`, then `.resume-1`, ...)
+    /// is used; a damaged newer one is named in a warning and passed over.
+    fn resume(
+        &self,
+        stage: &str,
+        path: &Path,
+        vs: &nn::VarStore,
+        opt: &mut Optimizer,
+    ) -> Result<Resumed> {
+        let fresh = resume::Progress { epochs_done: 0, best: None, position: None };
+        let candidates: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
+            .chain((1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(path, k)))
+            .filter(|p| p.exists())
+            .collect();
+        let mut last_error = None;
+        for candidate in &candidates {
+            let read = || -> Result<(Resumed, Vec<(String, Tensor)>)> {
+                let named = output::load_tensors(candidate)?;
+                output::check_finite(candidate, &named)?;
+                let generators = resume::Progress::generators(candidate, &named).ok();
+                let (progress, rest) = resume::Progress::split(candidate, named)?;
+                if progress.position.is_some() && generators.is_none() {
+                    bail!("{}: a checkpoint inside an epoch without the generators' states", candidate.display());
+                }
+                Ok(((progress, generators), rest))
+            };
+            match read() {
+                Ok(((progress, generators), rest)) => {
+                    let (state, weights): (Vec<_>, Vec<_>) =
+                        rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
+                    copy_weights(vs, &weights, self.device).context("reading the resume checkpoint")?;
+                    opt.load_state(&state)?;
+                    match progress.position {
+                        Some(p) => info!(
+                            "stage `{stage}`: resuming at step {} of epoch {} from {}",
+                            p.step,
+                            progress.epochs_done + 1,
+                            candidate.display()
+                        ),
+                        None => info!(
+                            "stage `{stage}`: resuming after epoch {} from {}",
+                            progress.epochs_done,
+                            candidate.display()
+                        ),
+                    }
+                    return Ok((progress, generators));
+                }
+                Err(e) => {
+                    tracing::warn!("stage `{stage}`: {e:#}; trying the checkpoint before it");
+                    last_error = Some(e);
+                }
+            }
         }
-        let named = output::load_tensors(path)?;
-        output::check_finite(path, &named)?;
-        let (progress, rest) = resume::Progress::split(path, named)?;
-        let (state, weights): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
-        copy_weights(vs, &weights, self.device).context("reading the resume checkpoint")?;
-        opt.load_state(&state)?;
-        info!("stage `{stage}`: resuming after epoch {} from {}", progress.epochs_done, path.display());
-        Ok(progress)
+        match last_error {
+            Some(e) => Err(e.context(format!("stage `{stage}`: no kept resume checkpoint is readable"))),
+            None => Ok((fresh, None)),
+        }
     }
 
     /// Saves the stage's final checkpoint (the best validation epoch's weights when early
@@ -370,7 +453,8 @@ impl Run<'_> {
             world.broadcast(&mut crate::dist::variables(vs))?;
         }
         output::save_tensors(&self.checkpoint(stage), &net.to_tensors(vs))?;
-        for path in [resume_path, best_path] {
+        let rotated = (1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(resume_path, k));
+        for path in [resume_path.to_path_buf(), best_path.to_path_buf()].into_iter().chain(rotated) {
             if path.exists() && world.is_writer() {
                 std::fs::remove_file(path)?;
             }
@@ -404,12 +488,115 @@ fn broadcast_state(vs: &nn::VarStore, opt: &mut Optimizer) -> Result<()> {
     opt.load_state(&state)
 }
 
-/// Saves a resume checkpoint: the weights, the optimizer state and where the stage is.
-fn save_resume(path: &Path, net: &Mlp, vs: &nn::VarStore, opt: &Optimizer, progress: resume::Progress) -> Result<()> {
-    let mut state = net.to_tensors(vs);
-    state.extend(opt.state());
-    state.extend(progress.to_tensors());
-    output::save_tensors(path, &state)
+/// Where a resumed stage stands, with the generators' states of a checkpoint inside an epoch.
+type Resumed = (resume::Progress, Option<resume::Generators>);
+
+/// `<stage>.resume-<k>.safetensors`, the k-th newest kept resume checkpoint after `path`.
+fn rotated(path: &Path, k: usize) -> std::path::PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let base = name.strip_suffix(".safetensors").unwrap_or(name);
+    path.with_file_name(format!("{base}-{k}.safetensors"))
+}
+
+/// Where a stage's resume checkpoints go, and how many are kept.
+struct SaveTo<'a> {
+    net: &'a Mlp,
+    vs: &'a nn::VarStore,
+    path: &'a Path,
+    keep: usize,
+}
+
+impl SaveTo<'_> {
+    /// Saves a resume checkpoint (rank 0): the weights, the optimizer state, where the stage is
+    /// and, inside an epoch, the generators' states; the one it replaces becomes `-1`, and so on,
+    /// the last `keep` kept. Each file is written whole and renamed into place.
+    fn save(&self, opt: &Optimizer, progress: resume::Progress, generators: Option<&resume::Generators>) -> Result<()> {
+        if crate::dist::world().is_writer() {
+            for k in (1..self.keep).rev() {
+                let from = if k == 1 { self.path.to_path_buf() } else { rotated(self.path, k - 1) };
+                if from.exists() {
+                    std::fs::rename(&from, rotated(self.path, k))
+                        .with_context(|| format!("cannot rename {}", from.display()))?;
+                }
+            }
+        }
+        let mut state = self.net.to_tensors(self.vs);
+        state.extend(opt.state());
+        state.extend(progress.to_tensors(generators));
+        output::save_tensors(self.path, &state)
+    }
+}
+
+/// What a training stage does after each step: the progress bar, the TensorBoard loss, and
+/// checkpoints inside the epoch (by step count, by time, or on a preemption signal, which
+/// stops the stage after the checkpoint).
+struct StageHook<'a> {
+    run: &'a Run<'a>,
+    stage: &'a str,
+    epoch: i64,
+    steps_per_epoch: i64,
+    progress: &'a Progress,
+    event_error: Option<anyhow::Error>,
+    save: SaveTo<'a>,
+    best: Option<Best>,
+    every_steps: u64,
+    every_minutes: f64,
+    last_save: Instant,
+}
+
+impl train::StepHook for StageHook<'_> {
+    fn after_step(&mut self, done: usize, loss: Option<f64>) -> Result<train::AfterStep> {
+        let (stage, epoch) = (self.stage, self.epoch);
+        self.progress.step(epoch as u64, done as u64, loss);
+        let global = epoch * self.steps_per_epoch + done as i64;
+        if let (Some(loss), None) = (loss, &self.event_error) {
+            self.event_error = self.run.scalars(global, &[(format!("{stage}/train_loss"), loss)], false).err();
+        }
+        // The epoch's own checkpoint follows its last step.
+        if done as i64 >= self.steps_per_epoch {
+            return Ok(train::AfterStep::Continue);
+        }
+        // By time or on a signal: decided every 50 steps (where the ranks meet anyway), the
+        // same on every rank.
+        if loss.is_some() {
+            let timed = self.every_minutes > 0.0 && self.last_save.elapsed().as_secs_f64() >= self.every_minutes * 60.0;
+            let (timed, stop) = preemption::agree(timed)?;
+            if stop {
+                return Ok(train::AfterStep::CheckpointAndStop);
+            }
+            if timed {
+                return Ok(train::AfterStep::Checkpoint);
+            }
+        }
+        let counted = self.every_steps > 0 && (global as u64).is_multiple_of(self.every_steps);
+        Ok(if counted { train::AfterStep::Checkpoint } else { train::AfterStep::Continue })
+    }
+
+    fn save(&mut self, trainer: &Trainer, at: &train::EpochPosition) -> Result<()> {
+        let progress = resume::Progress { epochs_done: self.epoch, best: self.best, position: Some(*at) };
+        let generators = resume::Generators::now(self.run.device)?;
+        let started = Instant::now();
+        self.save.save(&trainer.opt, progress, Some(&generators))?;
+        self.last_save = Instant::now();
+        info!(
+            "stage `{}`: checkpoint at step {} of epoch {} ({:.2} s)",
+            self.stage,
+            at.step,
+            self.epoch + 1,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+/// The error of a stage stopped by a preemption signal after its checkpoint (exit status
+/// [`preemption::EXIT_STATUS`]).
+fn preempted(stage: &str, epoch: i64, step: usize) -> anyhow::Error {
+    let at = if step == 0 { format!("after epoch {epoch}") } else { format!("at step {step} of epoch {}", epoch + 1) };
+    anyhow::Error::new(preemption::Preempted(format!(
+        "stage `{stage}`: stopped by {} {at}, with its checkpoint saved: run the same command again to resume",
+        preemption::signal_name()
+    )))
 }
 
 /// Copies the weights of a checkpoint made by `Mlp::to_tensors` into the same network's `vs`.

@@ -1,8 +1,11 @@
-//! The progress part of a stage's per-epoch checkpoint (`<stage>.resume.safetensors`): the
-//! epochs finished and early stopping's best epoch, stored as tensors beside the weights and the
-//! optimizer state so that one atomic write saves all of it.
+//! The progress part of a stage's resume checkpoint (`<stage>.resume.safetensors`): the epochs
+//! finished and early stopping's best epoch, and for a checkpoint inside an epoch where in it
+//! the stage stood (the epoch's accounting, [`EpochPosition`]) and the states of libtorch's
+//! generators; stored as tensors beside the weights and the optimizer state so that one atomic
+//! write saves all of it.
 
 use crate::train::stopping::Best;
+use crate::train::EpochPosition;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::Tensor;
@@ -11,22 +14,98 @@ use tch::Tensor;
 const PREFIX: &str = "__progress__.";
 const EPOCH: &str = "__progress__.epoch";
 const BEST: &str = "__progress__.best";
+const STEP: &str = "__progress__.step";
+const SUMS: &str = "__progress__.sums";
+const RNG_CPU: &str = "__progress__.rng_cpu";
+const RNG_CUDA: &str = "__progress__.rng_cuda";
 
-/// Where a stage stopped: the epochs it finished and its best validation epoch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a stage stopped: the epochs it finished, its best validation epoch, and, for a
+/// checkpoint inside epoch `epochs_done`, the position in it.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Progress {
     pub epochs_done: i64,
     pub best: Option<Best>,
+    pub position: Option<EpochPosition>,
+}
+
+/// The states of libtorch's default generators: the CPU's, and the training GPU's.
+pub struct Generators {
+    pub cpu: Tensor,
+    pub cuda: Option<Tensor>,
+}
+
+impl Generators {
+    /// The states now (the GPU's of `device` when it is one).
+    pub fn now(device: tch::Device) -> Result<Generators> {
+        use kd_native::rng::{generator_state, GeneratorDevice};
+        let cpu = generator_state(GeneratorDevice::Cpu)?;
+        let cuda = match device {
+            tch::Device::Cuda(i) => Some(generator_state(GeneratorDevice::Cuda(i))?),
+            _ => None,
+        };
+        Ok(Generators { cpu, cuda })
+    }
+
+    /// Sets the generators to these states (the GPU's of `device` when it is one).
+    pub fn restore(&self, device: tch::Device, path: &Path) -> Result<()> {
+        use kd_native::rng::{set_generator_state, GeneratorDevice};
+        set_generator_state(GeneratorDevice::Cpu, &self.cpu)
+            .with_context(|| format!("{}: the CPU generator's state", path.display()))?;
+        match (device, &self.cuda) {
+            (tch::Device::Cuda(i), Some(state)) => set_generator_state(GeneratorDevice::Cuda(i), state)
+                .with_context(|| format!("{}: the GPU generator's state", path.display()))?,
+            (tch::Device::Cuda(_), None) => {
+                bail!("{}: saved on the CPU, inside an epoch: resume it on the CPU", path.display())
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn to_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(RNG_CPU.to_string(), self.cpu.shallow_clone())];
+        if let Some(c) = &self.cuda {
+            out.push((RNG_CUDA.to_string(), c.shallow_clone()));
+        }
+        out
+    }
 }
 
 impl Progress {
-    /// The entries to save with the weights and the optimizer state.
-    pub fn to_tensors(self) -> Vec<(String, Tensor)> {
+    /// The entries to save with the weights and the optimizer state (and, inside an epoch, the
+    /// generators' states).
+    pub fn to_tensors(self, generators: Option<&Generators>) -> Vec<(String, Tensor)> {
         let mut out = vec![(EPOCH.to_string(), Tensor::from_slice(&[self.epochs_done]))];
         if let Some(b) = self.best {
             out.push((BEST.to_string(), Tensor::from_slice(&[b.errors, b.epoch])));
         }
+        if let Some(p) = self.position {
+            // Absent sums are flagged in the integers (the values stay finite: a checkpoint with
+            // a NaN is refused as a diverged one).
+            let ints = [
+                p.step as i64,
+                p.seen,
+                p.first_batch,
+                p.correct,
+                p.kl_sum.is_some().into(),
+                p.reference.is_some().into(),
+            ];
+            out.push((STEP.to_string(), Tensor::from_slice(&ints)));
+            let f = [p.loss_sum, p.kl_sum.unwrap_or(0.0), p.reference.unwrap_or(0.0)];
+            out.push((SUMS.to_string(), Tensor::from_slice(&f)));
+        }
+        if let Some(g) = generators {
+            out.extend(g.to_tensors());
+        }
         out
+    }
+
+    /// The generators' states of a checkpoint inside an epoch, from its entries.
+    pub fn generators(path: &Path, named: &[(String, Tensor)]) -> Result<Generators> {
+        let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
+        let cpu = get(RNG_CPU)
+            .with_context(|| format!("{}: a checkpoint inside an epoch without `{RNG_CPU}`", path.display()))?;
+        Ok(Generators { cpu, cuda: get(RNG_CUDA) })
     }
 
     /// Splits a resume checkpoint `path`'s entries into its progress and the rest (weights and
@@ -46,8 +125,36 @@ impl Progress {
                 }
             },
         };
+        let position = match named.iter().find(|(k, _)| k == STEP) {
+            None => None,
+            Some((_, ints)) => {
+                let ints = Vec::<i64>::try_from(ints).with_context(|| format!("{}: `{STEP}`", path.display()))?;
+                let sums = named.iter().find(|(k, _)| k == SUMS).map(|(_, t)| Vec::<f64>::try_from(t)).transpose();
+                let sums = sums.with_context(|| format!("{}: `{SUMS}`", path.display()))?.unwrap_or_default();
+                match (ints.as_slice(), sums.as_slice()) {
+                    (&[step, seen, first_batch, correct, has_kl, has_reference], &[loss_sum, kl, reference])
+                        if step > 0 && seen > 0 =>
+                    {
+                        Some(EpochPosition {
+                            step: step as usize,
+                            seen,
+                            first_batch,
+                            loss_sum,
+                            correct,
+                            kl_sum: (has_kl != 0).then_some(kl),
+                            reference: (has_reference != 0).then_some(reference),
+                        })
+                    }
+                    _ => bail!(
+                        "{}: `{STEP}` and `{SUMS}` should hold 6 and 3 numbers with a step > 0, not {ints:?} and \
+                         {sums:?}",
+                        path.display()
+                    ),
+                }
+            }
+        };
         let rest = named.into_iter().filter(|(k, _)| !k.starts_with(PREFIX)).collect();
-        Ok((Progress { epochs_done, best }, rest))
+        Ok((Progress { epochs_done, best, position }, rest))
     }
 }
 
@@ -58,10 +165,19 @@ mod tests {
     #[test]
     fn progress_round_trips_and_leaves_the_other_entries() {
         let path = Path::new("x.resume.safetensors");
-        for best in [None, Some(Best { errors: 12, epoch: 3 })] {
-            let progress = Progress { epochs_done: 7, best };
+        let position = EpochPosition {
+            step: 3,
+            seen: 300,
+            first_batch: 100,
+            loss_sum: 12.5,
+            correct: 211,
+            kl_sum: None,
+            reference: Some(2.25),
+        };
+        for (best, position) in [(None, None), (Some(Best { errors: 12, epoch: 3 }), Some(position))] {
+            let progress = Progress { epochs_done: 7, best, position };
             let mut named = vec![("output.weight".to_string(), Tensor::zeros([2, 2], tch::kind::FLOAT_CPU))];
-            named.extend(progress.to_tensors());
+            named.extend(progress.to_tensors(None));
             let (back, rest) = Progress::split(path, named).unwrap();
             assert_eq!(back, progress);
             assert_eq!(rest.len(), 1);
