@@ -503,3 +503,83 @@ fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume(
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The process whose command line contains `needle` and whose environment holds all of `vars`.
+fn find_process(needle: &str, vars: &[&str]) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let has = |hay: &[u8], s: &str| hay.split(|&b| b == 0).any(|w| w == s.as_bytes());
+        let mentions = String::from_utf8_lossy(&cmdline).contains(needle);
+        (mentions && vars.iter().all(|v| has(&environ, v))).then_some(pid)
+    })
+}
+
+/// Under `torchrun --max-restarts 1`, rank 1 killed with SIGKILL inside an epoch: torchrun
+/// restarts both ranks, they resume from the last checkpoint inside the epoch, and the run ends
+/// with the weights of an uninterrupted 2-rank run. Needs torchrun (`make setup` installs it in
+/// .venv).
+#[test]
+fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoint() {
+    let torchrun = root().join(".venv/bin/torchrun");
+    if !torchrun.exists() {
+        eprintln!("no .venv/bin/torchrun (run `make setup`): the elastic restart is not checked");
+        return;
+    }
+    let dir = fresh_dir("elastic");
+    let file = dir.join("el.toml");
+    let experiment = SMALL
+        .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
+        .replace("epochs = 1", "epochs = 3")
+        .replace("batch_size = 75", "batch_size = 5")
+        .replace("[24]", "[400]");
+    std::fs::write(&file, experiment).unwrap();
+    let (whole, cut) = (dir.join("whole"), dir.join("cut"));
+    let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
+    let a = args(&whole);
+    let ranks = two_ranks(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    for (r, o) in ranks.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}:\n{}", text(o));
+    }
+    let port = free_loopback_port().to_string();
+    let child = Command::new(&torchrun)
+        .args(["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.2"])
+        .args(["--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{port}")])
+        .args(["--no-python", env!("CARGO_BIN_EXE_kd-run")])
+        .args(args(&cut))
+        .current_dir(root())
+        .env("GLOO_SOCKET_IFNAME", "lo")
+        .env("KD_DIST_TIMEOUT_S", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("torchrun starts");
+    let first = cut.join("small/checkpoints/net.resume.safetensors");
+    let started = Instant::now();
+    while !first.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint inside an epoch");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let needle = file.display().to_string();
+    let victim = find_process(&needle, &["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]).expect("rank 1 of the first attempt");
+    // SAFETY: kills a process this test's torchrun started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "torchrun:\n{err}");
+    assert!(err.contains("resuming at step "), "the restarted group resumed inside an epoch:\n{err}");
+    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
+    let (w1, w2) = (load(&whole), load(&cut));
+    for (name, t1) in &w1 {
+        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name}: max |uninterrupted - restarted| = {diff}");
+    }
+    let (s1, s2) = (csv_rows(&whole.join("small/summary.csv")), csv_rows(&cut.join("small/summary.csv")));
+    assert_eq!(s1[0]["test_errors"], s2[0]["test_errors"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
