@@ -16,7 +16,9 @@ macro_rules! stage_bail {
 mod experiment;
 mod limits;
 mod names;
+mod paths;
 mod raw;
+mod record;
 mod resolve;
 mod sweep;
 #[cfg(test)]
@@ -25,6 +27,7 @@ mod values;
 
 pub use experiment::*;
 pub use limits::*;
+pub use record::read_record;
 
 use anyhow::{Context, Result};
 use raw::{apply_override, toml_error, RawExperiment};
@@ -33,13 +36,25 @@ use std::path::Path;
 
 /// Reads, overrides, validates and resolves an experiment file.
 ///
-/// Relative paths in the file (`data.dir`, checkpoints) are taken relative to the current
-/// directory, like the path of the file itself.
+/// Relative paths in the file (`data.dir`, `data.store.dir`, `data.files`, checkpoints) are
+/// taken relative to the folder the file is in; those of `--set` values relative to the working
+/// directory, like the path of the file itself. The experiment returned holds them absolute.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
     // A pipe or a device would block or never end: only regular files (or links to them).
     crate::data::inputs::check_file(path, "experiment file")?;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let origin = path.display().to_string();
+    let mut origin = path.display().to_string();
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    // A `config.toml` in the form runs wrote before it was an experiment file: read as the
+    // experiment file it stands for, and checked as one.
+    let text = match toml::from_str::<RawExperiment>(&text) {
+        Err(_) if record::read_resolved_form(&text, &cwd).is_some() => {
+            origin = format!("{origin} (a run's record in its earlier form, read as an experiment file)");
+            record::read_resolved_form(&text, &cwd).map(|e| e.to_experiment_file()).unwrap_or_default()
+        }
+        _ => text,
+    };
+    let base = paths::absolute(&cwd, path.parent().unwrap_or(Path::new("")));
     // The file as written first, so that its errors carry its own line numbers.
     let raw: RawExperiment = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
     let (raw, text, origin) = if overrides.is_empty() {
@@ -47,7 +62,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
     } else {
         let mut doc: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         for o in overrides {
-            apply_override(&mut doc, o).with_context(|| format!("--set `{o}`"))?;
+            apply_override(&mut doc, o, &cwd).with_context(|| format!("--set `{o}`"))?;
         }
         let text = toml::to_string(&doc)?;
         let quoted: Vec<String> = overrides.iter().map(|o| format!("`{o}`")).collect();
@@ -55,6 +70,8 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
         let raw = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         (raw, text, origin)
     };
+    let mut raw = raw;
+    raw.resolve_paths(&base);
     resolve(raw, &text).map_err(|e| {
         if overrides.is_empty() {
             anyhow::anyhow!("{origin}:{e}")
@@ -66,4 +83,35 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
             anyhow::anyhow!("{origin}: {message}")
         }
     })
+}
+
+/// Checks that every file the experiment reads exists and can be opened for reading: its data
+/// (`data::check_inputs`) and the checkpoint files its stages name. `validate` and `run` call it
+/// before anything is created, so that a missing file is reported before a run directory
+/// exists; the files' contents are checked when they are read.
+pub fn check_inputs(exp: &Experiment) -> Result<()> {
+    crate::data::check_inputs(&exp.data)?;
+    for stage in &exp.stages {
+        let sources: Vec<&ModelSource> = match &stage.job {
+            Job::Train(_) | Job::Ensemble(_) => vec![],
+            Job::Distill(j) => vec![&j.distill.teacher],
+            Job::Evaluate(j) => vec![&j.source],
+            Job::BiasShift(j) => vec![&j.source],
+            Job::Clusters(j) => vec![&j.source],
+            Job::Specialists(j) => vec![&j.source],
+        };
+        for source in sources {
+            if let ModelSource::Checkpoint(path) | ModelSource::PinnedCheckpoint { path, .. } = source {
+                let key = if matches!(stage.job, Job::Distill(_)) { "teacher_checkpoint" } else { "checkpoint" };
+                crate::data::inputs::check_file(path, "checkpoint")
+                    .and_then(|()| {
+                        std::fs::File::open(path)
+                            .map(drop)
+                            .with_context(|| format!("cannot read checkpoint {}", path.display()))
+                    })
+                    .with_context(|| format!("stage `{}`: {key}", stage.name))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -215,6 +215,60 @@ impl StoreData {
 const NUM_CLASSES: u8 = 10;
 
 /// Loads the dataset named by `spec` onto `device` and carves the validation split.
+/// Checks, before a run creates anything, that every file `spec` reads exists and can be opened
+/// for reading (the MNIST files, the user's frames and labels, the stores' manifests and
+/// targets), each error naming the setting and the file. Their contents are checked as they
+/// are read.
+pub fn check_inputs(spec: &DataSpec) -> Result<()> {
+    let readable = |path: &Path, what: &str| -> Result<()> {
+        inputs::check_file(path, what)?;
+        std::fs::File::open(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+        Ok(())
+    };
+    match &spec.source {
+        DataSource::Speech(_) => Ok(()),
+        DataSource::Mnist { dir } => {
+            for name in [
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            ] {
+                let path = dir.join(name);
+                idx::ensure_present(&path).context("data.dir")?;
+                readable(&path, "IDX file").context("data.dir")?;
+            }
+            Ok(())
+        }
+        DataSource::Files(files) => {
+            for (split, set) in [("train", &files.train), ("validation", &files.validation), ("test", &files.test)] {
+                let named = [
+                    ("features", Some(&set.features)),
+                    ("labels", Some(&set.labels)),
+                    ("lengths", set.lengths.as_ref()),
+                ];
+                for (key, path) in named {
+                    if let Some(path) = path {
+                        readable(path, "file").with_context(|| format!("data.files.{split}.{key}"))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        DataSource::Store(st) => {
+            for split in ["train", "validation", "test"] {
+                let manifest = st.dir.join(split).join(store::MANIFEST);
+                readable(&manifest, "frame store manifest")
+                    .with_context(|| format!("data.store.dir: no frame store in {}", st.dir.join(split).display()))?;
+            }
+            if let Some(name) = &st.targets {
+                readable(&st.dir.join("train").join(name), "top-k targets file").context("data.store.targets")?;
+            }
+            Ok(())
+        }
+    }
+}
+
 pub fn load(spec: &DataSpec, device: Device) -> Result<Dataset> {
     match &spec.source {
         DataSource::Speech(speech) => load_speech(speech, device),

@@ -167,6 +167,8 @@ fn try_main() -> Result<(), Failure> {
     match cli.command {
         Command::Run { experiment, out, overrides, fresh, only, redo } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
+            // Before anything is created under --out.
+            config::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
             // A stage's name, or `<stage>.<m>` for specialist m of a specialists stage.
             let known = |o: &str| {
                 exp.stages.iter().any(|s| {
@@ -200,7 +202,8 @@ fn try_main() -> Result<(), Failure> {
         }
         Command::Validate { experiment, overrides } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
-            print!("{}", exp.to_toml()?);
+            config::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
+            print!("{}", exp.to_experiment_file());
             let n = exp.stages.len();
             eprintln!("{}: ok ({n} stage{})", experiment.display(), if n == 1 { "" } else { "s" });
         }

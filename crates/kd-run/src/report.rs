@@ -67,9 +67,12 @@ impl RunFiles {
         let config_path = dir.join("config.toml");
         let text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("{} is not a run directory (no config.toml)", dir.display()))?;
-        let config: Experiment =
-            toml::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
-        let table: toml::Table = text.parse().with_context(|| format!("malformed {}", config_path.display()))?;
+        // Either form of the record (an experiment file, or the resolved structs runs wrote
+        // before), compared between runs resolved.
+        let config: Experiment = crate::config::read_record(&text, &config_path)
+            .with_context(|| format!("malformed {}", config_path.display()))?;
+        let table: toml::Table =
+            config.to_toml()?.parse().with_context(|| format!("malformed {}", config_path.display()))?;
         let canonical = std::fs::canonicalize(dir)
             .with_context(|| format!("cannot resolve the run directory {}", dir.display()))?;
         let config_checked = check_config_hash(dir, &text)?;
@@ -1537,7 +1540,7 @@ mod tests {
     /// then `stages` (TOML of `[[stages]]` tables).
     fn experiment(stages: &str) -> Experiment {
         let text = format!(
-            "name = \"r\"\n[data]\ndir = \"d\"\nvalidation = 10\n[defaults]\nepochs = 1\nbatch_size = 2\n\
+            "name = \"r\"\n[data]\ndir = \"/d\"\nvalidation = 10\n[defaults]\nepochs = 1\nbatch_size = 2\n\
              optimizer = {{ kind = \"sgd\", lr = 0.1 }}\n\
              [[stages]]\nname = \"teacher\"\nkind = \"train\"\nmodel = {{ hidden = [4] }}\n{stages}"
         );

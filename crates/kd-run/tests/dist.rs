@@ -83,6 +83,11 @@ fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
 /// A network with dropout and jitter trained for 7 steps of 75 examples (shares of 37 and 38;
 /// the last batch 50) with momentum and max-norm: the ranks draw the masks and shifts of the
 /// whole batch from one stream, so they draw what one process does.
+/// [`SMALL`] with its data folder absolute, for a file written outside the repository.
+fn small() -> String {
+    SMALL.replace("\"data/mnist\"", &format!("{:?}", root().join("data/mnist").to_str().unwrap()))
+}
+
 const SMALL: &str = r#"
 name = "small"
 seed = 5
@@ -107,7 +112,7 @@ optimizer = { kind = "sgd", lr = 0.2, momentum = 0.9 }
 fn two_ranks_train_as_one_process_at_the_same_global_batch() {
     let dir = fresh_dir("equal");
     let file = dir.join("small.toml");
-    std::fs::write(&file, SMALL).unwrap();
+    std::fs::write(&file, small()).unwrap();
     let (one, two) = (dir.join("one"), dir.join("two"));
     let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
     let a = args(&one);
@@ -151,7 +156,7 @@ fn two_ranks_train_as_one_process_at_the_same_global_batch() {
 fn the_optimizer_in_the_backward_pass_trains_to_the_same_weights() {
     let dir = fresh_dir("in_backward");
     let file = dir.join("small.toml");
-    std::fs::write(&file, SMALL).unwrap();
+    std::fs::write(&file, small()).unwrap();
     let args = |out: &Path, in_backward: bool| {
         let mut a = vec!["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
         if in_backward {
@@ -242,7 +247,7 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
     let dir = fresh_dir("kill");
     let file = dir.join("long.toml");
     // Enough epochs that rank 1 dies mid-training.
-    std::fs::write(&file, SMALL.replace("epochs = 1", "epochs = 400")).unwrap();
+    std::fs::write(&file, small().replace("epochs = 1", "epochs = 400")).unwrap();
     let out = dir.join("out");
     let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let port = free_loopback_port();
@@ -289,7 +294,7 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
 fn ranks_started_with_different_experiments_stop_at_the_start() {
     let dir = fresh_dir("differ");
     let file = dir.join("small.toml");
-    std::fs::write(&file, SMALL).unwrap();
+    std::fs::write(&file, small()).unwrap();
     let out = dir.join("out");
     let port = free_loopback_port();
     let children: Vec<Child> = (0..2)
@@ -360,14 +365,15 @@ fn mnist_copy(dir: &Path, n: usize, flip: usize) {
     }
 }
 
-/// The same relative data path names different bytes on the two ranks (their working
-/// directories differ): the ranks stop before training, naming the data, instead of training
-/// on the mix.
+/// The same data path names different bytes on the two ranks (as on two machines: here through
+/// a link to `/proc/self/cwd`, and the ranks' working directories differ): the ranks stop
+/// before training, naming the data, instead of training on the mix.
 #[test]
 fn ranks_that_read_different_data_stop_naming_it() {
     let dir = fresh_dir("data");
     let file = dir.join("small.toml");
     std::fs::write(&file, SMALL.replace("data/mnist", "d/mnist")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/cwd/d", dir.join("d")).unwrap();
     let (a, b) = (dir.join("a"), dir.join("b"));
     mnist_copy(&a, 700, 0);
     mnist_copy(&b, 700, 3);
@@ -377,7 +383,7 @@ fn ranks_that_read_different_data_stop_naming_it() {
     if built_without_gloo(&ranks) {
         return;
     }
-    both_stopped_naming(&ranks, "the training examples as read from d/mnist", &out);
+    both_stopped_naming(&ranks, &format!("the training examples as read from {}", dir.join("d/mnist").display()), &out);
     // The same bytes in both folders train.
     let ranks = two_ranks_in([&a, &a], [&[], &[]], &args);
     for (r, o) in ranks.iter().enumerate() {
@@ -392,7 +398,7 @@ fn ranks_that_read_different_data_stop_naming_it() {
 fn a_bucket_size_that_differs_between_ranks_stops_at_the_start() {
     let dir = fresh_dir("bucket");
     let file = dir.join("small.toml");
-    std::fs::write(&file, SMALL.replace("[24]", "[400]")).unwrap();
+    std::fs::write(&file, small().replace("[24]", "[400]")).unwrap();
     let out = dir.join("out");
     let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let ranks = two_ranks_in([&root(), &root()], [&[], &[("KD_DIST_BUCKET_MB", "1")]], &args);

@@ -285,7 +285,10 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         .contains("--redo distiled_no3: experiments/smoke.toml has no such stage"));
 
     // A stage removed from the file takes its results with it.
-    let text = std::fs::read_to_string(root().join("experiments/smoke.toml")).unwrap();
+    // A copy outside experiments/: its data folder absolute.
+    let text = std::fs::read_to_string(root().join("experiments/smoke.toml"))
+        .unwrap()
+        .replace("\"../data/mnist\"", &format!("{:?}", root().join("data/mnist").to_str().unwrap()));
     let cut = text.find("[[stages]]\nname = \"distilled_no3\"").expect("the smoke file has distilled_no3");
     let shorter = out.join("shorter.toml");
     std::fs::write(&shorter, &text[..cut]).unwrap();
@@ -783,7 +786,13 @@ fn a_run_stays_inside_out_and_fresh_removes_only_its_own_files() {
     std::fs::write(dir.join("notes.txt"), "mine").unwrap();
     std::fs::write(dir.join("summary.csv"), "stage\n").unwrap();
     std::os::unix::fs::symlink(victim.join("checkpoints"), dir.join("checkpoints")).unwrap();
+    // Data files that exist but are empty: the run stops when it reads them, after --fresh.
     let missing = base.join("no-data");
+    std::fs::create_dir_all(&missing).unwrap();
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    {
+        std::fs::write(missing.join(f), b"").unwrap();
+    }
     let r = kd_run(&[
         "run",
         "experiments/smoke.toml",
@@ -850,6 +859,16 @@ kind = "ensemble"
 members = ["teacher", "student"]
 "#;
 
+/// [`TINY`] with its data folder absolute, for a file written outside the repository.
+fn tiny() -> String {
+    with_data(TINY)
+}
+
+/// `text` with `dir = "data/mnist"` made the repository's data folder, absolute.
+fn with_data(text: &str) -> String {
+    text.replace("\"data/mnist\"", &format!("{:?}", root().join("data/mnist").to_str().unwrap()))
+}
+
 /// A table's rows without the columns that measure time or name the machine.
 fn deterministic_rows(path: &Path) -> Vec<Vec<(String, String)>> {
     let timing = ["seconds", "examples_per_second", "tflops", "device"];
@@ -869,7 +888,7 @@ fn a_run_killed_at_every_commit_point_resumes_to_the_same_tables() {
     let base = fresh_dir("faults");
     std::fs::create_dir_all(&base).unwrap();
     let file = base.join("tiny.toml");
-    std::fs::write(&file, TINY).unwrap();
+    std::fs::write(&file, tiny()).unwrap();
     // `ulimit -c 0`: the abort leaves no core file.
     let run = |out: &Path, fault: Option<usize>| {
         let mut cmd = Command::new("sh");
@@ -962,7 +981,7 @@ fn a_run_directory_in_use_is_refused_naming_its_holder_and_only_processes_share_
     let base = fresh_dir("lock");
     std::fs::create_dir_all(&base).unwrap();
     let file = base.join("tiny.toml");
-    std::fs::write(&file, TINY).unwrap();
+    std::fs::write(&file, tiny()).unwrap();
     let out = base.join("out");
     let args = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> =
@@ -1018,7 +1037,7 @@ fn a_damaged_teacher_logit_cache_entry_is_computed_again() {
     let base = fresh_dir("cache");
     std::fs::create_dir_all(&base).unwrap();
     let file = base.join("tiny.toml");
-    std::fs::write(&file, TINY).unwrap();
+    std::fs::write(&file, tiny()).unwrap();
     let out = base.join("out");
     let run = |extra: &[&str]| {
         let mut args = vec!["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
@@ -1162,10 +1181,11 @@ fn tensorboard_reads_the_scalars_the_run_logged() {
     let exp = dir.join("tb.toml");
     std::fs::write(
         &exp,
-        "name = \"tb\"\nseed = 3\ndevice = \"cpu\"\nthreads = 1\n[data]\ndir = \"data/mnist\"\ntrain_limit = 1300\n\
+        with_data("name = \"tb\"\nseed = 3\ndevice = \"cpu\"\nthreads = 1\n[data]\ndir = \"data/mnist\"\ntrain_limit = 1300\n\
          validation = 100\ntest_limit = 200\n[[stages]]\nname = \"net\"\nkind = \"train\"\nmodel = { hidden = [16] }\n\
          epochs = 2\nbatch_size = 10\noptimizer = { kind = \"sgd\", lr = 0.05, momentum = 0.9 }\n\
          schedule = { kind = \"exponential\", gamma = 0.5 }\n",
+        ),
     )
     .unwrap();
     let out = dir.join("out");

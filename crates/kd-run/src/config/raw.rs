@@ -374,7 +374,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Applies `key=value`, where key is a dotted path (`seed`, `data.train_limit`,
 /// `defaults.epochs`, `stages.<stage name>.temperature`) and value a TOML value (a bare word is
 /// taken as a string).
-pub(crate) fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+/// A path the value holds is made absolute against `cwd`.
+pub(crate) fn apply_override(doc: &mut toml::Table, assignment: &str, cwd: &std::path::Path) -> Result<()> {
     let Some((key, value)) = assignment.split_once('=') else {
         bail!("expected KEY=VALUE");
     };
@@ -419,6 +420,8 @@ pub(crate) fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<
             i += 1;
         }
     }
+    let mut value = value;
+    super::paths::absolutize_value(last, &mut value, cwd);
     table.insert(last.to_string(), value);
     Ok(())
 }

@@ -33,8 +33,13 @@ fn parse(text: &str) -> Result<Experiment> {
     parse_with(text, &[])
 }
 
+/// The folder [`parse`] writes its files into: relative paths in them resolve against it.
+fn folder() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kd-config-test-{}", std::process::id()))
+}
+
 fn parse_with(text: &str, overrides: &[&str]) -> Result<Experiment> {
-    let dir = std::env::temp_dir().join(format!("kd-config-test-{}", std::process::id()));
+    let dir = folder();
     std::fs::create_dir_all(&dir)?;
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -295,7 +300,7 @@ fn files_data_resolves_and_rejects_settings_of_other_kinds() {
     let e = parse(&text).unwrap();
     let DataSource::Files(f) = &e.data.source else { panic!("files data") };
     assert_eq!((f.left, f.right, f.classes), (3, 1, Some(50)));
-    assert_eq!(f.validation.lengths.as_deref(), Some(Path::new("bn.npy")));
+    assert_eq!(f.validation.lengths, Some(folder().join("bn.npy")), "relative to the file's folder");
     assert!(e.to_toml().unwrap().contains("[data.files.train]"));
     for (bad, msg) in [
         (text.replace("classes = 50\n", "classes = 50\nvalidation = 10\n"), "the splits are the files"),
@@ -535,7 +540,7 @@ fn bad_files_are_rejected_with_line_and_key() {
 }
 
 #[test]
-fn every_shipped_experiment_file_loads() {
+fn every_shipped_experiment_file_loads_and_its_record_resolves_to_it() {
     // A typo in a shipped file would otherwise surface only when someone runs it.
     fn toml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).expect("experiments/ is readable") {
@@ -551,9 +556,13 @@ fn every_shipped_experiment_file_loads() {
     toml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments"), &mut files);
     assert!(files.len() >= 10, "found only {} experiment files", files.len());
     for file in &files {
-        if let Err(e) = load(file, &[]) {
-            panic!("{e:#}"); // names the file
-        }
+        let e = load(file, &[]).unwrap_or_else(|e| panic!("{e:#}")); // names the file
+                                                                     // What a run records is an experiment file that resolves to the same experiment, from
+                                                                     // any folder, and reads back as the record.
+        let record = e.to_experiment_file();
+        let back = parse(&record).unwrap_or_else(|err| panic!("{}: its record: {err:#}\n{record}", file.display()));
+        assert_eq!(back, e, "{}: its record resolves to another experiment:\n{record}", file.display());
+        assert_eq!(read_record(&record, Path::new("/elsewhere/config.toml")).unwrap(), e);
     }
 }
 
@@ -758,7 +767,8 @@ fn a_checkpoint_file_s_sha256_is_pinned_in_lower_case_and_checked_for_form() {
         format!("{GOOD}[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\ncheckpoint = \"t.safetensors\"\n{extra}\n")
     };
     let e = parse(&stage(&format!("sha256 = \"{hex}\""))).unwrap();
-    let pinned = ModelSource::PinnedCheckpoint { path: "t.safetensors".into(), sha256: hex.to_ascii_lowercase() };
+    let pinned =
+        ModelSource::PinnedCheckpoint { path: folder().join("t.safetensors"), sha256: hex.to_ascii_lowercase() };
     assert_eq!(e.stages[2].job, Job::Evaluate(EvaluateJob { source: pinned.clone() }));
     // Recorded in config.toml and read back; without a pin the form runs wrote before stays.
     let back: Experiment = toml::from_str(&e.to_toml().unwrap()).unwrap();
@@ -766,7 +776,7 @@ fn a_checkpoint_file_s_sha256_is_pinned_in_lower_case_and_checked_for_form() {
     let plain = parse(&stage("")).unwrap();
     assert_eq!(
         plain.stages[2].job,
-        Job::Evaluate(EvaluateJob { source: ModelSource::Checkpoint("t.safetensors".into()) })
+        Job::Evaluate(EvaluateJob { source: ModelSource::Checkpoint(folder().join("t.safetensors")) })
     );
     // Not 64 hexadecimal digits: the parser's error, at the key's line.
     for bad in [&hex[1..], &format!("{}g", &hex[1..]), "", &format!("{hex}0")] {
@@ -863,4 +873,125 @@ fn resource_settings_are_bounded_before_use() {
     );
     let err = format!("{:#}", parse(&store).unwrap_err());
     assert!(err.contains("prefetch = 1000000: expected at most 256"), "{err}");
+}
+
+#[test]
+fn relative_paths_resolve_against_the_file_s_folder_and_set_values_against_the_working_directory() {
+    let e = parse(&format!(
+        "{GOOD}[[stages]]\nname = \"eval\"\nkind = \"evaluate\"\ncheckpoint = \"../c/t.safetensors\"\n"
+    ))
+    .unwrap();
+    assert_eq!(e.data.source, DataSource::Mnist { dir: folder().join("data/mnist") });
+    let expected = folder().parent().unwrap().join("c/t.safetensors");
+    assert_eq!(e.stages[2].job, Job::Evaluate(EvaluateJob { source: ModelSource::Checkpoint(expected) }));
+    let cwd = std::env::current_dir().unwrap();
+    let e = parse_with(GOOD, &["data.dir=elsewhere/mnist"]).unwrap();
+    assert_eq!(e.data.source, DataSource::Mnist { dir: cwd.join("elsewhere/mnist") });
+    let e = parse_with(GOOD, &["data.dir=\"/abs/mnist\""]).unwrap();
+    assert_eq!(e.data.source, DataSource::Mnist { dir: "/abs/mnist".into() });
+}
+
+/// The record of stages of every kind and setting the shipped files may not use resolves to the
+/// same experiment.
+#[test]
+fn a_record_of_every_kind_of_stage_resolves_to_the_same_experiment() {
+    let stages = r#"
+[[stages]]
+name = "adam"
+kind = "train"
+model = { hidden = [4], max_norm = 2.0 }
+optimizer = { kind = "adam", lr = 0.01, beta1 = 0.8, weight_decay = 0.001 }
+schedule = { kind = "cosine", min_lr = 0.001 }
+train_fraction = 0.5
+early_stopping = { patience = 2 }
+[[stages]]
+name = "logits"
+kind = "distill"
+teacher_checkpoint = "t.safetensors"
+sha256 = "ade61437b8f9b89858130477257f16cf9a57fcdbf72384f76c96135ffd420c4f"
+objective = "logits"
+hard_weight = 0.5
+model = { hidden = [4] }
+transfer_only = [1, 2]
+[[stages]]
+name = "topk"
+kind = "distill"
+teacher = "teacher"
+temperature = 3
+teacher_top_k = 3
+transfer_exclude = [7]
+model = { hidden = [4] }
+sweep = { temperature = [2.5, 4], hidden = [[3], [5, 5]], seed = [9] }
+paper = { test_errors = 74, relative_change_percent = [0.1, 2.0] }
+[[stages]]
+name = "pair"
+kind = "ensemble"
+members = ["teacher", "student"]
+[[stages]]
+name = "from_pair"
+kind = "distill"
+teacher = "pair"
+temperature = 2
+model = { hidden = [4] }
+teacher_translations = 1
+[[stages]]
+name = "c"
+kind = "clusters"
+checkpoint = "g.safetensors"
+clusters = 3
+affinity = "confusion"
+extra_clusters = [2]
+max_overlap = 0.5
+max_size = 5
+count = 4
+kmeans = { iterations = 7, batch_size = 9 }
+[[stages]]
+name = "s"
+kind = "specialists"
+from = "teacher"
+subsets = "c"
+examples = 100
+top_n = 2
+[[stages]]
+name = "b"
+kind = "bias_shift"
+from = "student"
+classes = [3]
+shifts = { min = -1.0, max = 1.0, step = 0.25 }
+"#;
+    let text = format!(
+        "{}{stages}",
+        GOOD.replace("seed = 3\n", "seed = 3\nthreads = 2\nprecision = \"bf16\"\ndescription = \"d\"\n")
+    );
+    let e = parse(&text).unwrap();
+    let record = e.to_experiment_file();
+    assert_eq!(parse(&record).unwrap(), e, "{record}");
+    assert!(record.contains("threads = 2") && !record.contains("training"), "{record}");
+    let files = "[data]\nkind = \"files\"\ncontext = [3, 1]\nclasses = 50\n\
+                 files.train = { features = \"a.scp\", labels = \"a.ark\" }\n\
+                 files.validation = { features = \"b.npy\", labels = \"bl.npy\", lengths = \"bn.npy\" }\n\
+                 files.test = { features = \"c.ark\", labels = \"c.ali\" }\n";
+    let store =
+        "[data]\nkind = \"store\"\nstore = { dir = \"st\", eval_frames = 10, targets = \"t.topk\", prefetch = 2 }\n";
+    let speech = "[data]\nkind = \"speech\"\ncontext = [2, 2]\nspeech = { phones = 4, states = 12 }\n";
+    for data in [files, store, speech] {
+        let text = GOOD.replace("[data]\ndir = \"data/mnist\"\nvalidation = 100\n", data).replace("jitter = 2\n", "");
+        let e = parse(&text).unwrap();
+        let record = e.to_experiment_file();
+        assert_eq!(parse(&record).unwrap(), e, "{record}");
+    }
+}
+
+/// A record runs wrote before `config.toml` was an experiment file (the resolved structs) still
+/// loads as an experiment: its relative paths against the working directory, as then.
+#[test]
+fn a_record_in_the_earlier_form_loads_as_the_experiment_it_records() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/results/mnist/runs/mnist_temperature/config.toml");
+    let e = load(&path, &[]).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(e.data.source, DataSource::Mnist { dir: cwd.join("data/mnist") });
+    assert_eq!(e.stages.len(), 54);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(read_record(&text, &path).unwrap(), e);
 }

@@ -105,7 +105,7 @@ pub struct ImageSet {
 }
 
 /// Fails with setup instructions when an expected data file is absent.
-fn ensure_present(path: &Path) -> Result<()> {
+pub(crate) fn ensure_present(path: &Path) -> Result<()> {
     if path.is_file() {
         return Ok(());
     }

@@ -48,7 +48,7 @@ impl RunDir {
     pub fn open(exp: &Experiment, out: &Path, options: Options, command: &str) -> Result<RunDir> {
         let Options { fresh, redo, only } = options;
         let path = out.join(&exp.name);
-        let config = exp.to_toml()?;
+        let config = exp.to_experiment_file();
         let config_path = path.join("config.toml");
         refuse_links(out, &path, !fresh)?;
         std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -63,7 +63,7 @@ impl RunDir {
         if config_path.exists() {
             let old = std::fs::read_to_string(&config_path)?;
             if old != config {
-                (changed, recombined) = changed_stages(exp, &old, &config).with_context(|| {
+                (changed, recombined) = changed_stages(exp, &old, &config_path).with_context(|| {
                     format!(
                         "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
                         path.display()
@@ -293,14 +293,16 @@ fn remove_run_files(dir: &Path) -> Result<()> {
     })
 }
 
-/// The stages whose settings in the resolved configuration `new` differ from those of an earlier
-/// run's `old` one (the reference numbers under `paper` and the sweep point aside), together with every stage that
+/// The stages whose settings in `exp` differ from those of an earlier run's record `old` (the
+/// text of its `config.toml` at `path`, in either form: [`crate::config::read_record`]), compared
+/// resolved (the reference numbers under `paper` and the sweep point aside), together with every stage that
 /// reads a model from one of them; and, of those, the specialists stages that differ only in how
 /// their specialists are combined (which keep their trained specialists). Fails when what every
 /// stage depends on (the data, the seed) changed, or when `old` cannot be read.
-fn changed_stages(exp: &Experiment, old: &str, new: &str) -> Result<(Vec<String>, Vec<String>)> {
-    let old: toml::Table = old.parse().context("the earlier run's config.toml is not valid TOML")?;
-    let new: toml::Table = new.parse().context("the resolved configuration is not valid TOML")?;
+fn changed_stages(exp: &Experiment, old: &str, path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let old = crate::config::read_record(old, path).context("the earlier run's config.toml cannot be read")?;
+    let old: toml::Table = old.to_toml()?.parse().context("the earlier run's configuration is not valid TOML")?;
+    let new: toml::Table = exp.to_toml()?.parse().context("the resolved configuration is not valid TOML")?;
     for key in ["seed", "data"] {
         if old.get(key) != new.get(key) {
             bail!("its `{key}` differs, and every stage depends on it");
