@@ -80,14 +80,14 @@ fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
     r.deserialize().map(|row| row.expect("well-formed row")).collect()
 }
 
-/// A network with dropout and jitter trained for 7 steps of 75 examples (shares of 37 and 38;
-/// the last batch 50) with momentum and max-norm: the ranks draw the masks and shifts of the
-/// whole batch from one stream, so they draw what one process does.
 /// [`SMALL`] with its data folder absolute, for a file written outside the repository.
 fn small() -> String {
     SMALL.replace("\"data/mnist\"", &format!("{:?}", root().join("data/mnist").to_str().unwrap()))
 }
 
+/// A network with dropout and jitter trained for 7 steps of 75 examples (shares of 37 and 38;
+/// the last batch 50) with momentum and max-norm: the ranks draw the masks and shifts of the
+/// whole batch from one stream, so they draw what one process does.
 const SMALL: &str = r#"
 name = "small"
 seed = 5
@@ -451,7 +451,7 @@ fn a_store_with_fewer_utterances_than_ranks_is_an_error() {
 fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume() {
     let dir = fresh_dir("preempt");
     let file = dir.join("ck.toml");
-    let experiment = SMALL
+    let experiment = small()
         .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
         .replace("epochs = 1", "epochs = 3")
         .replace("batch_size = 75", "batch_size = 5")
@@ -535,7 +535,7 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
     }
     let dir = fresh_dir("elastic");
     let file = dir.join("el.toml");
-    let experiment = SMALL
+    let experiment = small()
         .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
         .replace("epochs = 1", "epochs = 3")
         .replace("batch_size = 75", "batch_size = 5")
@@ -571,7 +571,8 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
         std::thread::sleep(Duration::from_millis(2));
     }
     let needle = file.display().to_string();
-    let victim = find_process(&needle, &["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]).expect("rank 1 of the first attempt");
+    let victim =
+        find_process(&needle, &["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]).expect("rank 1 of the first attempt");
     // SAFETY: kills a process this test's torchrun started.
     unsafe { libc::kill(victim, libc::SIGKILL) };
     let o = child.wait_with_output().unwrap();

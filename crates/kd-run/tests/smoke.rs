@@ -1322,7 +1322,7 @@ fn a_run_preempted_inside_an_epoch_resumes_to_the_uninterrupted_weights() {
     let dir = fresh_dir("preempt");
     std::fs::create_dir_all(&dir).unwrap();
     let exp = dir.join("ck.toml");
-    std::fs::write(&exp, STEPPED).unwrap();
+    std::fs::write(&exp, with_data(STEPPED)).unwrap();
     let (whole, cut) = (dir.join("whole"), dir.join("cut"));
     let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
     let args = run(&whole);

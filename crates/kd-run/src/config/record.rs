@@ -76,6 +76,11 @@ impl Experiment {
             top.set("cuda_graphs", "true".into());
         }
         let mut sections = vec![top.0.join("\n")];
+        if !self.checkpoint.is_default() {
+            let mut checkpoint = Lines::default();
+            checkpoint.fields(&self.checkpoint);
+            sections.push(format!("[checkpoint]\n{}", checkpoint.0.join("\n")));
+        }
         sections.extend(data_sections(&self.data));
         for stage in &self.stages {
             sections.push(format!("[[stages]]\n{}", stage_lines(stage).0.join("\n")));

@@ -961,12 +961,18 @@ shifts = { min = -1.0, max = 1.0, step = 0.25 }
 "#;
     let text = format!(
         "{}{stages}",
-        GOOD.replace("seed = 3\n", "seed = 3\nthreads = 2\nprecision = \"bf16\"\ndescription = \"d\"\n")
+        GOOD.replace(
+            "seed = 3\n",
+            "seed = 3\nthreads = 2\nprecision = \"bf16\"\ndescription = \"d\"\n\
+             checkpoint = { every_steps = 500, every_minutes = 7.5, keep = 3 }\n"
+        )
     );
     let e = parse(&text).unwrap();
+    assert_eq!(e.checkpoint, CheckpointSpec { every_steps: 500, every_minutes: 7.5, keep: 3 });
     let record = e.to_experiment_file();
     assert_eq!(parse(&record).unwrap(), e, "{record}");
     assert!(record.contains("threads = 2") && !record.contains("training"), "{record}");
+    assert!(record.contains("[checkpoint]\nevery_minutes = 7.5"), "{record}");
     let files = "[data]\nkind = \"files\"\ncontext = [3, 1]\nclasses = 50\n\
                  files.train = { features = \"a.scp\", labels = \"a.ark\" }\n\
                  files.validation = { features = \"b.npy\", labels = \"bl.npy\", lengths = \"bn.npy\" }\n\
@@ -994,4 +1000,21 @@ fn a_record_in_the_earlier_form_loads_as_the_experiment_it_records() {
     assert_eq!(e.stages.len(), 54);
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(read_record(&text, &path).unwrap(), e);
+}
+
+#[test]
+fn checkpoint_settings_out_of_range_are_errors_naming_the_key() {
+    for (setting, want) in [
+        ("checkpoint = { keep = 0 }", "checkpoint.keep = 0"),
+        ("checkpoint = { keep = 101 }", "checkpoint.keep = 101"),
+        ("checkpoint = { every_minutes = -1.0 }", "checkpoint.every_minutes = -1"),
+        ("checkpoint = { every_minutes = nan }", "checkpoint.every_minutes = NaN"),
+        ("checkpoint = { every_step = 5 }", "did you mean `every_steps`?"),
+    ] {
+        let text = GOOD.replace("seed = 3\n", &format!("seed = 3\n{setting}\n"));
+        let e = format!("{:#}", parse(&text).unwrap_err());
+        assert!(e.contains(want), "{setting}: {e}");
+    }
+    let e = parse(&GOOD.replace("seed = 3\n", "seed = 3\ncheckpoint = { every_steps = 5 }\n")).unwrap();
+    assert_eq!(e.checkpoint, CheckpointSpec { every_steps: 5, every_minutes: 0.0, keep: 2 });
 }

@@ -375,13 +375,7 @@ impl Run<'_> {
     /// is one, and says where the stage stopped.
     /// The newest readable one of the kept checkpoints (`<stage>.resume`, then `.resume-1`, ...)
     /// is used; a damaged newer one is named in a warning and passed over.
-    fn resume(
-        &self,
-        stage: &str,
-        path: &Path,
-        vs: &nn::VarStore,
-        opt: &mut Optimizer,
-    ) -> Result<Resumed> {
+    fn resume(&self, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<Resumed> {
         let fresh = resume::Progress { epochs_done: 0, best: None, position: None };
         let candidates: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
             .chain((1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(path, k)))
