@@ -58,6 +58,10 @@ enum Command {
         /// whose stage should be retrained by newer code.
         #[arg(long = "redo", value_name = "STAGE")]
         redo: Vec<String>,
+        /// Print what the run would do (each stage: run, resume from which epoch or step, skip or
+        /// run again, and why; what it reads and writes) and write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check an experiment file without running it; prints the resolved configuration.
     Validate {
@@ -165,7 +169,7 @@ fn join_ranks(exp: &config::Experiment, command: &str) -> Result<()> {
 fn try_main() -> Result<(), Failure> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { experiment, out, overrides, fresh, only, redo } => {
+        Command::Run { experiment, out, overrides, fresh, only, redo, dry_run } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             // Before anything is created under --out.
             config::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
@@ -189,6 +193,12 @@ fn try_main() -> Result<(), Failure> {
                     experiment.display(),
                     names.join(", ")
                 )));
+            }
+            if dry_run {
+                for line in run::dry_run(&exp, &out, run::Options { fresh, redo: &redo, only: &only })? {
+                    println!("{line}");
+                }
+                return Ok(());
             }
             let command = run::output::command_line("kd-run", std::env::args_os().skip(1));
             join_ranks(&exp, &command)?;

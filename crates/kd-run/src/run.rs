@@ -134,6 +134,87 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     Ok(dir.path.clone())
 }
 
+/// What `kd-run run` would do with `exp` under `out`, in lines, without writing anything: for
+/// each stage whether it would run, resume (after which epoch, or at which step), be skipped or
+/// run again and why, and what it reads and writes.
+pub fn dry_run(exp: &Experiment, out: &Path, options: Options) -> Result<Vec<String>> {
+    let dir = out.join(&exp.name);
+    let (tables, changed) = dir::RunDir::preview(exp, out, options.fresh)?;
+    let checkpoint = |stage: &str| dir.join("checkpoints").join(format!("{stage}.safetensors"));
+    let request = Request { only: options.only, redo: options.redo };
+    let plan = plan::plan(&stage_facts(exp), &tables.recorded(), &changed, request, &|s| checkpoint(s).exists());
+    let mut lines = vec![format!(
+        "{} {} ({} stage{})",
+        if dir.join("config.toml").exists() && !options.fresh { "resume the run in" } else { "a new run in" },
+        dir.display(),
+        exp.stages.len(),
+        if exp.stages.len() == 1 { "" } else { "s" }
+    )];
+    if options.fresh && dir.exists() {
+        lines.push("  --fresh: the earlier run's files are removed first".into());
+    }
+    for (stage, why) in &plan.discard {
+        let why = match why {
+            Discard::Partial => "its results were not all written (the run was stopped while committing them)",
+            Discard::Stale => "it is no longer in the experiment",
+            Discard::Changed => "its settings, or those of a stage it reads, changed",
+            Discard::Redo => "--redo names it or a stage it reads",
+        };
+        lines.push(format!("  discard `{stage}`'s results and checkpoints: {why}"));
+    }
+    for (stage, (_, action)) in exp.stages.iter().zip(&plan.actions) {
+        let name = &stage.name;
+        let what = match action {
+            Action::SkipDone => "skip: done (its results are committed)".to_string(),
+            Action::NotSelected => "not run: --only does not select it".to_string(),
+            Action::Run { specialists } => {
+                let again = plan.discard.iter().any(|(s, _)| s == name);
+                let resume = dir.join("checkpoints").join(format!("{name}.resume.safetensors"));
+                let mut what = match (again, resume.exists()) {
+                    (false, true) => {
+                        match output::load_tensors(&resume).and_then(|t| resume::Progress::split(&resume, t)) {
+                            Ok((p, _)) => match p.position {
+                                Some(at) => format!("resume at step {} of epoch {}", at.step, p.epochs_done + 1),
+                                None => format!("resume after epoch {}", p.epochs_done),
+                            },
+                            Err(e) => format!("run from the start (its resume checkpoint is unreadable: {e:#})"),
+                        }
+                    }
+                    (true, _) => "run again from the start".to_string(),
+                    (false, false) => "run".to_string(),
+                };
+                if !specialists.is_empty() {
+                    let list: Vec<String> = specialists.iter().map(usize::to_string).collect();
+                    what.push_str(&format!(" (specialists {})", list.join(", ")));
+                }
+                what
+            }
+        };
+        let kind = match stage.job {
+            Job::Train(_) => "train",
+            Job::Distill(_) => "distill",
+            Job::Evaluate(_) => "evaluate",
+            Job::BiasShift(_) => "bias_shift",
+            Job::Ensemble(_) => "ensemble",
+            Job::Clusters(_) => "clusters",
+            Job::Specialists(_) => "specialists",
+        };
+        lines.push(format!("  stage `{name}` ({kind}): {what}"));
+        if matches!(action, Action::Run { .. }) {
+            let reads = stage.job.reads();
+            if !reads.is_empty() {
+                let reads: Vec<String> = reads.iter().map(|r| format!("`{r}`")).collect();
+                lines.push(format!("    reads the models of {}", reads.join(", ")));
+            }
+            if matches!(stage.job, Job::Train(_) | Job::Distill(_)) {
+                lines.push(format!("    writes {}", checkpoint(name).display()));
+            }
+        }
+    }
+    lines.push(format!("  tables in {} (summary.csv, metrics.csv, ...); nothing was written", dir.display()));
+    Ok(lines)
+}
+
 /// Sets the CPU threads, picks the device and loads the experiment's data onto it.
 fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     crate::config::check_threads(exp.threads)?;

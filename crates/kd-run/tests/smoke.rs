@@ -1407,3 +1407,47 @@ fn a_streamed_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_weights() {
     assert!(diff <= 1e-6, "max |uninterrupted - resumed| = {diff}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `run --dry-run` says what a run would do and writes nothing: every stage runs in a new
+/// directory; after one stage ran, it is skipped; with its settings changed, it and the stages
+/// that read it run again from the start, and the discards are named.
+#[test]
+fn a_dry_run_prints_the_plan_and_writes_nothing() {
+    let dir = fresh_dir("dry-run");
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["run", "experiments/smoke.toml", "--out", o, "--dry-run"];
+        args.extend(extra);
+        let r = kd_run(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8(r.stdout).unwrap()
+    };
+    let first = plan(&[]);
+    assert!(first.starts_with("a new run in ") && first.contains("stage `teacher` (train): run\n"), "{first}");
+    assert!(first.contains("stage `distilled` (distill): run\n    reads the models of `teacher`"), "{first}");
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
+    let r = kd_run(&["run", "experiments/smoke.toml", "--out", o, "--only", "teacher"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let listing = |d: &Path| -> Vec<(PathBuf, u64)> {
+        let mut v: Vec<(PathBuf, u64)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.path(), e.metadata().unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&out.join("smoke"));
+    let second = plan(&[]);
+    assert!(
+        second.starts_with("resume the run in ") && second.contains("stage `teacher` (train): skip: done"),
+        "{second}"
+    );
+    let changed = plan(&["--set", "stages.teacher.epochs=2"]);
+    assert!(changed.contains("discard `teacher`'s results and checkpoints: its settings"), "{changed}");
+    assert!(changed.contains("stage `teacher` (train): run again from the start"), "{changed}");
+    assert!(changed.contains("stage `distilled` (distill): run"), "{changed}");
+    assert_eq!(listing(&out.join("smoke")), before, "a dry run changed the run directory");
+    let _ = std::fs::remove_dir_all(&dir);
+}

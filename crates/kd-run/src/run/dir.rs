@@ -106,6 +106,32 @@ impl RunDir {
         Ok(RunDir { path, cache, tables, changed, recombined, _lock: Some(lock) })
     }
 
+    /// What [`RunDir::open`] would find in `out/<exp.name>`, read without creating, locking or
+    /// writing anything: the tables and the stages whose settings differ from the earlier
+    /// run's (for `--dry-run`). `--fresh` reads as an empty directory.
+    pub fn preview(exp: &Experiment, out: &Path, fresh: bool) -> Result<(Tables, Vec<String>)> {
+        let path = out.join(&exp.name);
+        let config_path = path.join("config.toml");
+        if fresh || !config_path.exists() {
+            return Ok((Tables::default(), Vec::new()));
+        }
+        let old = std::fs::read_to_string(&config_path)?;
+        let changed = if old == exp.to_experiment_file() {
+            Vec::new()
+        } else {
+            changed_stages(exp, &old, &config_path)
+                .with_context(|| {
+                    format!(
+                        "{} holds a run of a different configuration; pass --fresh to replace it, or choose another --out",
+                        path.display()
+                    )
+                })?
+                .0
+        };
+        let tables = Tables::read(&path)?.in_order(exp.stages.iter().map(|s| s.name.clone()).collect());
+        Ok((tables, changed))
+    }
+
     /// The run directory as a rank of a data-parallel run that does not write sees it, once
     /// rank 0 has opened it ([`RunDir::open`]) and applied its plan's discards: the tables as
     /// on disk, nothing created, locked or removed.
