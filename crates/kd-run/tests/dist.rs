@@ -590,3 +590,19 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
     assert_eq!(s1[0]["test_errors"], s2[0]["test_errors"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A global batch smaller than the number of ranks would leave a rank without examples: an
+/// error naming both, on every rank, before anything trains.
+#[test]
+fn a_batch_smaller_than_the_ranks_is_an_error() {
+    let dir = fresh_dir("tiny-batch");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, small().replace("batch_size = 75", "batch_size = 1")).unwrap();
+    let out = dir.join("out");
+    let ranks = two_ranks(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    if built_without_gloo(&ranks) {
+        return;
+    }
+    both_stopped_naming(&ranks, "batch_size = 1 is smaller than the 2 ranks", &out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
