@@ -140,9 +140,11 @@ std::string text_of(const std::vector<uint8_t>& bytes) {
 
 // Every rank announces itself (its rank, once, and its world size) in the store before the
 // backend connects, and waits until every rank of its world has: a rank started twice, ranks
-// started with different world sizes, and ranks that never start are named at once or when
-// the timeout expires, not found by a backend that waits for connections that never come.
-void check_launch(c10d::Store& store, int rank, int size, std::chrono::milliseconds timeout) {
+// started with different world sizes, and ranks that never come are named at once or when the
+// timeout expires, not found by a backend that waits for connections that never come. A rank
+// that finds a mismatch leaves its message under kd/abort for the others (rank 0, which serves
+// the store, stays a moment so that they can read it).
+void check_launch(c10d::Store& store, int rank, int size, bool serves, std::chrono::milliseconds timeout) {
   const std::string me = std::to_string(rank);
   const std::string world = std::to_string(size);
   if (store.add("kd/join/" + me, 1) > 1) {
@@ -150,32 +152,51 @@ void check_launch(c10d::Store& store, int rank, int size, std::chrono::milliseco
                              ": two processes were started with RANK=" + me +
                              " (each rank must be started once)");
   }
+  auto stop = [&](const std::string& why) {
+    try {
+      store.set("kd/abort", std::vector<uint8_t>(why.begin(), why.end()));
+      if (serves) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+      }
+    } catch (...) {
+    }
+    throw std::runtime_error(why);
+  };
   store.set("kd/size/" + me, std::vector<uint8_t>(world.begin(), world.end()));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<bool> seen(static_cast<size_t>(size), false);
   seen[static_cast<size_t>(rank)] = true;
   for (;;) {
-    for (int r = 0; r <= size; ++r) {
-      if (r < size && seen[static_cast<size_t>(r)]) {
-        continue;
-      }
-      const std::string key = "kd/size/" + std::to_string(r);
-      if (!store.check({key})) {
-        continue;
-      }
-      const std::string theirs = text_of(store.get(key));
-      if (theirs != world) {
-        throw std::runtime_error("rank " + std::to_string(r) + " was started with WORLD_SIZE=" + theirs +
-                                 ", this rank with WORLD_SIZE=" + world +
-                                 ": every rank must be started with the same world size");
-      }
-      if (r == size) {
-        throw std::runtime_error("a process joined as rank " + world + ", but WORLD_SIZE is " + world +
-                                 " (ranks are 0 to " + std::to_string(size - 1) + ")");
-      }
-      seen[static_cast<size_t>(r)] = true;
-    }
     std::string missing;
+    try {
+      if (store.check({"kd/abort"})) {
+        throw std::runtime_error("another rank stopped the rendezvous: " + text_of(store.get("kd/abort")));
+      }
+      for (int r = 0; r <= size; ++r) {
+        if (r < size && seen[static_cast<size_t>(r)]) {
+          continue;
+        }
+        const std::string key = "kd/size/" + std::to_string(r);
+        if (!store.check({key})) {
+          continue;
+        }
+        const std::string theirs = text_of(store.get(key));
+        if (theirs != world) {
+          stop("rank " + std::to_string(r) + " was started with WORLD_SIZE=" + theirs + ", rank " + me +
+               " with WORLD_SIZE=" + world + ": every rank must be started with the same world size");
+        }
+        if (r == size) {
+          stop("a process joined as rank " + world + ", but WORLD_SIZE is " + world + " (ranks are 0 to " +
+               std::to_string(size - 1) + ")");
+        }
+        seen[static_cast<size_t>(r)] = true;
+      }
+    } catch (const std::runtime_error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("the rendezvous store went away while this rank waited for the others "
+                                           "(rank 0 serves it: its error says why): ") + e.what());
+    }
     for (int r = 0; r < size; ++r) {
       if (!seen[static_cast<size_t>(r)]) {
         missing += (missing.empty() ? "" : ", ") + std::to_string(r);
@@ -369,7 +390,7 @@ char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, i
   return guarded([&] {
     std::chrono::milliseconds timeout(timeout_ms);
     auto store = connect_store(host, port, rank, size, launcher_store, store_prefix, timeout);
-    check_launch(*store, rank, size, timeout);
+    check_launch(*store, rank, size, rank == 0 && !launcher_store, timeout);
     c10::intrusive_ptr<c10d::Backend> backend;
     if (kind == 0) {
 #ifdef KD_NATIVE_GLOO

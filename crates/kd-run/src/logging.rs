@@ -13,14 +13,41 @@ static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 static LOG_FILE: Mutex<Option<File>> = Mutex::new(None);
 /// `[rank R] ` before each stderr line of a rank of a data-parallel run, empty otherwise.
 static RANK_PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `-q`: no progress bar either.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Installs the subscriber; `RUST_LOG` overrides the default `info` level. A rank other than 0
-/// of a data-parallel run (by its launch variables) logs warnings and errors only, and every
-/// rank's lines start with `[rank R]`.
-pub fn init() {
+/// Whether `-q` asked for warnings and errors only (no progress bar).
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How much is logged (`-q`, nothing, `-v`, `-vv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Warnings and errors.
+    Quiet,
+    /// Progress: what runs, each epoch, the results (`info`).
+    Normal,
+    /// And `debug` lines.
+    Debug,
+    /// And `trace` lines.
+    Trace,
+}
+
+/// Installs the subscriber at `level`; `RUST_LOG` overrides it. A rank other than 0 of a
+/// data-parallel run (by its launch variables) logs warnings and errors only, and every rank's
+/// lines start with `[rank R]`.
+pub fn init(level: Level) {
     let rank = kd_native::launch::from_env().ok().flatten().filter(|l| l.world_size > 1).map(|l| l.rank);
     let _ = RANK_PREFIX.set(rank.map_or_else(String::new, |r| format!("[rank {r}] ")));
-    let level = if rank.unwrap_or(0) == 0 { "info" } else { "warn" };
+    QUIET.store(level == Level::Quiet, std::sync::atomic::Ordering::Relaxed);
+    let level = match level {
+        _ if rank.unwrap_or(0) != 0 => "warn",
+        Level::Quiet => "warn",
+        Level::Normal => "info",
+        Level::Debug => "debug",
+        Level::Trace => "trace",
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::stderr().is_terminal();
     let stderr = fmt::layer().with_target(false).with_ansi(ansi).with_writer(|| StderrWriter);

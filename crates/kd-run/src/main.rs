@@ -27,8 +27,30 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kd-run", version, about = "Runs knowledge-distillation experiments described by TOML files")]
+#[command(
+    name = "kd-run",
+    version,
+    about = "Runs knowledge-distillation experiments described by TOML files",
+    after_help = "Examples:
+  kd-run run experiments/mnist.toml                     # the quick start's job, into runs/mnist
+  kd-run run experiments/smoke.toml --set seed=2 --out /tmp/runs
+  kd-run run experiments/mnist.toml --dry-run           # what would run, resume or be skipped
+  kd-run validate experiments/mnist.toml                # check a file; print its resolved form
+  kd-run report runs/mnist --out report.md              # tables and plots of finished runs
+  kd-run completions bash > ~/.local/share/bash-completion/completions/kd-run
+
+Logging: -q shows warnings and errors only, -v adds debug lines, -vv trace lines; RUST_LOG
+(e.g. RUST_LOG=debug, or RUST_LOG=kd_run=debug) overrides both. Exit status: 0 success, 1 an
+error while running, 2 a mistake in the experiment file or the command line, 75 stopped by a
+preemption signal after a checkpoint (run the same command again to resume)."
+)]
 struct Cli {
+    /// Warnings and errors only.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More detail: -v debug lines, -vv trace lines.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,6 +106,11 @@ enum Command {
     Report(report::ReportArgs),
     /// Write an experiment's frames as frame stores on disk, or check a store.
     Store(store::StoreArgs),
+    /// Print a completion script for a shell (`kd-run completions bash > ...`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// An error together with its exit code.
@@ -108,9 +135,16 @@ fn main() -> ExitCode {
     if std::env::var_os("KD_KEEP_SUBNORMALS").is_none() {
         flush_denormals();
     }
-    logging::init();
+    let cli = Cli::parse();
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => logging::Level::Quiet,
+        (false, 0) => logging::Level::Normal,
+        (false, 1) => logging::Level::Debug,
+        (false, _) => logging::Level::Trace,
+    };
+    logging::init(level);
     install_panic_hook();
-    match std::panic::catch_unwind(try_main) {
+    match std::panic::catch_unwind(|| try_main(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(f)) if f.error.downcast_ref::<preemption::Preempted>().is_some() => {
             // Not an error: the run stopped where it can resume.
@@ -166,8 +200,7 @@ fn join_ranks(exp: &config::Experiment, command: &str) -> Result<()> {
     dist::init(dist::World::join(&|k| std::env::var(k).ok(), cuda, hash)?)
 }
 
-fn try_main() -> Result<(), Failure> {
-    let cli = Cli::parse();
+fn try_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run { experiment, out, overrides, fresh, only, redo, dry_run } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
@@ -206,7 +239,9 @@ fn try_main() -> Result<(), Failure> {
             let dir = run::run(&exp, &out, run::Options { fresh, redo: &redo, only: &only }, &command)?;
             if dist::world().is_writer() {
                 let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
-                print_summary(&summary);
+                let class_errors: Vec<run::output::ClassErrorsRow> =
+                    run::output::read_csv(&dir.join("class_errors.csv"))?;
+                print_summary(&summary, &class_errors);
                 println!("results in {}", dir.display());
             }
         }
@@ -228,6 +263,10 @@ fn try_main() -> Result<(), Failure> {
         Command::Bench(args) => bench::bench(&args)?,
         Command::Report(args) => report::report(&args)?,
         Command::Store(args) => store::store(&args)?,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kd-run", &mut std::io::stdout());
+        }
     }
     Ok(())
 }
@@ -252,9 +291,44 @@ fn flush_denormals() {
     }
 }
 
-fn print_summary(rows: &[run::output::SummaryRow]) {
-    println!("{:<24} {:<26} {:>10} {:>12} {:>10}", "stage", "model", "parameters", "test errors", "seconds");
-    for r in rows {
-        println!("{:<24} {:<26} {:>10} {:>12} {:>10.1}", r.label(), r.model, r.parameters, r.test_errors, r.seconds);
-    }
+/// The final table: one row per model, columns as wide as their widest cell, the test errors
+/// with the size of the test set (from `class_errors.csv`) and the accuracy.
+fn print_summary(rows: &[run::output::SummaryRow], class_errors: &[run::output::ClassErrorsRow]) {
+    print!("{}", summary_table(rows, class_errors));
+}
+
+fn summary_table(rows: &[run::output::SummaryRow], class_errors: &[run::output::ClassErrorsRow]) -> String {
+    let examples = |r: &run::output::SummaryRow| -> i64 {
+        class_errors
+            .iter()
+            .filter(|c| c.stage == r.stage && c.variant == r.variant && c.split == "test")
+            .map(|c| c.examples)
+            .sum()
+    };
+    let header = ["stage", "model", "parameters", "test errors", "accuracy", "seconds"].map(String::from);
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            let n = examples(r);
+            let errors = if n > 0 { format!("{} / {n}", r.test_errors) } else { r.test_errors.to_string() };
+            [
+                r.label(),
+                r.model.clone(),
+                r.parameters.to_string(),
+                errors,
+                format!("{:.2}%", 100.0 * r.test_accuracy),
+                format!("{:.1}", r.seconds),
+            ]
+        })
+        .collect();
+    let width = |i: usize| cells.iter().map(|c| c[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..6).map(width).collect();
+    let line = |c: &[String; 6]| {
+        let mut out = format!("{:<w0$}  {:<w1$}", c[0], c[1], w0 = widths[0], w1 = widths[1]);
+        for i in 2..6 {
+            out.push_str(&format!("  {:>w$}", c[i], w = widths[i]));
+        }
+        out + "\n"
+    };
+    std::iter::once(&header).chain(&cells).map(line).collect()
 }

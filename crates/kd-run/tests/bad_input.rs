@@ -392,3 +392,33 @@ fn names_that_are_not_utf8_work() {
     status(&[std::ffi::OsStr::new("report"), dir.as_os_str(), std::ffi::OsStr::new("--out"), report.as_os_str()]);
     assert!(std::fs::read_to_string(&report).unwrap().contains("$'"));
 }
+
+/// The command line follows its users' habits: completions for three shells, examples in
+/// `--help`, `-q` keeps the log to warnings, and the final table gives each model's test
+/// errors out of the test set with its accuracy, its columns aligned.
+#[test]
+fn completions_help_quiet_and_the_final_table() {
+    let s = Scratch::new("cli");
+    for shell in ["bash", "zsh", "fish"] {
+        let (out, stderr) = s.kd_run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {stderr}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("kd-run") && script.contains("dry-run"), "{shell}: {script}");
+    }
+    let (out, _) = s.kd_run(&["--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Examples:\n  kd-run run experiments/mnist.toml"));
+    write_images(&s, "data", 120, (8, 8), (8, 8));
+    let stages =
+        "[[stages]]\nname = \"a_rather_long_stage_name_for_the_table\"\nkind = \"train\"\nmodel = { hidden = [8] }\n\
+                  [[stages]]\nname = \"b\"\nkind = \"train\"\nmodel = { hidden = [8] }\n";
+    s.write("experiment.toml", image_experiment(stages));
+    let (out, stderr) = s.kd_run(&["-q", "run", "experiment.toml", "--out", "out"]);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("INFO"), "-q logged progress:\n{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = table.lines().take(3).collect();
+    assert!(lines[0].starts_with("stage") && lines[0].contains("accuracy"), "{table}");
+    // 40 test images; every row as wide as the header (the numbers right-aligned under it).
+    assert!(lines[1..].iter().all(|l| l.contains(" / 40") && l.contains('%')), "{table}");
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
+}

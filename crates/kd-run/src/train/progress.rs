@@ -21,7 +21,8 @@ pub struct Progress {
 impl Progress {
     /// Starts the display for `epochs` epochs, `first_epoch` of which are already done.
     pub fn new(stage: &str, epochs: u64, steps_per_epoch: u64, first_epoch: u64) -> Self {
-        let bar = (std::io::stderr().is_terminal() && crate::dist::world().is_writer()).then(|| {
+        let shown = std::io::stderr().is_terminal() && crate::dist::world().is_writer() && !crate::logging::quiet();
+        let bar = shown.then(|| {
             let bar = ProgressBar::new(epochs * steps_per_epoch);
             let style = ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {percent:>3}% {elapsed}<{eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
