@@ -294,22 +294,9 @@ fn model_hidden(stage: &Stage) -> Option<Vec<i64>> {
     }
 }
 
-/// The name a stage kind has in experiment files (and summary rows).
-fn kind_name(job: &Job) -> &'static str {
-    match job {
-        Job::Train(_) => "train",
-        Job::Distill(_) => "distill",
-        Job::Evaluate(_) => "evaluate",
-        Job::BiasShift(_) => "bias_shift",
-        Job::Ensemble(_) => "ensemble",
-        Job::Clusters(_) => "clusters",
-        Job::Specialists(_) => "specialists",
-    }
-}
-
 /// One-line description of how a stage's model was made.
 fn setup(stage: Option<&Stage>, row: &SummaryRow) -> String {
-    let kind = stage.map_or(row.kind.as_str(), |s| kind_name(&s.job));
+    let kind = stage.map_or(row.kind.as_str(), |s| s.job.kind_name());
     let job = stage.map(|s| &s.job);
     let mut parts = Vec::new();
     // Parts that regularize; the optimizer's parts follow them.

@@ -190,16 +190,7 @@ pub fn dry_run(exp: &Experiment, out: &Path, options: Options) -> Result<Vec<Str
                 what
             }
         };
-        let kind = match stage.job {
-            Job::Train(_) => "train",
-            Job::Distill(_) => "distill",
-            Job::Evaluate(_) => "evaluate",
-            Job::BiasShift(_) => "bias_shift",
-            Job::Ensemble(_) => "ensemble",
-            Job::Clusters(_) => "clusters",
-            Job::Specialists(_) => "specialists",
-        };
-        lines.push(format!("  stage `{name}` ({kind}): {what}"));
+        lines.push(format!("  stage `{name}` ({}): {what}", stage.job.kind_name()));
         if matches!(action, Action::Run { .. }) {
             let reads = stage.job.reads();
             if !reads.is_empty() {

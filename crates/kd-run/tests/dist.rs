@@ -444,45 +444,61 @@ fn a_store_with_fewer_utterances_than_ranks_is_an_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// SIGUSR1 to one rank: both stop at the same step boundary after one checkpoint, with status
-/// 75; the 2 ranks started again resume there and end with the weights of 2 ranks trained
-/// without a stop.
-#[test]
-fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume() {
-    let dir = fresh_dir("preempt");
-    let file = dir.join("ck.toml");
+/// An experiment of 3 epochs of 100 steps (batches of 5) with a checkpoint every 5 steps, in
+/// `dir`; and the run directory of 2 ranks that trained it without a stop (`None` when this
+/// kd-run has no Gloo).
+fn stepped_with_reference(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let file = dir.join("stepped.toml");
     let experiment = small()
         .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
         .replace("epochs = 1", "epochs = 3")
         .replace("batch_size = 75", "batch_size = 5")
         .replace("[24]", "[400]");
     std::fs::write(&file, experiment).unwrap();
-    let (one, two) = (dir.join("one"), dir.join("two"));
-    let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
-    let a = args(&one);
-    let whole = two_ranks(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    if built_without_gloo(&whole) {
-        return;
+    let whole = dir.join("whole");
+    let ranks = two_ranks(&["run", file.to_str().unwrap(), "--out", whole.to_str().unwrap()]);
+    if built_without_gloo(&ranks) {
+        return None;
     }
-    for (r, o) in whole.iter().enumerate() {
+    for (r, o) in ranks.iter().enumerate() {
         assert!(o.status.success(), "rank {r}:\n{}", text(o));
     }
-    let b = args(&two);
-    let b: Vec<&str> = b.iter().map(String::as_str).collect();
-    let port = free_loopback_port();
-    let children: Vec<Child> = (0..2).map(|r| rank(&b, r, 2, port, 20)).collect();
-    let first = two.join("small/checkpoints/net.resume.safetensors");
+    Some((file, whole))
+}
+
+/// Every weight of the final checkpoints of the runs under `a` and `b` within `tolerance`.
+fn same_weights(a: &Path, b: &Path, tolerance: f64) {
+    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
+    let (w1, w2) = (load(a), load(b));
+    assert_eq!(w1.len(), w2.len());
+    for (name, t1) in &w1 {
+        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= tolerance, "{name}: max |{} - {}| = {diff}", a.display(), b.display());
+    }
+}
+
+/// Waits until `path` exists (the first checkpoint inside an epoch), at most 2 minutes.
+fn wait_for(path: &Path) {
     let started = Instant::now();
-    while !first.exists() {
-        if started.elapsed() > Duration::from_secs(120) {
-            let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-            if built_without_gloo(&outs) {
-                return;
-            }
-            panic!("no checkpoint inside an epoch: {}", text(&outs[0]));
-        }
+    while !path.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// SIGUSR1 to one rank: both stop at the same step boundary after one checkpoint, with status
+/// 75; the 2 ranks started again resume there and end with the weights of 2 ranks trained
+/// without a stop.
+#[test]
+fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume() {
+    let dir = fresh_dir("preempt");
+    let Some((file, whole)) = stepped_with_reference(&dir) else { return };
+    let cut = dir.join("cut");
+    let args = ["run", file.to_str().unwrap(), "--out", cut.to_str().unwrap()];
+    let port = free_loopback_port();
+    let children: Vec<Child> = (0..2).map(|r| rank(&args, r, 2, port, 20)).collect();
+    wait_for(&cut.join("small/checkpoints/net.resume.safetensors"));
     // SAFETY: signals a child of this test that has not been waited for.
     unsafe { libc::kill(children[1].id() as i32, libc::SIGUSR1) };
     let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
@@ -495,18 +511,12 @@ fn a_preemption_signal_to_one_rank_stops_both_at_one_checkpoint_and_they_resume(
         steps.push(line.split(" at ").nth(1).unwrap_or_default().to_string());
     }
     assert_eq!(steps[0], steps[1], "the same step on both ranks");
-    let ranks = two_ranks(&b);
+    let ranks = two_ranks(&args);
     for (r, o) in ranks.iter().enumerate() {
         assert!(o.status.success(), "rank {r}:\n{}", text(o));
     }
     assert!(text(&ranks[0]).contains("resuming at step"), "{}", text(&ranks[0]));
-    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
-    let (w1, w2) = (load(&one), load(&two));
-    for (name, t1) in &w1 {
-        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
-        let diff = (t1 - t2).abs().max().double_value(&[]);
-        assert!(diff <= 1e-6, "{name}: max |2 ranks - 2 ranks stopped and resumed| = {diff}");
-    }
+    same_weights(&whole, &cut, 1e-6);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -534,29 +544,14 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
         return;
     }
     let dir = fresh_dir("elastic");
-    let file = dir.join("el.toml");
-    let experiment = small()
-        .replace("threads = 1", "threads = 1\n[checkpoint]\nevery_steps = 5")
-        .replace("epochs = 1", "epochs = 3")
-        .replace("batch_size = 75", "batch_size = 5")
-        .replace("[24]", "[400]");
-    std::fs::write(&file, experiment).unwrap();
-    let (whole, cut) = (dir.join("whole"), dir.join("cut"));
-    let args = |out: &Path| ["run".to_string(), file.display().to_string(), "--out".into(), out.display().to_string()];
-    let a = args(&whole);
-    let ranks = two_ranks(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    if built_without_gloo(&ranks) {
-        return;
-    }
-    for (r, o) in ranks.iter().enumerate() {
-        assert!(o.status.success(), "rank {r}:\n{}", text(o));
-    }
+    let Some((file, whole)) = stepped_with_reference(&dir) else { return };
+    let cut = dir.join("cut");
     let port = free_loopback_port().to_string();
     let child = Command::new(&torchrun)
         .args(["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.2"])
         .args(["--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{port}")])
         .args(["--no-python", env!("CARGO_BIN_EXE_kd-run")])
-        .args(args(&cut))
+        .args(["run", file.to_str().unwrap(), "--out", cut.to_str().unwrap()])
         .current_dir(root())
         .env("GLOO_SOCKET_IFNAME", "lo")
         .env("KD_DIST_TIMEOUT_S", "20")
@@ -564,12 +559,7 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
         .stderr(Stdio::piped())
         .spawn()
         .expect("torchrun starts");
-    let first = cut.join("small/checkpoints/net.resume.safetensors");
-    let started = Instant::now();
-    while !first.exists() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint inside an epoch");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for(&cut.join("small/checkpoints/net.resume.safetensors"));
     let needle = file.display().to_string();
     let victim =
         find_process(&needle, &["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]).expect("rank 1 of the first attempt");
@@ -579,13 +569,7 @@ fn torchrun_restarts_a_killed_rank_and_the_group_resumes_from_its_step_checkpoin
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "torchrun:\n{err}");
     assert!(err.contains("resuming at step "), "the restarted group resumed inside an epoch:\n{err}");
-    let load = |out: &Path| Tensor::read_safetensors(out.join("small/checkpoints/net.safetensors")).unwrap();
-    let (w1, w2) = (load(&whole), load(&cut));
-    for (name, t1) in &w1 {
-        let t2 = &w2.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
-        let diff = (t1 - t2).abs().max().double_value(&[]);
-        assert!(diff <= 1e-6, "{name}: max |uninterrupted - restarted| = {diff}");
-    }
+    same_weights(&whole, &cut, 1e-6);
     let (s1, s2) = (csv_rows(&whole.join("small/summary.csv")), csv_rows(&cut.join("small/summary.csv")));
     assert_eq!(s1[0]["test_errors"], s2[0]["test_errors"]);
     std::fs::remove_dir_all(&dir).unwrap();

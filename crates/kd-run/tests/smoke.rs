@@ -1277,6 +1277,26 @@ fn signalled_at_first_checkpoint(args: &[&str], first: &Path, signal: i32) -> Ou
     child.wait_with_output().unwrap()
 }
 
+/// Runs `exp` into `whole` without a stop, then into `cut`, sending `signal` once the first
+/// checkpoint inside an epoch of the run (named `name`) exists; returns the second run's
+/// arguments and output.
+fn stopped_after_a_reference_run(
+    exp: &Path,
+    whole: &Path,
+    cut: &Path,
+    name: &str,
+    signal: i32,
+) -> (Vec<String>, Output) {
+    let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
+    let args = run(whole);
+    let r = kd_run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args = run(cut);
+    let first = cut.join(name).join("checkpoints/net.resume.safetensors");
+    let stopped = signalled_at_first_checkpoint(&args.iter().map(String::as_str).collect::<Vec<_>>(), &first, signal);
+    (args.to_vec(), stopped)
+}
+
 fn max_weight_difference(a: &Path, b: &Path) -> f64 {
     let (wa, wb) = (tch::Tensor::read_safetensors(a).unwrap(), tch::Tensor::read_safetensors(b).unwrap());
     assert_eq!(wa.len(), wb.len());
@@ -1324,14 +1344,8 @@ fn a_run_preempted_inside_an_epoch_resumes_to_the_uninterrupted_weights() {
     let exp = dir.join("ck.toml");
     std::fs::write(&exp, with_data(STEPPED)).unwrap();
     let (whole, cut) = (dir.join("whole"), dir.join("cut"));
-    let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
-    let args = run(&whole);
-    let r = kd_run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let args = run(&cut);
+    let (args, stopped) = stopped_after_a_reference_run(&exp, &whole, &cut, "ck", libc::SIGUSR1);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let first = cut.join("ck/checkpoints/net.resume.safetensors");
-    let stopped = signalled_at_first_checkpoint(&args, &first, libc::SIGUSR1);
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert_eq!(stopped.status.code(), Some(75), "{stderr}");
     let line = stderr.lines().last().unwrap_or_default();
@@ -1341,6 +1355,7 @@ fn a_run_preempted_inside_an_epoch_resumes_to_the_uninterrupted_weights() {
         "{stderr}"
     );
     // The newest checkpoint damaged: the one before it is used.
+    let first = cut.join("ck/checkpoints/net.resume.safetensors");
     let bytes = std::fs::read(&first).unwrap();
     std::fs::write(&first, &bytes[..bytes.len() / 3]).unwrap();
     let resumed = kd_run(&args);
@@ -1388,14 +1403,8 @@ fn a_streamed_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_weights() {
     )
     .unwrap();
     let (whole, cut) = (dir.join("whole"), dir.join("cut"));
-    let run = |out: &Path| ["run".to_string(), exp.display().to_string(), "--out".into(), out.display().to_string()];
-    let args = run(&whole);
-    let r = kd_run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let args = run(&cut);
+    let (args, stopped) = stopped_after_a_reference_run(&exp, &whole, &cut, "st", libc::SIGTERM);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let first = cut.join("st/checkpoints/net.resume.safetensors");
-    let stopped = signalled_at_first_checkpoint(&args, &first, libc::SIGTERM);
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert_eq!(stopped.status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("stopped by SIGTERM at step "), "{stderr}");

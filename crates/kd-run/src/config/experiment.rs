@@ -684,6 +684,19 @@ pub enum ModelSource {
 }
 
 impl Job {
+    /// The name this kind of stage has in experiment files (and summary rows).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Job::Train(_) => "train",
+            Job::Distill(_) => "distill",
+            Job::Evaluate(_) => "evaluate",
+            Job::BiasShift(_) => "bias_shift",
+            Job::Ensemble(_) => "ensemble",
+            Job::Clusters(_) => "clusters",
+            Job::Specialists(_) => "specialists",
+        }
+    }
+
     /// The stages of this run whose models the job reads.
     pub fn reads(&self) -> Vec<&str> {
         match self {
