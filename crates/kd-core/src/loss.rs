@@ -256,6 +256,58 @@ impl LossWeights {
         }
         Ok(())
     }
+
+    /// The combined objective from the terms that were computed (0-dim tensors; a term is
+    /// `None` when its weight is 0 or it does not apply). The one place the weights are applied,
+    /// for every loss of the crate.
+    ///
+    /// ```text
+    /// total = hard * C_hard + soft * C_soft      (a missing term contributes nothing)
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ZeroWeights`] when neither term is present; a libtorch error otherwise.
+    ///
+    /// # Example
+    /// ```
+    /// use tch::Tensor;
+    /// let w = kd_core::LossWeights { hard: 0.25, soft: 0.75 };
+    /// let (h, s) = (Tensor::from(2.0f64), Tensor::from(4.0f64));
+    /// assert_eq!(w.combine(Some(&h), Some(&s))?.double_value(&[]), 3.5);
+    /// assert_eq!(w.combine(None, Some(&s))?.double_value(&[]), 3.0);
+    /// assert!(w.combine(None, None).is_err());
+    /// # Ok::<(), kd_core::Error>(())
+    /// ```
+    pub fn combine(&self, hard: Option<&Tensor>, soft: Option<&Tensor>) -> Result<Tensor> {
+        // x * 1.0 is x exactly: skip the kernel.
+        let weighted = |x: &Tensor, w: f64| -> Result<Tensor> {
+            Ok(if w == 1.0 { x.shallow_clone() } else { x.f_mul_scalar(w)? })
+        };
+        Ok(match (hard, soft) {
+            (Some(h), Some(s)) => weighted(h, self.hard)?.f_add(&weighted(s, self.soft)?)?,
+            (Some(h), None) => weighted(h, self.hard)?,
+            (None, Some(s)) => weighted(s, self.soft)?,
+            (None, None) => return Err(Error::ZeroWeights),
+        })
+    }
+
+    /// Fails when the hard term has weight but no labels were given.
+    ///
+    /// # Errors
+    /// [`Error::MissingLabels`] when `labels` is `None` and `hard > 0`.
+    ///
+    /// # Example
+    /// ```
+    /// let w = kd_core::LossWeights { hard: 0.5, soft: 0.5 };
+    /// assert!(w.require_labels(None).is_err());
+    /// assert!(kd_core::LossWeights::default().require_labels(None).is_ok());
+    /// ```
+    pub fn require_labels(&self, labels: Option<&Tensor>) -> Result<()> {
+        if labels.is_none() && self.hard > 0.0 {
+            return Err(Error::MissingLabels { hard: self.hard });
+        }
+        Ok(())
+    }
 }
 
 impl Default for LossWeights {
@@ -371,12 +423,9 @@ pub fn distillation_loss(
         SoftTargets::Logits(v) => check::pair(student_logits, "teacher_logits", v)?,
         SoftTargets::Probs(p) => check::pair(student_logits, "teacher_probs", p)?,
     };
-    match labels {
-        Some(y) => check::labels(student_logits, shape[0], y)?,
-        None if weights.hard > 0.0 => {
-            return Err(Error::MissingLabels { hard: weights.hard });
-        }
-        None => {}
+    weights.require_labels(labels)?;
+    if let Some(y) = labels {
+        check::labels(student_logits, shape[0], y)?;
     }
 
     let zero = || -> Result<Tensor> { Ok(Tensor::f_zeros([], (student_logits.f_kind()?, student_logits.device()))?) };
@@ -398,20 +447,7 @@ pub fn distillation_loss(
     };
     let (soft, soft_kl) = soft.unzip();
 
-    let weighted = |x: &Tensor, w: f64| -> Result<Tensor> {
-        if w == 1.0 {
-            Ok(x.shallow_clone())
-        } else {
-            Ok(x.f_mul_scalar(w)?)
-        }
-    };
-    let total = match (&hard, &soft) {
-        (Some(h), Some(s)) => weighted(h, weights.hard)?.f_add(&weighted(s, weights.soft)?)?,
-        (Some(h), None) => weighted(h, weights.hard)?,
-        (None, Some(s)) => weighted(s, weights.soft)?,
-        // Unreachable after validation (not both weights zero), kept panic-free.
-        (None, None) => return Err(Error::ZeroWeights),
-    };
+    let total = weights.combine(hard.as_ref(), soft.as_ref())?;
     DistillLoss::from_terms(total, hard, soft, soft_kl, zero)
 }
 

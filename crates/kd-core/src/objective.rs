@@ -401,15 +401,12 @@ impl Objective {
             }
             (Form::LogitMatching { weights }, Some(Inner::Logits(v))) => {
                 let soft = logit_matching_loss(student_logits, v)?;
-                let mut total = soft.f_mul_scalar(weights.soft)?;
+                weights.require_labels(labels)?;
                 let hard = match labels {
                     Some(y) if weights.hard > 0.0 => Some(hard_target_loss(student_logits, y)?),
-                    None if weights.hard > 0.0 => return Err(Error::MissingLabels { hard: weights.hard }),
                     _ => None,
                 };
-                if let Some(h) = &hard {
-                    total = total.f_add(&h.f_mul_scalar(weights.hard)?)?;
-                }
+                let total = weights.combine(hard.as_ref(), Some(&soft))?;
                 DistillLoss::from_terms(total, hard, Some(soft.shallow_clone()), Some(soft), zero)
             }
             (Form::LogitMatching { .. }, Some(t)) => Err(self.wrong("the teacher's logits", t.name())),

@@ -168,10 +168,9 @@ pub fn top_k_distillation_loss(
     check::temperature(t)?;
     let shape = check::matrix("student_logits", student_logits)?;
     check_targets(student_logits, &shape, targets)?;
-    match labels {
-        Some(y) => check::labels(student_logits, shape[0], y)?,
-        None if weights.hard > 0.0 => return Err(Error::MissingLabels { hard: weights.hard }),
-        None => {}
+    weights.require_labels(labels)?;
+    if let Some(y) = labels {
+        check::labels(student_logits, shape[0], y)?;
     }
     let labels = labels.filter(|_| weights.hard > 0.0);
 
@@ -245,12 +244,7 @@ pub fn top_k_distillation_loss(
 
     let (soft, soft_kl) = soft_part.map(|(.., terms)| terms).unzip();
     let hard = hard_part.map(|(.., hard)| hard);
-    let value = match (&hard, &soft) {
-        (Some(h), Some(s)) => h.f_mul_scalar(weights.hard)?.f_add(&s.f_mul_scalar(weights.soft)?)?,
-        (Some(h), None) => h.f_mul_scalar(weights.hard)?,
-        (None, Some(s)) => s.f_mul_scalar(weights.soft)?,
-        (None, None) => return Err(Error::ZeroWeights),
-    };
+    let value = weights.combine(hard.as_ref(), soft.as_ref())?;
     // total = value + z . G - (z . G), detached: the value above, with gradient G w.r.t. z.
     // autograd keeps only G (in z's dtype) for the backward pass.
     let grad = grad.f_to_kind(student_logits.f_kind()?)?;
