@@ -27,8 +27,7 @@ use crate::{Error, Result};
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
-/// PyTorch's default timeout for a collective or the rendezvous.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+pub use crate::launch::DEFAULT_TIMEOUT;
 
 /// Which c10d backend carries the collectives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -84,8 +84,11 @@ pub fn free_loopback_port() -> u16 {
     }
 }
 
+/// PyTorch's default timeout for a collective or the rendezvous.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The timeout of the process group from `KD_DIST_TIMEOUT_S` (seconds, may be fractional) as
-/// `var` returns it, else [`crate::dist::DEFAULT_TIMEOUT`] (600 s, PyTorch's).
+/// `var` returns it, else [`DEFAULT_TIMEOUT`] (600 s, PyTorch's).
 ///
 /// ```
 /// use kd_native::launch::dist_timeout;
@@ -96,7 +99,7 @@ pub fn free_loopback_port() -> u16 {
 /// assert!(dist_timeout(|_| Some("0".into())).is_err());
 /// ```
 pub fn dist_timeout(var: impl Fn(&str) -> Option<String>) -> Result<std::time::Duration> {
-    let Some(v) = var(TIMEOUT_VAR) else { return Ok(crate::dist::DEFAULT_TIMEOUT) };
+    let Some(v) = var(TIMEOUT_VAR) else { return Ok(DEFAULT_TIMEOUT) };
     match v.trim().parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(std::time::Duration::from_secs_f64(s)),
         _ => Err(Error::Launch(format!("{TIMEOUT_VAR} = `{v}` is not a number of seconds > 0"))),

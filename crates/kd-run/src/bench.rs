@@ -24,6 +24,8 @@
 //! stdin, alternating with ours round by round, so both see the same machine load.
 
 use crate::config::{OptimizerKind, OptimizerSpec};
+use crate::data::store::FrameStore;
+use crate::data::stream::{HostBatch, Producer, StreamSettings, StreamStart};
 use crate::data::Split;
 use crate::train::optim::Optimizer;
 use crate::train::{self, LoopSettings, Supervision, TeacherSignal, Trainer, TrainerState};
@@ -31,8 +33,9 @@ use anyhow::{bail, Context, Result};
 use kd_core::{LossWeights, Objective, TeacherTargets};
 use kd_models::{Mlp, MlpConfig};
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -391,7 +394,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     if let Some(dir) = &args.store {
         let sizes = (args.store_batch.max(1), args.store_batches.max(1), args.store_chunk_frames.max(1));
-        return crate::store::bench(dir, sizes, device);
+        return store_rates(dir, sizes, device);
     }
     let plans = plans(args, device);
     if plans.is_empty() {
@@ -612,6 +615,52 @@ fn memory(batch: i64) -> Result<()> {
             mib(loss_peak - loss_before)
         );
     }
+    Ok(())
+}
+
+/// The `kd-run bench --store` lines: windows per second of the producer alone on this thread,
+/// and frames per second of the training step of a 4 x 512 network on its batches.
+fn store_rates(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize), device: Device) -> Result<()> {
+    let store = Arc::new(FrameStore::open(dir)?);
+    let lengths = Arc::new(store.utterance_lengths());
+    let settings = StreamSettings {
+        batch_size: batch,
+        left: 20,
+        right: 5,
+        buffer: 1 << 18,
+        chunk_frames,
+        prefetch: 4,
+        epoch_fraction: 1.0,
+        seed: 1,
+    };
+    let start = StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 };
+    let mut producer = Producer::new((store.clone(), None), lengths.clone(), settings, start, device)?;
+    let mut host = HostBatch::default();
+    // Warm up: fill the shuffle buffer.
+    producer.next_tensors(&mut host)?;
+    let started = Instant::now();
+    let mut windows = 0usize;
+    let mut kept = Vec::new();
+    for i in 0..batches {
+        let Some((xt, yt, _)) = producer.next_tensors(&mut host)? else { break };
+        windows += host.y.len();
+        if i < 8 {
+            kept.push((xt, yt));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "store producer: {:.0} windows/s on 1 thread ({windows} windows of 26 x {}, batch {batch}, shuffle buffer {} frames, chunks of {chunk_frames})",
+        windows as f64 / secs,
+        store.manifest.feature_dim,
+        settings.buffer
+    );
+    let (steps, per_second) = mlp_step_rate(&kept, store.manifest.classes as i64, device)?;
+    println!(
+        "training step 4 x 512 ({} classes, batch {batch}, {} threads): {per_second:.0} frames/s over {steps} steps",
+        store.manifest.classes,
+        tch::get_num_threads()
+    );
     Ok(())
 }
 

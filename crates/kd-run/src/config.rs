@@ -20,6 +20,7 @@ mod paths;
 mod raw;
 mod record;
 mod resolve;
+mod speech;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ mod values;
 pub use experiment::*;
 pub use limits::*;
 pub use record::read_record;
+pub use speech::CorpusConfig;
 
 use anyhow::{Context, Result};
 use raw::{apply_override, toml_error, RawExperiment};
@@ -41,7 +43,7 @@ use std::path::Path;
 /// directory, like the path of the file itself. The experiment returned holds them absolute.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
     // A pipe or a device would block or never end: only regular files (or links to them).
-    crate::data::inputs::check_file(path, "experiment file")?;
+    crate::inputs::check_file(path, "experiment file")?;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut origin = path.display().to_string();
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
@@ -83,35 +85,4 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
             anyhow::anyhow!("{origin}: {message}")
         }
     })
-}
-
-/// Checks that every file the experiment reads exists and can be opened for reading: its data
-/// (`data::check_inputs`) and the checkpoint files its stages name. `validate` and `run` call it
-/// before anything is created, so that a missing file is reported before a run directory
-/// exists; the files' contents are checked when they are read.
-pub fn check_inputs(exp: &Experiment) -> Result<()> {
-    crate::data::check_inputs(&exp.data)?;
-    for stage in &exp.stages {
-        let sources: Vec<&ModelSource> = match &stage.job {
-            Job::Train(_) | Job::Ensemble(_) => vec![],
-            Job::Distill(j) => vec![&j.distill.teacher],
-            Job::Evaluate(j) => vec![&j.source],
-            Job::BiasShift(j) => vec![&j.source],
-            Job::Clusters(j) => vec![&j.source],
-            Job::Specialists(j) => vec![&j.source],
-        };
-        for source in sources {
-            if let ModelSource::Checkpoint(path) | ModelSource::PinnedCheckpoint { path, .. } = source {
-                let key = if matches!(stage.job, Job::Distill(_)) { "teacher_checkpoint" } else { "checkpoint" };
-                crate::data::inputs::check_file(path, "checkpoint")
-                    .and_then(|()| {
-                        std::fs::File::open(path)
-                            .map(drop)
-                            .with_context(|| format!("cannot read checkpoint {}", path.display()))
-                    })
-                    .with_context(|| format!("stage `{}`: {key}", stage.name))?;
-            }
-        }
-    }
-    Ok(())
 }

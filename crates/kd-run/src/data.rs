@@ -6,8 +6,8 @@ use kd_models::BatchRows;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
+pub mod batch;
 pub mod idx;
-pub mod inputs;
 pub mod kaldi;
 pub mod npy;
 pub mod speech;
@@ -221,7 +221,7 @@ const NUM_CLASSES: u8 = 10;
 /// are read.
 pub fn check_inputs(spec: &DataSpec) -> Result<()> {
     let readable = |path: &Path, what: &str| -> Result<()> {
-        inputs::check_file(path, what)?;
+        crate::inputs::check_file(path, what)?;
         std::fs::File::open(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
         Ok(())
     };

@@ -11,6 +11,7 @@ mod dist;
 #[cfg(test)]
 mod fuzz;
 mod info;
+mod inputs;
 mod logging;
 mod preemption;
 mod report;
@@ -154,7 +155,7 @@ fn main() -> ExitCode {
         Ok(Err(f)) => {
             // Long lines are clipped: an error never echoes kilobytes of bad input.
             let prefix = logging::rank_prefix();
-            eprintln!("{prefix}error: {}", data::inputs::clip_lines(&format!("{:#}", f.error), 1000));
+            eprintln!("{prefix}error: {}", crate::inputs::clip_lines(&format!("{:#}", f.error), 1000));
             ExitCode::from(f.code)
         }
         // The hook has reported it.
@@ -205,7 +206,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         Command::Run { experiment, out, overrides, fresh, only, redo, dry_run } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             // Before anything is created under --out.
-            config::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
+            run::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
             // A stage's name, or `<stage>.<m>` for specialist m of a specialists stage.
             let known = |o: &str| {
                 exp.stages.iter().any(|s| {
@@ -247,7 +248,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         }
         Command::Validate { experiment, overrides } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
-            config::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
+            run::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
             print!("{}", exp.to_experiment_file());
             let n = exp.stages.len();
             eprintln!("{}: ok ({n} stage{})", experiment.display(), if n == 1 { "" } else { "s" });

@@ -985,8 +985,7 @@ fn without_seeds(config: &toml::Table) -> toml::Value {
 fn first_difference(a: &toml::Value, b: &toml::Value, at: &str) -> Option<(String, String, String)> {
     use toml::Value::{Array, Table};
     let join = |key: &str| if at.is_empty() { key.to_string() } else { format!("{at}.{key}") };
-    let shown =
-        |v: Option<&toml::Value>| v.map_or("nothing".to_string(), |v| crate::data::inputs::clip(&v.to_string(), 80));
+    let shown = |v: Option<&toml::Value>| v.map_or("nothing".to_string(), |v| crate::inputs::clip(&v.to_string(), 80));
     match (a, b) {
         (Table(x), Table(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();

@@ -31,9 +31,12 @@ mod distill;
 mod evaluate;
 pub mod events;
 mod fit;
+mod inputs;
 mod lock;
+mod objective;
 pub mod output;
 mod plan;
+mod progress;
 pub mod provenance;
 mod resume;
 mod specialists;
@@ -42,6 +45,7 @@ mod tables;
 use dir::{stage_facts, RunDir};
 pub use dir::{Options, CONFIG_HASH};
 use fit::{Init, Sampling, StageFit, Targets};
+pub use inputs::check_inputs;
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
 
@@ -172,7 +176,7 @@ pub fn dry_run(exp: &Experiment, out: &Path, options: Options) -> Result<Vec<Str
                 let resume = dir.join("checkpoints").join(format!("{name}.resume.safetensors"));
                 let mut what = match (again, resume.exists()) {
                     (false, true) => {
-                        match output::load_tensors(&resume).and_then(|t| resume::Progress::split(&resume, t)) {
+                        match output::load_tensors(&resume).and_then(|t| resume::Point::split(&resume, t)) {
                             Ok((p, _)) => match p.position {
                                 Some(at) => format!("resume at step {} of epoch {}", at.step, p.epochs_done + 1),
                                 None => format!("resume after epoch {}", p.epochs_done),

@@ -4,12 +4,10 @@
 use crate::config::{self, DataSource};
 use crate::data::speech::{self, CorpusModel, Utterance};
 use crate::data::store::{self as frames, FeatureKind, FrameStore, StoreWriter, MANIFEST};
-use crate::data::stream::{Producer, StreamSettings, StreamStart};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
 use std::time::Instant;
 use tch::Device;
 
@@ -65,7 +63,7 @@ enum StoreCommand {
         #[arg(long, default_value = "teacher.kdt")]
         name: String,
         /// Frames of left and right context of the teacher's windows.
-        #[arg(long, num_args = 2, default_values_t = [20, 5])]
+        #[arg(long, num_args = 2, default_values_t = config::DEFAULT_CONTEXT.map(|n| n as usize))]
         context: Vec<usize>,
         /// Windows per teacher pass.
         #[arg(long, default_value_t = 4096)]
@@ -206,7 +204,7 @@ fn lock_folder(dir: &Path) -> Result<std::fs::File> {
             bail!(
                 "{} is being written by another kd-run process ({}); wait until it ends, or write elsewhere",
                 dir.display(),
-                crate::data::inputs::clip(holder.trim(), 200)
+                crate::inputs::clip(holder.trim(), 200)
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -397,52 +395,6 @@ fn check(dir: &Path) -> Result<()> {
         m.shards.len(),
         store.bytes() as f64 / 1e9,
         started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// The `kd-run bench --store` lines: windows per second of the producer alone on this thread,
-/// and frames per second of the training step of a 4 x 512 network on its batches.
-pub fn bench(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize), device: Device) -> Result<()> {
-    let store = Arc::new(FrameStore::open(dir)?);
-    let lengths = Arc::new(store.utterance_lengths());
-    let settings = StreamSettings {
-        batch_size: batch,
-        left: 20,
-        right: 5,
-        buffer: 1 << 18,
-        chunk_frames,
-        prefetch: 4,
-        epoch_fraction: 1.0,
-        seed: 1,
-    };
-    let start = StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 };
-    let mut producer = Producer::new((store.clone(), None), lengths.clone(), settings, start, device)?;
-    let mut host = crate::data::stream::HostBatch::default();
-    // Warm up: fill the shuffle buffer.
-    producer.next_tensors(&mut host)?;
-    let started = Instant::now();
-    let mut windows = 0usize;
-    let mut kept = Vec::new();
-    for i in 0..batches {
-        let Some((xt, yt, _)) = producer.next_tensors(&mut host)? else { break };
-        windows += host.y.len();
-        if i < 8 {
-            kept.push((xt, yt));
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "store producer: {:.0} windows/s on 1 thread ({windows} windows of 26 x {}, batch {batch}, shuffle buffer {} frames, chunks of {chunk_frames})",
-        windows as f64 / secs,
-        store.manifest.feature_dim,
-        settings.buffer
-    );
-    let (steps, per_second) = crate::bench::mlp_step_rate(&kept, store.manifest.classes as i64, device)?;
-    println!(
-        "training step 4 x 512 ({} classes, batch {batch}, {} threads): {per_second:.0} frames/s over {steps} steps",
-        store.manifest.classes,
-        tch::get_num_threads()
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The training step and epoch loop shared by `kd-run run` and `kd-run bench`.
 
+use crate::data::batch::{Batch, BatchSource};
 use crate::data::{self, Split};
 use crate::train::optim::Optimizer;
 use anyhow::Result;
@@ -9,9 +10,7 @@ use tch::{nn::ModuleT, Kind, Tensor};
 
 pub mod eval;
 mod graph;
-pub mod objective;
 pub mod optim;
-pub mod progress;
 pub mod stopping;
 
 pub use eval::{agreement, evaluate, evaluate_with, in_chunks, logits, Agreement, Evaluation, Outputs, EVAL_BATCH};
@@ -444,31 +443,6 @@ impl std::fmt::Display for Diverged {
 }
 
 impl std::error::Error for Diverged {}
-
-/// One step's examples, as a [`BatchSource`] delivers them.
-pub struct Batch {
-    /// `[b, input_dim]` inputs, on the training device.
-    pub x: Tensor,
-    /// `[b]` int64 labels.
-    pub y: Tensor,
-    /// Rows of the in-memory split (what cached teacher targets are indexed by); `None` for
-    /// examples streamed from a frame store.
-    pub idx: Option<Tensor>,
-    /// The teacher's targets for these rows, when the source delivers them (top-k targets read
-    /// beside a frame store); otherwise they come from the [`Supervision`].
-    pub targets: Option<TeacherTargets>,
-    /// Which rows of the global batch these are (all of it for a process alone): the loss is
-    /// weighted by their share, dropout masks are drawn for the whole batch.
-    pub held: BatchRows,
-}
-
-/// The batches of one epoch (or of a slice of one), in the order they are trained on.
-pub trait BatchSource {
-    /// Steps in the pass.
-    fn steps(&self) -> usize;
-    /// The next batch, `None` after the last.
-    fn next_batch(&mut self) -> Result<Option<Batch>>;
-}
 
 /// Today's source: a random order of the examples of a split held on the device (all of them,
 /// or `examples`), cut into batches; inputs gathered per batch, images jittered.

@@ -374,6 +374,10 @@ fn default_chunk_frames() -> usize {
     8
 }
 
+/// The frames of context `[left, right]` around each frame of speech data when `data.context` is
+/// not set: 20 before and 5 after, 26 frames in all, as the paper's acoustic model sees them.
+pub const DEFAULT_CONTEXT: [u32; 2] = [20, 5];
+
 /// The synthetic speech corpus and the context window of each frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpeechSpec {
@@ -382,7 +386,7 @@ pub struct SpeechSpec {
     /// Frames of right context (the paper: 5).
     pub right: i64,
     /// The generator's settings.
-    pub corpus: crate::data::speech::CorpusConfig,
+    pub corpus: super::CorpusConfig,
 }
 
 /// One named stage.

@@ -2,7 +2,6 @@
 //! holds it (a `--set` value: relative to the working directory), and resolved experiments
 //! hold them absolute, so that a run's `config.toml` means the same files from any directory.
 
-use super::raw::RawExperiment;
 use std::path::{Component, Path, PathBuf};
 
 /// The keys whose values are paths, wherever they appear (`data.dir`, `data.store.dir`, the
@@ -43,33 +42,6 @@ pub(crate) fn absolutize_value(key: &str, value: &mut toml::Value, base: &Path) 
             }
         }
         _ => {}
-    }
-}
-
-impl RawExperiment {
-    /// Every path of the file made absolute against `base`, the file's folder.
-    pub(crate) fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| *p = absolute(base, p);
-        if let Some(dir) = &mut self.data.dir {
-            fix(dir);
-        }
-        if let Some(store) = &mut self.data.store {
-            fix(&mut store.dir);
-        }
-        if let Some(files) = &mut self.data.files {
-            for set in [&mut files.train, &mut files.validation, &mut files.test] {
-                fix(&mut set.features);
-                fix(&mut set.labels);
-                if let Some(lengths) = &mut set.lengths {
-                    fix(lengths);
-                }
-            }
-        }
-        for stage in &mut self.stages {
-            for p in [&mut stage.checkpoint, &mut stage.teacher_checkpoint].into_iter().flatten() {
-                fix(p);
-            }
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use super::experiment::{
 use super::values::{ClassId, Count, NonNegative, Positive, Rate, Sha256, Share, Temperature, Widths};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 #[derive(Deserialize)]
@@ -59,7 +59,7 @@ pub(crate) struct RawData {
     #[serde(default)]
     pub(crate) dir: Option<PathBuf>,
     #[serde(default)]
-    pub(crate) speech: Option<crate::data::speech::CorpusConfig>,
+    pub(crate) speech: Option<super::CorpusConfig>,
     #[serde(default)]
     pub(crate) files: Option<RawFiles>,
     #[serde(default)]
@@ -277,7 +277,7 @@ pub(crate) struct RawSweep {
 /// line with a caret under the column, the message), but with the quoted line and the message
 /// clipped: a 200 KB line is shown as the 120 characters around the column.
 pub(crate) fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
-    use crate::data::inputs::{clip_lines, MAX_ECHO};
+    use crate::inputs::{clip_lines, MAX_ECHO};
     let message =
         explain_unknown_name(e.message().trim_end()).unwrap_or_else(|| clip_lines(e.message().trim_end(), MAX_ECHO));
     let Some(span) = e.span() else { return anyhow::anyhow!("{origin}: TOML parse error: {message}") };
@@ -313,7 +313,7 @@ pub(crate) fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyho
 /// "expected `a` or `b`") rewritten with the closest valid name suggested and every valid name
 /// listed: the list is the program's own, so it is never cut; the unknown name, the user's, is.
 fn explain_unknown_name(message: &str) -> Option<String> {
-    use crate::data::inputs::clip;
+    use crate::inputs::clip;
     let (what, rest) = ["field", "variant"].into_iter().find_map(|w| {
         let rest = message.strip_prefix(&format!("unknown {w} `"))?;
         Some((w, rest))
@@ -424,6 +424,33 @@ pub(crate) fn apply_override(doc: &mut toml::Table, assignment: &str, cwd: &std:
     super::paths::absolutize_value(last, &mut value, cwd);
     table.insert(last.to_string(), value);
     Ok(())
+}
+
+impl RawExperiment {
+    /// Every path of the file made absolute against `base`, the file's folder.
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| *p = super::paths::absolute(base, p);
+        if let Some(dir) = &mut self.data.dir {
+            fix(dir);
+        }
+        if let Some(store) = &mut self.data.store {
+            fix(&mut store.dir);
+        }
+        if let Some(files) = &mut self.data.files {
+            for set in [&mut files.train, &mut files.validation, &mut files.test] {
+                fix(&mut set.features);
+                fix(&mut set.labels);
+                if let Some(lengths) = &mut set.lengths {
+                    fix(lengths);
+                }
+            }
+        }
+        for stage in &mut self.stages {
+            for p in [&mut stage.checkpoint, &mut stage.teacher_checkpoint].into_iter().flatten() {
+                fix(p);
+            }
+        }
+    }
 }
 
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {

@@ -11,7 +11,41 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use toml::Spanned;
 
+/// The resolved experiment: each part handed to its own builder (the run's name and device, the
+/// data source, the stages, the resource settings), in the order their errors are reported.
 pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
+    check_run_name(&raw, text)?;
+    let device = resolve_device(raw.device.as_ref(), text)?;
+    if raw.stages.is_empty() {
+        bail!("{}: the experiment has no [[stages]]", line_of(text, raw.name.span().start));
+    }
+    let data = resolve_data(&raw.data, line_of(text, raw.name.span().start))?;
+    let stages = resolve_stages(raw.stages, &raw.defaults, raw.seed, &data, text)?;
+    if let Some(t) = raw.threads.filter(|t| t.0 > super::limits::MAX_THREADS) {
+        bail!(
+            "threads = {}: expected at most {} (0: libtorch's default, one per core)",
+            t.0,
+            super::limits::MAX_THREADS
+        );
+    }
+    let checkpoint = resolve_checkpoint(raw.checkpoint.as_ref())?;
+    Ok(Experiment {
+        name: raw.name.into_inner(),
+        description: raw.description.unwrap_or_default(),
+        seed: raw.seed,
+        device,
+        threads: raw.threads.map_or(0, |c| c.0),
+        precision: raw.precision,
+        peak_tflops: raw.peak_tflops.map(|p| p.0),
+        optimizer_in_backward: raw.optimizer_in_backward,
+        cuda_graphs: raw.cuda_graphs,
+        checkpoint,
+        data,
+        stages,
+    })
+}
+
+fn check_run_name(raw: &RawExperiment, text: &str) -> Result<()> {
     if let Some(problem) = name_problem(raw.name.get_ref()) {
         bail!(
             "{}: name: {:?} is not a usable run name, which becomes the folder OUT/<name>/: {problem}",
@@ -19,132 +53,160 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
             raw.name.get_ref()
         );
     }
-    let device = match raw.device {
-        None => "auto".to_string(),
-        Some(d) => {
-            let v = d.get_ref();
-            let ok = v == "auto"
-                || v == "cpu"
-                || v == "cuda"
-                || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-            if !ok {
-                bail!(
-                    "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
-                    line_of(text, d.span().start)
-                );
-            }
-            v.clone()
-        }
-    };
-    if raw.stages.is_empty() {
-        bail!("{}: the experiment has no [[stages]]", line_of(text, raw.name.span().start));
+    Ok(())
+}
+
+fn resolve_device(device: Option<&Spanned<String>>, text: &str) -> Result<String> {
+    let Some(d) = device else { return Ok("auto".to_string()) };
+    let v = d.get_ref();
+    let ok =
+        v == "auto" || v == "cpu" || v == "cuda" || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    if !ok {
+        bail!(
+            "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
+            line_of(text, d.span().start)
+        );
     }
-    let data_line = line_of(text, raw.name.span().start);
-    let kind = raw.data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
-    if let Some(c) = raw.data.classes.filter(|c| c.0 > MAX_CLASSES) {
+    Ok(v.clone())
+}
+
+/// `[data]`: the source of each kind and the settings of the MNIST image split; errors name
+/// `data_line`.
+fn resolve_data(data: &RawData, data_line: usize) -> Result<DataSpec> {
+    let kind = data.kind.as_ref().map_or(DataKind::Mnist, |k| *k.get_ref());
+    if let Some(c) = data.classes.filter(|c| c.0 > MAX_CLASSES) {
         bail!("{data_line}: data: classes = {}: kd-run supports at most {MAX_CLASSES} classes", c.0);
     }
-    if let Some(c) = raw.data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
+    if let Some(c) = data.context.filter(|c| c.iter().any(|&n| n > MAX_CONTEXT)) {
         bail!("{data_line}: data: context = {c:?}: at most {MAX_CONTEXT} frames on either side");
     }
-    if kind != DataKind::Store && raw.data.store.is_some() {
+    if kind != DataKind::Store && data.store.is_some() {
         bail!("{data_line}: data: `store` needs kind = \"store\"");
     }
-    if kind != DataKind::Files && (raw.data.files.is_some() || raw.data.classes.is_some()) {
+    if kind != DataKind::Files && (data.files.is_some() || data.classes.is_some()) {
         bail!("{data_line}: data: `files` and `classes` need kind = \"files\"");
     }
-    // Settings of the MNIST image split, which the frame data (split by speaker or by file) has not.
-    let image_split = raw.data.dir.is_some()
-        || raw.data.validation > 0
-        || raw.data.train_limit.is_some()
-        || raw.data.test_limit.is_some();
     let source = match kind {
-        DataKind::Files => {
-            let Some(f) = raw.data.files.clone() else {
-                bail!(
-                    "{data_line}: data: kind = \"files\" needs [data.files] with `train`, `validation` and `test`, each {{ features = ..., labels = ... }}"
-                );
-            };
-            if image_split || raw.data.speech.is_some() {
-                bail!(
-                    "{data_line}: data: with kind = \"files\" the splits are the files; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
-                );
-            }
-            let [left, right] = raw.data.context.unwrap_or([20, 5]);
-            DataSource::Files(FilesSpec {
-                left: i64::from(left),
-                right: i64::from(right),
-                classes: raw.data.classes.map(|c| c.0),
-                train: f.train,
-                validation: f.validation,
-                test: f.test,
-            })
-        }
-        DataKind::Store => {
-            let Some(st) = raw.data.store.clone() else {
-                bail!("{data_line}: data: kind = \"store\" needs [data.store] with `dir`, the folder `kd-run store write` wrote");
-            };
-            if image_split || raw.data.speech.is_some() {
-                bail!(
-                    "{data_line}: data: with kind = \"store\" the splits are the stores; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
-                );
-            }
-            let fraction = st.epoch_fraction.unwrap_or(1.0);
-            if !(fraction > 0.0 && fraction <= 1.0) {
-                bail!("{data_line}: data.store: epoch_fraction = {fraction} must be in (0, 1]");
-            }
-            let [left, right] = raw.data.context.unwrap_or([20, 5]);
-            if let Some(p) = st.prefetch.filter(|p| p.0 as u64 > super::limits::MAX_PREFETCH) {
-                bail!(
-                    "{data_line}: data.store: prefetch = {}: expected at most {} batches read ahead",
-                    p.0,
-                    super::limits::MAX_PREFETCH
-                );
-            }
-            DataSource::Store(StoreSpec {
-                dir: st.dir,
-                left: i64::from(left),
-                right: i64::from(right),
-                shuffle_buffer: st.shuffle_buffer.map_or(1 << 18, |c| c.0 as usize),
-                chunk_frames: st.chunk_frames.map_or(8, |c| c.0 as usize),
-                prefetch: st.prefetch.map_or(4, |c| c.0 as usize),
-                epoch_fraction: fraction,
-                eval_frames: st.eval_frames.map(|c| c.0 as u64),
-                targets: st.targets,
-            })
-        }
-        DataKind::Mnist => {
-            if raw.data.speech.is_some() || raw.data.context.is_some() {
-                bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
-            }
-            let Some(dir) = raw.data.dir.clone() else {
-                bail!("{data_line}: data: `dir`, the folder with the MNIST IDX files, is missing");
-            };
-            DataSource::Mnist { dir }
-        }
-        DataKind::Speech => {
-            let corpus = raw.data.speech.clone().unwrap_or_default();
-            corpus.validate().map_err(|e| anyhow::anyhow!("{data_line}: data.speech: {e:#}"))?;
-            if image_split {
-                bail!(
-                    "{data_line}: data: a speech corpus splits by speaker (training, development = validation, test); `dir`, `validation`, `train_limit` and `test_limit` do not apply"
-                );
-            }
-            let [left, right] = raw.data.context.unwrap_or([20, 5]);
-            DataSource::Speech(SpeechSpec { left: i64::from(left), right: i64::from(right), corpus })
-        }
+        DataKind::Files => files_source(data, data_line)?,
+        DataKind::Store => store_source(data, data_line)?,
+        DataKind::Mnist => mnist_source(data, data_line)?,
+        DataKind::Speech => speech_source(data, data_line)?,
     };
-    let data = DataSpec {
+    Ok(DataSpec {
         source,
-        validation: raw.data.validation,
-        train_limit: raw.data.train_limit.map(|c| c.0),
-        test_limit: raw.data.test_limit.map(|c| c.0),
+        validation: data.validation,
+        train_limit: data.train_limit.map(|c| c.0),
+        test_limit: data.test_limit.map(|c| c.0),
+    })
+}
+
+/// Whether `[data]` holds settings of the MNIST image split, which frame data (split by speaker
+/// or by file) has not.
+fn has_image_split(data: &RawData) -> bool {
+    data.dir.is_some() || data.validation > 0 || data.train_limit.is_some() || data.test_limit.is_some()
+}
+
+/// The frames of context `[left, right]` around each frame of speech data (default `[20, 5]`).
+fn context(data: &RawData) -> (i64, i64) {
+    let [left, right] = data.context.unwrap_or(DEFAULT_CONTEXT);
+    (i64::from(left), i64::from(right))
+}
+
+fn files_source(data: &RawData, data_line: usize) -> Result<DataSource> {
+    let Some(f) = data.files.clone() else {
+        bail!(
+            "{data_line}: data: kind = \"files\" needs [data.files] with `train`, `validation` and `test`, each {{ features = ..., labels = ... }}"
+        );
     };
+    if has_image_split(data) || data.speech.is_some() {
+        bail!(
+            "{data_line}: data: with kind = \"files\" the splits are the files; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
+        );
+    }
+    let (left, right) = context(data);
+    Ok(DataSource::Files(FilesSpec {
+        left,
+        right,
+        classes: data.classes.map(|c| c.0),
+        train: f.train,
+        validation: f.validation,
+        test: f.test,
+    }))
+}
+
+fn store_source(data: &RawData, data_line: usize) -> Result<DataSource> {
+    let Some(st) = data.store.clone() else {
+        bail!(
+            "{data_line}: data: kind = \"store\" needs [data.store] with `dir`, the folder `kd-run store write` wrote"
+        );
+    };
+    if has_image_split(data) || data.speech.is_some() {
+        bail!(
+            "{data_line}: data: with kind = \"store\" the splits are the stores; `dir`, `speech`, `validation`, `train_limit` and `test_limit` do not apply"
+        );
+    }
+    let fraction = st.epoch_fraction.unwrap_or(1.0);
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        bail!("{data_line}: data.store: epoch_fraction = {fraction} must be in (0, 1]");
+    }
+    let (left, right) = context(data);
+    if let Some(p) = st.prefetch.filter(|p| p.0 as u64 > super::limits::MAX_PREFETCH) {
+        bail!(
+            "{data_line}: data.store: prefetch = {}: expected at most {} batches read ahead",
+            p.0,
+            super::limits::MAX_PREFETCH
+        );
+    }
+    Ok(DataSource::Store(StoreSpec {
+        dir: st.dir,
+        left,
+        right,
+        shuffle_buffer: st.shuffle_buffer.map_or(1 << 18, |c| c.0 as usize),
+        chunk_frames: st.chunk_frames.map_or(8, |c| c.0 as usize),
+        prefetch: st.prefetch.map_or(4, |c| c.0 as usize),
+        epoch_fraction: fraction,
+        eval_frames: st.eval_frames.map(|c| c.0 as u64),
+        targets: st.targets,
+    }))
+}
+
+fn mnist_source(data: &RawData, data_line: usize) -> Result<DataSource> {
+    if data.speech.is_some() || data.context.is_some() {
+        bail!("{data_line}: data: `speech` and `context` need kind = \"speech\"");
+    }
+    let Some(dir) = data.dir.clone() else {
+        bail!("{data_line}: data: `dir`, the folder with the MNIST IDX files, is missing");
+    };
+    Ok(DataSource::Mnist { dir })
+}
+
+fn speech_source(data: &RawData, data_line: usize) -> Result<DataSource> {
+    let corpus = data.speech.clone().unwrap_or_default();
+    corpus.validate().map_err(|e| anyhow::anyhow!("{data_line}: data.speech: {e:#}"))?;
+    if has_image_split(data) {
+        bail!(
+            "{data_line}: data: a speech corpus splits by speaker (training, development = validation, test); `dir`, `validation`, `train_limit` and `test_limit` do not apply"
+        );
+    }
+    let (left, right) = context(data);
+    Ok(DataSource::Speech(SpeechSpec { left, right, corpus }))
+}
+
+/// The stages, sweeps expanded, each named, its keys checked against its kind, its job built by
+/// that kind's builder and checked against the data.
+fn resolve_stages(
+    raw: Vec<RawStage>,
+    defaults: &RawTraining,
+    base_seed: u64,
+    data: &DataSpec,
+    text: &str,
+) -> Result<Vec<Stage>> {
     // Speech frames (synthetic or from files): windows, a validation split of their own.
     let framed = !matches!(data.source, DataSource::Mnist { .. });
+    let validation_splits = data.validation + usize::from(framed);
     let mut stages: Vec<Stage> = Vec::new();
     let mut expanded = Vec::new();
-    for s in raw.stages {
+    for s in raw {
         let room = MAX_STAGES.saturating_sub(expanded.len());
         expanded.extend(expand_sweep(s, text, room)?);
     }
@@ -170,104 +232,108 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
                 allowed.join(", ")
             );
         }
-        let seed = s.seed.unwrap_or_else(|| derive_seed(raw.seed, &name));
-        let job = match s.kind {
-            StageKind::Train => Job::Train(TrainJob {
-                model: resolve_model(text, &s)?,
-                training: stage_training(text, &raw.defaults, &s, seed)?,
-            }),
-            StageKind::Distill => Job::Distill(DistillJob {
-                model: resolve_model(text, &s)?,
-                training: stage_training(text, &raw.defaults, &s, seed)?,
-                distill: resolve_distill(text, &s, &stages)?,
-            }),
-            StageKind::Evaluate => Job::Evaluate(EvaluateJob {
-                source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
-            }),
-            StageKind::BiasShift => resolve_bias_shift(text, &s, &stages, data.validation + usize::from(framed))?,
-            StageKind::Ensemble => Job::Ensemble(EnsembleJob { members: resolve_members(text, &s, &stages)? }),
-            StageKind::Clusters => resolve_clusters(text, &s, &stages, seed, data.validation + usize::from(framed))?,
-            StageKind::Specialists => Job::Specialists(SpecialistsJob {
-                source: resolve_source(text, &s, s.from.as_ref(), s.checkpoint.as_ref(), &stages)?,
-                subsets: resolve_subsets(text, &s, &stages)?,
-                training: stage_training(text, &raw.defaults, &s, seed)?,
-                examples: s.examples.map(|c| c.0),
-                top_n: s.top_n.map_or(1, |c| c.0),
-                combine_iterations: s.combine_iterations.map_or(100, |c| c.0),
-            }),
-        };
-        let early = matches!(&job, Job::Train(TrainJob { training, .. }) | Job::Distill(DistillJob { training, .. }) | Job::Specialists(SpecialistsJob { training, .. })
-            if training.patience.is_some());
-        if matches!(&job, Job::Distill(DistillJob { training, distill, .. }) if distill.top_k.is_some() && training.jitter > 0)
-        {
+        let seed = s.seed.unwrap_or_else(|| derive_seed(base_seed, &name));
+        let job = resolve_job(text, &s, defaults, &stages, (seed, validation_splits))?;
+        check_job(text, &s, &job, data.validation, framed)?;
+        stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
+    }
+    Ok(stages)
+}
+
+/// A stage's job, by its kind's builder; `earlier` are the stages above it, `validation_splits`
+/// how many validation examples (or a frame split) there are to choose on.
+fn resolve_job(
+    text: &str,
+    s: &RawStage,
+    defaults: &RawTraining,
+    earlier: &[Stage],
+    (seed, validation_splits): (u64, usize),
+) -> Result<Job> {
+    Ok(match s.kind {
+        StageKind::Train => {
+            Job::Train(TrainJob { model: resolve_model(text, s)?, training: stage_training(text, defaults, s, seed)? })
+        }
+        StageKind::Distill => Job::Distill(DistillJob {
+            model: resolve_model(text, s)?,
+            training: stage_training(text, defaults, s, seed)?,
+            distill: resolve_distill(text, s, earlier)?,
+        }),
+        StageKind::Evaluate => Job::Evaluate(EvaluateJob {
+            source: resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?,
+        }),
+        StageKind::BiasShift => resolve_bias_shift(text, s, earlier, validation_splits)?,
+        StageKind::Ensemble => Job::Ensemble(EnsembleJob { members: resolve_members(text, s, earlier)? }),
+        StageKind::Clusters => resolve_clusters(text, s, earlier, seed, validation_splits)?,
+        StageKind::Specialists => Job::Specialists(SpecialistsJob {
+            source: resolve_source(text, s, s.from.as_ref(), s.checkpoint.as_ref(), earlier)?,
+            subsets: resolve_subsets(text, s, earlier)?,
+            training: stage_training(text, defaults, s, seed)?,
+            examples: s.examples.map(|c| c.0),
+            top_n: s.top_n.map_or(1, |c| c.0),
+            combine_iterations: s.combine_iterations.map_or(100, |c| c.0),
+        }),
+    })
+}
+
+/// The checks of a job against its other settings and the data: cached teacher targets and
+/// jitter, early stopping without a validation split, image-only settings on speech frames.
+fn check_job(text: &str, s: &RawStage, job: &Job, validation: usize, framed: bool) -> Result<()> {
+    let training = match job {
+        Job::Train(TrainJob { training, .. })
+        | Job::Distill(DistillJob { training, .. })
+        | Job::Specialists(SpecialistsJob { training, .. }) => Some(training),
+        _ => None,
+    };
+    let distill = match job {
+        Job::Distill(DistillJob { distill, .. }) => Some(distill),
+        _ => None,
+    };
+    let early = training.is_some_and(|t| t.patience.is_some());
+    let jitter = training.is_some_and(|t| t.jitter > 0) && !matches!(job, Job::Specialists(_));
+    if let Some(d) = distill {
+        if d.top_k.is_some() && jitter {
             stage_bail!(
                 text,
                 s,
                 "`teacher_top_k` keeps a cached teacher's outputs; with `jitter` the teacher runs live"
             );
         }
-        if matches!(&job, Job::Distill(DistillJob { training, distill, .. }) if distill.translations.is_some() && training.jitter > 0)
-        {
+        if d.translations.is_some() && jitter {
             stage_bail!(
                 text,
                 s,
                 "`teacher_translations` averages a cached teacher's outputs; with `jitter` the teacher runs live"
             );
         }
-        if early && data.validation == 0 && !framed {
-            stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
-        }
-        if framed {
-            let jitter = matches!(&job, Job::Train(TrainJob { training, .. }) | Job::Distill(DistillJob { training, .. }) if training.jitter > 0);
-            let filtered = matches!(&job, Job::Distill(DistillJob { distill, .. })
-                if !distill.transfer_exclude.is_empty() || !distill.transfer_only.is_empty());
-            if jitter {
-                stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
-            }
-            if matches!(&job, Job::Distill(DistillJob { distill, .. }) if distill.translations.is_some()) {
-                stage_bail!(text, s, "`teacher_translations` translates images; speech frames are not images");
-            }
-            if filtered {
-                stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
-            }
-        }
-        stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
     }
-    if let Some(t) = raw.threads.filter(|t| t.0 > super::limits::MAX_THREADS) {
-        bail!(
-            "threads = {}: expected at most {} (0: libtorch's default, one per core)",
-            t.0,
-            super::limits::MAX_THREADS
-        );
+    if early && validation == 0 && !framed {
+        stage_bail!(text, s, "early stopping watches the validation split: set `data.validation` > 0");
     }
-    let checkpoint = match &raw.checkpoint {
-        None => CheckpointSpec::default(),
-        Some(c) => {
-            let every_minutes = c.every_minutes.unwrap_or(0.0);
-            if !(every_minutes.is_finite() && (0.0..=1e6).contains(&every_minutes)) {
-                bail!("checkpoint.every_minutes = {every_minutes}: expected minutes from 0 (off) to 1000000");
-            }
-            let keep = c.keep.unwrap_or(2);
-            if !(1..=100).contains(&keep) {
-                bail!("checkpoint.keep = {keep}: expected from 1 to 100 checkpoints");
-            }
-            CheckpointSpec { every_steps: c.every_steps.unwrap_or(0), every_minutes, keep: keep as usize }
+    if framed {
+        if jitter {
+            stage_bail!(text, s, "`jitter` translates images; speech frames are not images");
         }
-    };
-    Ok(Experiment {
-        name: raw.name.into_inner(),
-        description: raw.description.unwrap_or_default(),
-        seed: raw.seed,
-        device,
-        threads: raw.threads.map_or(0, |c| c.0),
-        precision: raw.precision,
-        peak_tflops: raw.peak_tflops.map(|p| p.0),
-        optimizer_in_backward: raw.optimizer_in_backward,
-        cuda_graphs: raw.cuda_graphs,
-        checkpoint,
-        data,
-        stages,
-    })
+        if distill.is_some_and(|d| d.translations.is_some()) {
+            stage_bail!(text, s, "`teacher_translations` translates images; speech frames are not images");
+        }
+        if distill.is_some_and(|d| !d.transfer_exclude.is_empty() || !d.transfer_only.is_empty()) {
+            stage_bail!(text, s, "transfer-set class filters are not supported for speech frames yet");
+        }
+    }
+    Ok(())
+}
+
+fn resolve_checkpoint(raw: Option<&RawCheckpoint>) -> Result<CheckpointSpec> {
+    let Some(c) = raw else { return Ok(CheckpointSpec::default()) };
+    let every_minutes = c.every_minutes.unwrap_or(0.0);
+    if !(every_minutes.is_finite() && (0.0..=1e6).contains(&every_minutes)) {
+        bail!("checkpoint.every_minutes = {every_minutes}: expected minutes from 0 (off) to 1000000");
+    }
+    let keep = c.keep.unwrap_or(2);
+    if !(1..=100).contains(&keep) {
+        bail!("checkpoint.keep = {keep}: expected from 1 to 100 checkpoints");
+    }
+    Ok(CheckpointSpec { every_steps: c.every_steps.unwrap_or(0), every_minutes, keep: keep as usize })
 }
 
 fn resolve_model(text: &str, s: &RawStage) -> Result<ModelSpec> {

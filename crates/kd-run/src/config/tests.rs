@@ -342,7 +342,7 @@ fn speech_data_resolves_and_rejects_image_keys() {
     let e = parse(&speech).unwrap();
     let DataSource::Speech(s) = &e.data.source else { panic!("speech data") };
     assert_eq!((s.left, s.right, s.corpus.states, s.corpus.noise), (3, 1, 120, 0.3));
-    assert_eq!(s.corpus.phones, crate::data::speech::CorpusConfig::default().phones, "other keys keep defaults");
+    assert_eq!(s.corpus.phones, super::CorpusConfig::default().phones, "other keys keep defaults");
     let err = parse(&speech.replace("kind = \"speech\"", "kind = \"speech\"\ndir = \"x\"")).unwrap_err();
     assert!(err.to_string().contains("splits by speaker"), "{err}");
     let err = parse(&speech.replace("noise = 0.3", "noize = 0.3")).unwrap_err();

@@ -55,7 +55,7 @@ impl<'de> Deserialize<'de> for Sha256 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let v = String::deserialize(d)?;
         if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let shown = crate::data::inputs::clip(&v, 80);
+            let shown = crate::inputs::clip(&v, 80);
             return Err(serde::de::Error::custom(format!(
                 "expected a SHA-256: 64 hexadecimal digits (as `sha256sum FILE` prints), got {shown:?} ({} characters)",
                 v.chars().count()

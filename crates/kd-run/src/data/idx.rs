@@ -111,7 +111,7 @@ pub(crate) fn ensure_present(path: &Path) -> Result<()> {
     }
     if std::fs::symlink_metadata(path).is_ok() {
         // There is something by that name: a directory, a dangling link, a device.
-        return crate::data::inputs::check_file(path, "IDX file");
+        return crate::inputs::check_file(path, "IDX file");
     }
     let mut gz = PathBuf::from(path);
     gz.as_mut_os_string().push(".gz");

@@ -108,7 +108,7 @@ impl MatrixEntries {
 
     /// The matrices an scp file points to (see [`read_matrix_scp`]).
     pub fn scp(path: &Path) -> Result<Self> {
-        crate::data::inputs::check_file(path, "scp file")?;
+        crate::inputs::check_file(path, "scp file")?;
         let file = File::open(path).with_context(|| format!("cannot read scp file {}", path.display()))?;
         Ok(MatrixEntries(Entries::Scp(ScpReader {
             path: path.to_path_buf(),
@@ -364,7 +364,7 @@ struct Source<R = BufReader<File>> {
 
 impl Source {
     fn open(path: &Path) -> Result<Self> {
-        crate::data::inputs::check_file(path, "archive")?;
+        crate::inputs::check_file(path, "archive")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
         Ok(Source { path: path.to_path_buf(), reader: BufReader::with_capacity(1 << 16, file), pos: 0, len, utt: None })

@@ -150,7 +150,7 @@ impl NpyRows {
 /// Opens `path`, parses its header (reading only the header's bytes) and leaves the file at
 /// the first data byte.
 fn open(path: &Path) -> Result<(File, Layout)> {
-    crate::data::inputs::check_file(path, "NumPy file")?;
+    crate::inputs::check_file(path, "NumPy file")?;
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?.len();
     if len == 0 {
@@ -225,7 +225,7 @@ fn decode_i64(dtype: Dtype, bytes: &[u8], out: &mut Vec<i64>) {
 
 /// The bytes of a file that must exist, be a regular file and not be empty.
 fn read(path: &Path) -> Result<Vec<u8>> {
-    crate::data::inputs::check_file(path, "NumPy file")?;
+    crate::inputs::check_file(path, "NumPy file")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.is_empty() {
         bail!("{} is empty: expected a .npy file", path.display());

@@ -697,7 +697,7 @@ pub struct Shard {
 impl Shard {
     /// Opens `path` and checks its header, length and utterance offsets.
     pub fn open(path: &Path) -> Result<Shard> {
-        crate::data::inputs::check_file(path, "frame store shard")?;
+        crate::inputs::check_file(path, "frame store shard")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata()?.len();
         let mut head = vec![0u8; len.min(HEADER_BYTES) as usize];
@@ -814,7 +814,7 @@ impl FrameStore {
     /// Opens the store in `dir`: reads the manifest and opens and checks every shard against it.
     pub fn open(dir: &Path) -> Result<FrameStore> {
         let path = dir.join(MANIFEST);
-        crate::data::inputs::check_file(&path, "frame store manifest")?;
+        crate::inputs::check_file(&path, "frame store manifest")?;
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let manifest = Manifest::parse(&text, &path)?;
         let d = manifest.feature_dim;

@@ -27,10 +27,10 @@
 //!    frame, reads the utterances then resident, and continues exactly as the uninterrupted
 //!    stream would.
 
+use super::batch::{Batch, BatchSource};
 use super::store::FrameStore;
 use super::targets::TopKFile;
 use crate::rng::Rng;
-use crate::train::{Batch, BatchSource};
 use anyhow::{anyhow, ensure, Result};
 use kd_models::BatchRows;
 use std::collections::VecDeque;

@@ -308,7 +308,7 @@ impl TopKFile {
     /// Opens `path` and checks it belongs to `store` (its id and counts) and was made by a
     /// teacher of `context` (left, right) frames.
     pub fn open(path: &Path, store: &FrameStore, context: (u32, u32)) -> Result<TopKFile> {
-        crate::data::inputs::check_file(path, "top-k targets file")?;
+        crate::inputs::check_file(path, "top-k targets file")?;
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let len = file.metadata()?.len();
         let mut head = vec![0u8; len.min(HEADER_BYTES) as usize];

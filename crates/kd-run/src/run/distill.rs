@@ -33,7 +33,7 @@ impl Run<'_> {
         (model, training, distill): (&ModelSpec, &Training, &DistillSpec),
         started: Instant,
     ) -> Result<()> {
-        let objective = train::objective::resolve(distill)?;
+        let objective = super::objective::resolve(distill)?;
         if let Some(file) = self.data.stream.as_ref().and_then(|s| s.targets.as_ref()) {
             file.check_stage(name, distill.top_k, objective.temperature())?;
         }

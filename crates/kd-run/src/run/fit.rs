@@ -4,6 +4,7 @@
 
 use super::device_name;
 use super::output::{self, MetricsRow};
+use super::progress::Progress;
 use super::resume;
 use super::tables::Tables;
 use super::Run;
@@ -11,7 +12,6 @@ use crate::config::{ModelSpec, Training, MAX_PARAMETERS};
 use crate::data::Split;
 use crate::preemption;
 use crate::train::optim::{self, Optimizer};
-use crate::train::progress::Progress;
 use crate::train::stopping::{Best, EarlyStopping};
 use crate::train::{self, Evaluation, Supervision, Trainer};
 use crate::train::{Geometry, LoopSettings};
@@ -327,8 +327,7 @@ impl Run<'_> {
             if last {
                 break;
             }
-            let done =
-                resume::Progress { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()), position: None };
+            let done = resume::Point { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()), position: None };
             SaveTo { net: &net, vs: &vs, path: &resume_path, keep: self.exp.checkpoint.keep }.save(
                 &trainer.opt,
                 done,
@@ -376,7 +375,7 @@ impl Run<'_> {
     /// The newest readable one of the kept checkpoints (`<stage>.resume`, then `.resume-1`, ...)
     /// is used; a damaged newer one is named in a warning and passed over.
     fn resume(&self, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<Resumed> {
-        let fresh = resume::Progress { epochs_done: 0, best: None, position: None };
+        let fresh = resume::Point { epochs_done: 0, best: None, position: None };
         let candidates: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
             .chain((1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(path, k)))
             .filter(|p| p.exists())
@@ -386,8 +385,8 @@ impl Run<'_> {
             let read = || -> Result<(Resumed, Vec<(String, Tensor)>)> {
                 let named = output::load_tensors(candidate)?;
                 output::check_finite(candidate, &named)?;
-                let generators = resume::Progress::generators(candidate, &named).ok();
-                let (progress, rest) = resume::Progress::split(candidate, named)?;
+                let generators = resume::Point::generators(candidate, &named).ok();
+                let (progress, rest) = resume::Point::split(candidate, named)?;
                 if progress.position.is_some() && generators.is_none() {
                     bail!("{}: a checkpoint inside an epoch without the generators' states", candidate.display());
                 }
@@ -483,7 +482,7 @@ fn broadcast_state(vs: &nn::VarStore, opt: &mut Optimizer) -> Result<()> {
 }
 
 /// Where a resumed stage stands, with the generators' states of a checkpoint inside an epoch.
-type Resumed = (resume::Progress, Option<resume::Generators>);
+type Resumed = (resume::Point, Option<resume::Generators>);
 
 /// `<stage>.resume-<k>.safetensors`, the k-th newest kept resume checkpoint after `path`.
 fn rotated(path: &Path, k: usize) -> std::path::PathBuf {
@@ -504,7 +503,7 @@ impl SaveTo<'_> {
     /// Saves a resume checkpoint (rank 0): the weights, the optimizer state, where the stage is
     /// and, inside an epoch, the generators' states; the one it replaces becomes `-1`, and so on,
     /// the last `keep` kept. Each file is written whole and renamed into place.
-    fn save(&self, opt: &Optimizer, progress: resume::Progress, generators: Option<&resume::Generators>) -> Result<()> {
+    fn save(&self, opt: &Optimizer, progress: resume::Point, generators: Option<&resume::Generators>) -> Result<()> {
         if crate::dist::world().is_writer() {
             for k in (1..self.keep).rev() {
                 let from = if k == 1 { self.path.to_path_buf() } else { rotated(self.path, k - 1) };
@@ -567,7 +566,7 @@ impl train::StepHook for StageHook<'_> {
     }
 
     fn save(&mut self, trainer: &Trainer, at: &train::EpochPosition) -> Result<()> {
-        let progress = resume::Progress { epochs_done: self.epoch, best: self.best, position: Some(*at) };
+        let progress = resume::Point { epochs_done: self.epoch, best: self.best, position: Some(*at) };
         let generators = resume::Generators::now(self.run.device)?;
         let started = Instant::now();
         self.save.save(&trainer.opt, progress, Some(&generators))?;

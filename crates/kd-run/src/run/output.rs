@@ -112,7 +112,7 @@ pub fn load_checkpoint(path: &Path, pin: Option<&str>) -> Result<Vec<(String, Te
 }
 
 fn load_checked(path: &Path, pin: Option<&str>) -> Result<(Vec<(String, Tensor)>, Checked)> {
-    crate::data::inputs::check_file(path, "checkpoint")?;
+    crate::inputs::check_file(path, "checkpoint")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let checked = crate::run::provenance::verify(path, &bytes, pin)?;
     match &checked {
@@ -137,7 +137,7 @@ fn load_checked(path: &Path, pin: Option<&str>) -> Result<(Vec<(String, Tensor)>
 /// The named tensors of the bytes of a safetensors file, on the CPU. The header's shapes and
 /// offsets are checked against the bytes present before any tensor is allocated.
 pub fn parse_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
-    use crate::data::inputs::{clip, MAX_ECHO};
+    use crate::inputs::{clip, MAX_ECHO};
     if bytes.is_empty() {
         bail!("the file is empty");
     }
@@ -180,7 +180,7 @@ fn describe_safetensors_error(e: safetensors::SafeTensorError, bytes: &[u8]) -> 
         E::InvalidOffset(name) => {
             format!(
                 "the data offsets of tensor `{}` do not follow the previous tensor's",
-                crate::data::inputs::clip(&name, 200)
+                crate::inputs::clip(&name, 200)
             )
         }
         E::TensorInvalidInfo => "a tensor's data offsets do not match its shape and dtype".to_string(),

@@ -22,7 +22,7 @@ const RNG_CUDA: &str = "__progress__.rng_cuda";
 /// Where a stage stopped: the epochs it finished, its best validation epoch, and, for a
 /// checkpoint inside epoch `epochs_done`, the position in it.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Progress {
+pub struct Point {
     pub epochs_done: i64,
     pub best: Option<Best>,
     pub position: Option<EpochPosition>,
@@ -71,7 +71,7 @@ impl Generators {
     }
 }
 
-impl Progress {
+impl Point {
     /// The entries to save with the weights and the optimizer state (and, inside an epoch, the
     /// generators' states).
     pub fn to_tensors(self, generators: Option<&Generators>) -> Vec<(String, Tensor)> {
@@ -110,7 +110,7 @@ impl Progress {
 
     /// Splits a resume checkpoint `path`'s entries into its progress and the rest (weights and
     /// optimizer state).
-    pub fn split(path: &Path, named: Vec<(String, Tensor)>) -> Result<(Progress, Vec<(String, Tensor)>)> {
+    pub fn split(path: &Path, named: Vec<(String, Tensor)>) -> Result<(Point, Vec<(String, Tensor)>)> {
         let epoch = named
             .iter()
             .find(|(k, _)| k == EPOCH)
@@ -154,7 +154,7 @@ impl Progress {
             }
         };
         let rest = named.into_iter().filter(|(k, _)| !k.starts_with(PREFIX)).collect();
-        Ok((Progress { epochs_done, best, position }, rest))
+        Ok((Point { epochs_done, best, position }, rest))
     }
 }
 
@@ -175,10 +175,10 @@ mod tests {
             reference: Some(2.25),
         };
         for (best, position) in [(None, None), (Some(Best { errors: 12, epoch: 3 }), Some(position))] {
-            let progress = Progress { epochs_done: 7, best, position };
+            let progress = Point { epochs_done: 7, best, position };
             let mut named = vec![("output.weight".to_string(), Tensor::zeros([2, 2], tch::kind::FLOAT_CPU))];
             named.extend(progress.to_tensors(None));
-            let (back, rest) = Progress::split(path, named).unwrap();
+            let (back, rest) = Point::split(path, named).unwrap();
             assert_eq!(back, progress);
             assert_eq!(rest.len(), 1);
             assert_eq!(rest[0].0, "output.weight");
@@ -188,13 +188,13 @@ mod tests {
     #[test]
     fn a_checkpoint_without_epoch_or_with_a_bad_best_is_an_error_naming_it() {
         let path = Path::new("x.resume.safetensors");
-        let e = Progress::split(path, vec![]).unwrap_err().to_string();
+        let e = Point::split(path, vec![]).unwrap_err().to_string();
         assert!(e.contains("x.resume.safetensors") && e.contains("epoch"), "{e}");
         let named = vec![
             (EPOCH.to_string(), Tensor::from_slice(&[1i64])),
             (BEST.to_string(), Tensor::from_slice(&[1i64, 2, 3])),
         ];
-        let e = Progress::split(path, named).unwrap_err().to_string();
+        let e = Point::split(path, named).unwrap_err().to_string();
         assert!(e.contains("2 numbers") && e.contains("not 3"), "{e}");
     }
 }

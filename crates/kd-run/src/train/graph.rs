@@ -20,7 +20,8 @@
 //! Dropout masks come from libtorch's CUDA generator, which a graph advances at every replay:
 //! the masks differ from an eager run's, as they would between two GPUs.
 
-use super::{Batch, Supervision, Trainer};
+use super::{Supervision, Trainer};
+use crate::data::batch::Batch;
 use anyhow::{anyhow, Result};
 use kd_core::TeacherTargets;
 use kd_models::BatchRows;

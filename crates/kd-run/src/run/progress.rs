@@ -1,6 +1,6 @@
 //! Training progress: a bar with epoch, loss and ETA on a terminal; one log line per epoch always.
 
-use crate::run::output::MetricsRow;
+use super::output::MetricsRow;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::cell::Cell;
 use std::io::IsTerminal;
