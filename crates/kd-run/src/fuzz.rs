@@ -154,17 +154,17 @@ fn install_hook() {
 // ---------------------------------------------------------------------------------------------
 // Random corruption.
 
-/// SplitMix64 ([`rng::splitmix64`]): small, fast, and the same sequence everywhere.
-struct Rng(u64);
+/// The crate's seeded generator ([`rng::Rng`]), with the choices the corruptions make.
+struct Rng(rng::Rng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        rng::splitmix64(&mut self.0)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n)
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -346,7 +346,7 @@ fn run(target: &Target, iters: usize, seed: u64) -> Counts {
             panic!("{}: seed {i} is rejected: {e:#}", target.name);
         }
     }
-    let mut rng = Rng(seed ^ fnv(target.name.as_bytes()));
+    let mut rng = Rng(rng::Rng::derive(seed, crate::dist::text_hash(target.name) as u64, 0));
     let mut counts = Counts::default();
     let start = Instant::now();
     for i in 0..iters {
@@ -391,10 +391,6 @@ fn run(target: &Target, iters: usize, seed: u64) -> Counts {
     }
     counts.seconds = start.elapsed().as_secs_f64();
     counts
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -846,7 +842,7 @@ fn fuzz_readers_long() {
 
 #[test]
 fn mutations_stay_bounded_and_vary() {
-    let mut rng = Rng(1);
+    let mut rng = Rng(rng::Rng::new(1));
     let seed = b"0123456789 abcdef".to_vec();
     let outs: Vec<Vec<u8>> = (0..1000).map(|_| mutate(&mut rng, &seed, &[b"[["])).collect();
     assert!(outs.iter().all(|o| o.len() <= 4 * seed.len() + 256));

@@ -1,23 +1,22 @@
-//! A tiny seeded generator, so that every random choice of the crate follows from an explicit
-//! seed and not from libtorch's process-global generator (which parallel tests share).
+//! A seeded generator, so that every random choice of the crate follows from an explicit seed
+//! and not from libtorch's process-global generator (which parallel tests share). The generator
+//! is rand_xoshiro's SplitMix64 (the one kd-run's seeded draws also come from); this module adds
+//! the few distributions the crate draws from.
 
+use rand_core::{RngCore, SeedableRng};
 use tch::{Kind, Tensor};
 
 /// SplitMix64 (Steele, Lea & Flood 2014): `x += 0x9e3779b97f4a7c15`, then an avalanche mix.
 #[derive(Clone, Debug)]
-pub(crate) struct SplitMix64(u64);
+pub(crate) struct SplitMix64(rand_xoshiro::SplitMix64);
 
 impl SplitMix64 {
     pub(crate) fn new(seed: u64) -> Self {
-        SplitMix64(seed)
+        SplitMix64(rand_xoshiro::SplitMix64::seed_from_u64(seed))
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `[0, 1)`, 53 random bits.
