@@ -1,23 +1,27 @@
-//! The teacher-output cache in `OUT/.cache/`: entries keyed by a hash of the checkpoint's bytes
-//! and the transfer set, each checksummed, so that a damaged entry is computed again instead of
+//! The teacher-output cache in `OUT/.cache/`: entries keyed by the SHA-256 of the checkpoint's
+//! bytes and the transfer set, each checksummed, so that a damaged entry is computed again instead of
 //! read.
 
 use super::output;
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// Name of the checksum tensor of a cache entry: per tensor of the entry, FNV-1a of its values.
+/// Name of the checksum tensor of a cache entry: per tensor of the entry, the first 8 bytes of
+/// the SHA-256 of its values.
 pub(super) const CHECKSUM_KEY: &str = "__checksum__";
 
-/// FNV-1a of a tensor's values as little-endian bytes (i64, or else as f32), on the CPU.
+/// The first 8 bytes of the SHA-256 of a tensor's values as little-endian bytes (i64, or else
+/// as f32), on the CPU.
 pub(super) fn tensor_checksum(t: &Tensor) -> Result<i64> {
     let flat = t.detach().to_device(Device::Cpu).contiguous().flatten(0, -1);
     let bytes: Vec<u8> = match t.kind() {
         Kind::Int64 => Vec::<i64>::try_from(&flat)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         _ => Vec::<f32>::try_from(&flat.to_kind(Kind::Float))?.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };
-    Ok(fnv1a(&[&bytes]) as i64)
+    let digest = Sha256::digest(&bytes);
+    Ok(i64::from_le_bytes(digest[..8].try_into().expect("8 bytes")))
 }
 
 /// Writes a cache entry: the tensors and, under [`CHECKSUM_KEY`], a checksum of each.
@@ -76,15 +80,13 @@ fn read_entry(path: &Path, expected: &[(&str, &[i64])]) -> Option<Vec<Tensor>> {
     }
 }
 
-/// FNV-1a over several byte strings (a cache key, not a cryptographic hash).
-pub(super) fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
+/// The key of a cache entry: the SHA-256 of several byte strings, each preceded by its length
+/// (so that no two lists of parts share a key by where they split), in hexadecimal.
+pub(super) fn content_key(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
     for part in parts {
-        for &b in *part {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        h = h.wrapping_mul(0x100000001b3) ^ 0xff;
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
     }
-    h
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,7 +1,7 @@
 //! Distill stages: the transfer set, the teacher's targets over it (computed once and cached, or
 //! its top k), the student's training, and its fidelity to the teacher.
 
-use super::cache::{fnv1a, read_cache, write_cache};
+use super::cache::{content_key, read_cache, write_cache};
 use super::fit::{Init, Sampling, StageFit};
 use super::networks;
 use super::tables::Tables;
@@ -59,7 +59,8 @@ impl Run<'_> {
         };
         let supervision = Supervision { objective, teacher: signal };
         let (_vs, net, fit) = self.train(
-            (tables, &self.dir),
+            tables,
+            &self.dir,
             StageFit {
                 stage: name,
                 init: Init::New(model),
@@ -161,8 +162,8 @@ impl Run<'_> {
         let identity =
             format!("top-k|{d:?}|{:?}|{:?}|{}|T{t}|k{k}", spec.transfer_exclude, spec.transfer_only, transfer.len());
         parts.push(identity.into_bytes());
-        let key = fnv1a(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        let path = self.cache.join(format!("teacher-top{k}-{key:016x}.safetensors"));
+        let key = content_key(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let path = self.cache.join(format!("teacher-top{k}-{key}.safetensors"));
         let shape = [transfer.len(), k];
         if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)])? {
             info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
@@ -209,8 +210,8 @@ impl Run<'_> {
         if let Some(n) = spec.translations {
             identity.push_str(&format!("|translations {n}|T{}", objective.ensemble_temperature()));
         }
-        let key = fnv1a(&[&checkpoint, identity.as_bytes()]);
-        let path = self.cache.join(format!("teacher-logits-{key:016x}.safetensors"));
+        let key = content_key(&[&checkpoint, identity.as_bytes()]);
+        let path = self.cache.join(format!("teacher-logits-{key}.safetensors"));
         let shape = [transfer.len(), self.data.num_classes];
         if let Some(cached) = read_cache(&path, &[("logits", &shape)])? {
             info!("teacher logits over the transfer set read from {}", path.display());
