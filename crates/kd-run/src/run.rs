@@ -335,7 +335,8 @@ impl Run<'_> {
         match &stage.job {
             Job::Train(TrainJob { model, training }) => {
                 let (_vs, net, fit) = self.train(
-                    (tables, &self.dir),
+                    tables,
+                    &self.dir,
                     StageFit {
                         stage: name,
                         init: Init::New(model),

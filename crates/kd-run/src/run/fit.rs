@@ -9,6 +9,7 @@ use super::resume;
 use super::tables::Tables;
 use super::Run;
 use crate::config::{ModelSpec, Training, MAX_PARAMETERS};
+use crate::data::batch::BatchSource;
 use crate::data::Split;
 use crate::preemption;
 use crate::train::optim::{self, Optimizer};
@@ -80,10 +81,12 @@ impl Run<'_> {
     }
 
     /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
-    /// early stopping, the best epoch's weights) and how it fit the examples it trained on.
+    /// early stopping, the best epoch's weights) and how it fit the examples it trained on. The
+    /// steps: start or resume, then for each epoch run it, score it and commit it, then finish.
     pub(super) fn train(
         &self,
-        (tables, tables_dir): (&mut Tables, &Path),
+        tables: &mut Tables,
+        tables_dir: &Path,
         fit: StageFit,
     ) -> Result<(nn::VarStore, Mlp, Fit)> {
         let StageFit { stage, init, training, split, sampling, supervision, targets } = fit;
@@ -91,29 +94,103 @@ impl Run<'_> {
         // generator: held for the whole stage, so that nothing else in the process draws between.
         let _generator = kd_core::seed_global_generator(training.seed as i64);
         let _training = preemption::Training::enter();
-        let (vs, net) = self.network(stage, init)?;
-        let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
-        let best_path = self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"));
-        let resume_path = self.resume_checkpoint(stage);
-        let (progress, generators) = self.resume(stage, &resume_path, &vs, &mut opt)?;
-        let world = crate::dist::world();
-        // Every rank starts from rank 0's weights and optimizer state, at the same epoch and step.
-        world.agree(
-            &format!("stage `{stage}`: the epochs and steps done (every rank must see the same --out)"),
-            progress.epochs_done * (1 << 32) + progress.position.map_or(0, |p| p.step as i64),
-        )?;
-        broadcast_state(&vs, &mut opt)?;
-        let first_epoch = progress.epochs_done;
-        let progress_start = progress;
-        let mut stopping = training.patience.map(|p| EarlyStopping::new(p, progress.best));
-        tables.forget(stage, first_epoch);
+        let Started { vs, net, opt, from, generators } = self.start_or_resume(stage, init, training)?;
+        tables.forget(stage, from.epochs_done);
         // Seconds of the epochs an earlier process ran (on this device or another).
         let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
-        let geometry: Geometry = self.data.geometry;
-        check_jitter(stage, geometry, training.jitter)?;
-
-        let mut examples =
+        check_jitter(stage, self.data.geometry, training.jitter)?;
+        let examples =
             (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
+        let n = self.examples_per_epoch(stage, training, split, &sampling, examples.as_ref())?;
+        let steps_per_epoch = steps_per_epoch(n, training.batch_size);
+        info!(
+            "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
+            net.config().describe(),
+            net.num_params(),
+            training.epochs,
+            if training.epochs == 1 { "" } else { "s" },
+            steps_per_epoch
+        );
+        let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+        if trainer.update_in_backward(self.exp.optimizer_in_backward) {
+            info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
+        }
+        if let Some(why) = trainer.use_cuda_graphs(self.exp.cuda_graphs) {
+            tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
+        }
+        let mut epochs = Epochs {
+            run: self,
+            stage,
+            training,
+            split,
+            sampling,
+            supervision,
+            targets,
+            net: &net,
+            vs: &vs,
+            trainer,
+            examples,
+            n,
+            steps_per_epoch,
+            flops_per_example: 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64,
+            progress: Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, from.epochs_done as u64),
+            stopping: training.patience.map(|p| EarlyStopping::new(p, from.best)),
+            guard: train::LossGuard::default(),
+            settings: LoopSettings {
+                batch_size: training.batch_size,
+                jitter: training.jitter,
+                geometry: self.data.geometry,
+                report_every: REPORT_EVERY,
+            },
+            from,
+            generators,
+            resume_path: self.resume_checkpoint(stage),
+            best_path: self.best_checkpoint(stage),
+        };
+        for epoch in from.epochs_done..training.epochs {
+            let started = Instant::now();
+            let ran = epochs.run_epoch(epoch).inspect_err(|_| epochs.progress.finish())?;
+            let scores = epochs.score_epoch(epoch)?;
+            let last = scores.last;
+            epochs.commit_epoch(epoch, started, ran, scores, tables, tables_dir)?;
+            if last {
+                break;
+            }
+        }
+        let (best, examples) = epochs.finish();
+        self.keep_final(stage, &vs, &net, best, [&self.resume_checkpoint(stage), &self.best_checkpoint(stage)])?;
+        let frozen = net.frozen();
+        let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
+        Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
+    }
+
+    /// Start or resume: the network, its optimizer, and where an earlier process left the stage
+    /// (its newest readable resume checkpoint); in a data-parallel run every rank then holds
+    /// rank 0's weights and optimizer state and agrees on the epoch and step.
+    fn start_or_resume(&self, stage: &str, init: Init, training: &Training) -> Result<Started> {
+        let (vs, net) = self.network(stage, init)?;
+        let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
+        let (from, generators) = self.resume(stage, &self.resume_checkpoint(stage), &vs, &mut opt)?;
+        crate::dist::world().agree(
+            &format!("stage `{stage}`: the epochs and steps done (every rank must see the same --out)"),
+            from.epochs_done * (1 << 32) + from.position.map_or(0, |p| p.step as i64),
+        )?;
+        broadcast_state(&vs, &mut opt)?;
+        Ok(Started { vs, net, opt, from, generators })
+    }
+
+    /// The examples one epoch trains on (over all ranks): the split, its `train_fraction`, the
+    /// examples drawn each epoch, or the streamed training store; an error when some rank would
+    /// get none.
+    fn examples_per_epoch(
+        &self,
+        stage: &str,
+        training: &Training,
+        split: &Split,
+        sampling: &Sampling,
+        examples: Option<&Tensor>,
+    ) -> Result<i64> {
+        let world = crate::dist::world();
         // The training split of a frame store is streamed, not held: `split` is only a sample.
         // (`split` is the training split itself or a view of it: the same storage.)
         let streamed = self.data.stream.as_ref();
@@ -125,16 +202,8 @@ impl Run<'_> {
                  (train_fraction, transfer-set class filters and specialists are not supported there yet)"
             );
         }
-        // Every rank takes a share of each batch: a rank with none would train nothing.
-        if (training.batch_size as usize) < world.size() {
-            bail!(
-                "stage `{stage}`: batch_size = {} is smaller than the {} ranks of this data-parallel run: each rank \
-                 takes a share of every batch, and some would get no example",
-                training.batch_size,
-                world.size()
-            );
-        }
-        let n = match (&sampling, streamed) {
+        check_shares(stage, training.batch_size, world.size())?;
+        let n = match (sampling, streamed) {
             // Each rank streams its shard in its share of each batch.
             (_, Some(s)) => {
                 let local = world.share(training.batch_size).1;
@@ -153,7 +222,7 @@ impl Run<'_> {
                 n
             }
             (Sampling::Draw { n, .. }, None) => *n,
-            (Sampling::All, None) => examples.as_ref().map_or(split.len(), |e| e.size()[0]),
+            (Sampling::All, None) => examples.map_or(split.len(), |e| e.size()[0]),
         };
         if examples.is_some() {
             info!(
@@ -162,189 +231,11 @@ impl Run<'_> {
                 training.train_fraction
             );
         }
-        let steps_per_epoch = if n == 0 { 0 } else { (n - 1) / training.batch_size + 1 };
-        let progress = Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, first_epoch as u64);
-        info!(
-            "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
-            net.config().describe(),
-            net.num_params(),
-            training.epochs,
-            if training.epochs == 1 { "" } else { "s" },
-            steps_per_epoch
-        );
-        let flops_per_example = 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64;
-        let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
-        if trainer.update_in_backward(self.exp.optimizer_in_backward) {
-            info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
-        }
-        if let Some(why) = trainer.use_cuda_graphs(self.exp.cuda_graphs) {
-            tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
-        }
-        let mut guard = train::LossGuard::default();
-        let settings = LoopSettings {
-            batch_size: training.batch_size,
-            jitter: training.jitter,
-            geometry,
-            report_every: REPORT_EVERY,
-        };
-        for epoch in first_epoch..training.epochs {
-            let started = Instant::now();
-            // Reseeding each epoch makes a resumed run identical to an uninterrupted one.
-            tch::manual_seed((training.seed as i64) * 100_003 + epoch);
-            let lr = training.lr(epoch);
-            trainer.opt.set_lr(lr);
-            trainer.opt.set_momentum(training.momentum(epoch));
-            if let Sampling::Draw { draw, .. } = &sampling {
-                examples = Some(draw(epoch)?);
-            }
-            let steps_started = Instant::now();
-            // A checkpoint inside this epoch to resume from: its step, and the generators as
-            // they were there (set once the epoch's order is drawn).
-            let position = if epoch == first_epoch { progress_start.position } else { None };
-            let resumed_at = position.map_or(0, |p| p.step);
-            let restore = |resumed: bool| -> Result<()> {
-                match (&generators, resumed) {
-                    (Some(g), true) => g.restore(self.device, &resume_path),
-                    _ => Ok(()),
-                }
-            };
-            let mut hook = StageHook {
-                run: self,
-                stage,
-                epoch,
-                steps_per_epoch,
-                progress: &progress,
-                event_error: None,
-                save: SaveTo { net: &net, vs: &vs, path: &resume_path, keep: self.exp.checkpoint.keep },
-                best: stopping.as_ref().and_then(EarlyStopping::best),
-                every_steps: self.exp.checkpoint.every_steps,
-                every_minutes: self.exp.checkpoint.every_minutes,
-                last_save: Instant::now(),
-            };
-            let totals = match streamed {
-                None => {
-                    let mut source = train::InMemory::new((split, examples.as_ref()), &settings).skip(resumed_at);
-                    restore(position.is_some()).and_then(|()| {
-                        train::train_epoch_resumable(
-                            &mut trainer,
-                            &mut source,
-                            supervision,
-                            &settings,
-                            &mut guard,
-                            position.as_ref(),
-                            &mut hook,
-                        )
-                    })
-                }
-                Some(s) => s
-                    .stream(
-                        world.share(training.batch_size).1,
-                        training.seed,
-                        (epoch as u64, resumed_at),
-                        (world.rank(), world.size()),
-                        self.device,
-                    )
-                    .and_then(|mut stream| {
-                        restore(position.is_some())?;
-                        train::train_epoch_resumable(
-                            &mut trainer,
-                            &mut stream,
-                            supervision,
-                            &settings,
-                            &mut guard,
-                            position.as_ref(),
-                            &mut hook,
-                        )
-                    }),
-            }
-            .map_err(|e| {
-                progress.finish();
-                match e.downcast_ref::<train::Stopped>() {
-                    Some(stopped) => preempted(stage, epoch, stopped.step),
-                    None => diverged(e, stage, epoch, (lr, supervision), &resume_path),
-                }
-            })?;
-            if let Some(e) = hook.event_error {
-                return Err(e);
-            }
-            world.check_parameters(&trainer.parameters(), &format!("of stage `{stage}` after epoch {}", epoch + 1))?;
-            let per_second = n as f64 / steps_started.elapsed().as_secs_f64();
-            let frozen = net.frozen();
-            let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
-            let val = match &targets.validation {
-                Some((v, idx)) => Some(train::evaluate_with(&forward, v, idx.as_ref(), targets.classes)?),
-                None => None,
-            };
-            let mut last = epoch + 1 == training.epochs;
-            if let (Some(stopping), Some(v)) = (stopping.as_mut(), &val) {
-                let verdict = stopping.observe(epoch + 1, v.errors);
-                if verdict.improved {
-                    output::save_tensors(&best_path, &net.to_tensors(&vs))?;
-                }
-                if let Some(since) = verdict.stop_after.filter(|_| !last) {
-                    info!("stage `{stage}`: no fewer validation errors for {since} epochs; stopping early");
-                    last = true;
-                }
-            }
-            let test_errors = match targets.test {
-                Some(test) if last => Some(train::evaluate_with(&forward, test, None, targets.classes)?.errors),
-                _ => None,
-            };
-            let row = MetricsRow {
-                stage: stage.to_string(),
-                epoch: epoch + 1,
-                lr,
-                train_loss: totals.loss,
-                soft_kl: totals.soft_kl,
-                train_accuracy: totals.accuracy,
-                val_loss: val.as_ref().map(|v| v.loss),
-                val_accuracy: val.as_ref().map(Evaluation::accuracy),
-                test_errors,
-                seconds: started.elapsed().as_secs_f64(),
-                examples_per_second: Some(per_second),
-                tflops: Some(per_second * flops_per_example / 1e12),
-                device: device_name(self.device, tch::get_num_threads(), self.exp.precision),
-            };
-            progress.epoch_done(&row, self.peak_tflops);
-            let epoch_scalars: Vec<(String, f64)> = [
-                ("lr", Some(row.lr)),
-                ("epoch_train_loss", Some(row.train_loss)),
-                ("train_accuracy", Some(row.train_accuracy)),
-                ("val_loss", row.val_loss),
-                ("val_accuracy", row.val_accuracy),
-                ("soft_kl", row.soft_kl),
-                ("examples_per_second", row.examples_per_second),
-            ]
-            .into_iter()
-            .filter_map(|(name, v)| v.map(|v| (format!("{stage}/{name}"), v)))
-            .collect();
-            self.scalars((epoch + 1) * steps_per_epoch, &epoch_scalars, true)?;
-            tables.metrics.push(row);
-            // The epoch's row first, then the checkpoint that says the epoch is done: killed in
-            // between, the resumed run drops the row and redoes the epoch; the other way round it
-            // would lose the row.
-            tables.write(tables_dir)?;
-            if last {
-                break;
-            }
-            let done = resume::Point { epochs_done: epoch + 1, best: stopping.and_then(|s| s.best()), position: None };
-            SaveTo { net: &net, vs: &vs, path: &resume_path, keep: self.exp.checkpoint.keep }.save(
-                &trainer.opt,
-                done,
-                None,
-            )?;
-            // A preemption signal during the epoch's last steps: the epoch's checkpoint is it.
-            if preemption::agree(false)?.1 {
-                progress.finish();
-                return Err(preempted(stage, epoch + 1, 0));
-            }
-        }
-        progress.finish();
-        drop(trainer);
-        self.keep_final(stage, &vs, &net, stopping.and_then(|s| s.best()), [&resume_path, &best_path])?;
-        let frozen = net.frozen();
-        let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
-        Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
+        Ok(n)
+    }
+
+    fn best_checkpoint(&self, stage: &str) -> std::path::PathBuf {
+        self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"))
     }
 
     /// The network a stage starts from, in the run's compute precision.
@@ -466,6 +357,261 @@ fn check_jitter(stage: &str, geometry: Geometry, jitter: u32) -> Result<()> {
         bail!("stage `{stage}`: jitter = {jitter} would move {rows} x {cols} images out of the frame");
     }
     Ok(())
+}
+
+/// A stage's network as it starts: fresh, or where an earlier process left it.
+struct Started {
+    vs: nn::VarStore,
+    net: Mlp,
+    opt: Optimizer,
+    /// Where the stage resumes (nothing done for a fresh one).
+    from: resume::Point,
+    /// The generators' states of a checkpoint inside an epoch.
+    generators: Option<resume::Generators>,
+}
+
+/// Steps of an epoch of `n` examples in batches of `batch`, the last one possibly smaller.
+fn steps_per_epoch(n: i64, batch: i64) -> i64 {
+    if n == 0 {
+        0
+    } else {
+        (n - 1) / batch + 1
+    }
+}
+
+/// Every rank takes a share of each batch: a rank with none would train nothing.
+fn check_shares(stage: &str, batch_size: i64, ranks: usize) -> Result<()> {
+    if (batch_size as usize) < ranks {
+        bail!(
+            "stage `{stage}`: batch_size = {batch_size} is smaller than the {ranks} ranks of this data-parallel run: \
+             each rank takes a share of every batch, and some would get no example"
+        );
+    }
+    Ok(())
+}
+
+/// What an epoch's training pass gave: its learning rate, its totals and its pace.
+struct EpochRun {
+    lr: f64,
+    totals: train::EpochTotals,
+    examples_per_second: f64,
+}
+
+/// An epoch's scores: on the validation split, on the test split after the last epoch, and
+/// whether it is the last (the stage's last epoch, or early stopping says so).
+struct EpochScores {
+    validation: Option<Evaluation>,
+    test_errors: Option<i64>,
+    last: bool,
+}
+
+/// Whether the epoch after `epoch` (0-based) of `epochs` is the last: the stage's last, or early
+/// stopping found no improvement for `stop_after` epochs.
+fn is_last(epoch: i64, epochs: i64, stop_after: Option<i64>) -> bool {
+    epoch + 1 == epochs || stop_after.is_some()
+}
+
+/// A stage's epochs as they run: what each step of the loop reads and updates.
+struct Epochs<'a> {
+    run: &'a Run<'a>,
+    stage: &'a str,
+    training: &'a Training,
+    split: &'a Split,
+    sampling: Sampling<'a>,
+    supervision: &'a Supervision<'a>,
+    targets: &'a Targets<'a>,
+    net: &'a Mlp,
+    vs: &'a nn::VarStore,
+    trainer: Trainer<'a>,
+    /// The examples of the epoch when not the whole split (a fraction, or drawn per epoch).
+    examples: Option<Tensor>,
+    /// Examples per epoch over all ranks, and the steps they make.
+    n: i64,
+    steps_per_epoch: i64,
+    flops_per_example: f64,
+    progress: Progress,
+    stopping: Option<EarlyStopping>,
+    guard: train::LossGuard,
+    settings: LoopSettings,
+    from: resume::Point,
+    generators: Option<resume::Generators>,
+    resume_path: std::path::PathBuf,
+    best_path: std::path::PathBuf,
+}
+
+impl Epochs<'_> {
+    /// Runs epoch `epoch` (0-based) from its start, or from the step a checkpoint inside it
+    /// holds: reseeded from the stage seed and the epoch (so a resumed run repeats the
+    /// uninterrupted one), at the schedule's learning rate and momentum, in-memory or streamed.
+    fn run_epoch(&mut self, epoch: i64) -> Result<EpochRun> {
+        let (run, stage, training) = (self.run, self.stage, self.training);
+        tch::manual_seed((training.seed as i64) * 100_003 + epoch);
+        let lr = training.lr(epoch);
+        self.trainer.opt.set_lr(lr);
+        self.trainer.opt.set_momentum(training.momentum(epoch));
+        if let Sampling::Draw { draw, .. } = &self.sampling {
+            self.examples = Some(draw(epoch)?);
+        }
+        let steps_started = Instant::now();
+        // A checkpoint inside this epoch to resume from: its step, and the generators as they
+        // were there (set once the epoch's order is drawn).
+        let position = if epoch == self.from.epochs_done { self.from.position } else { None };
+        let resumed_at = position.map_or(0, |p| p.step);
+        let (generators, resume_path) = (&self.generators, &self.resume_path);
+        let restore = || -> Result<()> {
+            match (generators, position.is_some()) {
+                (Some(g), true) => g.restore(run.device, resume_path),
+                _ => Ok(()),
+            }
+        };
+        let mut hook = StageHook {
+            run,
+            stage,
+            epoch,
+            steps_per_epoch: self.steps_per_epoch,
+            progress: &self.progress,
+            event_error: None,
+            save: SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: run.exp.checkpoint.keep },
+            best: self.stopping.as_ref().and_then(EarlyStopping::best),
+            every_steps: run.exp.checkpoint.every_steps,
+            every_minutes: run.exp.checkpoint.every_minutes,
+            last_save: Instant::now(),
+        };
+        let world = crate::dist::world();
+        let (trainer, supervision, settings, guard) =
+            (&mut self.trainer, self.supervision, &self.settings, &mut self.guard);
+        let mut train = |source: &mut dyn BatchSource| {
+            restore()?;
+            train::train_epoch_resumable(trainer, source, supervision, settings, guard, position.as_ref(), &mut hook)
+        };
+        let totals = match run.data.stream.as_ref() {
+            None => train(&mut train::InMemory::new((self.split, self.examples.as_ref()), settings).skip(resumed_at)),
+            Some(s) => s
+                .stream(
+                    world.share(training.batch_size).1,
+                    training.seed,
+                    (epoch as u64, resumed_at),
+                    (world.rank(), world.size()),
+                    run.device,
+                )
+                .and_then(|mut stream| train(&mut stream)),
+        }
+        .map_err(|e| match e.downcast_ref::<train::Stopped>() {
+            Some(stopped) => preempted(stage, epoch, stopped.step),
+            None => diverged(e, stage, epoch, (lr, supervision), &self.resume_path),
+        })?;
+        if let Some(e) = hook.event_error {
+            return Err(e);
+        }
+        world.check_parameters(&self.trainer.parameters(), &format!("of stage `{stage}` after epoch {}", epoch + 1))?;
+        Ok(EpochRun { lr, totals, examples_per_second: self.n as f64 / steps_started.elapsed().as_secs_f64() })
+    }
+
+    /// Scores the epoch's network on the validation split (saving it as the best so far when
+    /// early stopping sees it improve) and, after the last epoch, on the test split.
+    fn score_epoch(&mut self, epoch: i64) -> Result<EpochScores> {
+        let (stage, targets) = (self.stage, self.targets);
+        let frozen = self.net.frozen();
+        let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
+        let validation = match &targets.validation {
+            Some((v, idx)) => Some(train::evaluate_with(&forward, v, idx.as_ref(), targets.classes)?),
+            None => None,
+        };
+        let mut stop_after = None;
+        if let (Some(stopping), Some(v)) = (self.stopping.as_mut(), &validation) {
+            let verdict = stopping.observe(epoch + 1, v.errors);
+            if verdict.improved {
+                output::save_tensors(&self.best_path, &self.net.to_tensors(self.vs))?;
+            }
+            if let Some(since) = verdict.stop_after.filter(|_| epoch + 1 < self.training.epochs) {
+                info!("stage `{stage}`: no fewer validation errors for {since} epochs; stopping early");
+                stop_after = Some(since);
+            }
+        }
+        let last = is_last(epoch, self.training.epochs, stop_after);
+        let test_errors = match targets.test {
+            Some(test) if last => Some(train::evaluate_with(&forward, test, None, targets.classes)?.errors),
+            _ => None,
+        };
+        Ok(EpochScores { validation, test_errors, last })
+    }
+
+    /// Commits the epoch: its `metrics.csv` row, log line and TensorBoard scalars, the tables
+    /// written, then (unless it is the last) the resume checkpoint that says the epoch is done,
+    /// and a stop when a preemption signal came during its last steps.
+    fn commit_epoch(
+        &mut self,
+        epoch: i64,
+        started: Instant,
+        ran: EpochRun,
+        scores: EpochScores,
+        tables: &mut Tables,
+        tables_dir: &Path,
+    ) -> Result<()> {
+        let (run, stage) = (self.run, self.stage);
+        let EpochRun { lr, totals, examples_per_second } = ran;
+        let val = scores.validation.as_ref();
+        let row = MetricsRow {
+            stage: stage.to_string(),
+            epoch: epoch + 1,
+            lr,
+            train_loss: totals.loss,
+            soft_kl: totals.soft_kl,
+            train_accuracy: totals.accuracy,
+            val_loss: val.map(|v| v.loss),
+            val_accuracy: val.map(Evaluation::accuracy),
+            test_errors: scores.test_errors,
+            seconds: started.elapsed().as_secs_f64(),
+            examples_per_second: Some(examples_per_second),
+            tflops: Some(examples_per_second * self.flops_per_example / 1e12),
+            device: device_name(run.device, tch::get_num_threads(), run.exp.precision),
+        };
+        self.progress.epoch_done(&row, run.peak_tflops);
+        let epoch_scalars: Vec<(String, f64)> = [
+            ("lr", Some(row.lr)),
+            ("epoch_train_loss", Some(row.train_loss)),
+            ("train_accuracy", Some(row.train_accuracy)),
+            ("val_loss", row.val_loss),
+            ("val_accuracy", row.val_accuracy),
+            ("soft_kl", row.soft_kl),
+            ("examples_per_second", row.examples_per_second),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (format!("{stage}/{name}"), v)))
+        .collect();
+        run.scalars((epoch + 1) * self.steps_per_epoch, &epoch_scalars, true)?;
+        tables.metrics.push(row);
+        // The epoch's row first, then the checkpoint that says the epoch is done: killed in
+        // between, the resumed run drops the row and redoes the epoch; the other way round it
+        // would lose the row.
+        tables.write(tables_dir)?;
+        if scores.last {
+            return Ok(());
+        }
+        let done = resume::Point {
+            epochs_done: epoch + 1,
+            best: self.stopping.as_ref().and_then(EarlyStopping::best),
+            position: None,
+        };
+        SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: run.exp.checkpoint.keep }.save(
+            &self.trainer.opt,
+            done,
+            None,
+        )?;
+        // A preemption signal during the epoch's last steps: the epoch's checkpoint is it.
+        if preemption::agree(false)?.1 {
+            self.progress.finish();
+            return Err(preempted(stage, epoch + 1, 0));
+        }
+        Ok(())
+    }
+
+    /// Ends the epochs: the progress bar removed, the trainer's hold on the network released;
+    /// returns the best epoch early stopping kept, if any, and the examples of the last epoch.
+    fn finish(self) -> (Option<Best>, Option<Tensor>) {
+        self.progress.finish();
+        (self.stopping.and_then(|s| s.best()), self.examples)
+    }
 }
 
 /// Overwrites the weights and optimizer state with rank 0's in a data-parallel run.
@@ -677,4 +823,34 @@ pub(super) fn diverged(
         epoch + 1,
         causes.join(", or ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_has_a_step_per_batch_the_last_one_partial() {
+        assert_eq!(steps_per_epoch(0, 128), 0);
+        assert_eq!(steps_per_epoch(1, 128), 1);
+        assert_eq!(steps_per_epoch(128, 128), 1);
+        assert_eq!(steps_per_epoch(129, 128), 2);
+        assert_eq!(steps_per_epoch(60_000, 100), 600);
+    }
+
+    #[test]
+    fn every_rank_needs_a_share_of_each_batch() {
+        assert!(check_shares("s", 4, 4).is_ok());
+        assert!(check_shares("s", 4, 1).is_ok());
+        let e = check_shares("s", 2, 3).unwrap_err().to_string();
+        assert!(e.contains("stage `s`") && e.contains("batch_size = 2") && e.contains("3 ranks"), "{e}");
+    }
+
+    #[test]
+    fn the_last_epoch_is_the_stages_last_or_where_early_stopping_ends_it() {
+        assert!(!is_last(0, 3, None));
+        assert!(!is_last(1, 3, None));
+        assert!(is_last(2, 3, None));
+        assert!(is_last(0, 3, Some(2)), "early stopping ends the stage after this epoch");
+    }
 }

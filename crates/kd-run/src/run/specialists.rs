@@ -285,7 +285,8 @@ impl Run<'_> {
         };
         let mut tables = Tables::read(&dir)?;
         let (vs, net, _) = self.train(
-            (&mut tables, &dir),
+            &mut tables,
+            &dir,
             StageFit {
                 stage: &name,
                 init: Init::From(svs, net),
