@@ -25,7 +25,7 @@
 
 use crate::config::{OptimizerKind, OptimizerSpec};
 use crate::data::store::FrameStore;
-use crate::data::stream::{HostBatch, Producer, StreamSettings, StreamStart};
+use crate::data::stream::{HostBatch, Producer, StreamFiles, StreamSettings, StreamStart};
 use crate::data::Split;
 use crate::train::optim::Optimizer;
 use crate::train::{self, LoopSettings, Supervision, TeacherSignal, Trainer, TrainerState};
@@ -264,8 +264,14 @@ impl Workload {
         let supervision = Supervision { objective: self.objective, teacher };
         let started = Instant::now();
         let mut guard = train::LossGuard::default();
-        let data = (&self.data, None);
-        train::train_epoch(&mut trainer, data, &supervision, &self.settings, &mut guard, |_, _| {})?;
+        train::train_epoch(
+            &mut trainer,
+            train::Examples::all(&self.data),
+            &supervision,
+            &self.settings,
+            &mut guard,
+            |_, _| {},
+        )?;
         let seconds = started.elapsed().as_secs_f64();
         self.trainer_state = Some(trainer.into_state());
         Ok(self.data.len() as f64 / seconds)
@@ -634,7 +640,7 @@ fn store_rates(dir: &Path, (batch, batches, chunk_frames): (usize, usize, usize)
         seed: 1,
     };
     let start = StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 };
-    let mut producer = Producer::new((store.clone(), None), lengths.clone(), settings, start, device)?;
+    let mut producer = Producer::new(StreamFiles::store(store.clone()), lengths.clone(), settings, start, device)?;
     let mut host = HostBatch::default();
     // Warm up: fill the shuffle buffer.
     producer.next_tensors(&mut host)?;

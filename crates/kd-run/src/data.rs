@@ -196,19 +196,17 @@ impl StoreData {
         Ok(stream::epoch_plan(shard.common_frames, &self.settings(batch_size, seed)))
     }
 
-    /// The stream of rank `rank` of `world` in `epoch`, from batch `batch` on, for training on
-    /// `device`: what data-parallel training calls with its rank.
+    /// The stream of `start.rank` of `start.world` in `start.epoch`, from batch `start.batch` on,
+    /// for training on `device`: what data-parallel training calls with its rank.
     pub fn stream(
         &self,
         batch_size: i64,
         seed: u64,
-        (epoch, batch): (u64, usize),
-        (rank, world): (usize, usize),
+        start: stream::StreamStart,
         device: Device,
     ) -> Result<stream::Stream> {
-        let start = stream::StreamStart { epoch, rank, world, batch };
-        let store = (self.store.clone(), self.targets.clone());
-        stream::Stream::start(store, self.lengths.clone(), self.settings(batch_size, seed), start, device)
+        let files = stream::StreamFiles { store: self.store.clone(), targets: self.targets.clone() };
+        stream::Stream::start(files, self.lengths.clone(), self.settings(batch_size, seed), start, device)
     }
 }
 

@@ -301,7 +301,7 @@ impl<'a> Trainer<'a> {
         let world = crate::dist::world();
         let share = x.size()[0] as f64 / rows.batch.max(1) as f64;
         if let Some(layers) = &self.layers {
-            return step_in_backward(self.net, &mut self.opt, layers, (x, rows, share), loss);
+            return step_in_backward(self.net, &mut self.opt, layers, x, rows, share, loss);
         }
         // A process alone keeps libtorch's own dropout (fused on CUDA).
         let logits = self.net.forward_rows(x, true, world.is_distributed().then_some(rows));
@@ -332,7 +332,9 @@ fn step_in_backward(
     net: &Mlp,
     opt: &mut Optimizer,
     layers: &[Vec<usize>],
-    (x, rows, share): (&Tensor, BatchRows, f64),
+    x: &Tensor,
+    rows: BatchRows,
+    share: f64,
     loss: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let world = crate::dist::world();
@@ -457,7 +459,7 @@ pub struct InMemory<'a> {
 
 impl<'a> InMemory<'a> {
     /// Draws the order now (from libtorch's generator, so seed it first).
-    pub fn new((split, examples): (&'a Split, Option<&'a Tensor>), settings: &LoopSettings) -> Self {
+    pub fn new(Examples { split, only: examples }: Examples<'a>, settings: &LoopSettings) -> Self {
         let n = examples.map_or(split.len(), |e| e.size()[0]);
         let steps = if n == 0 { 0 } else { ((n - 1) / settings.batch_size + 1) as usize };
         let batches = Box::new(data::batches(n, settings.batch_size, split.labels.device()));
@@ -501,19 +503,34 @@ impl BatchSource for InMemory<'_> {
     }
 }
 
-/// One pass over `train` (only its `examples`, when given) in a random order, in batches of
+/// The examples of a split an epoch trains on: all of them, or the rows `only` names.
+#[derive(Clone, Copy)]
+pub struct Examples<'a> {
+    pub split: &'a Split,
+    /// Row indices into `split` (`None`: every row).
+    pub only: Option<&'a Tensor>,
+}
+
+impl<'a> Examples<'a> {
+    /// Every example of `split`.
+    pub fn all(split: &'a Split) -> Self {
+        Examples { split, only: None }
+    }
+}
+
+/// One pass over `examples` in a random order, in batches of
 /// `settings.batch_size`: [`train_epoch_from`] with the [`InMemory`] source. In a data-parallel
 /// run every rank draws the same order and trains on its share of each batch
 /// ([`crate::dist::World::share`]).
 pub fn train_epoch(
     trainer: &mut Trainer,
-    (train, examples): (&Split, Option<&Tensor>),
+    examples: Examples,
     supervision: &Supervision,
     settings: &LoopSettings,
     guard: &mut LossGuard,
     on_step: impl FnMut(usize, Option<f64>),
 ) -> Result<EpochTotals> {
-    let mut source = InMemory::new((train, examples), settings);
+    let mut source = InMemory::new(examples, settings);
     train_epoch_from(trainer, &mut source, supervision, settings, guard, on_step)
 }
 
@@ -811,10 +828,16 @@ mod tests {
         );
         let supervision = Supervision { objective: Objective::hard_labels(), teacher: TeacherSignal::None };
         let settings = LoopSettings { batch_size: 8, jitter: 0, geometry: None, report_every: 0 };
-        let err =
-            train_epoch(&mut trainer, (&empty, None), &supervision, &settings, &mut LossGuard::default(), |_, _| {})
-                .err()
-                .expect("an empty epoch fails");
+        let err = train_epoch(
+            &mut trainer,
+            Examples::all(&empty),
+            &supervision,
+            &settings,
+            &mut LossGuard::default(),
+            |_, _| {},
+        )
+        .err()
+        .expect("an empty epoch fails");
         assert!(err.to_string().contains("no training batch reaches this process"), "{err}");
     }
 

@@ -233,7 +233,7 @@ fn resolve_stages(
             );
         }
         let seed = s.seed.unwrap_or_else(|| derive_seed(base_seed, &name));
-        let job = resolve_job(text, &s, defaults, &stages, (seed, validation_splits))?;
+        let job = resolve_job(text, &s, defaults, &stages, seed, validation_splits)?;
         check_job(text, &s, &job, data.validation, framed)?;
         stages.push(Stage { name, paper: s.paper.clone(), sweep: s.point.clone(), job });
     }
@@ -247,7 +247,8 @@ fn resolve_job(
     s: &RawStage,
     defaults: &RawTraining,
     earlier: &[Stage],
-    (seed, validation_splits): (u64, usize),
+    seed: u64,
+    validation_splits: usize,
 ) -> Result<Job> {
     Ok(match s.kind {
         StageKind::Train => {

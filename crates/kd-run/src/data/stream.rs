@@ -106,6 +106,21 @@ pub struct StreamStart {
     pub batch: usize,
 }
 
+/// What a stream reads: a frame store and, when given, a teacher's top-k targets for it,
+/// delivered with each batch.
+#[derive(Clone)]
+pub struct StreamFiles {
+    pub store: Arc<FrameStore>,
+    pub targets: Option<Arc<TopKFile>>,
+}
+
+impl StreamFiles {
+    /// The store alone, without targets.
+    pub fn store(store: Arc<FrameStore>) -> Self {
+        StreamFiles { store, targets: None }
+    }
+}
+
 /// A rank's utterances for one epoch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RankShard {
@@ -272,7 +287,7 @@ impl Producer {
     /// teacher's top-k targets for the store, delivered with each batch; batches are made for
     /// training on `device` (pinned host memory for a GPU).
     pub fn new(
-        (store, targets): (Arc<FrameStore>, Option<Arc<TopKFile>>),
+        StreamFiles { store, targets }: StreamFiles,
         lengths: Arc<Vec<u32>>,
         settings: StreamSettings,
         start: StreamStart,
@@ -448,14 +463,14 @@ pub struct Stream {
 impl Stream {
     /// Starts the producer thread for `start`'s stream.
     pub fn start(
-        store: (Arc<FrameStore>, Option<Arc<TopKFile>>),
+        files: StreamFiles,
         lengths: Arc<Vec<u32>>,
         settings: StreamSettings,
         start: StreamStart,
         device: Device,
     ) -> Result<Stream> {
         let (rank, world, first) = (start.rank, start.world, start.batch);
-        let mut producer = Producer::new(store, lengths, settings, start, device)?;
+        let mut producer = Producer::new(files, lengths, settings, start, device)?;
         // The batches it delivers: those from its start on.
         let (steps, temperature) = (producer.steps() - first, producer.temperature());
         let (tx, rx) = sync_channel(settings.prefetch.max(1));
@@ -574,7 +589,7 @@ mod tests {
     /// The (unnormalized) centre-frame indices and labels of every batch of a stream.
     fn drain(store: &Arc<FrameStore>, s: StreamSettings, start: StreamStart) -> Vec<(Vec<i64>, Vec<i64>)> {
         let lengths = Arc::new(store.utterance_lengths());
-        let mut p = Producer::new((store.clone(), None), lengths, s, start, Device::Cpu).unwrap();
+        let mut p = Producer::new(StreamFiles::store(store.clone()), lengths, s, start, Device::Cpu).unwrap();
         let (m, sd) = (store.manifest.mean[0] as f32, store.manifest.std[0] as f32);
         let mut h = HostBatch::default();
         let mut out = Vec::new();
@@ -593,7 +608,7 @@ mod tests {
         let s = settings(40);
         let lengths = Arc::new(store.utterance_lengths());
         let mut p = Producer::new(
-            (store.clone(), None),
+            StreamFiles::store(store.clone()),
             lengths,
             s,
             StreamStart { epoch: 0, rank: 0, world: 1, batch: 0 },

@@ -10,6 +10,7 @@ use super::tables::Tables;
 use super::Run;
 use crate::config::{ModelSpec, Training, MAX_PARAMETERS};
 use crate::data::batch::BatchSource;
+use crate::data::stream::StreamStart;
 use crate::data::Split;
 use crate::preemption;
 use crate::train::optim::{self, Optimizer};
@@ -485,20 +486,25 @@ impl Epochs<'_> {
             train::train_epoch_resumable(trainer, source, supervision, settings, guard, position.as_ref(), &mut hook)
         };
         let totals = match run.data.stream.as_ref() {
-            None => train(&mut train::InMemory::new((self.split, self.examples.as_ref()), settings).skip(resumed_at)),
+            None => train(
+                &mut train::InMemory::new(
+                    train::Examples { split: self.split, only: self.examples.as_ref() },
+                    settings,
+                )
+                .skip(resumed_at),
+            ),
             Some(s) => s
                 .stream(
                     world.share(training.batch_size).1,
                     training.seed,
-                    (epoch as u64, resumed_at),
-                    (world.rank(), world.size()),
+                    StreamStart { epoch: epoch as u64, rank: world.rank(), world: world.size(), batch: resumed_at },
                     run.device,
                 )
                 .and_then(|mut stream| train(&mut stream)),
         }
         .map_err(|e| match e.downcast_ref::<train::Stopped>() {
             Some(stopped) => preempted(stage, epoch, stopped.step),
-            None => diverged(e, stage, epoch, (lr, supervision), &self.resume_path),
+            None => diverged(e, stage, epoch, lr, supervision, &self.resume_path),
         })?;
         if let Some(e) = hook.event_error {
             return Err(e);
@@ -797,7 +803,8 @@ pub(super) fn diverged(
     error: anyhow::Error,
     stage: &str,
     epoch: i64,
-    (lr, supervision): (f64, &Supervision),
+    lr: f64,
+    supervision: &Supervision,
     resume: &Path,
 ) -> anyhow::Error {
     let Some(d) = error.downcast_ref::<train::Diverged>() else {
