@@ -266,6 +266,7 @@ fn write(
                 let dir = out.join(split);
                 let started = Instant::now();
                 let mut w = StoreWriter::create(&dir, &set_id, kind, spec.corpus.feature_dim, shard_frames)?;
+                w.declare_classes(spec.corpus.states as u64);
                 generate(&model, &speakers, threads, |speaker, utts| {
                     for u in utts {
                         let labels: Vec<u32> = u.states.iter().map(|&k| k as u32).collect();
@@ -294,9 +295,12 @@ fn write(
                     w.push(0, &u.features, &labels)
                 })
                 .with_context(|| format!("data.files.{split}"))?;
-                let Some(w) = writer else {
+                let Some(mut w) = writer else {
                     bail!("data.files.{split}: no frames in {}", set.features.display());
                 };
+                if let Some(classes) = files.classes {
+                    w.declare_classes(classes as u64);
+                }
                 let m = w.finish(&format!("{} with labels {}", set.features.display(), set.labels.display()))?;
                 report(&dir, &m, started, "one thread, one utterance at a time");
             }

@@ -352,6 +352,9 @@ pub struct StoreWriter {
     frames: u64,
     utterances: u64,
     largest_label: Option<u32>,
+    /// Classes the labels come from, when the source knows them (a corpus's tied states):
+    /// the manifest's count even if the largest classes never occur in this split.
+    declared_classes: Option<u64>,
     decoded: Vec<f32>,
 }
 
@@ -383,6 +386,7 @@ impl StoreWriter {
             frames: 0,
             utterances: 0,
             largest_label: None,
+            declared_classes: None,
             decoded: Vec::new(),
         })
     }
@@ -439,11 +443,27 @@ impl StoreWriter {
         Ok(())
     }
 
+    /// Declares the classes the labels come from (a corpus's tied states, `data.classes`): the
+    /// manifest then says `classes` even when the largest labels do not occur in this split, so
+    /// that every split of a store, and a network trained on it, has the source's classes.
+    pub fn declare_classes(&mut self, classes: u64) {
+        self.declared_classes = Some(classes);
+    }
+
     /// Closes the last shard and writes the manifest (atomically, last: a store without one is
     /// unfinished). `source` says where the frames came from.
     pub fn finish(mut self, source: &str) -> Result<Manifest> {
         self.close_shard()?;
         ensure!(self.frames > 0, "no frames to store in {}", self.dir.display());
+        let largest = u64::from(self.largest_label.expect("frames > 0"));
+        if let Some(declared) = self.declared_classes {
+            ensure!(
+                largest < declared,
+                "{}: label {largest} among frames of {declared} classes (labels 0 to {})",
+                self.dir.display(),
+                declared - 1
+            );
+        }
         let n = self.frames as f64;
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
         let std = self.sum_sq.iter().zip(&mean).map(|(s, m)| (s / n - m * m).max(0.0).sqrt().max(1e-6)).collect();
@@ -455,7 +475,7 @@ impl StoreWriter {
             feature_dim: self.dim,
             frames: self.frames,
             utterances: self.utterances,
-            classes: u64::from(self.largest_label.expect("frames > 0")) + 1,
+            classes: self.declared_classes.unwrap_or(largest + 1),
             source: source.to_string(),
             mean,
             std,
@@ -920,6 +940,26 @@ pub(crate) mod tests {
             w.push(s, &f, &l).unwrap();
         }
         w.finish("test").unwrap()
+    }
+
+    #[test]
+    fn declared_classes_hold_for_labels_that_never_occur_and_bound_those_that_do() {
+        let dir = TempDir::new("store-declared-classes");
+        let mut w = StoreWriter::create(&dir.0, SET, FeatureKind::F32, 4, 100).unwrap();
+        w.declare_classes(14_000);
+        for (s, f, l) in utterances() {
+            w.push(s, &f, &l).unwrap();
+        }
+        assert_eq!(w.finish("test").unwrap().classes, 14_000, "labels 0..9 of 14,000 classes");
+        let dir = TempDir::new("store-declared-classes-too-few");
+        let mut w = StoreWriter::create(&dir.0, SET, FeatureKind::F32, 4, 100).unwrap();
+        w.declare_classes(5);
+        for (s, f, l) in utterances() {
+            w.push(s, &f, &l).unwrap();
+        }
+        let e = w.finish("test").unwrap_err().to_string();
+        assert!(e.contains("label 8 among frames of 5 classes"), "{e}");
+        assert!(!dir.0.join(MANIFEST).exists(), "no manifest for a store with labels out of range");
     }
 
     #[test]
