@@ -1179,7 +1179,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         p.strip_prefix(base).unwrap_or(p).display().to_string()
     };
     let mut md = String::new();
-    let command = output::command_line("kd-run report", std::env::args_os().skip(2));
+    // As typed, global options (`-q`) included: the subcommand is not always the first argument.
+    let command = output::command_line("kd-run", std::env::args_os().skip(1));
     writeln!(md, "# {}\n", args.title)?;
     writeln!(
         md,
