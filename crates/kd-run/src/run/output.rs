@@ -101,12 +101,25 @@ pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// neither is loaded with a warning that gives its SHA-256 to pin.
 pub fn load_checkpoint(path: &Path, pin: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     let (named, checked) = load_checked(path, pin)?;
-    if let Checked::Unchecked { sha256 } = checked {
-        tracing::warn!(
-            "{} has no provenance file and its stage pins no SHA-256, so its bytes are not checked; to pin them, \
-             add `sha256 = \"{sha256}\"` to the stage",
-            path.display()
-        );
+    // Once per file and process: a run loads a teacher's file for several stages.
+    static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let first = |path: &Path| {
+        let mut warned = WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = !warned.iter().any(|p| p == path);
+        if new {
+            warned.push(path.to_path_buf());
+        }
+        new
+    };
+    match checked {
+        Checked::Unchecked { sha256 } if first(path) => {
+            tracing::warn!(
+                "{} has no provenance file and its stage pins no SHA-256, so its bytes are not checked; to pin them, \
+                 add `sha256 = \"{sha256}\"` to the stage",
+                path.display()
+            );
+        }
+        _ => {}
     }
     Ok(named)
 }
