@@ -1,7 +1,67 @@
-//! What the GPU is: its name (from the CUDA driver) and its peak dense throughput, so that the
-//! share of peak a training run reaches is logged without a setting.
+//! Which device a setting or flag names (`auto`, `cpu`, `cuda`, `cuda:N`: the one parse and
+//! selection that experiment files, `kd-run bench` and `kd-run store targets` share), and what
+//! the GPU is: its name (from the CUDA driver) and its peak dense throughput, so that the share
+//! of peak a training run reaches is logged without a setting.
 
+use anyhow::{bail, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
+use tch::Device;
+
+/// The device names every setting and flag accepts, for error messages.
+pub const NAMES: &str = "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"";
+
+/// A device as a setting or flag names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The first GPU when libtorch sees one, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// GPU `N` (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; anything else is `None`.
+pub fn parse(name: &str) -> Option<Choice> {
+    match name {
+        "auto" => Some(Choice::Auto),
+        "cpu" => Some(Choice::Cpu),
+        "cuda" => Some(Choice::Cuda(0)),
+        _ => name.strip_prefix("cuda:")?.parse().ok().map(Choice::Cuda),
+    }
+}
+
+/// The device `name` names (see [`parse`]), checked against the CUDA devices libtorch sees;
+/// `what` names the setting or flag in the errors (`device`, `--device`).
+pub fn select(name: &str, what: &str) -> Result<Device> {
+    let cuda = tch::Cuda::is_available();
+    let count = if cuda { tch::Cuda::device_count().max(0) as usize } else { 0 };
+    match parse(name) {
+        None => bail!("{what} = {name:?}: expected {NAMES}"),
+        Some(Choice::Auto) => Ok(Device::cuda_if_available()),
+        Some(Choice::Cpu) => Ok(Device::Cpu),
+        Some(Choice::Cuda(index)) if index < count => Ok(Device::Cuda(index)),
+        Some(Choice::Cuda(_)) => {
+            bail!("{what} = {name:?} but libtorch sees {count} CUDA device(s); use \"auto\" or \"cpu\"")
+        }
+    }
+}
+
+/// How a device is named to PyTorch and in `kd-run`'s output: `cpu` or `cuda:N`.
+pub fn torch_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Waits for the work queued on `device` (a GPU's stream) to finish; nothing on the CPU, whose
+/// operations return when done. What a timing of GPU work must call before reading the clock.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
 
 /// Peak dense (not 2:4 sparse) tensor throughput of a GPU in TFLOP/s, from NVIDIA's data sheets.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -109,6 +169,24 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(peak_tflops(name).map(|p| (p.bf16, p.tf32)), want, "{name}");
         }
+    }
+
+    #[test]
+    fn device_names_parse_and_others_are_refused_naming_the_flag() {
+        assert_eq!(parse("auto"), Some(Choice::Auto));
+        assert_eq!(parse("cpu"), Some(Choice::Cpu));
+        assert_eq!(parse("cuda"), Some(Choice::Cuda(0)));
+        assert_eq!(parse("cuda:3"), Some(Choice::Cuda(3)));
+        for bad in ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda0", ""] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+            let e = select(bad, "--device").unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--device = {bad:?}: expected \"auto\"")), "{e}");
+        }
+        assert_eq!(select("cpu", "--device").unwrap(), Device::Cpu);
+        assert_eq!(select("auto", "--device").unwrap(), Device::cuda_if_available());
+        let e = select("cuda:10000", "device").unwrap_err().to_string();
+        assert!(e.contains("CUDA device(s); use \"auto\" or \"cpu\""), "{e}");
+        assert_eq!((torch_name(Device::Cpu), torch_name(Device::Cuda(2))), ("cpu".into(), "cuda:2".into()));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tracing::info;
 
 mod bias_shift;
 mod cache;
+pub mod cost;
 mod dir;
 mod distill;
 mod evaluate;
@@ -45,23 +46,9 @@ use fit::{Init, Sampling, StageFit, Targets};
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
 
-/// Picks the device named by an experiment's `device` setting.
+/// Picks the device named by an experiment's `device` setting ([`device::select`]).
 pub fn select_device(name: &str) -> Result<Device> {
-    let cuda = tch::Cuda::is_available();
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        _ => {
-            let index = name.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>)?;
-            if !cuda || index >= tch::Cuda::device_count() as usize {
-                bail!(
-                    "device = \"{name}\" but libtorch sees {} CUDA device(s); use device = \"auto\" or \"cpu\"",
-                    if cuda { tch::Cuda::device_count() } else { 0 }
-                );
-            }
-            Device::Cuda(index)
-        }
-    })
+    device::select(name, "device")
 }
 
 /// What a run reads: where it writes, its device, its data.

@@ -23,15 +23,8 @@ pub(crate) fn resolve(raw: RawExperiment, text: &str) -> Result<Experiment> {
         None => "auto".to_string(),
         Some(d) => {
             let v = d.get_ref();
-            let ok = v == "auto"
-                || v == "cpu"
-                || v == "cuda"
-                || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-            if !ok {
-                bail!(
-                    "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
-                    line_of(text, d.span().start)
-                );
+            if crate::device::parse(v).is_none() {
+                bail!("{}: device: expected {}, got {v:?}", line_of(text, d.span().start), crate::device::NAMES);
             }
             v.clone()
         }
