@@ -4,8 +4,13 @@ Mirrors kd-run's training loop step for step on the same synthetic workloads: ga
 batch, forward, loss, backward, SGD with momentum (or Adam, fused=True: PyTorch's fastest Adam on
 the CPU), max-norm, and accumulate the epoch's loss and accuracy on the device. Started once by
 `kd-run bench`; each line on stdin names a workload ("teacher", "distill", "distill_adam",
-"acoustic", "acoustic_topk", the last two also with "_bf16"), its batch size and the examples of
-one pass, and it answers "<workload> <examples per second>" after one pass.
+"acoustic", "acoustic_topk", the last two also with "_bf16", and "inference", "inference_1"), its
+batch size and the examples of one pass, and it answers "<workload> <examples per second>" after
+one pass.
+
+The inference workloads run the MNIST teacher's forward pass alone in batches (1,024 examples, or
+one), following PyTorch's advice for inference: the module in eval() mode, torch.inference_mode()
+(no autograd bookkeeping, no version counters), no dropout modules in the graph.
 
 The acoustic workloads follow PyTorch's own advice for speed: fused SGD, zero_grad(set_to_none=True),
 torch.autocast for bf16, and the top-k soft targets read with a gather (no dense target). Subnormal
@@ -87,6 +92,24 @@ class Acoustic:
         return float(loss_sum) / n, int(correct) / n
 
 
+class Inference:
+    """The 784-1200-1200-10 teacher's forward pass in batches, eval() under inference_mode()."""
+
+    def __init__(self, examples, batch, device):
+        torch.manual_seed(0)
+        self.batch, self.device = batch, torch.device(device)
+        self.net = mlp([784, 1200, 1200, 10], 0.0, 0.0).to(self.device).eval()
+        self.inputs = torch.rand(examples, 784, device=self.device)
+
+    def epoch(self):
+        n = self.inputs.shape[0]
+        with torch.inference_mode():
+            for start in range(0, n, self.batch):
+                self.net(self.inputs[start:start + self.batch])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 class Workload:
     def __init__(self, name, examples, batch, temperature):
         torch.manual_seed(0)
@@ -152,7 +175,9 @@ def main():
             break
         name, batch, examples = words[0], int(words[1]), int(words[2])
         if name not in workloads:
-            if name.startswith("acoustic"):
+            if name.startswith("inference"):
+                workloads[name] = Inference(examples, batch, args.device)
+            elif name.startswith("acoustic"):
                 workloads[name] = Acoustic(
                     name, examples, batch, sizes, args.top_k, args.acoustic_temperature, args.device
                 )

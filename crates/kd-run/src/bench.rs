@@ -1,6 +1,6 @@
 //! `kd-run bench`: examples per second of the training loop against PyTorch eager.
 //!
-//! Three workloads, on synthetic data resident on the device:
+//! The workloads, on synthetic data resident on the device:
 //! - `teacher`: the paper's 784-1200-1200-10 teacher, 20%/50% dropout, max-norm 3.5, hard
 //!   labels, SGD with momentum 0.9, batch 128;
 //! - `distill`: the 784-800-800-10 student on precomputed soft targets at T = 20 (soft weight
@@ -15,6 +15,11 @@
 //!   distilled from a teacher's cached top-50 soft targets at T = 2 with weight 0.5 on each term
 //!   (`acoustic_topk`, as `experiments/speech/gpu.toml`). The reference uses fused SGD,
 //!   `torch.autocast` for bf16 and a gather over the top-k classes (no dense target).
+//!
+//! - `inference` and `inference_1`: the teacher's forward pass alone, without gradients, on
+//!   the device (`--device`, the GPU when there is one): batches of 1,024 (examples/s at a large
+//!   batch) and single examples (the latency of one), the measurement `kd-run run` records for
+//!   every model (`run::cost`). The reference runs `eval()` under `torch.inference_mode()`.
 //!
 //! The reference runs with `torch.set_flush_denormal(True)`, as `kd-run` flushes subnormals.
 //!
@@ -71,9 +76,10 @@ pub struct BenchArgs {
     /// Run only these workloads (repeatable; default: all).
     #[arg(long = "only", value_name = "WORKLOAD")]
     only: Vec<String>,
-    /// Where both sides run: `cpu`, or `cuda` (the first GPU).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where both sides run: `auto` (the first GPU if libtorch sees one, else the CPU), `cpu`,
+    /// `cuda` or `cuda:N`. The MNIST training workloads run on the CPU only.
+    #[arg(long, default_value = "auto")]
+    device: crate::device::Choice,
     /// kd-run's steps update each layer inside the backward pass (`optimizer_in_backward`).
     #[arg(long)]
     optimizer_in_backward: bool,
@@ -138,6 +144,22 @@ const ACOUSTIC_TEMPERATURE: f64 = 2.0;
 const TEMPERATURE: f64 = 20.0;
 /// The workloads and their batch sizes.
 const WORKLOADS: [(&str, i64); 3] = [("teacher", 128), ("distill", 128), ("distill_adam", 32)];
+/// The inference workloads, their batch sizes, and their examples per measurement in steps of 128
+/// (`--steps` of them: the large batch covers the training workloads' examples; single examples
+/// one in 32 of them, 640 passes by default).
+const INFERENCE: [(&str, i64, i64); 2] = [("inference", 1024, 128), ("inference_1", 1, 4)];
+/// Every workload's name, for `--only`.
+const KNOWN: [&str; 9] = [
+    "teacher",
+    "distill",
+    "distill_adam",
+    "inference",
+    "inference_1",
+    "acoustic",
+    "acoustic_bf16",
+    "acoustic_topk",
+    "acoustic_topk_bf16",
+];
 
 /// A constant learning rate: SGD with momentum 0.9 (lr 0.01), or Adam (lr 5e-4).
 fn optimizer(adam: bool) -> OptimizerSpec {
@@ -278,6 +300,55 @@ impl Workload {
     }
 }
 
+/// The MNIST teacher's forward pass alone, without gradients: its weights frozen
+/// ([`Mlp::frozen`], as a run's evaluation and cost measurement use it) and random images on the
+/// device.
+struct Inference {
+    net: Mlp,
+    inputs: Tensor,
+    batch: i64,
+    device: Device,
+}
+
+impl Inference {
+    fn new(batch: i64, examples: i64, device: Device) -> Result<Self> {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(device);
+        let net = Mlp::new(&vs.root(), MlpConfig::mnist_teacher())?.frozen();
+        let inputs = Tensor::rand([examples, 784], (Kind::Float, device));
+        Ok(Inference { net, inputs, batch, device })
+    }
+
+    /// Runs the network over every example in batches and returns examples per second.
+    fn measure(&self) -> Result<f64> {
+        use tch::nn::ModuleT;
+        let _guard = tch::no_grad_guard();
+        let n = self.inputs.size()[0];
+        let started = Instant::now();
+        train::in_chunks(n, self.batch, |start, len| {
+            let _logits = self.net.forward_t(&self.inputs.narrow(0, start, len), false);
+            Ok(())
+        })?;
+        crate::device::synchronize(self.device);
+        Ok(n as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+/// What `kd-run`'s side of a comparison runs.
+enum Ours {
+    Training(Box<Workload>),
+    Inference(Inference),
+}
+
+impl Ours {
+    fn measure(&mut self) -> Result<f64> {
+        match self {
+            Ours::Training(w) => w.measure(),
+            Ours::Inference(i) => i.measure(),
+        }
+    }
+}
+
 struct Reference {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
@@ -285,14 +356,14 @@ struct Reference {
 }
 
 impl Reference {
-    fn start(args: &BenchArgs, threads: i32) -> Result<Self> {
+    fn start(args: &BenchArgs, threads: i32, device: Device) -> Result<Self> {
         let sizes = args
             .acoustic
             .shape()
             .map_or(String::new(), |(s, _)| s.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
         let mut child = Command::new(&args.python)
             .arg(&args.reference)
-            .args(["--threads", &threads.to_string(), "--device", &args.device])
+            .args(["--threads", &threads.to_string(), "--device", &crate::device::torch_name(device)])
             .arg("--temperature")
             .arg(TEMPERATURE.to_string())
             .args(["--acoustic-sizes", &sizes, "--top-k", &ACOUSTIC_TOP_K.to_string()])
@@ -354,6 +425,9 @@ fn plans(args: &BenchArgs, device: Device) -> Vec<Plan> {
             plans.push(Plan { name: name.into(), batch, examples: args.steps * 128, macs: None });
         }
     }
+    for (name, batch, steps_of_128) in INFERENCE {
+        plans.push(Plan { name: name.into(), batch, examples: args.steps * steps_of_128, macs: None });
+    }
     if let Some((sizes, batch)) = args.acoustic.shape() {
         let batch = args.acoustic_batch.unwrap_or(batch);
         let macs = sizes.windows(2).map(|w| w[0] * w[1]).sum();
@@ -369,15 +443,6 @@ fn plans(args: &BenchArgs, device: Device) -> Vec<Plan> {
     plans
 }
 
-fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => bail!("--device cuda: no CUDA device is available"),
-        other => bail!("--device {other}: expected `cpu` or `cuda`"),
-    }
-}
-
 /// Runs the comparison and prints one `ratio <workload> <value>` line per workload.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.steps < 1 || args.rounds < 1 || args.acoustic_steps < 1 || args.acoustic_batch.is_some_and(|b| b < 1) {
@@ -386,10 +451,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let known =
-        ["teacher", "distill", "distill_adam", "acoustic", "acoustic_bf16", "acoustic_topk", "acoustic_topk_bf16"];
-    if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
-        bail!("--only {bad}: no such workload (the workloads: {})", known.join(", "));
+    if let Some(bad) = args.only.iter().find(|o| !KNOWN.contains(&o.as_str())) {
+        bail!("--only {bad}: no such workload (the workloads: {})", KNOWN.join(", "));
     }
     if args.memory.is_some_and(|b| b < 1) {
         bail!("--memory: the batch size must be at least 1");
@@ -397,14 +460,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(batch) = args.memory {
         return memory(batch);
     }
-    let device = parse_device(&args.device)?;
+    let device = args.device.select("--device")?;
     if let Some(dir) = &args.store {
         let sizes = (args.store_batch.max(1), args.store_batches.max(1), args.store_chunk_frames.max(1));
         return store_rates(dir, sizes, device);
     }
     let plans = plans(args, device);
     if plans.is_empty() {
-        bail!("no workload to run: the MNIST workloads run on the CPU only, `--acoustic none` has no acoustic ones");
+        bail!(
+            "no workload to run: the MNIST training workloads run on the CPU only (--device cpu), `--acoustic none` \
+             has no acoustic ones"
+        );
     }
     let threads = tch::get_num_threads();
     let peak = match device {
@@ -415,20 +481,23 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         _ => None,
     }
     .flatten();
-    let mut reference = Reference::start(args, threads)?;
-    let where_ = if device.is_cuda() { "cuda:0" } else { "CPU" };
+    let mut reference = Reference::start(args, threads, device)?;
+    let where_ = if device.is_cuda() { crate::device::torch_name(device) } else { "CPU".into() };
     println!("# {} rounds, {threads} CPU threads, {where_}", args.rounds);
     let mut results = Vec::new();
     let mut ceilings: Vec<(Kind, f64)> = Vec::new();
     for plan in &plans {
         let (name, batch, examples) = (plan.name.as_str(), plan.batch, plan.examples);
         let mut ours = match args.acoustic.shape() {
+            _ if name.starts_with("inference") => Ours::Inference(Inference::new(batch, examples, device)?),
             Some((sizes, _)) if name.starts_with("acoustic") => {
-                Workload::acoustic(name, &sizes, batch, examples, device)?
+                Ours::Training(Box::new(Workload::acoustic(name, &sizes, batch, examples, device)?))
             }
-            _ => Workload::new(name, batch, examples)?,
+            _ => Ours::Training(Box::new(Workload::new(name, batch, examples)?)),
         };
-        ours.configure(args.optimizer_in_backward, args.cuda_graphs)?;
+        if let Ours::Training(w) = &mut ours {
+            w.configure(args.optimizer_in_backward, args.cuda_graphs)?;
+        }
         let (mut rust, mut torch) = (Vec::new(), Vec::new());
         for round in 0..=args.rounds {
             // Alternate which side goes first; round 0 warms both up and is not counted.

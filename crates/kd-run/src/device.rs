@@ -1,7 +1,96 @@
-//! What the GPU is: its name (from the CUDA driver) and its peak dense throughput, so that the
-//! share of peak a training run reaches is logged without a setting.
+//! Which device a setting or flag names (`auto`, `cpu`, `cuda`, `cuda:N`: the one parse and
+//! selection that experiment files, `kd-run bench` and `kd-run store targets` share), and what
+//! the GPU is: its name (from the CUDA driver) and its peak dense throughput, so that the share
+//! of peak a training run reaches is logged without a setting.
 
+use anyhow::{bail, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
+use tch::Device;
+
+/// The device names every setting and flag accepts, for error messages.
+pub const NAMES: &str = "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"";
+
+/// A device as a setting or flag names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The first GPU when libtorch sees one, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// GPU `N` (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Choice {
+    type Err = anyhow::Error;
+
+    /// Parses `auto`, `cpu`, `cuda` (GPU 0) or `cuda:N`: the one parse of a device name.
+    fn from_str(name: &str) -> Result<Choice> {
+        let parsed = match name {
+            "auto" => Some(Choice::Auto),
+            "cpu" => Some(Choice::Cpu),
+            "cuda" => Some(Choice::Cuda(0)),
+            _ => name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Choice::Cuda),
+        };
+        parsed.ok_or_else(|| anyhow::anyhow!("expected {NAMES}, got {name:?}"))
+    }
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Choice::Auto => f.write_str("auto"),
+            Choice::Cpu => f.write_str("cpu"),
+            Choice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl serde::Serialize for Choice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Choice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Choice, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(e))
+    }
+}
+
+impl Choice {
+    /// The device chosen, checked against the CUDA devices libtorch sees; `what` names the
+    /// setting or flag in the error (`device`, `--device`).
+    pub fn select(self, what: &str) -> Result<Device> {
+        let cuda = tch::Cuda::is_available();
+        let count = if cuda { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        match self {
+            Choice::Auto => Ok(Device::cuda_if_available()),
+            Choice::Cpu => Ok(Device::Cpu),
+            Choice::Cuda(index) if index < count => Ok(Device::Cuda(index)),
+            Choice::Cuda(_) => {
+                bail!("{what} = \"{self}\" but libtorch sees {count} CUDA device(s); use \"auto\" or \"cpu\"")
+            }
+        }
+    }
+}
+
+/// How a device is named to PyTorch and in `kd-run`'s output: `cpu` or `cuda:N`.
+pub fn torch_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Waits for the work queued on `device` (a GPU's stream) to finish; nothing on the CPU, whose
+/// operations return when done. What a timing of GPU work must call before reading the clock.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
 
 /// Peak dense (not 2:4 sparse) tensor throughput of a GPU in TFLOP/s, from NVIDIA's data sheets.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -109,6 +198,30 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(peak_tflops(name).map(|p| (p.bf16, p.tf32)), want, "{name}");
         }
+    }
+
+    #[test]
+    fn device_names_parse_once_print_back_and_others_are_refused() {
+        let parse = |name: &str| name.parse::<Choice>().ok();
+        assert_eq!(parse("auto"), Some(Choice::Auto));
+        assert_eq!(parse("cpu"), Some(Choice::Cpu));
+        assert_eq!(parse("cuda"), Some(Choice::Cuda(0)));
+        assert_eq!(parse("cuda:3"), Some(Choice::Cuda(3)));
+        for choice in [Choice::Auto, Choice::Cpu, Choice::Cuda(0), Choice::Cuda(3)] {
+            assert_eq!(parse(&choice.to_string()), Some(choice), "{choice}");
+        }
+        for bad in ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda0", ""] {
+            let e = bad.parse::<Choice>().unwrap_err().to_string();
+            assert_eq!(e, format!("expected {NAMES}, got {bad:?}"));
+        }
+        assert_eq!(Choice::Cpu.select("--device").unwrap(), Device::Cpu);
+        assert_eq!(Choice::Auto.select("--device").unwrap(), Device::cuda_if_available());
+        let e = Choice::Cuda(10_000).select("device").unwrap_err().to_string();
+        assert!(e.starts_with("device = \"cuda:10000\" but libtorch sees"), "{e}");
+        assert!(e.contains("CUDA device(s); use \"auto\" or \"cpu\""), "{e}");
+        assert_eq!((torch_name(Device::Cpu), torch_name(Device::Cuda(2))), ("cpu".into(), "cuda:2".into()));
+        let toml: toml::Table = toml::from_str("device = \"cuda:1\"").unwrap();
+        assert_eq!(toml["device"].clone().try_into::<Choice>().unwrap(), Choice::Cuda(1));
     }
 
     #[test]

@@ -85,6 +85,10 @@ enum Command {
         /// run again, and why; what it reads and writes) and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// The final results table as one JSON object on stdout (the run directory and a row per
+        /// model with summary.csv's columns) instead of text.
+        #[arg(long, conflicts_with = "dry_run")]
+        json: bool,
     },
     /// Check an experiment file without running it; prints the resolved configuration.
     Validate {
@@ -93,6 +97,10 @@ enum Command {
         /// Override a setting, as for `run`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// One JSON object instead of the experiment file: the resolved configuration (the same
+        /// record as the text) and each stage's kind and the stages it reads.
+        #[arg(long)]
+        json: bool,
     },
     /// Report the libtorch version, what this build holds (Gloo, NCCL, CUDA graphs), the CPU and its
     /// vector extensions, the thread count and the GPUs.
@@ -196,14 +204,14 @@ fn install_panic_hook() {
 /// alone, a world of one. `command` is the command line without the program (the same on every
 /// rank, `--out` included).
 fn join_ranks(exp: &config::Experiment, command: &str) -> Result<()> {
-    let cuda = run::select_device(&exp.device)?.is_cuda();
+    let cuda = exp.device.select("device")?.is_cuda();
     let hash = dist::text_hash(&format!("{}\n{command}", exp.to_toml()?));
     dist::init(dist::World::join(&|k| std::env::var(k).ok(), cuda, hash)?)
 }
 
 fn try_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Run { experiment, out, overrides, fresh, only, redo, dry_run } => {
+        Command::Run { experiment, out, overrides, fresh, only, redo, dry_run, json } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             // Before anything is created under --out.
             run::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
@@ -242,14 +250,22 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 let summary: Vec<run::output::SummaryRow> = run::output::read_csv(&dir.join("summary.csv"))?;
                 let class_errors: Vec<run::output::ClassErrorsRow> =
                     run::output::read_csv(&dir.join("class_errors.csv"))?;
-                print_summary(&summary, &class_errors);
-                println!("results in {}", dir.display());
+                if json {
+                    println!("{}", summary_json(&dir, &summary, &class_errors)?);
+                } else {
+                    print!("{}", summary_table(&summary, &class_errors));
+                    println!("results in {}", dir.display());
+                }
             }
         }
-        Command::Validate { experiment, overrides } => {
+        Command::Validate { experiment, overrides, json } => {
             let exp = config::load(&experiment, &overrides).map_err(config_error)?;
             run::check_inputs(&exp).map_err(|e| config_error(e.context(experiment.display().to_string())))?;
-            print!("{}", exp.to_experiment_file());
+            if json {
+                println!("{}", validate_json(&experiment, &exp)?);
+            } else {
+                print!("{}", exp.to_experiment_file());
+            }
             let n = exp.stages.len();
             eprintln!("{}: ok ({n} stage{})", experiment.display(), if n == 1 { "" } else { "s" });
         }
@@ -292,44 +308,236 @@ fn flush_denormals() {
     }
 }
 
-/// The final table: one row per model, columns as wide as their widest cell, the test errors
-/// with the size of the test set (from `class_errors.csv`) and the accuracy.
-fn print_summary(rows: &[run::output::SummaryRow], class_errors: &[run::output::ClassErrorsRow]) {
-    print!("{}", summary_table(rows, class_errors));
+/// `kd-run validate --json`: the file, the experiment's name, each stage's name, kind and the
+/// stages whose models it reads, and the resolved experiment (the record `validate` prints as
+/// TOML, every default explicit and every path absolute), as one JSON object on one line.
+fn validate_json(file: &std::path::Path, exp: &config::Experiment) -> Result<String> {
+    let record: toml::Table = exp.to_experiment_file().parse()?;
+    let stages: Vec<serde_json::Value> = exp
+        .stages
+        .iter()
+        .map(|s| serde_json::json!({ "name": s.name, "kind": s.job.kind_name(), "reads": s.job.reads() }))
+        .collect();
+    let object = serde_json::json!({
+        "file": file.display().to_string(),
+        "name": exp.name,
+        "stages": stages,
+        "experiment": record,
+    });
+    Ok(serde_json::to_string(&object)?)
 }
 
-fn summary_table(rows: &[run::output::SummaryRow], class_errors: &[run::output::ClassErrorsRow]) -> String {
-    let examples = |r: &run::output::SummaryRow| -> i64 {
-        class_errors
-            .iter()
-            .filter(|c| c.stage == r.stage && c.variant == r.variant && c.split == "test")
-            .map(|c| c.examples)
-            .sum()
-    };
-    let header = ["stage", "model", "parameters", "test errors", "accuracy", "seconds"].map(String::from);
-    let cells: Vec<[String; 6]> = rows
+/// Test examples of the model of `row`, from `class_errors.csv` (0 when not recorded).
+fn test_examples(row: &run::output::SummaryRow, class_errors: &[run::output::ClassErrorsRow]) -> i64 {
+    class_errors
+        .iter()
+        .filter(|c| c.stage == row.stage && c.variant == row.variant && c.split == "test")
+        .map(|c| c.examples)
+        .sum()
+}
+
+/// `kd-run run --json`: the run directory and one object per model with `summary.csv`'s columns
+/// (empty cells as `null`), its `label` in reports and its `test_examples`, on one line.
+fn summary_json(
+    dir: &std::path::Path,
+    rows: &[run::output::SummaryRow],
+    class_errors: &[run::output::ClassErrorsRow],
+) -> Result<String> {
+    let models = rows
         .iter()
         .map(|r| {
-            let n = examples(r);
+            let mut object = serde_json::to_value(r)?;
+            if let Some(map) = object.as_object_mut() {
+                map.insert("label".into(), r.label().into());
+                map.insert("test_examples".into(), test_examples(r, class_errors).into());
+            }
+            Ok(object)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(serde_json::to_string(&serde_json::json!({ "dir": dir.display().to_string(), "models": models }))?)
+}
+
+/// The final table: one row per model, columns as wide as their widest cell, the test errors
+/// with the size of the test set (from `class_errors.csv`) and the accuracy, and what the model
+/// costs to run: multiply-adds per example, inference examples/s at a large batch and the
+/// latency of one example, on the run's device.
+fn summary_table(rows: &[run::output::SummaryRow], class_errors: &[run::output::ClassErrorsRow]) -> String {
+    const COLUMNS: usize = 9;
+    let header =
+        ["stage", "model", "parameters", "mult-adds", "test errors", "accuracy", "examples/s", "latency ms", "seconds"]
+            .map(String::from);
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "–".into());
+    let cells: Vec<[String; COLUMNS]> = rows
+        .iter()
+        .map(|r| {
+            let n = test_examples(r, class_errors);
             let errors = if n > 0 { format!("{} / {n}", r.test_errors) } else { r.test_errors.to_string() };
             [
                 r.label(),
                 r.model.clone(),
                 r.parameters.to_string(),
+                or_dash(r.macs.map(|m| m.to_string())),
                 errors,
                 format!("{:.2}%", 100.0 * r.test_accuracy),
+                or_dash(r.inference_examples_per_second.map(|v| format!("{v:.0}"))),
+                or_dash(r.latency_ms.map(|v| format!("{v:.3}"))),
                 format!("{:.1}", r.seconds),
             ]
         })
         .collect();
     let width = |i: usize| cells.iter().map(|c| c[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..6).map(width).collect();
-    let line = |c: &[String; 6]| {
+    let widths: Vec<usize> = (0..COLUMNS).map(width).collect();
+    let line = |c: &[String; COLUMNS]| {
         let mut out = format!("{:<w0$}  {:<w1$}", c[0], c[1], w0 = widths[0], w1 = widths[1]);
-        for i in 2..6 {
+        for i in 2..COLUMNS {
             out.push_str(&format!("  {:>w$}", c[i], w = widths[i]));
         }
         out + "\n"
     };
-    std::iter::once(&header).chain(&cells).map(line).collect()
+    let mut table: String = std::iter::once(&header).chain(&cells).map(line).collect();
+    let measured: Vec<&run::output::SummaryRow> = rows.iter().filter(|r| r.inference_batch.is_some()).collect();
+    if let Some(first) = measured.first() {
+        let same = |f: &dyn Fn(&run::output::SummaryRow) -> String| measured.iter().all(|r| f(r) == f(first));
+        let batch = match same(&|r| format!("{:?}", r.inference_batch)) {
+            true => format!("batch {}", first.inference_batch.unwrap_or_default()),
+            false => "a large batch (summary.csv's inference_batch)".into(),
+        };
+        let device = match same(&|r| r.device.clone()) {
+            true => first.device.clone(),
+            false => "each model's device (summary.csv's device)".into(),
+        };
+        table.push_str(&format!(
+            "mult-adds per example; examples/s: inference at {batch}; latency: one example alone; on {device}\n"
+        ));
+    }
+    table
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use run::output::{ClassErrorsRow, SummaryRow};
+
+    #[test]
+    fn every_device_flag_defaults_to_auto_as_the_experiment_setting_does() {
+        let cli = Cli::command();
+        for path in [&["bench"][..], &["store", "targets"]] {
+            let mut command = &cli;
+            for name in path {
+                command = command.find_subcommand(name).unwrap_or_else(|| panic!("{path:?}"));
+            }
+            let device = command.get_arguments().find(|a| a.get_id() == "device").expect("a --device flag");
+            assert_eq!(device.get_default_values(), ["auto"], "{path:?}");
+        }
+        // --json is the final table's form; a dry run has no final table.
+        assert!(Cli::try_parse_from(["kd-run", "run", "x.toml", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["kd-run", "run", "x.toml", "--json", "--dry-run"]).is_err());
+        assert!(Cli::try_parse_from(["kd-run", "validate", "x.toml", "--json"]).is_ok());
+    }
+
+    fn row(stage: &str, variant: &str, macs: Option<i64>) -> SummaryRow {
+        SummaryRow {
+            stage: stage.into(),
+            variant: variant.into(),
+            kind: "train".into(),
+            model: "mlp 784-32-10".into(),
+            parameters: 25_450,
+            val_errors: Some(7),
+            test_errors: 12,
+            test_accuracy: 0.94,
+            shift: None,
+            seconds: 2.5,
+            device: "cpu (2 threads)".into(),
+            train_accuracy: Some(0.97),
+            teacher_agreement: None,
+            teacher_errors: None,
+            shared_errors: None,
+            transfer_agreement: None,
+            macs,
+            inference_batch: macs.map(|_| 200),
+            inference_examples_per_second: macs.map(|_| 123_456.7),
+            latency_ms: macs.map(|_| 0.0456),
+        }
+    }
+
+    fn class_rows(stage: &str, variant: &str) -> Vec<ClassErrorsRow> {
+        (0..2)
+            .map(|class| ClassErrorsRow {
+                stage: stage.into(),
+                variant: variant.into(),
+                split: "test".into(),
+                class,
+                examples: 100,
+                errors: 6,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_final_table_holds_each_models_cost_and_its_json_every_column() {
+        let rows = [row("teacher", "", Some(25_408)), row("shift", "fixed", None)];
+        let classes = [class_rows("teacher", ""), class_rows("shift", "fixed")].concat();
+        let table = summary_table(&rows, &classes);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("stage  ") && lines[0].contains("mult-adds") && lines[0].contains("latency ms"));
+        assert!(lines[1].contains("25408") && lines[1].contains("12 / 200") && lines[1].contains("123457"));
+        assert!(lines[1].contains("0.046") && lines[1].contains("94.00%"), "{table}");
+        // A row without measurements (kept from an older run) has dashes, aligned as the others.
+        assert!(lines[2].starts_with("shift-fixed") && lines[2].contains("–"), "{table}");
+        assert_eq!(lines[1].chars().count(), lines[2].chars().count(), "{table}");
+        assert_eq!(
+            lines[3],
+            "mult-adds per example; examples/s: inference at batch 200; latency: one example alone; on cpu (2 threads)"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&summary_json(std::path::Path::new("runs/x"), &rows, &classes).unwrap()).unwrap();
+        assert_eq!(json["dir"], "runs/x");
+        let models = json["models"].as_array().unwrap();
+        assert_eq!(models.len(), 2);
+        let m = &models[0];
+        assert_eq!(
+            (m["label"].as_str(), m["stage"].as_str(), m["kind"].as_str()),
+            (Some("teacher"), Some("teacher"), Some("train"))
+        );
+        assert_eq!(
+            (m["macs"].as_i64(), m["inference_batch"].as_i64(), m["test_examples"].as_i64()),
+            (Some(25_408), Some(200), Some(200))
+        );
+        // (serde_json's default float parsing may be one unit in the last place off.)
+        let close = |v: &serde_json::Value, want: f64| (v.as_f64().unwrap() - want).abs() <= 1e-12 * want;
+        assert!(close(&m["inference_examples_per_second"], 123_456.7) && close(&m["latency_ms"], 0.0456), "{m}");
+        assert_eq!(m["test_errors"].as_i64(), Some(12));
+        assert_eq!(models[1]["label"], "shift-fixed");
+        assert!(models[1]["macs"].is_null() && models[1]["latency_ms"].is_null(), "{json}");
+        // Every column of summary.csv is there.
+        let mut csv = csv::Writer::from_writer(vec![]);
+        csv.serialize(&rows[0]).unwrap();
+        let text = String::from_utf8(csv.into_inner().unwrap()).unwrap();
+        for column in text.lines().next().unwrap().split(',') {
+            assert!(m.get(column).is_some(), "{column} missing from {m}");
+        }
+    }
+
+    #[test]
+    fn validate_json_is_the_resolved_record_with_each_stages_kind_and_reads() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/smoke.toml");
+        let exp = config::load(&file, &[]).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&validate_json(&file, &exp).unwrap()).unwrap();
+        assert_eq!(json["name"], "smoke");
+        assert_eq!(json["file"], file.display().to_string());
+        let stages = json["stages"].as_array().unwrap();
+        assert_eq!(stages.len(), exp.stages.len());
+        let distilled = stages.iter().find(|s| s["name"] == "distilled").unwrap();
+        assert_eq!((distilled["kind"].as_str(), distilled["reads"][0].as_str()), (Some("distill"), Some("teacher")));
+        // The record itself: every default explicit (the device), the stages in order.
+        let record = &json["experiment"];
+        assert_eq!((record["name"].as_str(), record["device"].as_str()), (Some("smoke"), Some("auto")));
+        let names: Vec<&str> =
+            record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert_eq!(names, exp.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
+        // The same record as the text `validate` prints.
+        let text: toml::Table = exp.to_experiment_file().parse().unwrap();
+        assert_eq!(record, &serde_json::to_value(text).unwrap());
+    }
 }

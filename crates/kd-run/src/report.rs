@@ -132,6 +132,13 @@ impl RunFiles {
                 }
             ));
         }
+        if !summary.iter().any(|r| r.inference_batch.is_some()) {
+            missing.push(
+                "`summary.csv` has no inference measurements (a run made before kd-run recorded what each model costs \
+                 to run): no cost table"
+                    .to_string(),
+            );
+        }
         if metrics.is_empty() {
             missing.push(format!(
                 "`metrics.csv` {}: no training curves",
@@ -669,6 +676,84 @@ fn fidelity_section(md: &mut String, group: &[&RunFiles]) -> Result<()> {
     writeln!(md)?;
     if transfer && recorded < rows.len() {
         writeln!(md, "(–: recorded before the agreement on the transfer set was measured.)\n")?;
+    }
+    Ok(())
+}
+
+/// What each model of a run costs to run beside what it gets right, the trade distillation is
+/// for: parameters, multiply-adds per example, inference examples/s at a large batch and the
+/// latency of one example (measured on the run's device after the model's evaluation), test
+/// accuracy, and each model's multiply-adds and throughput relative to the costliest model's.
+/// Not shown for a run whose rows hold no measurement (made before kd-run recorded them).
+fn cost_section(md: &mut String, run: &RunFiles) -> Result<()> {
+    let measured: Vec<&SummaryRow> = run.summary.iter().filter(|r| r.inference_batch.is_some()).collect();
+    let Some(first) = measured.first() else { return Ok(()) };
+    let costliest = measured
+        .iter()
+        .filter(|r| r.macs.is_some())
+        .max_by_key(|r| r.macs)
+        .filter(|r| r.inference_examples_per_second.is_some_and(|v| v > 0.0));
+    let same_batch = measured.iter().all(|r| r.inference_batch == first.inference_batch);
+    let same_device = measured.iter().all(|r| r.device == first.device);
+    let batch = first.inference_batch.unwrap_or_default();
+    writeln!(
+        md,
+        "What each model costs to run{}: multiply-adds of a forward pass per example (from the layer sizes; an \
+         ensemble's are its members' summed, a specialists stage's the generalist's and every specialist's), \
+         inference examples per second at {} and the milliseconds of one example alone, without gradients, \
+         on the test set's first examples, each the median of a few calls after a warm-up, measured after the \
+         model's evaluation{}:\n",
+        if same_device { format!(" on {}", run.device_of(&first.device)) } else { String::new() },
+        if same_batch { format!("batch {batch}") } else { "a large batch (its size in the column)".into() },
+        costliest
+            .map_or(String::new(), |c| format!("; the last column compares each with the costliest, `{}`", c.label())),
+    )?;
+    let mut head =
+        vec!["stage", "model", "parameters", "multiply-adds", "examples/s", "ms, one example", "test accuracy"];
+    if !same_batch {
+        head.insert(4, "batch");
+    }
+    if !same_device {
+        head.push("device");
+    }
+    if costliest.is_some() {
+        head.push("multiply-adds, examples/s vs the costliest");
+    }
+    writeln!(md, "| {} |", head.join(" | "))?;
+    writeln!(md, "|{}", "---|".repeat(head.len()))?;
+    let dash = || "–".to_string();
+    for r in &run.summary {
+        let mut cells = vec![
+            r.label(),
+            r.model.clone(),
+            r.parameters.to_string(),
+            r.macs.map_or_else(dash, |m| m.to_string()),
+            r.inference_examples_per_second.map_or_else(dash, |v| format!("{v:.0}")),
+            r.latency_ms.map_or_else(dash, |v| format!("{v:.3}")),
+            format!("{:.2}%", 100.0 * r.test_accuracy),
+        ];
+        if !same_batch {
+            cells.insert(4, r.inference_batch.map_or_else(dash, |b| b.to_string()));
+        }
+        if !same_device {
+            cells.push(run.device_of(&r.device));
+        }
+        if let Some(c) = costliest {
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => dash(),
+            };
+            cells.push(format!(
+                "{}, {}",
+                ratio(r.macs.map(|m| m as f64), c.macs.map(|m| m as f64)),
+                ratio(r.inference_examples_per_second, c.inference_examples_per_second)
+            ));
+        }
+        writeln!(md, "| {} |", cells.join(" | "))?;
+    }
+    writeln!(md)?;
+    if measured.len() < run.summary.len() {
+        writeln!(md, "(–: a stage kept from a run made before kd-run measured the cost of inference.)\n")?;
     }
     Ok(())
 }
@@ -1219,6 +1304,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         }
         fidelity_section(&mut md, group)?;
         for run in group.iter().take(1) {
+            cost_section(&mut md, run)?;
             sweep_section(&mut md, run, &plots_dir, &rel)?;
             ensemble_section(&mut md, run)?;
             fraction_section(&mut md, run)?;
@@ -1520,6 +1606,10 @@ mod tests {
             teacher_errors: None,
             shared_errors: None,
             transfer_agreement: None,
+            macs: None,
+            inference_batch: None,
+            inference_examples_per_second: None,
+            latency_ms: None,
         }
     }
 
@@ -1657,6 +1747,41 @@ mod tests {
     }
 
     #[test]
+    fn the_cost_table_sets_each_model_against_the_costliest_and_marks_what_was_not_measured() {
+        let measured = |stage: &str, errors: i64, macs: i64, per_second: f64, ms: f64| SummaryRow {
+            kind: "train".into(),
+            device: "cpu (2 threads)".into(),
+            macs: Some(macs),
+            inference_batch: Some(1024),
+            inference_examples_per_second: Some(per_second),
+            latency_ms: Some(ms),
+            ..summary_row(stage, errors)
+        };
+        let ensemble = SummaryRow { kind: "ensemble".into(), ..measured("ensemble", 9, 400, 2000.0, 0.5) };
+        let student = measured("student", 10, 100, 10000.0, 0.125);
+        let mut md = String::new();
+        cost_section(&mut md, &run(vec![ensemble.clone(), student.clone()])).unwrap();
+        assert!(md.starts_with("What each model costs to run on cpu (2 threads): "), "{md}");
+        assert!(md.contains("at batch 1024") && md.contains("costliest, `ensemble`"), "{md}");
+        assert!(md.contains("| ensemble | mlp 2-2 | 6 | 400 | 2000 | 0.500 | 91.00% | 1.00x, 1.00x |"), "{md}");
+        assert!(md.contains("| student | mlp 2-2 | 6 | 100 | 10000 | 0.125 | 90.00% | 0.25x, 5.00x |"), "{md}");
+        assert!(!md.contains("| batch |") && !md.contains("| device |") && !md.contains("(–:"), "{md}");
+        // A row kept from an older run has dashes; another batch and device get their columns.
+        let old = summary_row("old", 20);
+        let gpu = SummaryRow { device: "cuda:0".into(), inference_batch: Some(512), ..student };
+        let mut md = String::new();
+        cost_section(&mut md, &run(vec![ensemble, gpu, old])).unwrap();
+        assert!(md.contains("| stage | model | parameters | multiply-adds | batch | examples/s |"), "{md}");
+        assert!(md.contains("| student | mlp 2-2 | 6 | 100 | 512 | 10000 | 0.125 | 90.00% | cuda:0 | 0.25x, 5.00x |"));
+        assert!(md.contains("| old | mlp 2-2 | 6 | – | – | – | – | 80.00% | an unrecorded device | –, – |"), "{md}");
+        assert!(md.contains("(–: a stage kept from a run made before"), "{md}");
+        // A run without any measurement: no table (the report says so among what the run lacks).
+        let mut md = String::new();
+        cost_section(&mut md, &run(vec![summary_row("a", 1)])).unwrap();
+        assert!(md.is_empty(), "{md}");
+    }
+
+    #[test]
     fn a_report_says_which_files_a_run_lacks_instead_of_leaving_gaps() {
         let temp = crate::testutil::TempDir::new("report-gaps");
         let dir = temp.0.clone();
@@ -1681,6 +1806,7 @@ mod tests {
         assert!(md.contains("`class_errors.csv` is missing"), "{md}");
         assert!(md.contains("`metrics.csv` has no rows: no training curves"), "{md}");
         assert!(md.contains("stage `b` is not finished"), "{md}");
+        assert!(md.contains("`summary.csv` has no inference measurements"), "{md}");
         assert!(md.contains("| a |") && !md.contains("| b |"), "{md}");
     }
 
@@ -1897,6 +2023,10 @@ mod tests {
             teacher_errors: None,
             shared_errors: None,
             transfer_agreement: None,
+            macs: None,
+            inference_batch: None,
+            inference_examples_per_second: None,
+            latency_ms: None,
         };
         let run = RunFiles {
             logged_device: Some("cuda:0".into()),

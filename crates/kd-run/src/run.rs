@@ -26,6 +26,7 @@ use tracing::info;
 
 mod bias_shift;
 mod cache;
+pub mod cost;
 mod dir;
 mod distill;
 mod evaluate;
@@ -48,25 +49,6 @@ use fit::{Init, Sampling, StageFit, Targets};
 pub use inputs::check_inputs;
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
-
-/// Picks the device named by an experiment's `device` setting.
-pub fn select_device(name: &str) -> Result<Device> {
-    let cuda = tch::Cuda::is_available();
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        _ => {
-            let index = name.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>)?;
-            if !cuda || index >= tch::Cuda::device_count() as usize {
-                bail!(
-                    "device = \"{name}\" but libtorch sees {} CUDA device(s); use device = \"auto\" or \"cpu\"",
-                    if cuda { tch::Cuda::device_count() } else { 0 }
-                );
-            }
-            Device::Cuda(index)
-        }
-    })
-}
 
 /// What a run reads: where it writes, its device, its data.
 struct Run<'a> {
@@ -216,7 +198,7 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     if exp.threads > 0 {
         tch::set_num_threads(exp.threads as i32);
     }
-    let device = crate::dist::world().device(select_device(&exp.device)?);
+    let device = crate::dist::world().device(exp.device.select("device")?);
     set_tf32(device, exp.precision);
     info!(
         "experiment `{}`: device {device:?} (CUDA available: {}, {} device(s)), {} CPU threads",

@@ -68,9 +68,10 @@ enum StoreCommand {
         /// Windows per teacher pass.
         #[arg(long, default_value_t = 4096)]
         batch: usize,
-        /// `cpu` or `cuda`.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// Where the teacher runs: `auto` (the first GPU if libtorch sees one, else the CPU),
+        /// `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: crate::device::Choice,
     },
     /// Check a store: its manifest, every shard's header and sections and every utterance's
     /// checksum; given the folder of `store write`'s three splits, each of them and that they
@@ -92,11 +93,7 @@ pub fn store(args: &StoreArgs) -> Result<()> {
         }
         StoreCommand::Check { dir } => check(dir),
         StoreCommand::Targets { dir, teachers, k, temperature, name, context, batch, device } => {
-            let device = match device.as_str() {
-                "cpu" => Device::Cpu,
-                "cuda" => Device::Cuda(0),
-                other => bail!("--device {other}: expected cpu or cuda"),
-            };
+            let device = device.select("--device")?;
             ensure!(
                 !name.contains(['/', '\\']) && name.len() > 4 && name.ends_with(".kdt"),
                 "--name {name}: expected a file name ending in .kdt"

@@ -62,7 +62,7 @@ shifts = { min = 0.0, max = 1.0, step = 0.5 }
 
 /// `summary.csv` without the columns that measure time or name the machine.
 fn results(path: &Path) -> Vec<Vec<(String, String)>> {
-    let timing = ["seconds", "device"];
+    let timing = ["seconds", "device", "inference_examples_per_second", "latency_ms"];
     let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     r.deserialize::<std::collections::HashMap<String, String>>()
         .map(|row| {
@@ -137,7 +137,7 @@ fn a_missing_input_is_reported_before_anything_is_created() {
 /// The results that do not depend on timing: `summary.csv`'s and `metrics.csv`'s columns less
 /// seconds, throughput and device.
 fn deterministic(run: &Path) -> Vec<Vec<Vec<(String, String)>>> {
-    let timing = ["seconds", "device", "examples_per_second", "tflops"];
+    let timing = ["seconds", "device", "examples_per_second", "tflops", "inference_examples_per_second", "latency_ms"];
     ["summary.csv", "metrics.csv", "class_errors.csv"]
         .iter()
         .map(|t| {

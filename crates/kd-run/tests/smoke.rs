@@ -69,6 +69,32 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
             assert!(stdout.contains(&format!("{}-{} ", r["stage"], r["variant"])), "its variant is named");
         }
     }
+    // What each model costs to run: multiply-adds per example in closed form (sum of fan-in x
+    // fan-out; an ensemble's, its members' summed), and measured inference speed.
+    let (teacher_macs, student_macs) = (784 * 128 + 128 * 128 + 128 * 10, 784 * 32 + 32 * 32 + 32 * 10);
+    let macs: Vec<i64> = summary.iter().map(|r| r["macs"].parse().unwrap()).collect();
+    assert_eq!(
+        macs,
+        [
+            teacher_macs,
+            student_macs,
+            student_macs,
+            teacher_macs,
+            student_macs,
+            student_macs,
+            student_macs,
+            2 * teacher_macs
+        ]
+    );
+    for r in &summary {
+        assert_eq!(r["inference_batch"], "1024", "the large batch, of the 2,000 test images: {r:?}");
+        let per_second: f64 = r["inference_examples_per_second"].parse().unwrap();
+        let latency: f64 = r["latency_ms"].parse().unwrap();
+        assert!(per_second.is_finite() && per_second > 0.0 && latency.is_finite() && latency > 0.0, "{r:?}");
+    }
+    let header = stdout.lines().find(|l| l.starts_with("stage ")).expect("the final table's header");
+    assert!(header.contains("mult-adds") && header.contains("examples/s") && header.contains("latency ms"), "{stdout}");
+    assert!(stdout.contains("examples/s: inference at batch 1024"), "{stdout}");
     assert_eq!(
         summary[0]["test_errors"], summary[3]["test_errors"],
         "evaluating the teacher's checkpoint reproduces its errors"
@@ -216,14 +242,33 @@ fn smoke_experiment_writes_consistent_outputs_and_resumes() {
         .sum();
     assert!(md.contains(&format!("{} ({no3_on_threes} on 3s)", summary[4]["test_errors"])), "{md}");
     assert!(md.contains("kd-run run experiments/smoke.toml"), "the command is shown");
+    // The cost table: a row per model with its multiply-adds, its speed and its accuracy.
+    let cost = md.find("What each model costs to run").expect("a cost table");
+    let costliest = format!("| teacher_twice | ensemble of 2 x mlp 784-128-128-10 | 236564 | {} |", 2 * teacher_macs);
+    assert!(md[cost..].contains(&costliest), "{md}");
+    assert!(md[cost..].contains(&format!("| distilled | mlp 784-32-32-10 | 26506 | {student_macs} |")), "{md}");
     assert!(out.join("report/smoke-curves.svg").exists());
 
-    // Running again resumes: every stage is done, nothing changes.
+    // Running again resumes: every stage is done, nothing changes; the skipped stages keep their
+    // rows, costs included. With --json the final table is one JSON object on stdout.
     let before = std::fs::read(dir.join("summary.csv")).unwrap();
-    let again = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap()]);
+    let again = kd_run(&["run", "experiments/smoke.toml", "--out", out.to_str().unwrap(), "--json"]);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already done"));
     assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), before);
+    let json: serde_json::Value = serde_json::from_slice(&again.stdout).expect("stdout is one JSON object");
+    assert_eq!(json["dir"].as_str(), dir.to_str());
+    let models = json["models"].as_array().unwrap();
+    assert_eq!(models.len(), summary.len());
+    for (m, r) in models.iter().zip(&summary) {
+        assert_eq!(m["stage"].as_str(), Some(r["stage"].as_str()));
+        assert_eq!(m["test_errors"].as_i64().map(|e| e.to_string()).as_deref(), Some(r["test_errors"].as_str()));
+        assert_eq!(m["macs"].as_i64().map(|e| e.to_string()).as_deref(), Some(r["macs"].as_str()));
+        // (serde_json's default float parsing may be one unit in the last place off.)
+        let (json_ms, csv_ms) = (m["latency_ms"].as_f64().unwrap(), r["latency_ms"].parse::<f64>().unwrap());
+        assert!((json_ms - csv_ms).abs() <= 1e-12 * csv_ms, "{json_ms} {csv_ms}");
+        assert_eq!(m["test_examples"], 2000);
+    }
 
     // A model no stage reads needs no checkpoint to count as done; one that is read does.
     std::fs::remove_file(dir.join("checkpoints/student.safetensors")).unwrap();
@@ -871,7 +916,7 @@ fn with_data(text: &str) -> String {
 
 /// A table's rows without the columns that measure time or name the machine.
 fn deterministic_rows(path: &Path) -> Vec<Vec<(String, String)>> {
-    let timing = ["seconds", "examples_per_second", "tflops", "device"];
+    let timing = ["seconds", "examples_per_second", "tflops", "device", "inference_examples_per_second", "latency_ms"];
     csv_rows(path)
         .into_iter()
         .map(|r| {
@@ -1160,7 +1205,18 @@ fn cuda_graphs_off_the_gpu_train_eagerly_and_say_why() {
         csv_rows(&dir.join("smoke/summary.csv")).iter().map(|r| r["test_errors"].clone()).collect()
     };
     assert_eq!(errors(&plain), errors(&graphs));
-    let bench = kd_run(&["bench", "--cuda-graphs", "--acoustic", "tiny", "--only", "acoustic", "--rounds", "1"]);
+    let bench = kd_run(&[
+        "bench",
+        "--cuda-graphs",
+        "--device",
+        "cpu",
+        "--acoustic",
+        "tiny",
+        "--only",
+        "acoustic",
+        "--rounds",
+        "1",
+    ]);
     let stderr = String::from_utf8_lossy(&bench.stderr);
     assert!(!bench.status.success() && stderr.contains("--cuda-graphs: CUDA graphs need a CUDA device"), "{stderr}");
     std::fs::remove_dir_all(&out).unwrap();

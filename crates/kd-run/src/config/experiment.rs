@@ -149,8 +149,8 @@ pub struct Experiment {
     /// Base seed; each stage derives its own from it and its name unless it sets `seed`.
     #[serde(default)]
     pub seed: u64,
-    /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`, parsed once.
+    pub device: crate::device::Choice,
     /// Intra-op threads of libtorch on CPU; 0 leaves libtorch's default.
     #[serde(default)]
     pub threads: i64,

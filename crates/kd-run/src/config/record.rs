@@ -61,7 +61,7 @@ impl Experiment {
             top.set("description", value(&self.description));
         }
         top.set("seed", value(&self.seed));
-        top.set("device", value(&self.device));
+        top.set("device", value(&self.device.to_string()));
         if self.threads > 0 {
             top.set("threads", value(&self.threads));
         }

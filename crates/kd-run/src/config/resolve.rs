@@ -7,6 +7,7 @@ use super::names::{derived_name_clash, name_problem};
 use super::raw::*;
 use super::sweep::expand_sweep;
 use super::values::ClassId;
+use crate::device::Choice;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use toml::Spanned;
@@ -56,18 +57,9 @@ fn check_run_name(raw: &RawExperiment, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn resolve_device(device: Option<&Spanned<String>>, text: &str) -> Result<String> {
-    let Some(d) = device else { return Ok("auto".to_string()) };
-    let v = d.get_ref();
-    let ok =
-        v == "auto" || v == "cpu" || v == "cuda" || v.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    if !ok {
-        bail!(
-            "{}: device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {v:?}",
-            line_of(text, d.span().start)
-        );
-    }
-    Ok(v.clone())
+fn resolve_device(device: Option<&Spanned<String>>, text: &str) -> Result<Choice> {
+    let Some(d) = device else { return Ok(Choice::Auto) };
+    d.get_ref().parse::<Choice>().map_err(|e| anyhow::anyhow!("{}: device: {e}", line_of(text, d.span().start)))
 }
 
 /// `[data]`: the source of each kind and the settings of the MNIST image split; errors name

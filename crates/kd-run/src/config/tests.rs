@@ -72,7 +72,7 @@ fn a_syntax_error_on_a_long_line_quotes_a_clipped_excerpt() {
 #[test]
 fn resolves_defaults_and_stage_settings() {
     let e = parse(GOOD).unwrap();
-    assert_eq!(e.device, "auto");
+    assert_eq!(e.device, crate::device::Choice::Auto);
     let Job::Train(TrainJob { model, training }) = &e.stages[0].job else { panic!("train stage") };
     assert_eq!(model.hidden, [8, 8]);
     assert_eq!((training.epochs, training.jitter, model.max_norm), (2, 2, Some(3.5)));

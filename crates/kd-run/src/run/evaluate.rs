@@ -1,6 +1,8 @@
 //! Scoring a model and recording it: `summary.csv` and `class_errors.csv` rows for evaluate and
-//! ensemble stages and for every trained model.
+//! ensemble stages and for every trained model, each with what the model costs to run
+//! (`run/cost.rs`).
 
+use super::cost;
 use super::device_name;
 use super::distill::Fidelity;
 use super::fit::Fit;
@@ -31,9 +33,11 @@ impl Run<'_> {
         let same = ensemble.members.iter().all(|m| m.config().describe() == first);
         let model =
             format!("ensemble of {} x mlp {}", ensemble.members.len(), if same { first } else { "(mixed)".into() });
+        // Every member runs on every example: the ensemble costs the sum of its members.
         let parameters = ensemble.members.iter().map(Mlp::num_params).sum();
+        let macs = ensemble.members.iter().map(Mlp::forward_macs).sum();
         let logits = |x: &Tensor| ensemble.logits(x);
-        self.record_with(tables, name, "ensemble", (model, parameters), &logits, started, None)?;
+        self.record_with(tables, name, "ensemble", Model { model, parameters, macs }, &logits, started, None)?;
         Ok(())
     }
 
@@ -73,22 +77,27 @@ impl Run<'_> {
         started: Instant,
         shift: Option<f64>,
     ) -> Result<()> {
-        let model = (format!("mlp {}", net.config().describe()), net.num_params());
+        let model = Model {
+            model: format!("mlp {}", net.config().describe()),
+            parameters: net.num_params(),
+            macs: net.forward_macs(),
+        };
         let frozen = net.frozen();
         self.record_with(tables, stage, kind, model, &|x| Ok(frozen.forward_t(x, false)), started, shift)?;
         Ok(())
     }
 
-    /// [`Self::record`] for a model given as its description, parameter count and `logits(x)`;
-    /// returns its evaluations on the validation split (if any) and the test split (with each
-    /// example's prediction).
+    /// [`Self::record`] for a model given as its description, sizes and `logits(x)`; returns
+    /// its evaluations on the validation split (if any) and the test split (with each example's
+    /// prediction). After the evaluation, the writing rank times `logits` on the test split's
+    /// first examples ([`cost::measure`]) for the row's inference columns.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record_with(
         &self,
         tables: &mut Tables,
         stage: &str,
         kind: &str,
-        (model, parameters): (String, i64),
+        Model { model, parameters, macs }: Model,
         logits: &dyn Fn(&Tensor) -> Result<Tensor>,
         started: Instant,
         shift: Option<f64>,
@@ -115,6 +124,20 @@ impl Run<'_> {
             test.examples,
             100.0 * test.accuracy()
         );
+        // Only the writing rank's row is written; the others need not spend the time.
+        let speed = match crate::dist::world().is_writer() && test.examples > 0 {
+            true => {
+                let inputs = self.data.test.range(0, test.examples.min(cost::THROUGHPUT_BATCH));
+                let speed = cost::measure(logits, &inputs, self.device)?;
+                info!(
+                    "stage `{stage}`: {macs} multiply-adds per example; {:.0} examples/s at batch {}, {:.3} ms for one \
+                     example",
+                    speed.examples_per_second, speed.batch, speed.latency_ms
+                );
+                Some(speed)
+            }
+            false => None,
+        };
         for (split, e) in [("validation", val.as_ref()), ("test", Some(&test))] {
             let Some(e) = e else { continue };
             for c in 0..classes as usize {
@@ -145,7 +168,19 @@ impl Run<'_> {
             teacher_errors: None,
             shared_errors: None,
             transfer_agreement: None,
+            macs: Some(macs),
+            inference_batch: speed.map(|s| s.batch),
+            inference_examples_per_second: speed.map(|s| s.examples_per_second),
+            latency_ms: speed.map(|s| s.latency_ms),
         });
         Ok((val, test))
     }
+}
+
+/// A model as `summary.csv` describes it: its architecture in words, trainable parameters, and
+/// multiply-adds of a forward pass per example.
+pub(super) struct Model {
+    pub model: String,
+    pub parameters: i64,
+    pub macs: i64,
 }

@@ -341,6 +341,22 @@ pub struct SummaryRow {
     /// `teacher_agreement`, how well that carries over to unseen images.
     #[serde(default)]
     pub transfer_agreement: Option<f64>,
+    /// Multiply-adds of one forward pass per example, `sum_l n_{l-1} n_l` over the layers
+    /// ([`kd_models::Mlp::forward_macs`]); an ensemble's is the sum of its members', a specialists
+    /// stage's the generalist's plus every specialist's (each runs only on the examples that
+    /// consult it, so this bounds it). Empty in runs made before it was recorded.
+    #[serde(default)]
+    pub macs: Option<i64>,
+    /// Examples per call of the inference throughput measurement (`run::cost::measure`).
+    #[serde(default)]
+    pub inference_batch: Option<i64>,
+    /// Inference throughput on `device`, without gradients, at `inference_batch` (the median of
+    /// a few calls after a warm-up).
+    #[serde(default)]
+    pub inference_examples_per_second: Option<f64>,
+    /// Milliseconds of inference on one example alone (batch 1; a median), on `device`.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
 }
 
 /// One row of `class_errors.csv`: a model's errors on one class of one split.
@@ -593,6 +609,10 @@ mod tests {
             teacher_errors: Some(3),
             shared_errors: Some(2),
             transfer_agreement: Some(0.75),
+            macs: Some(4),
+            inference_batch: Some(1024),
+            inference_examples_per_second: Some(1.5e6),
+            latency_ms: Some(0.0125),
         }];
         write_csv(&path, &rows).unwrap();
         write_csv(&path, &rows).unwrap();

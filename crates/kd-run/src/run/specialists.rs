@@ -9,6 +9,7 @@
 //! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
 //! rows) and `specialist_coverage.csv` (Table 4).
 
+use super::evaluate::Model;
 use super::fit::{Init, Sampling, StageFit, Targets};
 use super::tables::{self, Tables};
 use super::Run;
@@ -192,10 +193,12 @@ impl Run<'_> {
             cfg: CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() },
         };
         let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
+        // As if every specialist were consulted: a bound on the cost of any one example.
+        let macs = generalist.forward_macs() + nets.iter().map(Mlp::forward_macs).sum::<i64>();
         let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
         let logits = |x: &Tensor| combination.logits(x);
-        let (val, test) =
-            self.record_with(tables, stage, "specialists", (model, parameters), &logits, started, None)?;
+        let described = Model { model, parameters, macs };
+        let (val, test) = self.record_with(tables, stage, "specialists", described, &logits, started, None)?;
 
         // Table 4: examples by the number of specialists covering their class, from the
         // combination's predictions above (eq. 5 is solved once per example); on the
