@@ -15,6 +15,7 @@
 //! ensemble              p = mean_m softmax(z_m / T)                 (or geometric mean / mean logits)
 //! ensemble as logits    v = T (logsumexp_m log_softmax(z_m / T) - ln M),  softmax(v / T) = p
 //! top-k soft loss       C_soft with p kept as k (class, probability) pairs: T^2 mean_b sum_k p_k (lse(z/T) - z_c_k / T)
+//! top-k kept mass       mass_b = sum_k softmax(v_b / T)_c_k          (what the renormalized top k keep of p)
 //! ```
 //!
 //! Conventions (see the paper summary's "Loss conventions"): the soft term is reduced as a
@@ -51,4 +52,4 @@ pub use loss::{
 };
 pub use objective::{Objective, TeacherTargets};
 pub use softmax::{log_softmax_t, softmax_t};
-pub use topk::{top_k_distillation_loss, top_k_soft_target_loss, TopKForm, TopKTargets};
+pub use topk::{top_k_distillation_loss, top_k_mass, top_k_soft_target_loss, TopKForm, TopKTargets};

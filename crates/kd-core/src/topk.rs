@@ -254,6 +254,57 @@ pub fn top_k_distillation_loss(
     DistillLoss::from_terms(total, hard, soft, soft_kl, zero)
 }
 
+/// The share of a teacher's probability mass at `T` that top-k targets keep: for each row, the
+/// teacher's softmax at `T` summed over the `k` classes kept.
+///
+/// ```text
+/// mass[b] = sum_k softmax(v[b] / T)[c[b,k]] = exp(logsumexp_k v[b, c[b,k]] / T - logsumexp_i v[b,i] / T)
+/// ```
+///
+/// Top-k targets are renormalized over their `k` classes, so this is what the truncation drops
+/// from sight: `1 - mass[b]` of the teacher's distribution lies on the other classes.
+///
+/// * `teacher_logits` `v`: `[B, classes]`, floating point (f32 computation; f64 stays f64).
+/// * `classes`: `[B, k]` int64 with `1 <= k <= classes`, on `v`'s device, distinct within a row
+///   (e.g. the classes of [`Objective::top_k_targets`](crate::Objective::top_k_targets)).
+/// * Returns `[B]` in the compute dtype, each in `(0, 1]` up to rounding.
+///
+/// # Errors
+/// [`Error::InvalidTemperature`], [`Error::BadRank`], [`Error::EmptyDim`], [`Error::NotFloat`],
+/// [`Error::ClassesKind`], [`Error::TopKShape`], [`Error::DeviceMismatch`], [`Error::Torch`].
+///
+/// # Example
+/// ```
+/// use tch::Tensor;
+/// use kd_core::top_k_mass;
+/// // Logits [ln 1, ln 2, ln 7] at T = 1: probabilities 0.1, 0.2, 0.7; the top 2 keep 0.9.
+/// let v = Tensor::from_slice(&[0.0f64, 2f64.ln(), 7f64.ln()]).view([1, 3]);
+/// let c = Tensor::from_slice(&[2i64, 1]).view([1, 2]);
+/// let mass = top_k_mass(&v, &c, 1.0)?;
+/// assert!((mass.double_value(&[0]) - 0.9).abs() < 1e-12);
+/// # Ok::<(), kd_core::Error>(())
+/// ```
+pub fn top_k_mass(teacher_logits: &Tensor, classes: &Tensor, t: f64) -> Result<Tensor> {
+    check::temperature(t)?;
+    let shape = check::matrix("teacher_logits", teacher_logits)?;
+    let kind = classes.f_kind()?;
+    if kind != Kind::Int64 {
+        return Err(Error::ClassesKind { kind });
+    }
+    let c = classes.size();
+    if c.len() != 2 || c[0] != shape[0] || c[1] < 1 || c[1] > shape[1] {
+        return Err(Error::TopKShape {
+            arg: "teacher_classes",
+            shape: c,
+            expected: format!("[{}, k] with 1 <= k <= {}", shape[0], shape[1]),
+        });
+    }
+    check::same_device(teacher_logits, "teacher_classes", classes)?;
+    let kind = if teacher_logits.f_kind()? == Kind::Double { Kind::Double } else { Kind::Float };
+    let lq = log_softmax_scaled(&teacher_logits.f_detach()?, t, kind)?;
+    Ok(lq.f_gather(1, classes, false)?.f_logsumexp(&[1i64][..], false)?.f_exp()?)
+}
+
 /// `log_softmax(z / T)` over the classes in `kind` (f32 or f64), without a reduced-precision
 /// intermediate and without touching `z`.
 fn log_softmax_scaled(z: &Tensor, t: f64, kind: Kind) -> Result<Tensor> {
@@ -478,5 +529,34 @@ mod tests {
         assert!(matches!(missing, Err(Error::MissingLabels { .. })));
         let bad_t = top_k_soft_target_loss(&z, targets, 0.0, TopKForm::CrossEntropy);
         assert!(matches!(bad_t, Err(Error::InvalidTemperature { .. })));
+    }
+
+    #[test]
+    fn top_k_mass_is_the_dense_softmax_summed_over_the_kept_classes() {
+        let _generator = crate::lock_global_generator();
+        tch::manual_seed(7);
+        let v = Tensor::randn([64, 50], (Kind::Double, Device::Cpu)) * 5.0;
+        for (t, k) in [(1.0, 1), (2.0, 5), (20.0, 10), (0.5, 50)] {
+            let (_, ids) = v.topk(k, 1, true, true);
+            // The whole distribution at T, sorted: the k largest summed.
+            let want = (&v / t).softmax(1, Kind::Double).sort(1, true).0.narrow(1, 0, k).sum_dim_intlist(
+                1,
+                false,
+                Kind::Double,
+            );
+            let got = top_k_mass(&v, &ids, t).unwrap();
+            assert_eq!(got.size(), [64]);
+            assert!(max_gap(&got, &want) < 1e-12, "T = {t}, k = {k}");
+            // f32 logits: computed in f32.
+            let got32 = top_k_mass(&v.to_kind(Kind::Float), &ids, t).unwrap();
+            assert_eq!(got32.kind(), Kind::Float);
+            assert!(max_gap(&got32.to_kind(Kind::Double), &want) < 1e-5, "T = {t}, k = {k}, f32");
+        }
+        // Bad arguments are named.
+        let ids = v.topk(3, 1, true, true).1;
+        assert!(matches!(top_k_mass(&v, &ids, 0.0), Err(Error::InvalidTemperature { .. })));
+        assert!(matches!(top_k_mass(&v, &ids.to_kind(Kind::Int), 1.0), Err(Error::ClassesKind { .. })));
+        assert!(matches!(top_k_mass(&v, &ids.narrow(0, 0, 3), 1.0), Err(Error::TopKShape { .. })));
+        assert!(matches!(top_k_mass(&v.to_kind(Kind::Int64), &ids, 1.0), Err(Error::NotFloat { .. })));
     }
 }

@@ -702,7 +702,8 @@ fn store_targets(tmp: &Path) -> Vec<Target> {
     for n in store.utterance_lengths() {
         let probs: Vec<f32> = (0..2 * n as usize).map(|i| if i % 2 == 0 { 0.75 } else { 0.25 }).collect();
         let ids: Vec<i64> = (0..2 * n as i64).map(|i| i % 5).collect();
-        t.push(&probs, &ids).expect("push targets");
+        let kept: Vec<f32> = (0..n).map(|i| 0.5 + 0.1 * (i % 5) as f32).collect();
+        t.push(&probs, &ids, &kept).expect("push targets");
     }
     t.finish().expect("finish targets");
     let read_all = |dir: &Path| -> Result<FrameStore> {

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 pub mod plot;
+mod targets;
 use std::path::{Path, PathBuf};
 
 /// Options of `kd-run report`.
@@ -57,6 +58,8 @@ struct RunFiles {
     subsets: Vec<SubsetRow>,
     specialists: Vec<SpecialistRow>,
     coverage: Vec<CoverageRow>,
+    /// The top-k targets file the run streamed and what it keeps (`targets.csv`).
+    targets: targets::Recorded,
     /// What the run directory lacks that the report would show, one sentence each; the report
     /// says it instead of leaving gaps.
     missing: Vec<String>,
@@ -164,6 +167,7 @@ impl RunFiles {
             subsets: output::read_csv(&dir.join("subsets.csv"))?,
             specialists: output::read_csv(&dir.join("specialists.csv"))?,
             coverage: output::read_csv(&dir.join("specialist_coverage.csv"))?,
+            targets: targets::read(dir, &config.data.source)?,
             missing,
         })
     }
@@ -1303,6 +1307,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             runs_table(&mut md, first)?;
         }
         fidelity_section(&mut md, group)?;
+        targets::section(&mut md, &group.iter().map(|r| (r.name.as_str(), &r.targets)).collect::<Vec<_>>())?;
         for run in group.iter().take(1) {
             cost_section(&mut md, run)?;
             sweep_section(&mut md, run, &plots_dir, &rel)?;
@@ -1646,6 +1651,7 @@ mod tests {
             subsets: vec![],
             specialists: vec![],
             coverage: vec![],
+            targets: Default::default(),
             missing: vec![],
         }
     }

@@ -4,7 +4,9 @@
 //! command line), `metrics.csv` (a row per stage and epoch), `summary.csv` (a row per model),
 //! `class_errors.csv` (per model, split and class), `bias_shifts.csv` (validation errors of
 //! each candidate shift), `done.csv` (the stages whose results are committed: written after
-//! their rows, see [`Tables::commit`]), `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
+//! their rows, see [`Tables::commit`]), `targets.csv` (with `data.store.targets`: the top-k
+//! targets file streamed and how much of the teacher's probability mass it keeps),
+//! `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
 //! trains, `checkpoints/<stage>.resume.safetensors` holds the weights and optimizer state after
 //! its last finished epoch; each epoch reseeds libtorch from the stage seed and the epoch, so a
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
@@ -49,6 +51,7 @@ use fit::{Init, Sampling, StageFit, Targets};
 pub use inputs::check_inputs;
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
+pub use tables::TARGETS;
 
 /// What a run reads: where it writes, its device, its data.
 struct Run<'a> {
@@ -89,6 +92,7 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let events = std::cell::RefCell::new(None);
     let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops, events };
+    record_targets(&run.dir, &run.data)?;
     let request = Request { only: options.only, redo: options.redo };
     let plan =
         plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
@@ -118,6 +122,48 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         }
     }
     Ok(dir.path.clone())
+}
+
+/// Records in `targets.csv` the top-k targets file the run streams and how much of the
+/// teacher's probability mass at T it keeps (the file's header), for the report; removes a
+/// `targets.csv` an earlier configuration of the run left when it streams none.
+fn record_targets(dir: &Path, data: &Dataset) -> Result<()> {
+    let path = dir.join(tables::TARGETS);
+    let Some(file) = data.stream.as_ref().and_then(|s| s.targets.as_ref()) else {
+        if crate::dist::world().is_writer() && path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        return Ok(());
+    };
+    let kept = file.kept_mass();
+    match &kept {
+        Some(m) => info!(
+            "top-{} targets {}: share of the teacher's probability mass at T = {} they keep over {} frames: {}",
+            file.k(),
+            file.path().display(),
+            file.temperature(),
+            file.frames(),
+            m.describe()
+        ),
+        None => info!(
+            "top-{} targets {}: a version 2 file, which does not record how much of the teacher's probability \
+             mass it keeps (compute it again with `kd-run store targets` to record it)",
+            file.k(),
+            file.path().display()
+        ),
+    }
+    let row = output::TargetsRow {
+        file: file.path().display().to_string(),
+        k: file.k() as u64,
+        temperature: file.temperature(),
+        frames: file.frames(),
+        kept_mean: kept.map(|m| m.mean),
+        kept_p50: kept.map(|m| m.p50),
+        kept_p5: kept.map(|m| m.p5),
+        kept_p1: kept.map(|m| m.p1),
+        kept_min: kept.map(|m| m.min),
+    };
+    output::write_csv_if_changed(&path, &[row])
 }
 
 /// What `kd-run run` would do with `exp` under `out`, in lines, without writing anything: for

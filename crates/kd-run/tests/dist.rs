@@ -590,3 +590,296 @@ fn a_batch_smaller_than_the_ranks_is_an_error() {
     both_stopped_naming(&ranks, "batch_size = 1 is smaller than the 2 ranks", &out);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two machines on one: each a Linux network namespace with its own address, joined by a
+/// virtual ethernet pair, one rank on each started by torchrun `--nnodes 2` with c10d
+/// rendezvous (`--local-addr` gives each agent its address). Needs root and `ip` (iproute2);
+/// skipped with a message elsewhere, or where namespaces cannot be made (a container without
+/// CAP_SYS_ADMIN).
+mod two_hosts {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The two hosts: namespaces, their ends of the veth pair and their addresses, unique to
+    /// this test process and test. Dropping it kills every process started on them (marked by
+    /// `KD_TWO_HOSTS` in their environment, which torchrun's workers inherit) and deletes the
+    /// namespaces, which deletes the link: also when the test fails.
+    pub struct Hosts {
+        pub names: [String; 2],
+        pub links: [String; 2],
+        pub addrs: [String; 2],
+        marker: String,
+    }
+
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let o = Command::new("ip").args(args).output().map_err(|e| format!("`ip` cannot be run: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()))
+        }
+    }
+
+    impl Hosts {
+        /// Makes the two hosts, or says why they cannot be made here.
+        pub fn new() -> Result<Hosts, String> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err("not root: network namespaces need root".into());
+            }
+            if Command::new("ip").arg("-V").output().is_err() {
+                return Err("no `ip` command (iproute2)".into());
+            }
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let (pid, n) = (std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+            let tag = format!("kd{pid}x{n}");
+            // Interface names have at most 15 bytes: "kd" + pid (<= 7 digits) + "x" + n + "a".
+            let net = format!("10.{}.{}", 100 + pid % 100, (pid / 100 * 7 + n) % 250);
+            let hosts = Hosts {
+                names: [format!("{tag}a"), format!("{tag}b")],
+                links: [format!("{tag}a"), format!("{tag}b")],
+                addrs: [format!("{net}.1"), format!("{net}.2")],
+                marker: tag,
+            };
+            // From here on, Drop removes whatever was made.
+            for name in &hosts.names {
+                ip(&["netns", "add", name])?;
+            }
+            let [a, b] = &hosts.names;
+            let [la, lb] = &hosts.links;
+            ip(&["link", "add", la, "netns", a, "type", "veth", "peer", "name", lb, "netns", b])?;
+            for h in 0..2 {
+                let (ns, link) = (hosts.names[h].as_str(), hosts.links[h].as_str());
+                ip(&["-n", ns, "addr", "add", &format!("{}/24", hosts.addrs[h]), "dev", link])?;
+                ip(&["-n", ns, "link", "set", link, "up"])?;
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            }
+            Ok(hosts)
+        }
+
+        /// torchrun on host `h` for one rank of 2 nodes, meeting at host 0's address, with at
+        /// most `restarts` restarts: kd-run with `args`, collectives timing out after
+        /// `timeout_s`.
+        pub fn torchrun(&self, h: usize, restarts: u32, timeout_s: u32, args: &[&str]) -> Child {
+            let torchrun = root().join(".venv/bin/torchrun");
+            let restarts = restarts.to_string();
+            Command::new("ip")
+                .args(["netns", "exec", &self.names[h]])
+                .arg(torchrun)
+                .args(["--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", &restarts])
+                .args(["--monitor-interval", "0.2", "--rdzv-backend", "c10d", "--rdzv-id", &self.marker])
+                .args(["--rdzv-endpoint", &format!("{}:29500", self.addrs[0]), "--local-addr", &self.addrs[h]])
+                .args(["--rdzv-conf", if h == 0 { "is_host=1" } else { "is_host=0" }])
+                .args(["--no-python", env!("CARGO_BIN_EXE_kd-run")])
+                .args(args)
+                .current_dir(root())
+                .env("GLOO_SOCKET_IFNAME", &self.links[h])
+                .env("KD_DIST_TIMEOUT_S", timeout_s.to_string())
+                .env("KD_TWO_HOSTS", &self.marker)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("ip netns exec starts")
+        }
+
+        /// Takes host `h`'s end of the link down: its packets go nowhere, as when a cable is
+        /// pulled (no connection is closed).
+        pub fn link_down(&self, h: usize) {
+            ip(&["-n", &self.names[h], "link", "set", &self.links[h], "down"]).unwrap();
+        }
+
+        /// The processes started on these hosts.
+        fn processes(&self) -> Vec<i32> {
+            let marker = format!("KD_TWO_HOSTS={}", self.marker);
+            let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let environ = std::fs::read(e.path().join("environ")).ok()?;
+                    environ.split(|&b| b == 0).any(|v| v == marker.as_bytes()).then_some(pid)
+                })
+                .collect()
+        }
+    }
+
+    impl Drop for Hosts {
+        fn drop(&mut self) {
+            for pid in self.processes() {
+                // SAFETY: kills a process this test started (marked with its own tag).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            for name in &self.names {
+                let _ = ip(&["netns", "delete", name]);
+            }
+        }
+    }
+
+    /// The two hosts, or `None` after saying why the test is skipped (no root, no `ip`, no
+    /// namespaces, no torchrun, no Gloo).
+    fn hosts_or_skip(test: &str) -> Option<Hosts> {
+        let skip = |why: &str| eprintln!("skipped {test}: {why}");
+        if !kd_native::dist::available(kd_native::dist::Backend::Gloo) {
+            skip("this kd-run was built without Gloo");
+            return None;
+        }
+        if !root().join(".venv/bin/torchrun").exists() {
+            skip("no .venv/bin/torchrun (run `make setup`)");
+            return None;
+        }
+        match Hosts::new() {
+            Ok(h) => Some(h),
+            Err(why) => {
+                skip(&format!("two hosts cannot be made as network namespaces here ({why})"));
+                None
+            }
+        }
+    }
+
+    /// Waits for `child` at most `limit`; `None` if it still runs then.
+    fn wait_at_most(child: Child, limit: Duration) -> Option<Output> {
+        let pid = child.id();
+        let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+        let deadline = Instant::now() + limit;
+        while !waiter.is_finished() {
+            if Instant::now() > deadline {
+                // SAFETY: a process this test started; the waiter thread then returns.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = waiter.join();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(waiter.join().unwrap())
+    }
+
+    fn both(outputs: &[Option<Output>]) -> Vec<&Output> {
+        outputs.iter().enumerate().map(|(h, o)| o.as_ref().unwrap_or_else(|| panic!("host {h} never ended"))).collect()
+    }
+
+    #[test]
+    fn two_hosts_train_as_one_process() {
+        let Some(hosts) = hosts_or_skip("two_hosts_train_as_one_process") else { return };
+        let dir = fresh_dir("hosts-equal");
+        let file = dir.join("small.toml");
+        std::fs::write(&file, small()).unwrap();
+        let (one, two) = (dir.join("one"), dir.join("two"));
+        let single = alone(&["run", file.to_str().unwrap(), "--out", one.to_str().unwrap()]);
+        assert!(single.status.success(), "{}", text(&single));
+        let args = ["run", file.to_str().unwrap(), "--out", two.to_str().unwrap()];
+        let agents: Vec<Child> = (0..2).map(|h| hosts.torchrun(h, 0, 20, &args)).collect();
+        let outputs: Vec<Option<Output>> =
+            agents.into_iter().map(|a| wait_at_most(a, Duration::from_secs(120))).collect();
+        for (h, o) in both(&outputs).iter().enumerate() {
+            assert!(o.status.success(), "host {h}:\n{}", text(o));
+        }
+        // Each host ran one rank, rank 0 on host 0 (the agents' addresses order their ranks).
+        let err0 = text(both(&outputs)[0]);
+        assert!(err0.contains("data-parallel over 2 ranks (this is rank 0)"), "{err0}");
+        same_weights(&one, &two, 1e-5);
+        let (m1, m2) = (csv_rows(&one.join("small/metrics.csv")), csv_rows(&two.join("small/metrics.csv")));
+        for key in ["train_loss", "val_accuracy", "test_errors"] {
+            let (x, y): (f64, f64) = (m1[0][key].parse().unwrap(), m2[0][key].parse().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{key}: {x} alone, {y} on 2 hosts");
+        }
+        drop(hosts);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whether process `pid` runs (exists and is not a zombie its parent has yet to reap).
+    fn runs(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+    }
+
+    /// Host 1's link goes down mid-training (no connection closes: its packets are lost): rank
+    /// 0 on host 0 ends with an error naming rank 1 once the collectives' timeout passes, and
+    /// torchrun there exits; rank 1, cut off, ends likewise naming rank 0 (its torchrun, which
+    /// has lost the rendezvous store on host 0, keeps waiting for it and is stopped by the test).
+    #[test]
+    fn a_host_whose_link_goes_down_ends_the_other_with_an_error_naming_its_rank() {
+        let test = "a_host_whose_link_goes_down_ends_the_other_with_an_error_naming_its_rank";
+        let Some(hosts) = hosts_or_skip(test) else { return };
+        let dir = fresh_dir("hosts-link");
+        let file = dir.join("long.toml");
+        std::fs::write(&file, small().replace("epochs = 1", "epochs = 400")).unwrap();
+        let out = dir.join("out");
+        let args = ["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let timeout_s = 5;
+        let mut agents: Vec<Child> = (0..2).map(|h| hosts.torchrun(h, 0, timeout_s, &args)).collect();
+        let metrics = out.join("small/metrics.csv");
+        let started = Instant::now();
+        while !metrics.exists() {
+            if let Some(status) = agents[0].try_wait().unwrap() {
+                let o = agents.remove(0).wait_with_output().unwrap();
+                panic!("host 0 ended before training ({status}):\n{}", text(&o));
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "no epoch finished");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let marker = format!("KD_TWO_HOSTS={}", hosts.marker);
+        let rank1 = find_process(&file.display().to_string(), &["RANK=1", &marker]).expect("rank 1 on host 1");
+        hosts.link_down(1);
+        let down = Instant::now();
+        // The timeout, plus the step in flight and torchrun's stop of the group.
+        let limit = Duration::from_secs(u64::from(timeout_s) + 20);
+        let o = wait_at_most(agents.remove(0), limit).expect("host 0 ends within the timeout");
+        let took = down.elapsed();
+        while runs(rank1) {
+            assert!(down.elapsed() < limit, "rank 1 still runs {:?} after its link went down", down.elapsed());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let took1 = down.elapsed();
+        let stuck = agents.remove(0);
+        // SAFETY: host 1's torchrun, started by this test.
+        unsafe { libc::kill(stuck.id() as i32, libc::SIGKILL) };
+        let o1 = stuck.wait_with_output().unwrap();
+        for (r, (o, other)) in [(&o, 1), (&o1, 0)].into_iter().enumerate() {
+            let err = text(o);
+            let line = err
+                .lines()
+                .find(|l| l.starts_with(&format!("[rank {r}] error: ")))
+                .unwrap_or_else(|| panic!("rank {r}: no error line: {err}"));
+            assert!(line.contains(&format!("rank {r} of 2: ")), "{err}");
+            assert!(line.contains(&format!("rank {other} (the other rank)")), "{err}");
+            assert!(line.contains(&format!("time out after {timeout_s} s")), "{err}");
+            eprintln!("rank {r} ended {:?} after host 1's link went down: {line}", [took, took1][r]);
+        }
+        assert!(!o.status.success(), "torchrun on host 0:\n{}", text(&o));
+        drop(hosts);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Under torchrun `--max-restarts 1` on both hosts, rank 1 killed with SIGKILL inside an
+    /// epoch: both agents restart their ranks, which meet again across the link, resume from
+    /// the last checkpoint inside the epoch and end with the weights of an uninterrupted run.
+    #[test]
+    fn torchrun_on_two_hosts_restarts_a_killed_rank_and_the_group_resumes() {
+        let Some(hosts) = hosts_or_skip("torchrun_on_two_hosts_restarts_a_killed_rank_and_the_group_resumes") else {
+            return;
+        };
+        let dir = fresh_dir("hosts-elastic");
+        let Some((file, whole)) = stepped_with_reference(&dir) else { return };
+        let cut = dir.join("cut");
+        let args = ["run", file.to_str().unwrap(), "--out", cut.to_str().unwrap()];
+        let agents: Vec<Child> = (0..2).map(|h| hosts.torchrun(h, 1, 20, &args)).collect();
+        wait_for(&cut.join("small/checkpoints/net.resume.safetensors"));
+        let needle = file.display().to_string();
+        let victim =
+            find_process(&needle, &["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]).expect("rank 1 of the first attempt");
+        // SAFETY: kills a process this test's torchrun started.
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+        let outputs: Vec<Option<Output>> =
+            agents.into_iter().map(|a| wait_at_most(a, Duration::from_secs(120))).collect();
+        for (h, o) in both(&outputs).iter().enumerate() {
+            assert!(o.status.success(), "host {h}:\n{}", text(o));
+        }
+        let err0 = text(both(&outputs)[0]);
+        assert!(err0.contains("resuming at step "), "the restarted group resumed inside an epoch:\n{err0}");
+        same_weights(&whole, &cut, 1e-6);
+        let (s1, s2) = (csv_rows(&whole.join("small/summary.csv")), csv_rows(&cut.join("small/summary.csv")));
+        assert_eq!(s1[0]["test_errors"], s2[0]["test_errors"]);
+        drop(hosts);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

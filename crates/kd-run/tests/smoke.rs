@@ -1160,6 +1160,8 @@ fn a_frame_store_is_written_streamed_with_top_k_targets_and_refused_when_truncat
     assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
     let said = String::from_utf8_lossy(&t.stdout);
     assert!(said.contains("top-3 targets at T = 2") && said.contains("9 bytes a frame"), "{said}");
+    let kept = "share of the teacher's probability mass at T = 2 the top 3 keep, over the 8176 frames: mean ";
+    assert!(said.contains(kept), "{said}");
     let student = |t: f64| {
         format!(
             "[[stages]]\nname = \"student\"\nkind = \"distill\"\nteacher_checkpoint = \"{}\"\nteacher_top_k = 3\n\
@@ -1172,6 +1174,24 @@ fn a_frame_store_is_written_streamed_with_top_k_targets_and_refused_when_truncat
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let rows = csv_rows(&out.join("st/metrics.csv"));
     assert!(rows.iter().all(|r| r["stage"] == "student" && !r["soft_kl"].is_empty()), "soft targets were used");
+    // The run records the file and what it keeps, as `store targets` said; the report shows it.
+    let recorded = csv_rows(&out.join("st/targets.csv"));
+    assert_eq!(recorded.len(), 1);
+    assert_eq!((recorded[0]["k"].as_str(), recorded[0]["frames"].as_str()), ("3", "8176"));
+    let cells: Vec<f64> =
+        ["kept_mean", "kept_p50", "kept_p5", "kept_p1", "kept_min"].map(|c| recorded[0][c].parse().unwrap()).into();
+    let described = format!(
+        "mean {:.4}, p50 {:.4}, p5 {:.4}, p1 {:.4}, min {:.4}",
+        cells[0], cells[1], cells[2], cells[3], cells[4]
+    );
+    assert!(said.contains(&described), "{described} in {said}");
+    assert!(cells.iter().all(|&v| v > 0.0 && v <= 1.0) && cells[4] <= cells[3] && cells[3] <= cells[2], "{cells:?}");
+    let md_path = dir.join("report.md");
+    let report = kd_run(&["report", "--out", md_path.to_str().unwrap(), out.join("st").to_str().unwrap()]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let row = format!("| `st` | `base.kdt` | 3 | 2 | 8176 | {:.4} | {:.4} |", cells[0], cells[1]);
+    assert!(md.contains("### Top-k targets: the teacher's probability mass they keep") && md.contains(&row), "{md}");
     // Targets made at T = 2 do not serve a stage at T = 3.
     write_exp(", targets = \"base.kdt\"", &student(3.0));
     let r = kd_run(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fresh"]);

@@ -6,7 +6,8 @@
 //! header (4096 bytes)  magic "KDTOPK01", version, k, bytes per class id, classes, frames,
 //!                      utterances, the temperature, the store's id, the teacher's left and right
 //!                      context, the byte offset of each section, the file length, the CRC-32 of
-//!                      the checksums section, CRC-32 of the header
+//!                      the checksums section, the kept mass (version 3: mean, min, p1, p5, p50
+//!                      as f64), CRC-32 of the header
 //! probs     [frames, k]  f16, the teacher's k largest probabilities at T, renormalized over them
 //! ids       [frames, k]  their class ids: u8, u16 or u32, the smallest that holds the classes
 //! checksums [utterances] u32 CRC-32 of each utterance's probability and id bytes
@@ -18,6 +19,11 @@
 //! teacher's windows had, which a run must use too.
 //! It is read like a shard: positioned reads through the descriptor opened, each utterance's
 //! rows checked against their checksum (see [`super::store`]).
+//!
+//! The header records how much of the teacher's probability mass at T the top k keep
+//! ([`KeptMass`]: per frame `sum_k softmax(v / T)[c_k]`, before the renormalization), since the
+//! truncation is a choice to judge: its mean, its minimum and its 1st, 5th and 50th percentiles
+//! over the frames. Version 2 files, written before it was recorded, still read, without it.
 
 use super::store::{new_file, read_exact_at, refuse_link, sealed, FrameStore, HEADER_BYTES, SCRATCH};
 use anyhow::{bail, ensure, Context, Result};
@@ -29,8 +35,94 @@ use tch::{Device, Kind, Tensor};
 
 /// The first bytes of a top-k targets file.
 pub const MAGIC: &[u8; 8] = b"KDTOPK01";
-const VERSION: u32 = 2;
-const HEADER_FIELDS: usize = 104;
+const VERSION: u32 = 3;
+/// The bytes of the header's fields before its CRC: version 2 (no kept mass), version 3.
+const HEADER_FIELDS_V2: usize = 104;
+const HEADER_FIELDS: usize = 144;
+
+/// How much of the teacher's probability mass at T the top k of a targets file keep, over its
+/// frames: `mass = sum_k softmax(v / T)[c_k]` per frame (`kd_core::top_k_mass`), `1 - mass` being
+/// what the renormalized targets leave out. The percentiles come from a histogram of
+/// [`MASS_BINS`] bins of width 1 / [`MASS_BINS`] over [0, 1]: each is the lower edge of the bin
+/// holding that rank (nearest rank, `ceil(q n)`-th smallest), raised to the minimum if below it,
+/// so the exact percentile lies in `[value, value + 1 / MASS_BINS)`; the mean and the minimum
+/// are exact (of f32 values).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeptMass {
+    /// The mean over the frames.
+    pub mean: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The 1st percentile: 99% of the frames keep at least this.
+    pub p1: f64,
+    /// The 5th percentile.
+    pub p5: f64,
+    /// The median.
+    pub p50: f64,
+}
+
+/// Bins of the kept-mass histogram (resolution 1e-4).
+pub const MASS_BINS: usize = 10_000;
+
+impl KeptMass {
+    /// One line: `mean 0.9312, p50 0.9512, p5 0.8121, p1 0.7012, min 0.4100`.
+    pub fn describe(&self) -> String {
+        format!("mean {:.4}, p50 {:.4}, p5 {:.4}, p1 {:.4}, min {:.4}", self.mean, self.p50, self.p5, self.p1, self.min)
+    }
+
+    fn values(&self) -> [f64; 5] {
+        [self.mean, self.min, self.p1, self.p5, self.p50]
+    }
+}
+
+/// Accumulates per-frame kept masses into [`KeptMass`] in constant memory.
+#[derive(Debug, Clone)]
+pub struct MassHistogram {
+    bins: Vec<u64>,
+    n: u64,
+    sum: f64,
+    min: f64,
+}
+
+impl Default for MassHistogram {
+    fn default() -> Self {
+        MassHistogram { bins: vec![0; MASS_BINS], n: 0, sum: 0.0, min: f64::INFINITY }
+    }
+}
+
+impl MassHistogram {
+    /// Adds frames' masses (each clamped to [0, 1]; rounding may pass 1 by an ulp).
+    pub fn add(&mut self, masses: &[f32]) -> Result<()> {
+        for &m in masses {
+            ensure!(m.is_finite(), "the teacher's kept probability mass is {m}: its logits are not finite");
+            let m = f64::from(m).clamp(0.0, 1.0);
+            self.bins[((m * MASS_BINS as f64) as usize).min(MASS_BINS - 1)] += 1;
+            self.sum += m;
+            self.min = self.min.min(m);
+        }
+        self.n += masses.len() as u64;
+        Ok(())
+    }
+
+    /// The summary; `None` for no frames.
+    pub fn summary(&self) -> Option<KeptMass> {
+        if self.n == 0 {
+            return None;
+        }
+        let at = |q: f64| {
+            let rank = ((q * self.n as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, &c) in self.bins.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return (i as f64 / MASS_BINS as f64).max(self.min);
+                }
+            }
+            1.0
+        };
+        Some(KeptMass { mean: self.sum / self.n as f64, min: self.min, p1: at(0.01), p5: at(0.05), p50: at(0.5) })
+    }
+}
 
 /// Checks a temperature by the rule `run` applies to a stage's (`config::Temperature`): within
 /// [`crate::config::MIN_TEMPERATURE`, `crate::config::MAX_TEMPERATURE`].
@@ -68,6 +160,8 @@ struct Header {
     sections: [u64; 3],
     length: u64,
     checks_crc: u32,
+    /// `None` in a version 2 file (and until the writer finishes).
+    kept: Option<KeptMass>,
 }
 
 /// What a targets file is for: its store, k, temperature and the teacher's context.
@@ -101,10 +195,12 @@ impl Header {
             sections: [probs_at, ids_at, checks_at],
             length,
             checks_crc,
+            kept: None,
         }
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
+    /// The header of a version 3 file, recording `kept`.
+    fn to_bytes(&self, kept: &KeptMass) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER_BYTES as usize);
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
@@ -120,6 +216,7 @@ impl Header {
         self.sections.iter().for_each(|s| b.extend_from_slice(&s.to_le_bytes()));
         b.extend_from_slice(&self.length.to_le_bytes());
         b.extend_from_slice(&self.checks_crc.to_le_bytes());
+        kept.values().iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
         debug_assert_eq!(b.len(), HEADER_FIELDS);
         sealed(b)
     }
@@ -132,21 +229,40 @@ impl Header {
         );
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let f64_at = |at: usize| f64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let fields = match u32_at(8) {
+            VERSION => HEADER_FIELDS,
+            2 => HEADER_FIELDS_V2,
+            v => bail!(
+                "{shown}: version {v}; this kd-run reads versions 2 and {VERSION} (version 1 recorded neither the \
+                 store's id nor the teacher's context; a later version comes from a newer kd-run): compute the \
+                 targets again with `kd-run store targets`"
+            ),
+        };
         ensure!(
-            u32_at(8) == VERSION,
-            "{shown}: version {}; this kd-run reads version {VERSION} (version 1 recorded neither the store's id \
-             nor the teacher's context): compute the targets again with `kd-run store targets`",
-            u32_at(8)
-        );
-        ensure!(
-            crc32fast::hash(&bytes[..HEADER_FIELDS]) == u32_at(HEADER_FIELDS),
+            crc32fast::hash(&bytes[..fields]) == u32_at(fields),
             "{shown}: the header's checksum does not match its contents: the file is damaged"
         );
         // The rest of the header block is zeros (so no byte of the file is outside a check).
         ensure!(
-            bytes[HEADER_FIELDS + 4..].iter().all(|&b| b == 0),
+            bytes[fields + 4..].iter().all(|&b| b == 0),
             "{shown}: the header's padding is not zeros: the file is damaged"
         );
+        let kept = (fields == HEADER_FIELDS).then(|| KeptMass {
+            mean: f64_at(104),
+            min: f64_at(112),
+            p1: f64_at(120),
+            p5: f64_at(128),
+            p50: f64_at(136),
+        });
+        if let Some(k) = &kept {
+            ensure!(
+                k.values().iter().all(|v| (0.0..=1.0).contains(v)) && k.min <= k.p1 && k.p1 <= k.p5 && k.p5 <= k.p50,
+                "{shown}: the header's kept probability mass ({}) is not a set of ordered shares in [0, 1]: the \
+                 file is damaged",
+                k.describe()
+            );
+        }
         let h = Header {
             k: u32_at(12),
             id_bytes: u32_at(16),
@@ -159,6 +275,7 @@ impl Header {
             sections: [u64_at(68), u64_at(76), u64_at(84)],
             length: u64_at(92),
             checks_crc: u32_at(100),
+            kept,
         };
         ensure!(
             file_len == h.length,
@@ -181,7 +298,7 @@ impl Header {
             },
             h.checks_crc,
         );
-        ensure!(expect == h, "{shown}: the header's sizes do not fit together");
+        ensure!(Header { kept: h.kept, ..expect } == h, "{shown}: the header's sizes do not fit together");
         check_temperature(h.temperature, &format!("{shown}: the temperature"))?;
         Ok(h)
     }
@@ -199,6 +316,7 @@ pub struct TargetsWriter {
     frames: u64,
     pb: Vec<u8>,
     ib: Vec<u8>,
+    mass: MassHistogram,
 }
 
 impl TargetsWriter {
@@ -237,13 +355,18 @@ impl TargetsWriter {
             frames: 0,
             pb: Vec::new(),
             ib: Vec::new(),
+            mass: MassHistogram::default(),
         })
     }
 
-    /// Appends the next utterance's rows: `probs` and `ids` `[frames, k]` row-major.
-    pub fn push(&mut self, probs: &[f32], ids: &[i64]) -> Result<()> {
+    /// Appends the next utterance's rows: `probs` and `ids` `[frames, k]` row-major, and
+    /// `kept`, each frame's share of the teacher's probability mass at T that its top k hold
+    /// (before renormalization; `kd_core::top_k_mass`).
+    pub fn push(&mut self, probs: &[f32], ids: &[i64], kept: &[f32]) -> Result<()> {
         let k = self.header.k as usize;
         ensure!(probs.len() == ids.len() && probs.len().is_multiple_of(k), "top-k rows of {k} values expected");
+        ensure!(kept.len() * k == probs.len(), "one kept mass per frame expected");
+        self.mass.add(kept)?;
         self.pb.clear();
         self.ib.clear();
         probs.iter().for_each(|p| self.pb.extend_from_slice(&f16::from_f32(*p).to_le_bytes()));
@@ -266,8 +389,8 @@ impl TargetsWriter {
     }
 
     /// Finishes the file (the ids appended after the probabilities, then the checksums, the
-    /// header last) and returns its size in bytes.
-    pub fn finish(mut self) -> Result<u64> {
+    /// header last) and returns its size in bytes and the kept mass it records.
+    pub fn finish(mut self) -> Result<(u64, KeptMass)> {
         ensure!(
             self.frames == self.header.frames && self.checksums.len() as u64 == self.header.utterances,
             "top-k targets for {} frames in {} utterances, but the store has {} in {}",
@@ -284,12 +407,14 @@ impl TargetsWriter {
         let checks: Vec<u8> = self.checksums.iter().flat_map(|c| c.to_le_bytes()).collect();
         self.probs.write_all(&checks)?;
         self.header.checks_crc = crc32fast::hash(&checks);
+        // A store has at least one frame; an empty one would record a mass of 1.
+        let kept = self.mass.summary().unwrap_or(KeptMass { mean: 1.0, min: 1.0, p1: 1.0, p5: 1.0, p50: 1.0 });
         let mut file = self.probs.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(0))?;
-        file.write_all(&self.header.to_bytes())?;
+        file.write_all(&self.header.to_bytes(&kept))?;
         file.sync_all()?;
         std::fs::rename(&self.tmp, &self.path)?;
-        Ok(self.header.length)
+        Ok((self.header.length, kept))
     }
 }
 
@@ -380,6 +505,22 @@ impl TopKFile {
         self.header.temperature
     }
 
+    /// The share of the teacher's probability mass the top k keep over the frames; `None` for
+    /// a version 2 file, which did not record it.
+    pub fn kept_mass(&self) -> Option<KeptMass> {
+        self.header.kept
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The frames it holds targets for.
+    pub fn frames(&self) -> u64 {
+        self.header.frames
+    }
+
     /// Utterance `utt`'s rows, appended to `probs` and `ids`, after checking its checksum.
     #[cfg(test)]
     pub fn read(&self, utt: usize, probs: &mut Vec<f32>, ids: &mut Vec<i64>) -> Result<()> {
@@ -433,7 +574,7 @@ impl TopKFile {
 /// Computes a teacher's top-k targets for every frame of `store` in one pass, in store order,
 /// `batch` windows of `left + 1 + right` frames at a time through `teacher` (logits at T = 1
 /// in; `objective` makes the top k at its temperature), and writes them to `path`. Returns the
-/// file's size in bytes.
+/// file's size in bytes and the share of the teacher's probability mass the top k keep.
 #[allow(clippy::too_many_arguments)]
 pub fn write_top_k(
     store: &FrameStore,
@@ -444,7 +585,7 @@ pub fn write_top_k(
     (left, right): (usize, usize),
     batch: usize,
     device: Device,
-) -> Result<u64> {
+) -> Result<(u64, KeptMass)> {
     let temperature = objective.temperature().context("top-k targets need a soft-target objective")?;
     let mut w = TargetsWriter::create(path, store, k, temperature, (left as u32, right as u32))?;
     let d = store.manifest.feature_dim;
@@ -461,13 +602,16 @@ pub fn write_top_k(
         let rows: usize = lens.iter().sum();
         let xt = Tensor::from_slice(x).view([rows as i64, -1]).to_device(device);
         let z = tch::no_grad(|| teacher(&xt))?;
-        let t = objective.top_k_targets(&z.to_kind(Kind::Float), k as i64)?;
+        let z = z.to_kind(Kind::Float);
+        let t = objective.top_k_targets(&z, k as i64)?;
         let top = t.as_top_k().context("top-k targets")?;
+        let kept = kd_core::top_k_mass(&z, top.classes, temperature)?;
         let probs = Vec::<f32>::try_from(top.probs.to_device(Device::Cpu).to_kind(Kind::Float).view([-1]))?;
         let ids = Vec::<i64>::try_from(top.classes.to_device(Device::Cpu).view([-1]))?;
+        let kept = Vec::<f32>::try_from(kept.to_device(Device::Cpu))?;
         let mut at = 0;
         for &len in lens.iter() {
-            w.push(&probs[at * k..(at + len) * k], &ids[at * k..(at + len) * k])?;
+            w.push(&probs[at * k..(at + len) * k], &ids[at * k..(at + len) * k], &kept[at..at + len])?;
             at += len;
         }
         x.clear();
@@ -529,12 +673,15 @@ mod tests {
         let teacher = |x: &Tensor| Ok(x.matmul(&wt));
         let objective = kd_core::Objective::soft_targets(2.0, kd_core::LossWeights::default()).unwrap();
         let path = dir.0.join("s/teacher.kdt");
-        let bytes = write_top_k(&store, &path, &teacher, &objective, 4, (1, 1), 7, Device::Cpu).unwrap();
+        let (bytes, kept) = write_top_k(&store, &path, &teacher, &objective, 4, (1, 1), 7, Device::Cpu).unwrap();
         let frames = store.manifest.frames;
         assert_eq!(bytes, HEADER_BYTES + frames * 4 * (2 + 1) + 4 * 5, "f16 probabilities, u8 ids");
         let file = TopKFile::open(&path, &store, (1, 1)).unwrap();
         assert_eq!((file.k(), file.temperature()), (4, 2.0));
-        // Against the same teacher run on the whole corpus at once.
+        assert_eq!(file.kept_mass(), Some(kept), "the header records what the writer returned");
+        // Against the same teacher run on the whole corpus at once; the kept mass against the
+        // dense softmax at T of every frame in f64, its k largest summed.
+        let mut masses: Vec<f64> = Vec::new();
         let (mut f, mut l) = (Vec::new(), Vec::new());
         for u in 0..5 {
             store.read(u, &mut f, &mut l).unwrap();
@@ -547,6 +694,9 @@ mod tests {
             let prev = (&idx - 1).clamp(0, n - 1);
             let next = (&idx + 1).clamp(0, n - 1);
             let windows = Tensor::cat(&[x.index_select(0, &prev), x.shallow_clone(), x.index_select(0, &next)], 1);
+            let dense = (teacher(&windows).unwrap().to_kind(Kind::Double) / 2.0).softmax(1, Kind::Double);
+            let top4 = dense.sort(1, true).0.narrow(1, 0, 4).sum_dim_intlist(1, false, Kind::Double);
+            masses.extend(Vec::<f64>::try_from(top4).unwrap());
             let want = objective.top_k_targets(&teacher(&windows).unwrap(), 4).unwrap();
             let want = want.as_top_k().unwrap();
             let (mut p, mut c) = (Vec::new(), Vec::new());
@@ -556,9 +706,48 @@ mod tests {
                 assert!((a - b).abs() <= 1e-3, "{a} vs {b}");
             }
         }
+        assert_eq!(masses.len() as u64, frames);
+        masses.sort_by(f64::total_cmp);
+        let n = masses.len() as f64;
+        let mean = masses.iter().sum::<f64>() / n;
+        assert!((kept.mean - mean).abs() < 1e-6, "mean {} vs {mean}", kept.mean);
+        assert!((kept.min - masses[0]).abs() < 1e-6, "min {} vs {}", kept.min, masses[0]);
+        // Nearest rank: the ceil(q n)-th smallest lies in [value, value + 1e-4).
+        for (q, got) in [(0.01, kept.p1), (0.05, kept.p5), (0.5, kept.p50)] {
+            let exact = masses[((q * n).ceil() as usize).max(1) - 1];
+            assert!(got <= exact + 1e-6 && exact < got + 1e-4 + 1e-6, "q = {q}: {got} for {exact}");
+        }
+        assert!(kept.min < kept.p50 && kept.p50 < 1.0, "a spread of masses: {kept:?}");
         drop(file);
-        // A flipped byte, a truncated file, another store.
+        // A version 2 file (the same rows, the header without the kept mass) still reads,
+        // without it; another version is refused, naming the versions read.
         let good = std::fs::read(&path).unwrap();
+        let mut v2 = good.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        v2[HEADER_FIELDS_V2..HEADER_BYTES as usize].fill(0);
+        let crc = crc32fast::hash(&v2[..HEADER_FIELDS_V2]);
+        v2[HEADER_FIELDS_V2..HEADER_FIELDS_V2 + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &v2).unwrap();
+        let old = TopKFile::open(&path, &store, (1, 1)).unwrap();
+        assert_eq!((old.k(), old.kept_mass()), (4, None));
+        let (mut p, mut c) = (Vec::new(), Vec::new());
+        old.read(4, &mut p, &mut c).unwrap();
+        assert_eq!(c.len(), p.len());
+        let mut v4 = good.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        std::fs::write(&path, &v4).unwrap();
+        let e = format!("{:#}", TopKFile::open(&path, &store, (1, 1)).err().unwrap());
+        assert!(e.contains("version 4; this kd-run reads versions 2 and 3"), "{e}");
+        // A kept mass out of order in a header whose checksum matches: damaged.
+        let mut bad = good.clone();
+        bad[112..120].copy_from_slice(&0.99f64.to_le_bytes());
+        let crc = crc32fast::hash(&bad[..HEADER_FIELDS]);
+        bad[HEADER_FIELDS..HEADER_FIELDS + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        let e = format!("{:#}", TopKFile::open(&path, &store, (1, 1)).err().unwrap());
+        assert!(e.contains("kept probability mass") && e.contains("damaged"), "{e}");
+        std::fs::write(&path, &good).unwrap();
+        // A flipped byte, a truncated file, another store.
         let mut bad = good.clone();
         bad[HEADER_BYTES as usize + 1] ^= 8;
         std::fs::write(&path, &bad).unwrap();
@@ -590,5 +779,28 @@ mod tests {
             let e = format!("{:#}", TargetsWriter::create(&dir.0.join("t.kdt"), &store, 4, t, (1, 1)).err().unwrap());
             assert!(e.contains("expected a temperature in [0.01, 1000000]"), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn the_kept_mass_histogram_gives_nearest_rank_percentiles_to_its_resolution() {
+        // 1000 masses i / 1000 (i = 1..=1000), shuffled into three pushes.
+        let mut all: Vec<f32> = (1..=1000).map(|i| i as f32 / 1000.0).collect();
+        all.reverse();
+        let mut h = MassHistogram::default();
+        assert_eq!(h.summary(), None);
+        for part in all.chunks(400) {
+            h.add(part).unwrap();
+        }
+        let m = h.summary().unwrap();
+        assert!((m.mean - 0.5005).abs() < 1e-6, "{m:?}");
+        assert!((m.min - 0.001).abs() < 1e-7, "{m:?}");
+        // The 10th, 50th and 500th smallest: 0.010, 0.050, 0.500, to 1e-4 from below.
+        let exact = |i: i32| f64::from(i as f32 / 1000.0);
+        for (got, exact) in [(m.p1, exact(10)), (m.p5, exact(50)), (m.p50, exact(500))] {
+            assert!(got <= exact + 1e-7 && exact < got + 1e-4, "{got} for {exact}");
+        }
+        // Rounding past 1 counts as 1; a non-finite mass is refused.
+        h.add(&[1.000_000_1]).unwrap();
+        assert!(h.add(&[f32::NAN]).is_err());
     }
 }

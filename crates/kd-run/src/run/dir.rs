@@ -6,7 +6,7 @@ use super::lock;
 use super::output;
 use super::plan::{self, StageFacts};
 use super::specialists;
-use super::tables::{Tables, CLASS_ERRORS, COVERAGE, DONE, METRICS, SHIFTS, SPECIALISTS, SUBSETS, SUMMARY};
+use super::tables::{Tables, CLASS_ERRORS, COVERAGE, DONE, METRICS, SHIFTS, SPECIALISTS, SUBSETS, SUMMARY, TARGETS};
 use crate::config::{Experiment, Job};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -168,7 +168,7 @@ pub const CONFIG_HASH: &str = "config.sha256";
 
 /// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
 /// keeps and appends to).
-pub const RUN_FILES: [&str; 11] = [
+pub const RUN_FILES: [&str; 12] = [
     "config.toml",
     CONFIG_HASH,
     "command.txt",
@@ -179,6 +179,7 @@ pub const RUN_FILES: [&str; 11] = [
     SUBSETS,
     SPECIALISTS,
     COVERAGE,
+    TARGETS,
     DONE,
 ];
 

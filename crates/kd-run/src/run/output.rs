@@ -395,6 +395,31 @@ pub struct DoneRow {
     pub stage: String,
 }
 
+/// The top-k targets file a run streamed (`targets.csv`, one row, written when the run
+/// starts): how much of the teacher's probability mass at T its top k keep over its frames
+/// (`data::targets::KeptMass`; empty for a version 2 file, which did not record it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TargetsRow {
+    /// The file, as the run read it.
+    pub file: String,
+    /// Targets per frame.
+    pub k: u64,
+    /// The temperature they were made at.
+    pub temperature: f64,
+    /// Frames of the training store they cover.
+    pub frames: u64,
+    /// The mean kept mass over the frames.
+    pub kept_mean: Option<f64>,
+    /// Its median (to 1e-4).
+    pub kept_p50: Option<f64>,
+    /// Its 5th percentile (to 1e-4).
+    pub kept_p5: Option<f64>,
+    /// Its 1st percentile (to 1e-4).
+    pub kept_p1: Option<f64>,
+    /// Its minimum.
+    pub kept_min: Option<f64>,
+}
+
 /// A class subset found by a `clusters` stage (`subsets.csv`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SubsetRow {

@@ -45,6 +45,8 @@ pub const SUBSETS: &str = "subsets.csv";
 pub const SPECIALISTS: &str = "specialists.csv";
 pub const COVERAGE: &str = "specialist_coverage.csv";
 pub const DONE: &str = "done.csv";
+/// The top-k targets file a run streams and what it keeps (`output::TargetsRow`).
+pub const TARGETS: &str = "targets.csv";
 
 impl Tables {
     pub fn read(dir: &Path) -> Result<Self> {
