@@ -20,7 +20,7 @@ mod paths;
 mod raw;
 mod record;
 mod resolve;
-mod speech;
+pub(crate) mod speech;
 mod sweep;
 #[cfg(test)]
 mod tests;

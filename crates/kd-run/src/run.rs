@@ -12,25 +12,23 @@
 //! resumed run continues exactly as the uninterrupted one would have. Teachers' logits over a
 //! transfer set are cached in `OUT/.cache/`, keyed by the checkpoint's bytes and the set.
 
-use crate::config::{
-    DataSource, DistillJob, EnsembleJob, EvaluateJob, Experiment, Job, ModelSource, Precision, Stage, TrainJob,
-};
+use crate::config::{DataSource, Experiment, Job, Precision, Stage};
 use crate::data::{self, Dataset};
 use crate::device;
-use crate::train::{Supervision, Teacher};
-use anyhow::{bail, Context, Result};
-use kd_core::Objective;
-use kd_models::Mlp;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device, Tensor};
+use tch::Device;
 use tracing::info;
 
 mod bias_shift;
 mod cache;
+mod clusters;
 pub mod cost;
+mod ctx;
 mod dir;
 mod distill;
+mod ensemble;
 mod evaluate;
 pub mod events;
 mod fit;
@@ -41,31 +39,19 @@ pub mod output;
 mod plan;
 mod progress;
 pub mod provenance;
+mod record;
 mod resume;
 mod specialists;
 mod tables;
+mod train_stage;
 
+use ctx::Ctx;
 use dir::{stage_facts, RunDir};
 pub use dir::{Options, CONFIG_HASH};
-use fit::{Init, Sampling, StageFit, Targets};
 pub use inputs::check_inputs;
 use plan::{Action, Discard, Plan, Request};
 use tables::Tables;
 pub use tables::TARGETS;
-
-/// What a run reads: where it writes, its device, its data.
-struct Run<'a> {
-    exp: &'a Experiment,
-    dir: PathBuf,
-    cache: PathBuf,
-    device: Device,
-    data: Dataset,
-    /// The TFLOP/s each epoch's log line gives the share of: `peak_tflops`, else the GPU's
-    /// known peak at the run's precision.
-    peak_tflops: Option<f64>,
-    /// The run's TensorBoard event file (rank 0), made at the first scalar.
-    events: std::cell::RefCell<Option<events::EventWriter>>,
-}
 
 /// Runs `exp` under `out/<name>`, resuming what an earlier run of it left unfinished (see
 /// [`plan::plan`] for what is skipped, resumed and run again); `command` is recorded in
@@ -91,12 +77,12 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
     let (device, data) = device_and_data(exp)?;
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let events = std::cell::RefCell::new(None);
-    let run = Run { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops, events };
+    let run = Ctx { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops, events };
     record_targets(&run.dir, &run.data)?;
     let request = Request { only: options.only, redo: options.redo };
     let plan =
         plan::plan(&stage_facts(exp), &dir.tables.recorded(), &dir.changed, request, &|s| run.checkpoint(s).exists());
-    run.discard(&mut dir.tables, &plan, &dir.recombined)?;
+    discard(&run, &mut dir.tables, &plan, &dir.recombined)?;
     if world.is_distributed() {
         if world.is_writer() {
             world.barrier()?;
@@ -118,7 +104,7 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         match action {
             Action::SkipDone => info!("stage `{}`: already done, skipped", stage.name),
             Action::NotSelected => {}
-            Action::Run { specialists } => run.stage(&mut dir.tables, stage, specialists)?,
+            Action::Run { specialists } => self::stage(&run, &mut dir.tables, stage, specialists)?,
         }
     }
     Ok(dir.path.clone())
@@ -265,13 +251,6 @@ fn device_and_data(exp: &Experiment) -> Result<(Device, Dataset)> {
     Ok((device, data))
 }
 
-/// Named tensors in the order of their names.
-fn sorted_by_name(named: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
-    let mut v: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    v.sort_by_key(|(n, _)| *n);
-    v
-}
-
 /// The data an experiment reads, in words.
 fn data_source(source: &DataSource) -> String {
     match source {
@@ -282,125 +261,74 @@ fn data_source(source: &DataSource) -> String {
     }
 }
 
-impl Run<'_> {
-    /// Adds scalars (tag, value) at `step` to the run's TensorBoard event file (rank 0 only;
-    /// the file is made at the first call), and writes them out when `flush`. A file that cannot
-    /// be written stops the run, as any other output would.
-    fn scalars(&self, step: i64, values: &[(String, f64)], flush: bool) -> Result<()> {
-        if !crate::dist::world().is_writer() {
-            return Ok(());
-        }
-        let mut events = self.events.borrow_mut();
-        let writer = match events.as_mut() {
-            Some(w) => w,
-            None => {
-                let writer = events::EventWriter::create(&self.dir.join(events::FOLDER))?;
-                info!(
-                    "TensorBoard events in {} (tensorboard --logdir {})",
-                    writer.path().display(),
-                    self.dir.display()
-                );
-                events.insert(writer)
+/// Discards what the plan says (results, epochs, checkpoints) and writes the tables if that
+/// changed them. The trained specialists of the `recombined` stages stay.
+fn discard(ctx: &Ctx, tables: &mut Tables, plan: &Plan, recombined: &[String]) -> Result<()> {
+    for (stage, why) in &plan.discard {
+        match why {
+            Discard::Partial => {
+                info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
+                tables.forget_results(stage);
             }
-        };
-        for (tag, value) in values {
-            writer.scalar(tag, step, *value)?;
+            Discard::Stale => {
+                info!("stage `{stage}` is no longer in the experiment: its results are dropped");
+                tables.forget(stage, 0);
+            }
+            Discard::Changed | Discard::Redo => {
+                // A stage added to the file has nothing to discard (no results, no epochs):
+                // it is announced when it runs.
+                let started = tables.has_results(stage) || tables.metrics.iter().any(|r| r.stage == *stage);
+                if *why == Discard::Redo {
+                    info!("stage `{stage}`: --redo, so it runs again");
+                } else if started {
+                    info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
+                }
+                tables.forget(stage, 0);
+                for path in [ctx.checkpoint(stage), ctx.resume_checkpoint(stage)] {
+                    if path.exists() && crate::dist::world().is_writer() {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+                if *why == Discard::Changed && recombined.contains(stage) {
+                    info!("stage `{stage}`: only how its specialists are combined changed; they are kept");
+                } else {
+                    specialists::remove(ctx, stage)?;
+                }
+            }
         }
-        if flush {
-            writer.flush()?;
-        }
-        Ok(())
     }
+    if plan.discards() {
+        tables.write(&ctx.dir)?;
+    }
+    Ok(())
+}
 
-    /// Discards what the plan says (results, epochs, checkpoints) and writes the tables if that
-    /// changed them. The trained specialists of the `recombined` stages stay.
-    fn discard(&self, tables: &mut Tables, plan: &Plan, recombined: &[String]) -> Result<()> {
-        for (stage, why) in &plan.discard {
-            match why {
-                Discard::Partial => {
-                    info!("stage `{stage}`: its results were not all written (the run was stopped), so it runs again");
-                    tables.forget_results(stage);
-                }
-                Discard::Stale => {
-                    info!("stage `{stage}` is no longer in the experiment: its results are dropped");
-                    tables.forget(stage, 0);
-                }
-                Discard::Changed | Discard::Redo => {
-                    // A stage added to the file has nothing to discard (no results, no epochs):
-                    // it is announced when it runs.
-                    let started = tables.has_results(stage) || tables.metrics.iter().any(|r| r.stage == *stage);
-                    if *why == Discard::Redo {
-                        info!("stage `{stage}`: --redo, so it runs again");
-                    } else if started {
-                        info!("stage `{stage}`: its settings differ from the earlier run's, so it runs again");
-                    }
-                    tables.forget(stage, 0);
-                    for path in [self.checkpoint(stage), self.resume_checkpoint(stage)] {
-                        if path.exists() && crate::dist::world().is_writer() {
-                            std::fs::remove_file(&path)?;
-                        }
-                    }
-                    if *why == Discard::Changed && recombined.contains(stage) {
-                        info!("stage `{stage}`: only how its specialists are combined changed; they are kept");
-                    } else {
-                        self.remove_specialists(stage)?;
-                    }
-                }
+/// Runs one stage and commits its results (`specialists`: only these specialists of a
+/// specialists stage, which then commit on their own).
+fn stage(ctx: &Ctx, tables: &mut Tables, stage: &Stage, specialists: &[usize]) -> Result<()> {
+    tables.forget_results(&stage.name);
+    let started = Instant::now();
+    let name = stage.name.as_str();
+    match &stage.job {
+        Job::Train(job) => train_stage::run(ctx, tables, name, job, started)?,
+        Job::Distill(job) => distill::run(ctx, tables, name, job, started)?,
+        Job::Evaluate(job) => evaluate::run(ctx, tables, name, job, started)?,
+        Job::BiasShift(job) => bias_shift::run(ctx, tables, name, job, started)?,
+        Job::Ensemble(job) => ensemble::run(ctx, tables, name, &job.members, started)?,
+        Job::Clusters(job) => clusters::run(ctx, tables, name, job)?,
+        Job::Specialists(job) => {
+            let only_these = (!specialists.is_empty()).then_some(specialists);
+            specialists::run(ctx, tables, name, job, only_these, started)?;
+            if only_these.is_some() {
+                // Specialists trained alone: each has its own files; the stage commits when
+                // it combines them.
+                return Ok(());
             }
         }
-        if plan.discards() {
-            tables.write(&self.dir)?;
-        }
-        Ok(())
     }
-
-    /// Runs one stage and commits its results (`specialists`: only these specialists of a
-    /// specialists stage, which then commit on their own).
-    fn stage(&self, tables: &mut Tables, stage: &Stage, specialists: &[usize]) -> Result<()> {
-        tables.forget_results(&stage.name);
-        let started = Instant::now();
-        let name = stage.name.as_str();
-        match &stage.job {
-            Job::Train(TrainJob { model, training }) => {
-                let (_vs, net, fit) = self.train(
-                    tables,
-                    &self.dir,
-                    StageFit {
-                        stage: name,
-                        init: Init::New(model),
-                        training,
-                        split: &self.data.train,
-                        sampling: Sampling::All,
-                        supervision: &Supervision::labels(),
-                        targets: &self.targets(),
-                    },
-                )?;
-                self.record_trained(tables, name, "train", &net, (fit, None), started)?;
-            }
-            Job::Distill(DistillJob { model, training, distill }) => {
-                self.distill(tables, name, (model, training, distill), started)?
-            }
-            Job::Evaluate(EvaluateJob { source }) => {
-                let (_vs, net) = self.load_model(source)?;
-                self.record(tables, name, "evaluate", &net.frozen(), started, None)?;
-            }
-            Job::BiasShift(job) => self.bias_shift(tables, name, job, started)?,
-            Job::Ensemble(EnsembleJob { members }) => self.ensemble(tables, name, members, started)?,
-            Job::Clusters(job) => self.clusters(tables, name, job)?,
-            Job::Specialists(job) => {
-                let only_these = (!specialists.is_empty()).then_some(specialists);
-                self.specialists(tables, name, job, only_these, started)?;
-                if only_these.is_some() {
-                    // Specialists trained alone: each has its own files; the stage commits when
-                    // it combines them.
-                    return Ok(());
-                }
-            }
-        }
-        tables.commit(name, &self.dir)?;
-        // The other ranks read what this stage wrote (its checkpoint) once rank 0 has written it.
-        crate::dist::world().barrier()
-    }
+    tables.commit(name, &ctx.dir)?;
+    // The other ranks read what this stage wrote (its checkpoint) once rank 0 has written it.
+    crate::dist::world().barrier()
 }
 
 /// Switches libtorch's TF32 matrix products and convolutions on for `precision = "tf32"` on a
@@ -433,121 +361,10 @@ fn known_peak(device: Device, precision: Precision) -> Option<f64> {
     at
 }
 
-/// How `summary.csv` and `metrics.csv` name where a model ran: the device, the CPU threads, and
-/// bf16 when the matrix products were (a resumed run may change either).
-fn device_name(device: Device, threads: i32, precision: Precision) -> String {
-    let bf16 = if precision == Precision::Bf16 { ", bf16" } else { "" };
-    match device {
-        Device::Cuda(i) if precision == Precision::Tf32 => format!("cuda:{i} (tf32)"),
-        Device::Cuda(i) if bf16.is_empty() => format!("cuda:{i}"),
-        Device::Cuda(i) => format!("cuda:{i} (bf16)"),
-        _ if threads == 1 => format!("cpu (1 thread{bf16})"),
-        _ => format!("cpu ({threads} threads{bf16})"),
-    }
-}
-
-impl Run<'_> {
-    /// The run's own splits and classes.
-    fn targets(&self) -> Targets<'_> {
-        Targets {
-            validation: self.data.validation.as_ref().map(|v| (v, None)),
-            test: Some(&self.data.test),
-            classes: self.data.num_classes,
-        }
-    }
-
-    fn checkpoint(&self, stage: &str) -> PathBuf {
-        self.dir.join("checkpoints").join(format!("{stage}.safetensors"))
-    }
-
-    fn resume_checkpoint(&self, stage: &str) -> PathBuf {
-        self.dir.join("checkpoints").join(format!("{stage}.resume.safetensors"))
-    }
-
-    /// The checkpoint file of a single model (an ensemble has one per member). An evaluate stage
-    /// stands for the model it evaluates.
-    fn source_path(&self, source: &ModelSource) -> Result<PathBuf> {
-        Ok(self.source_file(source)?.0)
-    }
-
-    /// [`Run::source_path`], and whether the file is one the experiment names (`Some`, with the
-    /// SHA-256 its stage pins, if any) rather than a checkpoint of this run (`None`).
-    fn source_file(&self, source: &ModelSource) -> Result<(PathBuf, Option<Option<String>>)> {
-        match source {
-            ModelSource::Stage(name) => match self.exp.stages.iter().find(|s| &s.name == name).map(|s| &s.job) {
-                Some(Job::Evaluate(EvaluateJob { source })) => self.source_file(source),
-                _ => Ok((self.checkpoint(name), None)),
-            },
-            ModelSource::Checkpoint(path) => Ok((path.clone(), Some(None))),
-            ModelSource::PinnedCheckpoint { path, sha256 } => Ok((path.clone(), Some(Some(sha256.clone())))),
-            ModelSource::Ensemble { stage, .. } => bail!("`{stage}` is an ensemble, not one checkpoint"),
-        }
-    }
-
-    /// A teacher for `objective`: one network, or an ensemble's members, averaged at the
-    /// objective's temperature; each frozen in the compute precision once ([`Mlp::frozen`]), so
-    /// its forward passes cast no weights.
-    fn load_teacher(&self, source: &ModelSource, objective: Objective) -> Result<Teacher> {
-        let members =
-            networks(source).iter().map(|s| Ok(self.load_model(s)?.1.frozen())).collect::<Result<Vec<_>>>()?;
-        Ok(Teacher { members, objective })
-    }
-
-    fn load_model(&self, source: &ModelSource) -> Result<(nn::VarStore, Mlp)> {
-        let (path, named_file) = self.source_file(source)?;
-        if let ModelSource::Stage(stage) = source {
-            if !path.exists() && path == self.checkpoint(stage) {
-                bail!("stage `{stage}` has not run yet: run it first (or add `--only {stage}`)");
-            }
-        }
-        let named = match named_file {
-            Some(pin) => output::load_checkpoint(&path, pin.as_deref())?,
-            None => output::load_tensors(&path)?,
-        };
-        output::check_finite(&path, &named)?;
-        let world = crate::dist::world();
-        if world.is_distributed() {
-            world.agree(
-                &format!("checkpoint {} as read (every rank must read the same file)", path.display()),
-                // By name: a safetensors file's entries come back in no fixed order.
-                crate::dist::tensors_hash(sorted_by_name(&named)),
-            )?;
-        }
-        let (vs, net) =
-            Mlp::from_tensors(&named, self.device).with_context(|| format!("loading {}", path.display()))?;
-        let want = self.data.train.input_dim();
-        if net.config().input_dim() != want || net.config().num_classes() != self.data.num_classes {
-            bail!(
-                "{} is a {} network; the data has {want} inputs and {} classes",
-                path.display(),
-                net.config().describe(),
-                self.data.num_classes
-            );
-        }
-        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
-    }
-
-    fn check_classes(&self, stage: &str, classes: &[i64]) -> Result<()> {
-        match classes.iter().find(|&&c| c >= self.data.num_classes) {
-            Some(c) => {
-                bail!("stage `{stage}`: class {c} does not exist (the data has {} classes)", self.data.num_classes)
-            }
-            None => Ok(()),
-        }
-    }
-}
-
-/// The single models a source stands for: an ensemble's members, or the source itself.
-fn networks(source: &ModelSource) -> &[ModelSource] {
-    match source {
-        ModelSource::Ensemble { members, .. } => members.as_slice(),
-        single => std::slice::from_ref(single),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::ctx::device_name;
     use crate::run::output::ShiftRow;
 
     #[test]

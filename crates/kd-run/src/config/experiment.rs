@@ -386,7 +386,7 @@ pub struct SpeechSpec {
     /// Frames of right context (the paper: 5).
     pub right: i64,
     /// The generator's settings.
-    pub corpus: super::CorpusConfig,
+    pub corpus: super::speech::CorpusConfig,
 }
 
 /// One named stage.

@@ -59,7 +59,7 @@ pub(crate) struct RawData {
     #[serde(default)]
     pub(crate) dir: Option<PathBuf>,
     #[serde(default)]
-    pub(crate) speech: Option<super::CorpusConfig>,
+    pub(crate) speech: Option<super::speech::CorpusConfig>,
     #[serde(default)]
     pub(crate) files: Option<RawFiles>,
     #[serde(default)]

@@ -2,12 +2,12 @@
 //! `metrics.csv` row and the resume checkpoint), early stopping, the divergence error, and the
 //! final checkpoint.
 
-use super::device_name;
+use super::ctx::device_name;
+use super::ctx::{Ctx, Targets};
 use super::output::{self, MetricsRow};
 use super::progress::Progress;
 use super::resume;
 use super::tables::Tables;
-use super::Run;
 use crate::config::{ModelSpec, Training, MAX_PARAMETERS};
 use crate::data::batch::BatchSource;
 use crate::data::stream::StreamStart;
@@ -40,14 +40,6 @@ pub(super) enum Sampling<'a> {
     Draw { n: i64, draw: &'a dyn Fn(i64) -> Result<Tensor> },
 }
 
-/// What a network is scored on while it trains: the validation examples (early stopping,
-/// metrics), the test split after the last epoch, both labelled in `classes` classes.
-pub(super) struct Targets<'a> {
-    pub(super) validation: Option<(&'a Split, Option<Tensor>)>,
-    pub(super) test: Option<&'a Split>,
-    pub(super) classes: i64,
-}
-
 /// What a stage trains and how: its name, the network's start, the loop settings, the examples
 /// (and which of them each epoch), what the loss is, and what the network is scored on.
 pub(super) struct StageFit<'a> {
@@ -68,285 +60,281 @@ pub(super) struct Fit {
     pub(super) earlier_seconds: f64,
 }
 
-impl Run<'_> {
-    /// The examples a stage with `training.train_fraction < 1` trains on: a sorted random subset
-    /// of `n`, drawn from the experiment's seed and the fraction alone, so that every stage
-    /// with the same fraction (hard targets, soft targets) sees the same examples.
-    pub(super) fn fraction_examples(&self, n: i64, fraction: f64) -> Tensor {
-        let k = ((fraction * n as f64).ceil() as i64).clamp(1, n);
-        let _generator = kd_core::seed_global_generator(
-            (self.exp.seed as i64).wrapping_mul(1_000_003) ^ (fraction.to_bits() as i64 & 0x7fff_ffff),
-        );
-        let (sorted, _) = Tensor::randperm(n, (Kind::Int64, self.device)).narrow(0, 0, k).sort(0, false);
-        sorted
-    }
+/// The examples a stage with `training.train_fraction < 1` trains on: a sorted random subset
+/// of `n`, drawn from the experiment's seed and the fraction alone, so that every stage
+/// with the same fraction (hard targets, soft targets) sees the same examples.
+pub(super) fn fraction_examples(ctx: &Ctx, n: i64, fraction: f64) -> Tensor {
+    let k = ((fraction * n as f64).ceil() as i64).clamp(1, n);
+    let _generator = kd_core::seed_global_generator(
+        (ctx.exp.seed as i64).wrapping_mul(1_000_003) ^ (fraction.to_bits() as i64 & 0x7fff_ffff),
+    );
+    let (sorted, _) = Tensor::randperm(n, (Kind::Int64, ctx.device)).narrow(0, 0, k).sort(0, false);
+    sorted
+}
 
-    /// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
-    /// early stopping, the best epoch's weights) and how it fit the examples it trained on. The
-    /// steps: start or resume, then for each epoch run it, score it and commit it, then finish.
-    pub(super) fn train(
-        &self,
-        tables: &mut Tables,
-        tables_dir: &Path,
-        fit: StageFit,
-    ) -> Result<(nn::VarStore, Mlp, Fit)> {
-        let StageFit { stage, init, training, split, sampling, supervision, targets } = fit;
-        // The stage's initial weights, dropout masks and example order come from libtorch's global
-        // generator: held for the whole stage, so that nothing else in the process draws between.
-        let _generator = kd_core::seed_global_generator(training.seed as i64);
-        let _training = preemption::Training::enter();
-        let Started { vs, net, opt, from, generators } = self.start_or_resume(stage, init, training)?;
-        tables.forget(stage, from.epochs_done);
-        // Seconds of the epochs an earlier process ran (on this device or another).
-        let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
-        check_jitter(stage, self.data.geometry, training.jitter)?;
-        let examples =
-            (training.train_fraction < 1.0).then(|| self.fraction_examples(split.len(), training.train_fraction));
-        let n = self.examples_per_epoch(stage, training, split, &sampling, examples.as_ref())?;
-        let steps_per_epoch = steps_per_epoch(n, training.batch_size);
+/// Trains a new network for a stage (or resumes it); returns it after the last epoch (with
+/// early stopping, the best epoch's weights) and how it fit the examples it trained on. The
+/// steps: start or resume, then for each epoch run it, score it and commit it, then finish.
+pub(super) fn train(
+    ctx: &Ctx,
+    tables: &mut Tables,
+    tables_dir: &Path,
+    fit: StageFit,
+) -> Result<(nn::VarStore, Mlp, Fit)> {
+    let StageFit { stage, init, training, split, sampling, supervision, targets } = fit;
+    // The stage's initial weights, dropout masks and example order come from libtorch's global
+    // generator: held for the whole stage, so that nothing else in the process draws between.
+    let _generator = kd_core::seed_global_generator(training.seed as i64);
+    let _training = preemption::Training::enter();
+    let Started { vs, net, opt, from, generators } = start_or_resume(ctx, stage, init, training)?;
+    tables.forget(stage, from.epochs_done);
+    // Seconds of the epochs an earlier process ran (on this device or another).
+    let earlier_seconds: f64 = tables.metrics.iter().filter(|r| r.stage == stage).map(|r| r.seconds).sum();
+    check_jitter(stage, ctx.data.geometry, training.jitter)?;
+    let examples =
+        (training.train_fraction < 1.0).then(|| fraction_examples(ctx, split.len(), training.train_fraction));
+    let n = examples_per_epoch(ctx, stage, training, split, &sampling, examples.as_ref())?;
+    let steps_per_epoch = steps_per_epoch(n, training.batch_size);
+    info!(
+        "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
+        net.config().describe(),
+        net.num_params(),
+        training.epochs,
+        if training.epochs == 1 { "" } else { "s" },
+        steps_per_epoch
+    );
+    let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
+    if trainer.update_in_backward(ctx.exp.optimizer_in_backward) {
+        info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
+    }
+    if let Some(why) = trainer.use_cuda_graphs(ctx.exp.cuda_graphs) {
+        tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
+    }
+    let mut epochs = Epochs {
+        run: ctx,
+        stage,
+        training,
+        split,
+        sampling,
+        supervision,
+        targets,
+        net: &net,
+        vs: &vs,
+        trainer,
+        examples,
+        n,
+        steps_per_epoch,
+        flops_per_example: 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64,
+        progress: Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, from.epochs_done as u64),
+        stopping: training.patience.map(|p| EarlyStopping::new(p, from.best)),
+        guard: train::LossGuard::default(),
+        settings: LoopSettings {
+            batch_size: training.batch_size,
+            jitter: training.jitter,
+            geometry: ctx.data.geometry,
+            report_every: REPORT_EVERY,
+        },
+        from,
+        generators,
+        resume_path: ctx.resume_checkpoint(stage),
+        best_path: best_checkpoint(ctx, stage),
+    };
+    for epoch in from.epochs_done..training.epochs {
+        let started = Instant::now();
+        let ran = epochs.run_epoch(epoch).inspect_err(|_| epochs.progress.finish())?;
+        let scores = epochs.score_epoch(epoch)?;
+        let last = scores.last;
+        epochs.commit_epoch(epoch, started, ran, scores, tables, tables_dir)?;
+        if last {
+            break;
+        }
+    }
+    let (best, examples) = epochs.finish();
+    keep_final(ctx, stage, &vs, &net, best, [&ctx.resume_checkpoint(stage), &best_checkpoint(ctx, stage)])?;
+    let frozen = net.frozen();
+    let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
+    Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
+}
+
+/// Start or resume: the network, its optimizer, and where an earlier process left the stage
+/// (its newest readable resume checkpoint); in a data-parallel run every rank then holds
+/// rank 0's weights and optimizer state and agrees on the epoch and step.
+fn start_or_resume(ctx: &Ctx, stage: &str, init: Init, training: &Training) -> Result<Started> {
+    let (vs, net) = network(ctx, stage, init)?;
+    let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
+    let (from, generators) = resume(ctx, stage, &ctx.resume_checkpoint(stage), &vs, &mut opt)?;
+    crate::dist::world().agree(
+        &format!("stage `{stage}`: the epochs and steps done (every rank must see the same --out)"),
+        from.epochs_done * (1 << 32) + from.position.map_or(0, |p| p.step as i64),
+    )?;
+    broadcast_state(&vs, &mut opt)?;
+    Ok(Started { vs, net, opt, from, generators })
+}
+
+/// The examples one epoch trains on (over all ranks): the split, its `train_fraction`, the
+/// examples drawn each epoch, or the streamed training store; an error when some rank would
+/// get none.
+fn examples_per_epoch(
+    ctx: &Ctx,
+    stage: &str,
+    training: &Training,
+    split: &Split,
+    sampling: &Sampling,
+    examples: Option<&Tensor>,
+) -> Result<i64> {
+    let world = crate::dist::world();
+    // The training split of a frame store is streamed, not held: `split` is only a sample.
+    // (`split` is the training split itself or a view of it: the same storage.)
+    let streamed = ctx.data.stream.as_ref();
+    let whole = split.len() == ctx.data.train.len() && split.labels.data_ptr() == ctx.data.train.labels.data_ptr();
+    if streamed.is_some() && (!whole || examples.is_some() || !matches!(sampling, Sampling::All)) {
+        bail!(
+            "stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed training split \
+             (train_fraction, transfer-set class filters and specialists are not supported there yet)"
+        );
+    }
+    check_shares(stage, training.batch_size, world.size())?;
+    let n = match (sampling, streamed) {
+        // Each rank streams its shard in its share of each batch.
+        (_, Some(s)) => {
+            let local = world.share(training.batch_size).1;
+            let n = s.plan(local, training.seed, 0, world.size())?.0 as i64 * world.size() as i64;
+            if n == 0 {
+                bail!(
+                    "stage `{stage}`: the training store {} holds {} utterance(s) ({} frames) for {} rank(s): \
+                     each rank streams whole utterances, so some rank would get no frame and nothing would \
+                     train; write a larger store, or start fewer ranks",
+                    s.store.dir.display(),
+                    s.store.manifest.utterances,
+                    s.store.manifest.frames,
+                    world.size()
+                );
+            }
+            n
+        }
+        (Sampling::Draw { n, .. }, None) => *n,
+        (Sampling::All, None) => examples.map_or(split.len(), |e| e.size()[0]),
+    };
+    if examples.is_some() {
         info!(
-            "stage `{stage}`: {} ({} parameters), {} epoch{} of {} steps",
-            net.config().describe(),
-            net.num_params(),
-            training.epochs,
-            if training.epochs == 1 { "" } else { "s" },
-            steps_per_epoch
+            "stage `{stage}`: trains on {n} of {} examples (train_fraction {})",
+            split.len(),
+            training.train_fraction
         );
-        let mut trainer = Trainer::new(&net, vs.trainable_variables(), opt);
-        if trainer.update_in_backward(self.exp.optimizer_in_backward) {
-            info!("stage `{stage}`: the optimizer updates each layer inside the backward pass");
-        }
-        if let Some(why) = trainer.use_cuda_graphs(self.exp.cuda_graphs) {
-            tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
-        }
-        let mut epochs = Epochs {
-            run: self,
-            stage,
-            training,
-            split,
-            sampling,
-            supervision,
-            targets,
-            net: &net,
-            vs: &vs,
-            trainer,
-            examples,
-            n,
-            steps_per_epoch,
-            flops_per_example: 6.0 * net.forward_macs() as f64 + 2.0 * supervision.live_teacher_macs() as f64,
-            progress: Progress::new(stage, training.epochs as u64, steps_per_epoch as u64, from.epochs_done as u64),
-            stopping: training.patience.map(|p| EarlyStopping::new(p, from.best)),
-            guard: train::LossGuard::default(),
-            settings: LoopSettings {
-                batch_size: training.batch_size,
-                jitter: training.jitter,
-                geometry: self.data.geometry,
-                report_every: REPORT_EVERY,
-            },
-            from,
-            generators,
-            resume_path: self.resume_checkpoint(stage),
-            best_path: self.best_checkpoint(stage),
-        };
-        for epoch in from.epochs_done..training.epochs {
-            let started = Instant::now();
-            let ran = epochs.run_epoch(epoch).inspect_err(|_| epochs.progress.finish())?;
-            let scores = epochs.score_epoch(epoch)?;
-            let last = scores.last;
-            epochs.commit_epoch(epoch, started, ran, scores, tables, tables_dir)?;
-            if last {
-                break;
-            }
-        }
-        let (best, examples) = epochs.finish();
-        self.keep_final(stage, &vs, &net, best, [&self.resume_checkpoint(stage), &self.best_checkpoint(stage)])?;
-        let frozen = net.frozen();
-        let fit = train::evaluate_with(&|x| Ok(frozen.forward_t(x, false)), split, examples.as_ref(), targets.classes)?;
-        Ok((vs, net, Fit { accuracy: fit.accuracy(), earlier_seconds }))
     }
+    Ok(n)
+}
 
-    /// Start or resume: the network, its optimizer, and where an earlier process left the stage
-    /// (its newest readable resume checkpoint); in a data-parallel run every rank then holds
-    /// rank 0's weights and optimizer state and agrees on the epoch and step.
-    fn start_or_resume(&self, stage: &str, init: Init, training: &Training) -> Result<Started> {
-        let (vs, net) = self.network(stage, init)?;
-        let mut opt = Optimizer::new(&training.optimizer, vs.trainable_variables());
-        let (from, generators) = self.resume(stage, &self.resume_checkpoint(stage), &vs, &mut opt)?;
-        crate::dist::world().agree(
-            &format!("stage `{stage}`: the epochs and steps done (every rank must see the same --out)"),
-            from.epochs_done * (1 << 32) + from.position.map_or(0, |p| p.step as i64),
-        )?;
-        broadcast_state(&vs, &mut opt)?;
-        Ok(Started { vs, net, opt, from, generators })
-    }
+fn best_checkpoint(ctx: &Ctx, stage: &str) -> std::path::PathBuf {
+    ctx.dir.join("checkpoints").join(format!("{stage}.best.safetensors"))
+}
 
-    /// The examples one epoch trains on (over all ranks): the split, its `train_fraction`, the
-    /// examples drawn each epoch, or the streamed training store; an error when some rank would
-    /// get none.
-    fn examples_per_epoch(
-        &self,
-        stage: &str,
-        training: &Training,
-        split: &Split,
-        sampling: &Sampling,
-        examples: Option<&Tensor>,
-    ) -> Result<i64> {
-        let world = crate::dist::world();
-        // The training split of a frame store is streamed, not held: `split` is only a sample.
-        // (`split` is the training split itself or a view of it: the same storage.)
-        let streamed = self.data.stream.as_ref();
-        let whole =
-            split.len() == self.data.train.len() && split.labels.data_ptr() == self.data.train.labels.data_ptr();
-        if streamed.is_some() && (!whole || examples.is_some() || !matches!(sampling, Sampling::All)) {
-            bail!(
-                "stage `{stage}`: with data.kind = \"store\", stages train on the whole streamed training split \
-                 (train_fraction, transfer-set class filters and specialists are not supported there yet)"
-            );
-        }
-        check_shares(stage, training.batch_size, world.size())?;
-        let n = match (sampling, streamed) {
-            // Each rank streams its shard in its share of each batch.
-            (_, Some(s)) => {
-                let local = world.share(training.batch_size).1;
-                let n = s.plan(local, training.seed, 0, world.size())?.0 as i64 * world.size() as i64;
-                if n == 0 {
-                    bail!(
-                        "stage `{stage}`: the training store {} holds {} utterance(s) ({} frames) for {} rank(s): \
-                         each rank streams whole utterances, so some rank would get no frame and nothing would \
-                         train; write a larger store, or start fewer ranks",
-                        s.store.dir.display(),
-                        s.store.manifest.utterances,
-                        s.store.manifest.frames,
-                        world.size()
-                    );
-                }
-                n
-            }
-            (Sampling::Draw { n, .. }, None) => *n,
-            (Sampling::All, None) => examples.map_or(split.len(), |e| e.size()[0]),
-        };
-        if examples.is_some() {
-            info!(
-                "stage `{stage}`: trains on {n} of {} examples (train_fraction {})",
-                split.len(),
-                training.train_fraction
-            );
-        }
-        Ok(n)
-    }
-
-    fn best_checkpoint(&self, stage: &str) -> std::path::PathBuf {
-        self.dir.join("checkpoints").join(format!("{stage}.best.safetensors"))
-    }
-
-    /// The network a stage starts from, in the run's compute precision.
-    fn network(&self, stage: &str, init: Init) -> Result<(nn::VarStore, Mlp)> {
-        let (vs, net) = match init {
-            Init::New(spec) => {
-                let mut sizes = vec![self.data.train.input_dim()];
-                sizes.extend(&spec.hidden);
-                sizes.push(self.data.num_classes);
-                check_network_size(stage, &sizes, self.device)?;
-                let config = MlpConfig {
-                    sizes,
-                    input_dropout: spec.input_dropout,
-                    hidden_dropout: spec.hidden_dropout,
-                    max_norm: spec.max_norm,
-                };
-                let vs = nn::VarStore::new(self.device);
-                let net = Mlp::new(&vs.root(), config)?;
-                (vs, net)
-            }
-            Init::From(vs, net) => (vs, net),
-        };
-        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
-    }
-
-    /// Loads the weights and optimizer state of an unfinished stage's resume checkpoint, if there
-    /// is one, and says where the stage stopped.
-    /// The newest readable one of the kept checkpoints (`<stage>.resume`, then `.resume-1`, ...)
-    /// is used; a damaged newer one is named in a warning and passed over.
-    fn resume(&self, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<Resumed> {
-        let fresh = resume::Point { epochs_done: 0, best: None, position: None };
-        let candidates: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
-            .chain((1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(path, k)))
-            .filter(|p| p.exists())
-            .collect();
-        let mut last_error = None;
-        for candidate in &candidates {
-            let read = || -> Result<(Resumed, Vec<(String, Tensor)>)> {
-                let named = output::load_tensors(candidate)?;
-                output::check_finite(candidate, &named)?;
-                let generators = resume::Point::generators(candidate, &named).ok();
-                let (progress, rest) = resume::Point::split(candidate, named)?;
-                if progress.position.is_some() && generators.is_none() {
-                    bail!("{}: a checkpoint inside an epoch without the generators' states", candidate.display());
-                }
-                Ok(((progress, generators), rest))
+/// The network a stage starts from, in the run's compute precision.
+fn network(ctx: &Ctx, stage: &str, init: Init) -> Result<(nn::VarStore, Mlp)> {
+    let (vs, net) = match init {
+        Init::New(spec) => {
+            let mut sizes = vec![ctx.data.train.input_dim()];
+            sizes.extend(&spec.hidden);
+            sizes.push(ctx.data.num_classes);
+            check_network_size(stage, &sizes, ctx.device)?;
+            let config = MlpConfig {
+                sizes,
+                input_dropout: spec.input_dropout,
+                hidden_dropout: spec.hidden_dropout,
+                max_norm: spec.max_norm,
             };
-            match read() {
-                Ok(((progress, generators), rest)) => {
-                    let (state, weights): (Vec<_>, Vec<_>) =
-                        rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
-                    copy_weights(vs, &weights, self.device).context("reading the resume checkpoint")?;
-                    opt.load_state(&state)?;
-                    match progress.position {
-                        Some(p) => info!(
-                            "stage `{stage}`: resuming at step {} of epoch {} from {}",
-                            p.step,
-                            progress.epochs_done + 1,
-                            candidate.display()
-                        ),
-                        None => info!(
-                            "stage `{stage}`: resuming after epoch {} from {}",
-                            progress.epochs_done,
-                            candidate.display()
-                        ),
-                    }
-                    return Ok((progress, generators));
-                }
-                Err(e) => {
-                    tracing::warn!("stage `{stage}`: {e:#}; trying the checkpoint before it");
-                    last_error = Some(e);
-                }
-            }
+            let vs = nn::VarStore::new(ctx.device);
+            let net = Mlp::new(&vs.root(), config)?;
+            (vs, net)
         }
-        match last_error {
-            Some(e) => Err(e.context(format!("stage `{stage}`: no kept resume checkpoint is readable"))),
-            None => Ok((fresh, None)),
-        }
-    }
+        Init::From(vs, net) => (vs, net),
+    };
+    Ok((vs, net.with_compute_kind(ctx.exp.precision.kind())))
+}
 
-    /// Saves the stage's final checkpoint (the best validation epoch's weights when early
-    /// stopping kept one) and removes the files it trained with.
-    fn keep_final(
-        &self,
-        stage: &str,
-        vs: &nn::VarStore,
-        net: &Mlp,
-        best: Option<Best>,
-        temporary: [&Path; 2],
-    ) -> Result<()> {
-        let [resume_path, best_path] = temporary;
-        let world = crate::dist::world();
-        if let Some(Best { errors, epoch }) = best {
-            info!("stage `{stage}`: keeps epoch {epoch} ({errors} validation errors)");
-            // Rank 0 wrote the best epoch's weights and reads them; the others receive them.
-            if world.is_writer() {
-                copy_weights(vs, &output::load_tensors(best_path)?, self.device).context("reading the best epoch")?;
+/// Loads the weights and optimizer state of an unfinished stage's resume checkpoint, if there
+/// is one, and says where the stage stopped.
+/// The newest readable one of the kept checkpoints (`<stage>.resume`, then `.resume-1`, ...)
+/// is used; a damaged newer one is named in a warning and passed over.
+fn resume(ctx: &Ctx, stage: &str, path: &Path, vs: &nn::VarStore, opt: &mut Optimizer) -> Result<Resumed> {
+    let fresh = resume::Point { epochs_done: 0, best: None, position: None };
+    let candidates: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
+        .chain((1..ctx.exp.checkpoint.keep.max(1)).map(|k| rotated(path, k)))
+        .filter(|p| p.exists())
+        .collect();
+    let mut last_error = None;
+    for candidate in &candidates {
+        let read = || -> Result<(Resumed, Vec<(String, Tensor)>)> {
+            let named = output::load_tensors(candidate)?;
+            output::check_finite(candidate, &named)?;
+            let generators = resume::Point::generators(candidate, &named).ok();
+            let (progress, rest) = resume::Point::split(candidate, named)?;
+            if progress.position.is_some() && generators.is_none() {
+                bail!("{}: a checkpoint inside an epoch without the generators' states", candidate.display());
             }
-            world.broadcast(&mut crate::dist::variables(vs))?;
-        }
-        output::save_tensors(&self.checkpoint(stage), &net.to_tensors(vs))?;
-        let rotated = (1..self.exp.checkpoint.keep.max(1)).map(|k| rotated(resume_path, k));
-        for path in [resume_path.to_path_buf(), best_path.to_path_buf()].into_iter().chain(rotated) {
-            if path.exists() && world.is_writer() {
-                std::fs::remove_file(path)?;
+            Ok(((progress, generators), rest))
+        };
+        match read() {
+            Ok(((progress, generators), rest)) => {
+                let (state, weights): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| optim::is_state_key(k));
+                copy_weights(vs, &weights, ctx.device).context("reading the resume checkpoint")?;
+                opt.load_state(&state)?;
+                match progress.position {
+                    Some(p) => info!(
+                        "stage `{stage}`: resuming at step {} of epoch {} from {}",
+                        p.step,
+                        progress.epochs_done + 1,
+                        candidate.display()
+                    ),
+                    None => info!(
+                        "stage `{stage}`: resuming after epoch {} from {}",
+                        progress.epochs_done,
+                        candidate.display()
+                    ),
+                }
+                return Ok((progress, generators));
+            }
+            Err(e) => {
+                tracing::warn!("stage `{stage}`: {e:#}; trying the checkpoint before it");
+                last_error = Some(e);
             }
         }
-        // The other ranks may read the checkpoint once it is written.
-        world.barrier()
     }
+    match last_error {
+        Some(e) => Err(e.context(format!("stage `{stage}`: no kept resume checkpoint is readable"))),
+        None => Ok((fresh, None)),
+    }
+}
+
+/// Saves the stage's final checkpoint (the best validation epoch's weights when early
+/// stopping kept one) and removes the files it trained with.
+fn keep_final(
+    ctx: &Ctx,
+    stage: &str,
+    vs: &nn::VarStore,
+    net: &Mlp,
+    best: Option<Best>,
+    temporary: [&Path; 2],
+) -> Result<()> {
+    let [resume_path, best_path] = temporary;
+    let world = crate::dist::world();
+    if let Some(Best { errors, epoch }) = best {
+        info!("stage `{stage}`: keeps epoch {epoch} ({errors} validation errors)");
+        // Rank 0 wrote the best epoch's weights and reads them; the others receive them.
+        if world.is_writer() {
+            copy_weights(vs, &output::load_tensors(best_path)?, ctx.device).context("reading the best epoch")?;
+        }
+        world.broadcast(&mut crate::dist::variables(vs))?;
+    }
+    output::save_tensors(&ctx.checkpoint(stage), &net.to_tensors(vs))?;
+    let rotated = (1..ctx.exp.checkpoint.keep.max(1)).map(|k| rotated(resume_path, k));
+    for path in [resume_path.to_path_buf(), best_path.to_path_buf()].into_iter().chain(rotated) {
+        if path.exists() && world.is_writer() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    // The other ranks may read the checkpoint once it is written.
+    world.barrier()
 }
 
 /// Jitter translates images; it must leave some of each image in the frame.
@@ -414,7 +402,7 @@ fn is_last(epoch: i64, epochs: i64, stop_after: Option<i64>) -> bool {
 
 /// A stage's epochs as they run: what each step of the loop reads and updates.
 struct Epochs<'a> {
-    run: &'a Run<'a>,
+    run: &'a Ctx<'a>,
     stage: &'a str,
     training: &'a Training,
     split: &'a Split,
@@ -676,7 +664,7 @@ impl SaveTo<'_> {
 /// checkpoints inside the epoch (by step count, by time, or on a preemption signal, which
 /// stops the stage after the checkpoint).
 struct StageHook<'a> {
-    run: &'a Run<'a>,
+    run: &'a Ctx<'a>,
     stage: &'a str,
     epoch: i64,
     steps_per_epoch: i64,

@@ -1,5 +1,5 @@
-//! The stages of the paper's section 5: class subsets from a generalist (`clusters`), and
-//! specialists trained on them and combined with the generalist by eq. 5 (`specialists`).
+//! Specialists stages (the paper's section 5): specialists trained on the class subsets a
+//! `clusters` stage found (`run/clusters.rs`), and combined with the generalist by eq. 5.
 //!
 //! Each specialist `<stage>.<m>` keeps its own files, so that several processes (one per
 //! specialist, `kd-run run FILE --only <stage>.<m>`) can train them at once in one run
@@ -9,21 +9,22 @@
 //! done, the stage combines them and records `summary.csv`, `specialists.csv` (the gathered
 //! rows) and `specialist_coverage.csv` (Table 4).
 
-use super::evaluate::Model;
-use super::fit::{Init, Sampling, StageFit, Targets};
+use super::ctx::Ctx;
+use super::ctx::Targets;
+use super::fit::{self, Init, Sampling, StageFit};
+use super::record;
 use super::tables::{self, Tables};
-use super::Run;
-use crate::config::{Affinity, ClustersJob, Job, SpecialistsJob, Training};
+use crate::config::{Job, SpecialistsJob, Training};
 use crate::data::Split;
 use crate::run::output::{self, CoverageRow, SpecialistRow, SubsetRow};
 use crate::train::{self, Supervision, EVAL_BATCH};
 use anyhow::{bail, Context, Result};
 use kd_models::Mlp;
 use kd_specialists::{
-    active_specialists, balanced_indices, class_profiles, class_subsets, combine, confusion_affinity,
-    covariance_to_correlation, covering_specialists, dustbin_logit_shift, raise_dustbin, specialist_from_generalist,
-    ClassSubset, CombineConfig, CovarianceAccumulator, KMeansConfig,
+    active_specialists, balanced_indices, combine, covering_specialists, dustbin_logit_shift, raise_dustbin,
+    specialist_from_generalist, ClassSubset, CombineConfig,
 };
+use record::Model;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{nn, nn::ModuleT, Kind, Tensor};
@@ -46,373 +47,272 @@ pub(super) fn is_index(m: &str) -> bool {
     !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit())
 }
 
-impl Run<'_> {
-    /// Runs a `clusters` stage: the generalist's predicted distributions over the validation
-    /// split, the affinity between classes, k-means of the classes' confusion profiles (or of
-    /// the affinity's columns, with `walk_steps = 0`), and the subsets kept, in `subsets.csv`
-    /// (most confused first). The profiles take `walk_steps - 1` products of `[N, N]`
-    /// matrices: 2 N^3 flops each, 1.6e10 for 2,000 classes, 5.5e12 for 14,000.
-    pub(super) fn clusters(&self, tables: &mut Tables, stage: &str, job: &ClustersJob) -> Result<()> {
-        let ClustersJob {
-            source,
-            affinity,
-            clusters,
-            walk_steps,
-            repeats,
-            extra_clusters,
-            max_overlap,
-            min_size,
-            max_size,
-            count,
-            kmeans_iterations,
-            kmeans_batch,
-            seed,
-        } = job;
-        let classes = self.data.num_classes;
-        let ks: Vec<i64> = std::iter::once(*clusters).chain(extra_clusters.iter().copied()).collect();
-        if let Some(k) = ks.iter().find(|&&k| k > classes) {
-            bail!("stage `{stage}`: {k} clusters asked for, but the data has {classes} classes");
-        }
-        let net = self.load_model(source)?.1.frozen();
-        let val = self.data.validation.as_ref().context("subsets come from the validation split")?;
-        let matrix = tch::no_grad(|| -> Result<Tensor> {
-            let mut covariance = CovarianceAccumulator::new();
-            let predicted = train::in_chunks(val.len(), EVAL_BATCH, |start, len| {
-                let probs = net.forward_t(&val.range(start, len), false).softmax(1, Kind::Float);
-                covariance.add(&probs)?;
-                Ok(probs.argmax(1, false))
-            })?;
-            Ok(match affinity {
-                Affinity::Covariance => covariance.finish()?,
-                Affinity::Correlation => covariance_to_correlation(&covariance.finish()?)?,
-                Affinity::Confusion => confusion_affinity(&Tensor::cat(&predicted, 0), &val.labels, classes)?,
-            })
-        })?;
-        let points = if *walk_steps > 0 { class_profiles(&matrix, *walk_steps)? } else { matrix.shallow_clone() };
-        let mut found = std::collections::BTreeSet::new();
-        for &k in &ks {
-            let cfg =
-                KMeansConfig { clusters: k, batch_size: *kmeans_batch, iterations: *kmeans_iterations, seed: *seed };
-            found.extend(class_subsets(&points, &cfg, *repeats as usize)?);
-        }
-        let total = found.len();
-        // Confusion between different classes only: the positive off-diagonal entries.
-        let off_diagonal: Tensor = 1.0 - Tensor::eye(classes, (Kind::Double, matrix.device()));
-        let links: Tensor = matrix.to_kind(Kind::Double).clamp_min(0.0) * off_diagonal;
-        let mut scored: Vec<(ClassSubset, f64, f64)> = found
-            .into_iter()
-            .filter(|s| s.len() >= *min_size && max_size.is_none_or(|m| s.len() <= m))
-            .map(|s| {
-                let idx = Tensor::from_slice(s.classes()).to(matrix.device());
-                let rows = links.index_select(0, &idx);
-                let inside = rows.index_select(1, &idx).sum(Kind::Double).double_value(&[]);
-                let all = rows.sum(Kind::Double).double_value(&[]);
-                (s, inside, if all > 0.0 { inside / all } else { 0.0 })
-            })
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if let Some(bound) = max_overlap {
-            scored = distinct(scored, |(s, _, _)| s, *bound);
-        }
-        scored.truncate(count.map_or(usize::MAX, |c| c as usize));
-        if scored.is_empty() {
+/// Runs a `specialists` stage: trains the specialists not yet trained (only those of
+/// `only`, if given, and then stops), then combines all of them with the generalist and
+/// records the combination (Tables 3 and 4).
+pub(super) fn run(
+    ctx: &Ctx,
+    tables: &mut Tables,
+    stage: &str,
+    job: &SpecialistsJob,
+    only: Option<&[usize]>,
+    started: Instant,
+) -> Result<()> {
+    let SpecialistsJob { source, subsets: from, training, examples, top_n, combine_iterations } = job;
+    let subsets = subsets_of(ctx, tables, from)?;
+    let (gvs, generalist) = ctx.load_model(source)?;
+    let all: Vec<usize> = (0..subsets.len()).collect();
+    for &m in only.unwrap_or(&all) {
+        if m >= subsets.len() {
             bail!(
-                "stage `{stage}`: none of the {total} subsets has between {min_size} and {} classes",
-                max_size.map_or("any number of".to_string(), |m| m.to_string())
+                "--only {stage}.{m}: stage `{from}` found {} subsets, numbered 0 to {}",
+                subsets.len(),
+                subsets.len() - 1
             );
         }
-        info!(
-            "stage `{stage}`: {} subsets kept of {total} found ({:?} affinity over {} validation examples), sizes {:?}",
-            scored.len(),
-            affinity,
-            val.len(),
-            scored.iter().map(|(s, _, _)| s.len()).collect::<Vec<_>>()
-        );
-        tables.subsets.retain(|r| r.stage != stage);
-        for (m, (subset, mass, within)) in scored.into_iter().enumerate() {
-            tables.subsets.push(SubsetRow {
-                stage: stage.to_string(),
-                subset: m as i64,
-                size: subset.len(),
-                mass,
-                within,
-                classes: subset.classes().iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
-            });
+        if specialist_dir(ctx, stage, m).join(SPECIALIST_ROW).exists()
+            && ctx.checkpoint(&format!("{stage}.{m}")).exists()
+        {
+            info!("specialist `{stage}.{m}`: already trained, skipped");
+            continue;
         }
-        Ok(())
+        train_specialist(ctx, stage, m, &subsets[m], (&gvs, &generalist), training, *examples)?;
     }
+    if only.is_some() {
+        return Ok(());
+    }
+    tables.specialists.retain(|r| r.stage != stage);
+    for m in 0..subsets.len() {
+        let rows: Vec<SpecialistRow> = output::read_csv(&specialist_dir(ctx, stage, m).join(SPECIALIST_ROW))?;
+        tables.specialists.extend(rows);
+    }
+    let nets = (0..subsets.len())
+        .map(|m| Ok(load_specialist(ctx, stage, m, &subsets[m])?.1.frozen()))
+        .collect::<Result<Vec<_>>>()?;
+    let generalist = generalist.frozen();
+    let combination = Combination {
+        generalist: &generalist,
+        nets: &nets,
+        subsets: &subsets,
+        top_n: *top_n,
+        cfg: CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() },
+    };
+    let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
+    // As if every specialist were consulted: a bound on the cost of any one example.
+    let macs = generalist.forward_macs() + nets.iter().map(Mlp::forward_macs).sum::<i64>();
+    let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
+    let logits = |x: &Tensor| combination.logits(x);
+    let described = Model { model, parameters, macs };
+    let (val, test) = record::model_with(ctx, tables, stage, "specialists", described, &logits, started, None)?;
 
-    /// Runs a `specialists` stage: trains the specialists not yet trained (only those of
-    /// `only`, if given, and then stops), then combines all of them with the generalist and
-    /// records the combination (Tables 3 and 4).
-    pub(super) fn specialists(
-        &self,
-        tables: &mut Tables,
-        stage: &str,
-        job: &SpecialistsJob,
-        only: Option<&[usize]>,
-        started: Instant,
-    ) -> Result<()> {
-        let SpecialistsJob { source, subsets: from, training, examples, top_n, combine_iterations } = job;
-        let subsets = self.subsets_of(tables, from)?;
-        let (gvs, generalist) = self.load_model(source)?;
-        let all: Vec<usize> = (0..subsets.len()).collect();
-        for &m in only.unwrap_or(&all) {
-            if m >= subsets.len() {
-                bail!(
-                    "--only {stage}.{m}: stage `{from}` found {} subsets, numbered 0 to {}",
-                    subsets.len(),
-                    subsets.len() - 1
-                );
+    // Table 4: examples by the number of specialists covering their class, from the
+    // combination's predictions above (eq. 5 is solved once per example); on the
+    // validation split too, where the specialists' settings may be chosen.
+    tables.coverage.retain(|r| r.stage != stage);
+    let splits = [("validation", ctx.data.validation.as_ref().zip(val)), ("test", Some((&ctx.data.test, test)))];
+    for (name, split) in splits {
+        let Some((split, eval)) = split else { continue };
+        let rows = coverage((stage, name), &combination, split, &eval.predictions, EVAL_BATCH)?;
+        let (g, q): (i64, i64) =
+            (rows.iter().map(|r| r.generalist_correct).sum(), rows.iter().map(|r| r.combined_correct).sum());
+        tables.coverage.extend(rows);
+        info!("stage `{stage}`: top-1 correct on the {name} split: generalist {g}, with specialists {q} ({:+})", q - g);
+    }
+    Ok(())
+}
+
+/// The subsets recorded by the clusters stage `from`, in their order.
+fn subsets_of(ctx: &Ctx, tables: &Tables, from: &str) -> Result<Vec<ClassSubset>> {
+    let mut rows: Vec<&SubsetRow> = tables.subsets.iter().filter(|r| r.stage == from).collect();
+    rows.sort_by_key(|r| r.subset);
+    if rows.is_empty() {
+        bail!("stage `{from}` has not run yet: run it first (or add `--only {from}`)");
+    }
+    rows.iter()
+        .map(|r| {
+            let classes = r.classes.split_whitespace().map(str::parse).collect::<Result<Vec<i64>, _>>();
+            let classes = classes.with_context(|| format!("subsets.csv: subset {} of `{from}`", r.subset))?;
+            Ok(ClassSubset::new(classes, ctx.data.num_classes)?)
+        })
+        .collect()
+}
+
+fn specialist_dir(ctx: &Ctx, stage: &str, m: usize) -> PathBuf {
+    ctx.dir.join("specialists").join(format!("{stage}.{m}"))
+}
+
+/// Trains specialist `m` of `stage` on `subset`, from the generalist's weights.
+fn train_specialist(
+    ctx: &Ctx,
+    stage: &str,
+    m: usize,
+    subset: &ClassSubset,
+    (gvs, generalist): (&nn::VarStore, &Mlp),
+    training: &Training,
+    examples: Option<i64>,
+) -> Result<()> {
+    let started = Instant::now();
+    let name = format!("{stage}.{m}");
+    let dir = specialist_dir(ctx, stage, m);
+    if crate::dist::world().is_writer() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let (svs, net) = specialist_from_generalist(gvs, generalist, subset, ctx.device)?;
+    let train = &ctx.data.train;
+    let inside = subset.contains(&train.labels)?.sum(Kind::Int64).int64_value(&[]);
+    if inside == 0 {
+        bail!("specialist `{name}`: no training example has a class of its subset {:?}", subset.classes());
+    }
+    let n = examples.unwrap_or(2 * inside).max(2);
+    let training = Training { seed: training.seed.wrapping_add(m as u64), ..training.clone() };
+    let seed = training.seed;
+    let (_, factor) = balanced_indices(&train.labels, subset, n, seed)?;
+    let draw = |epoch: i64| -> Result<Tensor> {
+        Ok(balanced_indices(&train.labels, subset, n, seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64))?.0)
+    };
+    let local_train = relabeled(train, subset)?;
+    // Validation: a balanced sample, the same every epoch (what early stopping watches).
+    let val = ctx.data.validation.as_ref();
+    let local_val = val.map(|v| relabeled(v, subset)).transpose()?;
+    let val_sample = match val {
+        Some(v) => {
+            let inside = subset.contains(&v.labels)?.sum(Kind::Int64).int64_value(&[]);
+            (inside > 0 && inside < v.len())
+                .then(|| balanced_indices(&v.labels, subset, 2 * inside, seed))
+                .transpose()?
+        }
+        None => None,
+    };
+    let targets = Targets {
+        validation: local_val.as_ref().zip(val_sample.as_ref()).map(|(v, (idx, _))| (v, Some(idx.shallow_clone()))),
+        test: None,
+        classes: subset.output_width(),
+    };
+    let mut tables = Tables::read(&dir)?;
+    let (vs, net, _) = fit::train(
+        ctx,
+        &mut tables,
+        &dir,
+        StageFit {
+            stage: &name,
+            init: Init::From(svs, net),
+            training: &training,
+            split: &local_train,
+            sampling: Sampling::Draw { n, draw: &draw },
+            supervision: &Supervision::labels(),
+            targets: &targets,
+        },
+    )?;
+    let shift = dustbin_logit_shift(factor);
+    raise_dustbin(&vs, subset, shift)?;
+    output::save_tensors(&ctx.checkpoint(&name), &net.to_tensors(&vs))?;
+    let val_inside_accuracy = match (&local_val, val) {
+        (Some(lv), Some(v)) => {
+            let idx = subset.contains(&v.labels)?.nonzero().squeeze_dim(1);
+            let frozen = net.frozen();
+            let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
+            (idx.size()[0] > 0)
+                .then(|| train::evaluate_with(&forward, lv, Some(&idx), subset.output_width()))
+                .transpose()?
+                .map(|e| e.accuracy())
+        }
+        _ => None,
+    };
+    let row = SpecialistRow {
+        stage: stage.to_string(),
+        subset: m as i64,
+        classes: subset.len(),
+        train_inside: inside,
+        examples_per_epoch: n,
+        dustbin_shift: shift,
+        val_accuracy: tables.metrics.last().and_then(|r| r.val_accuracy),
+        val_inside_accuracy,
+        epochs: tables.metrics.len() as i64,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    info!(
+        "specialist `{name}`: {} classes + dustbin, {inside} training examples inside, dustbin shift {shift:+.3}, \
+         validation accuracy on its classes {}",
+        subset.len(),
+        val_inside_accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a))
+    );
+    output::write_csv(&dir.join(SPECIALIST_ROW), &[row])
+}
+
+/// Loads the trained specialist `m` of `stage`, checking its shape against its subset.
+fn load_specialist(ctx: &Ctx, stage: &str, m: usize, subset: &ClassSubset) -> Result<(nn::VarStore, Mlp)> {
+    let path = ctx.checkpoint(&format!("{stage}.{m}"));
+    if !specialist_dir(ctx, stage, m).join(SPECIALIST_ROW).exists() || !path.exists() {
+        bail!("specialist `{stage}.{m}` has not been trained (run `--only {stage}.{m}`)");
+    }
+    let (vs, net) = Mlp::from_tensors(&output::load_tensors(&path)?, ctx.device)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let c = net.config();
+    if c.input_dim() != ctx.data.train.input_dim() || c.num_classes() != subset.output_width() {
+        bail!(
+            "{} is a {} network; specialist {m} needs {} inputs and {} outputs",
+            path.display(),
+            c.describe(),
+            ctx.data.train.input_dim(),
+            subset.output_width()
+        );
+    }
+    Ok((vs, net.with_compute_kind(ctx.exp.precision.kind())))
+}
+
+/// Deletes what the specialists of `stage` left (their checkpoints and folders), when
+/// `stage` is a specialists stage whose settings changed.
+pub(super) fn remove(ctx: &Ctx, stage: &str) -> Result<()> {
+    if !crate::dist::world().is_writer() {
+        return Ok(());
+    }
+    if !ctx.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists(_))) {
+        return Ok(());
+    }
+    let index_of = |name: &str| -> bool {
+        let rest = name.strip_prefix(stage).and_then(|r| r.strip_prefix('.'));
+        rest.is_some_and(is_index)
+    };
+    let checkpoints = ctx.dir.join("checkpoints");
+    if let Ok(entries) = std::fs::read_dir(&checkpoints) {
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stem = ["", ".resume", ".best"]
+                .iter()
+                .find_map(|kind| name.strip_suffix(&format!("{kind}.safetensors")).filter(|s| index_of(s)));
+            if stem.is_some() && !entry.file_type()?.is_dir() {
+                std::fs::remove_file(entry.path())?;
             }
-            if self.specialist_dir(stage, m).join(SPECIALIST_ROW).exists()
-                && self.checkpoint(&format!("{stage}.{m}")).exists()
-            {
-                info!("specialist `{stage}.{m}`: already trained, skipped");
+        }
+    }
+    let folders = ctx.dir.join("specialists");
+    if let Ok(entries) = std::fs::read_dir(&folders) {
+        for entry in entries {
+            let entry = entry?;
+            if !index_of(&entry.file_name().to_string_lossy()) {
                 continue;
             }
-            self.train_specialist(stage, m, &subsets[m], (&gvs, &generalist), training, *examples)?;
-        }
-        if only.is_some() {
-            return Ok(());
-        }
-        tables.specialists.retain(|r| r.stage != stage);
-        for m in 0..subsets.len() {
-            let rows: Vec<SpecialistRow> = output::read_csv(&self.specialist_dir(stage, m).join(SPECIALIST_ROW))?;
-            tables.specialists.extend(rows);
-        }
-        let nets = (0..subsets.len())
-            .map(|m| Ok(self.load_specialist(stage, m, &subsets[m])?.1.frozen()))
-            .collect::<Result<Vec<_>>>()?;
-        let generalist = generalist.frozen();
-        let combination = Combination {
-            generalist: &generalist,
-            nets: &nets,
-            subsets: &subsets,
-            top_n: *top_n,
-            cfg: CombineConfig { iterations: *combine_iterations, ..CombineConfig::default() },
-        };
-        let parameters = generalist.num_params() + nets.iter().map(Mlp::num_params).sum::<i64>();
-        // As if every specialist were consulted: a bound on the cost of any one example.
-        let macs = generalist.forward_macs() + nets.iter().map(Mlp::forward_macs).sum::<i64>();
-        let model = format!("generalist + {} specialists (mlp {})", nets.len(), generalist.config().describe());
-        let logits = |x: &Tensor| combination.logits(x);
-        let described = Model { model, parameters, macs };
-        let (val, test) = self.record_with(tables, stage, "specialists", described, &logits, started, None)?;
-
-        // Table 4: examples by the number of specialists covering their class, from the
-        // combination's predictions above (eq. 5 is solved once per example); on the
-        // validation split too, where the specialists' settings may be chosen.
-        tables.coverage.retain(|r| r.stage != stage);
-        let splits = [("validation", self.data.validation.as_ref().zip(val)), ("test", Some((&self.data.test, test)))];
-        for (name, split) in splits {
-            let Some((split, eval)) = split else { continue };
-            let rows = coverage((stage, name), &combination, split, &eval.predictions, EVAL_BATCH)?;
-            let (g, q): (i64, i64) =
-                (rows.iter().map(|r| r.generalist_correct).sum(), rows.iter().map(|r| r.combined_correct).sum());
-            tables.coverage.extend(rows);
-            info!(
-                "stage `{stage}`: top-1 correct on the {name} split: generalist {g}, with specialists {q} ({:+})",
-                q - g
-            );
-        }
-        Ok(())
-    }
-
-    /// The subsets recorded by the clusters stage `from`, in their order.
-    fn subsets_of(&self, tables: &Tables, from: &str) -> Result<Vec<ClassSubset>> {
-        let mut rows: Vec<&SubsetRow> = tables.subsets.iter().filter(|r| r.stage == from).collect();
-        rows.sort_by_key(|r| r.subset);
-        if rows.is_empty() {
-            bail!("stage `{from}` has not run yet: run it first (or add `--only {from}`)");
-        }
-        rows.iter()
-            .map(|r| {
-                let classes = r.classes.split_whitespace().map(str::parse).collect::<Result<Vec<i64>, _>>();
-                let classes = classes.with_context(|| format!("subsets.csv: subset {} of `{from}`", r.subset))?;
-                Ok(ClassSubset::new(classes, self.data.num_classes)?)
-            })
-            .collect()
-    }
-
-    fn specialist_dir(&self, stage: &str, m: usize) -> PathBuf {
-        self.dir.join("specialists").join(format!("{stage}.{m}"))
-    }
-
-    /// Trains specialist `m` of `stage` on `subset`, from the generalist's weights.
-    fn train_specialist(
-        &self,
-        stage: &str,
-        m: usize,
-        subset: &ClassSubset,
-        (gvs, generalist): (&nn::VarStore, &Mlp),
-        training: &Training,
-        examples: Option<i64>,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let name = format!("{stage}.{m}");
-        let dir = self.specialist_dir(stage, m);
-        if crate::dist::world().is_writer() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let (svs, net) = specialist_from_generalist(gvs, generalist, subset, self.device)?;
-        let train = &self.data.train;
-        let inside = subset.contains(&train.labels)?.sum(Kind::Int64).int64_value(&[]);
-        if inside == 0 {
-            bail!("specialist `{name}`: no training example has a class of its subset {:?}", subset.classes());
-        }
-        let n = examples.unwrap_or(2 * inside).max(2);
-        let training = Training { seed: training.seed.wrapping_add(m as u64), ..training.clone() };
-        let seed = training.seed;
-        let (_, factor) = balanced_indices(&train.labels, subset, n, seed)?;
-        let draw = |epoch: i64| -> Result<Tensor> {
-            Ok(balanced_indices(&train.labels, subset, n, seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64))?.0)
-        };
-        let local_train = relabeled(train, subset)?;
-        // Validation: a balanced sample, the same every epoch (what early stopping watches).
-        let val = self.data.validation.as_ref();
-        let local_val = val.map(|v| relabeled(v, subset)).transpose()?;
-        let val_sample = match val {
-            Some(v) => {
-                let inside = subset.contains(&v.labels)?.sum(Kind::Int64).int64_value(&[]);
-                (inside > 0 && inside < v.len())
-                    .then(|| balanced_indices(&v.labels, subset, 2 * inside, seed))
-                    .transpose()?
+            // Only kd-run's files; a link in the place of the folder goes as a link.
+            if !entry.file_type()?.is_dir() {
+                std::fs::remove_file(entry.path())?;
+                continue;
             }
-            None => None,
-        };
-        let targets = Targets {
-            validation: local_val.as_ref().zip(val_sample.as_ref()).map(|(v, (idx, _))| (v, Some(idx.shallow_clone()))),
-            test: None,
-            classes: subset.output_width(),
-        };
-        let mut tables = Tables::read(&dir)?;
-        let (vs, net, _) = self.train(
-            &mut tables,
-            &dir,
-            StageFit {
-                stage: &name,
-                init: Init::From(svs, net),
-                training: &training,
-                split: &local_train,
-                sampling: Sampling::Draw { n, draw: &draw },
-                supervision: &Supervision::labels(),
-                targets: &targets,
-            },
-        )?;
-        let shift = dustbin_logit_shift(factor);
-        raise_dustbin(&vs, subset, shift)?;
-        output::save_tensors(&self.checkpoint(&name), &net.to_tensors(&vs))?;
-        let val_inside_accuracy = match (&local_val, val) {
-            (Some(lv), Some(v)) => {
-                let idx = subset.contains(&v.labels)?.nonzero().squeeze_dim(1);
-                let frozen = net.frozen();
-                let forward = |x: &Tensor| Ok(frozen.forward_t(x, false));
-                (idx.size()[0] > 0)
-                    .then(|| train::evaluate_with(&forward, lv, Some(&idx), subset.output_width()))
-                    .transpose()?
-                    .map(|e| e.accuracy())
-            }
-            _ => None,
-        };
-        let row = SpecialistRow {
-            stage: stage.to_string(),
-            subset: m as i64,
-            classes: subset.len(),
-            train_inside: inside,
-            examples_per_epoch: n,
-            dustbin_shift: shift,
-            val_accuracy: tables.metrics.last().and_then(|r| r.val_accuracy),
-            val_inside_accuracy,
-            epochs: tables.metrics.len() as i64,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        info!(
-            "specialist `{name}`: {} classes + dustbin, {inside} training examples inside, dustbin shift {shift:+.3}, \
-             validation accuracy on its classes {}",
-            subset.len(),
-            val_inside_accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a))
-        );
-        output::write_csv(&dir.join(SPECIALIST_ROW), &[row])
-    }
-
-    /// Loads the trained specialist `m` of `stage`, checking its shape against its subset.
-    fn load_specialist(&self, stage: &str, m: usize, subset: &ClassSubset) -> Result<(nn::VarStore, Mlp)> {
-        let path = self.checkpoint(&format!("{stage}.{m}"));
-        if !self.specialist_dir(stage, m).join(SPECIALIST_ROW).exists() || !path.exists() {
-            bail!("specialist `{stage}.{m}` has not been trained (run `--only {stage}.{m}`)");
-        }
-        let (vs, net) = Mlp::from_tensors(&output::load_tensors(&path)?, self.device)
-            .with_context(|| format!("loading {}", path.display()))?;
-        let c = net.config();
-        if c.input_dim() != self.data.train.input_dim() || c.num_classes() != subset.output_width() {
-            bail!(
-                "{} is a {} network; specialist {m} needs {} inputs and {} outputs",
-                path.display(),
-                c.describe(),
-                self.data.train.input_dim(),
-                subset.output_width()
-            );
-        }
-        Ok((vs, net.with_compute_kind(self.exp.precision.kind())))
-    }
-
-    /// Deletes what the specialists of `stage` left (their checkpoints and folders), when
-    /// `stage` is a specialists stage whose settings changed.
-    pub(super) fn remove_specialists(&self, stage: &str) -> Result<()> {
-        if !crate::dist::world().is_writer() {
-            return Ok(());
-        }
-        if !self.exp.stages.iter().any(|s| s.name == stage && matches!(s.job, Job::Specialists(_))) {
-            return Ok(());
-        }
-        let index_of = |name: &str| -> bool {
-            let rest = name.strip_prefix(stage).and_then(|r| r.strip_prefix('.'));
-            rest.is_some_and(is_index)
-        };
-        let checkpoints = self.dir.join("checkpoints");
-        if let Ok(entries) = std::fs::read_dir(&checkpoints) {
-            for entry in entries {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let stem = ["", ".resume", ".best"]
-                    .iter()
-                    .find_map(|kind| name.strip_suffix(&format!("{kind}.safetensors")).filter(|s| index_of(s)));
-                if stem.is_some() && !entry.file_type()?.is_dir() {
-                    std::fs::remove_file(entry.path())?;
+            for file in std::fs::read_dir(entry.path())? {
+                let file = file?;
+                let name = file.file_name().to_string_lossy().into_owned();
+                if !file.file_type()?.is_dir() && (SPECIALIST_FILES.contains(&name.as_str()) || output::is_tmp(&name)) {
+                    std::fs::remove_file(file.path())?;
                 }
             }
+            let _ = std::fs::remove_dir(entry.path());
         }
-        let folders = self.dir.join("specialists");
-        if let Ok(entries) = std::fs::read_dir(&folders) {
-            for entry in entries {
-                let entry = entry?;
-                if !index_of(&entry.file_name().to_string_lossy()) {
-                    continue;
-                }
-                // Only kd-run's files; a link in the place of the folder goes as a link.
-                if !entry.file_type()?.is_dir() {
-                    std::fs::remove_file(entry.path())?;
-                    continue;
-                }
-                for file in std::fs::read_dir(entry.path())? {
-                    let file = file?;
-                    let name = file.file_name().to_string_lossy().into_owned();
-                    if !file.file_type()?.is_dir()
-                        && (SPECIALIST_FILES.contains(&name.as_str()) || output::is_tmp(&name))
-                    {
-                        std::fs::remove_file(file.path())?;
-                    }
-                }
-                let _ = std::fs::remove_dir(entry.path());
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The `items` (in order) whose subset overlaps none kept before it by more than `bound`.
-fn distinct<T>(items: Vec<T>, subset: impl Fn(&T) -> &ClassSubset, bound: f64) -> Vec<T> {
+pub(super) fn distinct<T>(items: Vec<T>, subset: impl Fn(&T) -> &ClassSubset, bound: f64) -> Vec<T> {
     let mut kept: Vec<T> = Vec::new();
     for item in items {
         if kept.iter().all(|k| overlap(subset(k), subset(&item)) <= bound) {
