@@ -30,7 +30,11 @@ pub(super) fn run(ctx: &Ctx, tables: &mut Tables, name: &str, job: &DistillJob, 
     // Without jitter the transfer set is fixed: the teacher's outputs are computed
     // (or read from the cache) once, and serve the agreement below too.
     let mut transfer_logits = None;
-    let cached = if let Some(k) = distill.top_k {
+    // Top-k targets streamed from beside a frame store come with each batch: nothing to compute.
+    let streamed = ctx.data.stream.as_ref().is_some_and(|s| s.targets.is_some());
+    let cached = if streamed {
+        None
+    } else if let Some(k) = distill.top_k {
         check_top_k(ctx, name, k)?;
         Some(teacher_top_k(ctx, &distill.teacher, &teacher, &transfer, distill, k)?)
     } else if training.jitter == 0 {
@@ -43,6 +47,7 @@ pub(super) fn run(ctx: &Ctx, tables: &mut Tables, name: &str, job: &DistillJob, 
     };
     let signal = match &cached {
         Some(targets) => TeacherSignal::Cached(targets),
+        None if streamed => TeacherSignal::None,
         None => TeacherSignal::Live(&teacher),
     };
     let supervision = Supervision { objective, teacher: signal };
