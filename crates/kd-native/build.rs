@@ -135,7 +135,7 @@ fn main() {
     for l in libs {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
-    // As the other crates' build.rs (the README's): an rpath to libtorch, and libtorch.so kept
+    // As the other crates' build.rs (docs/using-the-crates.md's): an rpath to libtorch, and libtorch.so kept
     // although nothing names it (it loads libtorch_cuda.so).
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-link-arg=-Wl,-rpath={}", lib.display());
