@@ -13,6 +13,8 @@ macro_rules! stage_bail {
     };
 }
 
+#[cfg(test)]
+mod doc_tests;
 mod experiment;
 mod limits;
 mod names;
