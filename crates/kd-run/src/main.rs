@@ -9,6 +9,8 @@ mod data;
 mod device;
 mod dist;
 #[cfg(test)]
+mod doc_links;
+#[cfg(test)]
 mod fuzz;
 mod info;
 mod inputs;
