@@ -111,7 +111,7 @@ pub(super) fn train(
         tracing::warn!("stage `{stage}`: cuda_graphs = true, but {why}; the steps run eagerly");
     }
     let mut epochs = Epochs {
-        run: ctx,
+        ctx,
         stage,
         training,
         split,
@@ -402,7 +402,7 @@ fn is_last(epoch: i64, epochs: i64, stop_after: Option<i64>) -> bool {
 
 /// A stage's epochs as they run: what each step of the loop reads and updates.
 struct Epochs<'a> {
-    run: &'a Ctx<'a>,
+    ctx: &'a Ctx<'a>,
     stage: &'a str,
     training: &'a Training,
     split: &'a Split,
@@ -433,7 +433,7 @@ impl Epochs<'_> {
     /// holds: reseeded from the stage seed and the epoch (so a resumed run repeats the
     /// uninterrupted one), at the schedule's learning rate and momentum, in-memory or streamed.
     fn run_epoch(&mut self, epoch: i64) -> Result<EpochRun> {
-        let (run, stage, training) = (self.run, self.stage, self.training);
+        let (ctx, stage, training) = (self.ctx, self.stage, self.training);
         tch::manual_seed((training.seed as i64) * 100_003 + epoch);
         let lr = training.lr(epoch);
         self.trainer.opt.set_lr(lr);
@@ -449,21 +449,21 @@ impl Epochs<'_> {
         let (generators, resume_path) = (&self.generators, &self.resume_path);
         let restore = || -> Result<()> {
             match (generators, position.is_some()) {
-                (Some(g), true) => g.restore(run.device, resume_path),
+                (Some(g), true) => g.restore(ctx.device, resume_path),
                 _ => Ok(()),
             }
         };
         let mut hook = StageHook {
-            run,
+            ctx,
             stage,
             epoch,
             steps_per_epoch: self.steps_per_epoch,
             progress: &self.progress,
             event_error: None,
-            save: SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: run.exp.checkpoint.keep },
+            save: SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: ctx.exp.checkpoint.keep },
             best: self.stopping.as_ref().and_then(EarlyStopping::best),
-            every_steps: run.exp.checkpoint.every_steps,
-            every_minutes: run.exp.checkpoint.every_minutes,
+            every_steps: ctx.exp.checkpoint.every_steps,
+            every_minutes: ctx.exp.checkpoint.every_minutes,
             last_save: Instant::now(),
         };
         let world = crate::dist::world();
@@ -473,7 +473,7 @@ impl Epochs<'_> {
             restore()?;
             train::train_epoch_resumable(trainer, source, supervision, settings, guard, position.as_ref(), &mut hook)
         };
-        let totals = match run.data.stream.as_ref() {
+        let totals = match ctx.data.stream.as_ref() {
             None => train(
                 &mut train::InMemory::new(
                     train::Examples { split: self.split, only: self.examples.as_ref() },
@@ -486,7 +486,7 @@ impl Epochs<'_> {
                     world.share(training.batch_size).1,
                     training.seed,
                     StreamStart { epoch: epoch as u64, rank: world.rank(), world: world.size(), batch: resumed_at },
-                    run.device,
+                    ctx.device,
                 )
                 .and_then(|mut stream| train(&mut stream)),
         }
@@ -542,7 +542,7 @@ impl Epochs<'_> {
         tables: &mut Tables,
         tables_dir: &Path,
     ) -> Result<()> {
-        let (run, stage) = (self.run, self.stage);
+        let (ctx, stage) = (self.ctx, self.stage);
         let EpochRun { lr, totals, examples_per_second } = ran;
         let val = scores.validation.as_ref();
         let row = MetricsRow {
@@ -558,9 +558,9 @@ impl Epochs<'_> {
             seconds: started.elapsed().as_secs_f64(),
             examples_per_second: Some(examples_per_second),
             tflops: Some(examples_per_second * self.flops_per_example / 1e12),
-            device: device_name(run.device, tch::get_num_threads(), run.exp.precision),
+            device: device_name(ctx.device, tch::get_num_threads(), ctx.exp.precision),
         };
-        self.progress.epoch_done(&row, run.peak_tflops);
+        self.progress.epoch_done(&row, ctx.peak_tflops);
         let epoch_scalars: Vec<(String, f64)> = [
             ("lr", Some(row.lr)),
             ("epoch_train_loss", Some(row.train_loss)),
@@ -573,7 +573,7 @@ impl Epochs<'_> {
         .into_iter()
         .filter_map(|(name, v)| v.map(|v| (format!("{stage}/{name}"), v)))
         .collect();
-        run.scalars((epoch + 1) * self.steps_per_epoch, &epoch_scalars, true)?;
+        ctx.scalars((epoch + 1) * self.steps_per_epoch, &epoch_scalars, true)?;
         tables.metrics.push(row);
         // The epoch's row first, then the checkpoint that says the epoch is done: killed in
         // between, the resumed run drops the row and redoes the epoch; the other way round it
@@ -587,7 +587,7 @@ impl Epochs<'_> {
             best: self.stopping.as_ref().and_then(EarlyStopping::best),
             position: None,
         };
-        SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: run.exp.checkpoint.keep }.save(
+        SaveTo { net: self.net, vs: self.vs, path: &self.resume_path, keep: ctx.exp.checkpoint.keep }.save(
             &self.trainer.opt,
             done,
             None,
@@ -664,7 +664,7 @@ impl SaveTo<'_> {
 /// checkpoints inside the epoch (by step count, by time, or on a preemption signal, which
 /// stops the stage after the checkpoint).
 struct StageHook<'a> {
-    run: &'a Ctx<'a>,
+    ctx: &'a Ctx<'a>,
     stage: &'a str,
     epoch: i64,
     steps_per_epoch: i64,
@@ -683,7 +683,7 @@ impl train::StepHook for StageHook<'_> {
         self.progress.step(epoch as u64, done as u64, loss);
         let global = epoch * self.steps_per_epoch + done as i64;
         if let (Some(loss), None) = (loss, &self.event_error) {
-            self.event_error = self.run.scalars(global, &[(format!("{stage}/train_loss"), loss)], false).err();
+            self.event_error = self.ctx.scalars(global, &[(format!("{stage}/train_loss"), loss)], false).err();
         }
         // The epoch's own checkpoint follows its last step.
         if done as i64 >= self.steps_per_epoch {
@@ -707,7 +707,7 @@ impl train::StepHook for StageHook<'_> {
 
     fn save(&mut self, trainer: &Trainer, at: &train::EpochPosition) -> Result<()> {
         let progress = resume::Point { epochs_done: self.epoch, best: self.best, position: Some(*at) };
-        let generators = resume::Generators::now(self.run.device)?;
+        let generators = resume::Generators::now(self.ctx.device)?;
         let started = Instant::now();
         self.save.save(&trainer.opt, progress, Some(&generators))?;
         self.last_save = Instant::now();
