@@ -558,6 +558,8 @@ mod tests {
 
     #[test]
     fn forward_macs_match_the_weights_and_pytorchs_flop_counter() {
+        // Building a network draws its initial weights from libtorch's global generator.
+        let _generator = kd_core::lock_global_generator();
         // PyTorch's own count of the same networks (nn.Sequential of Linear and ReLU), half its
         // FLOP count (an addmm of [1, m] x [m, n] counts 2 m n):
         //   with torch.utils.flop_counter.FlopCounterMode(display=False) as f, torch.inference_mode():
