@@ -255,23 +255,33 @@ impl<'a> Trainer<'a> {
         complete
     }
 
-    /// How many of the parameters and optimizer-state values are NaN or infinite, as a device
-    /// scalar (int64). A non-finite gradient makes its update non-finite, so this catches the
-    /// gradients of the steps no later loss has seen.
-    pub fn non_finite(&self) -> Tensor {
+    /// How many of the parameters and optimizer-state values are NaN or infinite. A non-finite
+    /// gradient makes its update non-finite, so this catches the gradients of the steps no later
+    /// loss has seen.
+    ///
+    /// One read of each tensor: its sum is finite when all its values are (a NaN or an infinity
+    /// makes the sum NaN or infinite), so only a tensor whose sum is not finite (a non-finite
+    /// value, or finite values whose sum overflows) is counted value by value. Counting every
+    /// tensor (`isfinite`, `logical_not`, `sum`) took 30 ms for the 4 x 1024 acoustic network
+    /// and its momentum, against 2 ms for the sums: a measurement of `kd-run bench` is one
+    /// epoch of 10 steps of about 90 ms.
+    pub fn non_finite(&self) -> Result<i64> {
         let _guard = tch::no_grad_guard();
         let state: Vec<Tensor> = self.opt.state().into_iter().map(|(_, t)| t).collect();
-        let counts: Vec<Tensor> = self
-            .params
-            .iter()
-            .chain(&state)
-            .filter(|t| t.is_floating_point())
-            .map(|t| t.isfinite().logical_not().sum(Kind::Int64))
-            .collect();
-        match counts.as_slice() {
-            [] => Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)),
-            _ => Tensor::stack(&counts, 0).sum(Kind::Int64),
+        let tensors: Vec<&Tensor> = self.params.iter().chain(&state).filter(|t| t.is_floating_point()).collect();
+        if tensors.is_empty() {
+            return Ok(0);
         }
+        let sum_kind = |t: &Tensor| if t.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let sums: Vec<Tensor> = tensors.iter().map(|t| t.sum(sum_kind(t)).to_kind(Kind::Double)).collect();
+        let sums = Vec::<f64>::try_from(Tensor::stack(&sums, 0).to_device(tch::Device::Cpu))?;
+        let mut count = 0;
+        for (t, sum) in tensors.iter().zip(sums) {
+            if !sum.is_finite() {
+                count += i64::try_from(t.isfinite().logical_not().sum(Kind::Int64))?;
+            }
+        }
+        Ok(count)
     }
 
     /// The trainable parameters, in the optimizer's order.
@@ -748,7 +758,7 @@ pub fn train_epoch_resumable(
     if let Some(sum) = kl_sum.as_mut() {
         world.sum(std::slice::from_mut(sum))?;
     }
-    let bad = i64::try_from(trainer.non_finite())?;
+    let bad = trainer.non_finite()?;
     if bad > 0 {
         let steps = check.steps;
         return Err(Diverged { kind: Divergence::State { count: bad }, found_after: steps, steps }.into());
@@ -839,6 +849,33 @@ mod tests {
         .err()
         .expect("an empty epoch fails");
         assert!(err.to_string().contains("no training batch reaches this process"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_counts_every_nan_and_infinity_and_no_overflowing_sum() {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = Mlp::new(&vs.root(), kd_models::MlpConfig::plain([4, 6, 3])).unwrap();
+        let spec = crate::bench::optimizer_at(false, 0.1);
+        let trainer =
+            Trainer::new(&net, vs.trainable_variables(), crate::train::Optimizer::new(&spec, vs.trainable_variables()));
+        let _guard = tch::no_grad_guard();
+        assert_eq!(trainer.non_finite().unwrap(), 0);
+        let params = trainer.parameters();
+        let shaped = |size: &[i64]| params.iter().find(|p| p.size() == size).unwrap().shallow_clone();
+        let (hidden, output) = (shaped(&[6, 4]), shaped(&[3, 6]));
+        // Finite values whose sum overflows f32 are not counted.
+        let _ = hidden.get(0).fill_(3e38);
+        let _ = hidden.get(1).fill_(3e38);
+        assert_eq!(trainer.non_finite().unwrap(), 0);
+        // A NaN beside an infinity (their sum is NaN), infinities of both signs (their sum is
+        // NaN), and one in the optimizer's state.
+        let _ = hidden.get(2).get(0).fill_(f64::NAN);
+        let _ = hidden.get(2).get(1).fill_(f64::INFINITY);
+        let _ = output.get(0).get(0).fill_(f64::INFINITY);
+        let _ = output.get(1).get(0).fill_(f64::NEG_INFINITY);
+        let (_, momentum) = trainer.opt.state().into_iter().find(|(_, t)| t.size() == [3]).unwrap();
+        let _ = momentum.get(1).fill_(f64::NAN);
+        assert_eq!(trainer.non_finite().unwrap(), 5);
     }
 
     #[test]
