@@ -26,7 +26,8 @@
 //! Both sides run the same per-step work: gather a shuffled batch, forward, loss, backward,
 //! update, max-norm, and accumulate the epoch's loss and accuracy on the device. The PyTorch
 //! side (`scripts/bench_reference.py`) is started once and asked for a measurement over its
-//! stdin, alternating with ours round by round, so both see the same machine load.
+//! stdin, alternating with ours round by round, so both see the same machine load; a
+//! workload's ratio is the median of its rounds' ratios ([`Paired`]).
 
 use crate::config::{OptimizerKind, OptimizerSpec};
 use crate::data::store::FrameStore;
@@ -51,7 +52,8 @@ pub struct BenchArgs {
     /// proportionally more steps, so every measurement covers the same examples).
     #[arg(long, default_value_t = 160)]
     steps: i64,
-    /// Measurements per side and workload (after one warm-up round); the median is reported.
+    /// Rounds per workload, each one measurement per side back to back (after one warm-up
+    /// round); the medians of the rates and of the rounds' ratios are reported.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Python interpreter with torch for the reference.
@@ -402,6 +404,27 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The speed ratio of a workload from its rounds: each round's two measurements run back to
+/// back, so their ratio cancels a change of the machine's speed from one round to the next
+/// (another job starting, the clock drifting), which the ratio of the two sides' medians does
+/// not. The median of the rounds' ratios is reported, with their range as its spread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Paired {
+    median: f64,
+    lowest: f64,
+    highest: f64,
+}
+
+impl Paired {
+    /// From our rates and the reference's, round by round (the same number of each, at least one).
+    fn of(ours: &[f64], theirs: &[f64]) -> Self {
+        let ratios: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
+        let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Paired { median: median(ratios), lowest, highest }
+    }
+}
+
 /// Whether bf16 matrix products run natively: on a GPU, or a CPU with AVX-512 BF16 or AMX.
 fn has_bf16(device: Device) -> bool {
     device.is_cuda()
@@ -513,6 +536,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 torch.push(b);
             }
         }
+        let paired = Paired::of(&rust, &torch);
         let (r, t) = (median(rust), median(torch));
         let speed = |rate: f64| match plan.macs {
             Some(macs) => {
@@ -548,7 +572,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 share(t)
             );
         }
-        results.push((name, r / t));
+        println!(
+            "# {name}: kd-run / PyTorch per round {:.3} to {:.3}, median {:.3}",
+            paired.lowest, paired.highest, paired.median
+        );
+        results.push((name, paired.median));
     }
     for (name, ratio) in results {
         println!("ratio {name} {ratio:.3}");
@@ -773,4 +801,23 @@ pub fn mlp_step_rate(batches: &[(Tensor, Tensor)], classes: i64, device: Device)
         f64::try_from(l)?;
     }
     Ok((steps, frames as f64 / started.elapsed().as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_the_median_of_the_rounds_ratios() {
+        // The machine slows down from round to round, and in round 2 for our measurement
+        // alone: the rounds' ratios keep the drift out, the outlier round is the lowest.
+        let paired = Paired::of(&[100.0, 60.0, 70.0], &[90.0, 75.0, 63.0]);
+        assert!((paired.median - 100.0 / 90.0).abs() < 1e-12, "{paired:?}");
+        assert!((paired.lowest - 0.8).abs() < 1e-12, "{paired:?}");
+        assert!((paired.highest - 70.0 / 63.0).abs() < 1e-12, "{paired:?}");
+        // The ratio of the medians would read 70 / 75.
+        assert!((median(vec![100.0, 60.0, 70.0]) / median(vec![90.0, 75.0, 63.0]) - 70.0 / 75.0).abs() < 1e-12);
+        let one = Paired::of(&[3.0], &[2.0]);
+        assert_eq!(one, Paired { median: 1.5, lowest: 1.5, highest: 1.5 });
+    }
 }
