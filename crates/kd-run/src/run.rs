@@ -6,6 +6,7 @@
 //! each candidate shift), `done.csv` (the stages whose results are committed: written after
 //! their rows, see [`Tables::commit`]), `targets.csv` (with `data.store.targets`: the top-k
 //! targets file streamed and how much of the teacher's probability mass it keeps),
+//! `data.fingerprints` (what the data read hashed to, checked when the run is resumed),
 //! `checkpoints/<stage>.safetensors`, and `run.log`. While a stage
 //! trains, `checkpoints/<stage>.resume.safetensors` holds the weights and optimizer state after
 //! its last finished epoch; each epoch reseeds libtorch from the stage seed and the epoch, so a
@@ -75,6 +76,10 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         );
     }
     let (device, data) = device_and_data(exp)?;
+    let fingerprints = data.fingerprints()?;
+    if world.is_writer() {
+        dir.check_data(&fingerprints)?;
+    }
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let events = std::cell::RefCell::new(None);
     let run = Ctx { exp, dir: dir.path.clone(), cache: dir.cache.clone(), device, data, peak_tflops, events };
@@ -90,7 +95,7 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
         // A data path that names other bytes on some rank (another working directory, another
         // node's copy) would train every rank on a different set and average the mix.
         let source = data_source(&exp.data.source);
-        for (what, hash) in run.data.fingerprints()? {
+        for (what, hash) in fingerprints {
             let what = format!(
                 "{what} as read from {source} (every rank must read the same bytes: a relative path in another \
                  working directory, or another node's copy, gives a rank other data)"

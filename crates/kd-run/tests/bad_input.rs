@@ -422,3 +422,44 @@ fn completions_help_quiet_and_the_final_table() {
     assert!(lines[1..].iter().all(|l| l.contains(" / 40") && l.contains('%')), "{table}");
     assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
 }
+
+#[test]
+fn data_changed_under_a_run_with_done_stages_is_an_error_until_fresh() {
+    let s = Scratch::new("data-changed");
+    for name in ["train", "dev", "test"] {
+        frames(&s, name, None);
+    }
+    s.write("experiment.toml", frames_experiment(NPY_FILES));
+    let (out, stderr) = s.kd_run(&["run", "experiment.toml", "--out", "out"]);
+    assert!(out.status.success(), "{stderr}");
+    let recorded = std::fs::read_to_string(s.path("out/bad/data.fingerprints")).unwrap();
+    let whats: Vec<&str> = recorded.lines().map(|l| l.split_once("  ").unwrap().1).collect();
+    assert_eq!(whats, ["the training examples", "the test examples", "the validation examples"], "{recorded}");
+    let summary = std::fs::read(s.path("out/bad/summary.csv")).unwrap();
+
+    // The same data: the stage is done and stays.
+    let (out, stderr) = s.kd_run(&["run", "experiment.toml", "--out", "out"]);
+    assert!(out.status.success() && stderr.contains("already done"), "{stderr}");
+
+    // Other training frames at the same path, the configuration unchanged (the other splits are
+    // normalized with the training frames' statistics, so they read as changed too).
+    frames(&s, "train", Some((5, 0.5)));
+    let error = s.run_fails(1, &[]);
+    for part in [
+        "the data differ from those the run recorded",
+        "the training examples (fingerprint",
+        "stages done (net)",
+        "--fresh",
+    ] {
+        assert!(error.contains(part), "{part:?} in {error}");
+    }
+    assert_eq!(std::fs::read(s.path("out/bad/summary.csv")).unwrap(), summary, "nothing rewritten");
+    assert_eq!(std::fs::read_to_string(s.path("out/bad/data.fingerprints")).unwrap(), recorded);
+
+    // --fresh trains on the new data and records it.
+    let (out, stderr) = s.kd_run(&["run", "experiment.toml", "--out", "out", "--fresh"]);
+    assert!(out.status.success(), "{stderr}");
+    let now = std::fs::read_to_string(s.path("out/bad/data.fingerprints")).unwrap();
+    // The features are normalized with the training frames' statistics: every split changed.
+    assert_ne!(now.lines().next(), recorded.lines().next());
+}

@@ -149,6 +149,78 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// Compares the data as loaded now (`fingerprints`, [`crate::data::Dataset::fingerprints`])
+    /// with those an earlier invocation of the run recorded in [`DATA_FINGERPRINTS`], then records
+    /// them. Data that changed under the same configuration (a store rewritten in place, other
+    /// files at the same paths) would leave the stages already done, trained on the old data,
+    /// standing beside stages trained on the new: that fails, naming what changed, unless nothing
+    /// of the run is kept yet (no stage done, no checkpoint).
+    pub fn check_data(&self, fingerprints: &[(&str, i64)]) -> Result<()> {
+        let path = self.path.join(DATA_FINGERPRINTS);
+        let now: String = fingerprints.iter().map(|(what, hash)| format!("{:016x}  {what}\n", *hash as u64)).collect();
+        let recorded = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if recorded.as_deref() == Some(now.as_str()) {
+            return Ok(());
+        }
+        if let Some(old) = &recorded {
+            if let Some(kept) = self.kept() {
+                let parse = |text: &str| -> Vec<(String, String)> {
+                    text.lines()
+                        .filter_map(|l| l.split_once("  "))
+                        .map(|(hash, what)| (what.to_string(), hash.to_string()))
+                        .collect()
+                };
+                let (old, new) = (parse(old), parse(&now));
+                let mut differences: Vec<String> = new
+                    .iter()
+                    .filter(|entry| !old.contains(entry))
+                    .map(|(what, hash)| match old.iter().find(|(w, _)| w == what) {
+                        Some((_, before)) => format!("{what} (fingerprint {before} recorded, {hash} now)"),
+                        None => format!("{what} (not recorded before)"),
+                    })
+                    .collect();
+                differences.extend(
+                    old.iter()
+                        .filter(|(what, _)| !new.iter().any(|(w, _)| w == what))
+                        .map(|(what, _)| format!("{what} (recorded, not read now)")),
+                );
+                bail!(
+                    "{}: the data differ from those the run recorded ({}): {}. Its {kept} came from the old data, and \
+                     stages run now would train on the new; pass --fresh to run every stage again on these data, or \
+                     choose another --out",
+                    self.path.display(),
+                    DATA_FINGERPRINTS,
+                    differences.join("; ")
+                );
+            }
+        }
+        output::write_atomic(&path, now.as_bytes())
+    }
+
+    /// What the run keeps from earlier invocations, if anything: done stages, checkpoints.
+    fn kept(&self) -> Option<String> {
+        let done: Vec<&str> = self.tables.done.iter().map(|d| d.stage.as_str()).collect();
+        if !done.is_empty() {
+            return Some(format!("stages done ({})", done.join(", ")));
+        }
+        let checkpoint = std::fs::read_dir(self.path.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+        checkpoint.map(|e| format!("checkpoint {}", e.path().display()))
+    }
+}
+
+/// The fingerprints of the data the run read, one line each (`<16 hex digits>  <what>`, the
+/// first 8 bytes of a SHA-256): [`RunDir::check_data`] compares them at the next invocation.
+pub const DATA_FINGERPRINTS: &str = "data.fingerprints";
+
 /// What the plan needs to know of each stage of `exp`.
 pub fn stage_facts(exp: &Experiment) -> Vec<StageFacts> {
     exp.stages
@@ -168,9 +240,10 @@ pub const CONFIG_HASH: &str = "config.sha256";
 
 /// The files a run writes at the top of its run directory (`run.log` aside, which `--fresh`
 /// keeps and appends to).
-pub const RUN_FILES: [&str; 12] = [
+pub const RUN_FILES: [&str; 13] = [
     "config.toml",
     CONFIG_HASH,
+    DATA_FINGERPRINTS,
     "command.txt",
     METRICS,
     SUMMARY,
