@@ -38,16 +38,20 @@ fn folder() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("kd-config-test-{}", std::process::id()))
 }
 
+/// Writes `text` into [`folder`], loads it, and removes the file and the folder again: one call
+/// at a time (the tests run in parallel threads), so that no call removes the folder another
+/// is writing into and no test run leaves a folder behind.
 fn parse_with(text: &str, overrides: &[&str]) -> Result<Experiment> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = folder();
     std::fs::create_dir_all(&dir)?;
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("{call}.toml"));
+    let path = dir.join("experiment.toml");
     std::fs::write(&path, text)?;
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let out = load(&path, &overrides);
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
     out
 }
 
