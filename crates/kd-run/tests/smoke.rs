@@ -480,6 +480,28 @@ fn speech_experiment_trains_on_context_windows_of_the_synthetic_corpus() {
         .filter(|n| n.starts_with("teacher-top5-"))
         .collect();
     assert_eq!(top5.len(), 1, "the top-5 soft targets are cached once: {top5:?}");
+    // The log says how much of the ensemble's probability mass at T the five classes keep, as
+    // cached per transfer example.
+    let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
+    let said = "teacher top-5 soft targets: share of the teacher's probability mass at T = 2 they keep over ";
+    let line = log.lines().find(|l| l.contains(said)).unwrap_or_else(|| panic!("no kept-mass line in\n{log}"));
+    let stats: Vec<f64> = line
+        .split_once(": mean ")
+        .unwrap()
+        .1
+        .split(", ")
+        .map(|part| part.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let [mean, p50, p5, p1, min] = stats[..] else { panic!("{line}") };
+    assert!(0.0 < min && min <= p1 && p1 <= p5 && p5 <= p50 && p50 <= 1.0 && mean <= 1.0, "{line}");
+    let cached = tch::Tensor::read_safetensors(out.join(".cache").join(&top5[0])).unwrap();
+    let kept = &cached.iter().find(|(name, _)| name == "kept").expect("the kept masses are cached").1;
+    let kept = Vec::<f32>::try_from(kept).unwrap();
+    assert!(line.contains(&format!("over {} transfer examples", kept.len())), "{line}");
+    let exact = kept.iter().map(|&m| f64::from(m)).sum::<f64>() / kept.len() as f64;
+    assert!((exact - mean).abs() <= 6e-5, "logged mean {mean}, cached {exact}");
+    let smallest = kept.iter().copied().fold(f32::INFINITY, f32::min);
+    assert!((f64::from(smallest) - min).abs() <= 6e-5, "logged min {min}, cached {smallest}");
     // Early stopping keeps the epoch with the fewest validation errors and stops `patience`
     // epochs after it (or at the last epoch).
     let dev_frames: f64 = {

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use kd_core::{Objective, TeacherTargets};
 use kd_models::Mlp;
 use std::time::Instant;
-use tch::{nn::ModuleT, Tensor};
+use tch::{nn::ModuleT, Device, Kind, Tensor};
 use tracing::info;
 
 /// A distill stage: the student trained on its teacher's outputs over the transfer set, then
@@ -160,31 +160,60 @@ pub(super) fn teacher_top_k(
     let key = content_key(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
     let path = ctx.cache.join(format!("teacher-top{k}-{key}.safetensors"));
     let shape = [transfer.len(), k];
-    if let Some(mut cached) = read_cache(&path, &[("probs", &shape), ("classes", &shape)])? {
+    let rows = [transfer.len()];
+    let cached = read_cache(&path, &[("probs", &shape), ("classes", &shape), ("kept", &rows)])?;
+    if let Some(mut cached) = cached {
         info!("teacher top-{k} soft targets over the transfer set read from {}", path.display());
-        let classes = cached.pop().expect("two tensors").to(ctx.device);
-        let probs = cached.pop().expect("two tensors").to(ctx.device);
+        let kept = cached.pop().expect("three tensors");
+        let classes = cached.pop().expect("three tensors").to(ctx.device);
+        let probs = cached.pop().expect("three tensors").to(ctx.device);
+        log_kept_mass(k, t, &kept)?;
         return Ok(TeacherTargets::top_k(probs, classes, t)?);
     }
-    // Each rank its share of the transfer set, gathered in rank order.
+    // Each rank its share of the transfer set, gathered in rank order; with each example's
+    // share of the teacher's probability mass at T that its k classes keep.
     let world = crate::dist::world();
     let (first, n) = world.share(transfer.len());
-    let top_k = |start: i64, len: i64| -> Result<TeacherTargets> {
-        Ok(teacher.objective.top_k_targets(&teacher.logits(&transfer.range(start, len))?, k)?)
+    let top_k = |start: i64, len: i64| -> Result<(TeacherTargets, Tensor)> {
+        let logits = teacher.logits(&transfer.range(start, len))?;
+        let targets = teacher.objective.top_k_targets(&logits, k)?;
+        let classes = targets.as_top_k().context("top-k targets")?.classes;
+        let kept = kd_core::top_k_mass(&logits, classes, t)?.to_kind(Kind::Float);
+        Ok((targets, kept))
     };
     let chunks = match n {
         0 => vec![top_k(0, 0)?],
         _ => train::in_chunks(n, EVAL_BATCH, |start, len| top_k(first + start, len))?,
     };
+    let (chunks, kept): (Vec<TeacherTargets>, Vec<Tensor>) = chunks.into_iter().unzip();
     let mine = TeacherTargets::cat(&chunks)?;
     let mine = mine.as_top_k().context("top-k targets")?;
     let (probs, classes) =
         (world.gather_rows(mine.probs, transfer.len())?, world.gather_rows(mine.classes, transfer.len())?);
+    let kept = world.gather_rows(&Tensor::cat(&kept, 0), transfer.len())?.to_device(Device::Cpu);
     let targets = TeacherTargets::top_k(probs, classes, t)?;
     let top = targets.as_top_k().context("top-k targets")?;
-    write_cache(&path, &[("probs", top.probs), ("classes", top.classes)])?;
+    write_cache(&path, &[("probs", top.probs), ("classes", top.classes), ("kept", &kept)])?;
     info!("teacher top-{k} soft targets over the transfer set cached in {}", path.display());
+    log_kept_mass(k, t, &kept)?;
     Ok(targets)
+}
+
+/// Logs how much of the teacher's probability mass at T the top k keep over the transfer set
+/// (`kept`: per example, before the renormalization), as `kd-run store targets` reports it for
+/// a targets file.
+fn log_kept_mass(k: i64, t: f64, kept: &Tensor) -> Result<()> {
+    let mut histogram = crate::data::targets::MassHistogram::default();
+    histogram.add(&Vec::<f32>::try_from(kept.to_kind(Kind::Float).view([-1]))?)?;
+    if let Some(mass) = histogram.summary() {
+        info!(
+            "teacher top-{k} soft targets: share of the teacher's probability mass at T = {t} they keep over {} \
+             transfer examples: {}",
+            kept.size()[0],
+            mass.describe()
+        );
+    }
+    Ok(())
 }
 
 /// One network's logits over the transfer set, cached on disk by checkpoint and set (and,
