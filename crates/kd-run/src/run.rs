@@ -59,13 +59,22 @@ pub use tables::TARGETS;
 /// `command.txt`.
 pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Result<PathBuf> {
     // In a data-parallel run rank 0 opens the run directory and applies its plan's discards;
-    // the others then read it as it left it and must come to the same plan.
+    // the others then read it as it left it and must come to the same plan. Every rank loads
+    // its data (and hashes it) before that wait, at the same time as rank 0, so that the others
+    // wait at the barrier for rank 0's work on the run directory alone, not for its data.
     let world = crate::dist::world();
-    let mut dir = if world.is_writer() {
-        RunDir::open(exp, out, options, command)?
-    } else {
-        world.barrier()?;
-        RunDir::follow(exp, out)?
+    let opened = if world.is_writer() { Some(RunDir::open(exp, out, options, command)?) } else { None };
+    let (device, data) = device_and_data(exp)?;
+    let fingerprints = data.fingerprints()?;
+    let mut dir = match opened {
+        Some(dir) => {
+            dir.check_data(&fingerprints)?;
+            dir
+        }
+        None => {
+            world.barrier()?;
+            RunDir::follow(exp, out)?
+        }
     };
     if world.is_distributed() {
         info!(
@@ -74,11 +83,6 @@ pub fn run(exp: &Experiment, out: &Path, options: Options, command: &str) -> Res
             world.rank(),
             dir.path.display()
         );
-    }
-    let (device, data) = device_and_data(exp)?;
-    let fingerprints = data.fingerprints()?;
-    if world.is_writer() {
-        dir.check_data(&fingerprints)?;
     }
     let peak_tflops = exp.peak_tflops.or_else(|| known_peak(device, exp.precision));
     let events = std::cell::RefCell::new(None);

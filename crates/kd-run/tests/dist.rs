@@ -258,10 +258,18 @@ fn a_killed_rank_ends_the_other_with_an_error_naming_it() {
     while !metrics.exists() {
         if let Some(status) = children[0].try_wait().unwrap() {
             let o = children.remove(0).wait_with_output().unwrap();
+            let said = text(&o);
             if built_without_gloo(&[o]) {
                 return;
             }
-            panic!("rank 0 ended before training ({status})");
+            let rank1 = children.pop().map(|mut c| {
+                let _ = c.kill();
+                c.wait_with_output().unwrap()
+            });
+            panic!(
+                "rank 0 ended before training ({status}):\n{said}\nrank 1:\n{}",
+                rank1.as_ref().map(text).unwrap_or_default()
+            );
         }
         assert!(start.elapsed() < Duration::from_secs(120), "no epoch finished");
         std::thread::sleep(Duration::from_millis(50));
