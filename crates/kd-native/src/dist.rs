@@ -70,13 +70,12 @@ pub struct GroupOptions {
     pub gloo_device: GlooDevice,
     /// The launcher already serves the store at the master address (torchrun's agent does, and
     /// says so with `TORCHELASTIC_USE_AGENT_STORE=True`), so rank 0 connects to it like the
-    /// others instead of starting its own.
+    /// others instead of starting its own. Such a store outlives the ranks: each incarnation of
+    /// the group meets in a part of it of its own, named by rank 0 with a fresh value and handed
+    /// to each rank in answer to a fresh value of that rank's, so no rank reads a key an earlier
+    /// incarnation left (torchrun's restart count cannot name the incarnation: an agent whose
+    /// ranks were healthy restarts them after a change of membership without counting it).
     pub launcher_store: bool,
-    /// The keys of this group live under this prefix of the store ("" for none). torchrun's
-    /// agent keeps one store across restarts, so each restart meets under its own prefix
-    /// (`/worker/attempt_<n>`, as PyTorch's `init_process_group`), never reading a key that an
-    /// earlier attempt left.
-    pub store_prefix: String,
 }
 
 impl GroupOptions {
@@ -91,7 +90,6 @@ impl GroupOptions {
             timeout: DEFAULT_TIMEOUT,
             gloo_device: GlooDevice::Default,
             launcher_store: false,
-            store_prefix: String::new(),
         }
     }
 
@@ -101,11 +99,6 @@ impl GroupOptions {
         GroupOptions {
             timeout,
             launcher_store: launch.launcher_store,
-            store_prefix: if launch.launcher_store {
-                format!("/worker/attempt_{}", launch.restart)
-            } else {
-                String::new()
-            },
             ..GroupOptions::new(backend, &launch.master_addr, launch.master_port, launch.rank, launch.world_size)
         }
     }
@@ -203,7 +196,6 @@ impl ProcessGroup {
             opts.rank as i32,
             opts.world_size as i32,
             opts.launcher_store,
-            &opts.store_prefix,
             millis(opts.timeout),
             device,
         )

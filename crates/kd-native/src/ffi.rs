@@ -75,7 +75,6 @@ mod raw {
             rank: c_int,
             size: c_int,
             launcher_store: bool,
-            store_prefix: *const c_char,
             timeout_ms: i64,
             device_kind: c_int,
             device_arg: *const c_char,
@@ -355,12 +354,10 @@ impl Group {
         rank: i32,
         size: i32,
         launcher_store: bool,
-        store_prefix: &str,
         timeout_ms: i64,
         device: GlooDeviceArg,
     ) -> ShimResult<Group> {
         let host = cstring(host, "the master address")?;
-        let store_prefix = cstring(store_prefix, "the store prefix")?;
         let (device_kind, device_arg) = match device {
             GlooDeviceArg::Default => (0, cstring("", "")?),
             GlooDeviceArg::Interface(s) => (1, cstring(s, "the network interface")?),
@@ -377,7 +374,6 @@ impl Group {
                 rank,
                 size,
                 launcher_store,
-                store_prefix.as_ptr(),
                 timeout_ms,
                 device_kind,
                 device_arg.as_ptr(),

@@ -52,8 +52,10 @@ pub struct Launch {
     /// The launcher serves the rendezvous store itself (torchrun's agent sets
     /// `TORCHELASTIC_USE_AGENT_STORE=True`); see [`crate::dist::GroupOptions::launcher_store`].
     pub launcher_store: bool,
-    /// How many times torchrun has restarted the ranks (`TORCHELASTIC_RESTART_COUNT`; 0 for a
-    /// first start and for other launchers). Each restart meets in its own part of the store.
+    /// How many times this host's torchrun agent has restarted its ranks
+    /// (`TORCHELASTIC_RESTART_COUNT`; 0 for a first start and for other launchers). The agents of
+    /// one restart may count differently, so the group does not rely on it (see
+    /// [`crate::dist::GroupOptions::launcher_store`]).
     pub restart: u32,
 }
 

@@ -23,6 +23,8 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <random>
+#include <sstream>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -119,23 +121,93 @@ namespace {
 // Rank 0 serves the store unless the launcher already does (torchrun's agent store). The
 // server does not wait for the others here: check_launch does, and names who is missing.
 c10::intrusive_ptr<c10d::Store> connect_store(const char* host, uint16_t port, int rank, int size,
-                                              bool launcher_store, const std::string& prefix,
-                                              std::chrono::milliseconds timeout) {
+                                              bool launcher_store, std::chrono::milliseconds timeout) {
   c10d::TCPStoreOptions opts;
   opts.port = port;
   opts.isServer = rank == 0 && !launcher_store;
   opts.numWorkers = static_cast<size_t>(size);
   opts.waitWorkers = false;
   opts.timeout = timeout;
-  c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-  if (!prefix.empty()) {
-    store = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
-  }
-  return store;
+  return c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
 }
 
 std::string text_of(const std::vector<uint8_t>& bytes) {
   return std::string(bytes.begin(), bytes.end());
+}
+
+std::vector<uint8_t> bytes_of(const std::string& text) {
+  return std::vector<uint8_t>(text.begin(), text.end());
+}
+
+// A value no other process of any round draws: random bits, the process id and the clock.
+std::string fresh_nonce() {
+  std::random_device bits;
+  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+  std::ostringstream out;
+  out << std::hex << bits() << bits() << '-' << getpid() << '-' << now;
+  return out.str();
+}
+
+std::string missing_ranks_message(const std::string& missing, int size, std::chrono::milliseconds timeout) {
+  return "waited " + std::to_string(timeout.count() / 1000) + " s for rank(s) " + missing + " of " +
+         std::to_string(size) + " to join; they were not started, or started with another MASTER_ADDR or "
+         "MASTER_PORT";
+}
+
+// The part of a launcher's store where this incarnation of the group meets. torchrun's agent
+// keeps its store across restarts, so the keys of earlier incarnations are still there, and its
+// restart count cannot name the incarnation: an agent whose ranks were healthy restarts them
+// after a membership change without counting it, so the ranks of one incarnation can see
+// different counts. Instead rank 0 draws a fresh round name and hands it to each rank that says
+// hello with a fresh nonce of its own: a rank takes only the answer to its own nonce, so
+// neither side can be misled by a key an earlier incarnation left (all of whose processes the
+// agents stopped before starting this one). Rank 0 answers every hello it sees, stale ones
+// included, until every rank of its world has joined the round.
+std::string meet_round(c10d::Store& store, int rank, int size, std::chrono::milliseconds timeout,
+                       std::chrono::steady_clock::time_point deadline) {
+  const auto pause = std::chrono::milliseconds(20);
+  if (rank != 0) {
+    const std::string nonce = fresh_nonce();
+    const std::string hello = "kd/hello/" + std::to_string(rank);
+    const std::string welcome = "kd/welcome/" + std::to_string(rank);
+    store.set(hello, bytes_of(nonce));
+    for (;;) {
+      if (store.check({welcome})) {
+        const std::string answer = text_of(store.get(welcome));
+        if (answer.rfind(nonce + ":", 0) == 0) {
+          return answer.substr(nonce.size() + 1);
+        }
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        throw std::runtime_error(missing_ranks_message("0", size, timeout));
+      }
+      std::this_thread::sleep_for(pause);
+    }
+  }
+  const std::string round = fresh_nonce();
+  // Ranks past the world size are answered too, so that check_launch names them.
+  std::vector<std::string> answered(static_cast<size_t>(size) + 1);
+  while (std::chrono::steady_clock::now() < deadline) {
+    bool all_joined = true;
+    for (int r = 1; r <= size; ++r) {
+      const std::string hello = "kd/hello/" + std::to_string(r);
+      if (store.check({hello})) {
+        const std::string nonce = text_of(store.get(hello));
+        if (nonce != answered[static_cast<size_t>(r)]) {
+          store.set("kd/welcome/" + std::to_string(r), bytes_of(nonce + ":" + round));
+          answered[static_cast<size_t>(r)] = nonce;
+        }
+      }
+      if (r < size && !store.check({"kd/round/" + round + "/kd/size/" + std::to_string(r)})) {
+        all_joined = false;
+      }
+    }
+    if (all_joined) {
+      break;
+    }
+    std::this_thread::sleep_for(pause);
+  }
+  return round;
 }
 
 // Every rank announces itself (its rank, once, and its world size) in the store before the
@@ -144,7 +216,8 @@ std::string text_of(const std::vector<uint8_t>& bytes) {
 // timeout expires, not found by a backend that waits for connections that never come. A rank
 // that finds a mismatch leaves its message under kd/abort for the others (rank 0, which serves
 // the store, stays a moment so that they can read it).
-void check_launch(c10d::Store& store, int rank, int size, bool serves, std::chrono::milliseconds timeout) {
+void check_launch(c10d::Store& store, int rank, int size, bool serves, std::chrono::milliseconds timeout,
+                  std::chrono::steady_clock::time_point deadline) {
   const std::string me = std::to_string(rank);
   const std::string world = std::to_string(size);
   if (store.add("kd/join/" + me, 1) > 1) {
@@ -163,7 +236,6 @@ void check_launch(c10d::Store& store, int rank, int size, bool serves, std::chro
     throw std::runtime_error(why);
   };
   store.set("kd/size/" + me, std::vector<uint8_t>(world.begin(), world.end()));
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<bool> seen(static_cast<size_t>(size), false);
   seen[static_cast<size_t>(rank)] = true;
   for (;;) {
@@ -206,9 +278,7 @@ void check_launch(c10d::Store& store, int rank, int size, bool serves, std::chro
       return;
     }
     if (std::chrono::steady_clock::now() >= deadline) {
-      throw std::runtime_error("waited " + std::to_string(timeout.count() / 1000) + " s for rank(s) " + missing +
-                               " of " + world + " to join; they were not started, or started with another "
-                               "MASTER_ADDR or MASTER_PORT");
+      throw std::runtime_error(missing_ranks_message(missing, size, timeout));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -380,17 +450,22 @@ bool kd_native_tf32_cudnn() {
 
 // kind: 0 Gloo, 1 NCCL. device_kind (Gloo): 0 default device, 1 interface named by device_arg,
 // 2 hostname or address in device_arg.
-// store_prefix: keys of this group's store live under it ("" for none; torchrun's restarts
-// each get their own).
+// launcher_store: the launcher serves the store and keeps it across restarts of the ranks, so
+// each incarnation of the group meets in a part of it of its own (meet_round).
 char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, int size,
-                          bool launcher_store, const char* store_prefix, int64_t timeout_ms,
+                          bool launcher_store, int64_t timeout_ms,
                           int device_kind, const char* device_arg, KdGroup** out) {
   *out = nullptr;
 #if defined(KD_NATIVE_GLOO) || defined(KD_NATIVE_NCCL)
   return guarded([&] {
     std::chrono::milliseconds timeout(timeout_ms);
-    auto store = connect_store(host, port, rank, size, launcher_store, store_prefix, timeout);
-    check_launch(*store, rank, size, rank == 0 && !launcher_store, timeout);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto store = connect_store(host, port, rank, size, launcher_store, timeout);
+    if (launcher_store) {
+      const std::string round = meet_round(*store, rank, size, timeout, deadline);
+      store = c10::make_intrusive<c10d::PrefixStore>("kd/round/" + round, store);
+    }
+    check_launch(*store, rank, size, rank == 0 && !launcher_store, timeout, deadline);
     c10::intrusive_ptr<c10d::Backend> backend;
     if (kind == 0) {
 #ifdef KD_NATIVE_GLOO
@@ -419,7 +494,7 @@ char* kd_native_group_new(int kind, const char* host, uint16_t port, int rank, i
   });
 #else
   (void)kind, (void)host, (void)port, (void)rank, (void)size, (void)launcher_store;
-  (void)store_prefix, (void)timeout_ms;
+  (void)timeout_ms;
   (void)device_kind, (void)device_arg;
   return copy_message("kd-native was built without c10d process groups");
 #endif

@@ -30,7 +30,11 @@ fn launch(scenario: &str, world: usize, deadline: Duration) -> Vec<(bool, String
 /// Starts one process of `scenario` per `(rank, world size)` (a launch gone wrong may repeat a
 /// rank or give ranks different world sizes) and returns their exit statuses and outputs.
 fn launch_as(scenario: &str, ranks: &[(usize, usize)], deadline: Duration) -> Vec<(ExitStatus, String)> {
-    let port = free_loopback_port();
+    launch_on(free_loopback_port(), scenario, ranks, deadline)
+}
+
+/// [`launch_as`] with a master port of the caller's.
+fn launch_on(port: u16, scenario: &str, ranks: &[(usize, usize)], deadline: Duration) -> Vec<(ExitStatus, String)> {
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<Child> = ranks
         .iter()
@@ -166,6 +170,25 @@ fn a_port_in_use_fails_the_rendezvous() {
     assert!(err.contains(&format!(":{port}")) && err.to_lowercase().contains("in use"), "{err}");
 }
 
+/// A launcher's store outlives the ranks (torchrun's agent keeps one across restarts): each
+/// incarnation of the group meets in a part of it of its own, whatever keys the earlier ones
+/// left. Here the test serves the store (as rank 0 of a world of one) and three incarnations of
+/// a two-rank group come and go, the last one's rank 1 started a while after its rank 0.
+#[test]
+fn restarted_groups_meet_in_a_store_that_outlives_them() {
+    let port = free_loopback_port();
+    let _store = ProcessGroup::new(&options(port, 0, 1, Duration::from_secs(10))).unwrap();
+    for (incarnation, scenario) in ["agent_store", "agent_store", "agent_store_late"].iter().enumerate() {
+        let results = launch_on(port, scenario, &[(0, 2), (1, 2)], Duration::from_secs(120));
+        for (rank, (status, out)) in results.iter().enumerate() {
+            assert!(
+                status.success() && out.contains("collectives ok"),
+                "incarnation {incarnation}, rank {rank}:\n{out}"
+            );
+        }
+    }
+}
+
 /// A world of one needs no peer: collectives are the identity (a mean divides by 1).
 #[test]
 fn a_world_of_one() {
@@ -190,7 +213,14 @@ fn rank() {
         _ => Duration::from_secs(10),
     };
     kd_native::dist::quiet_failures(&format!("[rank {rank}] error: "));
-    let group = match ProcessGroup::new(&options(launch.master_port, rank, world, timeout)) {
+    if scenario == "agent_store_late" && rank == 1 {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let opts = GroupOptions {
+        launcher_store: scenario.starts_with("agent_store"),
+        ..options(launch.master_port, rank, world, timeout)
+    };
+    let group = match ProcessGroup::new(&opts) {
         Ok(group) => group,
         Err(e) if scenario == "join" => {
             println!("join error: {e}");
@@ -219,6 +249,10 @@ fn rank() {
             }
         }
         "collectives" => collectives(&group, r, world as f64),
+        "agent_store" | "agent_store_late" => {
+            collectives(&group, r, world as f64);
+            println!("collectives ok");
+        }
         "peer_dies" | "peer_hangs" => {
             let mut ts = vec![Tensor::ones([4], (Kind::Float, Device::Cpu))];
             group.all_reduce(&mut ts, Reduce::Sum).unwrap();
