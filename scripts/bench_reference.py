@@ -14,9 +14,12 @@ one), following PyTorch's advice for inference: the module in eval() mode, torch
 
 The acoustic workloads follow PyTorch's own advice for speed: fused SGD, zero_grad(set_to_none=True),
 torch.autocast for bf16, and the top-k soft targets read with a gather (no dense target). Subnormal
-floats are flushed (torch.set_flush_denormal(True)), as kd-run does.
+floats are flushed (torch.set_flush_denormal(True)) and glibc keeps freed memory for reuse
+(keep_freed_memory), as kd-run does.
 """
 import argparse
+import ctypes
+import os
 import sys
 import time
 
@@ -155,6 +158,23 @@ class Workload:
         return float(loss_sum) / n, int(correct) / n
 
 
+def keep_freed_memory():
+    """The allocator policy kd-run sets for itself (`keep_freed_memory` in kd-run's main.rs): glibc
+    takes blocks up to 32 MiB from its heap and keeps up to 256 MiB of it free for reuse instead of
+    returning it to the system, so that a step's tensors do not fault in fresh pages each step (what
+    PyTorch's performance guide gets with jemalloc or tcmalloc). Left alone where GLIBC_TUNABLES
+    names a malloc setting, as kd-run does."""
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=0)
@@ -167,6 +187,7 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     sizes = [int(s) for s in args.acoustic_sizes.split(",") if s]
     workloads = {}
     for line in sys.stdin:
