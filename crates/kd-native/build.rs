@@ -26,6 +26,10 @@ fn main() {
     }
     let feature = |name: &str| env::var_os(format!("CARGO_FEATURE_{}", name.to_uppercase())).is_some();
     let (gloo, nccl, cuda) = (feature("gloo"), feature("nccl"), feature("cuda"));
+    if feature("doc_only") {
+        // Documentation only (docs.rs has no libtorch): nothing to compile or link.
+        return;
+    }
 
     let lib = PathBuf::from(env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_else(|_| {
         fail("torch-sys did not report libtorch's lib directory (DEP_TCH_LIBTORCH_LIB); is LIBTORCH set?")

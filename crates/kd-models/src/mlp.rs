@@ -428,11 +428,18 @@ impl Mlp {
         };
         let c = &self.config;
         let k = self.compute;
-        let linear = |h: &Tensor, layer: &nn::Linear| -> Tensor {
+        // In f32 on the CPU, layers of a large enough batch run their forward product on
+        // oneDNN with the ReLU fused (kd_native::linear), with PyTorch's backward pass.
+        let linear = |h: &Tensor, layer: &nn::Linear, relu: bool| -> Tensor {
             if k == layer.ws.kind() {
-                h.apply(layer)
+                kd_native::linear::linear(h, &layer.ws, layer.bs.as_ref(), relu)
             } else {
-                h.linear(&layer.ws.to_kind(k), layer.bs.as_ref().map(|b| b.to_kind(k)))
+                let z = h.linear(&layer.ws.to_kind(k), layer.bs.as_ref().map(|b| b.to_kind(k)));
+                if relu {
+                    z.relu()
+                } else {
+                    z
+                }
             }
         };
         let xs = if xs.kind() == k { xs.shallow_clone() } else { xs.to_kind(k) };
@@ -440,17 +447,14 @@ impl Mlp {
         let mut segments = Vec::new();
         let mut leaf = None;
         for layer in &self.hidden {
-            // In place is safe: a linear layer's backward needs its input, not its output.
-            let mut z = linear(&h, layer);
-            let _ = z.relu_();
-            h = drop(z, c.hidden_dropout);
+            h = drop(linear(&h, layer, true), c.hidden_dropout);
             if cut {
                 let next = h.detach().set_requires_grad(true);
                 segments.push(Segment { input: leaf.replace(next.shallow_clone()), output: h });
                 h = next;
             }
         }
-        let logits = linear(&h, &self.output);
+        let logits = linear(&h, &self.output, false);
         let logits = if logits.kind() == Kind::Float { logits } else { logits.to_kind(Kind::Float) };
         if cut {
             segments.push(Segment { input: leaf, output: logits.shallow_clone() });

@@ -63,6 +63,14 @@ mod raw {
             eps: f64,
             decoupled_weight_decay: bool,
         ) -> *mut c_char;
+        pub fn kd_native_onednn_linear_available() -> bool;
+        pub fn kd_native_onednn_linear(
+            x: *const C_tensor,
+            weight: *const C_tensor,
+            bias: *const C_tensor,
+            relu: bool,
+            out: *mut C_tensor,
+        ) -> *mut c_char;
         pub fn kd_native_set_tf32(cublas: bool, cudnn: bool);
         pub fn kd_native_generator_state(device: c_int, out: *mut C_tensor) -> *mut c_char;
         pub fn kd_native_set_generator_state(device: c_int, state: *const C_tensor) -> *mut c_char;
@@ -260,6 +268,21 @@ pub(crate) fn generator_state(device: i32) -> ShimResult<Tensor> {
 pub(crate) fn set_generator_state(device: i32, state: &Tensor) -> ShimResult<()> {
     // SAFETY: a live tensor, borrowed for the call.
     check(unsafe { raw::kd_native_set_generator_state(device, state.as_ptr()) })
+}
+
+pub(crate) fn onednn_linear_available() -> bool {
+    // SAFETY: looks up an operator in libtorch's registry; no arguments.
+    unsafe { raw::kd_native_onednn_linear_available() }
+}
+
+/// `relu?(x W^T + b)` with the forward product on oneDNN; the caller has checked the arguments.
+pub(crate) fn onednn_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -> ShimResult<Tensor> {
+    let mut out = Tensor::new();
+    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: live tensors borrowed for the call (a null bias is allowed); the shim assigns the
+    // result to `out`, a tensor owned here.
+    check(unsafe { raw::kd_native_onednn_linear(x.as_ptr(), weight.as_ptr(), bias, relu, out.as_mut_ptr()) })?;
+    Ok(out)
 }
 
 pub(crate) fn set_tf32(cublas: bool, cudnn: bool) {

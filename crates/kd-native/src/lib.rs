@@ -10,6 +10,8 @@
 //!   or hung peer becomes an [`Error`], never an endless wait.
 //! - [`optim`]: libtorch's fused optimizer kernels `_fused_sgd_` and `_fused_adam_` (one kernel
 //!   over a whole list of parameters, on CPU and CUDA).
+//! - [`linear`]: linear layers (and a fused ReLU) whose forward product runs on libtorch's
+//!   oneDNN kernel where that is faster than its default CPU kernel, with PyTorch's backward.
 //! - [`rng`]: the state of libtorch's default random generators, read and restored.
 //! - [`cuda`]: the TF32 switches for cuBLAS and cuDNN; with feature `cuda`, CUDA-graph capture
 //!   and replay and device properties.
@@ -36,6 +38,7 @@ pub mod cuda;
 pub mod dist;
 mod ffi;
 pub mod launch;
+pub mod linear;
 pub mod optim;
 pub mod rng;
 

@@ -1,5 +1,6 @@
-// The C ABI over the libtorch pieces that tch does not expose: fused optimizer steps, the TF32
-// switches, and (with KD_NATIVE_GLOO / KD_NATIVE_NCCL) c10d process groups.
+// The C ABI over the libtorch pieces that tch does not expose: fused optimizer steps, linear
+// layers on oneDNN, the TF32 switches, and (with KD_NATIVE_GLOO / KD_NATIVE_NCCL) c10d process
+// groups.
 //
 // Every function returns nullptr on success or a malloc'ed error message that the caller frees
 // with kd_native_free_error: no C++ exception ever crosses into Rust. Tensors arrive as tch's
@@ -15,6 +16,10 @@
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/_fused_sgd.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Logging.h>
 
@@ -402,6 +407,91 @@ char* kd_native_fused_adam(at::Tensor* const* params, at::Tensor* const* grads,
     } else {
       at::_fused_adam_(p, g, m, v, max_v, s, lr, beta1, beta2, weight_decay, eps, false, false);
     }
+  });
+}
+
+// ---- linear layers on oneDNN --------------------------------------------------------------
+
+}  // extern "C"
+
+namespace {
+
+// libtorch's oneDNN linear layer with an optional fused ReLU (the kernel PyTorch's inductor
+// uses on the CPU): mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr,
+// Scalar?[] scalars, str? algorithm) -> Tensor. Null where this libtorch lacks it.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ? &*op : nullptr;
+}
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
+  const c10::OperatorHandle* op = onednn_linear_op();
+  TORCH_CHECK(op != nullptr, "this libtorch has no oneDNN linear kernel (mkldnn::_linear_pointwise)");
+  std::vector<c10::IValue> stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(b.defined() ? c10::IValue(b) : c10::IValue());
+  stack.emplace_back(std::string(relu ? "relu" : "none"));
+  stack.emplace_back(c10::List<std::optional<c10::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// y = relu?(x W^T + b) with the forward product on oneDNN and the backward pass that of
+// PyTorch's linear and ReLU: the same libtorch calls autograd makes for addmm and relu
+// (threshold_backward on the output, then mm for the input and weight gradients, a sum over
+// the rows for the bias). Not differentiable twice.
+struct OnednnLinear : public torch::autograd::Function<OnednnLinear> {
+  // The bias is optional: an undefined at::Tensor would be taken for a variable.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+    at::Tensor y = onednn_linear(x, w, b.value_or(at::Tensor()), relu);
+    ctx->save_for_backward({x, w, relu ? y : at::Tensor()});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["bias"] = b.has_value();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor g = grads.at(0);
+    if (ctx->saved_data["relu"].toBool()) {
+      g = at::threshold_backward(g, saved[2], 0);
+    }
+    at::Tensor gx = ctx->needs_input_grad(0) ? g.mm(saved[1]) : at::Tensor();
+    at::Tensor gw = ctx->needs_input_grad(1) ? g.t().mm(saved[0]) : at::Tensor();
+    at::Tensor gb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2) ? g.sum(0)
+                                                                                : at::Tensor();
+    return {gx, gw, gb, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Whether this libtorch has the oneDNN linear kernel.
+bool kd_native_onednn_linear_available() {
+  try {
+    return onednn_linear_op() != nullptr && at::globalContext().userEnabledMkldnn();
+  } catch (...) {
+    return false;
+  }
+}
+
+// *out = relu?(x W^T + b) on oneDNN (OnednnLinear); bias may be null.
+char* kd_native_onednn_linear(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
+                              bool relu, at::Tensor* out) {
+  return guarded([&] {
+    std::optional<at::Tensor> b;
+    if (bias != nullptr) {
+      b = *bias;
+    }
+    *out = OnednnLinear::apply(*x, *weight, b, relu);
   });
 }
 
