@@ -428,18 +428,14 @@ impl Mlp {
         };
         let c = &self.config;
         let k = self.compute;
-        // In f32 on the CPU, layers of a large enough batch run their forward product on
-        // oneDNN with the ReLU fused (kd_native::linear), with PyTorch's backward pass.
+        // On the CPU, layers of a large enough batch run their forward product on oneDNN with
+        // the ReLU fused (kd_native::linear), with PyTorch's backward pass.
         let linear = |h: &Tensor, layer: &nn::Linear, relu: bool| -> Tensor {
             if k == layer.ws.kind() {
                 kd_native::linear::linear(h, &layer.ws, layer.bs.as_ref(), relu)
             } else {
-                let z = h.linear(&layer.ws.to_kind(k), layer.bs.as_ref().map(|b| b.to_kind(k)));
-                if relu {
-                    z.relu()
-                } else {
-                    z
-                }
+                let bias = layer.bs.as_ref().map(|b| b.to_kind(k));
+                kd_native::linear::linear(h, &layer.ws.to_kind(k), bias.as_ref(), relu)
             }
         };
         let xs = if xs.kind() == k { xs.shallow_clone() } else { xs.to_kind(k) };

@@ -64,6 +64,7 @@ mod raw {
             decoupled_weight_decay: bool,
         ) -> *mut c_char;
         pub fn kd_native_onednn_linear_available() -> bool;
+        pub fn kd_native_onednn_bf16_available() -> bool;
         pub fn kd_native_onednn_linear(
             x: *const C_tensor,
             weight: *const C_tensor,
@@ -273,6 +274,11 @@ pub(crate) fn set_generator_state(device: i32, state: &Tensor) -> ShimResult<()>
 pub(crate) fn onednn_linear_available() -> bool {
     // SAFETY: looks up an operator in libtorch's registry; no arguments.
     unsafe { raw::kd_native_onednn_linear_available() }
+}
+
+pub(crate) fn onednn_bf16_available() -> bool {
+    // SAFETY: calls a libtorch operator without arguments.
+    unsafe { raw::kd_native_onednn_bf16_available() }
 }
 
 /// `relu?(x W^T + b)` with the forward product on oneDNN; the caller has checked the arguments.

@@ -483,6 +483,21 @@ bool kd_native_onednn_linear_available() {
   }
 }
 
+// Whether oneDNN runs bf16 on this CPU (AVX-512 BF16, AMX or AVX-NE-CONVERT).
+bool kd_native_onednn_bf16_available() {
+  try {
+    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op.has_value()) {
+      return false;
+    }
+    std::vector<c10::IValue> stack;
+    op->callBoxed(&stack);
+    return stack.at(0).toBool();
+  } catch (...) {
+    return false;
+  }
+}
+
 // *out = relu?(x W^T + b) on oneDNN (OnednnLinear); bias may be null.
 char* kd_native_onednn_linear(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
                               bool relu, at::Tensor* out) {
