@@ -566,8 +566,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             };
             let share = |rate: f64| 100.0 * rate * 6.0 * macs as f64 / 1e12 / ceiling;
             println!(
-                "# {name}: the step's matrix products alone run at {ceiling:.3} TFLOP/s here; kd-run reaches {:.0}% of that, \
-                 PyTorch {:.0}%",
+                "# {name}: the step's matrix products alone run at {ceiling:.3} TFLOP/s here (libtorch's matmul); kd-run \
+                 reaches {:.0}% of that, PyTorch {:.0}%",
                 share(r),
                 share(t)
             );
@@ -587,8 +587,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 /// TFLOP/s of the matrix products of one training step of an MLP of `sizes` at `batch` in `kind`
 /// on `device`, run alone: for every layer the forward product, the input gradient's and the
 /// weight gradient's (`6 sum fan_in fan_out` FLOP per example, the count the workloads' TFLOP/s
-/// use), repeated for half a second after one warm-up. What a step could reach if nothing else
-/// took time.
+/// use), repeated for half a second after one warm-up, with libtorch's `matmul` (MKL's sgemm in
+/// f32 on the CPU): what PyTorch's eager step could reach if nothing else took time. kd-run's
+/// forward products run on oneDNN where that is faster (`kd_native::linear`), so its share of
+/// this can pass 100%.
 fn products_tflops(sizes: &[i64], batch: i64, kind: Kind, device: Device) -> f64 {
     let _guard = tch::no_grad_guard();
     let layers: Vec<(Tensor, Tensor, Tensor)> = sizes
