@@ -26,6 +26,9 @@ struct Features {
     gloo: bool,
     nccl: bool,
     cuda_graphs: bool,
+    /// Linear layers' forward products on oneDNN (`kd_native::linear`), in f32 and in bf16.
+    onednn_linear: bool,
+    onednn_linear_bf16: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,7 +62,13 @@ impl Info {
             kd_run: env!("CARGO_PKG_VERSION"),
             libtorch: build.libtorch_version,
             cpu_capability: build.cpu_capability,
-            features: Features { gloo: build.gloo, nccl: build.nccl, cuda_graphs: build.cuda_graphs },
+            features: Features {
+                gloo: build.gloo,
+                nccl: build.nccl,
+                cuda_graphs: build.cuda_graphs,
+                onednn_linear: kd_native::linear::onednn_available(),
+                onednn_linear_bf16: kd_native::linear::onednn_bf16_available(),
+            },
             cpu: Cpu {
                 model: cpu_model(),
                 extensions: vector_extensions(),
@@ -86,6 +95,8 @@ impl Info {
             yes(self.features.gloo, "data parallelism on CPUs (Gloo)"),
             yes(self.features.nccl, "data parallelism on GPUs (NCCL, kd-native/nccl)"),
             yes(self.features.cuda_graphs, "CUDA graphs (kd-native/cuda)"),
+            yes(self.features.onednn_linear, "linear layers on oneDNN (CPU, batches of 64 rows or more)"),
+            yes(self.features.onednn_linear_bf16, "linear layers on oneDNN in bf16"),
             format!("cpu: {} ({} logical cores)", self.cpu.model, self.cpu.logical_cores),
             format!("cpu vector extensions: {}", self.cpu.extensions.join(" ")),
             format!("cpu threads: {}", self.threads),
@@ -151,6 +162,7 @@ mod tests {
         }
         assert!(v["libtorch"].as_str().unwrap().starts_with("2."), "{v}");
         assert_eq!(v["features"]["gloo"], kd_native::dist::available(kd_native::dist::Backend::Gloo));
+        assert_eq!(v["features"]["onednn_linear"], kd_native::linear::onednn_available());
         assert!(v["threads"].as_i64().unwrap() >= 1);
         #[cfg(target_arch = "x86_64")]
         assert!(v["cpu"]["extensions"].as_array().unwrap().iter().any(|e| e == "sse4.2"), "{v}");

@@ -325,10 +325,10 @@ const TRIM_THRESHOLD: i32 = 256 << 20;
 /// freed) and gives the top of its heap back once more than twice that is free. A training step
 /// frees and allocates its gradients and activations every step, tens of MiB: whether they
 /// land in pages already touched depended on the heap's layout, and kd-run's step took 40,000
-/// to 80,000 page faults per 10 steps of the 4 x 1024 acoustic workload in some runs and none in
+/// to 88,000 page faults per 10 steps of the 4 x 1024 acoustic workload in some runs and none in
 /// others, 5 to 10% of its time (docs/benchmarks.md). With blocks up to [`MMAP_THRESHOLD`] taken
-/// from the heap and up to [`TRIM_THRESHOLD`] of it kept free, the steps after the first touch
-/// no new page. Larger blocks are still mapped and returned. `GLIBC_TUNABLES` naming any
+/// from the heap and up to [`TRIM_THRESHOLD`] of it kept free, the steps after the first one
+/// touch no new page. Larger blocks are still mapped and returned. `GLIBC_TUNABLES` naming any
 /// `glibc.malloc.` setting leaves the user's policy alone. PyTorch's performance guide makes the
 /// same point with another allocator (jemalloc or tcmalloc through `LD_PRELOAD`).
 fn keep_freed_memory() {
