@@ -5,8 +5,8 @@ batch, forward, loss, backward, SGD with momentum (or Adam, fused=True: PyTorch'
 the CPU), max-norm, and accumulate the epoch's loss and accuracy on the device. Started once by
 `kd-run bench`; each line on stdin names a workload ("teacher", "distill", "distill_adam",
 "acoustic", "acoustic_topk", the last two also with "_bf16", and "inference", "inference_1"), its
-batch size and the examples of one pass, and it answers "<workload> <examples per second>" after
-one pass.
+batch size and the examples of one pass, and it answers "<workload> <examples per second> <minor
+page faults>" after one pass (the faults this process took during it).
 
 The inference workloads run the MNIST teacher's forward pass alone in batches (1,024 examples, or
 one), following PyTorch's advice for inference: the module in eval() mode, torch.inference_mode()
@@ -20,6 +20,7 @@ floats are flushed (torch.set_flush_denormal(True)) and glibc keeps freed memory
 import argparse
 import ctypes
 import os
+import resource
 import sys
 import time
 
@@ -205,10 +206,12 @@ def main():
             else:
                 workloads[name] = Workload(name, examples, batch, args.temperature)
         w = workloads[name]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         w.epoch()
         rate = examples / (time.perf_counter() - start)
-        print(f"{name} {rate:.3f}", flush=True)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        print(f"{name} {rate:.3f} {faults}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@
 //! update, max-norm, and accumulate the epoch's loss and accuracy on the device. The PyTorch
 //! side (`scripts/bench_reference.py`) is started once and asked for a measurement over its
 //! stdin, alternating with ours round by round, so both see the same machine load; a
-//! workload's ratio is the median of its rounds' ratios ([`Paired`]).
+//! workload's ratio is the median of its rounds' ratios ([`Paired`]). Each side also reports
+//! the minor page faults its process took during each measurement (medians printed).
 
 use crate::config::{OptimizerKind, OptimizerSpec};
 use crate::data::store::FrameStore;
@@ -343,12 +344,39 @@ enum Ours {
 }
 
 impl Ours {
-    fn measure(&mut self) -> Result<f64> {
-        match self {
-            Ours::Training(w) => w.measure(),
-            Ours::Inference(i) => i.measure(),
+    /// Examples per second, and the minor page faults this process took meanwhile.
+    fn measure(&mut self) -> Result<Measured> {
+        let before = minor_faults();
+        let rate = match self {
+            Ours::Training(w) => w.measure()?,
+            Ours::Inference(i) => i.measure()?,
+        };
+        Ok(Measured { rate, faults: minor_faults() - before })
+    }
+}
+
+/// One side's measurement: examples per second, and the minor page faults its process took
+/// during it (pages touched for the first time since the system handed them over: what a
+/// training step pays when freed memory went back to the system, `keep_freed_memory` in
+/// `main.rs`).
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    rate: f64,
+    faults: i64,
+}
+
+/// This process's minor page faults so far (`getrusage`); 0 where it cannot tell.
+fn minor_faults() -> i64 {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes one rusage struct into the buffer, which is large enough.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0 {
+            // SAFETY: initialized by the successful call (and zeroed before it).
+            return unsafe { usage.assume_init() }.ru_minflt;
         }
     }
+    0
 }
 
 struct Reference {
@@ -379,12 +407,16 @@ impl Reference {
         Ok(Reference { child, stdin, stdout })
     }
 
-    fn measure(&mut self, workload: &str, batch: i64, examples: i64) -> Result<f64> {
+    /// The reference's answer: `<workload> <examples per second> <minor page faults>`.
+    fn measure(&mut self, workload: &str, batch: i64, examples: i64) -> Result<Measured> {
         writeln!(self.stdin, "{workload} {batch} {examples}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        let value = line.trim().strip_prefix(&format!("{workload} ")).and_then(|v| v.parse().ok());
+        let value = line.trim().strip_prefix(&format!("{workload} ")).and_then(|v| {
+            let (rate, faults) = v.split_once(' ')?;
+            Some(Measured { rate: rate.parse().ok()?, faults: faults.parse().ok()? })
+        });
         match value {
             Some(v) => Ok(v),
             None => bail!("unexpected answer from the reference script: {line:?}"),
@@ -536,6 +568,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 torch.push(b);
             }
         }
+        let faults = |m: &[Measured]| median(m.iter().map(|m| m.faults as f64).collect());
+        let (rust_faults, torch_faults) = (faults(&rust), faults(&torch));
+        let rates = |m: Vec<Measured>| -> Vec<f64> { m.into_iter().map(|m| m.rate).collect() };
+        let (rust, torch) = (rates(rust), rates(torch));
         let paired = Paired::of(&rust, &torch);
         let (r, t) = (median(rust), median(torch));
         let speed = |rate: f64| match plan.macs {
@@ -572,6 +608,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 share(t)
             );
         }
+        println!(
+            "# {name}: minor page faults per measurement ({} steps): kd-run {rust_faults:.0}, PyTorch {torch_faults:.0} \
+             (medians)",
+            (examples + batch - 1) / batch
+        );
         println!(
             "# {name}: kd-run / PyTorch per round {:.3} to {:.3}, median {:.3}",
             paired.lowest, paired.highest, paired.median
